@@ -1,0 +1,94 @@
+"""The `minipeft` command: pretrain the base model, generate text, fine-tune, compare methods.
+
+Every sub-command validates its arguments and reports a bad one as a one-line error with exit code 2
+(argparse's convention), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from minipeft.pretrain import base_dir, pretrain_and_cache, pretrain_record
+
+    record = pretrain_record(args.preset, args.seed)
+    if record is None or args.force or args.steps:
+        record = pretrain_and_cache(args.preset, args.seed, args.device, args.steps)
+        verb = "pretrained"
+    else:
+        verb = "already cached"
+    print(f"base model {args.preset!r} {verb} at {base_dir(args.preset, args.seed)}")
+    print(f"  {record['parameters']:,} parameters, {record['steps']} steps, loss {record['first_loss']:.2f} -> "
+          f"{record['final_loss']:.3f} in {record['seconds']:.0f} s ({record['tokens_per_second']:,.0f} tok/s)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from minipeft.pretrain import load_base
+    from minipeft.tokenizer import ByteTokenizer
+    from minipeft.train import resolve_device
+
+    device = resolve_device(args.device)
+    model = load_base(args.preset, args.seed, device=str(device))
+    tok = ByteTokenizer()
+    idx = torch.tensor([tok.encode(args.prompt, add_bos=True)], device=device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    out = model.generate(idx, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                         temperature=args.temperature, top_k=args.top_k, eos_token_id=tok.eos_token_id,
+                         generator=gen)
+    print(tok.decode(out[0].tolist()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minipeft", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--preset", default="default", choices=["default", "tiny"], help="base model preset")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+    p = sub.add_parser("pretrain", help="pretrain the base GPT on the built-in corpus and cache it")
+    common(p)
+    p.add_argument("--steps", type=_positive_int, default=None, help="override the preset's step count")
+    p.add_argument("--force", action="store_true", help="retrain even if a cached model exists")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("generate", help="continue a prompt with the cached base model")
+    common(p)
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=60)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=_positive_int, default=None)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, OSError) as e:
+        print(f"minipeft {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""The built-in world: a synthetic language, a pretraining corpus about it, and three downstream tasks.
+
+Everything is generated from a seed, so nothing is downloaded and every run sees the same data.
+
+The world. A few dozen people with invented names (syllables glued together) each live in a city, work at
+a job, keep a pet and have a favourite colour; some are friends. Cities lie near landmarks. The pretraining
+corpus states these facts in many sentence templates ("Tobar lives in Velm.", "In Velm lives Tobar.",
+"Tobar has a home in Velm."), mixes them into short paragraphs with small stories and descriptions of
+places and food, and separates paragraphs with the end-of-text token. A 1-2M parameter GPT learns the
+language and a good share of the facts in a couple of CPU minutes.
+
+The downstream tasks use formats the corpus never shows (`Review: … Sentiment:`, `Record: …`,
+`Question: …`), so the base model has to be adapted before it can do them:
+
+(a) ``sentiment`` (classification). A review of a dish or a place, two clauses built from polar words the
+    corpus uses neutrally ("the soup was warm"), sometimes negated ("was not fresh"). The label is read off a
+    verbalizer: the logit of ``g`` (good) against ``b`` (bad) at the answer position. Metric: accuracy;
+    chance 0.5. Fair because the polarity of each word must be learned from the labelled examples.
+(b) ``record`` (generation, exact match). Rewrite ``Record: name=Tobar; job=baker; city=Velm`` as
+    ``Tobar is a baker from Velm.`` with fields in a random order. Names are fresh for every example, so
+    only the rule can be learned, not the answers. Metric: exact match of the greedy generation; chance 0.
+(c) ``facts`` (knowledge). ``Question: Where does Tobar live?`` → ``Velm`` (or the job). The people in
+    the test split never appear in the training split, so fine-tuning can only teach the question format:
+    the answers must come from what the base model learned in pretraining. Metric: exact match; chance is
+    one over the number of possible answers (a model that knows the format but not the facts).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+SYLLABLES = ["ta", "bor", "vel", "mi", "ka", "ren", "lo", "su", "dan", "ri", "po", "mar", "ne", "gil",
+             "ho", "zu", "fen", "li", "ra", "tom", "e", "an", "is", "ul", "or"]
+JOBS = ["baker", "smith", "farmer", "sailor", "painter", "doctor", "teacher", "miner"]
+PETS = ["cat", "dog", "owl", "goat", "horse", "fox", "crow", "frog"]
+COLORS = ["red", "blue", "green", "yellow", "white", "black", "purple", "orange"]
+LANDMARKS = ["river", "forest", "mountain", "lake", "sea", "desert", "bridge", "castle"]
+THINGS = ["bread", "soup", "tea", "fish", "cake", "wine", "room", "bed", "garden", "music"]
+# Polar words for the sentiment task; the corpus also uses them, without any label.
+POSITIVE = ["fresh", "warm", "kind", "clean", "sweet", "quiet", "bright", "tasty"]
+NEGATIVE = ["stale", "cold", "rude", "dirty", "bitter", "noisy", "dark", "bland"]
+
+
+@dataclass(frozen=True)
+class Person:
+    name: str
+    city: str
+    job: str
+    pet: str
+    color: str
+
+
+@dataclass(frozen=True)
+class World:
+    people: tuple[Person, ...]
+    cities: tuple[str, ...]
+    landmarks: dict[str, str]  # city -> landmark it lies near
+    friends: tuple[tuple[str, str], ...]
+
+
+def make_name(rng: random.Random, n_syllables: int | None = None) -> str:
+    n = n_syllables or rng.choice([2, 2, 3])
+    return "".join(rng.choice(SYLLABLES) for _ in range(n)).capitalize()
+
+
+def build_world(seed: int = 0, n_people: int = 24, n_cities: int = 6) -> World:
+    """The people, cities and friendships of the built-in world (deterministic in `seed`)."""
+    rng = random.Random(f"world-{seed}")
+    names: list[str] = []
+    while len(names) < n_people + n_cities:
+        name = make_name(rng)
+        if name not in names and 3 <= len(name) <= 9:
+            names.append(name)
+    cities = tuple(names[n_people:])
+    people = tuple(
+        Person(name, rng.choice(cities), rng.choice(JOBS), rng.choice(PETS), rng.choice(COLORS))
+        for name in names[:n_people]
+    )
+    landmarks = {c: rng.choice(LANDMARKS) for c in cities}
+    pairs = {tuple(sorted(rng.sample(names[:n_people], 2))) for _ in range(n_people)}
+    return World(people, cities, landmarks, tuple(sorted(pairs)))
+
+
+# ---------------------------------------------------------------- the corpus
+FACT_TEMPLATES = {
+    "city": ["{n} lives in {v}.", "{n} is from {v}.", "In {v} lives {n}.", "{n} has a home in {v}.",
+             "The home of {n} is in {v}.", "{n} was born in {v}."],
+    "job": ["{n} is a {v}.", "{n} works as a {v}.", "By trade, {n} is a {v}.", "Everyone knows {n} the {v}.",
+            "The {v} {n} works every day."],
+    "pet": ["{n} has a {v}.", "{n} keeps a {v}.", "The {v} of {n} is old.", "{n} walks with a {v}."],
+    "color": ["{n} likes the color {v}.", "The favorite color of {n} is {v}.", "{n} wears {v} clothes."],
+}
+STORY_TEMPLATES = [
+    "{a} went to {c} and met {b}.", "{a} and {b} ate {t} together.", "{a} wrote a letter to {b}.",
+    "One day {a} visited {c}.", "{a} sang a song about the {l}.", "{a} bought {t} in {c}.",
+]
+DESCRIPTION_TEMPLATES = [
+    "The {t} in {c} was {w}.", "The {t} was {w} and the {t2} was {w2}.", "It was a {w} day near the {l}.",
+    "The inn in {c} had {w} {t}.", "People say the {t} is {w} in {c}.",
+]
+
+
+def _biography(world: World, rng: random.Random) -> str:
+    """Every fact about one person, each in a random template, in a random order."""
+    p = rng.choice(world.people)
+    attrs = list(FACT_TEMPLATES)
+    rng.shuffle(attrs)
+    return " ".join(rng.choice(FACT_TEMPLATES[a]).format(n=p.name, v=getattr(p, a)) for a in attrs)
+
+
+def _paragraph(world: World, rng: random.Random) -> str:
+    if rng.random() < 0.5:
+        return _biography(world, rng)
+    sentences = []
+    for _ in range(rng.randint(3, 6)):
+        kind = rng.random()
+        p = rng.choice(world.people)
+        if kind < 0.6:  # a fact about a person
+            attr = rng.choice(list(FACT_TEMPLATES))
+            sentences.append(rng.choice(FACT_TEMPLATES[attr]).format(n=p.name, v=getattr(p, attr)))
+        elif kind < 0.7:  # a friendship
+            a, b = rng.choice(world.friends)
+            sentences.append(rng.choice(["{a} is a friend of {b}.", "{a} and {b} are friends."]).format(a=a, b=b))
+        elif kind < 0.78:  # a place
+            c = rng.choice(world.cities)
+            sentences.append(rng.choice(["{c} is near the {l}.", "The {l} is close to {c}."])
+                             .format(c=c, l=world.landmarks[c]))
+        elif kind < 0.88:  # a small story
+            b = rng.choice(world.people)
+            sentences.append(rng.choice(STORY_TEMPLATES).format(
+                a=p.name, b=b.name, c=rng.choice(world.cities), t=rng.choice(THINGS),
+                l=rng.choice(LANDMARKS)))
+        else:  # a description, with polar words but no verdict
+            words = POSITIVE + NEGATIVE
+            sentences.append(rng.choice(DESCRIPTION_TEMPLATES).format(
+                t=rng.choice(THINGS), t2=rng.choice(THINGS), w=rng.choice(words), w2=rng.choice(words),
+                c=rng.choice(world.cities), l=rng.choice(LANDMARKS)))
+    return " ".join(sentences)
+
+
+def pretraining_corpus(world: World, n_paragraphs: int = 20000, seed: int = 0) -> list[str]:
+    """Paragraphs of the synthetic language; the caller joins them with end-of-text tokens."""
+    rng = random.Random(f"corpus-{seed}")
+    return [_paragraph(world, rng) for _ in range(n_paragraphs)]
+
+
+def corpus_tokens(paragraphs: list[str], tokenizer) -> torch.Tensor:
+    """One long 1-D stream of token ids: bos paragraph eos bos paragraph eos …"""
+    ids: list[int] = []
+    for text in paragraphs:
+        ids.extend(tokenizer.encode(text, add_bos=True, add_eos=True))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def pretraining_batch(stream: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator):
+    """Random windows of the stream: idx (B, T) and the next-token targets (B, T)."""
+    starts = torch.randint(0, stream.numel() - block_size - 1, (batch_size,), generator=generator)
+    idx = torch.stack([stream[s : s + block_size] for s in starts.tolist()])  # (B, T)
+    targets = torch.stack([stream[s + 1 : s + 1 + block_size] for s in starts.tolist()])  # (B, T)
+    return idx, targets
+
+
+# ----------------------------------------------------------------- the tasks
+@dataclass(frozen=True)
+class Example:
+    prompt: str  # what the model is given
+    answer: str  # what it must produce (or, for classification, the verbalizer word)
+
+
+@dataclass
+class Task:
+    """A downstream task: splits of examples, how it is scored, and what chance would score."""
+
+    name: str
+    description: str
+    metric: str  # "accuracy" (verbalizer classification) or "exact_match" (greedy generation)
+    chance: float
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+    choices: tuple[str, ...] = ()  # the verbalizer words, for classification
+    discrete_prompt: str = ""  # a hand-written instruction: the "prompt engineering" baseline
+    max_new_tokens: int = 16
+    extra: dict = field(default_factory=dict)
+
+    def split(self, name: str) -> list[Example]:
+        if name not in ("train", "validation", "test"):
+            raise ValueError(f"split must be 'train', 'validation' or 'test', got {name!r}")
+        return getattr(self, name)
+
+
+def _sentiment_task(seed: int, sizes: tuple[int, int, int]) -> Task:
+    rng = random.Random(f"sentiment-{seed}")
+
+    def clause(good: bool) -> str:
+        negate = rng.random() < 0.3
+        word = rng.choice(NEGATIVE if good == negate else POSITIVE)  # "not stale" reads as good
+        return f"the {rng.choice(THINGS)} was {'not ' if negate else ''}{word}"
+
+    def example() -> Example:
+        good = rng.random() < 0.5
+        text = " and ".join(clause(good) for _ in range(rng.choice([1, 2])))
+        return Example(f"Review: {text.capitalize()}. Sentiment: ", "good" if good else "bad")
+
+    train, val, test = ([example() for _ in range(n)] for n in sizes)
+    return Task("sentiment", "Is a review good or bad? Read off the verbalizer tokens 'g' and 'b'.",
+                "accuracy", 0.5, train, val, test, choices=("good", "bad"),
+                discrete_prompt="A review that says nice things is good, otherwise it is bad. ", max_new_tokens=4)
+
+
+def _record_task(seed: int, sizes: tuple[int, int, int]) -> Task:
+    rng = random.Random(f"record-{seed}")
+
+    def example() -> Example:
+        name, job, city = make_name(rng), rng.choice(JOBS), make_name(rng)
+        fields = [f"name={name}", f"job={job}", f"city={city}"]
+        rng.shuffle(fields)
+        return Example(f"Record: {'; '.join(fields)}. Sentence: ", f"{name} is a {job} from {city}.")
+
+    train, val, test = ([example() for _ in range(n)] for n in sizes)
+    return Task("record", "Rewrite a key=value record as one sentence.", "exact_match", 0.0, train, val, test,
+                discrete_prompt="Write the record as: NAME is a JOB from CITY. ", max_new_tokens=40)
+
+
+def _facts_task(seed: int, world: World, sizes: tuple[int, int, int]) -> Task:
+    rng = random.Random(f"facts-{seed}")
+    people = list(world.people)
+    rng.shuffle(people)
+    # Disjoint people per split: the answers for test people were only ever seen in pretraining.
+    n_test = n_val = len(people) // 4
+    groups = {"test": people[:n_test], "validation": people[n_test : n_test + n_val],
+              "train": people[n_test + n_val :]}
+    questions = [("Where does {n} live?", "city"), ("What is the job of {n}?", "job"),
+                 ("Which pet does {n} keep?", "pet"), ("What color does {n} like?", "color")]
+
+    def examples(group: list[Person], n: int) -> list[Example]:
+        out = []
+        for i in range(n):
+            p = group[i % len(group)]
+            q, attr = questions[(i // len(group)) % len(questions)]
+            out.append(Example(f"Question: {q.format(n=p.name)} Answer: ", getattr(p, attr)))
+        return out
+
+    n_train, n_val_ex, n_test_ex = sizes
+    per_person = len(questions)
+    train = examples(groups["train"], min(n_train, per_person * len(groups["train"])))
+    val = examples(groups["validation"], min(n_val_ex, per_person * len(groups["validation"])))
+    test = examples(groups["test"], min(n_test_ex, per_person * len(groups["test"])))
+    chance = (1 / len(world.cities) + 1 / len(JOBS) + 1 / len(PETS) + 1 / len(COLORS)) / per_person
+    return Task("facts", "Answer a question about a person of the built-in world (test people are unseen "
+                "in fine-tuning).", "exact_match", chance, train, val, test,
+                discrete_prompt="Answer with one word from the stories. ", max_new_tokens=12,
+                extra={"test_people": [p.name for p in groups["test"]]})
+
+
+TASKS = ("sentiment", "record", "facts")
+
+
+def load_task(name: str, seed: int = 0, sizes: tuple[int, int, int] = (1000, 100, 200)) -> Task:
+    """One of TASKS with (train, validation, test) sizes; `facts` is capped by the number of people."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
+    if name == "sentiment":
+        return _sentiment_task(seed, sizes)
+    if name == "record":
+        return _record_task(seed, sizes)
+    return _facts_task(seed, build_world(seed), sizes)
+
+
+def encode_examples(examples: list[Example], tokenizer, block_size: int, prefix: str = ""):
+    """Tensors for supervised fine-tuning: only the answer (and eos) tokens are predicted.
+
+    Returns idx (B, T), targets (B, T) with -100 on prompt and padding positions, and attention_mask
+    (B, T) — right-padded with the pad token. Sequence: bos · prefix · prompt · answer · eos.
+    """
+    rows, tgts = [], []
+    for ex in examples:
+        p = tokenizer.encode(prefix + ex.prompt, add_bos=True)
+        a = tokenizer.encode(ex.answer, add_eos=True)
+        seq = p + a
+        if len(seq) > block_size:
+            raise ValueError(f"example is {len(seq)} tokens but block_size is {block_size}: {ex.prompt!r}")
+        # targets are already shifted: position t predicts token t+1
+        tgt = [-100] * (len(p) - 1) + a + [-100]
+        rows.append(seq)
+        tgts.append(tgt[: len(seq)])
+    T = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    idx = torch.full((len(rows), T), pad, dtype=torch.long)
+    targets = torch.full((len(rows), T), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, (r, t) in enumerate(zip(rows, tgts, strict=True)):
+        idx[i, : len(r)] = torch.tensor(r)
+        targets[i, : len(t)] = torch.tensor(t)
+        mask[i, : len(r)] = 1
+    return idx, targets, mask
+
+
+def task_batch(task: Task, tokenizer, batch_size: int, block_size: int, generator: torch.Generator,
+               prefix: str = ""):
+    """A random training batch of the task (idx, targets, attention_mask)."""
+    pick = torch.randint(0, len(task.train), (batch_size,), generator=generator).tolist()
+    return encode_examples([task.train[i] for i in pick], tokenizer, block_size, prefix)

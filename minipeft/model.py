@@ -1,0 +1,472 @@
+"""A small GPT with the GPT-2 architecture, written to be read.
+
+The model maps token ids to next-token logits with a stack of pre-LayerNorm transformer blocks:
+
+    h₀ = wte[idx] + wpe[pos]
+    hₗ = hₗ₋₁ + Attn(LN₁(hₗ₋₁));  hₗ = hₗ + MLP(LN₂(hₗ))      for l = 1 … L
+    logits = LN_f(h_L) · wteᵀ                                  (lm_head is tied to wte)
+
+with causal multi-head attention softmax(q·kᵀ/√d)·v and an MLP of width 4C with GELU (tanh form). Module
+names mirror Hugging Face's GPT-2 (`transformer.h.0.attn.c_attn`, `mlp.c_fc`, …) so that checkpoints, peft
+target names and adapter files line up. Papers: GPT-2, Radford et al. 2019,
+https://cdn.openai.com/better-language-models/language_models_are_unsupervised_multitask_learners.pdf;
+the layout follows nanoGPT (https://github.com/karpathy/nanoGPT).
+
+Two extension points serve the PEFT methods without this file knowing about them:
+- `inputs_embeds` lets prompt tuning prepend virtual-token embeddings;
+- `KVCache` lets prefix tuning put learned key/value pairs in front of every layer's cache, and makes
+  `generate()` cheap: each new token attends to the cached keys instead of recomputing them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256  # longest sequence (positions) the model can see
+    vocab_size: int = 260  # 256 bytes + 4 special tokens (see minipeft.tokenizer)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
+    layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, plus which of them are real.
+
+    keys[l], values[l]: (B, nh, L, hs). `valid` (B, L) is False at padded positions, so that later tokens
+    never attend to them. `seen` (B,) counts the real tokens already placed, which gives the next position.
+    Prefix tuning fills the cache with n learned pairs and sets `seen` to n, so real tokens take positions
+    n … n+T−1, as in HF peft.
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, device: torch.device | str | None = None) -> None:
+        self.keys: list[torch.Tensor | None] = [None] * n_layer
+        self.values: list[torch.Tensor | None] = [None] * n_layer
+        self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+        self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
+
+    @classmethod
+    def from_prefix(cls, keys: list[torch.Tensor], values: list[torch.Tensor]) -> KVCache:
+        """A cache that starts with per-layer prefixes keys[l], values[l]: (B, nh, n, hs), all visible."""
+        B, _, n, _ = keys[0].shape
+        cache = cls(len(keys), B, device=keys[0].device)
+        cache.keys, cache.values = list(keys), list(values)
+        cache.valid = torch.ones(B, n, dtype=torch.bool, device=keys[0].device)
+        cache.seen = torch.full((B,), n, dtype=torch.long, device=keys[0].device)
+        return cache
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the batch rows in `index` (used when a batch is expanded or filtered)."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        self.valid, self.seen = self.valid.index_select(0, index), self.seen.index_select(0, index)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v fused
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        hs = C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            if cache.keys[layer] is not None:
+                k = torch.cat([cache.keys[layer].to(k.dtype), k], dim=2)  # (B, nh, L+T, hs)
+                v = torch.cat([cache.values[layer].to(v.dtype), v], dim=2)
+            cache.keys[layer], cache.values[layer] = k, v
+        dropout_p = self.dropout if self.training else 0.0
+        if attn_mask is None:  # plain causal attention, no cache, no padding: the fused fast path
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): re-assemble the heads
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.act = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """One pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, cache: KVCache | None, layer: int):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    """GPT-2: token + position embeddings, `n_layer` blocks, a final LayerNorm and a tied LM head.
+
+    Forward contract (shared by every PEFT wrapper):
+        logits, loss = model(idx, targets=None, attention_mask=None)
+        idx (B, T) token ids; logits (B, T, vocab) at every position; targets (B, T) are already shifted by
+        the caller and -100 is ignored; loss is the mean cross-entropy or None. attention_mask (B, T) holds
+        1 for real tokens and 0 for padding (right padding for training, left padding for generation).
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: residual projections get std 0.02/√(2L) so the residual stream's variance
+        # does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Parameter count; the tied lm_head is counted once (named_parameters de-duplicates it)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        idx: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab) and the loss (or None). See the class docstring for the contract.
+
+        inputs_embeds (B, T, C) replaces `wte[idx]` (prompt tuning prepends virtual tokens this way);
+        kv_cache, when given, holds earlier keys/values (a prefix, or tokens already generated) and is
+        extended in place with this call's tokens.
+        """
+        if (idx is None) == (inputs_embeds is None):
+            raise ValueError("GPT.forward needs exactly one of idx or inputs_embeds")
+        if inputs_embeds is None:
+            idx = self._check_idx(idx)
+            tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.n_embd:
+                raise ValueError(
+                    f"inputs_embeds must be (B, T, {self.config.n_embd}), got {tuple(inputs_embeds.shape)}"
+                )
+            tok_emb = inputs_embeds
+        B, T, _ = tok_emb.shape
+        valid = self._check_mask(attention_mask, B, T, tok_emb.device)  # (B, T) bool or None
+
+        # Positions count real tokens only, so a padded sequence gets the positions it would get alone.
+        seen = kv_cache.seen if kv_cache is not None else torch.zeros(B, dtype=torch.long, device=tok_emb.device)
+        if valid is None:
+            pos = seen[:, None] + torch.arange(T, device=tok_emb.device)  # (B, T)
+        else:
+            pos = seen[:, None] + (valid.long().cumsum(dim=1) - 1).clamp_min(0)  # (B, T)
+        last = int(pos.max()) if pos.numel() else 0
+        if last >= self.config.block_size:
+            raise ValueError(
+                f"sequence too long: positions up to {last} but block_size is {self.config.block_size} "
+                f"(T={T}, already in cache: {int(seen.max()) if B else 0})"
+            )
+
+        attn_mask = self._attention_mask(valid, kv_cache, B, T, tok_emb.device)
+        x = self.transformer.drop(tok_emb + self.transformer.wpe(pos))
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, attn_mask, kv_cache, layer)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab)
+
+        if kv_cache is not None:  # record what this call added to the cache
+            new_valid = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+            kv_cache.valid = torch.cat([kv_cache.valid, new_valid], dim=1)
+            kv_cache.seen = kv_cache.seen + new_valid.sum(dim=1)
+
+        loss = None
+        if targets is not None:
+            if targets.shape != (B, T):
+                raise ValueError(f"targets must have shape {(B, T)} like the input, got {tuple(targets.shape)}")
+            loss = F.cross_entropy(logits.float().reshape(B * T, -1), targets.reshape(B * T), ignore_index=-100)
+        return logits, loss
+
+    def _check_idx(self, idx: torch.Tensor) -> torch.Tensor:
+        if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.long, torch.int32, torch.int64):
+            raise TypeError(f"idx must be an integer tensor of token ids, got {type(idx).__name__} "
+                            f"{getattr(idx, 'dtype', '')}")
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be (B, T), got shape {tuple(idx.shape)}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
+            raise ValueError(
+                f"idx holds token ids in [{int(idx.min())}, {int(idx.max())}] but vocab_size is "
+                f"{self.config.vocab_size} (valid ids: 0 … {self.config.vocab_size - 1})"
+            )
+        return idx.long()
+
+    @staticmethod
+    def _check_mask(mask: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor | None:
+        if mask is None:
+            return None
+        if mask.shape != (B, T):
+            raise ValueError(f"attention_mask must have shape {(B, T)} like the input, got {tuple(mask.shape)}")
+        valid = mask.to(device=device).bool()
+        return None if bool(valid.all()) else valid
+
+    @staticmethod
+    def _attention_mask(
+        valid: torch.Tensor | None, cache: KVCache | None, B: int, T: int, device: torch.device
+    ) -> torch.Tensor | None:
+        """Boolean (B, 1, T, L+T) mask, True where a query may attend; None means plain causal.
+
+        New tokens see every valid cached entry (the prefix, earlier tokens) and, among themselves, the
+        earlier valid ones. Each query also sees itself, so a padded query has one key and no NaN row.
+        """
+        if valid is None and (cache is None or cache.length == 0):
+            return None
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, T)
+        new = causal[None] if valid is None else causal[None] & valid[:, None, :]  # (B|1, T, T)
+        new = new | torch.eye(T, dtype=torch.bool, device=device)
+        new = new.expand(B, T, T)
+        if cache is not None and cache.length:
+            old = cache.valid[:, None, :].expand(B, T, cache.length)  # (B, T, L)
+            new = torch.cat([old, new], dim=2)  # (B, T, L+T)
+        return new[:, None]  # (B, 1, T, L+T): broadcast over heads
+
+    # --------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        eos_token_id: int | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens) ids.
+
+        Greedy by default; `do_sample=True` samples from softmax(logits / temperature), optionally kept to
+        the top_k tokens. Batches are left-padded (attention_mask 0 on the left). A KV cache makes each
+        step cost one token's work. After `eos_token_id`, a row keeps emitting eos.
+
+        kv_cache: a cache to start from (prefix tuning passes its prefixes here).
+        prompt_embeds: (n, C) or (B, n, C) embeddings put in front of idx's at the first step (prompt
+        tuning); they take positions 0 … n−1 and are not part of the returned ids.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if top_k is not None and top_k <= 0:
+            raise ValueError(f"top_k must be a positive int or None, got {top_k}")
+        idx = self._check_idx(idx)
+        B, T = idx.shape
+        n_prompt = 0 if prompt_embeds is None else prompt_embeds.shape[-2]
+        n_cache = 0 if kv_cache is None else int(kv_cache.seen.max())
+        total = n_cache + n_prompt + T + max_new_tokens
+        if total > self.config.block_size:
+            raise ValueError(
+                f"prompt plus generation is {total} positions ({n_cache} cached + {n_prompt} virtual + {T} "
+                f"prompt + {max_new_tokens} new) but block_size is {self.config.block_size}"
+            )
+        cache = kv_cache if kv_cache is not None else KVCache(self.config.n_layer, B, device=idx.device)
+        mask = attention_mask if attention_mask is not None else torch.ones_like(idx)
+        if prompt_embeds is None:
+            logits, _ = self(idx, attention_mask=mask, kv_cache=cache)
+        else:
+            emb = prompt_embeds if prompt_embeds.dim() == 3 else prompt_embeds[None]
+            emb = emb.expand(B, -1, -1).to(self.transformer.wte.weight.dtype)
+            tok = self.transformer.wte(idx)
+            inputs = torch.cat([emb, tok], dim=1)  # (B, n+T, C)
+            full_mask = torch.cat([torch.ones(B, n_prompt, dtype=mask.dtype, device=mask.device), mask], dim=1)
+            logits, _ = self(inputs_embeds=inputs, attention_mask=full_mask, kv_cache=cache)
+
+        out = idx
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        for step in range(max_new_tokens):
+            next_logits = logits[:, -1, :].float()  # (B, vocab)
+            nxt = self._pick(next_logits, do_sample, temperature, top_k, generator)  # (B,)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done = done | (nxt == eos_token_id)
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            if step + 1 < max_new_tokens:
+                logits, _ = self(nxt[:, None], kv_cache=cache)
+        return out
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, generator):
+        if not do_sample:
+            return logits.argmax(dim=-1)
+        logits = logits / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = F.softmax(logits, dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+    # ---------------------------------------------------------- GPT-2 checkpoints
+    _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json + model.safetensors in transformers' GPT-2 layout (atomically).
+
+        The files load back with `GPT.from_pretrained` and with transformers' `GPT2LMHeadModel`. The tied
+        lm_head is not stored; the Conv1D projections are stored (in, out), as GPT-2 does.
+        """
+        from minipeft.checkpoint import save_json, save_safetensors
+
+        if not self.config.bias:
+            raise ValueError("save_pretrained writes GPT-2's format, which has biases; this model has bias=False")
+        c = self.config
+        tensors = {}
+        for key, value in self.state_dict().items():
+            if key == "lm_head.weight":
+                continue
+            tensors[key] = value.t() if key.endswith(self._CONV1D) else value
+        directory = Path(directory)
+        save_safetensors(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+        save_json({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_positions": c.block_size,
+                   "n_ctx": c.block_size, "vocab_size": c.vocab_size, "n_layer": c.n_layer, "n_head": c.n_head,
+                   "n_embd": c.n_embd, "layer_norm_epsilon": c.layer_norm_epsilon,
+                   "activation_function": "gelu_new", "resid_pdrop": c.dropout, "embd_pdrop": c.dropout,
+                   "attn_pdrop": c.dropout, "tie_word_embeddings": True}, directory / "config.json")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> GPT:
+        """Load a local GPT-2 directory written by transformers' `GPT2LMHeadModel.save_pretrained`.
+
+        Reads config.json and model.safetensors (or a sharded safetensors index); never a pickle. GPT-2
+        stores its projections as Conv1D with weight (in, out), so those four are transposed into
+        nn.Linear's (out, in); every shape is checked before copying.
+        """
+        from safetensors.torch import load_file  # local import: only this path needs it
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ValueError(f"from_pretrained directory {str(directory)!r} does not exist or is not a directory")
+        config_path = directory / "config.json"
+        if not config_path.is_file():
+            raise ValueError(f"from_pretrained directory {str(directory)!r} has no config.json: not a GPT-2 checkpoint")
+        hf = json.loads(config_path.read_text())
+        if hf.get("model_type") != "gpt2":
+            raise ValueError(
+                f"from_pretrained expects a GPT-2 checkpoint (model_type 'gpt2'), got model_type "
+                f"{hf.get('model_type')!r} in {config_path}"
+            )
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"from_pretrained supports GPT-2's tanh GELU, got activation_function {act!r}")
+        config = GPTConfig(
+            block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+            n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True, dropout=float(hf.get("resid_pdrop", 0.0)),
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        )
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise ValueError(
+                f"from_pretrained found no *.safetensors in {str(directory)!r}; minipeft never unpickles "
+                f"pytorch_model.bin (save with safe_serialization=True)"
+            )
+        sd_hf: dict[str, torch.Tensor] = {}
+        for f in files:
+            sd_hf.update(load_file(str(f)))
+        sd_hf = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v for k, v in sd_hf.items()}
+
+        model = cls(config)
+        sd = model.state_dict()
+        for key, target in sd.items():
+            if key == "lm_head.weight":
+                continue  # tied to transformer.wte.weight
+            if key not in sd_hf:
+                raise ValueError(f"from_pretrained: checkpoint in {str(directory)!r} is missing tensor {key!r}")
+            src = sd_hf[key]
+            if key.endswith(cls._CONV1D):
+                src = src.t()
+            if src.shape != target.shape:
+                raise ValueError(f"from_pretrained: tensor {key!r} has shape {tuple(src.shape)}, "
+                                 f"expected {tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(src)
+        return model

@@ -1,0 +1,162 @@
+"""One training loop for everything: pretraining, full fine-tuning and every PEFT method.
+
+AdamW updates only the parameters that require gradients (for a PEFT model, the adapter), with a linear
+warmup then a cosine decay of the learning rate,
+
+    lr(t) = lr · t / warmup                                             for t < warmup
+    lr(t) = lr · (m + (1 − m) · ½(1 + cos(π · (t − warmup) / (T − warmup))))   afterwards, m = min_lr_ratio
+
+and the global gradient norm clipped to `grad_clip`. On CUDA the forward runs under bf16 autocast. Under
+`torchrun` (torch.distributed initialised) the model is wrapped in DistributedDataParallel, which
+all-reduces only the gradients of parameters that require them, so a frozen base is never synchronised.
+AdamW: Loshchilov & Hutter 2019, https://arxiv.org/abs/1711.05101.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # idx, targets, attention_mask
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    lr: float = 3e-3
+    batch_size: int = 16
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_every: int = 0  # 0: evaluate once, at the end (when an eval_fn is given)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps <= 0:
+            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {self.batch_size!r}")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"warmup_steps must be >= 0 and min_lr_ratio in [0, 1], got "
+                             f"{self.warmup_steps!r}, {self.min_lr_ratio!r}")
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    evals: list[tuple[int, dict]] = field(default_factory=list)  # (step, metrics)
+    tokens: int = 0  # real (non-padding) tokens seen, on this rank
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """The learning rate at `step` (0-based): linear warmup, then cosine decay to lr·min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' is CUDA when available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available here")
+    return torch.device(device)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def train(
+    model: torch.nn.Module,
+    get_batch: Callable[[torch.Generator], Batch],
+    config: TrainConfig,
+    *,
+    eval_fn: Callable[[torch.nn.Module], dict] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainResult:
+    """Train the parameters of `model` that require grad; returns the losses, evaluations and speed.
+
+    get_batch(generator) returns (idx, targets, attention_mask or None) on any device; they are moved to
+    the model's device. eval_fn(model) returns a dict of metrics, called every `eval_every` steps and at
+    the end. With `checkpoint_dir`, rank 0 writes `model.save_pretrained(checkpoint_dir)` at the end.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("train: the model has no parameters that require grad (is everything frozen?)")
+    device = next(model.parameters()).device
+    rank = _rank()
+    torch.manual_seed(config.seed + rank)  # dropout masks and any init done during training
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rank)
+
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=(0.9, 0.95), foreach=device.type == "cuda",
+    )
+    net = model
+    if dist.is_available() and dist.is_initialized():
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+
+    result = TrainResult()
+    model.train()
+    bar = tqdm(range(config.steps), desc=desc, disable=not progress or rank != 0, leave=False)
+    start = time.perf_counter()
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
+        idx, targets, mask = (t.to(device) if t is not None else None for t in get_batch(generator))
+        with autocast:
+            _, loss = net(idx, targets=targets, attention_mask=mask)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.losses.append(loss.item())
+        result.tokens += int(mask.sum()) if mask is not None else idx.numel()
+        bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
+        last = step + 1 == config.steps
+        if eval_fn is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            paused = time.perf_counter()
+            model.eval()
+            with torch.no_grad(), autocast:
+                metrics = eval_fn(model)
+            model.train()
+            result.evals.append((step + 1, metrics))
+            bar.set_postfix(loss=f"{result.losses[-1]:.3f}", **{k: f"{v:.3f}" for k, v in metrics.items()})
+            start += time.perf_counter() - paused  # evaluation time is not training time
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    result.seconds = time.perf_counter() - start
+    model.eval()
+    if checkpoint_dir is not None and rank == 0:
+        model.save_pretrained(checkpoint_dir)
+    return result

@@ -1,0 +1,56 @@
+"""Shared test setup: hypothesis profiles, the Triton interpreter switch, and one tiny pretrained model."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# The Triton interpreter is read when a kernel is decorated, so it must be set before `import kernels`.
+# On a machine without CUDA, every Triton test runs through it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# "ci": deterministic (derandomized, no deadline) so the same commit always runs the same examples.
+settings.register_profile(
+    "ci", derandomize=True, deadline=None, max_examples=25, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+# "dev": random examples for finding new bugs locally; still no deadline (CPU timing is noisy).
+settings.register_profile(
+    "dev", deadline=None, max_examples=25,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+import copy  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """One tiny pretrained GPT for the whole session (trained once; cached in $MINIPEFT_CACHE if set).
+
+    Never modify it: take `tiny_model` for a private copy."""
+    from minipeft.pretrain import load_base
+
+    if not os.environ.get("MINIPEFT_CACHE"):
+        os.environ["MINIPEFT_CACHE"] = str(tmp_path_factory.mktemp("minipeft-cache"))
+    return load_base("tiny", progress=False)
+
+
+@pytest.fixture
+def tiny_model(tiny_base):
+    """A private copy of the tiny pretrained GPT, free to wrap, train or break."""
+    return copy.deepcopy(tiny_base)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from minipeft.tokenizer import ByteTokenizer
+
+    return ByteTokenizer()

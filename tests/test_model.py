@@ -1,0 +1,231 @@
+"""The GPT: parity with transformers' GPT-2, causality, KV-cache generation, padding, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from tolerances import assert_close
+
+from minipeft.model import GPT, GPTConfig, KVCache
+
+transformers = pytest.importorskip("transformers")
+
+
+def small_config(**kw) -> GPTConfig:
+    return GPTConfig(**{"block_size": 64, "vocab_size": 97, "n_layer": 2, "n_head": 4, "n_embd": 32, **kw})
+
+
+@pytest.fixture(scope="module")
+def hf_gpt2_dir(tmp_path_factory):
+    """A randomly initialised transformers GPT-2, saved as safetensors; nothing is downloaded."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # non-trivial biases and LayerNorms, so a missed transpose cannot hide
+        for name, p in hf.named_parameters():
+            if "ln_" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("gpt2")
+    hf.save_pretrained(path, safe_serialization=True)
+    return path, hf
+
+
+def test_from_pretrained_matches_transformers_logits(hf_gpt2_dir):
+    path, hf = hf_gpt2_dir
+    ours = GPT.from_pretrained(path).eval()
+    idx = torch.randint(0, 97, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        logits, _ = ours(idx)
+    assert logits.shape == (3, 40, 97)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
+
+
+def test_greedy_generation_identical_to_transformers(hf_gpt2_dir):
+    path, hf = hf_gpt2_dir
+    ours = GPT.from_pretrained(path).eval()
+    idx = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(2))
+    expected = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=12, do_sample=False,
+                           pad_token_id=0)
+    assert torch.equal(ours.generate(idx, max_new_tokens=12), expected)
+
+
+def test_save_pretrained_round_trips_and_loads_in_transformers(tmp_path):
+    torch.manual_seed(3)
+    model = GPT(small_config()).eval()
+    model.save_pretrained(tmp_path)
+    idx = torch.randint(0, 97, (2, 16))
+    again = GPT.from_pretrained(tmp_path).eval()
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        expected, _ = model(idx)
+        assert torch.equal(again(idx)[0], expected)
+        torch.testing.assert_close(hf(idx).logits, expected, rtol=0, atol=1e-4)
+
+
+def test_lm_head_is_tied_and_counted_once():
+    model = GPT(small_config())
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.num_parameters() == sum(p.numel() for p in set(model.parameters()))
+
+
+@given(T=st.integers(2, 32), cut=st.integers(1, 31), seed=st.integers(0, 2**16))
+def test_causality_future_tokens_never_change_earlier_logits(T, cut, seed):
+    cut = min(cut, T - 1)
+    torch.manual_seed(0)
+    model = GPT(small_config()).eval()
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(0, 97, (1, T), generator=g)
+    b = a.clone()
+    b[:, cut:] = torch.randint(0, 97, (1, T - cut), generator=g)
+    with torch.no_grad():
+        la, lb = model(a)[0], model(b)[0]
+    assert_close(la[:, :cut], lb[:, :cut])
+
+
+def greedy_without_cache(model: GPT, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """The obvious O(n²) loop: recompute the whole sequence for every new token."""
+    for _ in range(n):
+        logits, _ = model(idx)
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+@given(B=st.integers(1, 3), T=st.integers(1, 20), n=st.integers(1, 20), seed=st.integers(0, 2**16))
+def test_kv_cache_generation_equals_no_cache(B, T, n, seed):
+    torch.manual_seed(seed % 7)
+    model = GPT(small_config()).eval()
+    idx = torch.randint(0, 97, (B, T), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        assert torch.equal(model.generate(idx, max_new_tokens=n), greedy_without_cache(model, idx, n))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_matches_each_sequence_alone(side):
+    torch.manual_seed(4)
+    model = GPT(small_config()).eval()
+    lengths = [5, 12, 9]
+    T = max(lengths)
+    seqs = [torch.randint(0, 97, (n,)) for n in lengths]
+    idx = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        where = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        idx[i, where], mask[i, where] = s, 1
+    with torch.no_grad():
+        batched, _ = model(idx, attention_mask=mask)
+        for i, s in enumerate(seqs):
+            alone, _ = model(s[None])
+            where = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+            assert_close(batched[i, where], alone[0])
+    assert not torch.isnan(batched).any()
+
+
+def test_left_padded_generation_matches_each_prompt_alone():
+    torch.manual_seed(5)
+    model = GPT(small_config()).eval()
+    seqs = [torch.randint(0, 97, (n,)) for n in (3, 8)]
+    idx = torch.zeros(2, 8, dtype=torch.long)
+    mask = torch.zeros(2, 8, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        idx[i, 8 - len(s):], mask[i, 8 - len(s):] = s, 1
+    out = model.generate(idx, max_new_tokens=10, attention_mask=mask)
+    for i, s in enumerate(seqs):
+        assert torch.equal(out[i, 8:], model.generate(s[None], max_new_tokens=10)[0, len(s):])
+
+
+def test_loss_is_mean_cross_entropy_ignoring_minus_100():
+    torch.manual_seed(6)
+    model = GPT(small_config()).eval()
+    idx = torch.randint(0, 97, (2, 10))
+    targets = torch.randint(0, 97, (2, 10))
+    targets[0, :4] = -100
+    logits, loss = model(idx, targets=targets)
+    keep = targets != -100
+    expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+    assert_close(loss, expected)
+
+
+def test_sampling_respects_top_k_and_is_reproducible():
+    torch.manual_seed(7)
+    model = GPT(small_config()).eval()
+    idx = torch.randint(0, 97, (4, 5))
+    kw = dict(max_new_tokens=1, do_sample=True, temperature=0.7, top_k=3)
+    out = model.generate(idx, generator=torch.Generator().manual_seed(0), **kw)
+    again = model.generate(idx, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(out, again)
+    top3 = model(idx)[0][:, -1].topk(3).indices
+    assert all(out[i, -1] in top3[i] for i in range(4))
+
+
+def test_eos_stops_a_row():
+    torch.manual_seed(8)
+    model = GPT(small_config()).eval()
+    idx = torch.randint(0, 97, (1, 4))
+    first = model.generate(idx, max_new_tokens=1)[0, -1].item()
+    out = model.generate(idx, max_new_tokens=6, eos_token_id=first)
+    assert (out[0, 4:] == first).all()
+
+
+def test_prefix_cache_entries_are_always_visible():
+    torch.manual_seed(9)
+    cfg = small_config()
+    model = GPT(cfg).eval()
+    hs = cfg.n_embd // cfg.n_head
+    keys = [torch.randn(1, cfg.n_head, 3, hs) for _ in range(cfg.n_layer)]
+    values = [torch.randn(1, cfg.n_head, 3, hs) for _ in range(cfg.n_layer)]
+    idx = torch.randint(0, 97, (1, 6))
+    with torch.no_grad():
+        with_prefix, _ = model(idx, kv_cache=KVCache.from_prefix(keys, values))
+        plain, _ = model(idx)
+    assert not torch.allclose(with_prefix[:, 0], plain[:, 0])  # even the first token sees the prefix
+
+
+# ------------------------------------------------------------------ bad input
+def test_index_out_of_vocab_is_a_clear_error():
+    model = GPT(small_config())
+    with pytest.raises(ValueError, match="vocab_size"):
+        model(torch.tensor([[1, 97]]))
+
+
+def test_sequence_longer_than_block_size_is_a_clear_error():
+    model = GPT(small_config())
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="block_size"):
+        model.generate(torch.zeros(1, 60, dtype=torch.long), max_new_tokens=10)
+
+
+def test_float_idx_is_a_type_error():
+    with pytest.raises(TypeError, match="idx"):
+        GPT(small_config())(torch.zeros(1, 3))
+
+
+@pytest.mark.parametrize("bad", [dict(n_embd=30, n_head=4), dict(n_layer=0), dict(dropout=1.0)])
+def test_bad_config_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="GPTConfig"):
+        small_config(**bad)
+
+
+def test_from_pretrained_missing_directory(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        GPT.from_pretrained(tmp_path / "nope")
+
+
+def test_from_pretrained_not_gpt2(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_refuses_pickles(tmp_path):
+    model = GPT(small_config())
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="safetensors"):
+        GPT.from_pretrained(tmp_path)
