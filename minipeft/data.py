@@ -17,12 +17,14 @@ The downstream tasks use formats the corpus never shows (`Review: … Sentiment:
     verbalizer: the logit of ``g`` (good) against ``b`` (bad) at the answer position. Metric: accuracy;
     chance 0.5. Fair because the polarity of each word must be learned from the labelled examples.
 (b) ``record`` (generation, exact match). Rewrite ``Record: name=Tobar; job=baker; city=Velm`` as
-    ``Tobar is a baker from Velm.`` with fields in a random order. Names are fresh for every example, so
-    only the rule can be learned, not the answers. Metric: exact match of the greedy generation; chance 0.
-(c) ``facts`` (knowledge). ``Question: Where does Tobar live?`` → ``Velm`` (or the job). The people in
-    the test split never appear in the training split, so fine-tuning can only teach the question format:
-    the answers must come from what the base model learned in pretraining. Metric: exact match; chance is
-    one over the number of possible answers (a model that knows the format but not the facts).
+    ``Tobar is a baker from Velm.`` with fields in a random order. Names, jobs and cities are drawn
+    independently (they are not the world's facts), so only the rule can be learned, not the answers.
+    Metric: exact match of the greedy generation; chance 0.
+(c) ``facts`` (knowledge). ``Question: Where does Tobar live? Answer: Tobar lives in`` → ``Velm`` (or the
+    job, pet or colour). The people in the test split never appear in the training split, so fine-tuning
+    can only teach how to answer: the facts themselves must come from what the base model learned in
+    pretraining. Metric: exact match; chance is one over the number of possible values (a model that
+    answers in the right form but guesses the fact).
 """
 
 from __future__ import annotations
@@ -211,11 +213,13 @@ def _sentiment_task(seed: int, sizes: tuple[int, int, int]) -> Task:
                 discrete_prompt="A review that says nice things is good, otherwise it is bad. ", max_new_tokens=4)
 
 
-def _record_task(seed: int, sizes: tuple[int, int, int]) -> Task:
+def _record_task(seed: int, world: World, sizes: tuple[int, int, int]) -> Task:
     rng = random.Random(f"record-{seed}")
+    names = [p.name for p in world.people]
 
     def example() -> Example:
-        name, job, city = make_name(rng), rng.choice(JOBS), make_name(rng)
+        # Known words in random combinations: the answer cannot be recalled, only built by the rule.
+        name, job, city = rng.choice(names), rng.choice(JOBS), rng.choice(world.cities)
         fields = [f"name={name}", f"job={job}", f"city={city}"]
         rng.shuffle(fields)
         return Example(f"Record: {'; '.join(fields)}. Sentence: ", f"{name} is a {job} from {city}.")
@@ -233,15 +237,19 @@ def _facts_task(seed: int, world: World, sizes: tuple[int, int, int]) -> Task:
     n_test = n_val = len(people) // 4
     groups = {"test": people[:n_test], "validation": people[n_test : n_test + n_val],
               "train": people[n_test + n_val :]}
-    questions = [("Where does {n} live?", "city"), ("What is the job of {n}?", "job"),
-                 ("Which pet does {n} keep?", "pet"), ("What color does {n} like?", "color")]
+    # The answer starts by restating the question as a corpus sentence ("Tobar lives in"), given in the
+    # prompt; the model completes it with the fact. Fine-tuning teaches the form; the fact must come from
+    # pretraining, because test people never appear in the training split.
+    questions = [("Where does {n} live?", "{n} lives in ", "city"), ("What is the job of {n}?", "{n} is a ", "job"),
+                 ("Which pet does {n} keep?", "{n} keeps a ", "pet"),
+                 ("What color does {n} like?", "{n} likes the color ", "color")]
 
     def examples(group: list[Person], n: int) -> list[Example]:
         out = []
         for i in range(n):
             p = group[i % len(group)]
-            q, attr = questions[(i // len(group)) % len(questions)]
-            out.append(Example(f"Question: {q.format(n=p.name)} Answer: ", getattr(p, attr)))
+            q, stem, attr = questions[(i // len(group)) % len(questions)]
+            out.append(Example(f"Question: {q.format(n=p.name)} Answer: {stem.format(n=p.name)}", getattr(p, attr)))
         return out
 
     n_train, n_val_ex, n_test_ex = sizes
@@ -266,15 +274,18 @@ def load_task(name: str, seed: int = 0, sizes: tuple[int, int, int] = (1000, 100
     if name == "sentiment":
         return _sentiment_task(seed, sizes)
     if name == "record":
-        return _record_task(seed, sizes)
+        return _record_task(seed, build_world(seed), sizes)
     return _facts_task(seed, build_world(seed), sizes)
 
 
-def encode_examples(examples: list[Example], tokenizer, block_size: int, prefix: str = ""):
+def encode_examples(examples: list[Example], tokenizer, block_size: int, prefix: str = "",
+                    verbalizer_only: bool = False):
     """Tensors for supervised fine-tuning: only the answer (and eos) tokens are predicted.
 
     Returns idx (B, T), targets (B, T) with -100 on prompt and padding positions, and attention_mask
     (B, T) — right-padded with the pad token. Sequence: bos · prefix · prompt · answer · eos.
+    With `verbalizer_only` (classification), only the answer's first token is a target: the loss is then
+    the cross-entropy of exactly the logit that evaluation reads.
     """
     rows, tgts = [], []
     for ex in examples:
@@ -284,7 +295,7 @@ def encode_examples(examples: list[Example], tokenizer, block_size: int, prefix:
         if len(seq) > block_size:
             raise ValueError(f"example is {len(seq)} tokens but block_size is {block_size}: {ex.prompt!r}")
         # targets are already shifted: position t predicts token t+1
-        tgt = [-100] * (len(p) - 1) + a + [-100]
+        tgt = [-100] * (len(p) - 1) + ([a[0]] + [-100] * (len(a) - 1) if verbalizer_only else a) + [-100]
         rows.append(seq)
         tgts.append(tgt[: len(seq)])
     T = max(len(r) for r in rows)
@@ -299,8 +310,19 @@ def encode_examples(examples: list[Example], tokenizer, block_size: int, prefix:
     return idx, targets, mask
 
 
+def task_loss(task: Task, tokenizer):
+    """The training loss a task wants: the verbalizer cross-entropy for classification, else None (the
+    model's own next-token loss on the answer)."""
+    if task.metric != "accuracy":
+        return None
+    from minipeft.train import verbalizer_loss
+
+    return verbalizer_loss([tokenizer.encode(c)[0] for c in task.choices])
+
+
 def task_batch(task: Task, tokenizer, batch_size: int, block_size: int, generator: torch.Generator,
                prefix: str = ""):
     """A random training batch of the task (idx, targets, attention_mask)."""
     pick = torch.randint(0, len(task.train), (batch_size,), generator=generator).tolist()
-    return encode_examples([task.train[i] for i in pick], tokenizer, block_size, prefix)
+    return encode_examples([task.train[i] for i in pick], tokenizer, block_size, prefix,
+                           verbalizer_only=task.metric == "accuracy")

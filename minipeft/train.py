@@ -23,9 +23,33 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # idx, targets, attention_mask
+LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def verbalizer_loss(choice_ids: list[int]) -> LossFn:
+    """Cross-entropy over the verbalizer tokens only, at each row's answer position.
+
+    For classification read off a verbalizer (logit of "g" vs "b"), the natural training loss is the one the
+    evaluation reads: softmax over the choices' first tokens, not over the whole vocabulary (PET, Schick &
+    Schütze 2021, https://arxiv.org/abs/2001.07676). With a frozen base this learns several times faster,
+    because no step is spent pushing the other 258 tokens' probability down. Expects batches whose targets
+    mark exactly one position per row (`encode_examples(..., verbalizer_only=True)`).
+    """
+    ids = torch.tensor(choice_ids)
+
+    def loss_fn(net, idx, targets, attention_mask):
+        logits, _ = net(idx, attention_mask=attention_mask)  # (B, T, vocab)
+        rows = torch.arange(idx.shape[0], device=idx.device)
+        pos = (targets != -100).int().argmax(dim=1)  # (B,) the position that predicts the answer
+        choice_ids_ = ids.to(idx.device)
+        label = (targets[rows, pos, None] == choice_ids_).int().argmax(dim=1)  # (B,) index of the right choice
+        return F.cross_entropy(logits[rows, pos][:, choice_ids_].float(), label)
+
+    return loss_fn
 
 
 @dataclass
@@ -91,6 +115,7 @@ def train(
     config: TrainConfig,
     *,
     eval_fn: Callable[[torch.nn.Module], dict] | None = None,
+    loss_fn: LossFn | None = None,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     desc: str = "train",
@@ -99,7 +124,8 @@ def train(
 
     get_batch(generator) returns (idx, targets, attention_mask or None) on any device; they are moved to
     the model's device. eval_fn(model) returns a dict of metrics, called every `eval_every` steps and at
-    the end. With `checkpoint_dir`, rank 0 writes `model.save_pretrained(checkpoint_dir)` at the end.
+    the end. loss_fn(net, idx, targets, attention_mask) replaces the model's own next-token loss (see
+    `verbalizer_loss`). With `checkpoint_dir`, rank 0 writes `model.save_pretrained(checkpoint_dir)` at the end.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -132,7 +158,10 @@ def train(
             group["lr"] = lr_at(step, config)
         idx, targets, mask = (t.to(device) if t is not None else None for t in get_batch(generator))
         with autocast:
-            _, loss = net(idx, targets=targets, attention_mask=mask)
+            if loss_fn is None:
+                _, loss = net(idx, targets=targets, attention_mask=mask)
+            else:
+                loss = loss_fn(net, idx, targets, mask)
         loss.backward()
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)

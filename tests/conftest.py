@@ -32,14 +32,19 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory):
-    """One tiny pretrained GPT for the whole session (trained once; cached in $MINIPEFT_CACHE if set).
-
-    Never modify it: take `tiny_model` for a private copy."""
-    from minipeft.pretrain import load_base
-
+def model_cache(tmp_path_factory) -> str:
+    """$MINIPEFT_CACHE for the session: yours if set (reused across runs), else a fresh temporary one."""
     if not os.environ.get("MINIPEFT_CACHE"):
         os.environ["MINIPEFT_CACHE"] = str(tmp_path_factory.mktemp("minipeft-cache"))
+    return os.environ["MINIPEFT_CACHE"]
+
+
+@pytest.fixture(scope="session")
+def tiny_base(model_cache):
+    """The "tiny" preset (2 layers, 64 wide, 150 steps): enough language for mechanics, too little for
+    adapters to learn a task on a frozen base. Never modify it: take `tiny_model` for a private copy."""
+    from minipeft.pretrain import load_base
+
     return load_base("tiny", progress=False)
 
 
@@ -47,6 +52,21 @@ def tiny_base(tmp_path_factory):
 def tiny_model(tiny_base):
     """A private copy of the tiny pretrained GPT, free to wrap, train or break."""
     return copy.deepcopy(tiny_base)
+
+
+@pytest.fixture(scope="session")
+def pretrained_base(model_cache):
+    """The "default" base (1.3M parameters; pretrained once per cache, ~2 CPU minutes): what PEFT methods
+    are trained on when a test checks that they learn a task. Never modify it: take `pretrained_model`."""
+    from minipeft.pretrain import load_base
+
+    return load_base("default", progress=False)
+
+
+@pytest.fixture
+def pretrained_model(pretrained_base):
+    """A private copy of the default pretrained base."""
+    return copy.deepcopy(pretrained_base)
 
 
 @pytest.fixture(scope="session")

@@ -83,3 +83,11 @@ def test_pretraining_batch_targets_are_shifted_inputs():
 def test_unknown_task_is_a_clear_error():
     with pytest.raises(ValueError, match="available"):
         load_task("translation")
+
+
+def test_classification_supervises_only_the_verbalizer_token():
+    tok = ByteTokenizer()
+    task = load_task("sentiment")
+    idx, targets, _ = encode_examples(task.train[:6], tok, 128, verbalizer_only=True)
+    for i, ex in enumerate(task.train[:6]):
+        assert targets[i][targets[i] != -100].tolist() == [tok.encode(ex.answer)[0]]

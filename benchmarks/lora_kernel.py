@@ -1,0 +1,202 @@
+"""Time the LoRA linear layer's routes against the cuBLAS base linear (bf16, K = N = 4096, r = 16).
+
+Routes: the base linear alone; the reference (unfused torch ops); HF peft's LoRA layer; the stacked cuBLAS
+route (x·[W; A]ᵀ then Y += S·(s·B)ᵀ, with [W; A] cached, and re-stacked on every call as training would);
+minipeft's Triton paths ("fused" pointer kernel, "fused_tma" Hopper kernel, "cublas" = Triton shrink +
+cuBLAS GEMMs) and the "triton" backend as it dispatches; the Triton GEMMs alone (no LoRA term).
+Forward and forward+backward (grads for x, A, B); ratios to the base, and forward+backward against the
+frozen floor (base forward + the dX GEMM: what a frozen layer costs when gradients flow through it).
+
+Medians of triton.testing.do_bench (CUDA events) after warm-up; every call takes the next of several input
+sets, so the weights (32 MiB each) do not sit in L2 and small shapes are not flattered. A table goes to
+stdout last; --json writes every number.
+
+    python benchmarks/lora_kernel.py [--ms 1 16 256 4096 16384] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+import kernels
+from kernels import lora_triton
+
+K = N = 4096
+R = 16
+SCALING = 2.0
+DTYPE = torch.bfloat16
+N_SETS = 4   # 4 weight sets of 32 MiB each: larger than the H100's 50 MB L2
+
+
+def make_sets(M: int, device: str = "cuda"):
+    sets = []
+    for i in range(N_SETS):
+        g = torch.Generator(device=device).manual_seed(i)
+        rnd = lambda *shape, g=g: torch.randn(*shape, device=device, generator=g, dtype=torch.float32)
+        w = (rnd(N, K) / math.sqrt(K)).to(DTYPE)
+        a = (rnd(R, K) / math.sqrt(K)).to(DTYPE)
+        b = (rnd(N, R) / math.sqrt(R)).to(DTYPE)
+        x = rnd(M, K).to(DTYPE)
+        dy = (rnd(M, N) / math.sqrt(N)).to(DTYPE)
+        sets.append(dict(x=x, w=w, a=a, b=b, dy=dy, wa=torch.cat([w, a]).contiguous()))
+    return sets
+
+
+def make_peft_layers(sets):
+    """One peft LoRA Linear per input set, sharing the set's tensors."""
+    import peft
+
+    layers = []
+    for s in sets:
+        base = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=DTYPE)
+        base.weight.data = s["w"]
+        model = torch.nn.Sequential()
+        model.add_module("proj", base)
+        cfg = peft.LoraConfig(r=R, lora_alpha=int(SCALING * R), target_modules=["proj"], lora_dropout=0.0)
+        pm = peft.get_peft_model(model, cfg)
+        layer = pm.base_model.model.proj
+        layer.lora_A["default"].weight.data = s["a"]
+        layer.lora_B["default"].weight.data = s["b"]
+        layers.append(pm)
+    return layers
+
+
+def rotating(fn, sets):
+    it = itertools.cycle(range(len(sets)))
+    return lambda: fn(sets[next(it)])
+
+
+def bench(fn) -> float:
+    return do_bench(fn, warmup=50, rep=200, return_mode="median") * 1000.0  # µs
+
+
+def fwd_bwd(forward, grads_of):
+    """forward(s) -> y; grads_of(s) -> the leaves to differentiate; backward with the set's dy."""
+    def run(s):
+        y = forward(s)
+        torch.autograd.grad(y, grads_of(s), s["dy"])
+    return run
+
+
+def measure(M: int) -> dict:
+    """Check and time every route at one M."""
+    sets = make_sets(M)
+    try:
+        peft_layers = make_peft_layers(sets)
+    except Exception as e:  # peft missing: leave its column empty
+        print("peft unavailable:", e)
+        peft_layers = None
+    for i, s in enumerate(sets):
+        s["i"] = i
+    path_taken = lora_triton.choose_path(M, N, K, s["x"], s["w"])
+
+    fwd = {
+        "base": lambda s: F.linear(s["x"], s["w"]),
+        "reference": lambda s: kernels.reference.lora_linear(s["x"], s["w"], None, s["a"], s["b"], SCALING),
+        "stacked_cached": lambda s: lora_triton.lora_linear_stacked(s["x"], s["wa"], None, s["b"], SCALING),
+        "stacked_restack": lambda s: lora_triton.lora_linear_stacked(
+            s["x"], torch.cat([s["w"], s["a"]]), None, s["b"], SCALING),
+        "gemm_ptr": lambda s: lora_triton.fused_gemm(s["x"], s["w"], True, None, None, R, 1.0, None, None, False),
+        "gemm_tma": lambda s: lora_triton.fused_gemm(s["x"], s["w"], True, None, None, R, 1.0, None, None, True),
+        "fused": lambda s: lora_triton.lora_linear(s["x"], s["w"], None, s["a"], s["b"], SCALING, path="fused"),
+        "fused_tma": lambda s: lora_triton.lora_linear(s["x"], s["w"], None, s["a"], s["b"], SCALING,
+                                                       path="fused_tma"),
+        "cublas": lambda s: lora_triton.lora_linear(s["x"], s["w"], None, s["a"], s["b"], SCALING,
+                                                    path="cublas"),
+        "triton_backend": lambda s: kernels.lora_linear(s["x"], s["w"], None, s["a"], s["b"], SCALING,
+                                                        backend="triton"),
+    }
+    if peft_layers is not None:
+        fwd["peft"] = lambda s: peft_layers[s["i"]](s["x"])
+
+    # correctness of every LoRA route on set 0, against the reference in fp32
+    s0 = sets[0]
+    ref32 = kernels.reference.lora_linear(*(s0[k].float() for k in ("x", "w")), None,
+                                          s0["a"].float(), s0["b"].float(), SCALING)
+    errs = {}
+    for name, f in fwd.items():
+        if name.startswith("gemm") or name == "base":
+            continue
+        errs[name] = ((f(s0).float() - ref32).norm() / ref32.norm()).item()
+
+    times = {f"fwd_{k}": bench(rotating(f, sets)) for k, f in fwd.items()}
+
+    def leaves(s):
+        return [s["x"], s["a"], s["b"]]
+
+    for s in sets:
+        for k in ("x", "a", "b"):
+            s[k].requires_grad_(True)
+    bwd = {
+        "floor": fwd_bwd(lambda s: F.linear(s["x"], s["w"]), lambda s: [s["x"]]),
+        "reference": fwd_bwd(fwd["reference"], leaves),
+        "fused": fwd_bwd(fwd["fused"], leaves),
+        "fused_tma": fwd_bwd(fwd["fused_tma"], leaves),
+        "cublas": fwd_bwd(fwd["cublas"], leaves),
+        "triton_backend": fwd_bwd(fwd["triton_backend"], leaves),
+    }
+    if peft_layers is not None:
+        for pm, s in zip(peft_layers, sets, strict=True):
+            layer = pm.base_model.model.proj
+            s["peft_leaves"] = [s["x"], layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+            for t in s["peft_leaves"]:
+                t.requires_grad_(True)
+        bwd["peft"] = fwd_bwd(fwd["peft"], lambda s: s["peft_leaves"])
+    times.update({f"fb_{k}": bench(rotating(f, sets)) for k, f in bwd.items()})
+    row = dict(M=M, path=path_taken, times=times, rel_err=errs)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ms", type=int, nargs="+", default=[1, 16, 256, 4096, 16384])
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch.cuda.get_device_name()
+    header = (f"{datetime.date.today()} | {dev} | torch {torch.__version__} | triton {triton.__version__} | "
+              f"bf16 K=N={K} r={R}")
+    print(header, flush=True)
+    rows = []
+    for M in args.ms:
+        rows.append(measure(M))
+        torch.cuda.empty_cache()
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(header=header, rows=rows), f, indent=1)
+
+    print("\n" + header)
+    print("forward: µs of the base linear, then each route as a multiple of it")
+    cols = ["reference", "peft", "stacked_cached", "stacked_restack", "cublas", "gemm_ptr", "gemm_tma",
+            "fused", "fused_tma", "triton_backend"]
+    print(f"{'M':>6} {'base µs':>8} " + " ".join(f"{c[:14]:>14}" for c in cols) + "  path")
+    for row in rows:
+        t = row["times"]
+        base = t["fwd_base"]
+        cells = [f"{t[f'fwd_{c}'] / base:14.3f}" if f"fwd_{c}" in t else f"{'-':>14}" for c in cols]
+        print(f"{row['M']:>6} {base:8.1f} " + " ".join(cells) + f"  {row['path']}")
+    print("forward+backward: µs of the frozen floor (base fwd + dX GEMM), then each route as a multiple of it")
+    cols = ["reference", "peft", "cublas", "fused", "fused_tma", "triton_backend"]
+    print(f"{'M':>6} {'floor µs':>8} " + " ".join(f"{c[:14]:>14}" for c in cols))
+    for row in rows:
+        t = row["times"]
+        floor = t["fb_floor"]
+        cells = [f"{t[f'fb_{c}'] / floor:14.3f}" if f"fb_{c}" in t else f"{'-':>14}" for c in cols]
+        print(f"{row['M']:>6} {floor:8.1f} " + " ".join(cells))
+    worst = max(max(r["rel_err"].values()) for r in rows)
+    print(f"largest forward relative error vs fp32 reference, any route: {worst:.2e}")
+
+
+if __name__ == "__main__":
+    main()

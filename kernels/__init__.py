@@ -1,0 +1,200 @@
+"""The LoRA linear layer behind one switch: a pure-PyTorch reference and a fused Triton kernel.
+
+Every LoRA layer calls ``lora_linear``; which implementation runs is chosen here, at run time, so switching
+the backend switches every layer of a model (LoRA: https://arxiv.org/abs/2106.09685; the fused kernel
+follows LoRAFusion's split, https://arxiv.org/abs/2510.00206).
+
+    y = x·Wᵀ + bias + scaling·((x ⊙ dropout_mask)·Aᵀ)·Bᵀ
+
+Shapes: x (..., in), weight (out, in), bias (out,) or None, lora_A (r, in), lora_B (out, r), dropout_mask None
+or shaped like x and already scaled by 1/(1-p). Gradients reach x, lora_A, lora_B and a bias that requires
+one; never the (frozen) weight.
+
+Which backend runs, first match wins:
+  1. the call's ``backend=``;
+  2. the innermost ``with use_backend(name):``;
+  3. ``set_backend(name)``;
+  4. the environment variable ``MINIPEFT_KERNEL``;
+  5. ``"auto"``: Triton when the Triton backend can run on the tensors (CUDA tensors of fp16/bf16/fp32, or
+     CPU tensors of fp16/fp32 when ``TRITON_INTERPRET=1`` was set before ``import kernels``), the reference
+     otherwise (CPU without the interpreter, float64, bf16 in the interpreter).
+An explicit ``"triton"`` that cannot run on the given tensors raises a ValueError that says why.
+
+This package imports only torch and triton, and triton only if it is there: without it ``import kernels``
+still works and ``available_backends()["triton"]`` says why Triton cannot run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import numbers
+import os
+from collections.abc import Iterator
+
+import torch
+
+from . import reference
+
+try:  # Triton is optional: the reference backend needs torch alone.
+    from . import lora_triton
+
+    _TRITON_IMPORT_ERROR: str | None = None
+except Exception as e:  # ImportError, or a Triton that fails at import on this platform
+    lora_triton = None  # type: ignore[assignment]
+    _TRITON_IMPORT_ERROR = f"triton cannot be imported ({type(e).__name__}: {e})"
+
+__all__ = ["lora_linear", "set_backend", "use_backend", "get_backend", "available_backends", "BACKENDS"]
+
+BACKENDS = ("auto", "reference", "triton")
+ENV_VAR = "MINIPEFT_KERNEL"
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when lora_triton was imported just above.
+# Setting it later changes nothing, so what counts is its value now, at import.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+_global_backend: str | None = None  # set_backend(...)
+# use_backend(...) stack; a ContextVar keeps threads and asyncio tasks from seeing each other's choice.
+_context_backends: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "minipeft_kernel_backends", default=()
+)
+
+
+def _check_name(name: object, where: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"{where}: unknown kernel backend {name!r}; expected one of {list(BACKENDS)}")
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Choose the backend for every later call: "reference" | "triton" | "auto"; None clears the choice."""
+    global _global_backend
+    _global_backend = None if name is None else _check_name(name, "set_backend")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Use ``name`` inside the ``with`` block; blocks nest, the innermost wins."""
+    token = _context_backends.set(_context_backends.get() + (_check_name(name, "use_backend"),))
+    try:
+        yield
+    finally:
+        _context_backends.reset(token)
+
+
+def get_backend() -> str:
+    """The backend name in force (before "auto" is resolved against a call's tensors); call's backend= aside."""
+    stack = _context_backends.get()
+    if stack:
+        return stack[-1]
+    if _global_backend is not None:
+        return _global_backend
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return _check_name(env.strip().lower(), f"environment variable {ENV_VAR}")
+    return "auto"
+
+
+def _triton_unavailable(device: torch.device | None, dtype: torch.dtype | None) -> str | None:
+    """Why the Triton backend cannot run on tensors of this device and dtype; None if it can."""
+    if lora_triton is None:
+        return _TRITON_IMPORT_ERROR
+    if _INTERPRETING:
+        if dtype == torch.bfloat16:
+            return "bf16 tl.dot gives wrong results in the Triton interpreter (TRITON_INTERPRET=1); use fp16/fp32"
+    elif device is None:
+        if not torch.cuda.is_available():
+            return "no CUDA device, and TRITON_INTERPRET=1 was not set before `import kernels`"
+    elif device.type != "cuda":
+        return (f"tensors are on {device.type!r}; Triton needs CUDA tensors, or TRITON_INTERPRET=1 set "
+                "before `import kernels` to run CPU tensors through the interpreter")
+    if dtype is not None and dtype not in lora_triton.SUPPORTED_DTYPES:
+        names = [str(d).removeprefix("torch.") for d in lora_triton.SUPPORTED_DTYPES]
+        return f"dtype {dtype} is not supported by the Triton kernels (supported: {names})"
+    return None
+
+
+def available_backends() -> dict[str, str]:
+    """{"reference": "ok", "triton": "ok" or the reason it cannot run here}."""
+    return {"reference": "ok", "triton": _triton_unavailable(None, None) or "ok"}
+
+
+def _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_mask) -> None:
+    """Check the public boundary: types, dtypes, devices and shapes, with messages that say what was expected."""
+    named = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B,
+             "dropout_mask": dropout_mask}
+    for name, t in named.items():
+        if t is None and name in ("bias", "dropout_mask"):
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"scaling must be a real number (lora_alpha / r), got {type(scaling).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x has dtype {x.dtype}; expected a floating dtype (float16, bfloat16, float32, float64)")
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; all tensors must share x's dtype")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+    if x.dim() < 1:
+        raise ValueError("x must have shape (..., in), got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (out, in), got {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has shape {tuple(x.shape)}; expected (..., {in_features}) to match "
+                         f"weight (out, in) = {tuple(weight.shape)}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_features or lora_A.shape[0] < 1:
+        raise ValueError(f"lora_A has shape {tuple(lora_A.shape)}; expected (r, {in_features}) with r >= 1 "
+                         f"to match weight (out, in) = {tuple(weight.shape)}")
+    r = lora_A.shape[0]
+    if lora_B.dim() != 2 or tuple(lora_B.shape) != (out_features, r):
+        raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}; expected (out, r) = ({out_features}, {r}) "
+                         f"from weight {tuple(weight.shape)} and lora_A {tuple(lora_A.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({out_features},)")
+    if dropout_mask is not None and dropout_mask.shape != x.shape:
+        raise ValueError(f"dropout_mask has shape {tuple(dropout_mask.shape)}; expected x's shape "
+                         f"{tuple(x.shape)}")
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_mask: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """y = x·Wᵀ + bias + scaling·((x ⊙ dropout_mask)·Aᵀ)·Bᵀ on the chosen backend.
+
+    Args:
+        x: (..., in), any leading dims, any strides.
+        weight: (out, in), frozen: it never receives a gradient.
+        bias: (out,) or None.
+        lora_A: (r, in).  lora_B: (out, r).
+        scaling: lora_alpha / r (or / sqrt(r) with rsLoRA).
+        dropout_mask: None or shaped like x, already scaled by 1/(1-p); it multiplies x on the LoRA branch only.
+        backend: "reference" | "triton" | "auto" | None (None: see the module docstring for the precedence).
+    Returns:
+        (..., out) in x's dtype.
+    Raises:
+        TypeError: a non-tensor argument, an integer dtype, or tensors whose dtypes differ from x's.
+        ValueError: an unknown backend, tensors on different devices, shapes that do not fit together, or an
+            explicit "triton" that cannot run on these tensors (the message says why).
+    """
+    name = get_backend() if backend is None else _check_name(backend, "lora_linear(backend=...)")
+    _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
+    why_not = _triton_unavailable(x.device, x.dtype)
+    if name == "auto":
+        name = "reference" if why_not else "triton"
+    if name == "triton":
+        if why_not:
+            raise ValueError(f"the triton kernel backend cannot run here: {why_not}")
+        return lora_triton.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask)
+    return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)

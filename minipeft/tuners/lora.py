@@ -1,0 +1,298 @@
+"""LoRA: freeze a Linear layer's weight W₀ and learn a low-rank update ΔW = (α/r)·B·A beside it.
+
+A pretrained weight barely needs a full-rank change to adapt to a new task, so LoRA trains two thin
+matrices instead of W₀ itself and adds their product to the frozen layer's output:
+
+    h = W₀x + b + (α/r)·B·A·dropout(x)          A: (r, in), B: (out, r), r ≪ min(in, out)
+
+With rsLoRA the scale is α/√r instead of α/r, which keeps the update's size stable as r grows.
+LoRA: Hu et al. 2021, https://arxiv.org/abs/2106.09685; rsLoRA: Kalajdzievski 2023,
+https://arxiv.org/abs/2312.03732.
+
+    x (…, in) ──────────────► [ W₀ (out, in), frozen ] ─────────────────► (+) ──► h (…, out)
+        │                                                                  ▲
+        └─► dropout ─► [ A (r, in) ] ─► (…, r) ─► [ B (out, r) ] ─► ×(α/r) ┘
+                          Kaiming-uniform          zeros at init
+
+Worked shapes: GPT-2 small's `c_attn` maps in=768 → out=2304 (q, k, v fused). With r=8, A is (8, 768),
+B is (2304, 8): 8·(768 + 2304) = 24,576 trainable numbers instead of 768·2304 = 1,769,472 (1.4 %).
+In general a LoRA adapter adds exactly **r·(in + out)** parameters per targeted Linear (no biases).
+
+Because B starts at zero, a freshly attached adapter leaves the model's output exactly unchanged, while A's
+random init gives B a useful gradient from the first step. `merge()` folds ΔW into W₀ so inference costs
+nothing extra; `unmerge()` subtracts it again; `merge_and_unload()` returns a plain Linear. All three go
+through the one `delta_weight(name)`.
+
+The forward runs through `kernels.lora_linear` (the reference PyTorch ops on CPU, the fused Triton kernel
+on CUDA); see `LoraLinear.forward` for how several active adapters share one call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+__all__ = ["LoraLinear", "is_linear_like", "dense_weight"]
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """A layer LoRA can wrap: an nn.Linear, or a frozen quantized Linear (NF4Linear) that can hand out its
+    dense weight through `dequantize_weight(dtype)` and knows its `in_features` / `out_features`."""
+    if isinstance(module, nn.Linear):
+        return True
+    return callable(getattr(module, "dequantize_weight", None)) and hasattr(module, "in_features") \
+        and hasattr(module, "out_features")
+
+
+def dense_weight(base_layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The base layer's weight as a dense (out, in) tensor in `dtype` (default: its own dtype).
+
+    nn.Linear: its `weight` (no copy when the dtype already matches). NF4Linear: the weight dequantized
+    from its 4-bit codes, a fresh tensor each call (the codes themselves never change).
+    """
+    if isinstance(base_layer, nn.Linear):
+        w = base_layer.weight
+        return w if dtype is None or w.dtype == dtype else w.to(dtype)
+    return base_layer.dequantize_weight(dtype)
+
+
+def _weight_dtype(base_layer: nn.Module) -> torch.dtype:
+    if isinstance(base_layer, nn.Linear):
+        return base_layer.weight.dtype
+    return getattr(base_layer, "weight_dtype", torch.float32)
+
+
+def _weight_device(base_layer: nn.Module) -> torch.device:
+    if isinstance(base_layer, nn.Linear):
+        return base_layer.weight.device
+    return next(iter(base_layer.buffers())).device
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the layer computes in: autocast's when it is on for x's device (train.py runs bf16
+    autocast on CUDA), else x's own. kernels.lora_linear wants every tensor in one dtype, so the layer casts."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class LoraLinear(nn.Module):
+    """A frozen linear layer plus named LoRA adapters: h = base(x) + Σ_active (α/r)·B·A·dropout(x).
+
+    Args:
+        base_layer: the layer to wrap, kept as `self.base_layer` and never modified except by `merge()`:
+            an nn.Linear or an NF4Linear (anything `is_linear_like`).
+
+    Per adapter name: `lora_A[name]` (nn.Linear in→r, weight (r, in)), `lora_B[name]` (nn.Linear r→out,
+    weight (out, r)), `scaling[name]`, `r[name]`, `lora_dropout[name]` (a probability). `active_adapters`
+    lists the adapters this layer applies (the PeftModel keeps it in sync); `disabled` makes the layer
+    compute exactly `base_layer(x)`.
+
+    Attribute reads that the wrapper does not know (`weight`, `bias`, `in_features`, …) go to the base
+    layer, so code written for the plain Linear keeps working.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        if not is_linear_like(base_layer):
+            raise ValueError(f"LoraLinear wraps an nn.Linear or an NF4Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.in_features: int = base_layer.in_features
+        self.out_features: int = base_layer.out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    # ---- adapters -----------------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        init_lora_weights: bool | str = True,
+        use_rslora: bool = False,
+    ) -> None:
+        """Create adapter `adapter_name` of rank r with scaling α/r (α/√r with rsLoRA), initialised as asked."""
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        if init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        if adapter_name in self.lora_A:
+            raise ValueError(f"adapter_name {adapter_name!r} already exists in this layer")
+        dtype, device = _weight_dtype(self.base_layer), _weight_device(self.base_layer)
+        if not dtype.is_floating_point:
+            dtype = torch.float32
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_dropout[adapter_name] = float(lora_dropout)
+        self.reset_lora_parameters(adapter_name, init_lora_weights)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str = True) -> None:
+        """The LoRA paper's init (its code and torchtune's): A Kaiming-uniform with a=√5 (nn.Linear's own
+        default), B zeros, so ΔW = 0 at the start. "gaussian": A ~ N(0, std=1/r) (peft's choice), B zeros.
+        False: B random as well (Kaiming-uniform), so ΔW ≠ 0; useful only for tests of merging."""
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(A, mean=0.0, std=1.0 / self.r[adapter_name])
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        if init_lora_weights is False:
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(B)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter (unmerging it first if it is merged)."""
+        if adapter_name in self.merged_adapters:
+            self.unmerge([adapter_name])
+        for d in (self.lora_A, self.lora_B):
+            del d[adapter_name]
+        for d in (self.r, self.scaling, self.lora_dropout):
+            d.pop(adapter_name)
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+
+    def adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        """The adapter's parameters by local name, without the adapter name: {"lora_A.weight", "lora_B.weight"}."""
+        return {"lora_A.weight": self.lora_A[adapter_name].weight, "lora_B.weight": self.lora_B[adapter_name].weight}
+
+    # ---- merging --------------------------------------------------------------------------------------
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """ΔW = scaling·B·A, shape (out, in), in the adapter's dtype. The one source for merge, unmerge,
+        merge_and_unload and the tests."""
+        A = self.lora_A[adapter_name].weight  # (r, in)
+        B = self.lora_B[adapter_name].weight  # (out, r)
+        return self.scaling[adapter_name] * (B @ A)  # (out, in)
+
+    def _check_mergeable(self) -> None:
+        if not isinstance(self.base_layer, nn.Linear):
+            raise ValueError(
+                f"merge() needs a dense base weight; this base is a {type(self.base_layer).__name__} (4-bit "
+                "codes cannot absorb ΔW without re-quantizing it away). Use merge_and_unload(), which "
+                "dequantizes and returns a dense nn.Linear."
+            )
+
+    @torch.no_grad()
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        """W₀ ← W₀ + ΔW for each adapter (default: the active ones) not merged yet."""
+        self._check_mergeable()
+        for name in self.active_adapters if adapter_names is None else adapter_names:
+            if name in self.merged_adapters:
+                continue
+            w = self.base_layer.weight
+            w += self.delta_weight(name).to(w.dtype)
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, adapter_names: list[str] | None = None) -> None:
+        """W₀ ← W₀ − ΔW for merged adapters (default: all), newest first. Exact up to float rounding."""
+        names = list(self.merged_adapters) if adapter_names is None else list(adapter_names)
+        for name in reversed(names):
+            if name not in self.merged_adapters:
+                continue
+            w = self.base_layer.weight
+            w -= self.delta_weight(name).to(w.dtype)
+            self.merged_adapters.remove(name)
+
+    @torch.no_grad()
+    def merged_base_layer(self, adapter_names: list[str] | None = None) -> nn.Module:
+        """A plain layer computing base(x) + Σ ΔW·x for the given adapters (default: active and merged):
+        the base nn.Linear itself with ΔW added in place (a new weight tensor when the weight is shared
+        with another parameter, so a tied embedding is never changed), or, for an NF4 base, a new dense
+        nn.Linear in the base's original dtype holding dequantize(W₀) + ΔW."""
+        names = list(self.active_adapters) if adapter_names is None else list(adapter_names)
+        names = [n for n in names if n not in self.merged_adapters]
+        base = self.base_layer
+        if isinstance(base, nn.Linear):
+            if names:
+                w = base.weight.detach().clone()
+                for name in names:
+                    w += self.delta_weight(name).to(w.dtype)
+                base.weight = nn.Parameter(w, requires_grad=False)
+            return base
+        dtype = _weight_dtype(base)
+        w = dense_weight(base, dtype)  # (out, in), dequantized
+        for name in names:
+            w += self.delta_weight(name).to(w.dtype)
+        linear = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
+                           device=w.device, dtype=dtype)
+        linear.weight = nn.Parameter(w, requires_grad=False)
+        if base.bias is not None:
+            linear.bias = nn.Parameter(base.bias.detach().clone().to(dtype), requires_grad=False)
+        return linear
+
+    # ---- forward --------------------------------------------------------------------------------------
+    def _dropout_mask(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """Inverted dropout as a mask shaped like x (0 or 1/(1-p)), made here so every kernel backend sees
+        the same mask; None in eval mode or when p = 0."""
+        p = self.lora_dropout[adapter_name]
+        if not self.training or p == 0.0:
+            return None
+        return torch.empty_like(x).bernoulli_(1.0 - p) / (1.0 - p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (…, in) → (…, out).
+
+        The first active (unmerged) adapter goes through one `kernels.lora_linear` call together with the
+        base weight and bias, which is the case the fused kernel is built for. Each further active adapter
+        adds only its low-rank term s·B·A·dropout(x) (two thin matmuls): passing W₀ again would redo the
+        big GEMM for nothing. Disabled, or with nothing left to apply, the layer is exactly base_layer(x).
+        """
+        pending = [n for n in self.active_adapters if n not in self.merged_adapters]
+        if self.disabled:
+            if self.merged_adapters:
+                raise ValueError(
+                    f"adapters {self.merged_adapters} are merged into the base weight, so it cannot be "
+                    "disabled exactly; unmerge them first"
+                )
+            return self.base_layer(x)
+        if not pending:
+            return self.base_layer(x)
+        dtype = _compute_dtype(x)
+        x = x.to(dtype)
+        weight = dense_weight(self.base_layer, dtype)  # (out, in), frozen
+        bias = self.base_layer.bias
+        bias = None if bias is None else bias.to(dtype)
+        first, *rest = pending
+        y = kernels.lora_linear(
+            x, weight, bias,
+            self.lora_A[first].weight.to(dtype), self.lora_B[first].weight.to(dtype),
+            self.scaling[first], self._dropout_mask(first, x),
+        )  # (…, out)
+        for name in rest:
+            mask = self._dropout_mask(name, x)
+            x_lora = x if mask is None else x * mask
+            s = F.linear(x_lora, self.lora_A[name].weight.to(dtype))  # (…, r)
+            y = y + self.scaling[name] * F.linear(s, self.lora_B[name].weight.to(dtype))  # (…, out)
+        return y
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={self.r[n]}" for n in self.adapter_names)
+        return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{ranks}]"

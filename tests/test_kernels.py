@@ -1,0 +1,312 @@
+"""kernels: the backend switch, the reference against dense float64 math, the Triton kernels against the reference.
+
+On a CPU-only machine conftest.py sets TRITON_INTERPRET=1 before `kernels` is imported, so the Triton kernels
+run in the interpreter (small shapes, fp32 and fp16: bf16 tl.dot is wrong there). With CUDA the same file runs
+the compiled kernels on larger shapes in fp32, fp16 and bf16 (set MINIPEFT_KERNEL_AUTOTUNE=0 to skip tuning).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from tolerances import assert_close, rel_error
+
+import kernels
+from kernels import lora_triton, reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+MAX_DIM = 320 if CUDA else 80      # the interpreter is slow: keep CPU shapes small
+RANKS = [1, 2, 4, 8, 16, 64]
+
+
+def _fresh_switch(monkeypatch):
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    kernels.set_backend(None)
+
+
+@pytest.fixture(autouse=True)
+def _clean_switch(monkeypatch):
+    """Every test starts with no set_backend and no MINIPEFT_KERNEL, and leaves none behind."""
+    _fresh_switch(monkeypatch)
+    yield
+    kernels.set_backend(None)
+
+
+def _make_inputs(M, N, K, r, dtype, *, layout="2d", bias=True, mask=False, seed=0, device=DEVICE):
+    """Inputs whose outputs and gradients are O(1), so one tolerance table fits every shape."""
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    lead = {"2d": (M,), "3d": (2, M), "noncontig": (M,)}[layout]
+    if layout == "noncontig":
+        x = randn(K, M).t()                                 # (M, K) with strides (1, M)
+    else:
+        x = randn(*lead, K)
+    weight = randn(N, K) / math.sqrt(K)
+    lora_A = randn(r, K) / math.sqrt(K)
+    lora_B = randn(N, r) / math.sqrt(r)
+    b = randn(N) if bias else None
+    drop = ((torch.rand(*x.shape, generator=g) > 0.25).double() / 0.75) if mask else None
+    dy = randn(*x.shape[:-1], N) / math.sqrt(N)
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)
+    x = cast(x)                                             # .to keeps the transposed strides
+    return dict(x=x, weight=cast(weight), bias=cast(b), lora_A=cast(lora_A), lora_B=cast(lora_B),
+                dropout_mask=cast(drop)), cast(dy)
+
+
+def _run(inputs, dy, scaling, backend, dtype=None, **kw):
+    """Forward and the gradients for x, A, B, bias (in that order) under one backend, optionally upcast."""
+    leaves = {}
+    args = {}
+    for name, t in inputs.items():
+        if t is None:
+            args[name] = None
+            continue
+        t = t.detach().to(dtype) if dtype else t.detach()
+        if name in ("x", "lora_A", "lora_B", "bias"):
+            t = t.requires_grad_()
+            leaves[name] = t
+        args[name] = t
+    if backend == "fused-path":
+        y = lora_triton.lora_linear(**args, scaling=scaling, **kw)
+    else:
+        y = kernels.lora_linear(**args, scaling=scaling, backend=backend)
+    grads = torch.autograd.grad(y, list(leaves.values()), dy.to(y.dtype))
+    return y, dict(zip(leaves, grads, strict=True))
+
+
+def _check(actual, expected, dtype, scale=1.0):
+    """assert_close after dividing both by the expected tensor's largest |element| (at least 1).
+
+    Gradients of A and B are sums over M rows, so their size grows with M; measuring error against the
+    tensor's scale keeps one tolerance per dtype valid for every shape.
+    """
+    norm = expected.abs().max().clamp_min(1.0)
+    assert_close(actual.double() / norm, expected.double() / norm, dtype=dtype, scale=scale)
+
+
+def _compare(inputs, dy, scaling, dtype, **kw):
+    """Triton in `dtype` against the reference run in float64 on the same (upcast) inputs."""
+    y, grads = _run(inputs, dy, scaling, "triton" if not kw else "fused-path", **kw)
+    y_ref, grads_ref = _run(inputs, dy, scaling, "reference", dtype=torch.float64)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    # fp16/bf16: S (forward) and G = dY·B (backward) are rounded to the input dtype before their second
+    # product, as the reference's own autograd does; that is one rounding more than the output's.
+    scale = 1.0 if dtype == torch.float32 else 2.0
+    _check(y, y_ref, dtype, scale)
+    for name in grads_ref:
+        assert grads[name].dtype == dtype, name
+        _check(grads[name], grads_ref[name], dtype, scale)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The reference is the math
+# ----------------------------------------------------------------------------------------------------------
+@given(M=st.integers(1, 40), N=st.integers(1, 40), K=st.integers(1, 40), r=st.sampled_from(RANKS),
+       bias=st.booleans(), mask=st.booleans(), scaling=st.sampled_from([0.5, 2.0]))
+def test_reference_matches_dense_float64(M, N, K, r, bias, mask, scaling):
+    inputs, _ = _make_inputs(M, N, K, r, torch.float64, bias=bias, mask=mask, device="cpu")
+    x, W, b, A, B, m = (inputs[k] for k in ("x", "weight", "bias", "lora_A", "lora_B", "dropout_mask"))
+    y = reference.lora_linear(x, W, b, A, B, scaling, m)
+    if m is None:
+        dense = x @ (W + scaling * B @ A).t()               # the merged weight W + s·B·A
+    else:
+        dense = x @ W.t() + (x * m) @ (scaling * B @ A).t()
+    if b is not None:
+        dense = dense + b
+    assert_close(y, dense)
+
+
+def test_reference_never_grads_the_weight():
+    inputs, dy = _make_inputs(5, 6, 7, 2, torch.float32, device="cpu")
+    inputs["weight"].requires_grad_()
+    inputs["lora_A"].requires_grad_()
+    y = reference.lora_linear(**inputs, scaling=2.0)
+    y.backward(dy.cpu())
+    assert inputs["weight"].grad is None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton against the reference
+# ----------------------------------------------------------------------------------------------------------
+@given(M=st.one_of(st.just(1), st.integers(1, MAX_DIM)), N=st.integers(1, MAX_DIM), K=st.integers(1, MAX_DIM),
+       r=st.sampled_from(RANKS), dtype=st.sampled_from(DTYPES), bias=st.booleans(), mask=st.booleans(),
+       layout=st.sampled_from(["2d", "3d", "noncontig"]), scaling=st.sampled_from([0.5, 2.0]))
+def test_triton_matches_reference(M, N, K, r, dtype, bias, mask, layout, scaling):
+    inputs, dy = _make_inputs(M, N, K, r, dtype, layout=layout, bias=bias, mask=mask)
+    _compare(inputs, dy, scaling, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,N,K,r", [(1, 33, 47, 1), (67, 96, 80, 64), (50, 17, 96, 16)])
+def test_fused_kernel_every_case(M, N, K, r, dtype):
+    """The pointer kernel ("fused"), reached directly: with/without bias and mask, on a 3-D input."""
+    for bias in (False, True):
+        for mask in (False, True):
+            inputs, dy = _make_inputs(M, N, K, r, dtype, layout="3d", bias=bias, mask=mask, seed=M + r)
+            _compare(inputs, dy, 2.0, dtype, path="fused")
+
+
+SHAPES_GPU = [(1, 64, 128, 8), (300, 520, 264, 16), (1030, 768, 1024, 64), (4096, 1024, 512, 16)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("path", ["fused", "fused_tma", "cublas", "unfused"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,N,K,r", SHAPES_GPU)
+def test_every_path_on_gpu(path, dtype, M, N, K, r):
+    for mask in (False, True):
+        inputs, dy = _make_inputs(M, N, K, r, dtype, layout="3d", bias=True, mask=mask, seed=K)
+        if path == "fused_tma" and dtype == torch.float32:
+            continue  # TMA path is tuned for 16-bit operands; fp32 goes through "fused"
+        _compare(inputs, dy, 2.0, dtype, path=path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_long_reduction_bf16_on_gpu():
+    """K = 4096, the benchmark's shape: errors stay at bf16's level over a long reduction."""
+    inputs, dy = _make_inputs(512, 4096, 4096, 16, torch.bfloat16, bias=True, mask=True, seed=1)
+    y, grads = _run(inputs, dy, 2.0, "triton")
+    y_ref, grads_ref = _run(inputs, dy, 2.0, "reference", dtype=torch.float64)
+    assert rel_error(y, y_ref) < 1e-2
+    for name in grads_ref:
+        assert rel_error(grads[name], grads_ref[name]) < 1e-2, name
+
+
+def test_weight_is_frozen_and_bias_grad_optional():
+    inputs, dy = _make_inputs(9, 10, 11, 4, torch.float32, bias=True)
+    inputs["weight"].requires_grad_()
+    inputs["x"].requires_grad_()
+    y = kernels.lora_linear(**inputs, scaling=2.0, backend="triton")
+    y.backward(dy)
+    assert inputs["weight"].grad is None
+    assert inputs["x"].grad is not None
+    assert inputs["bias"].grad is None            # the bias did not ask for a gradient
+
+
+def test_lora_B_zero_leaves_the_base_layer():
+    inputs, _ = _make_inputs(13, 12, 14, 4, torch.float32)
+    inputs["lora_B"] = torch.zeros_like(inputs["lora_B"])
+    y = kernels.lora_linear(**inputs, scaling=2.0, backend="triton")
+    base = torch.nn.functional.linear(inputs["x"], inputs["weight"], inputs["bias"])
+    assert_close(y, base)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The switch
+# ----------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def spy(monkeypatch):
+    """Replace both backends by recorders that say which one ran."""
+    calls = []
+    monkeypatch.setattr(kernels.reference, "lora_linear", lambda *a, **k: calls.append("reference"))
+    monkeypatch.setattr(kernels.lora_triton, "lora_linear", lambda *a, **k: calls.append("triton"))
+    return calls
+
+
+def _call(**kw):
+    inputs, _ = _make_inputs(3, 4, 5, 2, torch.float32)
+    kernels.lora_linear(**inputs, scaling=1.0, **kw)
+
+
+def test_precedence_call_over_context_over_set_over_env_over_auto(spy, monkeypatch):
+    _call()
+    assert spy[-1] == "triton"                                     # auto: interpreter or CUDA here
+    monkeypatch.setenv(kernels.ENV_VAR, "reference")
+    _call()
+    assert spy[-1] == "reference"                                  # env > auto
+    kernels.set_backend("triton")
+    _call()
+    assert spy[-1] == "triton"                                     # set_backend > env
+    with kernels.use_backend("reference"):
+        _call()
+        assert spy[-1] == "reference"                              # use_backend > set_backend
+        with kernels.use_backend("triton"):
+            _call()
+            assert spy[-1] == "triton"                             # the innermost wins
+            assert kernels.get_backend() == "triton"
+            _call(backend="reference")
+            assert spy[-1] == "reference"                          # the call's backend= wins over all
+        _call()
+        assert spy[-1] == "reference"                              # the outer block again
+    assert kernels.get_backend() == "triton"
+    kernels.set_backend(None)
+    assert kernels.get_backend() == "reference"                    # back to the env var
+    monkeypatch.delenv(kernels.ENV_VAR)
+    assert kernels.get_backend() == "auto"
+
+
+def test_auto_falls_back_to_reference_where_triton_cannot_run(spy, monkeypatch):
+    inputs, _ = _make_inputs(3, 4, 5, 2, torch.float64)
+    kernels.lora_linear(**inputs, scaling=1.0)
+    assert spy[-1] == "reference"                                  # float64: no Triton kernel
+    monkeypatch.setattr(kernels, "_INTERPRETING", False)
+    inputs, _ = _make_inputs(3, 4, 5, 2, torch.float32, device="cpu")
+    kernels.lora_linear(**inputs, scaling=1.0)
+    assert spy[-1] == "reference"                                  # CPU tensors without the interpreter
+
+
+def test_explicit_triton_that_cannot_run_says_why(monkeypatch):
+    inputs, _ = _make_inputs(3, 4, 5, 2, torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        kernels.lora_linear(**inputs, scaling=1.0, backend="triton")
+    monkeypatch.setattr(kernels, "_INTERPRETING", False)
+    inputs, _ = _make_inputs(3, 4, 5, 2, torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="CUDA"):
+        kernels.lora_linear(**inputs, scaling=1.0, backend="triton")
+
+
+def test_available_backends():
+    avail = kernels.available_backends()
+    assert set(avail) == {"reference", "triton"}
+    assert avail["reference"] == "ok"
+    assert avail["triton"] == "ok"                                 # CUDA here, or the interpreter
+
+
+def test_unknown_backend_names(monkeypatch):
+    with pytest.raises(ValueError, match="'cuda'"):
+        kernels.set_backend("cuda")
+    with pytest.raises(ValueError, match="'fast'"):
+        with kernels.use_backend("fast"):
+            pass
+    with pytest.raises(ValueError, match="'tritonn'"):
+        _call(backend="tritonn")
+    monkeypatch.setenv(kernels.ENV_VAR, "nope")
+    with pytest.raises(ValueError, match="MINIPEFT_KERNEL"):
+        _call()
+
+
+def _bad(**changes):
+    inputs, _ = _make_inputs(3, 4, 5, 2, torch.float32)
+    inputs.update(changes)
+    return inputs
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda: _bad(x=torch.ones(3, 5, dtype=torch.int64, device=DEVICE)), TypeError, "x has dtype torch.int64"),
+    (lambda: _bad(lora_A=torch.ones(2, 5, dtype=torch.float16, device=DEVICE)), TypeError, "lora_A has dtype"),
+    (lambda: _bad(weight=torch.ones(4, 5, device="meta")), ValueError, "weight is on meta"),
+    (lambda: _bad(x=torch.ones(3, 6, device=DEVICE)), ValueError, r"x has shape \(3, 6\); expected \(\.\.\., 5\)"),
+    (lambda: _bad(lora_A=torch.ones(2, 6, device=DEVICE)), ValueError, r"lora_A has shape \(2, 6\)"),
+    (lambda: _bad(lora_B=torch.ones(4, 3, device=DEVICE)), ValueError,
+     r"lora_B has shape \(4, 3\); expected \(out, r\) = \(4, 2\)"),
+    (lambda: _bad(bias=torch.ones(5, device=DEVICE)), ValueError, r"bias has shape \(5,\); expected \(4,\)"),
+    (lambda: _bad(dropout_mask=torch.ones(3, 4, device=DEVICE)), ValueError, "dropout_mask has shape"),
+    (lambda: _bad(weight=torch.ones(4, 5, 1, device=DEVICE)), ValueError, "weight must have shape"),
+    (lambda: _bad(lora_A=[[1.0] * 5] * 2), TypeError, "lora_A must be a torch.Tensor"),
+])
+def test_bad_inputs_are_named(make, error, match):
+    with pytest.raises(error, match=match):
+        kernels.lora_linear(**make(), scaling=1.0)
+
+
+def test_bad_scaling():
+    with pytest.raises(TypeError, match="scaling"):
+        kernels.lora_linear(**_bad(), scaling=torch.tensor(1.0))
