@@ -2,8 +2,10 @@
 
 Routes: the base linear alone; the reference (unfused torch ops); HF peft's LoRA layer; the stacked cuBLAS
 route (x·[W; A]ᵀ then Y += S·(s·B)ᵀ, with [W; A] cached, and re-stacked on every call as training would);
-minipeft's Triton paths ("fused" pointer kernel, "fused_tma" Hopper kernel, "cublas" = Triton shrink +
-cuBLAS GEMMs) and the "triton" backend as it dispatches; the Triton GEMMs alone (no LoRA term).
+minipeft's paths ("fused" pointer kernel, "fused_tma" Hopper kernel, "cublas" = 3 cuBLAS GEMMs forward and
+5 backward, "merged" = one GEMM on a cached W + s·B·A) and the "triton" backend as it dispatches, both with
+no gradient wanted (inference) and with x requiring grad (the forward of a training step); the Triton GEMMs
+alone (no LoRA term). Also the host time per call (Python + launches, no sync) of the main routes.
 Forward and forward+backward (grads for x, A, B); ratios to the base, and forward+backward against the
 frozen floor (base forward + the dX GEMM: what a frozen layer costs when gradients flow through it).
 
@@ -21,6 +23,7 @@ import datetime
 import itertools
 import json
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,7 @@ R = 16
 SCALING = 2.0
 DTYPE = torch.bfloat16
 N_SETS = 4   # 4 weight sets of 32 MiB each: larger than the H100's 50 MB L2
+SKIP_POINTER = False  # --skip-pointer
 
 
 def make_sets(M: int, device: str = "cuda"):
@@ -75,8 +79,23 @@ def rotating(fn, sets):
     return lambda: fn(sets[next(it)])
 
 
+REP_MS = 200  # --rep
+
+
 def bench(fn) -> float:
-    return do_bench(fn, warmup=50, rep=200, return_mode="median") * 1000.0  # µs
+    return do_bench(fn, warmup=REP_MS // 4, rep=REP_MS, return_mode="median") * 1000.0  # µs
+
+
+def host_us(fn, n: int = 50) -> float:
+    """Host time per call (µs): n calls queued without a sync (the launch queue holds them all)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
 
 
 def fwd_bwd(forward, grads_of):
@@ -97,7 +116,11 @@ def measure(M: int) -> dict:
         peft_layers = None
     for i, s in enumerate(sets):
         s["i"] = i
-    path_taken = lora_triton.choose_path(M, N, K, s["x"], s["w"])
+    path_taken = {"train": lora_triton.choose_path(M, N, K, s["x"], s["w"], needs_grad=True),
+                  "infer": lora_triton.choose_path(M, N, K, s["x"], s["w"], needs_grad=False)}
+    for s in sets:
+        s["xg"] = s["x"].detach().clone().requires_grad_(True)
+    lora_triton.clear_cache()
 
     fwd = {
         "base": lambda s: F.linear(s["x"], s["w"]),
@@ -112,11 +135,17 @@ def measure(M: int) -> dict:
                                                        path="fused_tma"),
         "cublas": lambda s: lora_triton.lora_linear(s["x"], s["w"], None, s["a"], s["b"], SCALING,
                                                     path="cublas"),
+        "merged": lambda s: lora_triton.lora_linear(s["x"], s["w"], None, s["a"], s["b"], SCALING,
+                                                    path="merged"),
         "triton_backend": lambda s: kernels.lora_linear(s["x"], s["w"], None, s["a"], s["b"], SCALING,
                                                         backend="triton"),
+        "triton_backend_grad": lambda s: kernels.lora_linear(s["xg"], s["w"], None, s["a"], s["b"], SCALING,
+                                                             backend="triton"),
     }
     if peft_layers is not None:
         fwd["peft"] = lambda s: peft_layers[s["i"]](s["x"])
+    if SKIP_POINTER:
+        del fwd["gemm_ptr"], fwd["fused"]
 
     # correctness of every LoRA route on set 0, against the reference in fp32
     s0 = sets[0]
@@ -129,6 +158,8 @@ def measure(M: int) -> dict:
         errs[name] = ((f(s0).float() - ref32).norm() / ref32.norm()).item()
 
     times = {f"fwd_{k}": bench(rotating(f, sets)) for k, f in fwd.items()}
+    host = {k: host_us(rotating(fwd[k], sets)) for k in ("base", "reference", "cublas", "fused_tma",
+                                                           "triton_backend", "triton_backend_grad")}
 
     def leaves(s):
         return [s["x"], s["a"], s["b"]]
@@ -139,11 +170,14 @@ def measure(M: int) -> dict:
     bwd = {
         "floor": fwd_bwd(lambda s: F.linear(s["x"], s["w"]), lambda s: [s["x"]]),
         "reference": fwd_bwd(fwd["reference"], leaves),
-        "fused": fwd_bwd(fwd["fused"], leaves),
         "fused_tma": fwd_bwd(fwd["fused_tma"], leaves),
         "cublas": fwd_bwd(fwd["cublas"], leaves),
         "triton_backend": fwd_bwd(fwd["triton_backend"], leaves),
     }
+    if not SKIP_POINTER:
+        bwd["fused"] = fwd_bwd(fwd["fused"], leaves)
+    host["fb_floor"] = host_us(rotating(bwd["floor"], sets))
+    host["fb_triton_backend"] = host_us(rotating(bwd["triton_backend"], sets))
     if peft_layers is not None:
         for pm, s in zip(peft_layers, sets, strict=True):
             layer = pm.base_model.model.proj
@@ -152,7 +186,7 @@ def measure(M: int) -> dict:
                 t.requires_grad_(True)
         bwd["peft"] = fwd_bwd(fwd["peft"], lambda s: s["peft_leaves"])
     times.update({f"fb_{k}": bench(rotating(f, sets)) for k, f in bwd.items()})
-    row = dict(M=M, path=path_taken, times=times, rel_err=errs)
+    row = dict(M=M, path=path_taken, times=times, rel_err=errs, host_us=host)
     print(json.dumps(row), flush=True)
     return row
 
@@ -161,7 +195,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", type=int, nargs="+", default=[1, 16, 256, 4096, 16384])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--rep", type=int, default=200, help="ms of timed repeats per route (do_bench rep)")
+    ap.add_argument("--skip-pointer", action="store_true", help="skip the pointer-kernel routes (saves tuning)")
     args = ap.parse_args()
+    global REP_MS, SKIP_POINTER
+    REP_MS, SKIP_POINTER = args.rep, args.skip_pointer
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.cuda.get_device_name()
     header = (f"{datetime.date.today()} | {dev} | torch {torch.__version__} | triton {triton.__version__} | "
@@ -178,14 +216,16 @@ def main() -> None:
 
     print("\n" + header)
     print("forward: µs of the base linear, then each route as a multiple of it")
-    cols = ["reference", "peft", "stacked_cached", "stacked_restack", "cublas", "gemm_ptr", "gemm_tma",
-            "fused", "fused_tma", "triton_backend"]
-    print(f"{'M':>6} {'base µs':>8} " + " ".join(f"{c[:14]:>14}" for c in cols) + "  path")
+    cols = ["reference", "peft", "stacked_cached", "stacked_restack", "cublas", "merged", "gemm_ptr",
+            "gemm_tma", "fused", "fused_tma", "triton_backend", "triton_backend_grad"]
+    short = {"stacked_cached": "stack_cached", "stacked_restack": "stack_restack", "triton_backend": "backend_inf",
+             "triton_backend_grad": "backend_train"}
+    print(f"{'M':>6} {'base µs':>8} " + " ".join(f"{short.get(c, c)[:13]:>13}" for c in cols) + "  path (train/infer)")
     for row in rows:
         t = row["times"]
         base = t["fwd_base"]
-        cells = [f"{t[f'fwd_{c}'] / base:14.3f}" if f"fwd_{c}" in t else f"{'-':>14}" for c in cols]
-        print(f"{row['M']:>6} {base:8.1f} " + " ".join(cells) + f"  {row['path']}")
+        cells = [f"{t[f'fwd_{c}'] / base:13.3f}" if f"fwd_{c}" in t else f"{'-':>13}" for c in cols]
+        print(f"{row['M']:>6} {base:8.1f} " + " ".join(cells) + f"  {row['path']['train']}/{row['path']['infer']}")
     print("forward+backward: µs of the frozen floor (base fwd + dX GEMM), then each route as a multiple of it")
     cols = ["reference", "peft", "cublas", "fused", "fused_tma", "triton_backend"]
     print(f"{'M':>6} {'floor µs':>8} " + " ".join(f"{c[:14]:>14}" for c in cols))
@@ -194,6 +234,11 @@ def main() -> None:
         floor = t["fb_floor"]
         cells = [f"{t[f'fb_{c}'] / floor:14.3f}" if f"fb_{c}" in t else f"{'-':>14}" for c in cols]
         print(f"{row['M']:>6} {floor:8.1f} " + " ".join(cells))
+    print("host µs per call (Python + launches, no sync)")
+    hcols = list(rows[0]["host_us"])
+    print(f"{'M':>6} " + " ".join(f"{c[:18]:>18}" for c in hcols))
+    for row in rows:
+        print(f"{row['M']:>6} " + " ".join(f"{row['host_us'][c]:18.1f}" for c in hcols))
     worst = max(max(r["rel_err"].values()) for r in rows)
     print(f"largest forward relative error vs fp32 reference, any route: {worst:.2e}")
 

@@ -35,16 +35,20 @@ from collections.abc import Iterator
 import torch
 
 from . import reference
+from .nf4_reference import nf4_dequantize_reference
 
 try:  # Triton is optional: the reference backend needs torch alone.
     from . import lora_triton
+    from .nf4_triton import nf4_dequantize_triton
 
     _TRITON_IMPORT_ERROR: str | None = None
 except Exception as e:  # ImportError, or a Triton that fails at import on this platform
     lora_triton = None  # type: ignore[assignment]
+    nf4_dequantize_triton = None  # type: ignore[assignment]
     _TRITON_IMPORT_ERROR = f"triton cannot be imported ({type(e).__name__}: {e})"
 
-__all__ = ["lora_linear", "set_backend", "use_backend", "get_backend", "available_backends", "BACKENDS"]
+__all__ = ["lora_linear", "set_backend", "use_backend", "get_backend", "available_backends", "BACKENDS",
+           "nf4_dequantize_reference", "nf4_dequantize_triton"]
 
 BACKENDS = ("auto", "reference", "triton")
 ENV_VAR = "MINIPEFT_KERNEL"
@@ -161,6 +165,35 @@ def _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_mask) -> None:
                          f"{tuple(x.shape)}")
 
 
+def _looks_valid(x, weight, bias, lora_A, lora_B, scaling, dropout_mask) -> bool:
+    """The common case in few attribute reads: True means every check of ``_validate`` passes.
+
+    False means "ask ``_validate``", which raises with a message that names the problem.
+    """
+    tensor = torch.Tensor
+    if not (isinstance(x, tensor) and isinstance(weight, tensor) and isinstance(lora_A, tensor)
+            and isinstance(lora_B, tensor)) or (type(scaling) is not float and type(scaling) is not int):
+        return False
+    dt = x.dtype
+    if not dt.is_floating_point or weight.dtype is not dt or lora_A.dtype is not dt or lora_B.dtype is not dt:
+        return False
+    dev = x.device
+    if weight.device != dev or lora_A.device != dev or lora_B.device != dev:
+        return False
+    ws, As, xs = weight.shape, lora_A.shape, x.shape
+    if len(ws) != 2 or len(As) != 2 or not xs or xs[-1] != ws[1] or As[1] != ws[1] or As[0] < 1:
+        return False
+    if lora_B.shape != (ws[0], As[0]):
+        return False
+    if bias is not None and (not isinstance(bias, tensor) or bias.dtype is not dt or bias.device != dev
+                             or bias.shape != ws[:1]):
+        return False
+    if dropout_mask is not None and (not isinstance(dropout_mask, tensor) or dropout_mask.dtype is not dt
+                                     or dropout_mask.device != dev or dropout_mask.shape != xs):
+        return False
+    return True
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -188,13 +221,16 @@ def lora_linear(
         ValueError: an unknown backend, tensors on different devices, shapes that do not fit together, or an
             explicit "triton" that cannot run on these tensors (the message says why).
     """
+    # The hot path: a few attribute reads (no host sync, no per-call allocation); the detailed checks run
+    # only when something looks off, so that the error names the problem.
     name = get_backend() if backend is None else _check_name(backend, "lora_linear(backend=...)")
-    _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
+    if not _looks_valid(x, weight, bias, lora_A, lora_B, scaling, dropout_mask):
+        _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
+    if name == "reference":
+        return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
     why_not = _triton_unavailable(x.device, x.dtype)
-    if name == "auto":
-        name = "reference" if why_not else "triton"
-    if name == "triton":
-        if why_not:
-            raise ValueError(f"the triton kernel backend cannot run here: {why_not}")
-        return lora_triton.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask)
-    return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
+    if why_not:
+        if name == "auto":
+            return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
+        raise ValueError(f"the triton kernel backend cannot run here: {why_not}")
+    return lora_triton.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask)

@@ -34,32 +34,48 @@ The blocked algorithm, in plain Python (R = r padded to a power of two >= 16 for
 
 Two implementations of kernel 2: ``_fused_gemm_kernel`` (pointer loads, one tile per program, any strides;
 the one the CPU interpreter runs) and ``_fused_gemm_tma_kernel`` (Hopper: TMA tensor-descriptor loads and a
-persistent grid of one program per SM). ``lora_linear(..., path=...)`` reaches each one; with ``path=None``
-it picks per shape, and on a GPU takes the unfused cuBLAS route where that measured faster (small M, where
-Python and launch overhead dominate, and fp32): see ``choose_path`` and benchmarks/RESULTS.md.
+persistent grid of one program per SM).
+
+Besides the Triton kernels, two cuBLAS-only routes, because on a GPU a Triton launch costs far more host
+time than a torch op (benchmarks/RESULTS.md) and the LoRA extras are tiny next to the base GEMM:
+
+    # "cublas" (forward 3 GEMMs, backward 5; an autograd.Function, so no autograd graph of small ops):
+    S = (x ⊙ mask)·Aᵀ;  Y = x·Wᵀ + bias;  Y += scaling·S·Bᵀ                 # in place (addmm_)
+    dS = scaling·dY·B;  dX = dY·W + mask ⊙ (dS·A);  dA = dSᵀ·(x ⊙ mask);  dB = scaling·dYᵀ·S
+    # "merged" (no gradient wanted and no mask: inference): one GEMM on a cached merged weight
+    W' = W + scaling·B·A        # rebuilt only when W, A, B or scaling change (tensor identity + ._version)
+    Y = x·W'ᵀ + bias
+
+``lora_linear(..., path=...)`` reaches every route; with ``path=None`` ``choose_path`` picks per call from
+the H100 measurements (inference: "merged"; training: the reference's ops below FUSED_MIN_ROWS rows, where
+the host is the bottleneck, "fused_tma" above; see its docstring and benchmarks/RESULTS.md).
 
 Precision: fp16/bf16 operands, fp32 accumulation, output in x's dtype. fp32 operands follow torch's own
 setting for fp32 matmuls (``torch.backends.cuda.matmul.allow_tf32``, off by default), so the Triton backend
 and the reference round alike: "ieee" dots by default (exact fp32, tested to the fp32 tolerance), "tf32"
 when the caller allowed tf32. The dS/dB and dA kernels sum with fp32 atomics, so the last bits of G, dB,
-dA and dbias may differ from run to run.
+dA and dbias may differ from run to run. "merged" rounds W + scaling·B·A to the dtype once (fp32 inside
+cuBLAS), so its output differs from the unmerged routes by about one rounding of the weight.
 Limits: every tensor below 2**31 elements (32-bit offsets); fp16, bf16 and fp32 only.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
+import torch.utils.weak
 import triton
 import triton.language as tl
 
 from .reference import lora_linear as _unfused_lora_linear
 
-__all__ = ["SUPPORTED_DTYPES", "PATHS", "lora_linear", "choose_path", "lora_linear_stacked", "fused_gemm"]
+__all__ = ["SUPPORTED_DTYPES", "PATHS", "lora_linear", "choose_path", "lora_linear_stacked", "fused_gemm",
+           "clear_cache"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-PATHS = ("fused", "fused_tma", "cublas", "unfused")
+PATHS = ("fused", "fused_tma", "cublas", "merged", "unfused")
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 # Autotuning benchmarks every config on first use of a shape; MINIPEFT_KERNEL_AUTOTUNE=0 uses the first
@@ -350,8 +366,17 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+@functools.cache
+def _device_info(index: int) -> tuple[int, int]:
+    """(multiprocessor count, major compute capability) of CUDA device ``index``; read once per device."""
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, props.major
+
+
 def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    if device.type != "cuda":
+        return 4
+    return _device_info(device.index if device.index is not None else torch.cuda.current_device())[0]
 
 
 def _splits(rows: int, row_block: int, other_blocks: int, device: torch.device) -> tuple[int, int]:
@@ -389,7 +414,7 @@ def shrink(x2d: torch.Tensor, mask2d: torch.Tensor | None, lora_A: torch.Tensor)
 def _tma_ok(*tensors: torch.Tensor) -> bool:
     """TMA needs Hopper or newer, a unit last stride, 16-byte aligned rows and base addresses."""
     for t in tensors:
-        if t.device.type != "cuda" or torch.cuda.get_device_capability(t.device)[0] < 9:
+        if not t.is_cuda or _device_info(t.get_device())[1] < 9:
             return False
         if t.stride(-1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
             return False
@@ -422,6 +447,7 @@ def fused_gemm(
     common = dict(HAS_LORA=has_lora, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
                   R_PAD=_pad_rank(rank), PRECISION=_precision(p.dtype))
     if tma:
+        # Every call: Triton keeps the allocator in a context variable, and backward runs on autograd's thread.
         triton.set_allocator(_tma_allocator)
         num_sms = _num_sms(p.device)
         grid = lambda META: (min(num_sms, triton.cdiv(M, META["BM"]) * triton.cdiv(N, META["BN"])),)
@@ -483,37 +509,156 @@ def _da(g: torch.Tensor, x2d: torch.Tensor, mask2d: torch.Tensor | None, rank: i
     return da
 
 
-# Below this many rows the "triton" backend on a GPU takes the unfused cuBLAS route. Measured on the H100
-# (benchmarks/RESULTS.md): a layer call here costs ~0.3 ms of Python and Triton launch overhead on that
-# machine's CPU for forward (~1 ms forward+backward), more than the GPU time it saves below ~8k rows.
+# --------------------------------------------------------------------------------------------------------
+# The per-shape choice, from the H100 run in benchmarks/RESULTS.md. That machine's host costs ~15-35 µs per
+# torch op called from Python and 150-300 µs per fused Triton forward, so below FUSED_MIN_ROWS rows a training
+# step is host-bound and the reference's ops (whose backward runs in C++ autograd, no Python) win; from
+# FUSED_MIN_ROWS rows on it runs the persistent TMA kernels (1.17x the frozen floor vs 1.42x at M = 16384).
+# --------------------------------------------------------------------------------------------------------
 FUSED_MIN_ROWS = 8192
 
+# The merged-weight cache (inference): one (N, K) copy of W per cached layer, at most this many bytes in all
+# (MINIPEFT_MERGED_CACHE_MB, default 2048; 0 turns the "merged" route off for path=None).
+MERGED_CACHE_BYTES = int(float(os.environ.get("MINIPEFT_MERGED_CACHE_MB", "2048")) * 2**20)
 
-def choose_path(M: int, N: int, K: int, x2d: torch.Tensor, weight: torch.Tensor) -> str:
-    """The path the "triton" backend takes for this shape (measured on an H100: benchmarks/RESULTS.md).
 
-    The interpreter always runs the pointer kernel ("fused"), so CI exercises it. On a GPU: "unfused"
-    (cuBLAS, the reference's ops) for fp32 (cuBLAS beats an exact-fp32 Triton dot) and for M < FUSED_MIN_ROWS
-    (launch overhead dominates); else the Hopper TMA kernel ("fused_tma") when the tensors suit TMA, else
-    the pointer kernel.
+def choose_path(M: int, N: int, K: int, x: torch.Tensor, weight: torch.Tensor,
+                needs_grad: bool = True, has_mask: bool = False) -> str:
+    """The path the "triton" backend takes for a call on x (..., K) with M rows (H100: benchmarks/RESULTS.md).
+
+    The interpreter always runs the pointer kernel ("fused"), so CI exercises it. On a GPU:
+      - no gradient wanted (inference): "merged", one GEMM on W + scaling·B·A, once the merged weight is
+        cached (``lora_linear`` takes "cublas" on the first sighting of an adapter state, or past the cache's
+        byte budget); with a dropout mask "cublas";
+      - gradients wanted, fewer than FUSED_MIN_ROWS rows: "unfused" (host-bound: fewest Python-level ops);
+      - gradients wanted, FUSED_MIN_ROWS rows or more: "fused_tma" for fp16/bf16 tensors that suit TMA
+        (Hopper, unit last stride, 16-byte rows), else "cublas".
     """
     if INTERPRETING:
         return "fused"
-    if x2d.dtype == torch.float32 or M < FUSED_MIN_ROWS:
+    if not needs_grad:
+        return "cublas" if has_mask else "merged"
+    if M < FUSED_MIN_ROWS:
         return "unfused"
-    return "fused_tma" if _tma_ok(x2d, weight) else "fused"
+    if x.dtype == torch.float32:
+        return "cublas"
+    return "fused_tma" if _tma_ok(x.reshape(-1, K), weight) else "cublas"
 
 
+# --------------------------------------------------------------------------------------------------------
+# "merged": W' = W + scaling·B·A, cached per weight tensor while W, A, B and scaling stay the same.
+# --------------------------------------------------------------------------------------------------------
+class _Merged:
+    """One cache entry: the adapter state W' was built from (weak references + versions) and W' itself."""
+
+    __slots__ = ("a_ref", "b_ref", "state", "merged")
+
+    def __init__(self):
+        self.a_ref = self.b_ref = None
+        self.state = None          # (W._version, A._version, B._version, scaling, A.shape, B.shape)
+        self.merged = None         # (N, K) tensor, or None until the state is seen a second time
+
+
+_MERGED: torch.utils.weak.WeakIdKeyDictionary = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def clear_cache() -> None:
+    """Drop every cached merged weight (they are also dropped with their base weight tensor)."""
+    _MERGED.clear()
+
+
+def _merged_weight(weight, lora_A, lora_B, scaling: float, force: bool) -> torch.Tensor | None:
+    """W + scaling·B·A (N, K) from the cache, or built now; None where the cache declines (see choose_path).
+
+    A state is (the identities of A and B, the versions of W, A and B, scaling). Without ``force`` W' is built
+    only on the second call in a row with one state, so a training step (A and B change every step) or an
+    autocast that hands new A/B copies each call never pays an (N, K) rebuild per call.
+    """
+    entry = _MERGED.get(weight)
+    state = (weight._version, lora_A._version, lora_B._version, scaling, lora_A.shape, lora_B.shape)
+    if entry is not None and entry.state == state and entry.a_ref() is lora_A and entry.b_ref() is lora_B:
+        if entry.merged is not None:
+            return entry.merged
+        # second sighting of this state: build below
+    else:  # first sighting: remember the state, drop a W' built from an older one
+        if entry is None:
+            entry = _Merged()
+            _MERGED[weight] = entry
+        entry.merged = None
+        entry.a_ref = torch.utils.weak.WeakIdRef(lora_A)
+        entry.b_ref = torch.utils.weak.WeakIdRef(lora_B)
+        entry.state = state
+        if not force:
+            return None
+    if not force:  # the live entries (those of dead weights are gone): counted here, on a rebuild only
+        held = sum(e.merged.numel() * e.merged.element_size() for e in _MERGED.values() if e.merged is not None)
+        if held + weight.numel() * weight.element_size() > MERGED_CACHE_BYTES:
+            return None
+    with torch.no_grad():
+        # fp32 accumulation of B·A and W in one cuBLAS call, one rounding to W's dtype: (N, r)·(r, K) + (N, K)
+        entry.merged = torch.addmm(weight, lora_B, lora_A, alpha=scaling).detach()
+    return entry.merged
+
+
+# --------------------------------------------------------------------------------------------------------
+# "cublas": three GEMMs forward, five backward, inside one autograd.Function.
+# --------------------------------------------------------------------------------------------------------
+def _cublas_forward(x2d, mask2d, weight, bias, lora_A, lora_B, scaling):
+    """(y (M, N), s (M, r), xa (M, K)) with xa = x ⊙ mask, s = xa·Aᵀ, y = x·Wᵀ + bias + scaling·s·Bᵀ."""
+    xa = x2d if mask2d is None else x2d * mask2d                                     # (M, K)
+    s = torch.mm(xa, lora_A.t())                                                     # (M, r)
+    y = torch.mm(x2d, weight.t()) if bias is None else torch.addmm(bias, x2d, weight.t())   # (M, N)
+    y.addmm_(s, lora_B.t(), alpha=scaling)                                           # Y += scaling·S·Bᵀ
+    return y, s, xa
+
+
+class _CublasLoRAFunction(torch.autograd.Function):
+    """The "cublas" route with a hand-written backward: 5 cuBLAS calls instead of autograd's ~10 small ops."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_mask):
+        K = x.shape[-1]
+        N = weight.shape[0]
+        x2d = x.reshape(-1, K)                                                       # (M, K)
+        mask2d = None if dropout_mask is None else dropout_mask.reshape(-1, K)
+        y, s, xa = _cublas_forward(x2d, mask2d, weight, bias, lora_A, lora_B, scaling)
+        ctx.save_for_backward(xa, mask2d, weight, lora_A, lora_B, s)
+        ctx.scaling, ctx.x_shape = scaling, x.shape
+        return y.view(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xa, mask2d, weight, lora_A, lora_B, s = ctx.saved_tensors
+        scaling = ctx.scaling
+        need_x, _, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
+        dy2d = dy.reshape(-1, weight.shape[0])                                       # (M, N)
+        dx = dA = dB = dbias = None
+        if need_x or need_A:
+            # dS = scaling·dY·B (M, r); beta=0 ignores the `input` operand (s only lends its shape)
+            ds = torch.addmm(s, dy2d, lora_B, beta=0, alpha=scaling)
+            if need_x:
+                dx2d = torch.mm(dy2d, weight)                                        # (M, K)
+                if mask2d is None:
+                    dx2d.addmm_(ds, lora_A)                                          # += dS·A
+                else:
+                    dx2d.addcmul_(torch.mm(ds, lora_A), mask2d)                      # += mask ⊙ (dS·A)
+                dx = dx2d.view(ctx.x_shape)
+            if need_A:
+                dA = torch.mm(ds.t(), xa)                                            # (r, K)
+        if need_B:
+            dB = torch.addmm(lora_B, dy2d.t(), s, beta=0, alpha=scaling)             # (N, r)
+        if need_bias:
+            dbias = dy2d.sum(0)
+        return dx, None, dbias, dA, dB, None, None
+
+
+# --------------------------------------------------------------------------------------------------------
+# "fused" / "fused_tma": the Triton kernels.
+# --------------------------------------------------------------------------------------------------------
 def _forward_2d(x2d, mask2d, weight, bias, lora_A, lora_B, scaling, path):
-    """(y2d (M, N), s (M, R_PAD)) for one path."""
+    """(y2d (M, N), s (M, R_PAD)) for one Triton path."""
     r = lora_A.shape[0]
     s = shrink(x2d, mask2d, lora_A)                                    # (M, R_PAD)
-    if path == "cublas":
-        # Y = bias + S·(s·B)ᵀ first, then cuBLAS accumulates x·Wᵀ onto it (beta = 1): no extra pass over Y
-        # beyond the one cuBLAS's epilogue reads.
-        y = torch.mm(s[:, :r], lora_B.t() * scaling) if bias is None else \
-            torch.addmm(bias, s[:, :r], lora_B.t() * scaling)
-        return y.addmm_(x2d, weight.t()), s
     y = fused_gemm(x2d, weight, True, s, lora_B.t(), r, scaling, None, bias, tma=(path == "fused_tma"))
     return y, s
 
@@ -527,7 +672,7 @@ class _LoRALinearFunction(torch.autograd.Function):
         N = weight.shape[0]
         x2d = x.reshape(-1, K)                                   # (M, K), a view when x's strides allow
         mask2d = None if dropout_mask is None else dropout_mask.reshape(-1, K)
-        if path in ("fused_tma", "cublas") and x2d.stride(-1) != 1:
+        if path == "fused_tma" and x2d.stride(-1) != 1:
             x2d = x2d.contiguous()
         y2d, s = _forward_2d(x2d, mask2d, weight, bias, lora_A, lora_B, scaling, path)
         ctx.save_for_backward(x2d, mask2d, weight, lora_A, lora_B, s)
@@ -542,18 +687,13 @@ class _LoRALinearFunction(torch.autograd.Function):
         need_x, _, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
         r = lora_A.shape[0]
         dy2d = dy.reshape(-1, weight.shape[0])                    # (M, N)
-        if path in ("fused_tma", "cublas") and dy2d.stride(-1) != 1:
+        if path == "fused_tma" and dy2d.stride(-1) != 1:
             dy2d = dy2d.contiguous()
         g, db, dbias = _dsdb(dy2d, lora_B, s, scaling, need_bias and ctx.has_bias)
         dx = dA = dB = None
         if need_x:
-            if path == "cublas":
-                lowrank = torch.mm(g[:, :r].to(dy2d.dtype), lora_A) * scaling
-                dx2d = torch.mm(dy2d, weight)
-                dx2d = dx2d + (lowrank if mask2d is None else lowrank * mask2d)
-            else:
-                dx2d = fused_gemm(dy2d, weight, False, g, lora_A, r, scaling, mask2d, None,
-                                  tma=(path == "fused_tma"))
+            dx2d = fused_gemm(dy2d, weight, False, g, lora_A, r, scaling, mask2d, None,
+                              tma=(path == "fused_tma"))
             dx = dx2d.view(ctx.x_shape)
         if need_A:
             dA = _da(g, x2d, mask2d, r, scaling)[:r].to(lora_A.dtype)
@@ -574,22 +714,41 @@ def lora_linear(
     dropout_mask: torch.Tensor | None = None,
     path: str | None = None,
 ) -> torch.Tensor:
-    """y = x·Wᵀ + bias + scaling·((x ⊙ mask)·Aᵀ)·Bᵀ with the Triton kernels (inputs checked by the caller).
+    """y = x·Wᵀ + bias + scaling·((x ⊙ mask)·Aᵀ)·Bᵀ (inputs checked by the caller, ``kernels.lora_linear``).
 
-    ``path``: None picks per shape (``choose_path``); "fused" (pointer kernel, any device Triton runs on),
-    "fused_tma" (Hopper TMA kernel), "cublas" (Triton shrink/dS-dB/dA kernels around cuBLAS GEMMs) or
-    "unfused" (the reference's torch ops: cuBLAS GEMMs, autograd backward).
+    ``path``: None picks per call (``choose_path``); "fused" (pointer kernel, any device Triton runs on),
+    "fused_tma" (Hopper TMA kernel), "cublas" (3 cuBLAS GEMMs forward, 5 backward), "merged" (one GEMM on
+    a cached W + scaling·B·A; only without a mask and when no gradient is wanted) or "unfused" (the
+    reference's torch ops, autograd backward). "cublas" and "merged" also run on CPU tensors.
     """
-    if x.numel() == 0:  # nothing to launch
-        from .reference import lora_linear as reference_lora_linear
-        return reference_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
-    K = x.shape[-1]
-    x2d = x.reshape(-1, K)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
+        or (bias is not None and bias.requires_grad))
     if path is None:
-        path = choose_path(x2d.shape[0], weight.shape[0], K, x2d, weight)
-    if path not in PATHS:
+        if x.numel() == 0:  # nothing to launch
+            return _unfused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
+        K = x.shape[-1]
+        path = choose_path(x.numel() // K if K else 0, weight.shape[0], K, x, weight, needs_grad,
+                           dropout_mask is not None)
+        if path == "merged":
+            merged = None if MERGED_CACHE_BYTES <= 0 else _merged_weight(weight, lora_A, lora_B, scaling, False)
+            if merged is not None:
+                return torch.nn.functional.linear(x, merged, bias)
+            path = "cublas"
+    elif path not in PATHS:
         raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
-    if path == "unfused":
+    elif path == "merged":
+        if needs_grad or dropout_mask is not None:
+            raise ValueError("path 'merged' is for inference: no dropout mask and no gradient wanted")
+        return torch.nn.functional.linear(x, _merged_weight(weight, lora_A, lora_B, scaling, True), bias)
+    if path == "cublas":
+        if not needs_grad:  # no graph to record: the same ops without the Function's overhead
+            K = x.shape[-1]
+            mask2d = None if dropout_mask is None else dropout_mask.reshape(-1, K)
+            y, _, _ = _cublas_forward(x.reshape(-1, K), mask2d, weight, bias, lora_A, lora_B, scaling)
+            return y.view(*x.shape[:-1], weight.shape[0])
+        return _CublasLoRAFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
+    if path == "unfused" or x.numel() == 0:
         return _unfused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
     if path == "fused_tma" and not _tma_ok(weight, lora_A):
         raise ValueError("path 'fused_tma' needs Hopper CUDA tensors with unit last stride and 16-byte rows")

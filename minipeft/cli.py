@@ -54,6 +54,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from minipeft.finetune import finetune
+
+    record = finetune(args.method, args.task, args.steps, args.lr, args.preset, args.seed, args.device, args.out,
+                      args.batch_size, args.fsdp)
+    if record["metric"] is not None:  # rank 0
+        print(f"{args.method} on {args.task}: test metric {record['metric']:.3f}, "
+              f"final loss {record['final_loss']:.3f}, "
+              f"{record['tokens_per_second']:,.0f} tok/s on {record['world_size']} process(es)"
+              + (f"; saved to {args.out}" if args.out else ""))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from minipeft import compare
+
+    compare.validate(args)
+    rows = compare.compare(args)
+    full = rows[0]["full_checkpoint_bytes"]
+    print(f"\ntask {args.task!r}, {args.steps} steps per method; metric: {rows[0]['metric_name']} on the test split "
+          f"(chance {rows[0]['chance']:.3f}); full checkpoint {compare._fmt_bytes(full)}")
+    print(compare.format_table(rows))
+    print(f"\nwrote {args.out}/results.json, results.csv and results.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minipeft", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=_positive_int, default=None)
     p.set_defaults(func=cmd_generate)
+
+    from minipeft.compare import METHODS, add_arguments
+    from minipeft.data import TASKS
+
+    p = sub.add_parser("finetune", help="fine-tune one method on one task (runs under torchrun for DDP / FSDP)")
+    common(p)
+    p.add_argument("--method", required=True, choices=list(METHODS))
+    p.add_argument("--task", default="sentiment", choices=list(TASKS))
+    p.add_argument("--steps", type=_positive_int, default=150)
+    p.add_argument("--lr", type=float, default=None, help="default: the method's rate from minipeft.compare")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="the global batch, split across ranks")
+    p.add_argument("--out", default=None, help="write the adapter (or, for full, the model) here")
+    p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (under torchrun)")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("compare", help="fine-tune every method on a task and print the measured comparison table")
+    add_arguments(p)
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -8,7 +8,8 @@ warmup then a cosine decay of the learning rate,
 
 and the global gradient norm clipped to `grad_clip`. On CUDA the forward runs under bf16 autocast. Under
 `torchrun` (torch.distributed initialised) the model is wrapped in DistributedDataParallel, which
-all-reduces only the gradients of parameters that require them, so a frozen base is never synchronised.
+all-reduces only the gradients of parameters that require them, so a frozen base is never synchronised;
+a model already sharded with FSDP2 (minipeft.finetune) is trained as it is.
 AdamW: Loshchilov & Hutter 2019, https://arxiv.org/abs/1711.05101.
 """
 
@@ -80,7 +81,7 @@ class TrainConfig:
 class TrainResult:
     losses: list[float] = field(default_factory=list)
     evals: list[tuple[int, dict]] = field(default_factory=list)  # (step, metrics)
-    tokens: int = 0  # real (non-padding) tokens seen, on this rank
+    tokens: int = 0  # real (non-padding) tokens seen by this rank
     seconds: float = 0.0
 
     @property
@@ -105,8 +106,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
 
 
 def train(
@@ -122,8 +133,11 @@ def train(
 ) -> TrainResult:
     """Train the parameters of `model` that require grad; returns the losses, evaluations and speed.
 
-    get_batch(generator) returns (idx, targets, attention_mask or None) on any device; they are moved to
-    the model's device. eval_fn(model) returns a dict of metrics, called every `eval_every` steps and at
+    get_batch(generator) returns the GLOBAL batch (idx, targets, attention_mask or None) on any device.
+    Every rank draws the same global batch from the same seed and keeps its rows rank, rank+W, …, so N
+    ranks with batch_size B take the same steps as one process with batch B (the gradient of the mean
+    loss is the mean of the ranks' gradients when each row carries the same number of targets).
+    eval_fn(model) returns a dict of metrics, called every `eval_every` steps and at
     the end. loss_fn(net, idx, targets, attention_mask) replaces the model's own next-token loss (see
     `verbalizer_loss`). With `checkpoint_dir`, rank 0 writes `model.save_pretrained(checkpoint_dir)` at the end.
     """
@@ -131,9 +145,11 @@ def train(
     if not params:
         raise ValueError("train: the model has no parameters that require grad (is everything frozen?)")
     device = next(model.parameters()).device
-    rank = _rank()
+    rank, world = _rank_and_world()
+    if config.batch_size % world:
+        raise ValueError(f"batch_size ({config.batch_size}) must be divisible by the number of ranks ({world})")
     torch.manual_seed(config.seed + rank)  # dropout masks and any init done during training
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rank)
+    generator = torch.Generator().manual_seed(config.seed)  # the same global batches on every rank
 
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -142,7 +158,7 @@ def train(
         lr=config.lr, betas=(0.9, 0.95), foreach=device.type == "cuda",
     )
     net = model
-    if dist.is_available() and dist.is_initialized():
+    if world > 1 and not _is_fsdp(model):  # an FSDP2-sharded model already reduces its own gradients
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -156,7 +172,8 @@ def train(
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
-        idx, targets, mask = (t.to(device) if t is not None else None for t in get_batch(generator))
+        batch = get_batch(generator)
+        idx, targets, mask = (t[rank::world].to(device) if t is not None else None for t in batch)  # this rank's rows
         with autocast:
             if loss_fn is None:
                 _, loss = net(idx, targets=targets, attention_mask=mask)

@@ -23,8 +23,8 @@ def main(out_dir: str) -> None:
     torch.manual_seed(rank)  # different init per rank: DDP must broadcast rank 0's weights
     model = GPT(GPTConfig(block_size=96, n_layer=2, n_head=2, n_embd=32))
     tok, task = ByteTokenizer(), load_task("sentiment")
-    result = train(model, lambda g: task_batch(task, tok, 8, 96, g),
-                   TrainConfig(steps=30, lr=3e-3, batch_size=8, warmup_steps=3, seed=0), progress=False)
+    result = train(model, lambda g: task_batch(task, tok, 16, 96, g),
+                   TrainConfig(steps=30, lr=3e-3, batch_size=16, warmup_steps=3, seed=0), progress=False)
     weights = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to wte
     save_safetensors(weights, f"{out_dir}/rank{rank}.safetensors")
     with open(f"{out_dir}/rank{rank}.json", "w") as f:

@@ -142,14 +142,67 @@ def test_triton_matches_reference(M, N, K, r, dtype, bias, mask, layout, scaling
     _compare(inputs, dy, scaling, dtype)
 
 
+@pytest.mark.parametrize("path", ["fused", "cublas"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M,N,K,r", [(1, 33, 47, 1), (67, 96, 80, 64), (50, 17, 96, 16)])
-def test_fused_kernel_every_case(M, N, K, r, dtype):
-    """The pointer kernel ("fused"), reached directly: with/without bias and mask, on a 3-D input."""
+def test_path_every_case(M, N, K, r, dtype, path):
+    """The pointer kernel ("fused") and the cuBLAS route, reached directly: with/without bias and mask, 3-D."""
     for bias in (False, True):
         for mask in (False, True):
             inputs, dy = _make_inputs(M, N, K, r, dtype, layout="3d", bias=bias, mask=mask, seed=M + r)
-            _compare(inputs, dy, 2.0, dtype, path="fused")
+            _compare(inputs, dy, 2.0, dtype, path=path)
+
+
+def test_choose_path_per_call(monkeypatch):
+    """The measured dispatch (benchmarks/RESULTS.md), as on a GPU; the interpreter always takes "fused"."""
+    assert lora_triton.choose_path(4, 8, 8, torch.ones(4, 8), torch.ones(8, 8)) == (
+        "fused" if lora_triton.INTERPRETING else "unfused")
+    monkeypatch.setattr(lora_triton, "INTERPRETING", False)
+    big = lora_triton.FUSED_MIN_ROWS
+    x, w = torch.ones(3, 8), torch.ones(8, 8)
+    assert lora_triton.choose_path(3, 8, 8, x, w, needs_grad=False) == "merged"
+    assert lora_triton.choose_path(3, 8, 8, x, w, needs_grad=False, has_mask=True) == "cublas"
+    assert lora_triton.choose_path(big - 1, 8, 8, x, w, needs_grad=True) == "unfused"
+    assert lora_triton.choose_path(big, 8, 8, x, w, needs_grad=True) == "cublas"      # fp32 / no TMA (CPU)
+
+
+def _forward_ref(inputs):
+    """The reference forward in float64 on the same inputs."""
+    up = {k: None if t is None else t.detach().double() for k, t in inputs.items()}
+    return reference.lora_linear(**up, scaling=2.0)
+
+
+@pytest.mark.parametrize("layout", ["2d", "3d", "noncontig"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_inference_routes_follow_the_adapter(dtype, layout, monkeypatch):
+    """No gradient wanted: "merged" and "cublas" match the reference, and the merged-weight cache follows
+    in-place changes of A, B and W (tensor versions), new adapter tensors and a new scaling."""
+    monkeypatch.setattr(lora_triton, "INTERPRETING", False)   # let choose_path pick "merged" on any device
+    lora_triton.clear_cache()
+    inputs, _ = _make_inputs(37, 48, 40, 4, dtype, layout=layout, bias=True, seed=3)
+    scale = 1.0 if dtype == torch.float32 else 2.0
+    with torch.no_grad():
+        for step in range(7):
+            if step == 3:
+                inputs["lora_A"].mul_(-0.5)                                    # a new version of A
+            if step == 4:
+                inputs["lora_B"] = inputs["lora_B"].clone().add_(0.25)       # a new B tensor
+            if step == 5:
+                inputs["weight"].add_(0.1)                                     # W changed in place
+            for path in (None, "merged", "cublas"):
+                y = lora_triton.lora_linear(**inputs, scaling=2.0, path=path)
+                assert y.dtype == dtype and y.shape == (*inputs["x"].shape[:-1], 48)
+                _check(y, _forward_ref(inputs), dtype, scale)
+        # path=None built W' on the second sighting of an adapter state and reuses it since
+        entry = lora_triton._MERGED.get(inputs["weight"])
+        assert entry is not None and entry.merged is not None
+        merged = entry.merged
+        lora_triton.lora_linear(**inputs, scaling=2.0)
+        assert lora_triton._MERGED.get(inputs["weight"]).merged is merged
+    with pytest.raises(ValueError, match="inference"):
+        lora_triton.lora_linear(**{**inputs, "dropout_mask": torch.ones_like(inputs["x"])}, scaling=2.0,
+                                path="merged")
+    lora_triton.clear_cache()
 
 
 SHAPES_GPU = [(1, 64, 128, 8), (300, 520, 264, 16), (1030, 768, 1024, 64), (4096, 1024, 512, 16)]

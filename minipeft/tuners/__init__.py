@@ -14,7 +14,10 @@ from minipeft.tuners.config import (
     PTuningConfig,
 )
 from minipeft.tuners.inject import PeftModel, find_target_modules, get_peft_model
+from minipeft.tuners.io import from_pretrained, load_adapter, save_adapter
 from minipeft.tuners.lora import LoraLinear
+from minipeft.tuners.prefix import PrefixEncoder
+from minipeft.tuners.prompt import PromptEmbedding, PTuningEmbedding, nearest_tokens
 
 __all__ = [
     "PeftConfig",
@@ -29,7 +32,11 @@ __all__ = [
     "LoraLinear",
     "BottleneckAdapter",
     "BottleneckLayer",
+    "PrefixEncoder",
+    "PromptEmbedding",
+    "PTuningEmbedding",
+    "nearest_tokens",
+    "save_adapter",
+    "load_adapter",
+    "from_pretrained",
 ]
-
-# The input methods' modules (prompt.py, prefix.py) are imported by inject.py on first use, so this package
-# works before they exist; add their public names here once they do.

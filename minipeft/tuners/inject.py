@@ -341,6 +341,18 @@ class PeftModel(nn.Module):
                 return self.prompt_encoders[n]
         return None
 
+    def nearest_tokens(self, k: int = 5, tokenizer: Any = None) -> list:
+        """For each virtual token of the active soft prompt, the k vocabulary tokens nearest by cosine.
+
+        Seed 001: learned soft prompts are not words, but "analyzing the nearest neighbor tokens can provide
+        insights". Returns one list per virtual token of `Neighbor(token_id, token, cosine)`, best first.
+        """
+        encoder = self._input_adapter()
+        if encoder is None or not hasattr(encoder, "nearest_tokens"):
+            raise ValueError("nearest_tokens needs an active prompt-tuning or P-tuning adapter (a prefix lives in "
+                             f"key/value space, not in the embedding space); active: {self._active}")
+        return encoder.nearest_tokens(self.base_model.transformer.wte.weight, k, tokenizer)
+
     # ------------------------------------------------------------------ adapter tensors
     def _adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
         """Parameters of one adapter keyed as in `adapter_state_dict`."""

@@ -1,0 +1,390 @@
+"""The main job: the seeds' comparison table of fine-tuning methods, measured instead of asserted.
+
+Seed 000 compares full fine-tuning, prefix tuning / soft prompts and adapters with claims such as "~0.1% of
+LLM parameters", "Storage cost: Low", "Training speed: Fast" and "Inference latency: slightly increased";
+seeds 001-004 add LoRA, QLoRA and P-tuning. `minipeft compare` fine-tunes each method on one built-in task
+with the same step budget and measures, in the same run:
+
+    trainable parameters (count and % of the base) · adapter file size beside the full checkpoint ·
+    training throughput (tokens/s) and peak training memory · inference latency per generated token
+    (LoRA merged and unmerged) · the task metric on the test split
+
+plus two baselines that train nothing: the base model zero-shot, and a hand-written discrete prompt
+("prompt engineering"). Every method runs in a fresh process, because a process's resident memory never
+shrinks: peak memory on the CPU is the growth of the peak RSS over the RSS before the method was built; on
+CUDA it is the allocator's peak over what was allocated before.
+
+Learning rates. Each method gets the rate that worked best for it in a sweep over {3e-4, 1e-3, 3e-3, 1e-2,
+3e-2} on the sentiment task's validation split with the default base (150 steps), which is the fair
+treatment the papers give their own methods: full fine-tuning wants a small rate, low-rank and bottleneck
+adapters a larger one, and soft prompts the largest ("higher learning rates often work better", seed 004;
+Lester et al. used 0.3). The rates are in METHODS below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from minipeft.checkpoint import atomic_write, save_json
+from minipeft.data import TASKS, Task, load_task, task_batch, task_loss
+from minipeft.evaluate import evaluate
+from minipeft.model import GPT
+from minipeft.pretrain import load_base
+from minipeft.tokenizer import ByteTokenizer
+from minipeft.train import TrainConfig, resolve_device, train
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str
+    label: str
+    lr: float
+    build: Callable[[GPT, Task, ByteTokenizer], torch.nn.Module]  # the model to train (the base is consumed)
+
+
+def _full(base, task, tok):
+    return base.requires_grad_(True)
+
+
+def _lora(base, task, tok):
+    from minipeft.tuners import LoraConfig, get_peft_model
+
+    return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+
+
+def _qlora(base, task, tok):
+    from minipeft.quant import quantize_model
+
+    return _lora(quantize_model(base, target_modules="all-linear", blocksize=64, double_quant=True), task, tok)
+
+
+def _bottleneck(architecture: str):
+    def build(base, task, tok):
+        from minipeft.tuners import AdapterConfig, get_peft_model
+
+        return get_peft_model(base, AdapterConfig.load(architecture, reduction_factor=16))
+
+    return build
+
+
+def _prefix(base, task, tok):
+    from minipeft.tuners import PrefixTuningConfig, get_peft_model
+
+    return get_peft_model(base, PrefixTuningConfig(num_virtual_tokens=10))
+
+
+def _prompt(base, task, tok):
+    from minipeft.tuners import PromptTuningConfig, get_peft_model
+
+    cfg = PromptTuningConfig(num_virtual_tokens=10, prompt_tuning_init="TEXT",
+                             prompt_tuning_init_text=task.discrete_prompt, tokenizer=tok)
+    return get_peft_model(base, cfg, tokenizer=tok)
+
+
+def _ptuning(base, task, tok):
+    from minipeft.tuners import PTuningConfig, get_peft_model
+
+    return get_peft_model(base, PTuningConfig(num_virtual_tokens=10, encoder_hidden_size=128))
+
+
+METHODS: dict[str, Method] = {m.key: m for m in [
+    Method("full", "full fine-tuning", 3e-4, _full),
+    Method("lora", "LoRA r=8, all linear layers", 3e-3, _lora),
+    Method("qlora", "QLoRA: NF4+DQ base, LoRA r=8 all linear", 3e-3, _qlora),
+    Method("pfeiffer", "Pfeiffer adapter rf=16", 1e-2, _bottleneck("pfeiffer")),
+    Method("houlsby", "Houlsby adapters rf=16", 1e-2, _bottleneck("houlsby")),
+    Method("prefix", "prefix tuning, 10 tokens", 1e-2, _prefix),
+    Method("prompt", "prompt tuning, 10 tokens (TEXT init)", 3e-2, _prompt),
+    Method("ptuning", "P-tuning, 10 tokens (MLP)", 1e-2, _ptuning),
+]}
+BASELINES = ("zero-shot", "discrete-prompt")
+COLUMNS = ["method", "trainable", "trainable_pct", "file_bytes", "full_checkpoint_bytes", "train_tokens_per_s",
+           "train_peak_mb", "ms_per_token", "ms_per_token_merged", "metric", "metric_name", "chance"]
+
+
+# ------------------------------------------------------------------------------------------ measuring
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+@torch.no_grad()
+def latency_ms_per_token(model, prompt_ids: list[int], device, new_tokens: int = 32, repeats: int = 5) -> float:
+    """Median wall time per generated token for one greedy generation (batch 1, KV cache), after a warm-up."""
+    idx = torch.tensor([prompt_ids], device=device)
+    model.eval()
+    model.generate(idx, max_new_tokens=2)  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(idx, max_new_tokens=new_tokens)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) / new_tokens * 1000)
+    return statistics.median(times)
+
+
+def run_method(key: str, args: argparse.Namespace) -> dict:
+    """Fine-tune one method (or score one baseline) and measure it; meant to run in a fresh process."""
+    import kernels
+
+    device = resolve_device(args.device)
+    kernels.set_backend("triton" if device.type == "cuda" else "reference")
+    torch.manual_seed(args.seed)
+    tok, task = ByteTokenizer(), load_task(args.task, seed=args.seed)
+    base = load_base(args.preset, args.seed, device=str(device), train_if_missing=False)
+    n_base = base.num_parameters()
+    prompt_ids = tok.encode(task.test[0].prompt, add_bos=True)
+    max_eval = 100 if args.quick else None
+    row = {"method": key, "metric_name": task.metric, "chance": task.chance, "trainable": 0, "trainable_pct": 0.0,
+           "file_bytes": 0, "train_tokens_per_s": None, "train_peak_mb": None, "ms_per_token_merged": None}
+    new_tokens = 8 if args.quick else 32
+
+    if key in BASELINES:
+        prefix = task.discrete_prompt if key == "discrete-prompt" else ""
+        row["metric"] = evaluate(base, task, tok, "test", max_examples=max_eval, prefix=prefix)
+        row["ms_per_token"] = latency_ms_per_token(base, tok.encode(prefix + task.test[0].prompt, add_bos=True),
+                                                   device, new_tokens)
+        return row
+
+    method = METHODS[key]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        mem_before = torch.cuda.memory_allocated() / 2**20
+    else:
+        mem_before = _rss_mb()
+    model = method.build(base, task, tok).to(device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    T = base.config.block_size
+    cfg = TrainConfig(steps=args.steps, lr=method.lr, batch_size=16, warmup_steps=max(1, min(10, args.steps // 10)),
+                      seed=args.seed)
+    result = train(model, lambda g: task_batch(task, tok, cfg.batch_size, T, g), cfg, loss_fn=task_loss(task, tok),
+                   desc=f"{key:>9}")
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20 - mem_before
+    else:
+        peak = _peak_rss_mb() - mem_before
+    row.update(trainable=trainable, trainable_pct=100 * trainable / n_base, train_tokens_per_s=result.tokens_per_second,
+               train_peak_mb=peak, final_loss=result.losses[-1])
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        row["metric"] = evaluate(model, task, tok, "test", max_examples=max_eval)
+        row["ms_per_token"] = latency_ms_per_token(model, prompt_ids, device, new_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        if key == "full":
+            model.save_pretrained(tmp)
+        else:
+            model.save_adapter(tmp, "default")
+        row["file_bytes"] = _dir_bytes(Path(tmp))
+    if key in ("lora", "qlora"):
+        merged = model.merge_and_unload()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            row["ms_per_token_merged"] = latency_ms_per_token(merged, prompt_ids, device, new_tokens)
+    return row
+
+
+# ------------------------------------------------------------------------------------------ the table
+def _fmt_bytes(n: int | None) -> str:
+    if not n:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_table(rows: list[dict]) -> str:
+    header = ["method", "trainable", "% base", "file", "train tok/s", "train MB", "ms/tok", "ms/tok merged",
+              "metric"]
+    lines = [[r["method"], f"{r['trainable']:,}", f"{r['trainable_pct']:.3f}%", _fmt_bytes(r["file_bytes"]),
+              _fmt(r["train_tokens_per_s"], ",.0f"), _fmt(r["train_peak_mb"], ".0f"), _fmt(r["ms_per_token"], ".2f"),
+              _fmt(r["ms_per_token_merged"], ".2f"), f"{r['metric']:.3f}"] for r in rows]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+
+    def join(cells: list[str]) -> str:  # the method name left-aligned, numbers right-aligned
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
+    return "\n".join([join(header), join(["-" * w for w in widths]), *(join(line) for line in lines)])
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """metric against trainable % (log axis), latency bars and storage bars, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    trained = [r for r in rows if r["trainable"]]
+    ax = axes[0]
+    for r in trained:
+        ax.scatter(r["trainable_pct"], r["metric"], s=40)
+        ax.annotate(r["method"], (r["trainable_pct"], r["metric"]), textcoords="offset points", xytext=(4, 4))
+    for r in rows:
+        if not r["trainable"]:
+            ax.axhline(r["metric"], ls="--", lw=1, color="gray")
+            ax.text(ax.get_xlim()[0] if trained else 0.01, r["metric"], f" {r['method']}", va="bottom", color="gray")
+    if rows:
+        ax.axhline(rows[0]["chance"], ls=":", lw=1, color="red")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (% of the base, log scale)")
+    ax.set_ylabel(f"test {rows[0]['metric_name'] if rows else 'metric'}")
+    ax.set_title("task metric vs trainable parameters")
+    names = [r["method"] for r in rows]
+    ax = axes[1]
+    ax.bar(names, [r["ms_per_token"] for r in rows], label="as trained")
+    merged = [(i, r["ms_per_token_merged"]) for i, r in enumerate(rows) if r["ms_per_token_merged"]]
+    if merged:
+        ax.bar([i + 0.3 for i, _ in merged], [v for _, v in merged], width=0.4, label="LoRA merged")
+    ax.set_ylabel("inference latency (ms per generated token)")
+    ax.set_title("latency per token (batch 1, KV cache)")
+    ax.tick_params(axis="x", rotation=45)
+    ax.legend()
+    ax = axes[2]
+    stored = [r for r in rows if r["file_bytes"]]
+    ax.bar([r["method"] for r in stored], [r["file_bytes"] / 1024 for r in stored])
+    if rows and rows[0].get("full_checkpoint_bytes"):
+        ax.axhline(rows[0]["full_checkpoint_bytes"] / 1024, ls="--", color="gray", label="full checkpoint")
+        ax.legend()
+    ax.set_yscale("log")
+    ax.set_ylabel("file size on disk (KiB, log scale)")
+    ax.set_title("storage per task")
+    ax.tick_params(axis="x", rotation=45)
+    fig.suptitle(title)
+    fig.tight_layout()
+
+    def write(tmp: str) -> None:
+        fig.savefig(tmp, dpi=110, format="png")
+
+    atomic_write(path, write)
+    plt.close(fig)
+
+
+def write_outputs(rows: list[dict], meta: dict, out: Path) -> None:
+    save_json({"meta": meta, "rows": rows}, out / "results.json")
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(out / "results.csv", write_csv)
+    plot(rows, out / "results.png", f"minipeft compare · task {meta['task']} · {meta['steps']} steps · "
+                                    f"{meta['device']} · {meta['date']}")
+
+
+# ------------------------------------------------------------------------------------------ the command
+def _check_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {str(out)!r} is not a writable directory ({e.strerror or e})") from None
+
+
+def parse_methods(text: str) -> list[str]:
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in METHODS]
+    if unknown or not keys:
+        raise ValueError(f"--methods: unknown method(s) {unknown or [text]}; available: {', '.join(METHODS)}")
+    return keys
+
+
+def compare(args: argparse.Namespace) -> list[dict]:
+    """Run the baselines and every method, each in a fresh process; return the table's rows."""
+    out = Path(args.out)
+    _check_out_dir(out)
+    device = resolve_device(args.device)
+    methods = parse_methods(args.methods)
+    base = load_base(args.preset, args.seed, device="cpu")  # pretrains (and caches) if needed
+    with tempfile.TemporaryDirectory() as tmp:
+        base.save_pretrained(tmp)
+        full_bytes = _dir_bytes(Path(tmp))
+    rows = []
+    for key in [*BASELINES, *methods]:
+        row_file = out / "rows" / f"{key}.json"
+        cmd = [sys.executable, "-m", "minipeft.compare", "--worker", key, "--task", args.task, "--steps",
+               str(args.steps), "--seed", str(args.seed), "--device", str(device.type), "--preset", args.preset,
+               "--out", str(out)] + (["--quick"] if args.quick else [])
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr (the progress bars) passes through
+        if proc.returncode != 0 or not row_file.is_file():
+            raise RuntimeError(f"method {key!r} failed (exit code {proc.returncode}); see the output above")
+        row = json.loads(row_file.read_text())
+        row["full_checkpoint_bytes"] = full_bytes
+        rows.append(row)
+    meta = {"task": args.task, "steps": args.steps, "seed": args.seed, "device": _device_name(device),
+            "preset": args.preset, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "base_parameters": base.num_parameters(), "learning_rates": {k: METHODS[k].lr for k in methods}}
+    write_outputs(rows, meta, out)
+    return rows
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default="sentiment", help=f"one of {', '.join(TASKS)}")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ",".join(METHODS))
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--steps", type=int, default=150, help="fine-tuning steps per method (batch 16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/compare", help="where results.json/.csv/.png go")
+    p.add_argument("--preset", default="default", choices=["default", "tiny"], help="base model preset")
+    p.add_argument("--quick", action="store_true", help="score on 100 test examples and 8-token latencies (for CI)")
+
+
+def validate(args: argparse.Namespace) -> None:
+    if args.task not in TASKS:
+        raise ValueError(f"--task: unknown task {args.task!r}; available: {', '.join(TASKS)}")
+    if args.steps <= 0:
+        raise ValueError(f"--steps must be a positive integer, got {args.steps}")
+    parse_methods(args.methods)
+    resolve_device(args.device)
+
+
+def _worker_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="minipeft.compare")
+    add_arguments(p)
+    p.add_argument("--worker", required=True)
+    args = p.parse_args(argv)
+    row = run_method(args.worker, args)
+    save_json(row, Path(args.out) / "rows" / f"{args.worker}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))

@@ -1,0 +1,114 @@
+"""Fine-tune one method on one task, on one process or many (`minipeft finetune`, also under `torchrun`).
+
+Scaling out goes through torch.distributed, not through anything home-made:
+
+- DDP (default under torchrun): every rank holds the whole frozen base and the adapter. Each rank takes
+  its rows of the same global batch, and after backward DistributedDataParallel all-reduces the gradients
+  of the parameters that require them, that is the adapter's only: the frozen base is never synchronised.
+- FSDP2 (`--fsdp`): `torch.distributed.fsdp.fully_shard` shards every block, the GPT and the wrapper, so
+  each rank stores 1/N of every parameter, frozen or not, and all-gathers a block's weights just before
+  it runs. That is what lets a base too large for one GPU be adapted. Paper: Zhao et al. 2023, PyTorch FSDP,
+  https://arxiv.org/abs/2304.11277.
+
+Whatever the layout, rank 0 alone writes the result (the adapter, or for full fine-tuning the model),
+atomically, after the weights were gathered; a file written by N ranks loads into a 1-process model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from minipeft.data import load_task, task_batch, task_loss
+from minipeft.evaluate import evaluate
+from minipeft.tokenizer import ByteTokenizer
+from minipeft.train import TrainConfig, resolve_device, train
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK), if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or (dist.is_available() and dist.is_initialized()):
+        rank = dist.get_rank() if world > 1 else 0
+        return rank, world, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def shard_fsdp(model: torch.nn.Module) -> None:
+    """FSDP2: shard each transformer block, then the GPT, then the wrapper (each is one all-gather unit)."""
+    from torch.distributed.fsdp import fully_shard
+
+    gpt = model.base_model if hasattr(model, "base_model") else model
+    for block in gpt.transformer.h:
+        fully_shard(block)
+    if gpt is not model:
+        fully_shard(gpt)  # its own unit, so that GPT.generate (which calls the GPT directly) gathers it
+    fully_shard(model)
+
+
+def finetune(method: str, task_name: str = "sentiment", steps: int = 150, lr: float | None = None,
+             preset: str = "default", seed: int = 0, device: str = "auto", out: str | Path | None = None,
+             batch_size: int = 16, fsdp: bool = False, progress: bool = True) -> dict:
+    """Train `method` (a key of minipeft.compare.METHODS) on the task; returns its record (on every rank):
+    losses, speed, the trained weights ("trainable", full tensors) and, on rank 0, the test metric.
+
+    Under torchrun this joins the process group; rank 0 pretrains the base if none is cached while the
+    others wait. With `out`, rank 0 writes the adapter (minipeft format) or, for "full", the model.
+    """
+    from minipeft.compare import METHODS
+    from minipeft.pretrain import load_base
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    spec = METHODS[method]
+    rank, world, dev = _init_distributed(resolve_device(device))
+    if fsdp and world == 1:
+        raise ValueError("fsdp=True needs several processes: run under `torchrun --nproc_per_node N`")
+    if rank == 0:
+        load_base(preset, seed, device="cpu", progress=progress)  # pretrain and cache once
+    if world > 1:
+        dist.barrier()
+    torch.manual_seed(seed)
+    tok, task = ByteTokenizer(), load_task(task_name, seed=seed)
+    base = load_base(preset, seed, device=str(dev), train_if_missing=False)
+    model = spec.build(base, task, tok).to(dev)
+    if fsdp:
+        shard_fsdp(model)
+    cfg = TrainConfig(steps=steps, lr=lr or spec.lr, batch_size=batch_size, warmup_steps=max(1, min(10, steps // 10)),
+                      seed=seed)
+    result = train(model, lambda g: task_batch(task, tok, batch_size, base.config.block_size, g), cfg,
+                   loss_fn=task_loss(task, tok), progress=progress, desc=f"{method} on {task_name}")
+    record = {"method": method, "task": task_name, "steps": steps, "lr": cfg.lr, "world_size": world,
+              "fsdp": fsdp, "final_loss": result.losses[-1], "losses": result.losses,
+              "tokens_per_second": result.tokens_per_second * world, "metric": None}
+    state = full_state_dict(model, fsdp)  # a collective under FSDP: every rank takes part
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    record["trainable"] = {k: v.detach().clone() for k, v in state.items() if k in trained}
+    if rank == 0:
+        # Evaluate and save from a plain 1-process copy: the proof that the gathered weights are complete.
+        local = spec.build(load_base(preset, seed, device=str(dev), train_if_missing=False), task, tok).to(dev)
+        local.load_state_dict(state)
+        record["metric"] = evaluate(local, task, tok, "test")
+        if out is not None and method == "full":
+            local.save_pretrained(out)
+        elif out is not None:
+            local.save_adapter(out, "default")
+    if world > 1:
+        dist.barrier()
+    return record
+
+
+def full_state_dict(model: torch.nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
+    """The model's complete state dict as plain tensors (FSDP2's shards all-gathered)."""
+    if not fsdp:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))

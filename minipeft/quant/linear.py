@@ -1,0 +1,286 @@
+"""NF4Linear: a frozen nn.Linear whose weight is stored as NF4 codes and dequantized in every forward.
+
+This is the base layer of QLoRA: the big weight sits in ~4.13 bits per parameter, and a forward pass turns it
+back into the input's dtype just long enough for one matmul; gradients flow to the input (and to LoRA
+adapters attached around it), never to the quantized weight.
+
+    y = x · dequantize_nf4(W_q)ᵀ + b
+
+QLoRA: https://arxiv.org/abs/2305.14314. ``quantize_model`` swaps a model's nn.Linear layers for NF4Linear.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .nf4 import DQ_BLOCKSIZE, NF4Weight, _check_blocksize, _codebooks, dequantize_nf4, nf4_nbytes, quantize_nf4
+
+__all__ = ["NF4Linear", "quantize_model", "weight_bytes_report"]
+
+logger = logging.getLogger(__name__)
+
+_DQ_KEYS = ("codes", "absmax_codes", "absmax_scale", "absmax_offset")
+_PLAIN_KEYS = ("codes", "absmax")
+# Every tensor name that can belong to a quantized weight, with or without double quantization, plus the
+# dense `weight` that a not-yet-quantized checkpoint would carry.
+_ALL_WEIGHT_KEYS = frozenset(_DQ_KEYS + _PLAIN_KEYS + ("weight",))
+
+
+class NF4Linear(nn.Module):
+    """A linear layer with a frozen NF4 weight (and an optional frozen bias).
+
+    The packed state is held in registered buffers named like ``NF4Weight``'s fields, so ``.to(device)``,
+    ``state_dict`` and safetensors work; a dtype cast (``model.half()``, ``model.to(torch.bfloat16)``) moves
+    them but never changes their dtypes. ``forward`` dequantizes to the input's dtype. There is no
+    ``.weight`` attribute on purpose: a dense tensor made on the fly would silently swallow in-place edits
+    (merging, say); call ``dequantize_weight()`` to get one.
+
+    Shapes: weight ``(out_features, in_features)``; x ``(..., in_features)`` → y ``(..., out_features)``.
+    Example: 4096 → 4096 with blocksize 64 and double quantization holds 8 MiB of codes, 256 KiB of absmax
+    codes and 4 KiB of scales instead of 32 MiB of bf16.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        weight_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        _check_blocksize(blocksize)
+        self._in_features = in_features
+        self._out_features = out_features
+        self.blocksize = blocksize
+        self.double_quant = double_quant
+        self.weight_dtype = weight_dtype  # the dtype the weight had; dequantize_weight()'s default
+        numel = in_features * out_features
+        n_blocks = math.ceil(numel / blocksize)
+        # Zeros, not torch.empty: an NF4Linear built directly (to load a checkpoint into) never holds garbage.
+        self.register_buffer("codes", torch.zeros((numel + 1) // 2, dtype=torch.uint8, device=device))
+        if double_quant:
+            self.register_buffer("absmax_codes", torch.zeros(n_blocks, dtype=torch.uint8, device=device))
+            n_scales = math.ceil(n_blocks / DQ_BLOCKSIZE)
+            self.register_buffer("absmax_scale", torch.zeros(n_scales, dtype=torch.float32, device=device))
+            self.register_buffer("absmax_offset", torch.zeros((), dtype=torch.float32, device=device))
+        else:
+            self.register_buffer("absmax", torch.zeros(n_blocks, dtype=torch.float32, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> NF4Linear:
+        """Quantize ``linear.weight`` (on its device) and keep a frozen copy of its bias."""
+        w = linear.weight.detach()
+        layer = cls(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, blocksize=blocksize,
+            double_quant=double_quant, weight_dtype=w.dtype, device=w.device,
+        )  # fmt: skip
+        q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
+        for name in layer._state_names():
+            getattr(layer, name).copy_(getattr(q, name))
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    def _state_names(self) -> tuple[str, ...]:
+        return _DQ_KEYS if self.double_quant else _PLAIN_KEYS
+
+    @property
+    def in_features(self) -> int:
+        return self._in_features
+
+    @property
+    def out_features(self) -> int:
+        return self._out_features
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def nf4_weight(self) -> NF4Weight:
+        """The buffers as an ``NF4Weight`` (no copy)."""
+        state = {name: getattr(self, name) for name in self._state_names()}
+        return NF4Weight(shape=torch.Size((self.out_features, self.in_features)), dtype=self.weight_dtype,
+                         blocksize=self.blocksize, **state)  # fmt: skip
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` weight in ``dtype`` (default: the original dtype)."""
+        return dequantize_nf4(self.nf4_weight(), dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantize_weight(x.dtype)  # (out, in)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, w, bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, blocksize={self.blocksize}, double_quant={self.double_quant}"
+        )
+
+    # ---- device moves and dtype casts ----------------------------------------------------------------
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # nn.Module.to(dtype) / .half() cast every floating buffer: that would round the fp32 absmax state.
+        # The quant buffers follow device moves only; the bias follows the cast like any parameter.
+        state = {name: self._buffers.pop(name) for name in self._state_names()}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, buf in state.items():
+                moved = fn(buf)
+                if moved.dtype != buf.dtype:
+                    moved = buf.to(device=moved.device)
+                self._buffers[name] = moved
+        _codebooks(self.codes.device)  # the tables, ready on the new device (no host copy in forward)
+        return self
+
+    # ---- loading: exactly the expected keys, or an error ---------------------------------------------
+    def _load_from_state_dict(  # type: ignore[override]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # nn.Module would leave a missing buffer as it is (with strict=False) and cast a float tensor into
+        # the uint8 codes without a word: both give silent garbage (bitsandbytes #1946). Every problem
+        # found here goes to error_msgs, which load_state_dict raises whatever `strict` says.
+        expected = set(self._state_names())
+        mine_keys = [key[len(prefix) :] for key in state_dict if key.startswith(prefix)]
+        present = {name for name in mine_keys if "." not in name}  # own keys, not its children's
+        kind = "double-quant" if self.double_quant else "plain"
+        for name in sorted(expected - present):
+            where = prefix.rstrip(".") or "this NF4Linear"
+            error_msgs.append(
+                f"{prefix}{name}: missing from the state_dict; the {kind} NF4 state of {where} "
+                f"needs {sorted(expected)}"
+            )
+        for name in sorted((present & _ALL_WEIGHT_KEYS) - expected):
+            if name == "weight":
+                hint = " (a dense weight: load the checkpoint into the unquantized model, then quantize)"
+            else:
+                hint = f" (this layer holds a {kind} NF4 state: {sorted(expected)})"
+            error_msgs.append(f"{prefix}{name}: unexpected key{hint}")
+        for name in sorted(expected & present):
+            got, mine = state_dict[prefix + name], getattr(self, name)
+            if got.dtype != mine.dtype or got.shape != mine.shape:
+                error_msgs.append(f"{prefix}{name}: expected {mine.dtype} of shape {tuple(mine.shape)}, "
+                                  f"got {got.dtype} of shape {tuple(got.shape)}")  # fmt: skip
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def _is_lm_head(name: str) -> bool:
+    return name == "lm_head" or name.endswith(".lm_head")
+
+
+def _shared_weights(model: nn.Module) -> set[int]:
+    """ids of parameters reachable under more than one name (tied weights, e.g. lm_head ↔ token embedding)."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {pid for pid, count in seen.items() if count > 1}
+
+
+def quantize_model(
+    model: nn.Module,
+    target_modules: str | Sequence[str] = "all-linear",
+    blocksize: int = 64,
+    double_quant: bool = True,
+) -> nn.Module:
+    """Replace ``model``'s nn.Linear layers by ``NF4Linear``, **in place**, and return the same model.
+
+    The model is mutated (that is the point: the dense weights are dropped as each layer is swapped, so a
+    large model never needs two copies); the return value is for chaining.
+
+    Args:
+        target_modules: ``"all-linear"`` (every nn.Linear except one named ``lm_head``), or a list of module
+            names matched like peft does: ``name == t`` or ``name.endswith("." + t)``.
+        blocksize, double_quant: as in ``quantize_nf4``.
+
+    A Linear whose weight is tied to another parameter (GPT-2's ``lm_head`` shares the token embedding) is
+    never quantized: "all-linear" skips it, naming it explicitly raises. Raises ValueError when a named
+    target matches no nn.Linear.
+    """
+    _check_blocksize(blocksize)
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        target_modules = [target_modules]
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name]
+    tied = _shared_weights(model)
+
+    if target_modules == "all-linear":
+        chosen = [(n, m) for n, m in linears if not _is_lm_head(n)]
+        skipped = [n for n, m in chosen if id(m.weight) in tied]
+        if skipped:
+            logger.info("quantize_model: leaving tied Linear layers unquantized: %s", skipped)
+        chosen = [(n, m) for n, m in chosen if id(m.weight) not in tied]
+    else:
+        targets = list(target_modules)
+        def matches(name: str) -> bool:
+            return any(name == t or name.endswith("." + t) for t in targets)
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in linears)]
+        if missing:
+            names = [n for n, _ in linears]
+            more = "..." if len(names) > 10 else ""
+            available = f"{names[:10]}{more}"
+            raise ValueError(f"target_modules {missing} not found among Linears; available: {available}")
+        chosen = [(n, m) for n, m in linears if matches(n)]
+        tied_chosen = [n for n, m in chosen if id(m.weight) in tied]
+        if tied_chosen:
+            raise ValueError(
+                f"target_modules selects {tied_chosen}, whose weight is tied to another parameter; "
+                "quantizing it would untie it (and quantize the embedding's copy too)"
+            )
+
+    for name, linear in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant))
+    return model
+
+
+def _weights_to_quantize(model: nn.Module) -> Iterable[tuple[str, int]]:
+    """(name, numel) of every weight that ``quantize_model(..., "all-linear")`` quantizes or has quantized."""
+    tied = _shared_weights(model)
+    for name, m in model.named_modules():
+        if isinstance(m, NF4Linear):
+            yield name, m.in_features * m.out_features
+        elif isinstance(m, nn.Linear) and name and not _is_lm_head(name) and id(m.weight) not in tied:
+            yield name, m.weight.numel()
+
+
+def weight_bytes_report(model: nn.Module, blocksize: int = 64) -> dict[str, int]:
+    """A model's weight bytes stored four ways: all fp32, all bf16, and QLoRA-style NF4 / NF4 + double quant.
+
+    In the NF4 rows the weights that ``quantize_model(model)`` ("all-linear") quantizes are counted at their
+    exact NF4 size (``nf4_nbytes``: the same sizes ``quantize_nf4`` allocates), everything else (embeddings,
+    norms, biases, a tied or untied lm_head) at bf16, as QLoRA keeps them. Works on a dense or an already
+    quantized model (an NF4Linear counts as its logical ``out × in`` weight). Tied weights count once.
+
+    Returns: ``{"fp32", "bf16", "nf4", "nf4_dq"}`` in bytes, plus ``"params"`` (all weights) and
+    ``"quantized_params"`` (those in NF4).
+    """
+    quantized = dict(_weights_to_quantize(model))
+    n_quantized = sum(quantized.values())
+    n_other = sum(p.numel() for p in model.parameters())  # named_parameters() dedups tied weights
+    dense_quantizable = [m for n, m in model.named_modules() if n in quantized and isinstance(m, nn.Linear)]
+    n_other -= sum(m.weight.numel() for m in dense_quantizable)
+    n_all = n_other + n_quantized
+    return {
+        "fp32": 4 * n_all,
+        "bf16": 2 * n_all,
+        "nf4": 2 * n_other + sum(nf4_nbytes(n, blocksize, double_quant=False) for n in quantized.values()),
+        "nf4_dq": 2 * n_other + sum(nf4_nbytes(n, blocksize, double_quant=True) for n in quantized.values()),
+        "params": n_all,
+        "quantized_params": n_quantized,
+    }

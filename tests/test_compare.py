@@ -1,0 +1,98 @@
+"""`minipeft compare`: the whole job end to end in quick mode, the table's schema, closed-form counts, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from minipeft.compare import BASELINES, COLUMNS, METHODS
+
+C, L, R, N = 160, 4, 8, 10  # the default base: width, layers; LoRA rank; virtual tokens
+
+
+def closed_form_trainable(base_params: int) -> dict[str, int]:
+    """Trainable parameters of every method, from the formulas in each tuner's docstring."""
+    lora = L * R * (C + 3 * C)  # r·(in+out) on c_attn (C → 3C) in every block
+    m = C // 16  # bottleneck width at reduction factor 16
+    adapter = 2 * C * m + m + C  # down (C·m + m) and up (m·C + C)
+    H = 128  # P-tuning MLP encoder width
+    ptuning = N * C + (C * H + H) + (H * H + H) + (H * C + C)  # seed embedding + 3-layer MLP
+    return {"full": base_params, "lora": lora, "qlora": lora, "pfeiffer": L * adapter, "houlsby": 2 * L * adapter,
+            "prefix": L * 2 * N * C, "prompt": N * C, "ptuning": ptuning}
+
+
+@pytest.fixture(scope="module")
+def quick_run(pretrained_base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    proc = subprocess.run([sys.executable, "-m", "minipeft.cli", "compare", "--quick", "--steps", "60",
+                           "--device", "cpu", "--out", str(out)], capture_output=True, text=True, env=env,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout, json.loads((out / "results.json").read_text()), out
+
+
+def test_table_has_every_row_and_column(quick_run):
+    stdout, _, _ = quick_run
+    for header in ("method", "trainable", "% base", "file", "train tok/s", "train MB", "ms/tok", "ms/tok merged",
+                   "metric"):
+        assert header in stdout
+    for key in [*BASELINES, *METHODS]:
+        assert f"\n{key} " in stdout
+
+
+def test_json_csv_and_plot_are_written(quick_run):
+    _, results, out = quick_run
+    assert set(results["meta"]) >= {"task", "steps", "seed", "device", "date", "torch", "base_parameters"}
+    assert [r["method"] for r in results["rows"]] == [*BASELINES, *METHODS]
+    for row in results["rows"]:
+        assert set(COLUMNS) <= set(row)
+    assert (out / "results.csv").read_text().splitlines()[0] == ",".join(COLUMNS)
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trainable_counts_equal_the_closed_forms(quick_run):
+    _, results, _ = quick_run
+    expected = closed_form_trainable(results["meta"]["base_parameters"])
+    got = {r["method"]: r["trainable"] for r in results["rows"] if r["method"] in METHODS}
+    assert got == expected
+
+
+def test_measurements_are_real(quick_run):
+    _, results, _ = quick_run
+    rows = {r["method"]: r for r in results["rows"]}
+    for key in METHODS:
+        assert rows[key]["train_tokens_per_s"] > 0 and rows[key]["ms_per_token"] > 0
+        assert 0 < rows[key]["file_bytes"] <= rows[key]["full_checkpoint_bytes"] * 1.01
+    assert rows["lora"]["ms_per_token_merged"] > 0
+    assert rows["lora"]["file_bytes"] < rows["full"]["file_bytes"] / 10
+
+
+def test_every_method_beats_chance(quick_run):
+    _, results, _ = quick_run
+    for row in results["rows"]:
+        if row["method"] in METHODS:
+            assert row["metric"] > row["chance"], row
+
+
+@pytest.mark.parametrize("argv", [["--methods", "lora,dora"], ["--task", "translation"], ["--steps", "0"],
+                                  ["--device", "tpu"]])
+def test_bad_input_is_one_line_and_exit_2(argv, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "minipeft.cli", "compare", "--out", str(tmp_path), *argv],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 3  # argparse adds a usage line; ours is one line
+
+
+def test_unwritable_out_is_one_line_and_exit_2(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    proc = subprocess.run([sys.executable, "-m", "minipeft.cli", "compare", "--out", str(blocker / "sub")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "--out" in proc.stderr
