@@ -400,6 +400,10 @@ class GPT(nn.Module):
         if not self.config.bias:
             raise ValueError("save_pretrained writes GPT-2's format, which has biases; this model has bias=False")
         c = self.config
+        wrapped = [k for k in self.state_dict() if ".base_layer." in k or "lora_" in k or "adapter" in k]
+        if wrapped:
+            raise ValueError(f"save_pretrained: this GPT has PEFT adapters injected (e.g. {wrapped[0]!r}); save the "
+                             "adapter with PeftModel.save_adapter, or call merge_and_unload() / unload() first")
         tensors = {}
         for key, value in self.state_dict().items():
             if key == "lm_head.weight":

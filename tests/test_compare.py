@@ -16,13 +16,13 @@ C, L, R, N = 160, 4, 8, 10  # the default base: width, layers; LoRA rank; virtua
 
 def closed_form_trainable(base_params: int) -> dict[str, int]:
     """Trainable parameters of every method, from the formulas in each tuner's docstring."""
-    lora = L * R * (C + 3 * C)  # r·(in+out) on c_attn (C → 3C) in every block
+    lora = L * R * ((C + 3 * C) + (C + C) + (C + 4 * C) + (4 * C + C))  # r·(in+out) on every Linear of a block
     m = C // 16  # bottleneck width at reduction factor 16
     adapter = 2 * C * m + m + C  # down (C·m + m) and up (m·C + C)
     H = 128  # P-tuning MLP encoder width
-    ptuning = N * C + (C * H + H) + (H * H + H) + (H * C + C)  # seed embedding + 3-layer MLP
+    ptuning = 2 * N * C + (C * H + H) + (H * H + H) + (H * C + C)  # 20 seed embeddings + 3-layer MLP
     return {"full": base_params, "lora": lora, "qlora": lora, "pfeiffer": L * adapter, "houlsby": 2 * L * adapter,
-            "prefix": L * 2 * N * C, "prompt": N * C, "ptuning": ptuning}
+            "prefix": L * 2 * N * C, "prompt": 2 * N * C, "ptuning": ptuning}  # soft prompts use 20 tokens
 
 
 @pytest.fixture(scope="module")

@@ -191,3 +191,9 @@ def test_lora_learns_sentiment(pretrained_model, tokenizer):
     pm = get_peft_model(pretrained_model, LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"]))
     chance, acc = learn_task(pm, tokenizer, "sentiment", steps=120, lr=3e-3)
     assert acc >= halfway(chance), acc
+
+
+def test_saving_a_wrapped_gpt_as_a_checkpoint_is_a_clear_error(tiny_model, tmp_path):
+    get_peft_model(tiny_model, LoraConfig(r=2, target_modules=["c_attn"]))
+    with pytest.raises(ValueError, match="merge_and_unload"):
+        tiny_model.save_pretrained(tmp_path)

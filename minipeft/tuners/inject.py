@@ -593,6 +593,35 @@ class PeftModel(nn.Module):
             _set_submodule(self.base_model, raw, layer.merged_base_layer(mine))
         return self._forget_adapters()
 
+    @torch.no_grad()
+    def merge_and_requantize(self, sample_idx: torch.Tensor,
+                             adapter_names: Sequence[str] | None = None) -> tuple[nn.Module, dict[str, float]]:
+        """QLoRA only, and explicit: merge the LoRA adapters, then quantize the merged weights back to NF4.
+
+        `merge_and_unload` on a 4-bit base returns dense layers (dequantize(W₀) + ΔW), which is exact but
+        no longer 4-bit. Requantizing gives a 4-bit model again, at a price: NF4 has 16 levels per block,
+        so round(W₀ + ΔW) ≠ W₀ + ΔW and a small ΔW can be rounded away entirely — peft's most reported QLoRA
+        pain point. This method makes that price visible: it returns the requantized model and the measured
+        error of its logits on `sample_idx` (B, T) against the adapted model before merging:
+        {"dense_max_abs", "requantized_max_abs", "requantized_rel"} (rel = ‖Δ‖/‖logits‖).
+        """
+        from minipeft.quant import NF4Linear
+
+        quantized = {raw: (layer.base_layer.blocksize, layer.base_layer.double_quant)
+                     for _clean, raw, layer in self._lora_layers() if isinstance(layer.base_layer, NF4Linear)}
+        if not quantized:
+            raise ValueError("merge_and_requantize needs LoRA on an NF4 base (QLoRA); use merge_and_unload")
+        adapted, _ = self(sample_idx)
+        model = self.merge_and_unload(adapter_names)
+        dense, _ = model(sample_idx)
+        for raw, (blocksize, double_quant) in quantized.items():
+            _set_submodule(model, raw, NF4Linear.from_linear(model.get_submodule(raw), blocksize, double_quant))
+        requantized, _ = model(sample_idx)
+        report = {"dense_max_abs": (dense - adapted).abs().max().item(),
+                  "requantized_max_abs": (requantized - adapted).abs().max().item(),
+                  "requantized_rel": ((requantized - adapted).norm() / adapted.norm()).item()}
+        return model, report
+
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the plain base model (its weights untouched)."""
         if any(layer.merged_adapters for _c, _r, layer in self._lora_layers()):

@@ -1,0 +1,222 @@
+# %% [markdown]
+# # Chapter 2 — The transformer every chapter fine-tunes
+#
+# minipeft's `GPT` is GPT-2's architecture (Radford et al. 2019,
+# https://cdn.openai.com/better-language-models/language_models_are_unsupervised_multitask_learners.pdf),
+# written to be read in `minipeft/model.py`. Each block is pre-LayerNorm:
+#
+# $$h \leftarrow h + \mathrm{Attn}(\mathrm{LN}_1(h)),\qquad h \leftarrow h + \mathrm{MLP}(\mathrm{LN}_2(h)),$$
+#
+# and the output layer is tied to the token embedding. This chapter opens one attention step and checks it
+# against the module, pretrains a small model on the built-in corpus, generates text (greedy, sampled, with
+# and without the KV cache), and loads a GPT-2 checkpoint in transformers' file layout.
+
+# %%
+# %matplotlib inline
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import kernels
+from minipeft import GPT
+from minipeft.data import build_world
+from minipeft.pretrain import PRESETS, load_base, pretrain, pretrain_record
+from minipeft.tokenizer import ByteTokenizer
+
+NOTEBOOK_START = time.perf_counter()
+kernels.set_backend("reference")
+torch.manual_seed(0)
+tok = ByteTokenizer()
+model = load_base("default")  # pretrained once, cached on disk (MINIPEFT_CACHE)
+print(model.config)
+print(f"parameters: {model.num_parameters():,d}")
+
+# %% [markdown]
+# ## One attention step, with shapes
+#
+# The tokenizer is byte-level (256 byte ids + 4 specials), so a sentence of T characters is T (+1 for the
+# begin token) ids. Take block 0, feed it the embedded sentence, and compute causal self-attention by hand:
+#
+# $$\mathrm{Attn}(X) = \mathrm{softmax}\!\left(\frac{QK^\top}{\sqrt{d_h}} + M\right)V\,W_O,\qquad
+# M_{ij} = -\infty \text{ for } j > i .$$
+
+# %%
+world = build_world(0)
+person = world.people[0]
+text = f"{person.name} lives in"
+idx = torch.tensor([tok.encode(text, add_bos=True)])  # (B=1, T)
+B, T = idx.shape
+C, nh = model.config.n_embd, model.config.n_head
+hs = C // nh
+block = model.transformer.h[0]
+
+with torch.no_grad():
+    x = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(T))  # (B, T, C)
+    x = block.ln_1(x)
+    q, k, v = block.attn.c_attn(x).split(C, dim=2)  # each (B, T, C)
+    q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(hs)  # (B, nh, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T): query i sees keys j ≤ i
+    scores = scores.masked_fill(~causal, float("-inf"))
+    att = F.softmax(scores, dim=-1)  # each row sums to 1
+    y = (att @ v).transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads concatenated
+    y = block.attn.c_proj(y)
+    y_module = block.attn(x, None)  # the library's module (fused scaled_dot_product_attention)
+
+for name, t in [("idx", idx), ("x = LN1(wte + wpe)", x), ("q", q), ("k", k), ("v", v), ("scores", scores),
+                ("causal mask", causal), ("attention", att), ("output", y)]:
+    print(f"{name:20s} {tuple(t.shape)}")
+print(f"max |by hand − CausalSelfAttention| = {(y - y_module).abs().max():.1e}")
+
+# %%
+labels = ["<bos>"] + [tok.token_to_str(i) for i in idx[0, 1:].tolist()]
+fig, ax = plt.subplots(figsize=(5.5, 4.5))
+im = ax.imshow(att[0, 0], cmap="viridis", vmin=0, vmax=1)
+ax.set_xticks(range(T), labels, fontsize=7)
+ax.set_yticks(range(T), labels, fontsize=7)
+ax.set_xlabel("key position (token)")
+ax.set_ylabel("query position (token)")
+ax.set_title("Block 0, head 0: attention weights (upper triangle masked)")
+fig.colorbar(im, ax=ax, label="attention weight (probability)")
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## Pretraining on the built-in corpus
+#
+# The corpus (`minipeft/data.py`) is generated from a seed: a small world of invented people, cities, jobs
+# and pets, described in many sentence templates. Pretraining is next-token prediction,
+# L = −(1/N) Σₜ log p(xₜ₊₁ | x≤ₜ). The cached default base took 600 steps; here the `tiny` preset
+# (2 layers, width 64) runs its full schedule live, so you can watch the loss fall.
+
+# %%
+tiny_cfg, tiny_train, _ = PRESETS["tiny"]
+tiny, result = pretrain("tiny", steps=tiny_train.steps, progress=False)
+print(f"tiny: {tiny.num_parameters():,d} parameters, {len(result.losses)} steps of batch {tiny_train.batch_size} × "
+      f"{tiny_cfg.block_size} tokens in {result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s on this CPU)")
+print(f"loss {result.losses[0]:.2f} → {sum(result.losses[-10:]) / 10:.2f} (mean of the last 10 steps); "
+      f"uniform guess over 260 tokens: ln 260 = {math.log(260):.2f}")
+
+record = pretrain_record("default")
+if record is not None:
+    print(f"default base (cached): {record['parameters']:,d} parameters, {record['steps']} steps, loss "
+          f"{record['first_loss']:.2f} → {record['final_loss']:.2f} in {record['seconds']:.0f} s "
+          f"(torch {record['torch']})")
+else:
+    print("the default base's pretraining record (pretrain.json) is not in this cache")
+
+fig, ax = plt.subplots(figsize=(6, 3.5))
+ax.plot(result.losses, label="tiny preset, this run")
+if record is not None:
+    ax.axhline(record["final_loss"], color="C1", ls="--",
+               label=f"default base after {record['steps']} steps (recorded)")
+ax.axhline(math.log(260), color="gray", ls=":", label="uniform over the vocabulary")
+ax.set_xlabel("step (batch 16 × 128 tokens)")
+ax.set_ylabel("cross-entropy (nats / token)")
+ax.set_title("Pretraining loss on the built-in corpus")
+ax.legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## Generation
+#
+# `generate` feeds the prompt once, then one token per step. Greedy decoding takes the argmax; sampling
+# draws from softmax(logits / temperature), optionally only among the top k tokens.
+
+# %%
+prompt = torch.tensor([tok.encode(f"{person.name} lives in", add_bos=True)])
+greedy = model.generate(prompt, max_new_tokens=60)
+print("greedy:", repr(tok.decode(greedy[0])))
+print(f"(the world says: {person.name} lives in {person.city}, is a {person.job}, keeps a {person.pet})")
+g = torch.Generator().manual_seed(0)
+for temperature, top_k in [(0.7, 10), (1.5, None)]:
+    out = model.generate(prompt, max_new_tokens=60, do_sample=True, temperature=temperature, top_k=top_k,
+                         generator=g)
+    print(f"T={temperature}, top_k={top_k}:", repr(tok.decode(out[0])))
+
+# %% [markdown]
+# ### The KV cache
+#
+# Without a cache, step t recomputes keys and values for all t tokens so far; with one, each step computes
+# them for the new token only and attends to the stored ones. Below, the same greedy continuation with and
+# without it (median of 3 runs), and a check that both produce the same tokens.
+
+# %%
+@torch.no_grad()
+def generate_without_cache(m: GPT, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    for _ in range(max_new_tokens):
+        logits, _ = m(idx)  # the whole sequence, every step
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+def median_seconds(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+NEW = model.config.block_size - prompt.shape[1]  # fill the context window
+same = torch.equal(model.generate(prompt, max_new_tokens=NEW), generate_without_cache(model, prompt, NEW))
+t_cache = median_seconds(lambda: model.generate(prompt, max_new_tokens=NEW))
+t_plain = median_seconds(lambda: generate_without_cache(model, prompt, NEW))
+print(f"{NEW} new tokens: with KV cache {1000 * t_cache / NEW:.2f} ms/token, without {1000 * t_plain / NEW:.2f} "
+      f"ms/token → {t_plain / t_cache:.1f}× faster; identical tokens: {same}")
+
+# %% [markdown]
+# ## Loading a GPT-2 checkpoint from a local directory
+#
+# `GPT.from_pretrained(dir)` reads a directory written by transformers' `GPT2LMHeadModel.save_pretrained`
+# (config.json + model.safetensors; never a pickle). GPT-2 stores its projections as `Conv1D` with weight
+# (in, out), so those four are transposed into `nn.Linear`'s (out, in). minipeft downloads nothing: set
+# `GPT2_DIR` to a local GPT-2 directory to use real weights here.
+
+# %%
+transformers.utils.logging.disable_progress_bar()
+
+real_dir = os.environ.get("GPT2_DIR")
+if real_dir and (Path(real_dir) / "config.json").is_file():
+    ckpt_dir, is_real = Path(real_dir), True
+    hf = GPT2LMHeadModel.from_pretrained(ckpt_dir).eval()
+    print(f"using the real checkpoint in {ckpt_dir}")
+else:
+    is_real = False
+    torch.manual_seed(0)
+    # GPT-2's architecture at a reduced size (GPT-2 small is n_layer=12, n_embd=768, vocab 50257).
+    hf_config = GPT2Config(n_layer=2, n_head=4, n_embd=128, vocab_size=1000, n_positions=128,
+                           bos_token_id=None, eos_token_id=None)
+    hf = GPT2LMHeadModel(hf_config).eval()
+    ckpt_dir = Path(tempfile.mkdtemp()) / "gpt2-random"
+    hf.save_pretrained(ckpt_dir)
+    print("NO real GPT-2 checkpoint is present (GPT2_DIR is not set), and nothing is downloaded: this is a "
+          "RANDOMLY INITIALISED transformers GPT-2 (2 layers, width 128, vocab 1000). It checks the loading "
+          "path, not the weights of OpenAI's model.")
+print("files:", sorted(p.name for p in ckpt_dir.iterdir()))
+
+gpt = GPT.from_pretrained(ckpt_dir).eval()
+ids = torch.randint(0, gpt.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    ours = gpt(ids)[0]
+    theirs = hf(ids).logits
+print(f"{gpt.num_parameters():,d} parameters; logits {tuple(ours.shape)}; "
+      f"max |minipeft − transformers| = {(ours - theirs).abs().max():.1e}")
+assert torch.allclose(ours, theirs, atol=1e-4)
+
+# %% [markdown]
+# The same file layout works in the other direction: `model.save_pretrained(dir)` writes a directory that
+# transformers' `GPT2LMHeadModel.from_pretrained` reads, which is how the default base is cached.
+
+# %%
+print(f"notebook ran in {time.perf_counter() - NOTEBOOK_START:.0f} s")
