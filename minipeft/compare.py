@@ -11,8 +11,9 @@ with the same step budget and measures, in the same run:
 
 plus two baselines that train nothing: the base model zero-shot, and a hand-written discrete prompt
 ("prompt engineering"). Every method runs in a fresh process, because a process's resident memory never
-shrinks: peak memory on the CPU is the growth of the peak RSS over the RSS before the method was built; on
-CUDA it is the allocator's peak over what was allocated before.
+shrinks: peak memory on the CPU is the peak RSS (VmHWM, reset just before) minus the RSS before the method
+was built, so it counts the adapter, gradients, optimizer state and activations; on CUDA it is the
+allocator's peak over what was allocated before.
 
 Learning rates. Each method gets the rate that scored best for it in a sweep of three rates around its
 family's usual range, on the validation split of the default task (`facts`) with the default base and
@@ -110,8 +111,8 @@ METHODS: dict[str, Method] = {m.key: m for m in [
     Method("full", "full fine-tuning", 3e-4, _full),
     Method("lora", "LoRA r=8, all linear layers", 1e-3, _lora),
     Method("qlora", "QLoRA: NF4+DQ base, LoRA r=8 all linear", 1e-3, _qlora),
-    Method("pfeiffer", "Pfeiffer adapter rf=16", 1e-2, _bottleneck("pfeiffer")),
-    Method("houlsby", "Houlsby adapters rf=16", 1e-2, _bottleneck("houlsby")),
+    Method("pfeiffer", "Pfeiffer adapter rf=16", 3e-3, _bottleneck("pfeiffer")),
+    Method("houlsby", "Houlsby adapters rf=16", 3e-3, _bottleneck("houlsby")),
     Method("prefix", "prefix tuning, 10 tokens", 3e-2, _prefix),
     Method("prompt", "prompt tuning, 20 tokens (TEXT init)", 1e-1, _prompt),
     Method("ptuning", "P-tuning, 20 tokens (MLP encoder)", 1e-2, _ptuning),
@@ -122,13 +123,23 @@ COLUMNS = ["method", "trainable", "trainable_pct", "file_bytes", "full_checkpoin
 
 
 # ------------------------------------------------------------------------------------------ measuring
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (the peak) of this process, in MiB, from /proc/self/status (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def _reset_peak_rss() -> None:
+    """Start a new peak: writing 5 to clear_refs resets VmHWM to the current RSS (Linux ≥ 4.0). Without it,
+    the peak would be whatever loading the base cost, and training would not show."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def _dir_bytes(path: Path) -> int:
@@ -181,7 +192,8 @@ def run_method(key: str, args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
         mem_before = torch.cuda.memory_allocated() / 2**20
     else:
-        mem_before = _rss_mb()
+        _reset_peak_rss()
+        mem_before = _status_mb("VmRSS")
     model = method.build(base, task, tok).to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     T = base.config.block_size
@@ -192,7 +204,7 @@ def run_method(key: str, args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20 - mem_before
     else:
-        peak = _peak_rss_mb() - mem_before
+        peak = _status_mb("VmHWM") - mem_before
     row.update(trainable=trainable, trainable_pct=100 * trainable / n_base, train_tokens_per_s=result.tokens_per_second,
                train_peak_mb=peak, final_loss=result.losses[-1])
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
