@@ -210,7 +210,7 @@ def _sentiment_task(seed: int, sizes: tuple[int, int, int]) -> Task:
     train, val, test = ([example() for _ in range(n)] for n in sizes)
     return Task("sentiment", "Is a review good or bad? Read off the verbalizer tokens 'g' and 'b'.",
                 "accuracy", 0.5, train, val, test, choices=("good", "bad"),
-                discrete_prompt="A review that says nice things is good, otherwise it is bad. ", max_new_tokens=4)
+                discrete_prompt="Good or bad? ", max_new_tokens=4)
 
 
 def _record_task(seed: int, world: World, sizes: tuple[int, int, int]) -> Task:
@@ -226,7 +226,7 @@ def _record_task(seed: int, world: World, sizes: tuple[int, int, int]) -> Task:
 
     train, val, test = ([example() for _ in range(n)] for n in sizes)
     return Task("record", "Rewrite a key=value record as one sentence.", "exact_match", 0.0, train, val, test,
-                discrete_prompt="Write the record as: NAME is a JOB from CITY. ", max_new_tokens=40)
+                discrete_prompt="Rewrite as a sentence. ", max_new_tokens=40)
 
 
 def _facts_task(seed: int, world: World, sizes: tuple[int, int, int]) -> Task:

@@ -39,7 +39,12 @@ def predict(model, task: Task, tokenizer, examples: list[Example], prefix: str =
             scores = logits[:, -1, choice_ids].float()  # (B, n_choices)
             preds.extend(task.choices[i] for i in scores.argmax(dim=-1).tolist())
         else:
-            out = model.generate(idx, max_new_tokens=task.max_new_tokens, attention_mask=mask,
+            # never past the model's context: virtual tokens and prompt count against block_size
+            room = model.config.block_size - idx.shape[1] - getattr(model, "num_virtual_tokens", 0)
+            if room <= 0:
+                raise ValueError(f"prompts of {idx.shape[1]} tokens leave no room to generate in block_size "
+                                 f"{model.config.block_size}")
+            out = model.generate(idx, max_new_tokens=min(task.max_new_tokens, room), attention_mask=mask,
                                  eos_token_id=tokenizer.eos_token_id)
             for row in out[:, idx.shape[1]:].tolist():
                 if tokenizer.eos_token_id in row:

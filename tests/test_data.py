@@ -91,3 +91,13 @@ def test_classification_supervises_only_the_verbalizer_token():
     idx, targets, _ = encode_examples(task.train[:6], tok, 128, verbalizer_only=True)
     for i, ex in enumerate(task.train[:6]):
         assert targets[i][targets[i] != -100].tolist() == [tok.encode(ex.answer)[0]]
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_every_prompt_with_the_discrete_prompt_fits_the_default_context(name):
+    """The prompt-engineering baseline prepends task.discrete_prompt: prompt + answer must fit in 128."""
+    tok = ByteTokenizer()
+    task = load_task(name)
+    for ex in task.train + task.validation + task.test:
+        n = len(tok.encode(task.discrete_prompt + ex.prompt, add_bos=True))
+        assert n + len(tok.encode(ex.answer, add_eos=True)) <= 128, ex

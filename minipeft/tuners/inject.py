@@ -341,6 +341,12 @@ class PeftModel(nn.Module):
                 return self.prompt_encoders[n]
         return None
 
+    @property
+    def num_virtual_tokens(self) -> int:
+        """Positions the active input adapter (prompt or prefix) takes from block_size; 0 without one."""
+        encoder = self._input_adapter()
+        return 0 if encoder is None else encoder.num_virtual_tokens
+
     def nearest_tokens(self, k: int = 5, tokenizer: Any = None) -> list:
         """For each virtual token of the active soft prompt, the k vocabulary tokens nearest by cosine.
 
