@@ -23,6 +23,7 @@ def test_notebook_runs_top_to_bottom(path, pretrained_base, monkeypatch):
     nbclient = pytest.importorskip("nbclient")
     # the kernel inherits the session's model cache (pretrained_base has filled it) and a headless backend
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # small models on 2 cores: one thread avoids spin-waiting
     assert os.environ.get("MINIPEFT_CACHE")
     nb = nbformat.read(path, as_version=4)
     assert any(cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), \

@@ -29,6 +29,7 @@ else:  # on a GPU: one fixed kernel config instead of autotuning, so the live be
     os.environ.setdefault("MINIPEFT_KERNEL_AUTOTUNE", "0")
 
 import kernels  # noqa: E402  (after the environment variable, on purpose)
+
 # ruff: noqa: E402  (every later import follows the environment set-up above)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
