@@ -37,6 +37,7 @@ Trainable parameters (the closed forms the tests check; C = n_embd, H = encoder_
 
 from __future__ import annotations
 
+import abc
 from typing import Any, NamedTuple
 
 import torch
@@ -96,13 +97,14 @@ def nearest_tokens(
     ]
 
 
-class _SoftPrompt(nn.Module):
+class _SoftPrompt(nn.Module, abc.ABC):
     """What prompt tuning and P-tuning share: the input-adapter protocol and `nearest_tokens`."""
 
     num_virtual_tokens: int
 
-    def virtual_tokens(self) -> torch.Tensor:  # (n, C), differentiable
-        raise NotImplementedError
+    @abc.abstractmethod
+    def virtual_tokens(self) -> torch.Tensor:
+        """The n virtual-token embeddings (n, C), differentiable."""
 
     def prepare(self, model: GPT, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
         """{"prompt_embeds": (n, C)}: the caller puts them in front of wte(idx) at positions 0 … n−1."""
