@@ -30,8 +30,8 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-import kernels
-from kernels import lora_triton
+from minipeft import kernels
+from minipeft.kernels import lora_triton
 
 K = N = 4096
 R = 16

@@ -13,7 +13,7 @@ import argparse
 import copy
 import time
 
-import kernels
+from minipeft import kernels
 from minipeft.compare import METHODS
 from minipeft.data import load_task, task_batch, task_loss
 from minipeft.evaluate import evaluate

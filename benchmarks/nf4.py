@@ -85,7 +85,7 @@ def bench(F_bnb, sizes, n_rotate: int = 4) -> tuple[list[dict], list[dict]]:
     """Median µs and GB/s per method and size; also the Triton tuning sweep."""
     from triton.testing import do_bench, do_bench_cudagraph
 
-    from kernels.nf4_triton import nf4_dequantize_triton
+    from minipeft.kernels.nf4_triton import nf4_dequantize_triton
     from minipeft.quant import dequantize_nf4, quantize_nf4
     from minipeft.quant.nf4 import NF4_CODEBOOK, SIGNED_DYNAMIC_MAP
 

@@ -16,11 +16,11 @@ Which backend runs, first match wins:
   3. ``set_backend(name)``;
   4. the environment variable ``MINIPEFT_KERNEL``;
   5. ``"auto"``: Triton when the Triton backend can run on the tensors (CUDA tensors of fp16/bf16/fp32, or
-     CPU tensors of fp16/fp32 when ``TRITON_INTERPRET=1`` was set before ``import kernels``), the reference
+     CPU tensors of fp16/fp32 when ``TRITON_INTERPRET=1`` was set before ``import minipeft``), the reference
      otherwise (CPU without the interpreter, float64, bf16 in the interpreter).
 An explicit ``"triton"`` that cannot run on the given tensors raises a ValueError that says why.
 
-This package imports only torch and triton, and triton only if it is there: without it ``import kernels``
+This package imports only torch and triton, and triton only if it is there: without it ``from minipeft import kernels``
 still works and ``available_backends()["triton"]`` says why Triton cannot run.
 """
 
@@ -108,10 +108,10 @@ def _triton_unavailable(device: torch.device | None, dtype: torch.dtype | None) 
             return "bf16 tl.dot gives wrong results in the Triton interpreter (TRITON_INTERPRET=1); use fp16/fp32"
     elif device is None:
         if not torch.cuda.is_available():
-            return "no CUDA device, and TRITON_INTERPRET=1 was not set before `import kernels`"
+            return "no CUDA device, and TRITON_INTERPRET=1 was not set before `import minipeft`"
     elif device.type != "cuda":
         return (f"tensors are on {device.type!r}; Triton needs CUDA tensors, or TRITON_INTERPRET=1 set "
-                "before `import kernels` to run CPU tensors through the interpreter")
+                "before `import minipeft` to run CPU tensors through the interpreter")
     if dtype is not None and dtype not in lora_triton.SUPPORTED_DTYPES:
         names = [str(d).removeprefix("torch.") for d in lora_triton.SUPPORTED_DTYPES]
         return f"dtype {dtype} is not supported by the Triton kernels (supported: {names})"

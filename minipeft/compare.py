@@ -166,7 +166,7 @@ def latency_ms_per_token(model, prompt_ids: list[int], device, new_tokens: int =
 
 def run_method(key: str, args: argparse.Namespace) -> dict:
     """Fine-tune one method (or score one baseline) and measure it; meant to run in a fresh process."""
-    import kernels
+    from minipeft import kernels
 
     device = resolve_device(args.device)
     kernels.set_backend("triton" if device.type == "cuda" else "reference")

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-# The Triton interpreter is read when a kernel is decorated, so it must be set before `import kernels`.
+# The Triton interpreter is read when a kernel is decorated, so it must be set before `import minipeft`.
 # On a machine without CUDA, every Triton test runs through it.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

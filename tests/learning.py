@@ -6,7 +6,7 @@ which is exactly the logit `evaluate` reads.
 
 from __future__ import annotations
 
-import kernels
+from minipeft import kernels
 from minipeft.data import load_task, task_batch, task_loss
 from minipeft.evaluate import evaluate
 from minipeft.train import TrainConfig, train

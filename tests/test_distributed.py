@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import kernels
+from minipeft import kernels
 from minipeft.finetune import finetune
 from minipeft.tuners import PeftModel
 

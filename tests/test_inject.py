@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tolerances import assert_close
 
-import kernels
+from minipeft import kernels
 from minipeft.model import GPT, GPTConfig
 from minipeft.tuners import AdapterConfig, LoraConfig, LoraLinear, PeftModel, find_target_modules, get_peft_model
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tolerances import assert_close
 
-import kernels
+from minipeft import kernels
 from minipeft.model import GPT, GPTConfig
 from minipeft.tuners import (
     AdapterConfig,

@@ -15,8 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tolerances import assert_close, rel_error
 
-import kernels
-from kernels import lora_triton, reference
+from minipeft import kernels
+from minipeft.kernels import lora_triton, reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from learning import halfway, learn_task
 from tolerances import assert_close
 
-import kernels
+from minipeft import kernels
 from minipeft.model import GPT, GPTConfig
 from minipeft.tuners import LoraConfig, LoraLinear, get_peft_model
 

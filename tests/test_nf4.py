@@ -255,8 +255,8 @@ def test_triton_kernel_matches_reference_in_the_interpreter():
 
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no CUDA and no Triton interpreter")
-    from kernels.nf4_reference import nf4_dequantize_reference
-    from kernels.nf4_triton import nf4_dequantize_triton
+    from minipeft.kernels.nf4_reference import nf4_dequantize_reference
+    from minipeft.kernels.nf4_triton import nf4_dequantize_triton
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for shape, blocksize, double_quant, dtype in [((7, 37), 64, True, torch.float32),
@@ -280,7 +280,7 @@ def test_triton_kernel_matches_reference_in_the_interpreter():
        dtype=st.sampled_from(DTYPES))  # fmt: skip
 def test_blockwise_and_elementwise_forms_agree(numel, blocksize, double_quant, dtype):
     """The eager (blockwise) and the torch.compile (elementwise) forms of the dequantization, run eagerly."""
-    from kernels.nf4_reference import _dequantize_blockwise, _dequantize_elementwise
+    from minipeft.kernels.nf4_reference import _dequantize_blockwise, _dequantize_elementwise
 
     q = quantize_nf4(torch.randn(numel, generator=torch.Generator().manual_seed(numel)), blocksize, double_quant)
     if double_quant:

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-import kernels
+from minipeft import kernels
 from minipeft.model import GPT
 from minipeft.tuners import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, PTuningConfig
 from minipeft.tuners import get_peft_model as minipeft_get_peft_model

@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from kernels.nf4_reference import nf4_dequantize_reference
+from minipeft.kernels.nf4_reference import nf4_dequantize_reference
 
 __all__ = [
     "NF4_CODEBOOK",

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+from minipeft import kernels
 
 __all__ = ["LoraLinear", "is_linear_like", "dense_weight"]
 

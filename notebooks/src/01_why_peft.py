@@ -15,8 +15,7 @@ import time
 import matplotlib.pyplot as plt
 import torch
 
-import kernels
-from minipeft import GPT, GPTConfig
+from minipeft import GPT, GPTConfig, kernels
 from minipeft.data import (
     build_world,
     corpus_tokens,

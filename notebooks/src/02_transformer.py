@@ -25,8 +25,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import kernels
-from minipeft import GPT
+from minipeft import GPT, kernels
 from minipeft.data import build_world
 from minipeft.pretrain import PRESETS, load_base, pretrain, pretrain_record
 from minipeft.tokenizer import ByteTokenizer

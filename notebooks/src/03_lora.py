@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
 
-import kernels
+from minipeft import kernels
 from minipeft.data import load_task, task_batch, task_loss
 from minipeft.evaluate import evaluate
 from minipeft.pretrain import load_base

@@ -20,7 +20,7 @@ import time
 import matplotlib.pyplot as plt
 import torch
 
-import kernels
+from minipeft import kernels
 from minipeft.data import load_task, task_batch
 from minipeft.evaluate import evaluate
 from minipeft.model import KVCache

@@ -21,7 +21,7 @@ import time
 import matplotlib.pyplot as plt
 import torch
 
-import kernels
+from minipeft import kernels
 from minipeft.data import load_task, task_batch, task_loss
 from minipeft.evaluate import evaluate, predict
 from minipeft.pretrain import load_base

@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
 
-import kernels
+from minipeft import kernels
 from minipeft.data import load_task, task_batch, task_loss
 from minipeft.evaluate import evaluate
 from minipeft.pretrain import load_base
@@ -256,7 +256,7 @@ PROBE = textwrap.dedent("""
     from minipeft import GPT, GPTConfig
     from minipeft.quant import quantize_model
     from minipeft.tuners import LoraConfig, get_peft_model
-    import kernels; kernels.set_backend("reference")
+    from minipeft import kernels; kernels.set_backend("reference")
     def status(key):
         return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) / 1024  # MiB
     mode = sys.argv[1]; torch.manual_seed(0)

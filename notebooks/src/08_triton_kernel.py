@@ -28,7 +28,7 @@ if not torch.cuda.is_available():
 else:  # on a GPU: one fixed kernel config instead of autotuning, so the live benchmark below stays short
     os.environ.setdefault("MINIPEFT_KERNEL_AUTOTUNE", "0")
 
-import kernels  # noqa: E402  (after the environment variable, on purpose)
+from minipeft import kernels  # noqa: E402  (after the environment variable, on purpose)
 
 # ruff: noqa: E402  (every later import follows the environment set-up above)
 
@@ -45,8 +45,8 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from kernels import lora_triton, reference
 from minipeft.data import build_world, corpus_tokens, pretraining_batch, pretraining_corpus
+from minipeft.kernels import lora_triton, reference
 from minipeft.model import GPT, GPTConfig
 from minipeft.tokenizer import ByteTokenizer
 from minipeft.train import TrainConfig, train

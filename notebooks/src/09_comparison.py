@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from IPython.display import Image, display
 
-import kernels
+from minipeft import kernels
 from minipeft.compare import METHODS
 from minipeft.data import load_task
 from minipeft.pretrain import load_base
