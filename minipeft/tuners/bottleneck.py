@@ -41,9 +41,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["BottleneckAdapter", "BottleneckLayer", "adapter_sites"]
+__all__ = ["ACTIVATIONS", "BottleneckAdapter", "BottleneckLayer", "adapter_sites"]
 
-_ACTIVATIONS = {
+ACTIVATIONS = {
     "relu": F.relu,
     "gelu": F.gelu,
     "gelu_new": lambda t: F.gelu(t, approximate="tanh"),  # GPT-2's tanh form
@@ -64,8 +64,8 @@ class BottleneckAdapter(nn.Module):
     def __init__(self, d: int, reduction_factor: int = 16, non_linearity: str = "relu",
                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        if non_linearity not in _ACTIVATIONS:
-            raise ValueError(f"non_linearity must be one of {sorted(_ACTIVATIONS)}, got {non_linearity!r}")
+        if non_linearity not in ACTIVATIONS:
+            raise ValueError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {non_linearity!r}")
         if isinstance(reduction_factor, bool) or not isinstance(reduction_factor, int) or reduction_factor <= 0:
             raise ValueError(f"reduction_factor must be a positive int, got {reduction_factor!r}")
         m = d // reduction_factor
@@ -83,7 +83,7 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.adapter_up.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        z = _ACTIVATIONS[self.non_linearity](self.adapter_down(h))  # (…, m)
+        z = ACTIVATIONS[self.non_linearity](self.adapter_down(h))  # (…, m)
         return h + self.adapter_up(z)  # (…, d)
 
     def extra_repr(self) -> str:

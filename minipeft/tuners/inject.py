@@ -34,6 +34,7 @@ import dataclasses
 import importlib
 import re
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -648,6 +649,16 @@ class PeftModel(nn.Module):
         from minipeft.tuners import io
 
         io.save_adapter(self, directory, adapter_name, **kwargs)
+
+    def save_pretrained(self, directory: str, **kwargs: Any) -> None:
+        """Save every adapter, as HF peft lays them out: "default" in `directory` itself, each other adapter
+        in `directory/<name>/` (the same two files `save_adapter` writes). The frozen base is not saved.
+        Keyword arguments (`format=`, …) go to `save_adapter`."""
+        from minipeft.tuners import io
+
+        for name in self.peft_config:
+            target = Path(directory) if name == "default" else Path(directory) / name
+            io.save_adapter(self, target, name, **kwargs)
 
     def load_adapter(self, directory: str, adapter_name: str = "default", **kwargs: Any) -> None:
         """Inject the adapter stored in `directory` as `adapter_name`, not activated (see minipeft.tuners.io)."""
