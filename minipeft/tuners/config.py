@@ -5,13 +5,27 @@ config knows its method name, serialises to the `adapter_config.json` stored bes
 and is rebuilt from it with `PeftConfig.from_dict`. Names and defaults follow HF peft where it has the
 same method, so a peft user reads them without a dictionary. Objects that cannot be stored (a tokenizer)
 are used when the adapter is created and never saved.
+
+A config checks every field when it is created (`__post_init__` → `validate`), so the modules built from it
+trust it and check nothing again: this file is the one home of each rule. A value of the wrong type raises
+TypeError (`r=2.0`, `lora_alpha="16"`, `use_rslora="no"`; a bool is not an int), a value of the right type
+that is not allowed raises ValueError (`r=0`, `lora_dropout=1.0`, a NaN or an infinity). Each message names
+the field as `Class.field`, what it got and what it expects. One private helper per kind of check
+(`_check_positive_int`, `_check_real`, `_check_probability`, ...) writes each rule once. A few values are
+normalised as they are checked: a tuple of target modules is stored as a list, numpy scalars as Python ones,
+so that `to_dict()` is plain JSON and `PeftConfig.from_dict(c.to_dict()) == c`.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
+
+from minipeft.tuners.bottleneck import ACTIVATIONS
 
 
 @dataclass
@@ -25,7 +39,7 @@ class PeftConfig:
     def __post_init__(self) -> None:
         self.validate()
 
-    def validate(self) -> None:  # overridden by each method
+    def validate(self) -> None:  # overridden by each method: check every field, normalise a few (see above)
         pass
 
     def to_dict(self) -> dict[str, Any]:
@@ -34,9 +48,11 @@ class PeftConfig:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> PeftConfig:
+        if not isinstance(d, dict):
+            raise TypeError(f"PeftConfig.from_dict expects a dict (a parsed adapter_config.json), {_got(d)}")
         d = dict(d)
         method = d.pop("method", None)
-        if method not in CONFIGS:
+        if not isinstance(method, str) or method not in CONFIGS:
             raise ValueError(f"unknown PEFT method {method!r} in config; known: {', '.join(CONFIGS)}")
         cls = CONFIGS[method]
         known = {f.name for f in fields(cls)}
@@ -46,38 +62,153 @@ class PeftConfig:
         return cls(**d)
 
 
-def _check_positive_int(owner: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{owner}.{name} must be a positive int, got {value!r}")
+# ------------------------------------------------------------------------------------------------ checks
+# Each helper reads `config.<name>`, raises TypeError / ValueError naming `Class.name`, and returns the value
+# to store (the same value, or its plain-Python form).
+
+
+def _field(config: PeftConfig, name: str) -> tuple[str, Any]:
+    return f"{type(config).__name__}.{name}", getattr(config, name)
+
+
+def _got(value: Any) -> str:
+    return f"got {value!r} ({type(value).__name__})"
+
+
+def _check_positive_int(config: PeftConfig, name: str) -> int:
+    where, value = _field(config, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # True is an int to Python, not here
+        raise TypeError(f"{where} must be a positive int, {_got(value)}")
+    if value <= 0:
+        raise ValueError(f"{where} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _check_optional_positive_int(config: PeftConfig, name: str) -> int | None:
+    return None if getattr(config, name) is None else _check_positive_int(config, name)
+
+
+def _check_real(config: PeftConfig, name: str, *, nonzero: bool = False) -> int | float:
+    """A finite int or float (ints stay ints, so 16 is saved as 16); with `nonzero`, 0 is refused too."""
+    where, value = _field(config, name)
+    expected = "a finite, non-zero real number (int or float)" if nonzero else "a finite real number (int or float)"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where} must be {expected}, {_got(value)}")
+    if not math.isfinite(value) or (nonzero and value == 0):
+        raise ValueError(f"{where} must be {expected}, got {value!r}")
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def _check_probability(config: PeftConfig, name: str) -> int | float:
+    """A dropout probability: finite, in [0, 1) (p = 1 would drop everything)."""
+    value = _check_real(config, name)
+    if not 0 <= value < 1:
+        raise ValueError(f"{type(config).__name__}.{name} must be in [0, 1), got {value!r}")
+    return value
+
+
+def _check_bool(config: PeftConfig, name: str) -> bool:
+    where, value = _field(config, name)
+    if not isinstance(value, bool):  # "no", 0 and 1 are refused: the intent of a string or an int is unclear
+        raise TypeError(f"{where} must be True or False, {_got(value)}")
+    return value
+
+
+def _check_choice(config: PeftConfig, name: str, choices: tuple[Any, ...]) -> Any:
+    """One of `choices`: a value of none of their types is a TypeError, another value of their type a ValueError."""
+    where, value = _field(config, name)
+    if not isinstance(value, tuple({type(c) for c in choices})):
+        raise TypeError(f"{where} must be one of {choices}, {_got(value)}")
+    if value not in choices:
+        raise ValueError(f"{where} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _check_optional_text(config: PeftConfig, name: str) -> str | None:
+    where, value = _field(config, name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{where} must be None or a non-empty str, {_got(value)}")
+    if not value:
+        raise ValueError(f"{where} must be None or a non-empty str, got ''")
+    return value
+
+
+def _check_target_modules(config: PeftConfig, name: str) -> str | list[str]:
+    """"all-linear", a regex (checked here by compiling it) or a non-empty list/tuple of names (stored as a list)."""
+    where, value = _field(config, name)
+    expected = "'all-linear', a non-empty regex string or a non-empty list of module names"
+    if isinstance(value, str):
+        if not value:
+            raise ValueError(f"{where} must be {expected}, got ''")
+        if value != "all-linear":
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise ValueError(f"{where} {value!r} is not a valid regular expression: {e}") from e
+        return value
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{where} must be {expected}, {_got(value)}")
+    if not value:
+        raise ValueError(f"{where} must name at least one module (or be 'all-linear'), got {value!r}")
+    for item in value:
+        if not isinstance(item, str):
+            raise TypeError(f"{where} must hold module names (str), got {item!r} ({type(item).__name__}) in {value!r}")
+        if not item:
+            raise ValueError(f"{where} must hold non-empty module names, got '' in {value!r}")
+    return list(value)
+
+
+def _check_base_model(config: PeftConfig, name: str = "base_model") -> dict[str, Any] | None:
+    """None (not yet injected) or the base's fingerprint: a dict of JSON values, as GPTConfig.to_dict() gives."""
+    where, value = _field(config, name)
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise TypeError(f"{where} must be None or a dict with str keys (a GPTConfig.to_dict()), {_got(value)}")
+    try:
+        json.dumps(value, allow_nan=False)
+    except TypeError as e:
+        raise TypeError(f"{where} must hold JSON values only, got {value!r}: {e}") from e
+    except ValueError as e:
+        raise ValueError(f"{where} must hold finite numbers only, got {value!r}") from e
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ configs
 
 
 @dataclass
 class LoraConfig(PeftConfig):
-    """LoRA: W₀x + (α/r)·B·A·x on each targeted Linear (α/√r with rsLoRA)."""
+    """LoRA: W₀x + (α/r)·B·A·x on each targeted Linear (α/√r with rsLoRA).
+
+    `lora_alpha` may be any finite real number except 0, as in peft: a negative α only flips the sign of B·A
+    (which training can undo), while α = 0 multiplies the update by zero and, since B's gradient is scaled
+    by α too, nothing would ever train. `target_modules`: matched by minipeft.targets.find_target_modules.
+    """
 
     method: ClassVar[str] = "lora"
     kind: ClassVar[str] = "layer"
     r: int = 8
-    lora_alpha: float = 8
+    lora_alpha: float = 8  # an int is fine and is stored as given
     lora_dropout: float = 0.0
     target_modules: list[str] | str = field(default_factory=lambda: ["c_attn"])
     use_rslora: bool = False
     # True: Kaiming-uniform A, zero B; "gaussian": A ~ N(0, 1/r), zero B; False: random B too (not identity)
     init_lora_weights: bool | str = True
-    bias: str = "none"
+    bias: str = "none"  # the only choice: biases stay frozen
     base_model: dict | None = None
 
     def validate(self) -> None:
-        _check_positive_int("LoraConfig", "r", self.r)
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got "
-                             f"{self.init_lora_weights!r}")
-        if self.bias != "none":
-            raise ValueError(f"LoraConfig.bias: only 'none' is supported (biases stay frozen), got {self.bias!r}")
-        if not self.target_modules:
-            raise ValueError("LoraConfig.target_modules must name at least one module (or 'all-linear')")
+        self.r = _check_positive_int(self, "r")
+        self.lora_alpha = _check_real(self, "lora_alpha", nonzero=True)
+        self.lora_dropout = _check_probability(self, "lora_dropout")
+        self.target_modules = _check_target_modules(self, "target_modules")
+        self.use_rslora = _check_bool(self, "use_rslora")
+        self.init_lora_weights = _check_choice(self, "init_lora_weights", (True, False, "gaussian"))
+        self.bias = _check_choice(self, "bias", ("none",))
+        self.base_model = _check_base_model(self)
 
     @property
     def scaling(self) -> float:
@@ -85,13 +216,12 @@ class LoraConfig(PeftConfig):
 
 
 ADAPTER_ARCHITECTURES = ("pfeiffer", "houlsby")
-NON_LINEARITIES = ("relu", "gelu", "gelu_new", "swish", "tanh")
 
 
 @dataclass
 class AdapterConfig(PeftConfig):
     """A bottleneck adapter: h + up(f(down(h))). Pfeiffer: after each block's FFN; Houlsby: after attention
-    and after the FFN."""
+    and after the FFN. `non_linearity` is a key of bottleneck.ACTIVATIONS, the one list of them."""
 
     method: ClassVar[str] = "bottleneck"
     kind: ClassVar[str] = "layer"
@@ -101,20 +231,15 @@ class AdapterConfig(PeftConfig):
     base_model: dict | None = None
 
     def validate(self) -> None:
-        if self.architecture not in ADAPTER_ARCHITECTURES:
-            raise ValueError(f"AdapterConfig.architecture must be one of {ADAPTER_ARCHITECTURES}, got "
-                             f"{self.architecture!r}")
-        _check_positive_int("AdapterConfig", "reduction_factor", self.reduction_factor)
-        if self.non_linearity not in NON_LINEARITIES:
-            raise ValueError(f"AdapterConfig.non_linearity must be one of {NON_LINEARITIES}, got "
-                             f"{self.non_linearity!r}")
+        self.architecture = _check_choice(self, "architecture", ADAPTER_ARCHITECTURES)
+        self.reduction_factor = _check_positive_int(self, "reduction_factor")
+        self.non_linearity = _check_choice(self, "non_linearity", tuple(ACTIVATIONS))
+        self.base_model = _check_base_model(self)
 
     @classmethod
     def load(cls, name: str, **overrides: Any) -> AdapterConfig:
         """The `adapters` library's spelling: AdapterConfig.load("pfeiffer", reduction_factor=16)."""
-        if name not in ADAPTER_ARCHITECTURES:
-            raise ValueError(f"unknown adapter architecture {name!r}; available: {', '.join(ADAPTER_ARCHITECTURES)}")
-        return cls(architecture=name, **overrides)
+        return cls(architecture=name, **overrides)  # the constructor checks the name
 
 
 @dataclass
@@ -129,9 +254,10 @@ class PrefixTuningConfig(PeftConfig):
     base_model: dict | None = None
 
     def validate(self) -> None:
-        _check_positive_int("PrefixTuningConfig", "num_virtual_tokens", self.num_virtual_tokens)
-        if self.encoder_hidden_size is not None:
-            _check_positive_int("PrefixTuningConfig", "encoder_hidden_size", self.encoder_hidden_size)
+        self.num_virtual_tokens = _check_positive_int(self, "num_virtual_tokens")
+        self.prefix_projection = _check_bool(self, "prefix_projection")
+        self.encoder_hidden_size = _check_optional_positive_int(self, "encoder_hidden_size")
+        self.base_model = _check_base_model(self)
 
 
 PROMPT_INITS = ("TEXT", "RANDOM", "SAMPLE_VOCAB")
@@ -145,17 +271,23 @@ class PromptTuningConfig(PeftConfig):
     kind: ClassVar[str] = "input"
     num_virtual_tokens: int = 20
     prompt_tuning_init: str = "RANDOM"
-    prompt_tuning_init_text: str | None = None
-    tokenizer: Any = field(default=None, repr=False, metadata={"save": False})  # used at init, never saved
+    prompt_tuning_init_text: str | None = None  # required by "TEXT", ignored (and kept) by the others, as in peft
+    # anything with .encode(str) -> token ids; used at init, never saved
+    tokenizer: Any = field(default=None, repr=False, metadata={"save": False})
     base_model: dict | None = None
 
     def validate(self) -> None:
-        _check_positive_int("PromptTuningConfig", "num_virtual_tokens", self.num_virtual_tokens)
-        if self.prompt_tuning_init not in PROMPT_INITS:
-            raise ValueError(f"PromptTuningConfig.prompt_tuning_init must be one of {PROMPT_INITS}, got "
-                             f"{self.prompt_tuning_init!r}")
-        if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_text:
-            raise ValueError("PromptTuningConfig.prompt_tuning_init_text is required when prompt_tuning_init='TEXT'")
+        self.num_virtual_tokens = _check_positive_int(self, "num_virtual_tokens")
+        self.prompt_tuning_init = _check_choice(self, "prompt_tuning_init", PROMPT_INITS)
+        self.prompt_tuning_init_text = _check_optional_text(self, "prompt_tuning_init_text")
+        if self.prompt_tuning_init == "TEXT" and self.prompt_tuning_init_text is None:
+            raise ValueError("PromptTuningConfig.prompt_tuning_init_text (the text whose token embeddings start the "
+                             "prompt) is required when prompt_tuning_init='TEXT', got None")
+        if self.tokenizer is not None and not callable(getattr(self.tokenizer, "encode", None)):
+            raise TypeError(f"PromptTuningConfig.tokenizer must be None or have an encode(text) method, "
+                            f"{_got(self.tokenizer)}")
+        self.base_model = _check_base_model(self)
+
 
 ENCODER_TYPES = ("MLP", "LSTM")
 
@@ -169,19 +301,17 @@ class PTuningConfig(PeftConfig):
     num_virtual_tokens: int = 20
     encoder_reparameterization_type: str = "MLP"
     encoder_hidden_size: int = 128
-    encoder_num_layers: int = 2
+    encoder_num_layers: int = 2  # the LSTM's layers; the MLP always has three Linears, as in peft
     encoder_dropout: float = 0.0
     base_model: dict | None = None
 
     def validate(self) -> None:
-        _check_positive_int("PTuningConfig", "num_virtual_tokens", self.num_virtual_tokens)
-        _check_positive_int("PTuningConfig", "encoder_hidden_size", self.encoder_hidden_size)
-        _check_positive_int("PTuningConfig", "encoder_num_layers", self.encoder_num_layers)
-        if self.encoder_reparameterization_type not in ENCODER_TYPES:
-            raise ValueError(f"PTuningConfig.encoder_reparameterization_type must be one of {ENCODER_TYPES}, "
-                             f"got {self.encoder_reparameterization_type!r}")
-        if not 0.0 <= self.encoder_dropout < 1.0:
-            raise ValueError(f"PTuningConfig.encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}")
+        self.num_virtual_tokens = _check_positive_int(self, "num_virtual_tokens")
+        self.encoder_reparameterization_type = _check_choice(self, "encoder_reparameterization_type", ENCODER_TYPES)
+        self.encoder_hidden_size = _check_positive_int(self, "encoder_hidden_size")
+        self.encoder_num_layers = _check_positive_int(self, "encoder_num_layers")
+        self.encoder_dropout = _check_probability(self, "encoder_dropout")
+        self.base_model = _check_base_model(self)
 
 
 CONFIGS: dict[str, type[PeftConfig]] = {
