@@ -12,10 +12,13 @@ target names and adapter files line up. Papers: GPT-2, Radford et al. 2019,
 https://cdn.openai.com/better-language-models/language_models_are_unsupervised_multitask_learners.pdf;
 the layout follows nanoGPT (https://github.com/karpathy/nanoGPT).
 
-Two extension points serve the PEFT methods without this file knowing about them:
-- `inputs_embeds` lets prompt tuning prepend virtual-token embeddings;
+Two extension points serve the PEFT methods without this file knowing about them (the input-adapter
+protocol, minipeft/tuners/input_adapter.py, says what each method hands over):
+- `prompt_embeds` lets prompt tuning and P-tuning put n virtual-token embeddings in front of the input;
+  they take positions 0 … n−1, and logits and loss cover the real tokens only;
 - `KVCache` lets prefix tuning put learned key/value pairs in front of every layer's cache, and makes
   `generate()` cheap: each new token attends to the cached keys instead of recomputing them.
+Either way the virtual tokens use up positions, so n + T ≤ block_size: `check_length` is that rule.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from minipeft.checkpoint import save_json, save_safetensors
 
 
 @dataclass
@@ -212,13 +218,17 @@ class GPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         *,
         inputs_embeds: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) and the loss (or None). See the class docstring for the contract.
 
-        inputs_embeds (B, T, C) replaces `wte[idx]` (prompt tuning prepends virtual tokens this way);
+        inputs_embeds (B, T, C) replaces `wte[idx]`.
+        prompt_embeds (n, C) or (B, n, C): virtual tokens put in front of the input (prompt tuning). They
+            take positions 0 … n−1, every real token attends to them, and their logits are cut off: logits
+            stay (B, T, vocab) and targets (B, T).
         kv_cache, when given, holds earlier keys/values (a prefix, or tokens already generated) and is
-        extended in place with this call's tokens.
+            extended in place with this call's tokens.
         """
         if (idx is None) == (inputs_embeds is None):
             raise ValueError("GPT.forward needs exactly one of idx or inputs_embeds")
@@ -233,21 +243,23 @@ class GPT(nn.Module):
             tok_emb = inputs_embeds
         B, T, _ = tok_emb.shape
         valid = self._check_mask(attention_mask, B, T, tok_emb.device)  # (B, T) bool or None
+        n_virtual = 0
+        if prompt_embeds is not None:
+            tok_emb, valid = self._prepend(prompt_embeds, tok_emb, valid)  # (B, n+T, C), (B, n+T) or None
+            n_virtual = prompt_embeds.shape[-2]
 
         # Positions count real tokens only, so a padded sequence gets the positions it would get alone.
         seen = kv_cache.seen if kv_cache is not None else torch.zeros(B, dtype=torch.long, device=tok_emb.device)
+        L = tok_emb.shape[1]  # n_virtual + T
         if valid is None:
-            pos = seen[:, None] + torch.arange(T, device=tok_emb.device)  # (B, T)
+            pos = seen[:, None] + torch.arange(L, device=tok_emb.device)  # (B, L)
         else:
-            pos = seen[:, None] + (valid.long().cumsum(dim=1) - 1).clamp_min(0)  # (B, T)
-        last = int(pos.max()) if pos.numel() else 0
-        if last >= self.config.block_size:
-            raise ValueError(
-                f"sequence too long: positions up to {last} but block_size is {self.config.block_size} "
-                f"(T={T}, already in cache: {int(seen.max()) if B else 0})"
-            )
+            pos = seen[:, None] + (valid.long().cumsum(dim=1) - 1).clamp_min(0)  # (B, L)
+        if pos.numel():
+            self.check_length(int(pos.max()) + 1, detail=f"{int(seen.max())} cached + {n_virtual} virtual + "
+                                                          f"{T} input tokens")
 
-        attn_mask = self._attention_mask(valid, kv_cache, B, T, tok_emb.device)
+        attn_mask = self._attention_mask(valid, kv_cache, B, L, tok_emb.device)
         x = self.transformer.drop(tok_emb + self.transformer.wpe(pos))
         for layer, block in enumerate(self.transformer.h):
             x = block(x, attn_mask, kv_cache, layer)
@@ -255,9 +267,10 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, vocab)
 
         if kv_cache is not None:  # record what this call added to the cache
-            new_valid = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+            new_valid = valid if valid is not None else torch.ones(B, L, dtype=torch.bool, device=x.device)
             kv_cache.valid = torch.cat([kv_cache.valid, new_valid], dim=1)
             kv_cache.seen = kv_cache.seen + new_valid.sum(dim=1)
+        logits = logits[:, n_virtual:]  # (B, T, vocab): real tokens only
 
         loss = None
         if targets is not None:
@@ -265,6 +278,29 @@ class GPT(nn.Module):
                 raise ValueError(f"targets must have shape {(B, T)} like the input, got {tuple(targets.shape)}")
             loss = F.cross_entropy(logits.float().reshape(B * T, -1), targets.reshape(B * T), ignore_index=-100)
         return logits, loss
+
+    def check_length(self, positions: int, detail: str = "") -> None:
+        """The one length rule: a sequence uses `positions` positions — cached tokens (a prefix, or tokens
+        already generated) and virtual tokens (a soft prompt) included — and the model has block_size of them.
+        `detail` says what the positions are made of, for the error message."""
+        if positions > self.config.block_size:
+            raise ValueError(f"sequence too long: {positions} positions ({detail}) but the model's block_size is "
+                             f"{self.config.block_size}; shorten the input (or lower num_virtual_tokens)")
+
+    def _prepend(
+        self, prompt_embeds: torch.Tensor, tok_emb: torch.Tensor, valid: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[P ; tok_emb] (B, n+T, C) and the mask with the n virtual tokens marked valid."""
+        B = tok_emb.shape[0]
+        if prompt_embeds.dim() not in (2, 3) or prompt_embeds.shape[-1] != self.config.n_embd:
+            raise ValueError(f"prompt_embeds must be (n, {self.config.n_embd}) or (B, n, {self.config.n_embd}), "
+                             f"got {tuple(prompt_embeds.shape)}")
+        prompt = (prompt_embeds if prompt_embeds.dim() == 3 else prompt_embeds[None]).expand(B, -1, -1)  # (B, n, C)
+        emb = torch.cat([prompt.to(tok_emb.dtype), tok_emb], dim=1)  # (B, n+T, C)
+        if valid is None:
+            return emb, None
+        ones = torch.ones(B, prompt.shape[1], dtype=torch.bool, device=valid.device)
+        return emb, torch.cat([ones, valid], dim=1)  # (B, n+T)
 
     def _check_idx(self, idx: torch.Tensor) -> torch.Tensor:
         if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.long, torch.int32, torch.int64):
@@ -344,23 +380,11 @@ class GPT(nn.Module):
         B, T = idx.shape
         n_prompt = 0 if prompt_embeds is None else prompt_embeds.shape[-2]
         n_cache = 0 if kv_cache is None else int(kv_cache.seen.max())
-        total = n_cache + n_prompt + T + max_new_tokens
-        if total > self.config.block_size:
-            raise ValueError(
-                f"prompt plus generation is {total} positions ({n_cache} cached + {n_prompt} virtual + {T} "
-                f"prompt + {max_new_tokens} new) but block_size is {self.config.block_size}"
-            )
+        self.check_length(n_cache + n_prompt + T + max_new_tokens,
+                          detail=f"{n_cache} cached + {n_prompt} virtual + {T} prompt + {max_new_tokens} new tokens")
         cache = kv_cache if kv_cache is not None else KVCache(self.config.n_layer, B, device=idx.device)
         mask = attention_mask if attention_mask is not None else torch.ones_like(idx)
-        if prompt_embeds is None:
-            logits, _ = self(idx, attention_mask=mask, kv_cache=cache)
-        else:
-            emb = prompt_embeds if prompt_embeds.dim() == 3 else prompt_embeds[None]
-            emb = emb.expand(B, -1, -1).to(self.transformer.wte.weight.dtype)
-            tok = self.transformer.wte(idx)
-            inputs = torch.cat([emb, tok], dim=1)  # (B, n+T, C)
-            full_mask = torch.cat([torch.ones(B, n_prompt, dtype=mask.dtype, device=mask.device), mask], dim=1)
-            logits, _ = self(inputs_embeds=inputs, attention_mask=full_mask, kv_cache=cache)
+        logits, _ = self(idx, attention_mask=mask, kv_cache=cache, prompt_embeds=prompt_embeds)
 
         out = idx
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
@@ -395,15 +419,18 @@ class GPT(nn.Module):
         The files load back with `GPT.from_pretrained` and with transformers' `GPT2LMHeadModel`. The tied
         lm_head is not stored; the Conv1D projections are stored (in, out), as GPT-2 does.
         """
-        from minipeft.checkpoint import save_json, save_safetensors
-
         if not self.config.bias:
             raise ValueError("save_pretrained writes GPT-2's format, which has biases; this model has bias=False")
         c = self.config
-        wrapped = [k for k in self.state_dict() if ".base_layer." in k or "lora_" in k or "adapter" in k]
-        if wrapped:
-            raise ValueError(f"save_pretrained: this GPT has PEFT adapters injected (e.g. {wrapped[0]!r}); save the "
-                             "adapter with PeftModel.save_adapter, or call merge_and_unload() / unload() first")
+        with torch.device("meta"):  # a plain GPT's keys, without allocating its weights
+            plain = set(GPT(c).state_dict())
+        keys = set(self.state_dict())
+        if keys != plain:
+            extra, missing = sorted(keys - plain), sorted(plain - keys)
+            raise ValueError(f"save_pretrained: this GPT is not a plain GPT-2 any more (tensors it should not have: "
+                             f"{extra[:3]}; tensors it lacks: {missing[:3]}): adapters are injected or layers are "
+                             "quantized. Save adapters with PeftModel.save_pretrained / save_adapter, or call "
+                             "merge_and_unload() / unload() first")
         tensors = {}
         for key, value in self.state_dict().items():
             if key == "lm_head.weight":
@@ -425,8 +452,6 @@ class GPT(nn.Module):
         stores its projections as Conv1D with weight (in, out), so those four are transposed into
         nn.Linear's (out, in); every shape is checked before copying.
         """
-        from safetensors.torch import load_file  # local import: only this path needs it
-
         directory = Path(directory)
         if not directory.is_dir():
             raise ValueError(f"from_pretrained directory {str(directory)!r} does not exist or is not a directory")

@@ -333,9 +333,8 @@ def test_adapter_state_dict_keys_and_round_trip():
 
 
 def test_input_adapters_dispatch_prompt_embeds(monkeypatch):
-    """The "input" protocol, with a stand-in module: prompt embeddings go first, logits cover real tokens."""
-    import sys
-    import types
+    """The input-adapter protocol, with a stand-in module: prompt embeddings go first, logits cover real tokens."""
+    from minipeft.tuners import inject
 
     class FakePrompt(nn.Module):
         num_virtual_tokens = 3
@@ -344,13 +343,15 @@ def test_input_adapters_dispatch_prompt_embeds(monkeypatch):
             super().__init__()
             self.prompt_embeddings = nn.Parameter(torch.randn(3, model.config.n_embd))
 
-        def prepare(self, model, idx, attention_mask):
+        def prepare(self, model, batch_size):
             return {"prompt_embeds": self.prompt_embeddings}
 
-    fake = types.ModuleType("minipeft.tuners.prompt")
-    fake.create_input_adapter = FakePrompt
-    monkeypatch.setitem(sys.modules, "minipeft.tuners.prompt", fake)
+        def fold(self):
+            return self
+
     from minipeft.tuners import PromptTuningConfig
+
+    monkeypatch.setitem(inject._INPUT_ADAPTERS, PromptTuningConfig, FakePrompt)
 
     m = small_gpt()
     pm = get_peft_model(m, PromptTuningConfig(num_virtual_tokens=3))
@@ -360,6 +361,7 @@ def test_input_adapters_dispatch_prompt_embeds(monkeypatch):
     emb = torch.cat([pm.prompt_encoders["default"].prompt_embeddings.expand(2, -1, -1), m.transformer.wte(idx)], 1)
     assert_close(logits, m(inputs_embeds=emb)[0][:, 3:])
     assert pm.print_trainable_parameters() is None and pm.get_nb_trainable_parameters()[0] == 3 * 32
+    assert isinstance(pm.prompt_encoders["default"], FakePrompt)
     assert set(pm.adapter_state_dict("default")) == {"prompt_embeddings"}
     out = pm.generate(idx, max_new_tokens=2)
     assert out.shape == (2, 13)

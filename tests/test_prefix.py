@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from tolerances import assert_close
 
 from minipeft.model import GPT, GPTConfig, KVCache
+from minipeft.tuners import get_peft_model
 from minipeft.tuners.config import PrefixTuningConfig
 from minipeft.tuners.prefix import PrefixEncoder, create_input_adapter, real_token_init
 
@@ -28,11 +29,11 @@ def random_prefix(model: GPT, n: int, seed: int = 1, scale: float = 1.0) -> Pref
     c = model.config
     g = torch.Generator().manual_seed(seed)
     init = torch.randn(n, c.n_layer * 2 * c.n_embd, generator=g) * scale
-    return PrefixEncoder(n, c.n_layer, c.n_head, c.n_embd, init=init, block_size=c.block_size)
+    return PrefixEncoder(n, c.n_layer, c.n_head, c.n_embd, init=init)
 
 
 def prefix_logits(model: GPT, enc: PrefixEncoder, idx: torch.Tensor, mask: torch.Tensor | None = None):
-    return model(idx, attention_mask=mask, **enc.prepare(model, idx, mask))[0]
+    return model(idx, attention_mask=mask, **enc.prepare(model, idx.shape[0]))[0]
 
 
 def explicit_logits(model: GPT, idx: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]):
@@ -63,7 +64,7 @@ def test_flat_layout_is_peft_gpt2_layout():
     B, hs = 3, c.n_embd // c.n_head
     flat = enc.flat_prefix()[None].expand(B, -1, -1)  # (B, n, L·2·C)
     pkv = flat.reshape(B, 5, 2 * c.n_layer, c.n_head, hs).permute(2, 0, 3, 1, 4).split(2)
-    cache = enc.prepare(model, torch.zeros(B, 4, dtype=torch.long))["kv_cache"]
+    cache = enc.prepare(model, B)["kv_cache"]
     for layer in range(c.n_layer):
         torch.testing.assert_close(cache.keys[layer], pkv[layer][0], rtol=0, atol=0)
         torch.testing.assert_close(cache.values[layer], pkv[layer][1], rtol=0, atol=0)
@@ -155,7 +156,7 @@ def test_generate_with_prefix_equals_step_by_step_recomputation():
     model = small_gpt()
     enc = random_prefix(model, n=4)
     idx = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(4))
-    cache = enc.prepare(model, idx)["kv_cache"]
+    cache = enc.prepare(model, idx.shape[0])["kv_cache"]
     out = model.generate(idx, max_new_tokens=8, kv_cache=cache)
     seq = idx
     with torch.no_grad():
@@ -197,15 +198,15 @@ def test_bad_input_raises_value_errors_naming_the_argument():
             PrefixEncoder(bad, 2, 2, 32)
     with pytest.raises(ValueError, match="encoder_hidden_size"):
         PrefixEncoder(4, 2, 2, 32, prefix_projection=True, encoder_hidden_size=0)
-    with pytest.raises(ValueError, match="num_virtual_tokens"):
-        create_input_adapter(PrefixTuningConfig(num_virtual_tokens=64), model)  # == block_size: no room left
+    with pytest.raises(ValueError, match="block_size"):  # 64 == block_size: no room left for a real token
+        get_peft_model(copy.deepcopy(model), PrefixTuningConfig(num_virtual_tokens=64))
     with pytest.raises(ValueError, match="init"):
         PrefixEncoder(4, 2, 2, 32, init=torch.zeros(4, 10))
     enc = random_prefix(model, n=10)
-    with pytest.raises(ValueError, match=r"num_virtual_tokens \(10\) \+ input length \(60\)"):
-        enc.prepare(model, torch.zeros(1, 60, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"70 positions \(10 cached"):  # the one length rule, GPT.check_length
+        model(torch.zeros(1, 60, dtype=torch.long), **enc.prepare(model, 1))
     with pytest.raises(ValueError, match="n_layer"):
-        enc.prepare(small_gpt(n_layer=3), torch.zeros(1, 5, dtype=torch.long))
+        enc.prepare(small_gpt(n_layer=3), 1)
     with pytest.raises(ValueError, match="PrefixTuningConfig"):
         create_input_adapter(object(), model)
 

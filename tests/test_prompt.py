@@ -3,6 +3,8 @@ errors, HF-peft parity, and training through get_peft_model."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ from tolerances import assert_close
 
 from minipeft.model import GPT, GPTConfig
 from minipeft.tokenizer import ByteTokenizer
+from minipeft.tuners import get_peft_model
 from minipeft.tuners.config import PromptTuningConfig, PTuningConfig
 from minipeft.tuners.prompt import (
     PromptEmbedding,
@@ -31,7 +34,7 @@ def small_gpt(seed: int = 0, **overrides) -> GPT:
 def soft_prompt_logits(model: GPT, adapter, idx: torch.Tensor) -> torch.Tensor:
     """The contract's prompt path by hand: [P ; wte(idx)] through the model, real-token logits only."""
     n = adapter.num_virtual_tokens
-    prompt = adapter.prepare(model, idx, None)["prompt_embeds"]  # (n, C)
+    prompt = adapter.prepare(model, idx.shape[0])["prompt_embeds"]  # (n, C)
     emb = torch.cat([prompt[None].expand(idx.shape[0], -1, -1), model.transformer.wte(idx)], dim=1)
     return model(inputs_embeds=emb)[0][:, n:]
 
@@ -164,11 +167,11 @@ def test_bad_input_raises_value_errors_naming_the_argument():
         PTuningConfig(encoder_reparameterization_type="GRU")
     with pytest.raises(ValueError, match="tokenizer"):
         create_input_adapter(PromptTuningConfig(prompt_tuning_init="TEXT", prompt_tuning_init_text="hi"), model)
-    with pytest.raises(ValueError, match="num_virtual_tokens"):
-        create_input_adapter(PromptTuningConfig(num_virtual_tokens=64), model)  # == block_size
+    with pytest.raises(ValueError, match="block_size"):  # 64 == block_size: no room left for a real token
+        get_peft_model(copy.deepcopy(model), PromptTuningConfig(num_virtual_tokens=64))
     adapter = create_input_adapter(PromptTuningConfig(num_virtual_tokens=10), model)
-    with pytest.raises(ValueError, match=r"num_virtual_tokens \(10\) \+ input length \(55\)"):
-        adapter.prepare(model, torch.zeros(1, 55, dtype=torch.long), None)
+    with pytest.raises(ValueError, match=r"65 positions \(0 cached \+ 10 virtual"):  # GPT.check_length
+        model(torch.zeros(1, 55, dtype=torch.long), **adapter.prepare(model, 1))
 
 
 # ---------------------------------------------------------------- HF peft: same logits

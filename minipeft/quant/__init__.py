@@ -2,7 +2,7 @@
 
 QLoRA (https://arxiv.org/abs/2305.14314): store the frozen base weights as NF4 codes (~4.13 bits per
 parameter) and train LoRA adapters in 16 bits on top. ``nf4.py`` has the codebook and the math,
-``linear.py`` the layer.
+``linear.py`` the layer, ``requantize.py`` merging LoRA into a 4-bit base and what that costs.
 """
 
 from .linear import NF4Linear, quantize_model, weight_bytes_report
@@ -19,6 +19,7 @@ from .nf4 import (
     quantize_nf4,
     signed_dynamic_map,
 )
+from .requantize import merge_and_requantize
 
 __all__ = [
     "quantize_nf4",
@@ -26,6 +27,7 @@ __all__ = [
     "NF4Weight",
     "NF4Linear",
     "quantize_model",
+    "merge_and_requantize",
     "weight_bytes_report",
     "NF4_CODEBOOK",
     "NF4_VALUES",

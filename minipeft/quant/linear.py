@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minipeft.targets import ALL_LINEAR, find_target_modules, is_lm_head, set_submodule, tied_parameter_ids
+
 from .nf4 import DQ_BLOCKSIZE, NF4Weight, _check_blocksize, _codebooks, dequantize_nf4, nf4_nbytes, quantize_nf4
 
 __all__ = ["NF4Linear", "quantize_model", "weight_bytes_report"]
@@ -180,18 +182,6 @@ class NF4Linear(nn.Module):
         )
 
 
-def _is_lm_head(name: str) -> bool:
-    return name == "lm_head" or name.endswith(".lm_head")
-
-
-def _shared_weights(model: nn.Module) -> set[int]:
-    """ids of parameters reachable under more than one name (tied weights, e.g. lm_head ↔ token embedding)."""
-    seen: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        seen[id(p)] = seen.get(id(p), 0) + 1
-    return {pid for pid, count in seen.items() if count > 1}
-
-
 def quantize_model(
     model: nn.Module,
     target_modules: str | Sequence[str] = "all-linear",
@@ -204,58 +194,43 @@ def quantize_model(
     large model never needs two copies); the return value is for chaining.
 
     Args:
-        target_modules: ``"all-linear"`` (every nn.Linear except one named ``lm_head``), or a list of module
-            names matched like peft does: ``name == t`` or ``name.endswith("." + t)``.
+        target_modules: chosen exactly as LoRA's are (minipeft/targets.py): ``"all-linear"`` (every nn.Linear
+            except ``lm_head``), a list of names (``name == t`` or ``name.endswith("." + t)``) or a regex
+            string matched against the whole name. Layers already in NF4 are left as they are.
         blocksize, double_quant: as in ``quantize_nf4``.
 
     A Linear whose weight is tied to another parameter (GPT-2's ``lm_head`` shares the token embedding) is
-    never quantized: "all-linear" skips it, naming it explicitly raises. Raises ValueError when a named
-    target matches no nn.Linear.
+    never quantized: "all-linear" skips it, naming it explicitly raises. Raises ValueError when a target
+    matches no Linear, or selects a layer that already carries adapters (quantize first, then attach).
     """
     _check_blocksize(blocksize)
-    if isinstance(target_modules, str) and target_modules != "all-linear":
-        target_modules = [target_modules]
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name]
-    tied = _shared_weights(model)
-
-    if target_modules == "all-linear":
-        chosen = [(n, m) for n, m in linears if not _is_lm_head(n)]
-        skipped = [n for n, m in chosen if id(m.weight) in tied]
-        if skipped:
-            logger.info("quantize_model: leaving tied Linear layers unquantized: %s", skipped)
-        chosen = [(n, m) for n, m in chosen if id(m.weight) not in tied]
-    else:
-        targets = list(target_modules)
-        def matches(name: str) -> bool:
-            return any(name == t or name.endswith("." + t) for t in targets)
-        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in linears)]
-        if missing:
-            names = [n for n, _ in linears]
-            more = "..." if len(names) > 10 else ""
-            available = f"{names[:10]}{more}"
-            raise ValueError(f"target_modules {missing} not found among Linears; available: {available}")
-        chosen = [(n, m) for n, m in linears if matches(n)]
-        tied_chosen = [n for n, m in chosen if id(m.weight) in tied]
-        if tied_chosen:
-            raise ValueError(
-                f"target_modules selects {tied_chosen}, whose weight is tied to another parameter; "
-                "quantizing it would untie it (and quantize the embedding's copy too)"
-            )
-
-    for name, linear in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant))
+    chosen = [t for t in find_target_modules(model, target_modules) if not isinstance(t.module, NF4Linear)]
+    wrapped = [t.name for t in chosen if not isinstance(t.module, nn.Linear)]
+    if wrapped:
+        raise ValueError(f"target_modules selects {wrapped[:3]}, which already carry adapters; quantize the base "
+                         "model first, then attach the adapters")
+    tied = tied_parameter_ids(model)
+    tied_chosen = [t.name for t in chosen if id(t.module.weight) in tied]
+    if tied_chosen and target_modules == ALL_LINEAR:
+        logger.info("quantize_model: leaving tied Linear layers unquantized: %s", tied_chosen)
+    elif tied_chosen:
+        raise ValueError(
+            f"target_modules selects {tied_chosen}, whose weight is tied to another parameter; "
+            "quantizing it would untie it (and quantize the embedding's copy too)"
+        )
+    for name, raw, linear in chosen:
+        if id(linear.weight) not in tied:
+            set_submodule(model, raw, NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant))
     return model
 
 
 def _weights_to_quantize(model: nn.Module) -> Iterable[tuple[str, int]]:
     """(name, numel) of every weight that ``quantize_model(..., "all-linear")`` quantizes or has quantized."""
-    tied = _shared_weights(model)
+    tied = tied_parameter_ids(model)
     for name, m in model.named_modules():
         if isinstance(m, NF4Linear):
             yield name, m.in_features * m.out_features
-        elif isinstance(m, nn.Linear) and name and not _is_lm_head(name) and id(m.weight) not in tied:
+        elif isinstance(m, nn.Linear) and name and not is_lm_head(name) and id(m.weight) not in tied:
             yield name, m.weight.numel()
 
 

@@ -4,6 +4,7 @@ tuning, prompt tuning and P-tuning, as named adapters on one frozen GPT.
     pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"]))
 """
 
+from minipeft.targets import find_target_modules
 from minipeft.tuners.bottleneck import BottleneckAdapter, BottleneckLayer
 from minipeft.tuners.config import (
     AdapterConfig,
@@ -13,9 +14,11 @@ from minipeft.tuners.config import (
     PromptTuningConfig,
     PTuningConfig,
 )
-from minipeft.tuners.inject import PeftModel, find_target_modules, get_peft_model
-from minipeft.tuners.io import from_pretrained, load_adapter, save_adapter
-from minipeft.tuners.lora import LoraLinear
+from minipeft.tuners.inject import PeftModel, get_peft_model
+from minipeft.tuners.input_adapter import InputAdapter
+from minipeft.tuners.io import read_adapter, write_adapter
+from minipeft.tuners.layer import AdapterLayer
+from minipeft.tuners.lora import LoraLinear, combine_lora
 from minipeft.tuners.prefix import PrefixEncoder
 from minipeft.tuners.prompt import PromptEmbedding, PTuningEmbedding, nearest_tokens
 
@@ -29,14 +32,16 @@ __all__ = [
     "get_peft_model",
     "PeftModel",
     "find_target_modules",
+    "AdapterLayer",
+    "InputAdapter",
     "LoraLinear",
+    "combine_lora",
     "BottleneckAdapter",
     "BottleneckLayer",
     "PrefixEncoder",
     "PromptEmbedding",
     "PTuningEmbedding",
     "nearest_tokens",
-    "save_adapter",
-    "load_adapter",
-    "from_pretrained",
+    "read_adapter",
+    "write_adapter",
 ]

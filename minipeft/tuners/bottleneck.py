@@ -41,6 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minipeft.tuners.layer import AdapterLayer
+
 __all__ = ["ACTIVATIONS", "BottleneckAdapter", "BottleneckLayer", "adapter_sites"]
 
 ACTIVATIONS = {
@@ -90,32 +92,19 @@ class BottleneckAdapter(nn.Module):
         return f"non_linearity={self.non_linearity!r}"
 
 
-class BottleneckLayer(nn.Module):
+class BottleneckLayer(AdapterLayer):
     """A sublayer (block.attn or block.mlp) followed by its named bottleneck adapters, applied in order.
 
     forward(*args) = adapters(base_layer(*args)); `disabled` or no active adapter gives exactly
-    base_layer(*args). Unknown attribute reads go to the base layer.
+    base_layer(*args). Unknown attribute reads go to the base layer (see AdapterLayer).
     """
 
+    adapter_module_names = ("adapters",)
+
     def __init__(self, base_layer: nn.Module, d: int) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.d = d
         self.adapters = nn.ModuleDict()
-        self.active_adapters: list[str] = []
-        self.disabled = False
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.adapters.keys())
 
     def add_adapter(self, adapter_name: str, reduction_factor: int, non_linearity: str) -> None:
         if adapter_name in self.adapters:
@@ -124,10 +113,6 @@ class BottleneckLayer(nn.Module):
         device = p.device if p is not None else None
         dtype = p.dtype if p is not None and p.dtype.is_floating_point else None
         self.adapters[adapter_name] = BottleneckAdapter(self.d, reduction_factor, non_linearity, device, dtype)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        del self.adapters[adapter_name]
-        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
     def adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
         """{"adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias"}: no adapter name."""

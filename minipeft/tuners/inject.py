@@ -6,11 +6,12 @@ https://arxiv.org/abs/2303.15647). This module finds where φ goes and keeps tra
 
 - "layer" methods put modules inside the model. LoRA wraps the targeted Linear layers (`LoraLinear`,
   lora.py); bottleneck adapters wrap each block's `attn` / `mlp` sublayer (`BottleneckLayer`,
-  bottleneck.py). Targets are found as peft does: walk `named_modules()`, match a name, `get_submodule`
-  the parent, `setattr` the wrapper, which keeps the original as `base_layer`.
+  bottleneck.py). Both wrappers are `AdapterLayer`s (layer.py). Targets are found as peft does, by the one
+  matcher in minipeft/targets.py: walk `named_modules()`, match a name, `get_submodule` the parent,
+  `setattr` the wrapper, which keeps the original as `base_layer`.
 - "input" methods (prompt tuning, P-tuning, prefix tuning) act on the model's input. Each is a module in
-  `PeftModel.prompt_encoders`, made by the `create_input_adapter(config, model, tokenizer)` factory of its
-  method's file, and hands `GPT.forward` / `GPT.generate` extra keyword arguments through `prepare()`.
+  `PeftModel.prompt_encoders` that follows the input-adapter protocol (input_adapter.py): its `prepare()`
+  hands `GPT.forward` / `GPT.generate` virtual-token embeddings or a prefilled KV cache.
 
 The base model is wrapped **in place**, as peft does: `get_peft_model(model, ...)` replaces modules inside
 `model` itself and freezes its parameters (requires_grad=False); nothing is deep-copied, so a large model
@@ -18,131 +19,58 @@ never exists twice. Take `copy.deepcopy(model)` first if the plain model must st
 training, switching and deleting adapters never touches a base tensor; only `merge_adapter()` and
 `merge_and_unload()` change base weights, by design.
 
-Target matching (`target_modules`, LoRA):
+Target matching (`target_modules`, LoRA; see minipeft/targets.py):
 - a list of names: a Linear matches `t` if its name equals `t` or ends with "." + t
   (so "c_attn" finds every block's `attn.c_attn`, and "h.0.attn.c_attn" finds one);
 - a string other than "all-linear": a regular expression that must match the whole name (re.fullmatch);
 - "all-linear": every Linear except the output layer `lm_head`.
 Names are the plain model's (a wrapper's `base_layer` segment is left out). A target that matches no Linear
 raises a ValueError listing what is available.
+
+Files: `save_adapter` / `save_pretrained` / `load_adapter` / `from_pretrained` gather or place the tensors
+here and leave the file format (minipeft's or HF peft's) to io.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
-import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from minipeft import quant
+from minipeft.targets import (
+    find_target_modules,
+    is_linear_like,
+    named_layers,
+    set_submodule,
+    tied_parameter_ids,
+)
+from minipeft.tuners import io, prefix, prompt
 from minipeft.tuners.bottleneck import BottleneckLayer, adapter_sites
-from minipeft.tuners.config import AdapterConfig, LoraConfig, PeftConfig
-from minipeft.tuners.lora import LoraLinear, is_linear_like
+from minipeft.tuners.config import (
+    AdapterConfig,
+    LoraConfig,
+    PeftConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    PTuningConfig,
+)
+from minipeft.tuners.layer import AdapterLayer
+from minipeft.tuners.lora import COMBINATION_TYPES, LoraLinear, combine_lora
 
-__all__ = ["PeftModel", "get_peft_model", "find_target_modules", "COMBINATION_TYPES"]
+__all__ = ["PeftModel", "get_peft_model", "COMBINATION_TYPES"]
 
-COMBINATION_TYPES = ("cat", "linear")
-
-# "input" methods and the module whose create_input_adapter(config, model, tokenizer) builds them. Imported
-# on first use, so this file works before (or without) those modules.
-_INPUT_FACTORIES = {
-    "prompt": "minipeft.tuners.prompt",
-    "ptuning": "minipeft.tuners.prompt",
-    "prefix": "minipeft.tuners.prefix",
+# How each input method builds its module (the input-adapter protocol): factory(config, model, tokenizer).
+_INPUT_ADAPTERS: dict[type[PeftConfig], Callable[..., nn.Module]] = {
+    PrefixTuningConfig: prefix.create_input_adapter,
+    PromptTuningConfig: prompt.create_input_adapter,
+    PTuningConfig: prompt.create_input_adapter,
 }
-
-_LAYER_WRAPPERS = (LoraLinear, BottleneckLayer)
-
-
-def _clean_name(raw: str) -> str:
-    """The module's name in the plain model: wrappers' `base_layer` segments removed."""
-    parts = [p for p in raw.split(".") if p != "base_layer"]
-    return ".".join(parts)
-
-
-def _is_lm_head(name: str) -> bool:
-    return name == "lm_head" or name.endswith(".lm_head")
-
-
-def _linear_modules(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
-    """(clean name, raw name, module) of every Linear a LoRA adapter could wrap, in model order.
-
-    An existing LoraLinear counts as its base Linear; the Linears that belong to adapters (lora_A/lora_B,
-    adapter_down/adapter_up) are not candidates.
-    """
-    out, skip = [], []
-    for raw, module in model.named_modules():
-        if any(raw.startswith(p) for p in skip) or not raw:
-            continue
-        if isinstance(module, LoraLinear):
-            out.append((_clean_name(raw), raw, module))
-            skip.append(raw + ".")
-        elif isinstance(module, BottleneckLayer):
-            skip.append(raw + ".adapters.")
-        elif is_linear_like(module):
-            out.append((_clean_name(raw), raw, module))
-    return out
-
-
-def _available(names: list[str]) -> str:
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-    more = f", … ({len(names)} in all)" if len(names) > 8 else ""
-    return f"leaf names {leaves}; full names {names[:8]}{more}"
-
-
-def find_target_modules(
-    model: nn.Module, target_modules: str | Sequence[str]
-) -> list[tuple[str, str, nn.Module]]:
-    """The Linear layers `target_modules` selects, as (clean name, raw name, module); see the module docstring.
-
-    Raises ValueError when a name (or the regex) matches nothing, listing the available Linear names.
-    """
-    linears = _linear_modules(model)
-    names = [c for c, _, _ in linears]
-    if isinstance(target_modules, str):
-        if target_modules == "all-linear":
-            chosen = [t for t in linears if not _is_lm_head(t[0])]
-        else:
-            try:
-                pattern = re.compile(target_modules)
-            except re.error as e:
-                raise ValueError(f"target_modules {target_modules!r} is not a valid regular expression: {e}") from e
-            chosen = [t for t in linears if pattern.fullmatch(t[0])]
-            if not chosen:
-                raise ValueError(f"target_modules regex {target_modules!r} fully matches no Linear layer; "
-                                 f"available: {_available(names)}")
-        return chosen
-    targets = list(target_modules)
-    if not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ValueError(f"target_modules must be 'all-linear', a regex string or a list of names, got {targets!r}")
-
-    def hit(name: str, t: str) -> bool:
-        return name == t or name.endswith("." + t)
-
-    missing = [t for t in targets if not any(hit(n, t) for n in names)]
-    if missing:
-        raise ValueError(f"target_modules {missing} not found among the Linear layers; available: "
-                         f"{_available(names)}")
-    return [x for x in linears if any(hit(x[0], t) for t in targets)]
-
-
-def _set_submodule(root: nn.Module, raw_name: str, new: nn.Module) -> None:
-    parent_name, _, child = raw_name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
-def _shared_parameter_ids(model: nn.Module) -> set[int]:
-    seen: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        seen[id(p)] = seen.get(id(p), 0) + 1
-    return {pid for pid, n in seen.items() if n > 1}
 
 
 class PeftModel(nn.Module):
@@ -159,11 +87,11 @@ class PeftModel(nn.Module):
     Adapters: `add_adapter` (added, not active), `set_adapter` (a name or a list: only those are active and
     only their parameters require grad; layer adapters in a list stack in order, at most one input adapter),
     `train_adapter` / `set_active_adapters` (the `adapters` library's names) and `set_active_adapter`
-    (seed 000's) are the same call, `active_adapters`, `disable_adapter()` (the base model exactly),
-    `delete_adapter`, `add_weighted_adapter` (LoRA), `merge_adapter` / `unmerge_adapter` (LoRA, in place),
-    `merge_and_unload` (LoRA: returns a plain GPT), `unload`, `adapter_state_dict` / `load_adapter_state_dict`,
-    `get_nb_trainable_parameters`, `print_trainable_parameters`; files: `save_adapter`, `load_adapter`,
-    `from_pretrained` (in io.py).
+    (the PEFT course notes' spelling) are the same call, `active_adapters`, `disable_adapter()` (the base
+    model exactly), `delete_adapter`, `add_weighted_adapter` (LoRA), `merge_adapter` / `unmerge_adapter`
+    (LoRA, in place), `merge_and_unload` (LoRA: returns a plain GPT), `merge_and_requantize` (QLoRA),
+    `unload`, `adapter_state_dict` / `load_adapter_state_dict`, `get_nb_trainable_parameters`,
+    `print_trainable_parameters`; files: `save_adapter`, `save_pretrained`, `load_adapter`, `from_pretrained`.
 
     Unknown attribute reads fall through to the base model (`pm.config`, `pm.device`, `pm.transformer`).
     """
@@ -209,7 +137,7 @@ class PeftModel(nn.Module):
             self._inject_lora(adapter_name, config)
         elif isinstance(config, AdapterConfig):
             self._inject_bottleneck(adapter_name, config)
-        elif config.kind == "input":
+        elif type(config) in _INPUT_ADAPTERS:
             self.prompt_encoders[adapter_name] = self._create_input_adapter(config, tokenizer)
         else:
             raise ValueError(f"unknown PEFT method {config.method!r} for adapter {adapter_name!r}")
@@ -217,11 +145,10 @@ class PeftModel(nn.Module):
         self._set_trainable()
 
     def _inject_lora(self, adapter_name: str, config: LoraConfig) -> None:
-        targets = find_target_modules(self.base_model, config.target_modules)
-        for _clean, raw, module in targets:
+        for _name, raw, module in find_target_modules(self.base_model, config.target_modules):
             if not isinstance(module, LoraLinear):
                 module = LoraLinear(module)
-                _set_submodule(self.base_model, raw, module)
+                set_submodule(self.base_model, raw, module)
             module.add_adapter(adapter_name, config.r, config.lora_alpha, config.lora_dropout,
                                config.init_lora_weights, config.use_rslora)
 
@@ -230,25 +157,19 @@ class PeftModel(nn.Module):
         if d // config.reduction_factor < 1:
             raise ValueError(f"AdapterConfig.reduction_factor={config.reduction_factor} leaves no bottleneck "
                              f"for n_embd={d}; use reduction_factor <= {d}")
-        for block in self.base_model.transformer.h:
-            for site in adapter_sites(config.architecture):
-                layer = getattr(block, site)
-                if not isinstance(layer, BottleneckLayer):
-                    layer = BottleneckLayer(layer, d)
-                    setattr(block, site, layer)
-                layer.add_adapter(adapter_name, config.reduction_factor, config.non_linearity)
+        sites = find_target_modules(self.base_model, list(adapter_sites(config.architecture)),
+                                    candidates=named_layers(self.base_model))  # every block's attn / mlp
+        for _name, raw, layer in sites:
+            if not isinstance(layer, BottleneckLayer):
+                layer = BottleneckLayer(layer, d)
+                set_submodule(self.base_model, raw, layer)
+            layer.add_adapter(adapter_name, config.reduction_factor, config.non_linearity)
 
     def _create_input_adapter(self, config: PeftConfig, tokenizer: Any) -> nn.Module:
-        module_name = _INPUT_FACTORIES.get(config.method)
-        if module_name is None:
-            raise ValueError(f"unknown input PEFT method {config.method!r}; known: {sorted(_INPUT_FACTORIES)}")
-        try:
-            factory = importlib.import_module(module_name).create_input_adapter
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"{config.method!r} adapters need {module_name}.create_input_adapter, which is "
-                             f"not available: {e}") from e
+        n = config.num_virtual_tokens
+        self.base_model.check_length(n + 1, detail=f"{n} virtual tokens + at least 1 real token")
         tokenizer = tokenizer if tokenizer is not None else getattr(config, "tokenizer", None)
-        return factory(config, self.base_model, tokenizer)
+        return _INPUT_ADAPTERS[type(config)](config, self.base_model, tokenizer)
 
     def _check_name(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -261,7 +182,7 @@ class PeftModel(nn.Module):
             if adapter_name in layer.adapter_names:
                 layer.delete_adapter(adapter_name)
                 if not layer.adapter_names:
-                    _set_submodule(self.base_model, raw, layer.base_layer)
+                    set_submodule(self.base_model, raw, layer.base_layer)
         if adapter_name in self.prompt_encoders:
             del self.prompt_encoders[adapter_name]
         del self.peft_config[adapter_name]
@@ -304,7 +225,7 @@ class PeftModel(nn.Module):
         self.set_adapter(adapter_name)
 
     def set_active_adapter(self, adapter_name: str | Sequence[str]) -> None:
-        """Seed 000's spelling of set_adapter."""
+        """The PEFT course notes' spelling of set_adapter."""
         self.set_adapter(adapter_name)
 
     @contextlib.contextmanager
@@ -319,9 +240,9 @@ class PeftModel(nn.Module):
             self._disabled = previous
             self._sync_layers()
 
-    def _wrappers(self) -> list[tuple[str, str, nn.Module]]:
-        return [(_clean_name(raw), raw, m) for raw, m in self.base_model.named_modules()
-                if isinstance(m, _LAYER_WRAPPERS)]
+    def _wrappers(self) -> list[tuple[str, str, AdapterLayer]]:
+        """(name, raw name, wrapper) of every adapter wrapper in the base model."""
+        return [t for t in named_layers(self.base_model) if isinstance(t.module, AdapterLayer)]
 
     def _sync_layers(self) -> None:
         for _c, _r, layer in self._wrappers():
@@ -351,8 +272,8 @@ class PeftModel(nn.Module):
     def nearest_tokens(self, k: int = 5, tokenizer: Any = None) -> list:
         """For each virtual token of the active soft prompt, the k vocabulary tokens nearest by cosine.
 
-        Seed 001: learned soft prompts are not words, but "analyzing the nearest neighbor tokens can provide
-        insights". Returns one list per virtual token of `Neighbor(token_id, token, cosine)`, best first.
+        The prompt-tuning notes: learned soft prompts are not words, but "analyzing the nearest neighbor tokens
+        can provide insights". Returns one list per virtual token of `Neighbor(token_id, token, cosine)`, best first.
         """
         encoder = self._input_adapter()
         if encoder is None or not hasattr(encoder, "nearest_tokens"):
@@ -431,39 +352,10 @@ class PeftModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits (B, T, vocab), loss or None) for the real tokens only, as GPT.forward.
 
-        Layer adapters act inside the base model. An active input adapter's `prepare()` returns either
-        {"prompt_embeds": (n, C) or (B, n, C)}: the n virtual embeddings go in front of wte(idx), take
-        positions 0 … n−1, and their logits are cut off before the loss; or {"kv_cache": KVCache}: the
-        prefix keys/values are already in the cache and the real tokens take positions n … n+T−1.
+        Layer adapters act inside the base model; an active input adapter hands the GPT its virtual tokens
+        (`prepare()`, the input-adapter protocol), which never appear in logits or the loss.
         """
-        encoder = self._input_adapter()
-        if encoder is None:
-            return self.base_model(idx, targets=targets, attention_mask=attention_mask)
-        gpt = self.base_model
-        B, T = idx.shape
-        extra = encoder.prepare(gpt, idx, attention_mask)
-        n = encoder.num_virtual_tokens
-        if n + T > gpt.config.block_size:
-            raise ValueError(f"num_virtual_tokens ({n}) + input length ({T}) = {n + T} exceeds the model's "
-                             f"block_size ({gpt.config.block_size}); shorten the input")
-        if "kv_cache" in extra:
-            return gpt(idx, targets=targets, attention_mask=attention_mask, kv_cache=extra["kv_cache"])
-        if "prompt_embeds" not in extra:
-            raise ValueError(f"input adapter {type(encoder).__name__}.prepare returned {sorted(extra)}; expected "
-                             "'prompt_embeds' or 'kv_cache'")
-        tok = gpt.transformer.wte(gpt._check_idx(idx))  # (B, T, C)
-        prompt = extra["prompt_embeds"]
-        prompt = (prompt if prompt.dim() == 3 else prompt[None]).expand(B, -1, -1).to(tok.dtype)  # (B, n, C)
-        mask = attention_mask if attention_mask is not None else torch.ones(B, T, dtype=torch.long, device=idx.device)
-        mask = torch.cat([torch.ones(B, n, dtype=mask.dtype, device=mask.device), mask], dim=1)  # (B, n+T)
-        logits, _ = gpt(inputs_embeds=torch.cat([prompt, tok], dim=1), attention_mask=mask)
-        logits = logits[:, n:]  # (B, T, vocab): real tokens only
-        loss = None
-        if targets is not None:
-            if targets.shape != (B, T):
-                raise ValueError(f"targets must have shape {(B, T)} like the input, got {tuple(targets.shape)}")
-            loss = F.cross_entropy(logits.float().reshape(B * T, -1), targets.reshape(B * T), ignore_index=-100)
-        return logits, loss
+        return self.base_model(idx, targets=targets, attention_mask=attention_mask, **self._virtual_tokens(idx))
 
     @torch.no_grad()
     def generate(
@@ -479,12 +371,17 @@ class PeftModel(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """GPT.generate with the active adapters: returns (B, T + max_new_tokens) real token ids."""
-        extra: dict[str, Any] = {}
-        encoder = self._input_adapter()
-        if encoder is not None:
-            extra = encoder.prepare(self.base_model, idx, attention_mask)
         return self.base_model.generate(idx, max_new_tokens, do_sample, temperature, top_k, attention_mask,
-                                        eos_token_id, generator=generator, **extra)
+                                        eos_token_id, generator=generator, **self._virtual_tokens(idx))
+
+    def _virtual_tokens(self, idx: torch.Tensor) -> dict[str, Any]:
+        """The active input adapter's GPT keyword arguments for idx's batch; {} without one."""
+        encoder = self._input_adapter()
+        if encoder is None:
+            return {}
+        # A malformed idx gets GPT's own clear error; the prefix only needs a batch size to exist for it.
+        batch_size = idx.shape[0] if isinstance(idx, torch.Tensor) and idx.dim() == 2 else 1
+        return dict(encoder.prepare(self.base_model, batch_size))
 
     # ------------------------------------------------------------------ LoRA combination and merging
     def _lora_layers(self) -> list[tuple[str, str, LoraLinear]]:
@@ -498,17 +395,9 @@ class PeftModel(nn.Module):
         adapter_name: str,
         combination_type: str = "cat",
     ) -> None:
-        """A new LoRA adapter `adapter_name` (added, not active) combining existing LoRA adapters.
-
-        "cat": concatenate the ranks, A' = [A₁; A₂; …] (Σr, in), B' = [w₁s₁B₁, w₂s₂B₂, …] (out, Σr), scale 1.
-            B'A' = Σᵢ wᵢ·sᵢ·Bᵢ·Aᵢ, so ΔW' is *exactly* the weighted sum of the ΔWᵢ (sᵢ: each one's scaling).
-        "linear" (peft's): mix A and B separately, A' = Σᵢ cᵢAᵢ, B' = Σᵢ cᵢBᵢ with cᵢ = √(wᵢsᵢ), scale 1.
-            Needs equal ranks (A₁ and A₂ must be the same shape to be added), and then
-            B'A' = Σᵢ cᵢ²BᵢAᵢ + Σᵢ≠ⱼ cᵢcⱼBᵢAⱼ: the weighted sum *plus cross terms* Bᵢ·Aⱼ that pair one
-            adapter's down-projection with another's up-projection. The adapters' rank-r bases are unrelated,
-            so those terms are noise unless the adapters share their A (or their B). It keeps rank r; "cat"
-            is exact at rank Σr. (A negative wᵢ puts its sign on Aᵢ's coefficient only, so cᵢ² keeps it.)
-        """
+        """A new LoRA adapter `adapter_name` (added, not active) combining existing LoRA adapters with
+        `weights`: "cat" gives exactly Σᵢ wᵢ·ΔWᵢ at rank Σr, "linear" (peft's, equal ranks) mixes A and B
+        separately and adds cross terms; `lora.combine_lora` has the maths."""
         if combination_type not in COMBINATION_TYPES:
             raise ValueError(f"combination_type must be one of {COMBINATION_TYPES}, got {combination_type!r}")
         adapters, weights = list(adapters), [float(w) for w in weights]
@@ -525,38 +414,28 @@ class PeftModel(nn.Module):
             raise ValueError(f"adapter_name {adapter_name!r} already exists (or is not a string); existing "
                              f"adapters: {list(self.peft_config)}")
         ranks = [self.peft_config[a].r for a in adapters]
-        if combination_type == "linear":
-            if len(set(ranks)) != 1:
-                raise ValueError(f"combination_type='linear' needs adapters of equal rank, got ranks "
-                                 f"{dict(zip(adapters, ranks, strict=True))}; use 'cat' for different ranks")
-            new_r = ranks[0]
-        else:
-            new_r = sum(ranks)
+        if combination_type == "linear" and len(set(ranks)) != 1:
+            raise ValueError(f"combination_type='linear' needs adapters of equal rank, got ranks "
+                             f"{dict(zip(adapters, ranks, strict=True))}; use 'cat' for different ranks")
+        new_r = sum(ranks) if combination_type == "cat" else ranks[0]
         layers = [(c, m) for c, _r, m in self._lora_layers() if any(a in m.adapter_names for a in adapters)]
         first = self.peft_config[adapters[0]]
         config = LoraConfig(r=new_r, lora_alpha=new_r, lora_dropout=first.lora_dropout,  # scaling = 1
                             target_modules=[c for c, _ in layers], use_rslora=False, init_lora_weights=True,
                             base_model=self.base_model.config.to_dict())
-        for _clean, layer in layers:
+        for _name, layer in layers:
             layer.add_adapter(adapter_name, new_r, new_r, first.lora_dropout, True, False)
             A_new = layer.lora_A[adapter_name].weight  # (new_r, in)
             B_new = layer.lora_B[adapter_name].weight  # (out, new_r)
-            A_new.zero_()
-            B_new.zero_()
-            offset = 0
-            for a, w, r in zip(adapters, weights, ranks, strict=True):
-                if a not in layer.adapter_names:  # this adapter does not touch this layer: ΔW = 0
-                    offset += r if combination_type == "cat" else 0
-                    continue
-                A, B, s = layer.lora_A[a].weight, layer.lora_B[a].weight, layer.scaling[a]
-                if combination_type == "cat":
-                    A_new[offset:offset + r] = A
-                    B_new[:, offset:offset + r] = (w * s) * B
-                    offset += r
-                else:
-                    c = (abs(w * s)) ** 0.5
-                    A_new += (c if w * s >= 0 else -c) * A
-                    B_new += c * B
+            factors = []
+            for a, r in zip(adapters, ranks, strict=True):
+                if a in layer.adapter_names:
+                    factors.append((layer.lora_A[a].weight, layer.lora_B[a].weight, layer.scaling[a]))
+                else:  # this adapter does not touch this layer: ΔW = 0
+                    factors.append((A_new.new_zeros(r, A_new.shape[1]), B_new.new_zeros(B_new.shape[0], r), 0.0))
+            A, B = combine_lora(factors, weights, combination_type)
+            A_new.copy_(A)
+            B_new.copy_(B)
         self.peft_config[adapter_name] = config
         self._sync_layers()
         self._set_trainable()
@@ -571,7 +450,7 @@ class PeftModel(nn.Module):
         names = self._active if adapter_names is None else list(adapter_names)
         for n in names:
             self._check_name(n)
-        shared = _shared_parameter_ids(self.base_model)
+        shared = tied_parameter_ids(self.base_model)
         for clean, _raw, layer in self._lora_layers():
             mine = [n for n in names if n in layer.adapter_names]
             if mine and isinstance(layer.base_layer, nn.Linear) and id(layer.base_layer.weight) in shared:
@@ -597,44 +476,21 @@ class PeftModel(nn.Module):
             self._check_name(n)
         for _clean, raw, layer in self._lora_layers():
             mine = [n for n in names if n in layer.adapter_names]
-            _set_submodule(self.base_model, raw, layer.merged_base_layer(mine))
+            set_submodule(self.base_model, raw, layer.merged_base_layer(mine))
         return self._forget_adapters()
 
-    @torch.no_grad()
     def merge_and_requantize(self, sample_idx: torch.Tensor,
                              adapter_names: Sequence[str] | None = None) -> tuple[nn.Module, dict[str, float]]:
-        """QLoRA only, and explicit: merge the LoRA adapters, then quantize the merged weights back to NF4.
-
-        `merge_and_unload` on a 4-bit base returns dense layers (dequantize(W₀) + ΔW), which is exact but
-        no longer 4-bit. Requantizing gives a 4-bit model again, at a price: NF4 has 16 levels per block,
-        so round(W₀ + ΔW) ≠ W₀ + ΔW and a small ΔW can be rounded away entirely — peft's most reported QLoRA
-        pain point. This method makes that price visible: it returns the requantized model and the measured
-        error of its logits on `sample_idx` (B, T) against the adapted model before merging:
-        {"dense_max_abs", "requantized_max_abs", "requantized_rel"} (rel = ‖Δ‖/‖logits‖).
-        """
-        from minipeft.quant import NF4Linear
-
-        quantized = {raw: (layer.base_layer.blocksize, layer.base_layer.double_quant)
-                     for _clean, raw, layer in self._lora_layers() if isinstance(layer.base_layer, NF4Linear)}
-        if not quantized:
-            raise ValueError("merge_and_requantize needs LoRA on an NF4 base (QLoRA); use merge_and_unload")
-        adapted, _ = self(sample_idx)
-        model = self.merge_and_unload(adapter_names)
-        dense, _ = model(sample_idx)
-        for raw, (blocksize, double_quant) in quantized.items():
-            _set_submodule(model, raw, NF4Linear.from_linear(model.get_submodule(raw), blocksize, double_quant))
-        requantized, _ = model(sample_idx)
-        report = {"dense_max_abs": (dense - adapted).abs().max().item(),
-                  "requantized_max_abs": (requantized - adapted).abs().max().item(),
-                  "requantized_rel": ((requantized - adapted).norm() / adapted.norm()).item()}
-        return model, report
+        """QLoRA: merge the LoRA adapters, quantize the merged weights back to NF4, and report the error that
+        costs on `sample_idx` (see `minipeft.quant.merge_and_requantize`)."""
+        return quant.merge_and_requantize(self, sample_idx, adapter_names)
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the plain base model (its weights untouched)."""
         if any(layer.merged_adapters for _c, _r, layer in self._lora_layers()):
             raise ValueError("some LoRA adapters are merged; call unmerge_adapter() first or merge_and_unload()")
         for _clean, raw, layer in self._wrappers():
-            _set_submodule(self.base_model, raw, layer.base_layer)
+            set_submodule(self.base_model, raw, layer.base_layer)
         return self._forget_adapters()
 
     def _forget_adapters(self) -> nn.Module:
@@ -643,36 +499,106 @@ class PeftModel(nn.Module):
         self._active = []
         return self.base_model
 
-    # ------------------------------------------------------------------ files (minipeft/tuners/io.py)
-    def save_adapter(self, directory: str, adapter_name: str = "default", **kwargs: Any) -> None:
-        """Write the adapter's config and tensors to `directory` (see minipeft.tuners.io.save_adapter)."""
-        from minipeft.tuners import io
+    # ------------------------------------------------------------------ files (the format: io.py)
+    def save_adapter(self, directory: str | Path, adapter_name: str = "default", format: str = "minipeft",
+                     base_model_name_or_path: str | None = None) -> None:
+        """Write the adapter's config and tensors to `directory` (adapter_config.json + adapter_model.safetensors).
 
-        io.save_adapter(self, directory, adapter_name, **kwargs)
+        format="minipeft" (every method) or "peft" (files HF peft's `PeftModel.from_pretrained` reads on a
+        transformers GPT-2; an input method is written folded: a re-parametrised prompt or prefix evaluated
+        once). See minipeft/tuners/io.py for both formats.
+        """
+        self._check_name(adapter_name)
+        config = self.peft_config[adapter_name]
+        io.check_format(config, format)
+        if format == "peft" and adapter_name in self.prompt_encoders:
+            tensors = dict(self.prompt_encoders[adapter_name].fold().state_dict())
+        else:
+            tensors = self.adapter_state_dict(adapter_name)
+        io.write_adapter(directory, config, tensors, format, base_model_name_or_path)
 
-    def save_pretrained(self, directory: str, **kwargs: Any) -> None:
+    def save_pretrained(self, directory: str | Path, **kwargs: Any) -> None:
         """Save every adapter, as HF peft lays them out: "default" in `directory` itself, each other adapter
         in `directory/<name>/` (the same two files `save_adapter` writes). The frozen base is not saved.
         Keyword arguments (`format=`, …) go to `save_adapter`."""
-        from minipeft.tuners import io
-
         for name in self.peft_config:
-            target = Path(directory) if name == "default" else Path(directory) / name
-            io.save_adapter(self, target, name, **kwargs)
+            self.save_adapter(Path(directory) if name == "default" else Path(directory) / name, name, **kwargs)
 
-    def load_adapter(self, directory: str, adapter_name: str = "default", **kwargs: Any) -> None:
-        """Inject the adapter stored in `directory` as `adapter_name`, not activated (see minipeft.tuners.io)."""
-        from minipeft.tuners import io
+    def load_adapter(self, directory: str | Path, adapter_name: str = "default") -> None:
+        """Inject the adapter stored in `directory` (minipeft's or HF peft's format) as `adapter_name`, NOT
+        activated. Nothing is changed unless everything is valid: a failed load leaves the model as it was.
 
-        io.load_adapter(self, directory, adapter_name, **kwargs)
+        Raises:
+            ValueError: an existing adapter_name, an unreadable or foreign file (io.read_adapter), a LoRA
+                target that is not in this model, or a missing / unexpected / mis-shaped tensor (named).
+        """
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter_name {adapter_name!r} already exists; existing adapters: "
+                             f"{list(self.peft_config)}. Delete it first or pick another name")
+        config, tensors, source = _read_adapter_for(self.base_model, directory)
+        with _rng_untouched(self.base_model):
+            self.add_adapter(adapter_name, _creation_config(config))
+        try:
+            self._fill(adapter_name, config, tensors, source)
+        except BaseException:
+            self.delete_adapter(adapter_name)  # nothing half-loaded is left behind
+            raise
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, directory: str, adapter_name: str = "default",
-                        **kwargs: Any) -> PeftModel:
-        """A PeftModel on `model` with the adapter in `directory` loaded and active (see minipeft.tuners.io)."""
-        from minipeft.tuners import io
+    def from_pretrained(cls, model: nn.Module, directory: str | Path, adapter_name: str = "default") -> PeftModel:
+        """A PeftModel on `model` (wrapped in place, as `get_peft_model` does) with the adapter in `directory`
+        loaded and active. If loading fails, `model` is unwrapped again and its parameters' requires_grad
+        restored."""
+        if isinstance(model, PeftModel):
+            raise ValueError("model is already a PeftModel; use its load_adapter(directory, adapter_name) instead")
+        config, tensors, source = _read_adapter_for(model, directory)
+        requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        with _rng_untouched(model):
+            pm = cls(model, _creation_config(config), adapter_name)  # adds and activates it
+        try:
+            pm._fill(adapter_name, config, tensors, source)
+        except BaseException:
+            pm.unload()
+            for name, p in model.named_parameters():
+                p.requires_grad_(requires_grad.get(name, p.requires_grad))
+            raise
+        return pm
 
-        return io.from_pretrained(model, directory, adapter_name, **kwargs)
+    def _fill(self, adapter_name: str, config: PeftConfig, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Copy a file's tensors into the freshly added adapter and record the file's config (with this base)."""
+        self.peft_config[adapter_name] = dataclasses.replace(config, base_model=self.base_model.config.to_dict())
+        try:
+            self.load_adapter_state_dict(adapter_name, tensors)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from e
+
+
+def _read_adapter_for(model: nn.Module, directory: str | Path) -> tuple[PeftConfig, dict[str, torch.Tensor], str]:
+    """io.read_adapter checked against `model`, and, for LoRA, every target module found in it before
+    anything is injected."""
+    config, tensors, source = io.read_adapter(directory, model.config.to_dict())
+    if isinstance(config, LoraConfig):
+        try:
+            find_target_modules(model, config.target_modules)
+        except ValueError as e:
+            raise ValueError(f"{source}: this LoRA adapter's modules are not all in the model: {e}") from e
+    return config, tensors, source
+
+
+def _creation_config(config: PeftConfig) -> PeftConfig:
+    """The config to create a loaded adapter with before its tensors are copied in. A TEXT-initialised prompt
+    would need the tokenizer that made it; its init is overwritten at once, so create it RANDOM instead."""
+    if isinstance(config, PromptTuningConfig) and config.prompt_tuning_init == "TEXT":
+        return dataclasses.replace(config, prompt_tuning_init="RANDOM", prompt_tuning_init_text=None)
+    return config
+
+
+@contextlib.contextmanager
+def _rng_untouched(model: nn.Module) -> Iterator[None]:
+    """Creating an adapter draws its random init; loading throws that away, so keep the caller's RNG as it was."""
+    devices = [d.index or 0 for d in {p.device for p in model.parameters()} if d.type == "cuda"]
+    with torch.random.fork_rng(devices=devices):
+        yield
 
 
 def get_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str = "default",

@@ -1,5 +1,9 @@
 """Adapter files: an adapter is two small files beside (never inside) its base model, and they can be HF peft's.
 
+This module is the file format only: it turns a config and a dict of tensors into files and back, and knows
+nothing of the model that holds the adapter (`PeftModel.save_adapter` / `load_adapter` / `from_pretrained`,
+in inject.py, call it).
+
 A trained adapter is a few thousand numbers on top of a base model that stays where it is, so an adapter
 file holds **only the adapter's tensors** and the config that says how to attach them:
 
@@ -24,9 +28,10 @@ Loading is strict, because an adapter that attaches to the wrong model still run
 - the base fingerprint must match the model's (`dropout` aside: it is a training setting, not the base);
 - a truncated or corrupt safetensors file raises a ValueError (not safetensors' own error type);
 - every tensor's key and shape must be the adapter's; the first that is not raises a ValueError naming it;
-- the adapter is added *without* being activated (`from_pretrained` activates it); if anything fails after
-  it was added, it is deleted again, so a failed load leaves the model exactly as it was.
-Loading does not move torch's global random stream (the fresh adapter's init draws are thrown away anyway).
+- (in `PeftModel.load_adapter`) a LoRA adapter's target modules must all be in the model; the adapter is
+  added *without* being activated (`from_pretrained` activates it); if anything fails after it was added,
+  it is deleted again, so a failed load leaves the model exactly as it was. Loading does not move torch's
+  global random stream (the fresh adapter's init draws are thrown away anyway).
 
 HF peft interop (GPT-2 loaded with `GPT.from_pretrained`; peft's `PeftModel.save_pretrained` /
 `PeftModel.from_pretrained`, https://huggingface.co/docs/peft/package_reference/peft_model). A peft
@@ -49,7 +54,7 @@ HF peft interop (GPT-2 loaded with `GPT.from_pretrained`; peft's `PeftModel.save
 - Prefix tuning: the flat (n, L·2·C) layout of prefix.py, which is peft's (view(n, 2L, nh, hs): layer l's
   key is slice 2l, its value 2l+1); peft puts it in a DynamicCache, so real tokens take positions n…n+T−1,
   as in minipeft. With `prefix_projection` peft saves the MLP's output, which loads as a plain prefix.
-- `save_adapter(..., format="peft")` writes the reverse: LoRA as LORA; prompt tuning and P-tuning as
+- `write_adapter(..., format="peft")` writes the reverse: LoRA as LORA; prompt tuning and P-tuning as
   PROMPT_TUNING (P-tuning's encoder evaluated once: at inference it *is* a soft prompt); prefix tuning as
   PREFIX_TUNING without projection (the MLP evaluated once). Bottleneck adapters have no peft counterpart.
   The minipeft base fingerprint travels in the safetensors metadata (peft ignores it), so a peft-format
@@ -60,16 +65,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 from safetensors import safe_open
 
 from minipeft.checkpoint import save_json, save_safetensors
+from minipeft.targets import is_lm_head
 from minipeft.tuners.config import (
     PROMPT_INITS,
     LoraConfig,
@@ -79,8 +82,7 @@ from minipeft.tuners.config import (
     PTuningConfig,
 )
 
-__all__ = ["save_adapter", "load_adapter", "from_pretrained", "read_adapter", "CONFIG_NAME", "WEIGHTS_NAME",
-           "FORMATS"]
+__all__ = ["write_adapter", "read_adapter", "check_format", "CONFIG_NAME", "WEIGHTS_NAME", "FORMATS"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -105,124 +107,94 @@ _PEFT_LORA_INITS_ON_AN_UNCHANGED_BASE = (True, False, "gaussian", "eva", "orthog
 
 
 # ---------------------------------------------------------------------------------------------- saving
-def save_adapter(
-    pm: nn.Module,
+def check_format(config: PeftConfig, format: str) -> None:
+    """ValueError unless an adapter of `config`'s method can be written in `format` ("minipeft": every method;
+    "peft": the methods HF peft has, so not the bottleneck adapters). Callers that train before they save
+    ask first."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if format == "peft" and not isinstance(config, (LoraConfig, PrefixTuningConfig, PromptTuningConfig,
+                                                     PTuningConfig)):
+        raise ValueError(f"this is a {config.method!r} adapter, which HF peft has no format for (peft-format "
+                         f"export covers lora, prompt, ptuning and prefix); save it with format='minipeft'")
+
+
+def write_adapter(
     directory: str | Path,
-    adapter_name: str = "default",
+    config: PeftConfig,
+    tensors: dict[str, torch.Tensor],
     format: str = "minipeft",
     base_model_name_or_path: str | None = None,
 ) -> None:
-    """Write `adapter_name` of PeftModel `pm` to `directory` as adapter_config.json + adapter_model.safetensors.
+    """Write one adapter to `directory` as adapter_config.json + adapter_model.safetensors.
 
     Args:
-        pm: the PeftModel holding the adapter.
         directory: created if needed; files already there with the same names are replaced (atomically).
-        adapter_name: which adapter.
+        config: the adapter's config; its `base_model` fingerprint is written with it.
+        tensors: the adapter's tensors keyed as `PeftModel.adapter_state_dict`; for format="peft" an input
+            method's tensors in their folded form (a re-parametrised prompt or prefix evaluated once).
         format: "minipeft" (the config's `to_dict()`, every method) or "peft" (files HF peft's
-            `PeftModel.from_pretrained` reads on a transformers GPT-2: LoRA, prompt tuning, P-tuning folded
-            to a soft prompt, prefix tuning folded to a plain prefix; see the module docstring).
+            `PeftModel.from_pretrained` reads on a transformers GPT-2; see the module docstring).
         base_model_name_or_path: "peft" only: what peft's config records as the base (a local directory or
             a Hub id); minipeft does not know where its base came from, so it is None unless given.
 
     Raises:
-        ValueError: an unknown format or adapter name, or a method that HF peft does not have (bottleneck).
+        ValueError: an unknown format, a method that HF peft does not have (bottleneck), or
+            base_model_name_or_path with the minipeft format.
     """
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    if adapter_name not in pm.peft_config:
-        raise ValueError(f"adapter {adapter_name!r} does not exist; existing adapters: {list(pm.peft_config)}")
+    check_format(config, format)
     if format == "minipeft" and base_model_name_or_path is not None:
         raise ValueError("base_model_name_or_path is written in peft-format files only (format='peft'); the "
                          "minipeft format records the base by its fingerprint")
-    config = pm.peft_config[adapter_name]
     if format == "peft":
-        peft_config, tensors = _to_peft(pm, adapter_name, config)
-        peft_config["base_model_name_or_path"] = base_model_name_or_path
+        file_config, tensors = _to_peft(config, tensors)
+        file_config["base_model_name_or_path"] = base_model_name_or_path
         metadata = {"format": "pt", _BASE_METADATA_KEY: json.dumps(config.base_model, sort_keys=True)}
     else:
-        peft_config, metadata = config.to_dict(), {"format": "pt"}
-        tensors = pm.adapter_state_dict(adapter_name)
+        file_config, metadata = config.to_dict(), {"format": "pt"}
     tensors = {k: v.detach().to("cpu").clone() for k, v in tensors.items()}  # own storage: nothing shared
     directory = Path(directory)
     save_safetensors(tensors, directory / WEIGHTS_NAME, metadata=metadata)  # tensors first, the config last
-    save_json(peft_config, directory / CONFIG_NAME)
+    save_json(file_config, directory / CONFIG_NAME)
 
 
-def _to_peft(pm: nn.Module, adapter_name: str, config: PeftConfig) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _to_peft(config: PeftConfig, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """peft's adapter_config.json fields and tensors for one adapter (see the module docstring)."""
-    c = pm.base_model.config
+    base = config.base_model
     common = {"task_type": "CAUSAL_LM", "inference_mode": True, "revision": None, "modules_to_save": None}
     if isinstance(config, LoraConfig):
-        tensors = {_PEFT_PREFIX + k: v for k, v in pm.adapter_state_dict(adapter_name).items()}
+        tensors = {_PEFT_PREFIX + k: v for k, v in tensors.items()}
         modules = sorted({k[len(_PEFT_PREFIX):].rsplit(".", 2)[0] for k in tensors})  # what the adapter wraps
         # GPT-2 stores every projection except lm_head as a Conv1D; peft corrects the flag per layer anyway.
-        conv1d = any(not (m == "lm_head" or m.endswith(".lm_head")) for m in modules)
+        conv1d = any(not is_lm_head(m) for m in modules)
         return {**common, "peft_type": "LORA", "r": config.r, "lora_alpha": config.lora_alpha,
                 "lora_dropout": config.lora_dropout, "use_rslora": config.use_rslora,
                 "target_modules": modules, "fan_in_fan_out": conv1d, "bias": "none", "use_dora": False,
                 "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
                 "rank_pattern": {}, "alpha_pattern": {}}, tensors
-    if isinstance(config, (PrefixTuningConfig, PromptTuningConfig, PTuningConfig)):
-        encoder = pm.prompt_encoders[adapter_name]
-        prompt_learning = {**common, "num_virtual_tokens": config.num_virtual_tokens, "token_dim": c.n_embd,
-                           "num_transformer_submodules": 1, "num_attention_heads": c.n_head, "num_layers": c.n_layer}
-        with torch.no_grad():
-            if isinstance(config, PrefixTuningConfig):
-                flat = encoder.flat_prefix()  # (n, L·2·C); with the projection: the MLP evaluated once
-                return {**prompt_learning, "peft_type": "PREFIX_TUNING", "encoder_hidden_size": c.n_embd,
-                        "prefix_projection": False, "init_weights": None}, {"prompt_embeddings": flat}
-            prompt = encoder.virtual_tokens()  # (n, C); P-tuning: the encoder's output
-        # peft's TEXT init wants a tokenizer path to validate; the weights are in the file, so say RANDOM.
-        return {**prompt_learning, "peft_type": "PROMPT_TUNING", "prompt_tuning_init": "RANDOM",
-                "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "tokenizer_kwargs": None}, \
-            {"prompt_embeddings": prompt}
-    raise ValueError(f"adapter {adapter_name!r} is a {config.method!r} adapter, which HF peft has no format for "
-                     f"(peft-format export covers lora, prompt, ptuning and prefix); save it with format='minipeft'")
+    prompt_learning = {**common, "num_virtual_tokens": config.num_virtual_tokens, "token_dim": base["n_embd"],
+                       "num_transformer_submodules": 1, "num_attention_heads": base["n_head"],
+                       "num_layers": base["n_layer"]}
+    if isinstance(config, PrefixTuningConfig):  # the folded prefix (n, L·2·C): peft's layout
+        return {**prompt_learning, "peft_type": "PREFIX_TUNING", "encoder_hidden_size": base["n_embd"],
+                "prefix_projection": False, "init_weights": None}, {"prompt_embeddings": tensors["prefix_embeddings"]}
+    # prompt tuning, and P-tuning folded to its encoder's output: a soft prompt (n, C). peft's TEXT init wants
+    # a tokenizer path to validate; the weights are in the file, so say RANDOM.
+    return {**prompt_learning, "peft_type": "PROMPT_TUNING", "prompt_tuning_init": "RANDOM",
+            "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "tokenizer_kwargs": None}, \
+        {"prompt_embeddings": tensors["prompt_embeddings"]}
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def load_adapter(pm: nn.Module, directory: str | Path, adapter_name: str = "default") -> None:
-    """Inject the adapter stored in `directory` into PeftModel `pm` as `adapter_name`, NOT activated.
-
-    Reads minipeft's format or HF peft's (told apart by the JSON: peft's has `peft_type`). Nothing is changed
-    unless everything is valid: a failed load leaves `pm` as it was.
+def read_adapter(directory: str | Path, base: dict[str, Any]) -> tuple[PeftConfig, dict[str, torch.Tensor], str]:
+    """(minipeft config, tensors keyed as `adapter_state_dict`, the weights file's path) for an adapter
+    directory in either format, checked against `base`, the fingerprint of the model it is for (its
+    `GPTConfig.to_dict()`).
 
     Raises:
         ValueError: a missing or unreadable file, a pickle-only directory, an unknown method, an adapter made
-            for a different base (both fingerprints named), the first missing/unexpected/mis-shaped tensor
-            (named), or an adapter name that already exists.
+            for a different base (both fingerprints named), or tensors that are not floating point.
     """
-    if adapter_name in pm.peft_config:
-        raise ValueError(f"adapter_name {adapter_name!r} already exists; existing adapters: {list(pm.peft_config)}. "
-                         "Delete it first or pick another name")
-    config, tensors, source = read_adapter(pm.base_model, directory)
-    _attach(pm, adapter_name, config, tensors, source)
-
-
-def from_pretrained(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> nn.Module:
-    """A PeftModel on `model` (wrapped in place, as `get_peft_model` does) with the adapter in `directory`
-    loaded and active. If loading fails, `model` is unwrapped again and its parameters' requires_grad restored."""
-    from minipeft.tuners.inject import PeftModel  # here, not at the top: inject.py imports this module lazily
-
-    if isinstance(model, PeftModel):
-        raise ValueError("model is already a PeftModel; use its load_adapter(directory, adapter_name) instead")
-    config, tensors, source = read_adapter(model, directory)
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    with _rng_untouched(model):
-        pm = PeftModel(model, _creation_config(config), adapter_name)  # adds and activates it
-    try:
-        _fill(pm, adapter_name, config, tensors, source)
-    except BaseException:
-        pm.unload()
-        for name, p in model.named_parameters():
-            p.requires_grad_(requires_grad.get(name, p.requires_grad))
-        raise
-    return pm
-
-
-def read_adapter(model: nn.Module, directory: str | Path) -> tuple[PeftConfig, dict[str, torch.Tensor], str]:
-    """(minipeft config, tensors keyed as `adapter_state_dict`, the weights file's path) for an adapter
-    directory in either format, validated against `model` (a GPT) without changing it."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"adapter directory {str(directory)!r} does not exist or is not a directory")
@@ -238,14 +210,14 @@ def read_adapter(model: nn.Module, directory: str | Path) -> tuple[PeftConfig, d
         raise ValueError(f"{str(directory)!r} has no {CONFIG_NAME}; found {found}")
     raw = _read_json(config_path)
     if "peft_type" in raw:
-        config = _config_from_peft(raw, model, config_path)
+        config = _config_from_peft(raw, base, config_path)
         tensors, metadata = _read_tensors(weights_path)
         if _BASE_METADATA_KEY in metadata:  # written by minipeft: check the base as for the minipeft format
             try:
-                base = json.loads(metadata[_BASE_METADATA_KEY])
+                saved = json.loads(metadata[_BASE_METADATA_KEY])
             except ValueError as e:
                 raise ValueError(f"{weights_path}: metadata {_BASE_METADATA_KEY!r} is not JSON: {e}") from e
-            _check_base(base, model, weights_path)
+            _check_base(saved, base, weights_path)
         tensors = _tensors_from_peft(raw["peft_type"], tensors, weights_path)
         if isinstance(config, LoraConfig):  # the modules peft actually wrapped, by their full names
             modules = sorted({key.rsplit(".", 2)[0] for key in tensors})
@@ -260,18 +232,11 @@ def read_adapter(model: nn.Module, directory: str | Path) -> tuple[PeftConfig, d
         if config.base_model is None:
             raise ValueError(f"{config_path} has no 'base_model' fingerprint, so it cannot be checked against "
                              f"this model; minipeft's save_adapter always writes one")
-        _check_base(config.base_model, model, config_path)
+        _check_base(config.base_model, base, config_path)
         tensors, _ = _read_tensors(weights_path)
     else:
         raise ValueError(f"{config_path} is neither a minipeft adapter config (no 'method') nor an HF peft one (no "
                          f"'peft_type'); its keys: {sorted(raw)[:12]}")
-    if isinstance(config, LoraConfig):  # fail before anything is injected if a target is not in this model
-        from minipeft.tuners.inject import find_target_modules
-
-        try:
-            find_target_modules(model, config.target_modules)
-        except ValueError as e:
-            raise ValueError(f"{config_path}: this LoRA adapter's modules are not all in the model: {e}") from e
     return config, tensors, str(weights_path)
 
 
@@ -300,9 +265,8 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def _check_base(saved: dict[str, Any], model: nn.Module, path: Path | str) -> None:
-    """ValueError naming both fingerprints when `saved` is not `model`'s base (dropout aside)."""
-    actual = model.config.to_dict()
+def _check_base(saved: dict[str, Any], actual: dict[str, Any], path: Path | str) -> None:
+    """ValueError naming both fingerprints when `saved` is not the `actual` base (dropout aside)."""
     if not isinstance(saved, dict):
         raise ValueError(f"{path}: the base fingerprint must be a dict like {actual}, got {saved!r}")
     keys = (set(saved) | set(actual)) - set(_NOT_PART_OF_BASE)
@@ -314,9 +278,10 @@ def _check_base(saved: dict[str, Any], model: nn.Module, path: Path | str) -> No
                          f"{file_base}; this model's base: {model_base}")
 
 
-def _config_from_peft(raw: dict[str, Any], model: nn.Module, path: Path) -> PeftConfig:
-    """The minipeft config equivalent to HF peft's adapter_config.json `raw` on the GPT `model`."""
-    peft_type, c = raw.get("peft_type"), model.config
+def _config_from_peft(raw: dict[str, Any], base: dict[str, Any], path: Path) -> PeftConfig:
+    """The minipeft config equivalent to HF peft's adapter_config.json `raw` on the base `base` (a GPTConfig
+    as a dict)."""
+    peft_type = raw.get("peft_type")
     if peft_type not in _PEFT_TYPES:
         raise ValueError(f"{path}: peft_type {peft_type!r} is not supported; minipeft reads {list(_PEFT_TYPES)}")
     if raw.get("modules_to_save"):
@@ -341,10 +306,10 @@ def _config_from_peft(raw: dict[str, Any], model: nn.Module, path: Path) -> Peft
         if ns != 1:
             raise ValueError(f"num_transformer_submodules is {ns}: an encoder-decoder adapter; GPT-2 has 1")
         token_dim = raw.get("token_dim")
-        if token_dim != c.n_embd:
-            raise ValueError(f"token_dim is {token_dim} but the model's n_embd is {c.n_embd}: a different base")
+        if token_dim != base["n_embd"]:
+            raise ValueError(f"token_dim is {token_dim} but the model's n_embd is {base['n_embd']}: a different base")
         if peft_type == "PREFIX_TUNING":
-            for key, mine in (("num_layers", c.n_layer), ("num_attention_heads", c.n_head)):
+            for key, mine in (("num_layers", base["n_layer"]), ("num_attention_heads", base["n_head"])):
                 if raw.get(key) != mine:
                     raise ValueError(f"{key} is {raw.get(key)} but the model has {mine}: a different base")
             return PrefixTuningConfig(num_virtual_tokens=n, prefix_projection=False)  # the file holds the prefix
@@ -375,41 +340,3 @@ def _tensors_from_peft(peft_type: str, tensors: dict[str, torch.Tensor], path: P
         raise ValueError(f"{path}: tensor 'prompt_embeddings' is missing")
     name = "prefix_embeddings" if peft_type == "PREFIX_TUNING" else "prompt_embeddings"
     return {name: tensors["prompt_embeddings"]}
-
-
-# ---------------------------------------------------------------------------------------------- attaching
-def _creation_config(config: PeftConfig) -> PeftConfig:
-    """The config to create the adapter with before its tensors are copied in. A TEXT-initialised prompt
-    would need the tokenizer that made it; its init is overwritten at once, so create it RANDOM instead."""
-    if isinstance(config, PromptTuningConfig) and config.prompt_tuning_init == "TEXT":
-        return dataclasses.replace(config, prompt_tuning_init="RANDOM", prompt_tuning_init_text=None)
-    return config
-
-
-@contextmanager
-def _rng_untouched(model: nn.Module) -> Iterator[None]:
-    """Creating an adapter draws its random init; loading throws that away, so keep the caller's RNG as it was."""
-    devices = [d.index or 0 for d in {p.device for p in model.parameters()} if d.type == "cuda"]
-    with torch.random.fork_rng(devices=devices):
-        yield
-
-
-def _attach(pm: nn.Module, adapter_name: str, config: PeftConfig, tensors: dict[str, torch.Tensor],
-            source: str) -> None:
-    with _rng_untouched(pm.base_model):
-        pm.add_adapter(adapter_name, _creation_config(config))
-    try:
-        _fill(pm, adapter_name, config, tensors, source)
-    except BaseException:
-        pm.delete_adapter(adapter_name)  # nothing half-loaded is left behind
-        raise
-
-
-def _fill(pm: nn.Module, adapter_name: str, config: PeftConfig, tensors: dict[str, torch.Tensor],
-          source: str) -> None:
-    """Copy the tensors into the freshly added adapter and record the file's config (with pm's base)."""
-    pm.peft_config[adapter_name] = dataclasses.replace(config, base_model=pm.base_model.config.to_dict())
-    try:
-        pm.load_adapter_state_dict(adapter_name, tensors)
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from e

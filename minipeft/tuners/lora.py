@@ -36,17 +36,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minipeft import kernels
+from minipeft.targets import is_linear_like
+from minipeft.tuners.layer import AdapterLayer
 
-__all__ = ["LoraLinear", "is_linear_like", "dense_weight"]
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """A layer LoRA can wrap: an nn.Linear, or a frozen quantized Linear (NF4Linear) that can hand out its
-    dense weight through `dequantize_weight(dtype)` and knows its `in_features` / `out_features`."""
-    if isinstance(module, nn.Linear):
-        return True
-    return callable(getattr(module, "dequantize_weight", None)) and hasattr(module, "in_features") \
-        and hasattr(module, "out_features")
+__all__ = ["LoraLinear", "dense_weight", "combine_lora", "COMBINATION_TYPES"]
 
 
 def dense_weight(base_layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -81,7 +74,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(AdapterLayer):
     """A frozen linear layer plus named LoRA adapters: h = base(x) + Σ_active (α/r)·B·A·dropout(x).
 
     Args:
@@ -94,14 +87,15 @@ class LoraLinear(nn.Module):
     compute exactly `base_layer(x)`.
 
     Attribute reads that the wrapper does not know (`weight`, `bias`, `in_features`, …) go to the base
-    layer, so code written for the plain Linear keeps working.
+    layer, so code written for the plain Linear keeps working (AdapterLayer).
     """
 
+    adapter_module_names = ("lora_A", "lora_B")
+
     def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
         if not is_linear_like(base_layer):
             raise ValueError(f"LoraLinear wraps an nn.Linear or an NF4Linear, got {type(base_layer).__name__}")
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.in_features: int = base_layer.in_features
         self.out_features: int = base_layer.out_features
         self.lora_A = nn.ModuleDict()
@@ -109,23 +103,9 @@ class LoraLinear(nn.Module):
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}
-        self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
-        self.disabled = False
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
     # ---- adapters -----------------------------------------------------------------------------------
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.lora_A.keys())
-
     def add_adapter(
         self,
         adapter_name: str,
@@ -135,13 +115,9 @@ class LoraLinear(nn.Module):
         init_lora_weights: bool | str = True,
         use_rslora: bool = False,
     ) -> None:
-        """Create adapter `adapter_name` of rank r with scaling α/r (α/√r with rsLoRA), initialised as asked."""
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
-        if init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        """Create adapter `adapter_name` of rank r with scaling α/r (α/√r with rsLoRA), initialised as asked.
+
+        The values come from a LoraConfig, which validated them when it was created."""
         if adapter_name in self.lora_A:
             raise ValueError(f"adapter_name {adapter_name!r} already exists in this layer")
         dtype, device = _weight_dtype(self.base_layer), _weight_device(self.base_layer)
@@ -173,11 +149,9 @@ class LoraLinear(nn.Module):
         """Remove an adapter (unmerging it first if it is merged)."""
         if adapter_name in self.merged_adapters:
             self.unmerge([adapter_name])
-        for d in (self.lora_A, self.lora_B):
-            del d[adapter_name]
+        super().delete_adapter(adapter_name)
         for d in (self.r, self.scaling, self.lora_dropout):
             d.pop(adapter_name)
-        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
     def adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
         """The adapter's parameters by local name, without the adapter name: {"lora_A.weight", "lora_B.weight"}."""
@@ -296,3 +270,38 @@ class LoraLinear(nn.Module):
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={self.r[n]}" for n in self.adapter_names)
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{ranks}]"
+
+
+COMBINATION_TYPES = ("cat", "linear")
+
+
+@torch.no_grad()
+def combine_lora(
+    factors: list[tuple[torch.Tensor, torch.Tensor, float]], weights: list[float], combination_type: str = "cat"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's LoRA factors (A', B') that combine several adapters' (Aᵢ (rᵢ, in), Bᵢ (out, rᵢ), scaling sᵢ)
+    with weights wᵢ; the combined adapter has scaling 1 (`PeftModel.add_weighted_adapter` uses this per layer).
+
+    "cat": concatenate the ranks, A' = [A₁; A₂; …] (Σr, in), B' = [w₁s₁B₁, w₂s₂B₂, …] (out, Σr).
+        B'A' = Σᵢ wᵢ·sᵢ·Bᵢ·Aᵢ, so ΔW' is *exactly* the weighted sum of the ΔWᵢ.
+    "linear" (peft's): mix A and B separately, A' = Σᵢ cᵢAᵢ, B' = Σᵢ cᵢBᵢ with cᵢ = √(wᵢsᵢ).
+        Needs equal ranks (A₁ and A₂ must be the same shape to be added), and then
+        B'A' = Σᵢ cᵢ²BᵢAᵢ + Σᵢ≠ⱼ cᵢcⱼBᵢAⱼ: the weighted sum *plus cross terms* Bᵢ·Aⱼ that pair one
+        adapter's down-projection with another's up-projection. The adapters' rank-r bases are unrelated,
+        so those terms are noise unless the adapters share their A (or their B). It keeps rank r; "cat"
+        is exact at rank Σr. (A negative wᵢsᵢ puts its sign on Aᵢ's coefficient only, so cᵢ² keeps it.)
+
+    An adapter that does not touch the layer is passed as zeros of its rank: it adds nothing either way.
+    """
+    if combination_type == "cat":
+        A = torch.cat([a for a, _, _ in factors], dim=0)  # (Σr, in)
+        B = torch.cat([(w * s) * b for (_, b, s), w in zip(factors, weights, strict=True)], dim=1)  # (out, Σr)
+        return A, B
+    if combination_type == "linear":
+        A, B = torch.zeros_like(factors[0][0]), torch.zeros_like(factors[0][1])  # (r, in), (out, r)
+        for (a, b, s), w in zip(factors, weights, strict=True):
+            c = abs(w * s) ** 0.5
+            A += (c if w * s >= 0 else -c) * a
+            B += c * b
+        return A, B
+    raise ValueError(f"combination_type must be one of {COMBINATION_TYPES}, got {combination_type!r}")

@@ -39,6 +39,7 @@ import torch.nn as nn
 
 from minipeft.model import GPT, KVCache
 from minipeft.tuners.config import PrefixTuningConfig
+from minipeft.tuners.input_adapter import VirtualTokens
 
 __all__ = ["PrefixEncoder", "create_input_adapter", "real_token_init"]
 
@@ -50,7 +51,7 @@ def _check_positive_int(name: str, value: object) -> int:
 
 
 class PrefixEncoder(nn.Module):
-    """Per-layer learned key/value prefixes for a GPT (an "input adapter" in minipeft/tuners/CONTRACT.md).
+    """Per-layer learned key/value prefixes for a GPT (an input adapter: see minipeft/tuners/input_adapter.py).
 
     Args:
         num_virtual_tokens: n, the prefix length (n < block_size, so at least one real token fits).
@@ -60,10 +61,9 @@ class PrefixEncoder(nn.Module):
         init: the plain prefix's initial value, a (n, L·2·C) tensor (see `create_input_adapter`); None draws
             N(0, 1) as HF peft's nn.Embedding does. Ignored with the projection (peft's init: the embedding
             N(0, 1), the Linears PyTorch's default; the tanh and the last Linear keep the output O(1)).
-        block_size: the base model's block_size, only used to reject n ≥ block_size early.
 
     Raises:
-        ValueError: a size that is not a positive int, n ≥ block_size, or an init of the wrong shape.
+        ValueError: a size that is not a positive int, or an init of the wrong shape.
     """
 
     def __init__(
@@ -75,7 +75,6 @@ class PrefixEncoder(nn.Module):
         prefix_projection: bool = False,
         encoder_hidden_size: int | None = None,
         init: torch.Tensor | None = None,
-        block_size: int | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("num_virtual_tokens", num_virtual_tokens), ("n_layer", n_layer),
@@ -83,9 +82,6 @@ class PrefixEncoder(nn.Module):
             _check_positive_int(name, value)
         if n_embd % n_head:
             raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
-        if block_size is not None and num_virtual_tokens >= block_size:
-            raise ValueError(f"num_virtual_tokens must be < the model's block_size ({block_size}) so that real "
-                             f"tokens still fit, got {num_virtual_tokens}")
         self.num_virtual_tokens = num_virtual_tokens
         self.n_layer, self.n_head, self.n_embd = n_layer, n_head, n_embd
         self.prefix_projection = bool(prefix_projection)
@@ -123,18 +119,15 @@ class PrefixEncoder(nn.Module):
         kv = self.flat_prefix().view(n, 2 * L, nh, hs).permute(1, 2, 0, 3)  # (2L, nh, n, hs)
         return [kv[2 * layer] for layer in range(L)], [kv[2 * layer + 1] for layer in range(L)]
 
-    def prepare(self, model: GPT, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
-        """{"kv_cache": a fresh KVCache holding the prefix for idx's batch}, for GPT.forward / GPT.generate.
+    def prepare(self, model: GPT, batch_size: int) -> VirtualTokens:
+        """{"kv_cache": a fresh KVCache holding the prefix for a batch of `batch_size`}, for GPT.forward /
+        GPT.generate (the input-adapter protocol).
 
         The cache's prefix entries are all valid, so every real token sees all of them; GPT's own mask keeps
         attention causal among the real tokens, and `seen = n` starts their positions at n.
         """
         self._check_model(model)
-        B, T = idx.shape
-        if self.num_virtual_tokens + T > model.config.block_size:
-            raise ValueError(f"num_virtual_tokens ({self.num_virtual_tokens}) + input length ({T}) = "
-                             f"{self.num_virtual_tokens + T} exceeds the model's block_size "
-                             f"({model.config.block_size}); shorten the input or use fewer virtual tokens")
+        B = batch_size
         keys, values = self.keys_values()
         dtype = model.transformer.wte.weight.dtype
         keys = [k.to(dtype)[None].expand(B, -1, -1, -1) for k in keys]  # (B, nh, n, hs) per layer
@@ -188,7 +181,8 @@ def real_token_init(model: GPT, num_virtual_tokens: int, generator: torch.Genera
 
 
 def create_input_adapter(config: PrefixTuningConfig, model: GPT, tokenizer: object = None) -> PrefixEncoder:
-    """The PrefixEncoder for `config` on `model` (the contract's factory; the tokenizer is not used).
+    """The PrefixEncoder for `config` on `model` (the tokenizer is not used; `PeftModel` passes one to every
+    input method's factory).
 
     The plain prefix starts as the model's own keys/values of n random tokens (`real_token_init`; it uses
     torch's global RNG, like peft's SAMPLE_VOCAB); the projected one starts as HF peft's does.
@@ -196,11 +190,8 @@ def create_input_adapter(config: PrefixTuningConfig, model: GPT, tokenizer: obje
     if not isinstance(config, PrefixTuningConfig):
         raise ValueError(f"config must be a PrefixTuningConfig, got {type(config).__name__}")
     c = model.config
-    if config.num_virtual_tokens >= c.block_size:
-        raise ValueError(f"PrefixTuningConfig.num_virtual_tokens must be < the model's block_size ({c.block_size}) "
-                         f"so that real tokens still fit, got {config.num_virtual_tokens}")
     init = None if config.prefix_projection else real_token_init(model, config.num_virtual_tokens)
     encoder = PrefixEncoder(config.num_virtual_tokens, c.n_layer, c.n_head, c.n_embd,
                             prefix_projection=config.prefix_projection,
-                            encoder_hidden_size=config.encoder_hidden_size, init=init, block_size=c.block_size)
+                            encoder_hidden_size=config.encoder_hidden_size, init=init)
     return encoder.to(model.device)

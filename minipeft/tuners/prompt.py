@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from minipeft.model import GPT
 from minipeft.tuners.config import PROMPT_INITS, PromptTuningConfig, PTuningConfig
+from minipeft.tuners.input_adapter import VirtualTokens
 
 __all__ = [
     "Neighbor",
@@ -106,13 +107,13 @@ class _SoftPrompt(nn.Module, abc.ABC):
     def virtual_tokens(self) -> torch.Tensor:
         """The n virtual-token embeddings (n, C), differentiable."""
 
-    def prepare(self, model: GPT, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
-        """{"prompt_embeds": (n, C)}: the caller puts them in front of wte(idx) at positions 0 … n−1."""
-        n, T = self.num_virtual_tokens, idx.shape[-1]
-        if n + T > model.config.block_size:
-            raise ValueError(f"num_virtual_tokens ({n}) + input length ({T}) = {n + T} exceeds the model's "
-                             f"block_size ({model.config.block_size}); shorten the input or use fewer virtual "
-                             f"tokens")
+    @abc.abstractmethod
+    def fold(self) -> PromptEmbedding:
+        """A plain soft prompt with the same virtual tokens (the input-adapter protocol's `fold`)."""
+
+    def prepare(self, model: GPT, batch_size: int) -> VirtualTokens:
+        """{"prompt_embeds": (n, C)}: GPT puts them in front of wte(idx) at positions 0 … n−1 (the
+        input-adapter protocol; the same prompt serves every row, so `batch_size` is not needed)."""
         prompt = self.virtual_tokens()
         if prompt.shape[-1] != model.config.n_embd:
             raise ValueError(f"this soft prompt has width {prompt.shape[-1]} but the model's n_embd is "
@@ -140,6 +141,11 @@ class PromptEmbedding(_SoftPrompt):
 
     def virtual_tokens(self) -> torch.Tensor:
         return self.prompt_embeddings  # (n, C)
+
+    @torch.no_grad()
+    def fold(self) -> PromptEmbedding:
+        """Already plain: a copy of itself."""
+        return PromptEmbedding(self.prompt_embeddings).to(self.prompt_embeddings.device)
 
 
 class PromptEncoder(nn.Module):
@@ -246,9 +252,6 @@ def create_input_adapter(
         raise ValueError(f"config must be a PromptTuningConfig or a PTuningConfig, got {type(config).__name__}")
     c = model.config
     n = config.num_virtual_tokens
-    if n >= c.block_size:
-        raise ValueError(f"{type(config).__name__}.num_virtual_tokens must be < the model's block_size "
-                         f"({c.block_size}) so that real tokens still fit, got {n}")
     if isinstance(config, PTuningConfig):
         adapter: nn.Module = PTuningEmbedding(n, c.n_embd, config.encoder_hidden_size,
                                               config.encoder_reparameterization_type, config.encoder_num_layers,
