@@ -13,7 +13,8 @@ from tolerances import assert_close
 
 from minipeft import kernels
 from minipeft.model import GPT, GPTConfig
-from minipeft.tuners import AdapterConfig, LoraConfig, LoraLinear, PeftModel, find_target_modules, get_peft_model
+from minipeft.targets import find_target_modules
+from minipeft.tuners import AdapterConfig, LoraConfig, LoraLinear, PeftModel, get_peft_model
 
 CFG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
 
@@ -45,25 +46,7 @@ def idx_batch(seed: int = 1) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- target matching
-def names_of(model, target_modules) -> list[str]:
-    return [c for c, _, _ in find_target_modules(model, target_modules)]
-
-
-def test_match_exact_suffix_regex_and_all_linear():
-    m = small_gpt()
-    assert names_of(m, ["transformer.h.0.attn.c_attn"]) == ["transformer.h.0.attn.c_attn"]
-    assert names_of(m, ["c_attn"]) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
-    assert names_of(m, ["mlp.c_proj"]) == ["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"]
-    assert names_of(m, r"transformer\.h\.1\..*c_proj") == ["transformer.h.1.attn.c_proj", "transformer.h.1.mlp.c_proj"]
-    assert names_of(m, r".*\.c_attn") == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
-    with pytest.raises(ValueError, match="fully matches no Linear"):  # a str is a regex over the whole name
-        names_of(m, "c_attn")
-    linear = names_of(m, "all-linear")
-    assert len(linear) == 8 and "lm_head" not in linear
-    # the suffix is a whole name segment: "attn" is not a suffix of "c_attn"'s name
-    assert names_of(m, ["c_fc", "c_attn"]) == [n for n in linear if n.endswith(("c_fc", "c_attn"))]
-
-
+# (the matcher itself: tests/test_targets.py)
 def test_regex_matching_nothing_and_missing_name_raise_with_available_names():
     m = small_gpt()
     with pytest.raises(ValueError, match=r"target_modules \['q_proj'\] not found.*c_attn.*c_fc"):
