@@ -330,3 +330,34 @@ def test_failed_write_leaves_the_old_files_intact(base, tmp_path, monkeypatch):
     assert sorted(os.listdir(directory)) == [CONFIG_NAME, WEIGHTS_NAME]  # no temp file left
     assert {name: (directory / name).read_bytes() for name in old} == old
     PeftModel.from_pretrained(fresh(base), str(directory))  # and it still loads
+
+
+# ---------------------------------------------------------------------------------------- save_pretrained
+def test_save_pretrained_writes_every_adapter_as_hf_peft_lays_them_out(base, tmp_path):
+    """"default" at the top, the others in <dir>/<name>/; each loads back to the same logits; no base file."""
+    pm = make(base, "lora")
+    torch.manual_seed(3)
+    pm.add_adapter("prompt", CONFIGS["prompt"](), tokenizer=_Bytes())
+    perturb(pm, "prompt")
+    pm.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, "prompt"])
+    assert sorted(p.name for p in (tmp_path / "prompt").iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    for name, directory in (("default", tmp_path), ("prompt", tmp_path / "prompt")):
+        pm.set_adapter(name)
+        loaded = PeftModel.from_pretrained(fresh(base), str(directory)).eval()
+        with torch.no_grad():
+            assert_close(loaded(idx_batch())[0], pm(idx_batch())[0])
+
+
+def test_gpt_save_pretrained_knows_a_plain_gpt_by_its_keys(base, tmp_path):
+    """GPT.save_pretrained compares its state-dict keys with a plain GPT's (not substrings of names): injected
+    adapters of any method and an NF4-quantized base are refused before anything is written."""
+    from minipeft.quant import quantize_model
+
+    fresh(base).save_pretrained(tmp_path / "plain")  # a plain GPT saves
+    for name, model in (("bottleneck", make(base, "pfeiffer").base_model),
+                        ("lora", make(base, "lora").base_model),
+                        ("nf4", quantize_model(fresh(base), double_quant=False))):
+        with pytest.raises(ValueError, match="not a plain GPT-2"):
+            model.save_pretrained(tmp_path / name)
+        assert not (tmp_path / name).exists()
