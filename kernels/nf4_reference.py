@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 
+# The Triton kernel's wrapper (nf4_triton.nf4_dequantize_triton) repeats this signature on purpose.
 def nf4_dequantize_reference(
     codes: torch.Tensor,
     absmax: torch.Tensor,

@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from input_methods import check_input_method_contract
 from tolerances import assert_close
 
 from minipeft.model import GPT, GPTConfig, KVCache
@@ -234,29 +234,7 @@ def test_peft_prefix_tensor_gives_peft_logits(tmp_path):
 
 # ---------------------------------------------------------------- through get_peft_model
 def test_peft_model_logits_loss_generate_and_gradients(tiny_model):
-    from minipeft.tuners import get_peft_model
-
-    base_state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    torch.manual_seed(0)
-    pm = get_peft_model(tiny_model, PrefixTuningConfig(num_virtual_tokens=6))
-    enc = pm.prompt_encoders["default"]
-    idx = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(0))
-    targets = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(1))
-    targets[:, :5] = -100
-    logits, loss = pm(idx, targets=targets)
-    assert logits.shape == (3, 12, tiny_model.config.vocab_size)  # real tokens only
-    with torch.no_grad():
-        assert_close(logits, prefix_logits(tiny_model, enc, idx))
-    assert_close(loss, F.cross_entropy(logits.reshape(36, -1), targets.reshape(36), ignore_index=-100))
-    loss.backward()
-    grads = {n for n, p in pm.named_parameters() if p.grad is not None}
-    assert grads == {"prompt_encoders.default.prefix_embeddings"}
-    out = pm.generate(idx, max_new_tokens=5)
-    assert out.shape == (3, 17) and torch.equal(out[:, :12], idx)
-    for k, v in tiny_model.state_dict().items():
-        assert torch.equal(v, base_state[k]), k
-    with pytest.raises(ValueError, match="num_virtual_tokens"):
-        pm(torch.zeros(1, tiny_model.config.block_size, dtype=torch.long))
+    check_input_method_contract(tiny_model, PrefixTuningConfig(num_virtual_tokens=6), prefix_logits)
 
 
 # ---------------------------------------------------------------- learning a task

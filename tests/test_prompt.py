@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from input_methods import check_input_method_contract
 from tolerances import assert_close
 
 from minipeft.model import GPT, GPTConfig
@@ -209,37 +210,7 @@ def test_peft_soft_prompts_give_peft_logits(tmp_path, method):
                                     PTuningConfig(num_virtual_tokens=6, encoder_hidden_size=16)],
                          ids=["prompt", "ptuning"])
 def test_peft_model_logits_loss_generate_and_gradients(tiny_model, config):
-    from minipeft.tuners import get_peft_model
-
-    base_state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    torch.manual_seed(0)
-    pm = get_peft_model(tiny_model, config)
-    adapter = pm.prompt_encoders["default"]
-    idx = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(0))
-    targets = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(1))
-    targets[:, :5] = -100
-    logits, loss = pm(idx, targets=targets)
-    assert logits.shape == (3, 12, tiny_model.config.vocab_size)  # real tokens only
-    with torch.no_grad():
-        assert_close(logits, soft_prompt_logits(tiny_model, adapter, idx))
-    assert_close(loss, F.cross_entropy(logits.reshape(36, -1), targets.reshape(36), ignore_index=-100))
-    loss.backward()
-    grads = {n for n, p in pm.named_parameters() if p.grad is not None}
-    assert grads == {f"prompt_encoders.default.{n}" for n, _ in adapter.named_parameters()}
-    assert all(p.grad is None for p in tiny_model.parameters())
-    out = pm.generate(idx, max_new_tokens=5)
-    seq = idx
-    with torch.no_grad():
-        for _ in range(5):  # no cache: the whole sequence behind the soft prompt every step
-            seq = torch.cat([seq, pm(seq)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out, seq)
-    for k, v in tiny_model.state_dict().items():
-        assert torch.equal(v, base_state[k]), k
-    too_long = torch.zeros(1, tiny_model.config.block_size - 2, dtype=torch.long)
-    with pytest.raises(ValueError, match="num_virtual_tokens"):
-        pm(too_long)
-    with pytest.raises(ValueError, match="block_size"):
-        pm.generate(idx, max_new_tokens=tiny_model.config.block_size)
+    check_input_method_contract(tiny_model, config, soft_prompt_logits)
 
 
 # ---------------------------------------------------------------- learning a task

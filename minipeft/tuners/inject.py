@@ -358,7 +358,7 @@ class PeftModel(nn.Module):
         return self.base_model(idx, targets=targets, attention_mask=attention_mask, **self._virtual_tokens(idx))
 
     @torch.no_grad()
-    def generate(
+    def generate(  # GPT.generate's signature, mirrored on purpose: a PeftModel is used wherever a GPT is
         self,
         idx: torch.Tensor,
         max_new_tokens: int = 20,
