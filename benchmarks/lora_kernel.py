@@ -23,7 +23,6 @@ import datetime
 import itertools
 import json
 import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +31,7 @@ from triton.testing import do_bench
 
 from minipeft import kernels
 from minipeft.kernels import lora_triton
+from minipeft.measure import median_ms
 
 K = N = 4096
 R = 16
@@ -57,7 +57,7 @@ def make_sets(M: int, device: str = "cuda"):
 
 def make_peft_layers(sets):
     """One peft LoRA Linear per input set, sharing the set's tensors."""
-    import peft
+    import peft  # here, not at the top: an optional (dev) dependency that only this comparison needs
 
     layers = []
     for s in sets:
@@ -87,15 +87,13 @@ def bench(fn) -> float:
 
 
 def host_us(fn, n: int = 50) -> float:
-    """Host time per call (µs): n calls queued without a sync (the launch queue holds them all)."""
+    """Host time per call (µs): the median of n calls timed without a sync (Python and launches only; the
+    launch queue holds them all), after a warm-up call and a sync."""
     fn()
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
+    us = median_ms(fn, repeats=n, warmup=0, synchronize=False) * 1e3
     torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
+    return us
 
 
 def fwd_bwd(forward, grads_of):

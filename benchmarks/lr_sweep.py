@@ -2,7 +2,7 @@
 
 Every method is trained for the same step budget as `compare`'s default (150 steps of batch 16) at three
 rates around its family's usual range and scored on the task's validation split (never the test split).
-Prints one table; the best rate per method is what minipeft/compare.py's METHODS uses.
+Prints one table; the best rate per method is what minipeft/methods.py's METHODS uses.
 
     python benchmarks/lr_sweep.py [--task sentiment] [--steps 150]
 """
@@ -14,9 +14,9 @@ import copy
 import time
 
 from minipeft import kernels
-from minipeft.compare import METHODS
 from minipeft.data import load_task, task_batch, task_loss
 from minipeft.evaluate import evaluate
+from minipeft.methods import METHODS
 from minipeft.pretrain import load_base
 from minipeft.tokenizer import ByteTokenizer
 from minipeft.train import TrainConfig, train

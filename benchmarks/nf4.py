@@ -19,6 +19,12 @@ import json
 import math
 
 import torch
+import triton
+from triton.testing import do_bench, do_bench_cudagraph
+
+from minipeft.kernels.nf4_triton import nf4_dequantize_triton
+from minipeft.quant import dequantize_nf4, quantize_nf4
+from minipeft.quant.nf4 import NF4_CODEBOOK, SIGNED_DYNAMIC_MAP
 
 
 def _bnb_state(q, bnb_functional):
@@ -45,8 +51,6 @@ def _bnb_state(q, bnb_functional):
 
 def check_against_bnb(F_bnb, sizes) -> list[dict]:
     """Codes and statistics vs bitsandbytes' CUDA quantizer; dequantized values vs its dequantizer."""
-    from minipeft.quant import dequantize_nf4, quantize_nf4
-
     rows = []
     torch.manual_seed(0)
     cases = [(f"randn {n}x{n} bf16", torch.randn(n, n, device="cuda").bfloat16()) for n in sizes]
@@ -83,12 +87,6 @@ def check_against_bnb(F_bnb, sizes) -> list[dict]:
 
 def bench(F_bnb, sizes, n_rotate: int = 4) -> tuple[list[dict], list[dict]]:
     """Median µs and GB/s per method and size; also the Triton tuning sweep."""
-    from triton.testing import do_bench, do_bench_cudagraph
-
-    from minipeft.kernels.nf4_triton import nf4_dequantize_triton
-    from minipeft.quant import dequantize_nf4, quantize_nf4
-    from minipeft.quant.nf4 import NF4_CODEBOOK, SIGNED_DYNAMIC_MAP
-
     nf4_values, dq_values = NF4_CODEBOOK.cuda(), SIGNED_DYNAMIC_MAP.cuda()
     # dynamic=False: one static kernel per shape (after a second size, the default recompiles with a symbolic
     # numel, which made the 8192² kernels several times slower)
@@ -171,8 +169,6 @@ def bench(F_bnb, sizes, n_rotate: int = 4) -> tuple[list[dict], list[dict]]:
 
 def copy_ceiling() -> float:
     """Device-to-device copy bandwidth, bytes read + written, in GB/s (the roofline for this job)."""
-    from triton.testing import do_bench
-
     x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
     us = do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median") * 1e3
@@ -186,9 +182,9 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/nf4.py needs a CUDA device")
+    # here, after the CUDA check: bitsandbytes is an optional (dev) dependency that needs a GPU
     import bitsandbytes
     import bitsandbytes.functional as F_bnb
-    import triton
 
     meta = {
         "date": datetime.date.today().isoformat(),

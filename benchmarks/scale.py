@@ -8,17 +8,16 @@ Run one configuration per launch, under torchrun, and compare the rows it prints
     torchrun --nproc_per_node 2 benchmarks/scale.py memory --layout fsdp
 
 Random weights (no checkpoint is needed to measure speed or memory), bf16 autocast, T=512, AdamW on the
-adapter. Throughput counts tokens of all ranks per second over timed steps after warm-up. Memory is
-`torch.cuda.max_memory_allocated` per rank. `--shape tiny --device cpu` is a smoke test that runs on CPUs
-(gloo). Keep NVLink multicast off on shared hosts: NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-NVSHMEM_DISABLE_NVLS=1 (set below when unset).
+adapter. Throughput counts tokens of all ranks per second of the median step after 3 warm-up steps
+(minipeft.measure). Memory is `torch.cuda.max_memory_allocated` per rank. `--shape tiny --device cpu` is a
+smoke test that runs on CPUs (gloo). Keep NVLink multicast off on shared hosts: NCCL_NVLS_ENABLE=0
+TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 (set below when unset).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 import torch.distributed as dist
@@ -27,6 +26,7 @@ for _var in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DI
     os.environ.setdefault(_var, "0" if _var == "NCCL_NVLS_ENABLE" else "1")
 
 from minipeft.finetune import shard_fsdp  # noqa: E402
+from minipeft.measure import median_ms, peak_memory_mb, reset_peak_memory  # noqa: E402
 from minipeft.model import GPT, GPTConfig  # noqa: E402
 from minipeft.quant import quantize_model  # noqa: E402
 from minipeft.tuners import LoraConfig, get_peft_model  # noqa: E402
@@ -68,25 +68,21 @@ def main() -> None:
         net = torch.nn.parallel.DistributedDataParallel(pm, device_ids=[device.index] if cuda else None)
     opt = torch.optim.AdamW([q for q in pm.parameters() if q.requires_grad], lr=1e-4)
     if cuda:
-        torch.cuda.reset_peak_memory_stats()
+        reset_peak_memory(device)
     T = min(args.seq, shape.block_size)
-    times = []
-    for step in range(args.steps):
-        idx = torch.randint(0, shape.vocab_size, (args.batch, T), device=device)
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    batches = iter([torch.randint(0, shape.vocab_size, (args.batch, T), device=device) for _ in range(args.steps)])
+
+    def step() -> None:
+        idx = next(batches)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             _, loss = net(idx, targets=idx)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        if step >= 3:  # after warm-up
-            times.append(time.perf_counter() - start)
-    tokens_per_s = world * args.batch * T / (sum(times) / len(times))
-    peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0], device=device)
+
+    step_ms = median_ms(step, repeats=args.steps - 3, warmup=3)  # synchronises CUDA around each timed step
+    tokens_per_s = world * args.batch * T / (step_ms / 1000)
+    peak = torch.tensor([peak_memory_mb(device) / 1024 if cuda else 0.0], device=device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     if rank == 0:
         name = torch.cuda.get_device_name(device) if cuda else "CPU"

@@ -11,6 +11,14 @@ import sys
 
 import torch
 
+from minipeft import compare
+from minipeft.data import TASKS
+from minipeft.finetune import finetune
+from minipeft.methods import METHODS
+from minipeft.pretrain import base_dir, load_base, pretrain_and_cache, pretrain_record
+from minipeft.tokenizer import ByteTokenizer
+from minipeft.train import resolve_device
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (the full usage is one `--help` away)."""
@@ -30,8 +38,6 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from minipeft.pretrain import base_dir, pretrain_and_cache, pretrain_record
-
     record = pretrain_record(args.preset, args.seed)
     if record is None or args.force or args.steps:
         record = pretrain_and_cache(args.preset, args.seed, args.device, args.steps)
@@ -45,10 +51,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from minipeft.pretrain import load_base
-    from minipeft.tokenizer import ByteTokenizer
-    from minipeft.train import resolve_device
-
     device = resolve_device(args.device)
     model = load_base(args.preset, args.seed, device=str(device))
     tok = ByteTokenizer()
@@ -62,8 +64,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from minipeft.finetune import finetune
-
     record = finetune(args.method, args.task, args.steps, args.lr, args.preset, args.seed, args.device, args.out,
                       args.batch_size, args.fsdp)
     if record["metric"] is not None:  # rank 0
@@ -75,8 +75,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from minipeft import compare
-
     compare.validate(args)
     rows = compare.compare(args)
     full = rows[0]["full_checkpoint_bytes"]
@@ -111,22 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_positive_int, default=None)
     p.set_defaults(func=cmd_generate)
 
-    from minipeft.compare import METHODS, add_arguments
-    from minipeft.data import TASKS
-
     p = sub.add_parser("finetune", help="fine-tune one method on one task (runs under torchrun for DDP / FSDP)")
     common(p)
     p.add_argument("--method", required=True, choices=list(METHODS))
     p.add_argument("--task", default="sentiment", choices=list(TASKS))
     p.add_argument("--steps", type=_positive_int, default=150)
-    p.add_argument("--lr", type=float, default=None, help="default: the method's rate from minipeft.compare")
+    p.add_argument("--lr", type=float, default=None, help="default: the method's rate in minipeft.methods")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="the global batch, split across ranks")
     p.add_argument("--out", default=None, help="write the adapter (or, for full, the model) here")
     p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (under torchrun)")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("compare", help="fine-tune every method on a task and print the measured comparison table")
-    add_arguments(p)
+    compare.add_arguments(p)
     p.set_defaults(func=cmd_compare)
     return parser
 

@@ -15,12 +15,9 @@ shrinks: peak memory on the CPU is the peak RSS (VmHWM, reset just before) minus
 was built, so it counts the adapter, gradients, optimizer state and activations; on CUDA it is the
 allocator's peak over what was allocated before.
 
-Learning rates. Each method gets the rate that scored best for it in a sweep of three rates around its
-family's usual range, on the validation split of the default task (`facts`) with the default base and
-budget (150 steps of 16): benchmarks/lr_sweep.py, results in benchmarks/RESULTS.md. That is the fair
-treatment the papers give their own methods: full fine-tuning wants a small rate, low-rank and bottleneck
-adapters a larger one, and soft prompts the largest ("higher learning rates often work better", seed 004;
-Lester et al. used 0.3). The rates are in METHODS below.
+The methods and their learning rates (each the best of a small sweep) are the registry in
+minipeft/methods.py; how latency and memory are measured (one statistic: the median after a warm-up) is in
+minipeft/measure.py.
 
 The default task is `facts` because it asks what the seeds' table is about: adapting a model without
 losing what it knows. Its answers come from pretraining (test people never appear in fine-tuning), so a
@@ -33,141 +30,40 @@ import argparse
 import csv
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from minipeft.checkpoint import atomic_write, save_json
-from minipeft.data import TASKS, Task, load_task, task_batch, task_loss
+from minipeft import kernels
+from minipeft.checkpoint import atomic_write, check_output_dir, save_json, save_model
+from minipeft.data import TASKS, load_task, task_batch, task_loss
 from minipeft.evaluate import evaluate
-from minipeft.model import GPT
+from minipeft.measure import dir_bytes, generation_ms_per_token, peak_memory_mb, reset_peak_memory
+from minipeft.methods import METHODS
 from minipeft.pretrain import load_base
 from minipeft.tokenizer import ByteTokenizer
 from minipeft.train import TrainConfig, resolve_device, train
 
-
-@dataclass(frozen=True)
-class Method:
-    key: str
-    label: str
-    lr: float
-    build: Callable[[GPT, Task, ByteTokenizer], torch.nn.Module]  # the model to train (the base is consumed)
-
-
-def _full(base, task, tok):
-    return base.requires_grad_(True)
-
-
-def _lora(base, task, tok):
-    from minipeft.tuners import LoraConfig, get_peft_model
-
-    return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-
-
-def _qlora(base, task, tok):
-    from minipeft.quant import quantize_model
-
-    return _lora(quantize_model(base, target_modules="all-linear", blocksize=64, double_quant=True), task, tok)
-
-
-def _bottleneck(architecture: str):
-    def build(base, task, tok):
-        from minipeft.tuners import AdapterConfig, get_peft_model
-
-        return get_peft_model(base, AdapterConfig.load(architecture, reduction_factor=16))
-
-    return build
-
-
-def _prefix(base, task, tok):
-    from minipeft.tuners import PrefixTuningConfig, get_peft_model
-
-    return get_peft_model(base, PrefixTuningConfig(num_virtual_tokens=10))
-
-
-def _prompt(base, task, tok):
-    from minipeft.tuners import PromptTuningConfig, get_peft_model
-
-    cfg = PromptTuningConfig(num_virtual_tokens=20, prompt_tuning_init="TEXT",
-                             prompt_tuning_init_text=task.discrete_prompt, tokenizer=tok)
-    return get_peft_model(base, cfg, tokenizer=tok)
-
-
-def _ptuning(base, task, tok):
-    from minipeft.tuners import PTuningConfig, get_peft_model
-
-    return get_peft_model(base, PTuningConfig(num_virtual_tokens=20, encoder_hidden_size=128))
-
-
-METHODS: dict[str, Method] = {m.key: m for m in [
-    Method("full", "full fine-tuning", 3e-4, _full),
-    Method("lora", "LoRA r=8, all linear layers", 1e-3, _lora),
-    Method("qlora", "QLoRA: NF4+DQ base, LoRA r=8 all linear", 1e-3, _qlora),
-    Method("pfeiffer", "Pfeiffer adapter rf=16", 3e-3, _bottleneck("pfeiffer")),
-    Method("houlsby", "Houlsby adapters rf=16", 3e-3, _bottleneck("houlsby")),
-    Method("prefix", "prefix tuning, 10 tokens", 3e-2, _prefix),
-    Method("prompt", "prompt tuning, 20 tokens (TEXT init)", 1e-1, _prompt),
-    Method("ptuning", "P-tuning, 20 tokens (MLP encoder)", 1e-2, _ptuning),
-]}
 BASELINES = ("zero-shot", "discrete-prompt")
 COLUMNS = ["method", "trainable", "trainable_pct", "file_bytes", "full_checkpoint_bytes", "train_tokens_per_s",
            "train_peak_mb", "ms_per_token", "ms_per_token_merged", "metric", "metric_name", "chance"]
 
 
-# ------------------------------------------------------------------------------------------ measuring
-def _status_mb(field: str) -> float:
-    """VmRSS (now) or VmHWM (the peak) of this process, in MiB, from /proc/self/status (Linux)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _reset_peak_rss() -> None:
-    """Start a new peak: writing 5 to clear_refs resets VmHWM to the current RSS (Linux ≥ 4.0). Without it,
-    the peak would be whatever loading the base cost, and training would not show."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-
-
+# ------------------------------------------------------------------------------------------ one method
 @torch.no_grad()
 def latency_ms_per_token(model, prompt_ids: list[int], device, new_tokens: int = 32, repeats: int = 5) -> float:
     """Median wall time per generated token for one greedy generation (batch 1, KV cache), after a warm-up."""
-    idx = torch.tensor([prompt_ids], device=device)
     model.eval()
-    model.generate(idx, max_new_tokens=2)  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model.generate(idx, max_new_tokens=new_tokens)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / new_tokens * 1000)
-    return statistics.median(times)
+    idx = torch.tensor([prompt_ids], device=device)
+    return generation_ms_per_token({"model": model}, idx, new_tokens, repeats)["model"]
 
 
 def run_method(key: str, args: argparse.Namespace) -> dict:
     """Fine-tune one method (or score one baseline) and measure it; meant to run in a fresh process."""
-    from minipeft import kernels
-
     device = resolve_device(args.device)
     kernels.set_backend("triton" if device.type == "cuda" else "reference")
     torch.manual_seed(args.seed)
@@ -188,12 +84,7 @@ def run_method(key: str, args: argparse.Namespace) -> dict:
         return row
 
     method = METHODS[key]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        mem_before = torch.cuda.memory_allocated() / 2**20
-    else:
-        _reset_peak_rss()
-        mem_before = _status_mb("VmRSS")
+    mem_before = reset_peak_memory(device)
     model = method.build(base, task, tok).to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     T = base.config.block_size
@@ -201,21 +92,15 @@ def run_method(key: str, args: argparse.Namespace) -> dict:
                       seed=args.seed)
     result = train(model, lambda g: task_batch(task, tok, cfg.batch_size, T, g), cfg, loss_fn=task_loss(task, tok),
                    desc=f"{key:>9}")
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20 - mem_before
-    else:
-        peak = _status_mb("VmHWM") - mem_before
+    peak = peak_memory_mb(device) - mem_before
     row.update(trainable=trainable, trainable_pct=100 * trainable / n_base, train_tokens_per_s=result.tokens_per_second,
                train_peak_mb=peak, final_loss=result.losses[-1])
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         row["metric"] = evaluate(model, task, tok, "test", max_examples=max_eval)
         row["ms_per_token"] = latency_ms_per_token(model, prompt_ids, device, new_tokens)
     with tempfile.TemporaryDirectory() as tmp:
-        if key == "full":
-            model.save_pretrained(tmp)
-        else:
-            model.save_adapter(tmp, "default")
-        row["file_bytes"] = _dir_bytes(Path(tmp))
+        save_model(model, tmp)  # full: the whole GPT; a PeftModel: its one adapter ("default")
+        row["file_bytes"] = dir_bytes(tmp)
     if key in ("lora", "qlora"):
         merged = model.merge_and_unload()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -254,7 +139,7 @@ def format_table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """metric against trainable % (log axis), latency bars and storage bars, in one PNG."""
-    import matplotlib
+    import matplotlib  # here, not at the top: a heavy import that only drawing needs (never the workers)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -320,16 +205,6 @@ def write_outputs(rows: list[dict], meta: dict, out: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the command
-def _check_out_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"--out {str(out)!r} is not a writable directory ({e.strerror or e})") from None
-
-
 def parse_methods(text: str) -> list[str]:
     keys = [k.strip() for k in text.split(",") if k.strip()]
     unknown = [k for k in keys if k not in METHODS]
@@ -341,13 +216,13 @@ def parse_methods(text: str) -> list[str]:
 def compare(args: argparse.Namespace) -> list[dict]:
     """Run the baselines and every method, each in a fresh process; return the table's rows."""
     out = Path(args.out)
-    _check_out_dir(out)
+    check_output_dir(out, label="--out")
     device = resolve_device(args.device)
     methods = parse_methods(args.methods)
     base = load_base(args.preset, args.seed, device="cpu")  # pretrains (and caches) if needed
     with tempfile.TemporaryDirectory() as tmp:
-        base.save_pretrained(tmp)
-        full_bytes = _dir_bytes(Path(tmp))
+        save_model(base, tmp)
+        full_bytes = dir_bytes(tmp)
     rows = []
     for key in [*BASELINES, *methods]:
         row_file = out / "rows" / f"{key}.json"

@@ -22,8 +22,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from minipeft.checkpoint import check_output_dir, save_model
 from minipeft.data import load_task, task_batch, task_loss
 from minipeft.evaluate import evaluate
+from minipeft.methods import METHODS
+from minipeft.pretrain import load_base
 from minipeft.tokenizer import ByteTokenizer
 from minipeft.train import TrainConfig, resolve_device, train
 
@@ -43,7 +46,7 @@ def _init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
 
 def shard_fsdp(model: torch.nn.Module) -> None:
     """FSDP2: shard each transformer block, then the GPT, then the wrapper (each is one all-gather unit)."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard  # here: torch builds without distributed support lack it
 
     gpt = model.base_model if hasattr(model, "base_model") else model
     for block in gpt.transformer.h:
@@ -56,17 +59,17 @@ def shard_fsdp(model: torch.nn.Module) -> None:
 def finetune(method: str, task_name: str = "sentiment", steps: int = 150, lr: float | None = None,
              preset: str = "default", seed: int = 0, device: str = "auto", out: str | Path | None = None,
              batch_size: int = 16, fsdp: bool = False, progress: bool = True) -> dict:
-    """Train `method` (a key of minipeft.compare.METHODS) on the task; returns its record (on every rank):
+    """Train `method` (a key of minipeft.methods.METHODS) on the task; returns its record (on every rank):
     losses, speed, the trained weights ("trainable", full tensors) and, on rank 0, the test metric.
 
     Under torchrun this joins the process group; rank 0 pretrains the base if none is cached while the
-    others wait. With `out`, rank 0 writes the adapter (minipeft format) or, for "full", the model.
+    others wait. With `out` (checked before anything is trained), rank 0 writes the adapter (minipeft
+    format) or, for "full", the model, through minipeft.checkpoint.save_model.
     """
-    from minipeft.compare import METHODS
-    from minipeft.pretrain import load_base
-
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    if out is not None:
+        check_output_dir(out)
     spec = METHODS[method]
     rank, world, dev = _init_distributed(resolve_device(device))
     if fsdp and world == 1:
@@ -96,10 +99,8 @@ def finetune(method: str, task_name: str = "sentiment", steps: int = 150, lr: fl
         local = spec.build(load_base(preset, seed, device=str(dev), train_if_missing=False), task, tok).to(dev)
         local.load_state_dict(state)
         record["metric"] = evaluate(local, task, tok, "test")
-        if out is not None and method == "full":
-            local.save_pretrained(out)
-        elif out is not None:
-            local.save_adapter(out, "default")
+        if out is not None:
+            save_model(local, out)  # the gathered copy: complete on one process whatever the layout
     if world > 1:
         dist.barrier()
     return record
@@ -109,6 +110,7 @@ def full_state_dict(model: torch.nn.Module, fsdp: bool) -> dict[str, torch.Tenso
     """The model's complete state dict as plain tensors (FSDP2's shards all-gathered)."""
     if not fsdp:
         return model.state_dict()
+    # here: torch builds without distributed support lack torch.distributed.checkpoint
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))

@@ -29,8 +29,8 @@ from typing import NamedTuple
 
 import torch.nn as nn
 
-__all__ = ["Target", "find_target_modules", "linear_modules", "named_layers", "set_submodule", "clean_name", "is_lm_head",
-           "is_linear_like", "tied_parameter_ids", "ALL_LINEAR"]
+__all__ = ["Target", "find_target_modules", "linear_modules", "named_layers", "set_submodule", "clean_name",
+           "is_lm_head", "is_linear_like", "tied_parameter_ids", "ALL_LINEAR"]
 
 ALL_LINEAR = "all-linear"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -25,3 +26,18 @@ def test_bad_arguments_exit_2_with_one_line(argv):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "error:" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_finetune_into_an_existing_file_fails_before_training(tmp_path):
+    blocker = tmp_path / "adapter.safetensors"
+    blocker.write_text("not a directory")
+    cache = tmp_path / "empty-cache"  # no cached base: reaching the training would pretrain one here first
+    env = {**os.environ, "MINIPEFT_CACHE": str(cache)}
+    proc = subprocess.run([sys.executable, "-m", "minipeft.cli", "finetune", "--method", "lora", "--preset", "tiny",
+                           "--device", "cpu", "--out", str(blocker)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert str(blocker) in proc.stderr and "not a directory" in proc.stderr
+    assert not cache.exists()  # nothing was pretrained, let alone fine-tuned

@@ -8,8 +8,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from minipeft.compare import BASELINES, COLUMNS, METHODS
+from minipeft import kernels
+from minipeft.compare import BASELINES, COLUMNS
+from minipeft.data import load_task
+from minipeft.methods import METHODS
+from minipeft.model import GPT
+from minipeft.pretrain import PRESETS
+from minipeft.tokenizer import ByteTokenizer
 
 C, L, R, N = 160, 4, 8, 10  # the default base: width, layers; LoRA rank; virtual tokens
 
@@ -23,6 +30,18 @@ def closed_form_trainable(base_params: int) -> dict[str, int]:
     ptuning = 2 * N * C + (C * H + H) + (H * H + H) + (H * C + C)  # 20 seed embeddings + 3-layer MLP
     return {"full": base_params, "lora": lora, "qlora": lora, "pfeiffer": L * adapter, "houlsby": 2 * L * adapter,
             "prefix": L * 2 * N * C, "prompt": 2 * N * C, "ptuning": ptuning}  # soft prompts use 20 tokens
+
+
+def test_every_builder_gives_the_closed_form_trainable_count():
+    """The registry alone, on an untrained default-shaped GPT (counts do not depend on the weights)."""
+    tok, task = ByteTokenizer(), load_task("facts")
+    with kernels.use_backend("reference"):
+        for key, method in METHODS.items():
+            torch.manual_seed(0)
+            base = GPT(PRESETS["default"][0])
+            expected = closed_form_trainable(base.num_parameters())[key]
+            model = method.build(base, task, tok)
+            assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected, key
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from minipeft.data import (
     TASKS,
@@ -13,6 +14,8 @@ from minipeft.data import (
     load_task,
     pretraining_batch,
     pretraining_corpus,
+    task_loss,
+    verbalizer_loss,
 )
 from minipeft.tokenizer import ByteTokenizer
 
@@ -101,3 +104,20 @@ def test_every_prompt_with_the_discrete_prompt_fits_the_default_context(name):
     for ex in task.train + task.validation + task.test:
         n = len(tok.encode(task.discrete_prompt + ex.prompt, add_bos=True))
         assert n + len(tok.encode(ex.answer, add_eos=True)) <= 128, ex
+
+
+def test_verbalizer_loss_is_cross_entropy_over_the_choice_logits_at_the_answer_position():
+    tok = ByteTokenizer()
+    task = load_task("sentiment")
+    idx, targets, mask = encode_examples(task.train[:5], tok, 128, verbalizer_only=True)
+    logits = torch.randn(*idx.shape, 260, generator=torch.Generator().manual_seed(0))
+    net = lambda i, attention_mask=None: (logits, None)  # noqa: E731  a stand-in model: fixed logits
+    choice_ids = [tok.encode(c)[0] for c in task.choices]  # "g", "b"
+    expected = []
+    for i, ex in enumerate(task.train[:5]):
+        pos = (targets[i] != -100).nonzero().item()  # the one supervised position
+        expected.append(F.cross_entropy(logits[i, pos, choice_ids], torch.tensor(task.choices.index(ex.answer))))
+    loss = verbalizer_loss(choice_ids)(net, idx, targets, mask)
+    assert torch.allclose(loss, torch.stack(expected).mean())
+    assert torch.allclose(task_loss(task, tok)(net, idx, targets, mask), loss)  # what the task trains with
+    assert task_loss(load_task("record"), tok) is None  # generation tasks: the model's own next-token loss

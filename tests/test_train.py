@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 
+from minipeft import kernels
+from minipeft.checkpoint import check_output_dir
 from minipeft.data import load_task, task_batch
 from minipeft.model import GPT, GPTConfig
 from minipeft.tokenizer import ByteTokenizer
 from minipeft.train import TrainConfig, lr_at, train
+from minipeft.tuners import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
+
+
+@pytest.fixture(autouse=True)
+def _reference_kernels():
+    """The PyTorch LoRA route: under TRITON_INTERPRET (set on CPU by conftest) "auto" would interpret Triton."""
+    with kernels.use_backend("reference"):
+        yield
 
 
 def tiny_gpt(seed: int = 0) -> GPT:
@@ -62,10 +73,50 @@ def test_checkpoint_is_written_and_reloads(tmp_path):
     model = tiny_gpt()
     train(model, sentiment_batches(), TrainConfig(steps=2, warmup_steps=1), checkpoint_dir=tmp_path,
           progress=False)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["config.json", "model.safetensors"]  # the whole GPT
     again = GPT.from_pretrained(tmp_path)
     idx = torch.randint(0, 256, (1, 12))
     assert torch.equal(again(idx)[0], model(idx)[0])
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporaries
+
+
+@pytest.mark.parametrize("config", [LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+                                    PromptTuningConfig(num_virtual_tokens=4)], ids=["lora", "prompt"])
+def test_a_peft_model_checkpoint_is_its_adapter_and_reloads_on_a_fresh_base(tmp_path, config):
+    base = tiny_gpt()
+    fresh_base = copy.deepcopy(base)  # get_peft_model wraps `base` in place
+    pm = get_peft_model(base, config)
+    train(pm, sentiment_batches(), TrainConfig(steps=2, warmup_steps=1), checkpoint_dir=tmp_path / "ckpt",
+          progress=False)
+    saved = tmp_path / "ckpt"
+    assert sorted(f.name for f in saved.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    again = PeftModel.from_pretrained(fresh_base, str(saved)).eval()
+    idx = torch.randint(0, 256, (2, 12))
+    assert torch.equal(again(idx)[0], pm.eval()(idx)[0])
+
+
+def test_an_existing_file_as_checkpoint_dir_fails_before_the_first_step(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    drawn = []
+    batches = sentiment_batches()
+    for checkpoint_dir in (blocker, blocker / "sub"):
+        with pytest.raises(ValueError, match="a-file"):
+            train(tiny_gpt(), lambda g: drawn.append(1) or batches(g), TrainConfig(steps=2, warmup_steps=1),
+                  checkpoint_dir=checkpoint_dir, progress=False)
+    assert drawn == []  # no batch was drawn: no step ran
+
+
+def test_check_output_dir_creates_nothing_and_names_what_is_in_the_way(tmp_path):
+    assert check_output_dir(tmp_path) == tmp_path  # an existing directory
+    nested = tmp_path / "new" / "deeper"
+    assert check_output_dir(nested) == nested and not (tmp_path / "new").exists()  # can be made; not made
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match=r"output directory .*a-file.* exists and is not a directory"):
+        check_output_dir(blocker)
+    with pytest.raises(ValueError, match=r"--out .*sub.* cannot be created: .*a-file.* is not a directory"):
+        check_output_dir(blocker / "sub", label="--out")
 
 
 def test_eval_fn_is_called_every_n_steps_and_at_the_end():

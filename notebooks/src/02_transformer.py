@@ -27,6 +27,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from minipeft import GPT, kernels
 from minipeft.data import build_world
+from minipeft.measure import median_ms
 from minipeft.pretrain import PRESETS, load_base, pretrain, pretrain_record
 from minipeft.tokenizer import ByteTokenizer
 
@@ -147,7 +148,7 @@ for temperature, top_k in [(0.7, 10), (1.5, None)]:
 #
 # Without a cache, step t recomputes keys and values for all t tokens so far; with one, each step computes
 # them for the new token only and attends to the stored ones. Below, the same greedy continuation with and
-# without it (median of 3 runs), and a check that both produce the same tokens.
+# without it (median of 3 runs after a warm-up, `minipeft.measure`), and a check that both produce the same tokens.
 
 # %%
 @torch.no_grad()
@@ -158,20 +159,11 @@ def generate_without_cache(m: GPT, idx: torch.Tensor, max_new_tokens: int) -> to
     return idx
 
 
-def median_seconds(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 NEW = model.config.block_size - prompt.shape[1]  # fill the context window
 same = torch.equal(model.generate(prompt, max_new_tokens=NEW), generate_without_cache(model, prompt, NEW))
-t_cache = median_seconds(lambda: model.generate(prompt, max_new_tokens=NEW))
-t_plain = median_seconds(lambda: generate_without_cache(model, prompt, NEW))
-print(f"{NEW} new tokens: with KV cache {1000 * t_cache / NEW:.2f} ms/token, without {1000 * t_plain / NEW:.2f} "
+t_cache = median_ms(lambda: model.generate(prompt, max_new_tokens=NEW), repeats=3)
+t_plain = median_ms(lambda: generate_without_cache(model, prompt, NEW), repeats=3)
+print(f"{NEW} new tokens: with KV cache {t_cache / NEW:.2f} ms/token, without {t_plain / NEW:.2f} "
       f"ms/token → {t_plain / t_cache:.1f}× faster; identical tokens: {same}")
 
 # %% [markdown]

@@ -25,6 +25,7 @@ import torch.nn as nn
 from minipeft import kernels
 from minipeft.data import load_task, task_batch, task_loss
 from minipeft.evaluate import evaluate
+from minipeft.measure import generation_ms_per_token, state_bytes
 from minipeft.pretrain import load_base
 from minipeft.tokenizer import ByteTokenizer
 from minipeft.train import TrainConfig, train
@@ -136,17 +137,8 @@ def get_batch(g):
     return task_batch(task, tok, BATCH, cfg.block_size, g)
 
 
-def state_bytes(model: nn.Module) -> dict:
-    """Weights, gradients and AdamW state in bytes, measured after one real optimizer step on a copy."""
-    model = copy.deepcopy(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-12)
-    idx, targets, mask = get_batch(torch.Generator().manual_seed(1))
-    task_loss(task, tok)(model, idx, targets, mask).backward()
-    opt.step()
-    size = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
-    return {"weights": size(model.parameters()), "gradients": size(p.grad for p in params),
-            "AdamW state": size(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t))}
+def one_batch_loss(m):
+    return task_loss(task, tok)(m, *get_batch(torch.Generator().manual_seed(1)))
 
 
 setups = {"full fine-tuning": (None, 1e-3),
@@ -156,21 +148,21 @@ for name, (config, lr) in setups.items():
     model = load_base("default")
     if config is not None:
         model = get_peft_model(model, config)
-    memory = state_bytes(model)
+    memory = state_bytes(model, one_batch_loss)  # weights, gradients, AdamW state after one step, on a copy
     res = train(model, get_batch, TrainConfig(steps=STEPS, lr=lr, batch_size=BATCH, warmup_steps=10),
                 loss_fn=task_loss(task, tok), progress=False)
     acc = evaluate(model, task, tok, "validation")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    table[name] = dict(model=model, trainable=trainable, acc=acc, res=res, **memory)
+    table[name] = {**memory, "model": model, "trainable": trainable, "acc": acc, "res": res}  # count, not bytes
 
 print(f"{'':22s} {'trainable':>10s} {'val acc':>8s} {'train s':>8s} {'tokens/s':>9s} {'weights':>9s} "
       f"{'grads':>9s} {'AdamW':>9s}")
 for name, t in table.items():
     print(f"{name:22s} {t['trainable']:>10,d} {t['acc']:8.2f} {t['res'].seconds:8.1f} "
           f"{t['res'].tokens_per_second:9,.0f} {t['weights'] / 1e6:7.2f}MB {t['gradients'] / 1e6:7.2f}MB "
-          f"{t['AdamW state'] / 1e6:7.2f}MB")
+          f"{t['optimizer_state'] / 1e6:7.2f}MB")
 full, lora = table["full fine-tuning"], table["LoRA r=8, all-linear"]
-optimizer_bytes = {name: t["gradients"] + t["AdamW state"] for name, t in table.items()}
+optimizer_bytes = {name: t["gradients"] + t["optimizer_state"] for name, t in table.items()}
 ratio = optimizer_bytes["LoRA r=8, all-linear"] / optimizer_bytes["full fine-tuning"]
 print(f"LoRA / full: gradients + AdamW state {ratio:.3f}×, "
       f"tokens/s {lora['res'].tokens_per_second / full['res'].tokens_per_second:.2f}×")
@@ -272,18 +264,6 @@ print(f"reloaded adapter: max |logit difference| = {diff:.1e}, val acc {acc_relo
 # the plain base (medians of 5 round-robin repeats).
 
 # %%
-def ms_per_token(models: dict, prompt, new=64, repeats=5) -> dict:
-    """Median ms/token of greedy generation; round-robin, so a slow moment of the machine hits every model."""
-    samples = {name: [] for name in models}
-    for repeat in range(repeats + 1):
-        for name, m in models.items():
-            start = time.perf_counter()
-            m.generate(prompt, max_new_tokens=new)
-            if repeat:  # the first round is a warm-up
-                samples[name].append(1000 * (time.perf_counter() - start) / new)
-    return {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
-
-
 prompt = torch.tensor([tok.encode(task.validation[0].prompt, add_bos=True)])
 with torch.no_grad():
     before = lora_model(probe, attention_mask=probe_mask)[0]
@@ -292,7 +272,8 @@ out_unmerged = lora_model.generate(prompt, max_new_tokens=20)
 merged = copy.deepcopy(lora_model).merge_and_unload()  # a plain GPT again
 with torch.no_grad():
     after = merged(probe, attention_mask=probe_mask)[0]
-ms = ms_per_token({"unmerged": lora_model, "merged": merged, "base": base}, prompt)
+# round-robin, so a slow moment of the machine hits every model alike
+ms = generation_ms_per_token({"unmerged": lora_model, "merged": merged, "base": base}, prompt, new_tokens=64)
 t_unmerged, t_merged, t_base = ms["unmerged"], ms["merged"], ms["base"]
 print(type(merged).__name__, "| LoraLinear left:", any(isinstance(m, LoraLinear) for m in merged.modules()))
 print(f"max |logits merged − unmerged| = {(after - before).abs().max():.1e}; same greedy tokens: "

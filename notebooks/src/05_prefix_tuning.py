@@ -23,6 +23,7 @@ import torch
 from minipeft import kernels
 from minipeft.data import load_task, task_batch
 from minipeft.evaluate import evaluate
+from minipeft.measure import generation_ms_per_token
 from minipeft.model import KVCache
 from minipeft.pretrain import load_base
 from minipeft.tokenizer import ByteTokenizer
@@ -78,7 +79,7 @@ print(f"closed form L·2·n·C = {L}·2·{n}·{C} = {L * 2 * n * C:,d}")
 # token is seen the cache already holds n entries per layer, and the real tokens take positions n … n+T−1.
 
 # %%
-cache = enc.prepare(pm.base_model, torch.zeros(1, 5, dtype=torch.long))["kv_cache"]
+cache = enc.prepare(pm.base_model, 1)["kv_cache"]
 print(f"cache before any real token: length {cache.length}, next position {int(cache.seen)}; "
       f"layer 0 keys {tuple(cache.keys[0].shape)} = (B, n_h, n, h_s)")
 
@@ -225,24 +226,12 @@ plt.show()
 #
 # With a KV cache, each new token costs one query against the cached keys. The prefix enters the cache once,
 # before the prompt, so per token the model attends to n more keys and nothing else changes. Measured:
-# greedy generation of 48 tokens, batch 1; the two models run in turn, 7 times each, and the fastest run of
-# each counts (the minimum is the least disturbed by other work on a shared machine).
+# greedy generation of 48 tokens, batch 1; the two models run in turn, 7 times each after a warm-up, and the
+# median run of each counts (`minipeft.measure`: the typical run, not moved by one disturbed by other work).
 
 # %%
-def ms_per_token(models, prompt, new=48, repeats=7) -> list[float]:
-    """Fastest of `repeats` interleaved runs per model, in ms per generated token."""
-    best = [float("inf")] * len(models)
-    for m in models:
-        m.generate(prompt, max_new_tokens=4)  # warm-up
-    for _ in range(repeats):
-        for i, m in enumerate(models):
-            start = time.perf_counter()
-            m.generate(prompt, max_new_tokens=new)
-            best[i] = min(best[i], 1000 * (time.perf_counter() - start) / new)
-    return best
-
-
-t_base, t_prefix = ms_per_token([base, pm], idx)
+ms = generation_ms_per_token({"base": base, "prefix": pm}, idx, new_tokens=48, repeats=7)
+t_base, t_prefix = ms["base"], ms["prefix"]
 print(f"ms/token: base {t_base:.2f}, prefix-tuned {t_prefix:.2f} → ratio {t_prefix / t_base:.2f} "
       f"(10 more keys against up to {idx.shape[1] + 48} real ones per step)")
 

@@ -35,6 +35,7 @@ import torch.nn as nn
 from minipeft import kernels
 from minipeft.data import load_task, task_batch, task_loss
 from minipeft.evaluate import evaluate
+from minipeft.measure import state_bytes
 from minipeft.pretrain import load_base
 from minipeft.quant import (
     NF4_CODEBOOK,
@@ -222,25 +223,19 @@ plt.show()
 # scales are buffers, so buffers are counted too). Activations are not included.
 
 # %%
-def state_bytes(model: nn.Module) -> dict:
-    model = copy.deepcopy(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-12)
-    idx, targets, mask = get_batch(torch.Generator().manual_seed(1))
-    task_loss(task, tok)(model, idx, targets, mask).backward()
-    opt.step()
-    size = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
-    return {"weights+buffers": size(model.parameters()) + size(model.buffers()),
-            "gradients": size(p.grad for p in params),
-            "AdamW state": size(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t))}
+def one_batch_loss(m):
+    return task_loss(task, tok)(m, *get_batch(torch.Generator().manual_seed(1)))
 
 
-table = {"full fine-tuning": state_bytes(load_base("default")),
-         "LoRA (dense fp32 base)": state_bytes(models["LoRA, dense base"]),
-         "QLoRA (NF4 base)": state_bytes(models["QLoRA, NF4 base"])}
+# `state_bytes` runs one real AdamW step on a copy; its "weights" are parameters and buffers
+table = {"full fine-tuning": state_bytes(load_base("default"), one_batch_loss),
+         "LoRA (dense fp32 base)": state_bytes(models["LoRA, dense base"], one_batch_loss),
+         "QLoRA (NF4 base)": state_bytes(models["QLoRA, NF4 base"], one_batch_loss)}
+columns = ("weights", "gradients", "optimizer_state")
 print(f"{'':24s} {'weights':>10s} {'gradients':>10s} {'AdamW':>10s} {'total':>10s}")
 for name, t in table.items():
-    print(f"{name:24s} " + " ".join(f"{v / 1e6:8.3f}MB" for v in t.values()) + f" {sum(t.values()) / 1e6:8.3f}MB")
+    print(f"{name:24s} " + " ".join(f"{t[c] / 1e6:8.3f}MB" for c in columns)
+          + f" {sum(t[c] for c in columns) / 1e6:8.3f}MB")
 
 # %% [markdown]
 # Peak memory of a training step can't be read off this notebook's own process: its resident set is a few

@@ -24,8 +24,9 @@ import torch
 from IPython.display import Image, display
 
 from minipeft import kernels
-from minipeft.compare import METHODS
 from minipeft.data import load_task
+from minipeft.measure import generation_ms_per_token
+from minipeft.methods import METHODS
 from minipeft.pretrain import load_base
 from minipeft.tokenizer import ByteTokenizer
 
@@ -145,15 +146,7 @@ for key in ("lora", "pfeiffer", "houlsby", "prefix", "prompt", "ptuning", "qlora
     models[key] = build(key)
 models["lora merged"] = build("lora").merge_and_unload().eval()
 NEW, REPEATS = 16, 7
-samples = {name: [] for name in models}
-with torch.no_grad():
-    for repeat in range(REPEATS + 1):
-        for name, m in models.items():
-            t0 = time.perf_counter()
-            m.generate(prompt, max_new_tokens=NEW)
-            if repeat:  # round 0 is the warm-up
-                samples[name].append(1000 * (time.perf_counter() - t0) / NEW)
-latency = {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
+latency = generation_ms_per_token(models, prompt, new_tokens=NEW, repeats=REPEATS)  # round-robin, one warm-up
 print(f"median ms per generated token (batch 1, KV cache, {NEW} tokens, {REPEATS} round-robin repeats):")
 for name, ms in latency.items():
     print(f"  {name:<12} {ms:6.2f} ms  = {ms / latency['base']:.2f}× base")
