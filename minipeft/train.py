@@ -24,33 +24,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
+
+from minipeft.checkpoint import check_output_dir, save_model
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # idx, targets, attention_mask
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-
-
-def verbalizer_loss(choice_ids: list[int]) -> LossFn:
-    """Cross-entropy over the verbalizer tokens only, at each row's answer position.
-
-    For classification read off a verbalizer (logit of "g" vs "b"), the natural training loss is the one the
-    evaluation reads: softmax over the choices' first tokens, not over the whole vocabulary (PET, Schick &
-    Schütze 2021, https://arxiv.org/abs/2001.07676). With a frozen base this learns several times faster,
-    because no step is spent pushing the other 258 tokens' probability down. Expects batches whose targets
-    mark exactly one position per row (`encode_examples(..., verbalizer_only=True)`).
-    """
-    ids = torch.tensor(choice_ids)
-
-    def loss_fn(net, idx, targets, attention_mask):
-        logits, _ = net(idx, attention_mask=attention_mask)  # (B, T, vocab)
-        rows = torch.arange(idx.shape[0], device=idx.device)
-        pos = (targets != -100).int().argmax(dim=1)  # (B,) the position that predicts the answer
-        choice_ids_ = ids.to(idx.device)
-        label = (targets[rows, pos, None] == choice_ids_).int().argmax(dim=1)  # (B,) index of the right choice
-        return F.cross_entropy(logits[rows, pos][:, choice_ids_].float(), label)
-
-    return loss_fn
 
 
 @dataclass
@@ -113,7 +93,7 @@ def _rank_and_world() -> tuple[int, int]:
 
 
 def _is_fsdp(model: torch.nn.Module) -> bool:
-    try:
+    try:  # here, not at the top: torch builds without distributed support have no torch.distributed.fsdp
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch without FSDP2
         return False
@@ -139,11 +119,21 @@ def train(
     loss is the mean of the ranks' gradients when each row carries the same number of targets).
     eval_fn(model) returns a dict of metrics, called every `eval_every` steps and at
     the end. loss_fn(net, idx, targets, attention_mask) replaces the model's own next-token loss (see
-    `verbalizer_loss`). With `checkpoint_dir`, rank 0 writes `model.save_pretrained(checkpoint_dir)` at the end.
+    `minipeft.data.verbalizer_loss`). With `checkpoint_dir`, rank 0 saves the model there at the end through
+    `minipeft.checkpoint.save_model` (a GPT: the whole network; a PeftModel: its adapters); the path is
+    checked before the first step, on every rank, so that a bad one fails at once and everywhere.
     """
+    if getattr(model, "merged_adapters", None):  # a PeftModel's LoRA folded into the base: nothing would learn
+        raise ValueError(f"train: adapters {model.merged_adapters} are merged into the base weights; call "
+                         "unmerge_adapter() before training")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("train: the model has no parameters that require grad (is everything frozen?)")
+    if checkpoint_dir is not None:
+        check_output_dir(checkpoint_dir, label="checkpoint_dir")
+        if _is_fsdp(model):
+            raise ValueError("train: checkpoint_dir cannot save an FSDP-sharded model from rank 0 alone; gather "
+                             "its full state dict first (minipeft.finetune.full_state_dict) and save that")
     device = next(model.parameters()).device
     rank, world = _rank_and_world()
     if config.batch_size % world:
@@ -159,9 +149,7 @@ def train(
     )
     net = model
     if world > 1 and not _is_fsdp(model):  # an FSDP2-sharded model already reduces its own gradients
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
 
@@ -204,5 +192,5 @@ def train(
     result.seconds = time.perf_counter() - start
     model.eval()
     if checkpoint_dir is not None and rank == 0:
-        model.save_pretrained(checkpoint_dir)
+        save_model(model, checkpoint_dir)
     return result

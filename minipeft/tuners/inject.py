@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -103,10 +105,13 @@ class PeftModel(nn.Module):
             raise ValueError("model is already a PeftModel; call add_adapter on it instead")
         if not hasattr(model, "config") or not hasattr(model.config, "to_dict"):
             raise ValueError(f"model must be a minipeft GPT (with a GPTConfig), got {type(model).__name__}")
+        _check_not_wrapped(model)
         self.base_model = model
+        model.__dict__[_WRAPPED_BY] = weakref.ref(self)  # one base, one wrapper (see _check_not_wrapped)
         self.peft_config: dict[str, PeftConfig] = {}
         self.prompt_encoders = nn.ModuleDict()
         self._active: list[str] = []
+        self._merged: list[str] = []  # LoRA adapters folded into the base weights (a subset of _active)
         self._disabled = False
         for p in model.parameters():
             p.requires_grad_(False)
@@ -178,6 +183,8 @@ class PeftModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter everywhere; a wrapper left with no adapter is replaced by its base layer."""
         self._check_name(adapter_name)
+        if adapter_name in self._merged:
+            self._unmerge_first(f"delete_adapter({adapter_name!r})")
         for _clean, raw, layer in self._wrappers():
             if adapter_name in layer.adapter_names:
                 layer.delete_adapter(adapter_name)
@@ -201,7 +208,8 @@ class PeftModel(nn.Module):
         return self._active[0] if len(self._active) == 1 else list(self._active)
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
-        """Make exactly these adapters active (and trainable); a list stacks layer adapters in its order."""
+        """Make exactly these adapters active (and trainable); a list stacks layer adapters in its order.
+        Merged adapters are unmerged first (with a warning): what is merged always equals what is active."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if not names:
             raise ValueError("set_adapter needs at least one adapter name (use disable_adapter() for the base)")
@@ -212,6 +220,8 @@ class PeftModel(nn.Module):
         inputs = [n for n in names if self.peft_config[n].kind == "input"]
         if len(inputs) > 1:
             raise ValueError(f"only one input adapter (prompt/prefix/P-tuning) can be active at a time, got {inputs}")
+        if names != self._active:
+            self._unmerge_first(f"set_adapter({names})")
         self._active = names
         self._sync_layers()
         self._set_trainable()
@@ -230,7 +240,9 @@ class PeftModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Inside the block the model computes exactly the base model (no layer or input adapter runs)."""
+        """Inside the block the model computes exactly the base model (no layer or input adapter runs); merged
+        adapters are unmerged first (with a warning), since the base cannot be computed exactly otherwise."""
+        self._unmerge_first("disable_adapter()")
         previous = self._disabled
         self._disabled = True
         self._sync_layers()
@@ -311,7 +323,8 @@ class PeftModel(nn.Module):
     @torch.no_grad()
     def load_adapter_state_dict(self, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
         """Copy tensors into an existing adapter. Keys must be exactly `adapter_state_dict`'s and every
-        shape must match; the first missing, unexpected or mismatched tensor raises a ValueError naming it."""
+        shape must match; the first missing, unexpected or mismatched tensor raises a ValueError naming it.
+        A merged adapter is unmerged first (with a warning): the base must lose the ΔW it got, not the new one."""
         expected = self.adapter_state_dict(adapter_name)
         for key in expected:
             if key not in state_dict:
@@ -323,6 +336,8 @@ class PeftModel(nn.Module):
             if tuple(value.shape) != tuple(expected[key].shape):
                 raise ValueError(f"tensor {key!r} has shape {tuple(value.shape)}, expected "
                                  f"{tuple(expected[key].shape)} for adapter {adapter_name!r}")
+        if adapter_name in self._merged:
+            self._unmerge_first(f"load_adapter_state_dict({adapter_name!r})")
         for key, value in state_dict.items():
             expected[key].copy_(value.to(device=expected[key].device, dtype=expected[key].dtype))
 
@@ -355,6 +370,9 @@ class PeftModel(nn.Module):
         Layer adapters act inside the base model; an active input adapter hands the GPT its virtual tokens
         (`prepare()`, the input-adapter protocol), which never appear in logits or the loss.
         """
+        if self._merged and targets is not None and self.training and torch.is_grad_enabled():  # a training step
+            raise ValueError(f"adapters {self._merged} are merged into the base weights, so training would not "
+                             "reach their parameters; call unmerge_adapter() first (or model.eval() for inference)")
         return self.base_model(idx, targets=targets, attention_mask=attention_mask, **self._virtual_tokens(idx))
 
     @torch.no_grad()
@@ -445,24 +463,59 @@ class PeftModel(nn.Module):
         if others:
             raise ValueError(f"{what} works on LoRA adapters only; delete the others first: {others}")
 
+    @property
+    def merged_adapters(self) -> list[str]:
+        """The LoRA adapters folded into the base weights by `merge_adapter` (always active ones)."""
+        return list(self._merged)
+
     def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
-        """Fold ΔW of the given LoRA adapters (default: the active ones) into the base weights, in place."""
-        names = self._active if adapter_names is None else list(adapter_names)
+        """Fold ΔW of active LoRA adapters (default: every active LoRA adapter) into the base weights.
+
+        The rules, so that nothing can corrupt the base (peft's, made strict):
+        - only active LoRA adapters merge: naming an inactive or a non-LoRA adapter raises, and so does
+          calling it with no LoRA adapter active;
+        - changing the active set (`set_adapter`, `delete_adapter`), `disable_adapter()` and writing a merged
+          adapter's weights (`load_adapter_state_dict`) unmerge first, with a warning;
+        - a training step on a merged model (train mode, grad enabled, targets given; and `train()` at its
+          start) raises, since its LoRA parameters no longer act: unmerge first;
+        - `unmerge_adapter()` gives back the base weights bit for bit (see `LoraLinear.merge`).
+        """
+        active_lora = [n for n in self._active if isinstance(self.peft_config[n], LoraConfig)]
+        names = active_lora if adapter_names is None else list(adapter_names)
         for n in names:
             self._check_name(n)
+            if not isinstance(self.peft_config[n], LoraConfig):
+                raise ValueError(f"merge_adapter merges LoRA adapters only; {n!r} is a "
+                                 f"{self.peft_config[n].method!r} adapter")
+            if n not in self._active:
+                raise ValueError(f"merge_adapter merges active adapters only; {n!r} is not active (active: "
+                                 f"{self._active}); call set_adapter first")
+        if not names:
+            raise ValueError(f"merge_adapter: no LoRA adapter is active, so there is nothing to merge (active: "
+                             f"{self._active})")
         shared = tied_parameter_ids(self.base_model)
         for clean, _raw, layer in self._lora_layers():
             mine = [n for n in names if n in layer.adapter_names]
             if mine and isinstance(layer.base_layer, nn.Linear) and id(layer.base_layer.weight) in shared:
                 raise ValueError(f"cannot merge into {clean}: its weight is tied to another parameter (the "
                                  "token embedding); use merge_and_unload(), which unties it")
+        for _clean, _raw, layer in self._lora_layers():
+            mine = [n for n in names if n in layer.adapter_names]
             if mine:
                 layer.merge(mine)
+        self._merged += [n for n in names if n not in self._merged]
 
     def unmerge_adapter(self) -> None:
-        """Subtract every merged ΔW again (exact up to float rounding)."""
+        """Take every merged ΔW out of the base weights again: they are the original ones, bit for bit."""
         for _c, _r, layer in self._lora_layers():
             layer.unmerge()
+        self._merged = []
+
+    def _unmerge_first(self, what: str) -> None:
+        if self._merged:
+            warnings.warn(f"{what}: unmerging {self._merged} first, so that merged adapters stay the active ones",
+                          stacklevel=3)
+            self.unmerge_adapter()
 
     def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> nn.Module:
         """Merge the given LoRA adapters (default: the active ones) and return the plain base model.
@@ -497,6 +550,8 @@ class PeftModel(nn.Module):
         self.prompt_encoders = nn.ModuleDict()
         self.peft_config = {}
         self._active = []
+        self._merged = []
+        self.base_model.__dict__.pop(_WRAPPED_BY, None)
         return self.base_model
 
     # ------------------------------------------------------------------ files (the format: io.py)
@@ -571,6 +626,19 @@ class PeftModel(nn.Module):
             self.load_adapter_state_dict(adapter_name, tensors)
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from e
+
+
+_WRAPPED_BY = "_minipeft_wrapped_by"  # set in a wrapped GPT's __dict__: a weak reference to its PeftModel
+
+
+def _check_not_wrapped(model: nn.Module) -> None:
+    """One base, one wrapper. A second PeftModel on the same GPT would share (and change) the first one's
+    layers and freezing, so the first one's outputs would change behind its back: refuse it."""
+    ref = model.__dict__.get(_WRAPPED_BY)
+    owner = ref() if ref is not None else None
+    if (owner is not None and owner.base_model is model) or any(isinstance(m, AdapterLayer) for m in model.modules()):
+        raise ValueError("model is already wrapped by a PeftModel: add adapters to that one with add_adapter(), or "
+                         "release the model first with its unload() or merge_and_unload()")
 
 
 def _read_adapter_for(model: nn.Module, directory: str | Path) -> tuple[PeftConfig, dict[str, torch.Tensor], str]:

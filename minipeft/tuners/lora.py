@@ -175,25 +175,37 @@ class LoraLinear(AdapterLayer):
 
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None) -> None:
-        """W₀ ← W₀ + ΔW for each adapter (default: the active ones) not merged yet."""
+        """W ← W₀ + Σ ΔW for each adapter (default: the active ones) not merged yet.
+
+        The merged weight is a new tensor: W₀ itself is kept aside untouched, so `unmerge()` gives back W₀
+        bit for bit (subtracting ΔW again would leave float rounding behind). The price is one extra copy of
+        this layer's weight while anything is merged; `merge_and_unload()`, the deployment path, keeps none.
+        """
         self._check_mergeable()
-        for name in self.active_adapters if adapter_names is None else adapter_names:
-            if name in self.merged_adapters:
-                continue
-            w = self.base_layer.weight
-            w += self.delta_weight(name).to(w.dtype)
+        names = [n for n in (self.active_adapters if adapter_names is None else adapter_names)
+                 if n not in self.merged_adapters]
+        if not names:
+            return
+        w = self.base_layer.weight
+        if not self.merged_adapters:
+            self._unmerged_weight = w.data  # W₀, kept aside
+            w.data = w.data.clone()
+        for name in names:
+            w.data += self.delta_weight(name).to(w.dtype)
             self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self, adapter_names: list[str] | None = None) -> None:
-        """W₀ ← W₀ − ΔW for merged adapters (default: all), newest first. Exact up to float rounding."""
+        """Take merged adapters (default: all) out of the weight again: W₀ exactly, plus what stays merged."""
         names = list(self.merged_adapters) if adapter_names is None else list(adapter_names)
-        for name in reversed(names):
-            if name not in self.merged_adapters:
-                continue
-            w = self.base_layer.weight
-            w -= self.delta_weight(name).to(w.dtype)
-            self.merged_adapters.remove(name)
+        keep = [n for n in self.merged_adapters if n not in names]
+        if len(keep) == len(self.merged_adapters):
+            return
+        w = self.base_layer.weight
+        w.data = self._unmerged_weight
+        del self._unmerged_weight
+        self.merged_adapters = []
+        self.merge(keep)
 
     @torch.no_grad()
     def merged_base_layer(self, adapter_names: list[str] | None = None) -> nn.Module:
