@@ -28,14 +28,18 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import numbers
 import os
+import reprlib
+import sys
 from collections.abc import Iterator
 
 import torch
 
 from . import reference
 from .nf4_reference import nf4_dequantize_reference
+from .triton_interpreter import INTERPRETING as _INTERPRETING  # TRITON_INTERPRET, read once for the package
 
 try:  # Triton is optional: the reference backend needs torch alone.
     from . import lora_triton
@@ -52,10 +56,6 @@ __all__ = ["lora_linear", "set_backend", "use_backend", "get_backend", "availabl
 
 BACKENDS = ("auto", "reference", "triton")
 ENV_VAR = "MINIPEFT_KERNEL"
-
-# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when lora_triton was imported just above.
-# Setting it later changes nothing, so what counts is its value now, at import.
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 _global_backend: str | None = None  # set_backend(...)
 # use_backend(...) stack; a ContextVar keeps threads and asyncio tasks from seeing each other's choice.
@@ -123,6 +123,36 @@ def available_backends() -> dict[str, str]:
     return {"reference": "ok", "triton": _triton_unavailable(None, None) or "ok"}
 
 
+def _describe(value: object) -> str:
+    """What was given, short enough for an error message: "str 'abc'", "Tensor of shape (2, 3)", "float nan"."""
+    if isinstance(value, torch.Tensor):
+        return f"Tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {reprlib.repr(value)}"
+
+
+def _finite(scaling: numbers.Real) -> bool:
+    """True unless scaling is NaN, ±inf, or an int too large for a float (it would become inf at dispatch)."""
+    try:
+        return math.isfinite(scaling)
+    except OverflowError:  # math.isfinite converts an int to float first: 10**400 does not fit
+        return False
+
+
+def _check_scaling(scaling: object) -> None:
+    """scaling multiplies every LoRA output and gradient: a NaN or inf here poisons the whole model silently.
+
+    A tensor is refused too, even with one element: reading it back is a host sync on a GPU, and the Triton
+    backend takes scaling as a plain number, so a scaling that requires grad would get a gradient from one
+    backend and none from the other. ``float(t)`` says what is meant.
+    """
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        hint = "; for a one-element tensor t pass float(t)" if isinstance(scaling, torch.Tensor) else ""
+        raise TypeError(f"scaling must be a real number such as lora_alpha / r (a Python float), "
+                        f"got {_describe(scaling)}{hint}")
+    if not _finite(scaling):
+        raise ValueError(f"scaling must be finite (a real number such as lora_alpha / r), got {_describe(scaling)}")
+
+
 def _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_mask) -> None:
     """Check the public boundary: types, dtypes, devices and shapes, with messages that say what was expected."""
     named = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B,
@@ -132,8 +162,7 @@ def _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_mask) -> None:
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
-        raise TypeError(f"scaling must be a real number (lora_alpha / r), got {type(scaling).__name__}")
+    _check_scaling(scaling)
     if not x.dtype.is_floating_point:
         raise TypeError(f"x has dtype {x.dtype}; expected a floating dtype (float16, bfloat16, float32, float64)")
     for name, t in named.items():
@@ -165,6 +194,9 @@ def _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_mask) -> None:
                          f"{tuple(x.shape)}")
 
 
+_FLOAT_MAX = sys.float_info.max  # an int compares with it exactly
+
+
 def _looks_valid(x, weight, bias, lora_A, lora_B, scaling, dropout_mask) -> bool:
     """The common case in few attribute reads: True means every check of ``_validate`` passes.
 
@@ -172,7 +204,12 @@ def _looks_valid(x, weight, bias, lora_A, lora_B, scaling, dropout_mask) -> bool
     """
     tensor = torch.Tensor
     if not (isinstance(x, tensor) and isinstance(weight, tensor) and isinstance(lora_A, tensor)
-            and isinstance(lora_B, tensor)) or (type(scaling) is not float and type(scaling) is not int):
+            and isinstance(lora_B, tensor)):
+        return False
+    if type(scaling) is float:
+        if not math.isfinite(scaling):
+            return False
+    elif type(scaling) is not int or abs(scaling) > _FLOAT_MAX:  # an int past float's range would round to inf
         return False
     dt = x.dtype
     if not dt.is_floating_point or weight.dtype is not dt or lora_A.dtype is not dt or lora_B.dtype is not dt:
@@ -217,9 +254,11 @@ def lora_linear(
     Returns:
         (..., out) in x's dtype.
     Raises:
-        TypeError: a non-tensor argument, an integer dtype, or tensors whose dtypes differ from x's.
-        ValueError: an unknown backend, tensors on different devices, shapes that do not fit together, or an
-            explicit "triton" that cannot run on these tensors (the message says why).
+        TypeError: a non-tensor argument, an integer dtype, tensors whose dtypes differ from x's, or a
+            scaling that is not a real number (a string, a tensor of any size, None, a complex, a bool).
+        ValueError: an unknown backend, tensors on different devices, shapes that do not fit together, a
+            NaN or infinite scaling, or an explicit "triton" that cannot run on these tensors (the message
+            says why).
     """
     # The hot path: a few attribute reads (no host sync, no per-call allocation); the detailed checks run
     # only when something looks off, so that the error names the problem.

@@ -70,6 +70,7 @@ import triton
 import triton.language as tl
 
 from .reference import lora_linear as _unfused_lora_linear
+from .triton_interpreter import INTERPRETING, interpreter_lock
 
 __all__ = ["SUPPORTED_DTYPES", "PATHS", "lora_linear", "choose_path", "lora_linear_stacked", "fused_gemm",
            "clear_cache"]
@@ -77,7 +78,6 @@ __all__ = ["SUPPORTED_DTYPES", "PATHS", "lora_linear", "choose_path", "lora_line
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PATHS = ("fused", "fused_tma", "cublas", "merged", "unfused")
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 # Autotuning benchmarks every config on first use of a shape; MINIPEFT_KERNEL_AUTOTUNE=0 uses the first
 # config only (the GPU tests do this: they check correctness, not speed). The interpreter cannot autotune.
 AUTOTUNE = not INTERPRETING and os.environ.get("MINIPEFT_KERNEL_AUTOTUNE", "1") != "0"
@@ -357,7 +357,9 @@ def _da_kernel(
 
 
 # --------------------------------------------------------------------------------------------------------
-# Wrappers: check, allocate, launch.
+# Wrappers: check, allocate, launch. Every launch sits in `with interpreter_lock():`, a no-op on a GPU; the
+# CPU interpreter keeps its state in globals, so two threads launching at once would corrupt each other's
+# runs (triton_interpreter.py says how).
 # --------------------------------------------------------------------------------------------------------
 def _precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: "ieee" for fp32 unless torch itself allows tf32 matmuls (see module doc)."""
@@ -400,14 +402,15 @@ def shrink(x2d: torch.Tensor, mask2d: torch.Tensor | None, lora_A: torch.Tensor)
         bm = min(64, max(16, triton.next_power_of_2(triton.cdiv(M, 2 * _num_sms(x2d.device)))))
         bk, warps = 128, 4
     mask_arg = mask2d if mask2d is not None else x2d
-    _shrink_kernel[(triton.cdiv(M, bm),)](
-        x2d, mask_arg, lora_A, s,
-        M, K, r,
-        x2d.stride(0), x2d.stride(1), mask_arg.stride(0), mask_arg.stride(1),
-        lora_A.stride(0), lora_A.stride(1), s.stride(0),
-        HAS_MASK=mask2d is not None, R_PAD=r_pad, PRECISION=_precision(x2d.dtype),
-        BM=bm, BK=bk, num_warps=warps,
-    )
+    with interpreter_lock():
+        _shrink_kernel[(triton.cdiv(M, bm),)](
+            x2d, mask_arg, lora_A, s,
+            M, K, r,
+            x2d.stride(0), x2d.stride(1), mask_arg.stride(0), mask_arg.stride(1),
+            lora_A.stride(0), lora_A.stride(1), s.stride(0),
+            HAS_MASK=mask2d is not None, R_PAD=r_pad, PRECISION=_precision(x2d.dtype),
+            BM=bm, BK=bk, num_warps=warps,
+        )
     return s
 
 
@@ -451,23 +454,25 @@ def fused_gemm(
         triton.set_allocator(_tma_allocator)
         num_sms = _num_sms(p.device)
         grid = lambda META: (min(num_sms, triton.cdiv(M, META["BM"]) * triton.cdiv(N, META["BN"])),)
-        _fused_gemm_tma_kernel[grid](
-            p, q, low_arg, up_arg, mask_arg, bias_arg, out,
-            M, N, K, rank, _m_bucket(M),
-            p.stride(0), q.stride(0), low_arg.stride(0), low_arg.stride(1), up_arg.stride(0), up_arg.stride(1),
-            mask_arg.stride(0), mask_arg.stride(1), out.stride(0), out.stride(1),
-            scaling, Q_NK=q_is_nk, NUM_SMS=num_sms, **common,
-        )
+        with interpreter_lock():
+            _fused_gemm_tma_kernel[grid](
+                p, q, low_arg, up_arg, mask_arg, bias_arg, out,
+                M, N, K, rank, _m_bucket(M),
+                p.stride(0), q.stride(0), low_arg.stride(0), low_arg.stride(1), up_arg.stride(0), up_arg.stride(1),
+                mask_arg.stride(0), mask_arg.stride(1), out.stride(0), out.stride(1),
+                scaling, Q_NK=q_is_nk, NUM_SMS=num_sms, **common,
+            )
         return out
     stride_qk, stride_qn = (q.stride(1), q.stride(0)) if q_is_nk else (q.stride(0), q.stride(1))
     grid = lambda META: (triton.cdiv(M, META["BM"]) * triton.cdiv(N, META["BN"]),)
-    _fused_gemm_kernel[grid](
-        p, q, low_arg, up_arg, mask_arg, bias_arg, out,
-        M, N, K, rank, _m_bucket(M),
-        p.stride(0), p.stride(1), stride_qk, stride_qn, low_arg.stride(0), low_arg.stride(1),
-        up_arg.stride(0), up_arg.stride(1), mask_arg.stride(0), mask_arg.stride(1), out.stride(0), out.stride(1),
-        scaling, **common,
-    )
+    with interpreter_lock():
+        _fused_gemm_kernel[grid](
+            p, q, low_arg, up_arg, mask_arg, bias_arg, out,
+            M, N, K, rank, _m_bucket(M),
+            p.stride(0), p.stride(1), stride_qk, stride_qn, low_arg.stride(0), low_arg.stride(1),
+            up_arg.stride(0), up_arg.stride(1), mask_arg.stride(0), mask_arg.stride(1), out.stride(0), out.stride(1),
+            scaling, **common,
+        )
     return out
 
 
@@ -481,13 +486,14 @@ def _dsdb(dy2d: torch.Tensor, lora_B: torch.Tensor, s: torch.Tensor, scaling: fl
     dbias = torch.zeros((N,), device=dy2d.device, dtype=torch.float32) if need_dbias else g
     bm, bn, warps = (16, 32, 4) if INTERPRETING else (64, 128, 8)
     n_split, per_split = _splits(M, bm, triton.cdiv(N, bn), dy2d.device)
-    _dsdb_kernel[(triton.cdiv(N, bn), n_split)](
-        dy2d, lora_B, s, g, db, dbias,
-        M, N, r, per_split,
-        dy2d.stride(0), dy2d.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0),
-        scaling,
-        HAS_BIAS_GRAD=need_dbias, R_PAD=r_pad, PRECISION=_precision(dy2d.dtype), BM=bm, BN=bn, num_warps=warps,
-    )
+    with interpreter_lock():
+        _dsdb_kernel[(triton.cdiv(N, bn), n_split)](
+            dy2d, lora_B, s, g, db, dbias,
+            M, N, r, per_split,
+            dy2d.stride(0), dy2d.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0),
+            scaling,
+            HAS_BIAS_GRAD=need_dbias, R_PAD=r_pad, PRECISION=_precision(dy2d.dtype), BM=bm, BN=bn, num_warps=warps,
+        )
     return g, db, (dbias if need_dbias else None)
 
 
@@ -499,13 +505,14 @@ def _da(g: torch.Tensor, x2d: torch.Tensor, mask2d: torch.Tensor | None, rank: i
     bm, bk, warps = (16, 32, 4) if INTERPRETING else (64, 128, 4)
     n_split, per_split = _splits(M, bm, triton.cdiv(K, bk), x2d.device)
     mask_arg = mask2d if mask2d is not None else x2d
-    _da_kernel[(triton.cdiv(K, bk), n_split)](
-        g, x2d, mask_arg, da,
-        M, K, rank, per_split,
-        x2d.stride(0), x2d.stride(1), mask_arg.stride(0), mask_arg.stride(1),
-        scaling,
-        HAS_MASK=mask2d is not None, R_PAD=r_pad, PRECISION=_precision(x2d.dtype), BM=bm, BK=bk, num_warps=warps,
-    )
+    with interpreter_lock():
+        _da_kernel[(triton.cdiv(K, bk), n_split)](
+            g, x2d, mask_arg, da,
+            M, K, rank, per_split,
+            x2d.stride(0), x2d.stride(1), mask_arg.stride(0), mask_arg.stride(1),
+            scaling,
+            HAS_MASK=mask2d is not None, R_PAD=r_pad, PRECISION=_precision(x2d.dtype), BM=bm, BK=bk, num_warps=warps,
+        )
     return da
 
 

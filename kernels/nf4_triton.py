@@ -16,7 +16,8 @@ The blocked algorithm, in plain Python, for one program (a tile of BLOCKS_PER_PR
             out_words[j] = pack(pair)                            # one 32-bit word (bf16/fp16 out)
 
 It is memory-bound: per weight it reads half a byte and writes 2 (bf16), so the floor is the copy bandwidth.
-This module imports only torch and triton.
+This module imports only torch, triton and the interpreter lock (``triton_interpreter.py``: with
+TRITON_INTERPRET=1 a launch changes process-wide state, so launches from several threads take turns).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .triton_interpreter import interpreter_lock
 
 
 @triton.jit
@@ -107,17 +110,18 @@ def nf4_dequantize_triton(
     n_blocks = absmax.numel()
     if blocks_per_program is None:
         blocks_per_program = max(1, 4096 // blocksize)
-    # 3. launch: one program per tile of blocks
+    # 3. launch: one program per tile of blocks (one interpreted launch at a time: triton_interpreter.py)
     grid = lambda META: (triton.cdiv(n_blocks, META["BLOCKS_PER_PROGRAM"]),)
     dummy = absmax  # unused pointers without double quantization (the branch is compiled out)
-    _nf4_dequantize_kernel[grid](
-        codes, absmax,
-        absmax_scale if double_quant else dummy, absmax_offset if double_quant else dummy,
-        nf4_values, dq_values if double_quant else nf4_values, words,
-        n_bytes, n_blocks,
-        BLOCKSIZE=blocksize, DQ_BLOCKSIZE=dq_blocksize, BLOCKS_PER_PROGRAM=blocks_per_program,
-        DOUBLE_QUANT=double_quant, OUT_DTYPE=_TL_DTYPES[dtype], HALF_WORD=half_word, WORD=word,
-        HALF_BITS=8 * out.element_size(),
-        num_warps=num_warps,
-    )  # fmt: skip
+    with interpreter_lock():
+        _nf4_dequantize_kernel[grid](
+            codes, absmax,
+            absmax_scale if double_quant else dummy, absmax_offset if double_quant else dummy,
+            nf4_values, dq_values if double_quant else nf4_values, words,
+            n_bytes, n_blocks,
+            BLOCKSIZE=blocksize, DQ_BLOCKSIZE=dq_blocksize, BLOCKS_PER_PROGRAM=blocks_per_program,
+            DOUBLE_QUANT=double_quant, OUT_DTYPE=_TL_DTYPES[dtype], HALF_WORD=half_word, WORD=word,
+            HALF_BITS=8 * out.element_size(),
+            num_warps=num_warps,
+        )  # fmt: skip
     return out[:numel]

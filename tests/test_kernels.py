@@ -7,7 +7,13 @@ the compiled kernels on larger shapes in fp32, fp16 and bf16 (set MINIPEFT_KERNE
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -360,6 +366,149 @@ def test_bad_inputs_are_named(make, error, match):
         kernels.lora_linear(**make(), scaling=1.0)
 
 
-def test_bad_scaling():
-    with pytest.raises(TypeError, match="scaling"):
-        kernels.lora_linear(**_bad(), scaling=torch.tensor(1.0))
+# scaling multiplies every LoRA output and gradient, so a NaN or inf would spread through the whole model
+# without an error; it is refused at the boundary, before either backend runs. Each message names scaling,
+# what is expected ("finite" / "a real number") and what was given ("got ...").
+FINITE, REAL = "scaling must be finite .*got ", "scaling must be a real number .*got "
+BAD_SCALINGS = [  # (scaling, exception, message pattern)
+    pytest.param(float("nan"), ValueError, FINITE + "float nan", id="nan"),
+    pytest.param(float("inf"), ValueError, FINITE + "float inf", id="inf"),
+    pytest.param(-math.inf, ValueError, FINITE + "float -inf", id="-inf"),
+    pytest.param(10**400, ValueError, FINITE + "int 1000", id="10**400"),            # rounds to inf as a float
+    pytest.param("2.0", TypeError, REAL + "str '2.0'", id="str"),
+    pytest.param(None, TypeError, REAL + "NoneType None", id="None"),
+    pytest.param(True, TypeError, REAL + "bool True", id="bool"),                     # an int to Python
+    pytest.param(2 + 0j, TypeError, REAL + r"complex \(2\+0j\)", id="complex"),
+    pytest.param(torch.tensor([1.0, 2.0]), TypeError, REAL + r"Tensor of shape \(2,\)", id="tensor-2-elements"),
+    pytest.param(torch.tensor(1.0), TypeError, REAL + r"Tensor of shape \(\); .*float\(t\)", id="tensor-0d"),
+]
+
+
+@pytest.mark.parametrize("scaling,error,match", BAD_SCALINGS)
+def test_bad_scaling_is_refused_before_dispatch(scaling, error, match, spy):
+    for backend in (None, "reference", "triton"):
+        with pytest.raises(error, match=match):
+            kernels.lora_linear(**_bad(), scaling=scaling, backend=backend)
+    assert spy == []                                               # neither backend ran
+
+
+def test_finite_scalings_still_pass(spy):
+    """The scaling checks refuse only what they must: zero (adapter off), negative, int and tiny values run."""
+    for scaling in (0.0, -2.0, 2, 1e-30, -0.0):
+        kernels.lora_linear(**_bad(), scaling=scaling)
+    assert spy == ["triton"] * 5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Threads: the interpreter keeps each launch's state in globals (kernels/triton_interpreter.py), so every
+# interpreted launch takes one lock. These tests run only in the interpreter; on a GPU no lock is taken.
+# ----------------------------------------------------------------------------------------------------------
+THREADS, CALLS = 4, 2  # ~0.4 s of interpreter per call and thread: 2 calls keep the test to a few seconds
+# Shapes that give every kernel a grid of several programs (the fused GEMM 2×2 tiles of 32, the shrink 3 row
+# blocks, the NF4 kernel 4 programs): with one program per launch every thread would set the same program
+# index, and only the rarer triton.language race could show.
+THREAD_SHAPE = dict(M=40, N=40, K=16, r=4)
+
+
+def _nf4_inputs(seed: int) -> tuple:
+    """Synthetic NF4 arguments (no double quantization): 512 weights in 8 blocks of 64."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 256, (256,), generator=g, dtype=torch.uint8)      # 2 weights per byte
+    absmax = torch.rand(8, generator=g) + 0.5                                   # one scale per block
+    table = torch.linspace(-1.0, 1.0, 16)                                       # any 16 values will do
+    return (codes.to(DEVICE), absmax.to(DEVICE), None, None, table.to(DEVICE), None, 512, 64, 256, torch.float32)
+
+
+def _launch_from_threads(threads: int = THREADS, calls: int = CALLS) -> list[str]:
+    """``calls`` LoRA forward+backward passes in each of ``threads`` threads at once; what went wrong, a line each.
+
+    Each thread picks the Triton backend with its own ``use_backend("triton")``, while this (main) thread sits
+    in ``use_backend("reference")`` and makes its own call: a choice that leaked from one thread to another
+    shows as the wrong autograd node (``_LoRALinearFunctionBackward`` is the Triton route's). The last thread
+    also runs the NF4 dequantization kernel on every call, so both kernel files' launches share the race.
+    Outputs and gradients are compared with the float64 reference at the fp32 tolerance. A barrier starts all
+    threads together, so their launches overlap.
+    """
+    dtype = torch.float32
+    cases = []
+    for i in range(threads):
+        inputs, dy = _make_inputs(**THREAD_SHAPE, dtype=dtype, bias=True, mask=i % 2 == 1, seed=i)
+        cases.append((inputs, dy, _run(inputs, dy, 2.0, "reference", dtype=torch.float64)))
+    nf4_args = _nf4_inputs(seed=threads)
+    nf4_expected = kernels.nf4_dequantize_reference(*nf4_args)
+    failures: list[str] = []                                     # list.append is atomic under the GIL
+    start = threading.Barrier(threads + 1, timeout=120)
+
+    def work(i: int) -> None:
+        inputs, dy, (y_ref, grads_ref) = cases[i]
+        with kernels.use_backend("triton"):
+            start.wait()
+            for call in range(calls):
+                where = f"thread {i} call {call}"
+                try:
+                    y, grads = _run(inputs, dy, 2.0, backend=None)   # backend=None: the thread's choice
+                    assert kernels.get_backend() == "triton", f"backend {kernels.get_backend()!r}"
+                    assert type(y.grad_fn).__name__ == "_LoRALinearFunctionBackward", type(y.grad_fn).__name__
+                    _check(y, y_ref, dtype)
+                    for name in grads_ref:
+                        _check(grads[name], grads_ref[name], dtype)
+                    if i == threads - 1:
+                        assert_close(kernels.nf4_dequantize_triton(*nf4_args, blocks_per_program=2), nf4_expected)
+                except Exception as e:  # every failure is reported; none may end the thread early
+                    failures.append(f"{where}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+
+    workers = [threading.Thread(target=work, args=(i,), name=f"lora-{i}") for i in range(threads)]
+    for t in workers:
+        t.start()
+    with kernels.use_backend("reference"):
+        start.wait()
+        inputs, dy, _ = cases[0]
+        y, _ = _run(inputs, dy, 2.0, backend=None)
+        if kernels.get_backend() != "reference" or type(y.grad_fn).__name__ == "_LoRALinearFunctionBackward":
+            failures.append(f"main thread: the workers' use_backend('triton') leaked in ({kernels.get_backend()!r})")
+    for t in workers:
+        t.join(timeout=300)
+        if t.is_alive():
+            failures.append(f"{t.name} still running after 300 s")
+    return failures
+
+
+needs_interpreter = pytest.mark.skipif(not lora_triton.INTERPRETING,
+                                       reason="the launch lock guards the CPU interpreter; a GPU takes none")
+
+
+@needs_interpreter
+def test_threads_launch_interpreted_kernels_safely():
+    """4 threads × 2 forward+backward passes (and NF4 dequantizations) at once: all succeed and match.
+
+    Without the lock every round fails (see the next test): the threads overwrite each other's program index
+    (errors such as "x >= grid_dim[0]", or worse, tiles computed for the wrong rows and no error at all) and
+    unpatch each other's triton.language ("Did you forget to add @triton.jit ?").
+    """
+    failures = _launch_from_threads()
+    assert not failures, "\n".join(failures)
+
+
+@needs_interpreter
+def test_without_the_lock_threads_collide():
+    """The same threads with the lock swapped for a no-op fail: it is the lock that makes the test above pass.
+
+    It runs in a fresh interpreter because a collision can leave triton.language patched for good (a thread
+    records the other thread's patches as the originals it restores), which must not leak into this session.
+    One call per thread, up to 3 rounds: on 2 shared CPU cores every one of 70 unlocked rounds (40 of one call
+    per thread, 30 of two) had failures, 3 to 7 per round, and many were wrong numbers without any error.
+    """
+    code = ("import contextlib, json\n"
+            "import test_kernels\n"
+            "from minipeft.kernels import triton_interpreter\n"
+            "triton_interpreter._LAUNCH_LOCK = contextlib.nullcontext()\n"
+            "rounds = []\n"
+            "while len(rounds) < 3 and not any(rounds):\n"
+            "    rounds.append(test_kernels._launch_from_threads(calls=1))\n"
+            "print(json.dumps(rounds))\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
+                          capture_output=True, text=True, timeout=540)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rounds = json.loads(done.stdout.strip().splitlines()[-1])
+    assert any(rounds), f"{len(rounds)} rounds of unlocked launches from {THREADS} threads and no collision"
