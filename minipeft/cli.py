@@ -7,6 +7,7 @@ Every sub-command validates its arguments and reports a bad one as a one-line er
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -34,6 +35,17 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """A finite number > 0 (a learning rate, a temperature): NaN, inf, 0 and negatives are usage errors."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
 
 
@@ -105,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=_positive_int, default=60)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=_positive_float, default=1.0)
     p.add_argument("--top-k", type=_positive_int, default=None)
     p.set_defaults(func=cmd_generate)
 
@@ -114,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=list(METHODS))
     p.add_argument("--task", default="sentiment", choices=list(TASKS))
     p.add_argument("--steps", type=_positive_int, default=150)
-    p.add_argument("--lr", type=float, default=None, help="default: the method's rate in minipeft.methods")
+    p.add_argument("--lr", type=_positive_float, default=None, help="default: the method's rate in minipeft.methods")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="the global batch, split across ranks")
     p.add_argument("--out", default=None, help="write the adapter (or, for full, the model) here")
     p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (under torchrun)")

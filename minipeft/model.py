@@ -242,6 +242,8 @@ class GPT(nn.Module):
                 )
             tok_emb = inputs_embeds
         B, T, _ = tok_emb.shape
+        if targets is not None:
+            self._check_targets(targets, B, T)
         valid = self._check_mask(attention_mask, B, T, tok_emb.device)  # (B, T) bool or None
         n_virtual = 0
         if prompt_embeds is not None:
@@ -274,8 +276,6 @@ class GPT(nn.Module):
 
         loss = None
         if targets is not None:
-            if targets.shape != (B, T):
-                raise ValueError(f"targets must have shape {(B, T)} like the input, got {tuple(targets.shape)}")
             loss = F.cross_entropy(logits.float().reshape(B * T, -1), targets.reshape(B * T), ignore_index=-100)
         return logits, loss
 
@@ -302,23 +302,45 @@ class GPT(nn.Module):
         ones = torch.ones(B, prompt.shape[1], dtype=torch.bool, device=valid.device)
         return emb, torch.cat([ones, valid], dim=1)  # (B, n+T)
 
+    # Checks that read tensor values need the host (a GPU→CPU sync); they run only when the code is not being
+    # compiled, so that torch.compile traces the forward without a graph break.
     def _check_idx(self, idx: torch.Tensor) -> torch.Tensor:
         if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.long, torch.int32, torch.int64):
             raise TypeError(f"idx must be an integer tensor of token ids, got {type(idx).__name__} "
                             f"{getattr(idx, 'dtype', '')}")
-        if idx.dim() != 2:
-            raise ValueError(f"idx must be (B, T), got shape {tuple(idx.shape)}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
-            raise ValueError(
-                f"idx holds token ids in [{int(idx.min())}, {int(idx.max())}] but vocab_size is "
-                f"{self.config.vocab_size} (valid ids: 0 … {self.config.vocab_size - 1})"
-            )
+        if idx.dim() != 2 or idx.shape[1] == 0:
+            raise ValueError(f"idx must be (B, T) with T >= 1, got shape {tuple(idx.shape)}")
+        if idx.numel() and not torch.compiler.is_compiling():
+            lo, hi = torch.stack([idx.min(), idx.max()]).tolist()
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"idx holds token ids in [{lo}, {hi}] but vocab_size is {self.config.vocab_size} "
+                                 f"(valid ids: 0 … {self.config.vocab_size - 1})")
         return idx.long()
+
+    def _check_targets(self, targets: torch.Tensor, B: int, T: int) -> None:
+        if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.long, torch.int32, torch.int64):
+            raise TypeError(f"targets must be an integer tensor of token ids (-100 to ignore a position), got "
+                            f"{type(targets).__name__} {getattr(targets, 'dtype', '')}")
+        if targets.shape != (B, T):
+            raise ValueError(f"targets must have shape {(B, T)} like the input, got {tuple(targets.shape)}")
+        if torch.compiler.is_compiling():
+            return
+        kept = targets != -100
+        out_of_range = kept & ((targets < 0) | (targets >= self.config.vocab_size))
+        n_bad, n_kept = torch.stack([out_of_range.sum(), kept.sum()]).tolist()
+        if n_bad:
+            raise ValueError(f"targets holds {n_bad} ids outside 0 … {self.config.vocab_size - 1} (and not -100, "
+                             f"the ignored position): e.g. {targets[out_of_range][:5].tolist()}")
+        if n_kept == 0:
+            raise ValueError("targets marks every position -100 (ignored), so there is nothing to learn from and the "
+                             "mean loss would be NaN; give at least one target")
 
     @staticmethod
     def _check_mask(mask: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor | None:
         if mask is None:
             return None
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a (B, T) tensor of 1s and 0s, got {type(mask).__name__}")
         if mask.shape != (B, T):
             raise ValueError(f"attention_mask must have shape {(B, T)} like the input, got {tuple(mask.shape)}")
         valid = mask.to(device=device).bool()
@@ -370,13 +392,17 @@ class GPT(nn.Module):
         prompt_embeds: (n, C) or (B, n, C) embeddings put in front of idx's at the first step (prompt
         tuning); they take positions 0 … n−1 and are not part of the returned ids.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if do_sample and temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        if top_k is not None and top_k <= 0:
-            raise ValueError(f"top_k must be a positive int or None, got {top_k}")
+        _check_generate_args(max_new_tokens, do_sample, temperature, top_k, eos_token_id, self.config.vocab_size)
         idx = self._check_idx(idx)
+        if attention_mask is not None:
+            self._check_mask(attention_mask, *idx.shape, idx.device)
+            mask = attention_mask.to(idx.device).bool()
+            right_padded = (mask[:, :-1] & ~mask[:, 1:]).any(dim=1) | ~mask[:, -1]  # a 0 after a 1, or at the end
+            if right_padded.any():
+                rows = right_padded.nonzero().flatten().tolist()
+                raise ValueError(f"generate expects left padding (0s only at the start of a row: new tokens follow "
+                                 f"the last real one), but attention_mask rows {rows[:5]} have padding after a real "
+                                 "token; pad on the left")
         B, T = idx.shape
         n_prompt = 0 if prompt_embeds is None else prompt_embeds.shape[-2]
         n_cache = 0 if kv_cache is None else int(kv_cache.seen.max())
@@ -499,3 +525,24 @@ class GPT(nn.Module):
             with torch.no_grad():
                 target.copy_(src)
         return model
+
+
+def _check_generate_args(max_new_tokens, do_sample, temperature, top_k, eos_token_id, vocab_size: int) -> None:
+    """generate's scalar arguments: types first (TypeError), then ranges and finiteness (ValueError)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__} {max_new_tokens!r}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not isinstance(do_sample, bool):
+        raise TypeError(f"do_sample must be a bool, got {type(do_sample).__name__} {do_sample!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__} {temperature!r}")
+    if not math.isfinite(temperature) or (do_sample and temperature <= 0):
+        raise ValueError(f"temperature must be finite (and > 0 when sampling), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
+        raise TypeError(f"top_k must be a positive int or None, got {type(top_k).__name__} {top_k!r}")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k must be a positive int or None, got {top_k}")
+    if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)
+                                     or not 0 <= eos_token_id < vocab_size):
+        raise ValueError(f"eos_token_id must be None or a token id in 0 … {vocab_size - 1}, got {eos_token_id!r}")

@@ -46,15 +46,26 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or self.steps <= 0:
-            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
+        for name in ("steps", "batch_size", "warmup_steps", "eval_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"TrainConfig.{name} must be an int, got {type(value).__name__} {value!r}")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"TrainConfig.{name} must be a real number, got {type(value).__name__} {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"TrainConfig.{name} must be finite, got {value!r}")
+        if self.steps <= 0 or self.batch_size <= 0:
+            raise ValueError(f"TrainConfig.steps and batch_size must be > 0, got {self.steps!r}, {self.batch_size!r}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if self.batch_size <= 0:
-            raise ValueError(f"batch_size must be > 0, got {self.batch_size!r}")
-        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"warmup_steps must be >= 0 and min_lr_ratio in [0, 1], got "
-                             f"{self.warmup_steps!r}, {self.min_lr_ratio!r}")
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.weight_decay < 0 or self.grad_clip <= 0:
+            raise ValueError(f"TrainConfig.warmup_steps, eval_every and weight_decay must be >= 0 and grad_clip > 0, "
+                             f"got {self.warmup_steps!r}, {self.eval_every!r}, {self.weight_decay!r}, "
+                             f"{self.grad_clip!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
 
 
 @dataclass

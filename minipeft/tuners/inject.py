@@ -150,7 +150,14 @@ class PeftModel(nn.Module):
         self._set_trainable()
 
     def _inject_lora(self, adapter_name: str, config: LoraConfig) -> None:
-        for _name, raw, module in find_target_modules(self.base_model, config.target_modules):
+        targets = find_target_modules(self.base_model, config.target_modules)
+        for name, _raw, module in targets:
+            rank = min(module.in_features, module.out_features)
+            if config.r > rank:  # a larger rank adds parameters but no expressiveness, and can exhaust memory
+                raise ValueError(f"LoraConfig.r={config.r} exceeds the rank a LoRA update of {name} can have: "
+                                 f"min(in_features, out_features) = min({module.in_features}, "
+                                 f"{module.out_features}) = {rank}")
+        for _name, raw, module in targets:
             if not isinstance(module, LoraLinear):
                 module = LoraLinear(module)
                 set_submodule(self.base_model, raw, module)
@@ -333,9 +340,15 @@ class PeftModel(nn.Module):
             if key not in expected:
                 raise ValueError(f"unexpected tensor {key!r} for adapter {adapter_name!r}; expected keys like "
                                  f"{list(expected)[:3]}")
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                raise TypeError(f"tensor {key!r} for adapter {adapter_name!r} must be a floating-point tensor, got "
+                                f"{type(value).__name__} {getattr(value, 'dtype', '')}")
             if tuple(value.shape) != tuple(expected[key].shape):
                 raise ValueError(f"tensor {key!r} has shape {tuple(value.shape)}, expected "
                                  f"{tuple(expected[key].shape)} for adapter {adapter_name!r}")
+            if not torch.isfinite(value).all():
+                raise ValueError(f"tensor {key!r} for adapter {adapter_name!r} holds NaN or inf "
+                                 f"({(~torch.isfinite(value)).sum().item()} of {value.numel()} entries)")
         if adapter_name in self._merged:
             self._unmerge_first(f"load_adapter_state_dict({adapter_name!r})")
         for key, value in state_dict.items():
