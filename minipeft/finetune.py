@@ -84,8 +84,8 @@ def finetune(method: str, task_name: str = "sentiment", steps: int = 150, lr: fl
     model = spec.build(base, task, tok).to(dev)
     if fsdp:
         shard_fsdp(model)
-    cfg = TrainConfig(steps=steps, lr=spec.lr if lr is None else lr, batch_size=batch_size, warmup_steps=max(1, min(10, steps // 10)),
-                      seed=seed)
+    cfg = TrainConfig(steps=steps, lr=spec.lr if lr is None else lr, batch_size=batch_size,
+                      warmup_steps=max(1, min(10, steps // 10)), seed=seed)
     result = train(model, lambda g: task_batch(task, tok, batch_size, base.config.block_size, g), cfg,
                    loss_fn=task_loss(task, tok), progress=progress, desc=f"{method} on {task_name}")
     record = {"method": method, "task": task_name, "steps": steps, "lr": cfg.lr, "world_size": world,
