@@ -27,12 +27,12 @@ still works and ``available_backends()["triton"]`` says why Triton cannot run.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 import numbers
 import os
 import reprlib
 import sys
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -58,10 +58,15 @@ BACKENDS = ("auto", "reference", "triton")
 ENV_VAR = "MINIPEFT_KERNEL"
 
 _global_backend: str | None = None  # set_backend(...)
-# use_backend(...) stack; a ContextVar keeps threads and asyncio tasks from seeing each other's choice.
-_context_backends: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
-    "minipeft_kernel_backends", default=()
-)
+# use_backend(...) stack, one per thread, so threads never see each other's choice. A threading.local and not
+# a ContextVar: torch.compile (Dynamo) reads a threading.local while tracing, but a ContextVar breaks the graph.
+_local = threading.local()
+
+
+def _stack() -> list[str]:
+    if not hasattr(_local, "backends"):
+        _local.backends = []
+    return _local.backends
 
 
 def _check_name(name: object, where: str) -> str:
@@ -79,16 +84,17 @@ def set_backend(name: str | None) -> None:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Use ``name`` inside the ``with`` block; blocks nest, the innermost wins."""
-    token = _context_backends.set(_context_backends.get() + (_check_name(name, "use_backend"),))
+    stack = _stack()
+    stack.append(_check_name(name, "use_backend"))
     try:
         yield
     finally:
-        _context_backends.reset(token)
+        stack.pop()
 
 
 def get_backend() -> str:
     """The backend name in force (before "auto" is resolved against a call's tensors); call's backend= aside."""
-    stack = _context_backends.get()
+    stack = _stack()
     if stack:
         return stack[-1]
     if _global_backend is not None:

@@ -257,7 +257,7 @@ class GPT(nn.Module):
             pos = seen[:, None] + torch.arange(L, device=tok_emb.device)  # (B, L)
         else:
             pos = seen[:, None] + (valid.long().cumsum(dim=1) - 1).clamp_min(0)  # (B, L)
-        if pos.numel():
+        if pos.numel() and not torch.compiler.is_compiling():  # reading pos is a host sync: not while compiling
             self.check_length(int(pos.max()) + 1, detail=f"{int(seen.max())} cached + {n_virtual} virtual + "
                                                           f"{T} input tokens")
 
@@ -344,6 +344,8 @@ class GPT(nn.Module):
         if mask.shape != (B, T):
             raise ValueError(f"attention_mask must have shape {(B, T)} like the input, got {tuple(mask.shape)}")
         valid = mask.to(device=device).bool()
+        if torch.compiler.is_compiling():  # `valid.all()` would be a host sync: keep the mask, same result
+            return valid
         return None if bool(valid.all()) else valid
 
     @staticmethod

@@ -1,0 +1,87 @@
+"""torch.compile traces a training step's forward and loss in one graph, for the GPT and for every method.
+
+Checks that read tensor values on the host (token ids in range, positions within block_size, an all-ones
+mask) would break the graph; they run only when not compiling, and the kernel switch keeps its per-thread
+stack in a threading.local (a ContextVar breaks the graph). The backward runs outside the compiled function,
+through AOTAutograd; here with the "aot_eager" backend, which traces forward and backward like Inductor does
+but runs them eagerly (no C++ compiler needed on CI's CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+from tolerances import assert_close
+
+from minipeft import kernels
+from minipeft.model import GPT, GPTConfig
+from minipeft.tuners import (
+    AdapterConfig,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    PTuningConfig,
+    get_peft_model,
+)
+
+CFG = GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=32)
+CONFIGS = {
+    "gpt": None,
+    "lora": LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False),
+    "pfeiffer": AdapterConfig(),
+    "houlsby": AdapterConfig(architecture="houlsby"),
+    "prefix": PrefixTuningConfig(num_virtual_tokens=3),
+    "prefix_projection": PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True),
+    "prompt": PromptTuningConfig(num_virtual_tokens=3),
+    "ptuning_mlp": PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8),
+}
+IDX = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+TARGETS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+MASK = torch.tensor([[1] * 8, [1] * 6 + [0] * 2])  # right padding, as in training
+
+
+@pytest.fixture(autouse=True)
+def reference_kernels():
+    with kernels.use_backend("reference"):
+        yield
+    dynamo.reset()
+
+
+def model_for(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    gpt = GPT(CFG)
+    return (gpt if CONFIGS[name] is None else get_peft_model(gpt, CONFIGS[name])).train()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_training_forward_compiles_without_graph_breaks(name):
+    model = model_for(name)
+
+    def loss_of(idx, targets, mask):
+        return model(idx, targets=targets, attention_mask=mask)[1]
+
+    explanation = dynamo.explain(loss_of)(IDX, TARGETS, MASK)
+    assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]
+    assert explanation.break_reasons == []
+
+
+@pytest.mark.parametrize("name", ["gpt", "lora", "houlsby", "prefix", "prompt"])
+def test_compiled_loss_and_gradients_equal_eager(name):
+    """fullgraph=True: one graph or an error. Dropout is off (p=0 in CFG), so both runs see the same maths."""
+    eager = model_for(name)
+    compiled = copy.deepcopy(eager)
+    step = torch.compile(lambda m, *a: m(*a[:1], targets=a[1], attention_mask=a[2])[1], fullgraph=True,
+                         backend="aot_eager")
+    loss_eager = eager(IDX, targets=TARGETS, attention_mask=MASK)[1]
+    loss_compiled = step(compiled, IDX, TARGETS, MASK)
+    assert_close(loss_compiled, loss_eager)
+    loss_eager.backward()
+    loss_compiled.backward()
+    grads = {n: p.grad for n, p in eager.named_parameters() if p.grad is not None}
+    assert grads
+    for n, p in compiled.named_parameters():
+        if n in grads:
+            assert_close(p.grad, grads[n])
