@@ -12,11 +12,13 @@ the same state with the flat shape ``(numel,)``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from unittest import mock
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from minipeft.quant import (
@@ -24,6 +26,7 @@ from minipeft.quant import (
     SIGNED_DYNAMIC_MAP,
     NF4Weight,
     dequantize_nf4,
+    nf4,
     nf4_codebook_from_quantiles,
     nf4_nbytes,
     quantize_nf4,
@@ -205,27 +208,228 @@ def test_non_contiguous_equals_contiguous_copy(make):
         assert a.shape == view.shape and torch.equal(dequantize_nf4(a), dequantize_nf4(b))
 
 
-@pytest.mark.parametrize(
-    "bad, match",
-    [
-        (torch.tensor([1.0, float("nan")]), "w contains NaN"),
-        (torch.tensor([1.0, float("inf")]), "w contains NaN or inf"),
-        (torch.tensor([-float("inf"), 0.0]).bfloat16(), "w contains NaN or inf"),
-        (torch.empty(0, 4), "w is empty"),
-        (torch.ones(4, dtype=torch.int32), "w must be float32"),
-        (torch.ones(4, dtype=torch.uint8), "w must be float32"),
-        (torch.ones(4, dtype=torch.float64), "w must be float32"),
-    ],
-)
-def test_bad_weights_raise(bad, match):
-    with pytest.raises(ValueError, match=match):
+def _alternating(n: int, value: float) -> torch.Tensor:
+    return torch.full((n,), value) * torch.tensor([1.0, -1.0]).repeat(n // 2)  # (n,) +v, -v, +v, ...
+
+
+# Bad input to quantize_nf4 -> the exception -> a word its message must contain. The message must name the
+# tensor (``w`` here; quantize_model names the layer's weight) and say what it expected.
+# fmt: off
+BAD_WEIGHTS = [
+    pytest.param(lambda: torch.tensor([1.0, float("nan")]), ValueError, "w contains NaN", id="nan"),
+    pytest.param(lambda: torch.tensor([1.0, float("inf")]), ValueError, "w contains NaN or inf", id="inf"),
+    pytest.param(lambda: torch.tensor([-float("inf"), 0.0]).bfloat16(), ValueError, "w contains NaN or inf",
+                 id="-inf-bf16"),
+    pytest.param(lambda: torch.ones(3, 70).index_fill_(1, torch.tensor([65]), float("nan")), ValueError,
+                 "index (0, 65)", id="nan-in-second-block-names-its-index"),
+    pytest.param(lambda: torch.empty(0, 4), ValueError, "w is empty", id="empty"),
+    pytest.param(lambda: torch.ones(4, dtype=torch.int32), ValueError, "w must be float32", id="int32"),
+    pytest.param(lambda: torch.ones(4, dtype=torch.uint8), ValueError, "w must be float32", id="uint8"),
+    pytest.param(lambda: torch.ones(4, dtype=torch.float64), ValueError, "w must be float32", id="float64"),
+    pytest.param(lambda: [1.0, 2.0], TypeError, "w must be a torch.Tensor", id="list"),
+    # double quantization: every absmax finite, but their fp32 mean overflows (the sum passes 3.4e38) ...
+    pytest.param(lambda: torch.full((4096,), 3e38), ValueError, "mean overflows float32", id="dq-3e38"),
+    pytest.param(lambda: _alternating(4096, 3e38), ValueError, "mean overflows float32", id="dq-3e38-mixed-signs"),
+    pytest.param(lambda: torch.cat([torch.full((192,), 3e38), torch.randn(4096, generator=torch.Generator())]),
+                 ValueError, "mean overflows float32", id="dq-three-huge-blocks"),
+    pytest.param(lambda: torch.full((64 * 64,), 1e38), ValueError, "mean overflows float32", id="dq-1e38"),
+    pytest.param(lambda: torch.full((64 * 300,), torch.finfo(torch.bfloat16).max, dtype=torch.bfloat16),
+                 ValueError, "mean overflows float32", id="dq-bf16-max"),
+    # ... or one decodes from its 8-bit code to more than the dtype holds (65538 > fp16's 65504)
+    pytest.param(lambda: torch.cat([torch.full((64 * 8,), 65504.0), torch.zeros(64 * 4)]).half(), ValueError,
+                 "beyond torch.float16's largest value", id="dq-fp16-max"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("make, error, word", BAD_WEIGHTS)
+def test_bad_weights_raise(make, error, word):
+    bad = make()
+    before = bad.clone() if isinstance(bad, torch.Tensor) else None
+    with pytest.raises(error) as info:
         quantize_nf4(bad)
+    assert word in str(info.value)
+    if "double quantization" in str(info.value):  # says what works instead, and it does
+        assert "double_quant=False" in str(info.value)
+        q = quantize_nf4(bad, double_quant=False)
+        assert torch.isfinite(dequantize_nf4(q)).all()
+        assert torch.equal(dequantize_nf4(q, torch.float32).abs().amax(), bad.float().abs().amax())
+    if before is not None:  # nothing was changed (NaN-safe comparison)
+        torch.testing.assert_close(bad, before, rtol=0, atol=0, equal_nan=True)
+
+
+def test_double_quant_overflow_is_where_the_mean_is_taken():
+    """The fp32 mean of the absmax values is where 1e38-sized weights overflow today (so in bitsandbytes too):
+    64 absmax values of 3e38 sum to inf. Each absmax, and every value scaled by it, is finite."""
+    w = torch.full((4096,), 3e38)
+    blocks, absmax = nf4._blocks_and_absmax(w, 64)
+    assert torch.isfinite(absmax).all() and torch.isfinite(blocks / absmax[:, None]).all()
+    codes, scale, offset = nf4._double_quantize(absmax)
+    assert torch.isinf(offset) and torch.isinf(scale).all()  # the mean, then everything decoded from it
+    assert torch.isfinite(quantize_nf4(w[:64]).absmax_offset)  # one block: the sum is the value, finite
 
 
 @pytest.mark.parametrize("blocksize", [0, 16, 48, 100, 8192, -64, 64.0, True, "64"])
 def test_bad_blocksize_raises(blocksize):
     with pytest.raises(ValueError, match="blocksize"):
         quantize_nf4(torch.randn(128), blocksize=blocksize)
+
+
+def _dq():  # a valid double-quantized NF4Weight: 1200 values, 19 blocks of 64 (the last partial), 1 scale
+    return quantize_nf4(torch.randn(30, 40, generator=torch.Generator().manual_seed(0)), 64, double_quant=True)
+
+
+def _plain():  # the same without double quantization: 19 fp32 absmax values
+    return quantize_nf4(torch.randn(30, 40, generator=torch.Generator().manual_seed(0)), 64, double_quant=False)
+
+
+def _with(make, **fields):
+    """A copy of make() with some fields replaced (a function of the original field when callable)."""
+    q = make()
+    return dataclasses.replace(q, **{k: v(getattr(q, k)) if callable(v) else v for k, v in fields.items()})
+
+
+def _set(t: torch.Tensor, i: int, value: float) -> torch.Tensor:
+    t = t.clone()
+    t.view(-1)[i] = value
+    return t
+
+
+_U8 = torch.uint8
+# Bad input to dequantize_nf4 -> the exception -> a word its message must contain (the field's name).
+# fmt: off
+BAD_NF4_WEIGHTS = [
+    pytest.param(lambda: _with(_dq, codes=lambda c: c[:-100]), ValueError, "q.codes", id="codes-100-short"),
+    pytest.param(lambda: _with(_dq, codes=lambda c: torch.cat([c, torch.zeros(50, dtype=_U8)])), ValueError,
+                 "q.codes", id="codes-50-extra"),
+    pytest.param(lambda: _with(_dq, codes=lambda c: c.long()), ValueError, "torch.uint8", id="codes-int64"),
+    pytest.param(lambda: _with(_dq, codes=lambda c: c.float()), ValueError, "q.codes", id="codes-float32"),
+    pytest.param(lambda: _with(_dq, codes=lambda c: c[:, None]), ValueError, "q.codes", id="codes-2d-bnb-layout"),
+    pytest.param(lambda: _with(_dq, codes=lambda c: c.numpy()), TypeError, "q.codes", id="codes-numpy"),
+    pytest.param(lambda: _with(_dq, shape=torch.Size((30, 41))), ValueError, "q.codes", id="shape-disagrees"),
+    pytest.param(lambda: _with(_dq, shape=torch.Size((0, 40))), ValueError, "q.shape", id="shape-empty"),
+    pytest.param(lambda: _with(_dq, shape=(30.0, 40)), TypeError, "q.shape", id="shape-floats"),
+    pytest.param(lambda: _with(_dq, dtype=torch.int64), ValueError, "q.dtype", id="dtype-field-int64"),
+    pytest.param(lambda: _with(_dq, blocksize=48), ValueError, "q.blocksize", id="blocksize-48"),
+    pytest.param(lambda: _with(_dq, blocksize=128), ValueError, "q.absmax_codes", id="blocksize-disagrees"),
+    pytest.param(lambda: _with(_dq, dq_blocksize=0), ValueError, "q.dq_blocksize", id="dq-blocksize-0"),
+    pytest.param(lambda: _with(_dq, absmax_codes=lambda a: a[:-1]), ValueError, "q.absmax_codes",
+                 id="absmax-codes-short"),
+    pytest.param(lambda: _with(_dq, absmax_codes=lambda a: a.long()), ValueError, "q.absmax_codes",
+                 id="absmax-codes-int64"),
+    pytest.param(lambda: _with(_dq, absmax_scale=lambda a: torch.cat([a, a])), ValueError, "q.absmax_scale",
+                 id="absmax-scale-extra"),
+    pytest.param(lambda: _with(_dq, absmax_scale=lambda a: a.half()), ValueError, "q.absmax_scale",
+                 id="absmax-scale-fp16"),
+    pytest.param(lambda: _with(_dq, absmax_scale=lambda a: _set(a, 0, float("nan"))), ValueError, "q.absmax_scale",
+                 id="absmax-scale-nan"),
+    pytest.param(lambda: _with(_dq, absmax_offset=lambda a: a[None]), ValueError, "q.absmax_offset",
+                 id="absmax-offset-shape-1"),
+    pytest.param(lambda: _with(_dq, absmax_offset=torch.tensor(float("inf"))), ValueError, "q.absmax_offset",
+                 id="absmax-offset-inf"),
+    pytest.param(lambda: _with(_dq, absmax_offset=torch.tensor(1.0, device="meta")), ValueError, "device",
+                 id="absmax-offset-other-device"),
+    pytest.param(lambda: _with(_dq, absmax_scale=None), ValueError, "either absmax", id="dq-field-missing"),
+    pytest.param(lambda: _with(_dq, absmax=_plain().absmax), ValueError, "either absmax", id="plain-and-dq"),
+    pytest.param(lambda: _with(_plain, absmax=None), ValueError, "no statistics", id="no-statistics"),
+    pytest.param(lambda: _with(_plain, absmax=lambda a: a[:-1]), ValueError, "q.absmax", id="absmax-short"),
+    pytest.param(lambda: _with(_plain, absmax=lambda a: a.bfloat16()), ValueError, "q.absmax", id="absmax-bf16"),
+    pytest.param(lambda: _with(_plain, absmax=lambda a: a.tolist()), TypeError, "q.absmax", id="absmax-list"),
+    pytest.param(lambda: _with(_plain, absmax=lambda a: _set(a, 3, float("nan"))), ValueError, "1 NaN",
+                 id="absmax-nan"),
+    pytest.param(lambda: _with(_plain, absmax=lambda a: _set(a, 0, -float("inf"))), ValueError, "1 inf",
+                 id="absmax-inf"),
+    pytest.param(lambda: _with(_plain, absmax=lambda a: _set(a, 5, -1.0)), ValueError, "1 negative",
+                 id="absmax-negative"),
+    pytest.param(lambda: _dq().codes, TypeError, "NF4Weight", id="not-an-nf4weight"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("make, error, word", BAD_NF4_WEIGHTS)
+def test_bad_nf4_weights_raise(make, error, word):
+    q = make()
+    before = {k: v.clone() for k, v in q.tensors().items()} if isinstance(q, NF4Weight) else {}
+    with pytest.raises(error) as info:
+        dequantize_nf4(q)
+    assert word in str(info.value)
+    for k, v in before.items():  # nothing was changed
+        torch.testing.assert_close(getattr(q, k), v, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("make, error, word", BAD_NF4_WEIGHTS)
+def test_bad_nf4_weights_do_not_move(make, error, word):
+    """NF4Weight.to checks what it copies (values included: on a GPU, dequantize_nf4 checks only the layout)."""
+    q = make()
+    if not isinstance(q, NF4Weight):
+        return
+    with pytest.raises(error) as info:
+        q.to("cpu")
+    assert word in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "dtype, error, word",
+    [(torch.int64, ValueError, "dtype must be float32"), (torch.uint8, ValueError, "dtype must be float32"),
+     (torch.bool, ValueError, "dtype must be float32"), ("float32", TypeError, "dtype must be a torch.dtype"),
+     (torch.complex64, ValueError, "dtype must be float32")],
+)  # fmt: skip
+def test_bad_dequantize_dtype_raises(dtype, error, word):
+    with pytest.raises(error, match=word):
+        dequantize_nf4(_dq(), dtype)
+    assert dequantize_nf4(_dq(), torch.float64).dtype == torch.float64  # float64 is fine: fp32 values, exact
+
+
+@settings(max_examples=50)  # no false alarms: whatever quantize_nf4 makes passes dequantize_nf4's checks
+@given(w=weights(), blocksize=st.sampled_from(BLOCKSIZES), double_quant=st.booleans(),
+       magnitude=st.sampled_from([1e-30, 1e-12, 1.0, 1e12, 1e30]))  # fmt: skip
+def test_valid_nf4_weights_pass_the_checks(w, blocksize, double_quant, magnitude):
+    if w.dtype != torch.float16:  # fp16 stays at weights()'s own magnitudes (at most 1e3)
+        w = (w.float() * magnitude).to(w.dtype)
+    q = quantize_nf4(w, blocksize, double_quant)
+    nf4._check_nf4_weight(q)
+    nf4._check_nf4_weight(q.to("cpu"))
+    nf4._check_quantizable(w, blocksize, double_quant)
+    out = dequantize_nf4(q)
+    assert out.shape == w.shape and torch.isfinite(out).all()
+
+
+@st.composite
+def extreme_weights(draw):
+    """Blocks whose absmax sits at 0, 1 or up to the dtype's largest value, with a partial last block."""
+    dtype = draw(st.sampled_from(DTYPES))
+    top = torch.finfo(dtype).max
+    blocksize = draw(st.sampled_from([32, 64]))
+    n_blocks = draw(st.integers(1, 40))
+    levels = draw(st.lists(st.sampled_from([0.0, 1.0, top / 1e3, top / 4, top / 2, top]), min_size=n_blocks,
+                           max_size=n_blocks))  # fmt: skip
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    blocks = (torch.rand(n_blocks, blocksize, generator=g) * 2 - 1) * torch.tensor(levels)[:, None]
+    blocks[:, 0] = torch.tensor(levels) * draw(st.sampled_from([1.0, -1.0]))  # the absmax itself
+    n = n_blocks * blocksize - draw(st.integers(0, blocksize - 1))
+    return blocks.reshape(-1)[:n].to(dtype), blocksize
+
+
+@given(case=extreme_weights(), double_quant=st.booleans())
+def test_refused_exactly_when_the_result_would_not_be_finite(case, double_quant):
+    """Up to the dtype's largest values: quantize_nf4 either returns a state that dequantizes to finite values
+    or refuses, and it refuses only what would otherwise have come back with inf or NaN."""
+    w, blocksize = case
+    try:
+        q = quantize_nf4(w, blocksize, double_quant)
+    except ValueError as e:
+        assert double_quant and "double quantization cannot represent" in str(e)
+        event("refused: the mean overflows" if "mean overflows" in str(e) else "refused: a decoded absmax overflows")
+        with pytest.raises(ValueError, match="double quantization cannot represent"):
+            nf4._check_quantizable(w, blocksize, double_quant)
+        with mock.patch.object(nf4, "_check_double_quant", lambda *args: None):  # what it would have returned
+            unchecked = nf4._dequantize(quantize_nf4(w, blocksize, double_quant), w.dtype)
+        assert not torch.isfinite(unchecked).all()
+        assert torch.isfinite(dequantize_nf4(quantize_nf4(w, blocksize, double_quant=False))).all()
+    else:
+        event("accepted")
+        nf4._check_quantizable(w, blocksize, double_quant)
+        assert torch.isfinite(dequantize_nf4(q)).all()
 
 
 def test_dequantize_dtype_and_to():

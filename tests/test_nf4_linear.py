@@ -159,3 +159,139 @@ def test_weight_bytes_report_counts_real_sizes():
     assert weight_bytes_report(quantized) == report  # same answer before and after quantization
     real = sum(b.numel() * b.element_size() for n, b in quantized.named_buffers())
     assert real == sum(nf4_nbytes(n, 64, True) for n in linear_numels)  # the formula is the tensors' size
+
+
+# ---- bad input: refused with the weight's name, and nothing changed -----------------------------------------
+
+
+def small_gpt() -> nn.Module:
+    from minipeft.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32))
+
+
+def _poison(name: str, index: tuple[int, int], value: float):
+    def poison(model: nn.Module) -> None:
+        with torch.no_grad():
+            model.get_submodule(name).weight[index] = value
+
+    return poison
+
+
+def _fill(name: str, value: float):
+    def fill(model: nn.Module) -> None:
+        with torch.no_grad():
+            model.get_submodule(name).weight.fill_(value)
+
+    return fill
+
+
+# (model, how to spoil it, quantize_model's arguments) -> the exception -> a word its message must contain.
+# The spoiled layer comes last in each model, so a quantize_model that swapped as it went would have
+# quantized every other layer before it noticed.
+# fmt: off
+BAD_MODELS = [
+    pytest.param(tiny_lm, _poison("blocks.1.mlp.2", (3, 5), float("nan")), {}, ValueError,
+                 "blocks.1.mlp.2.weight contains NaN", id="nan"),
+    pytest.param(tiny_lm, _poison("blocks.1.mlp.2", (0, 0), -float("inf")), {"double_quant": False}, ValueError,
+                 "blocks.1.mlp.2.weight contains NaN or inf", id="-inf-plain"),
+    pytest.param(small_gpt, _poison("transformer.h.1.mlp.c_proj", (1, 2), float("inf")), {}, ValueError,
+                 "transformer.h.1.mlp.c_proj.weight contains NaN or inf", id="inf-gpt"),
+    pytest.param(small_gpt, _poison("transformer.h.1.attn.c_attn", (0, 0), float("nan")),
+                 {"target_modules": ["c_attn"]}, ValueError, "transformer.h.1.attn.c_attn.weight",
+                 id="nan-named-target"),
+    pytest.param(small_gpt, _fill("transformer.h.1.mlp.c_proj", 3e38), {}, ValueError,
+                 "transformer.h.1.mlp.c_proj.weight: double quantization cannot represent",
+                 id="dq-3e38-gpt"),
+    pytest.param(tiny_lm, _fill("blocks.1.mlp.2", 1e38), {"blocksize": 32}, ValueError, "mean overflows float32",
+                 id="dq-1e38"),
+]
+# fmt: on
+
+
+def _snapshot(model: nn.Module) -> tuple[list, dict]:
+    modules = [(name, type(m), m) for name, m in model.named_modules()]
+    tensors = {name: (t, t.detach().clone()) for name, t in model.state_dict(keep_vars=True).items()}
+    return modules, tensors
+
+
+def _assert_unchanged(model: nn.Module, snapshot: tuple[list, dict]) -> None:
+    modules, tensors = snapshot
+    now = [(name, type(m), m) for name, m in model.named_modules()]
+    assert [(n, t) for n, t, _ in now] == [(n, t) for n, t, _ in modules]  # the same module types ...
+    assert all(a is b for (_, _, a), (_, _, b) in zip(now, modules, strict=True))  # ... the same objects
+    state = model.state_dict(keep_vars=True)
+    assert state.keys() == tensors.keys()
+    for name, (obj, value) in tensors.items():  # the same tensors, holding the same values (NaN included)
+        assert state[name] is obj, name
+        torch.testing.assert_close(state[name].detach(), value, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("make, spoil, kwargs, error, word", BAD_MODELS)
+def test_quantize_model_refuses_a_bad_weight_and_changes_nothing(make, spoil, kwargs, error, word):
+    model = make()
+    spoil(model)
+    snapshot = _snapshot(model)
+    with pytest.raises(error) as info:
+        quantize_model(model, **kwargs)
+    assert word in str(info.value) and "the model is as it was" in str(info.value)
+    _assert_unchanged(model, snapshot)
+    if "double quantization" in str(info.value):  # the fix the message names works
+        assert "double_quant=False" in str(info.value)
+        quantize_model(model, **kwargs, double_quant=False)
+        assert any(isinstance(m, NF4Linear) for m in model.modules())
+
+
+def test_from_linear_refuses_nan_and_names_the_weight():
+    linear = nn.Linear(8, 4)
+    with torch.no_grad():
+        linear.weight[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"linear.weight contains NaN or inf \(1 of 32 values, the first at index "
+                                         r"\(1, 2\)\)"):  # fmt: skip
+        NF4Linear.from_linear(linear)
+
+
+# fmt: off
+@pytest.mark.parametrize("call, error, word", [
+    pytest.param(lambda: NF4Linear(8, 4, weight_dtype=torch.int64), ValueError, "weight_dtype", id="weight-dtype"),
+    pytest.param(lambda: NF4Linear(8, 4, blocksize=48), ValueError, "blocksize", id="blocksize"),
+    pytest.param(lambda: NF4Linear(8, 4).dequantize_weight(torch.int32), ValueError, "dtype must be float32",
+                 id="dequantize-int32"),
+    pytest.param(lambda: NF4Linear(8, 4).dequantize_weight("bf16"), TypeError, "dtype must be a torch.dtype",
+                 id="dequantize-str"),
+    pytest.param(lambda: NF4Linear(8, 4)(torch.ones(2, 8, dtype=torch.long)), ValueError, "dtype must be float32",
+                 id="forward-int64-input"),
+])
+# fmt: on
+def test_nf4_linear_bad_arguments_raise(call, error, word):
+    with pytest.raises(error, match=word):
+        call()
+
+
+def _nan_scale(state):
+    return {**state, "absmax_scale": torch.full_like(state["absmax_scale"], float("nan"))}
+
+
+# fmt: off
+@pytest.mark.parametrize("double_quant, spoil, word", [
+    pytest.param(True, _nan_scale, "absmax_scale must be finite", id="absmax-scale-nan"),
+    pytest.param(True, lambda s: {**s, "absmax_offset": torch.tensor(float("inf"))}, "absmax_offset must be finite",
+                 id="absmax-offset-inf"),
+    pytest.param(False, lambda s: {**s, "absmax": -s["absmax"]}, "absmax must be finite and ≥ 0",
+                 id="absmax-negative"),
+    pytest.param(True, lambda s: {**s, "codes": s["codes"].float()}, "codes: expected torch.uint8",
+                 id="codes-float32"),
+])
+# fmt: on
+@pytest.mark.parametrize("strict", [True, False])
+def test_load_refuses_bad_values_and_leaves_the_layer_as_it_was(double_quant, spoil, word, strict):
+    good = NF4Linear.from_linear(nn.Linear(32, 16), double_quant=double_quant)
+    layer = NF4Linear.from_linear(nn.Linear(32, 16), double_quant=double_quant)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(RuntimeError, match=word):
+        layer.load_state_dict(spoil(good.state_dict()), strict=strict)
+    for k, v in layer.state_dict().items():  # not one buffer copied (nor cast) from the refused state
+        assert torch.equal(v, before[k]), k
+    layer.load_state_dict(good.state_dict(), strict=strict)  # and a good state still loads
+    assert torch.equal(layer.dequantize_weight(), good.dequantize_weight())

@@ -21,7 +21,20 @@ import torch.nn.functional as F
 
 from minipeft.targets import ALL_LINEAR, find_target_modules, is_lm_head, set_submodule, tied_parameter_ids
 
-from .nf4 import DQ_BLOCKSIZE, NF4Weight, _check_blocksize, _codebooks, dequantize_nf4, nf4_nbytes, quantize_nf4
+from .nf4 import (
+    _FLOAT_DTYPES,
+    _STATISTICS,
+    DQ_BLOCKSIZE,
+    NF4Weight,
+    _check_blocksize,
+    _check_out_dtype,
+    _check_quantizable,
+    _check_statistics,
+    _codebooks,
+    _dequantize,
+    nf4_nbytes,
+    quantize_nf4,
+)
 
 __all__ = ["NF4Linear", "quantize_model", "weight_bytes_report"]
 
@@ -60,6 +73,9 @@ class NF4Linear(nn.Module):
     ) -> None:
         super().__init__()
         _check_blocksize(blocksize)
+        if weight_dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"weight_dtype must be float32, bfloat16 or float16 (the dtype the weight had), "
+                             f"got {weight_dtype!r}")  # fmt: skip
         self._in_features = in_features
         self._out_features = out_features
         self.blocksize = blocksize
@@ -84,13 +100,16 @@ class NF4Linear(nn.Module):
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> NF4Linear:
-        """Quantize ``linear.weight`` (on its device) and keep a frozen copy of its bias."""
+        """Quantize ``linear.weight`` (on its device) and keep a frozen copy of its bias.
+
+        Raises ValueError where ``quantize_nf4`` does (NaN/inf in the weight, ...), naming ``linear.weight``.
+        """
         w = linear.weight.detach()
+        q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant, name="linear.weight")
         layer = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None, blocksize=blocksize,
             double_quant=double_quant, weight_dtype=w.dtype, device=w.device,
         )  # fmt: skip
-        q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
         for name in layer._state_names():
             getattr(layer, name).copy_(getattr(q, name))
         if linear.bias is not None:
@@ -119,8 +138,15 @@ class NF4Linear(nn.Module):
                          blocksize=self.blocksize, **state)  # fmt: skip
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense ``(out_features, in_features)`` weight in ``dtype`` (default: the original dtype)."""
-        return dequantize_nf4(self.nf4_weight(), dtype=dtype)
+        """The dense ``(out_features, in_features)`` weight in ``dtype`` (default: the original dtype).
+
+        The state is not checked again here (``forward`` calls this on every step; a value check would cost a
+        host sync per layer): it was checked where it came in, by ``quantize_nf4`` or by ``load_state_dict``.
+        """
+        if dtype is None:
+            dtype = self.weight_dtype
+        _check_out_dtype(dtype)
+        return _dequantize(self.nf4_weight(), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantize_weight(x.dtype)  # (out, in)
@@ -156,6 +182,7 @@ class NF4Linear(nn.Module):
         # nn.Module would leave a missing buffer as it is (with strict=False) and cast a float tensor into
         # the uint8 codes without a word: both give silent garbage (bitsandbytes #1946). Every problem
         # found here goes to error_msgs, which load_state_dict raises whatever `strict` says.
+        n_errors_before = len(error_msgs)
         expected = set(self._state_names())
         mine_keys = [key[len(prefix) :] for key in state_dict if key.startswith(prefix)]
         present = {name for name in mine_keys if "." not in name}  # own keys, not its children's
@@ -172,11 +199,23 @@ class NF4Linear(nn.Module):
             else:
                 hint = f" (this layer holds a {kind} NF4 state: {sorted(expected)})"
             error_msgs.append(f"{prefix}{name}: unexpected key{hint}")
+        errors = []
         for name in sorted(expected & present):
             got, mine = state_dict[prefix + name], getattr(self, name)
             if got.dtype != mine.dtype or got.shape != mine.shape:
-                error_msgs.append(f"{prefix}{name}: expected {mine.dtype} of shape {tuple(mine.shape)}, "
-                                  f"got {got.dtype} of shape {tuple(got.shape)}")  # fmt: skip
+                errors.append(f"{prefix}{name}: expected {mine.dtype} of shape {tuple(mine.shape)}, "
+                              f"got {got.dtype} of shape {tuple(got.shape)}")  # fmt: skip
+        if not errors and expected <= present:
+            # the values too (absmax finite and ≥ 0): NaN statistics would make every forward NaN, and forward
+            # does not check (see dequantize_weight)
+            try:
+                _check_statistics({prefix + n: state_dict[prefix + n] for n in sorted(expected) if n in _STATISTICS})
+            except ValueError as e:
+                errors.append(str(e))
+        if len(error_msgs) > n_errors_before or errors:
+            # refused: leave this layer's state as it was (nn.Module would copy, and cast, what it can)
+            error_msgs.extend(errors)
+            return
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -201,7 +240,10 @@ def quantize_model(
 
     A Linear whose weight is tied to another parameter (GPT-2's ``lm_head`` shares the token embedding) is
     never quantized: "all-linear" skips it, naming it explicitly raises. Raises ValueError when a target
-    matches no Linear, or selects a layer that already carries adapters (quantize first, then attach).
+    matches no Linear, selects a layer that already carries adapters (quantize first, then attach), or selects
+    a weight that ``quantize_nf4`` refuses (NaN/inf, absmax values double quantization cannot hold; the
+    message names the weight, e.g. ``transformer.h.0.attn.c_attn.weight``). Every chosen weight is checked
+    before the first layer is swapped, so a refused call leaves the model exactly as it was.
     """
     _check_blocksize(blocksize)
     chosen = [t for t in find_target_modules(model, target_modules) if not isinstance(t.module, NF4Linear)]
@@ -218,9 +260,15 @@ def quantize_model(
             f"target_modules selects {tied_chosen}, whose weight is tied to another parameter; "
             "quantizing it would untie it (and quantize the embedding's copy too)"
         )
-    for name, raw, linear in chosen:
-        if id(linear.weight) not in tied:
-            set_submodule(model, raw, NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant))
+    todo = [(raw, linear) for _name, raw, linear in chosen if id(linear.weight) not in tied]
+    # Every weight is checked before any layer is swapped: a refusal halfway would leave a half-quantized model.
+    for raw, linear in todo:
+        try:
+            _check_quantizable(linear.weight, blocksize, double_quant, name=f"{raw}.weight")
+        except ValueError as e:
+            raise ValueError(f"{e} (quantize_model changed nothing: the model is as it was)") from None
+    for raw, linear in todo:
+        set_submodule(model, raw, NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant))
     return model
 
 
