@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.utils.checkpoint import checkpoint
 
 from minipeft.checkpoint import save_json, save_safetensors
 
@@ -220,7 +221,8 @@ class GPT(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, vocab) and the loss (or None). See the class docstring for the contract.
 
         inputs_embeds (B, T, C) replaces `wte[idx]`.
@@ -229,7 +231,12 @@ class GPT(nn.Module):
             stay (B, T, vocab) and targets (B, T).
         kv_cache, when given, holds earlier keys/values (a prefix, or tokens already generated) and is
             extended in place with this call's tokens.
+        return_logits=False (with targets; the trainer's call): logits is None and the loss is computed a
+            chunk of rows at a time (`chunked_cross_entropy`), so the (B·T, vocab) fp32 logits never exist
+            whole, in the forward or the backward.
         """
+        if not return_logits and targets is None:
+            raise ValueError("return_logits=False needs targets: without them the logits are the only output")
         if (idx is None) == (inputs_embeds is None):
             raise ValueError("GPT.forward needs exactly one of idx or inputs_embeds")
         if inputs_embeds is None:
@@ -265,15 +272,16 @@ class GPT(nn.Module):
         x = self.transformer.drop(tok_emb + self.transformer.wpe(pos))
         for layer, block in enumerate(self.transformer.h):
             x = block(x, attn_mask, kv_cache, layer)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab)
+        x = self.transformer.ln_f(x)[:, n_virtual:]  # (B, T, C): real tokens only
 
         if kv_cache is not None:  # record what this call added to the cache
             new_valid = valid if valid is not None else torch.ones(B, L, dtype=torch.bool, device=x.device)
             kv_cache.valid = torch.cat([kv_cache.valid, new_valid], dim=1)
             kv_cache.seen = kv_cache.seen + new_valid.sum(dim=1)
-        logits = logits[:, n_virtual:]  # (B, T, vocab): real tokens only
 
+        if not return_logits:
+            return None, chunked_cross_entropy(self.lm_head, x.reshape(B * T, -1), targets.reshape(B * T))
+        logits = self.lm_head(x)  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(B * T, -1), targets.reshape(B * T), ignore_index=-100)
@@ -548,3 +556,28 @@ def _check_generate_args(max_new_tokens, do_sample, temperature, top_k, eos_toke
     if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)
                                      or not 0 <= eos_token_id < vocab_size):
         raise ValueError(f"eos_token_id must be None or a token id in 0 … {vocab_size - 1}, got {eos_token_id!r}")
+
+
+LOSS_CHUNK_BYTES = 256 * 2**20  # fp32 logits per chunk: 256 MiB is 1,335 rows of GPT-2's 50,257-word vocabulary
+
+
+def chunked_cross_entropy(head: nn.Module, x: torch.Tensor, targets: torch.Tensor,
+                          chunk_rows: int | None = None) -> torch.Tensor:
+    """mean over targets ≠ −100 of cross_entropy(head(x), targets), never holding all the logits at once.
+
+    x (N, C) are the final hidden states, targets (N,). The logits of N rows are N·vocab fp32 numbers — for a
+    GPT-2 batch of 8 × 992 tokens, 1.6 GB, more than the rest of a LoRA step's activations. So the rows go
+    through `head` a chunk at a time, each chunk's summed loss under activation checkpointing: the backward
+    recomputes that chunk's logits instead of keeping them, and only x and one chunk's logits are ever
+    alive. The same idea as Liger-Kernel's fused linear cross-entropy, in plain PyTorch.
+    """
+    if chunk_rows is None:
+        chunk_rows = max(1, LOSS_CHUNK_BYTES // (4 * head.out_features))
+    total = x.new_zeros((), dtype=torch.float32)
+    for xs, ts in zip(x.split(chunk_rows), targets.split(chunk_rows), strict=True):
+        total = total + checkpoint(_summed_cross_entropy, head, xs, ts, use_reentrant=False)
+    return total / (targets != -100).sum()
+
+
+def _summed_cross_entropy(head: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(x).float(), targets, ignore_index=-100, reduction="sum")

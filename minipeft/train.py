@@ -175,7 +175,7 @@ def train(
         idx, targets, mask = (t[rank::world].to(device) if t is not None else None for t in batch)  # this rank's rows
         with autocast:
             if loss_fn is None:
-                _, loss = net(idx, targets=targets, attention_mask=mask)
+                _, loss = net(idx, targets=targets, attention_mask=mask, return_logits=False)  # chunked loss
             else:
                 loss = loss_fn(net, idx, targets, mask)
         loss.backward()

@@ -85,3 +85,14 @@ def test_compiled_loss_and_gradients_equal_eager(name):
     for n, p in compiled.named_parameters():
         if n in grads:
             assert_close(p.grad, grads[n])
+
+
+@pytest.mark.parametrize("name", ["gpt", "lora", "prompt"])
+def test_the_trainers_chunked_loss_compiles_without_graph_breaks(name):
+    model = model_for(name)
+
+    def loss_of(idx, targets, mask):
+        return model(idx, targets=targets, attention_mask=mask, return_logits=False)[1]
+
+    explanation = dynamo.explain(loss_of)(IDX, TARGETS, MASK)
+    assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]

@@ -377,7 +377,9 @@ class PeftModel(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        *,
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(logits (B, T, vocab), loss or None) for the real tokens only, as GPT.forward.
 
         Layer adapters act inside the base model; an active input adapter hands the GPT its virtual tokens
@@ -386,7 +388,8 @@ class PeftModel(nn.Module):
         if self._merged and targets is not None and self.training and torch.is_grad_enabled():  # a training step
             raise ValueError(f"adapters {self._merged} are merged into the base weights, so training would not "
                              "reach their parameters; call unmerge_adapter() first (or model.eval() for inference)")
-        return self.base_model(idx, targets=targets, attention_mask=attention_mask, **self._virtual_tokens(idx))
+        return self.base_model(idx, targets=targets, attention_mask=attention_mask, return_logits=return_logits,
+                               **self._virtual_tokens(idx))
 
     @torch.no_grad()
     def generate(  # GPT.generate's signature, mirrored on purpose: a PeftModel is used wherever a GPT is

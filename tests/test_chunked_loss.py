@@ -1,0 +1,92 @@
+"""The chunked loss (return_logits=False): the same loss and gradients as F.cross_entropy on whole logits,
+without ever keeping all of the (B·T, vocab) logits, forward or backward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from tolerances import assert_close
+
+from minipeft import kernels
+from minipeft.model import GPT, GPTConfig, chunked_cross_entropy
+from minipeft.tuners import LoraConfig, PromptTuningConfig, get_peft_model
+
+CFG = GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=50, block_size=32)
+
+
+@pytest.fixture(autouse=True)
+def reference_kernels():
+    with kernels.use_backend("reference"):
+        yield
+
+
+@given(rows=st.integers(1, 40), chunk_rows=st.integers(1, 17), ignored=st.floats(0.0, 0.9), seed=st.integers(0, 9))
+def test_chunked_cross_entropy_equals_the_whole_one(rows, chunk_rows, ignored, seed):
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(16, 50)
+    x = torch.randn(rows, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (rows,), generator=g)
+    targets[torch.rand(rows, generator=g) < ignored] = -100
+    targets[0] = 3  # at least one position to learn from
+    loss = chunked_cross_entropy(head, x, targets, chunk_rows)
+    grads = torch.autograd.grad(loss, [x, head.weight, head.bias])
+    expected = F.cross_entropy(head(x).float(), targets, ignore_index=-100)
+    assert_close(loss, expected)
+    for got, want in zip(grads, torch.autograd.grad(expected, [x, head.weight, head.bias]), strict=True):
+        assert_close(got, want)
+
+
+def saved_shapes(run) -> list[tuple[int, ...]]:
+    """The shapes of every tensor autograd saves for the backward while `run()` builds the graph."""
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return shapes
+
+
+@pytest.mark.parametrize("method", ["gpt", "lora_on_lm_head", "prompt"])
+def test_model_loss_matches_and_whole_logits_are_never_saved(method, monkeypatch):
+    torch.manual_seed(0)
+    model = GPT(CFG).train()
+    if method == "lora_on_lm_head":
+        model = get_peft_model(model, LoraConfig(r=2, target_modules=["lm_head", "c_fc"], init_lora_weights=False))
+    elif method == "prompt":
+        model = get_peft_model(model, PromptTuningConfig(num_virtual_tokens=3))
+    monkeypatch.setattr("minipeft.model.LOSS_CHUNK_BYTES", 4 * 50 * 7)  # 7 rows a chunk: several chunks
+    idx = torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(1))
+    targets = idx.roll(-1, dims=1)
+    targets[:, -1] = -100
+    twin = copy.deepcopy(model)
+
+    logits, loss = model(idx, targets=targets, return_logits=False)
+    assert logits is None
+    _, expected = twin(idx, targets=targets)
+    assert_close(loss, expected)
+    loss.backward()
+    expected.backward()
+    theirs = dict(twin.named_parameters())
+    for name, p in model.named_parameters():
+        if p.grad is not None or theirs[name].grad is not None:
+            assert_close(p.grad, theirs[name].grad)
+
+    # Logits are the only tensors whose last dimension is the vocabulary (50): the whole-logits path saves
+    # them (B·T rows) for the backward; the chunked path saves none at all (each chunk is recomputed).
+    whole = saved_shapes(lambda: twin(idx, targets=targets))
+    assert any(s and s[-1] == 50 and torch.Size(s).numel() >= 3 * 10 * 50 for s in whole), whole
+    chunked = saved_shapes(lambda: model(idx, targets=targets, return_logits=False))
+    assert not any(s and s[-1] == 50 for s in chunked), chunked
+
+
+def test_return_logits_false_needs_targets():
+    with pytest.raises(ValueError, match="return_logits=False needs targets"):
+        GPT(CFG)(torch.zeros(1, 4, dtype=torch.long), return_logits=False)
