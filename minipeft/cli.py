@@ -77,7 +77,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     record = finetune(args.method, args.task, args.steps, args.lr, args.preset, args.seed, args.device, args.out,
-                      args.batch_size, args.fsdp)
+                      args.batch_size, args.fsdp, compile=args.compile)
     if record["metric"] is not None:  # rank 0
         print(f"{args.method} on {args.task}: test metric {record['metric']:.3f}, "
               f"final loss {record['final_loss']:.3f}, "
@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=16, help="the global batch, split across ranks")
     p.add_argument("--out", default=None, help="write the adapter (or, for full, the model) here")
     p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (under torchrun)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training step (default: on with CUDA, off on the CPU)")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("compare", help="fine-tune every method on a task and print the measured comparison table")

@@ -58,7 +58,7 @@ def shard_fsdp(model: torch.nn.Module) -> None:
 
 def finetune(method: str, task_name: str = "sentiment", steps: int = 150, lr: float | None = None,
              preset: str = "default", seed: int = 0, device: str = "auto", out: str | Path | None = None,
-             batch_size: int = 16, fsdp: bool = False, progress: bool = True) -> dict:
+             batch_size: int = 16, fsdp: bool = False, progress: bool = True, compile: bool | None = None) -> dict:
     """Train `method` (a key of minipeft.methods.METHODS) on the task; returns its record (on every rank):
     losses, speed, the trained weights ("trainable", full tensors) and, on rank 0, the test metric.
 
@@ -85,7 +85,7 @@ def finetune(method: str, task_name: str = "sentiment", steps: int = 150, lr: fl
     if fsdp:
         shard_fsdp(model)
     cfg = TrainConfig(steps=steps, lr=spec.lr if lr is None else lr, batch_size=batch_size,
-                      warmup_steps=max(1, min(10, steps // 10)), seed=seed)
+                      warmup_steps=max(1, min(10, steps // 10)), seed=seed, compile=compile)
     result = train(model, lambda g: task_batch(task, tok, batch_size, base.config.block_size, g), cfg,
                    loss_fn=task_loss(task, tok), progress=progress, desc=f"{method} on {task_name}")
     record = {"method": method, "task": task_name, "steps": steps, "lr": cfg.lr, "world_size": world,

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from tolerances import assert_close
 
 from minipeft import kernels
 from minipeft.checkpoint import check_output_dir
@@ -56,6 +57,26 @@ def test_training_is_reproducible_from_the_seed():
     a = train(tiny_gpt(), sentiment_batches(), cfg, progress=False)
     b = train(tiny_gpt(), sentiment_batches(), cfg, progress=False)
     assert a.losses == b.losses
+
+
+@pytest.mark.parametrize("method", ["gpt", "lora"])
+def test_compiled_training_takes_the_same_steps_as_eager(method):
+    """TrainConfig(compile=True): the same losses and weights as eager, step for step (aot_eager traces the
+    forward and backward as Inductor would, without needing a C++ compiler)."""
+    def model():
+        m = tiny_gpt()
+        return m if method == "gpt" else get_peft_model(m, LoraConfig(r=2, target_modules="all-linear"))
+
+    cfg = dict(steps=4, lr=3e-3, warmup_steps=1, seed=3)
+    eager, compiled = model(), model()
+    a = train(eager, sentiment_batches(), TrainConfig(**cfg, compile=False), progress=False)
+    b = train(compiled, sentiment_batches(), TrainConfig(**cfg, compile=True, compile_backend="aot_eager"),
+              progress=False)
+    torch._dynamo.reset()
+    assert_close(torch.tensor(b.losses), torch.tensor(a.losses))
+    theirs = dict(compiled.named_parameters())
+    for name, p in eager.named_parameters():
+        assert_close(theirs[name], p)
 
 
 def test_only_trainable_parameters_change():
