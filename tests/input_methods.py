@@ -43,3 +43,16 @@ def check_input_method_contract(model: GPT, config: PeftConfig, reference_logits
         assert torch.equal(v, base_state[k]), k
     with pytest.raises(ValueError, match="num_virtual_tokens"):
         pm(torch.zeros(1, model.config.block_size - 2, dtype=torch.long))
+
+
+def hf_gpt2_and_ours(directory, vocab_size: int):
+    """A small random transformers GPT-2 (dropout off) saved to `directory`, and the same weights loaded as a
+    minipeft GPT: the pair every HF-peft interop test of an input method starts from."""
+    import transformers
+
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=vocab_size, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0)).eval()
+    hf.save_pretrained(directory, safe_serialization=True)
+    return hf, GPT.from_pretrained(directory).eval()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from input_methods import check_input_method_contract
+from input_methods import check_input_method_contract, hf_gpt2_and_ours
 from tolerances import assert_close
 
 from minipeft.model import GPT, GPTConfig
@@ -178,14 +178,9 @@ def test_bad_input_raises_value_errors_naming_the_argument():
 # ---------------------------------------------------------------- HF peft: same logits
 @pytest.mark.parametrize("method", ["prompt", "ptuning-MLP", "ptuning-LSTM"])
 def test_peft_soft_prompts_give_peft_logits(tmp_path, method):
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=260, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0)).eval()
-    hf.save_pretrained(tmp_path, safe_serialization=True)
-    ours = GPT.from_pretrained(tmp_path).eval()
+    import peft
+
+    hf, ours = hf_gpt2_and_ours(tmp_path, vocab_size=260)
     n = 5
     if method == "prompt":
         cfg = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n)
