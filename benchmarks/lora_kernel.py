@@ -1,11 +1,13 @@
 """Time the LoRA linear layer's routes against the cuBLAS base linear (bf16, K = N = 4096, r = 16).
 
 Routes: the base linear alone; the reference (unfused torch ops); HF peft's LoRA layer; the stacked cuBLAS
-route (x·[W; A]ᵀ then Y += S·(s·B)ᵀ, with [W; A] cached, and re-stacked on every call as training would);
-minipeft's paths ("fused" pointer kernel, "fused_tma" Hopper kernel, "cublas" = 3 cuBLAS GEMMs forward and
-5 backward, "merged" = one GEMM on a cached W + s·B·A) and the "triton" backend as it dispatches, both with
-no gradient wanted (inference) and with x requiring grad (the forward of a training step); the Triton GEMMs
-alone (no LoRA term). Also the host time per call (Python + launches, no sync) of the main routes.
+route (``lora_linear_stacked`` below: x·[W; A]ᵀ then Y += S·(s·B)ᵀ, with [W; A] cached, and re-stacked on every
+call as training would); the routes of kernels/lora_routes.py ("fused" pointer kernel, "fused_tma" Hopper
+kernel, "cublas" = 3 cuBLAS GEMMs forward and 5 backward, "merged" = one GEMM on a cached W + s·B·A) and the
+"auto" backend as it dispatches, both with no gradient wanted (inference) and with x requiring grad (the
+forward of a training step); the Triton GEMMs alone (no LoRA term). Also the host time per call (Python +
+launches, no sync) of the main routes. (The "triton" backend always runs the Triton kernels: on Hopper with
+bf16 that is the "fused_tma" column.)
 Forward and forward+backward (grads for x, A, B); ratios to the base, and forward+backward against the
 frozen floor (base forward + the dX GEMM: what a frozen layer costs when gradients flow through it).
 
@@ -30,7 +32,7 @@ import triton
 from triton.testing import do_bench
 
 from minipeft import kernels
-from minipeft.kernels import lora_triton
+from minipeft.kernels import lora_routes, lora_triton
 from minipeft.measure import median_ms
 
 K = N = 4096
@@ -39,6 +41,25 @@ SCALING = 2.0
 DTYPE = torch.bfloat16
 N_SETS = 4   # 4 weight sets of 32 MiB each: larger than the H100's 50 MB L2
 SKIP_POINTER = False  # --skip-pointer
+
+
+def lora_linear_stacked(
+    x: torch.Tensor, weight_and_A: torch.Tensor, bias_and_zeros: torch.Tensor | None,
+    lora_B: torch.Tensor, scaling: float,
+) -> torch.Tensor:
+    """Forward only: one cuBLAS GEMM x·[W; A]ᵀ gives Y and S in one pass over x, then Y += S·(s·B)ᵀ.
+
+    weight_and_A (N + r, K) = torch.cat([W, A]); bias_and_zeros (N + r,) = cat([bias, zeros(r)]) or None.
+    Returns a (..., N) view of the (..., N + r) product. A route measured here only (../shared/ANCHORS.md
+    predicted ≈1.12× the base at M = 4096), so it lives in the benchmark, not in kernels/.
+    """
+    N, r = lora_B.shape
+    x2d = x.reshape(-1, x.shape[-1])
+    ys = torch.mm(x2d, weight_and_A.t()) if bias_and_zeros is None else \
+        torch.addmm(bias_and_zeros, x2d, weight_and_A.t())                    # (M, N + r)
+    y = ys[:, :N]
+    y.addmm_(ys[:, N:], lora_B.t(), alpha=scaling)                            # in place, through the view
+    return ys.view(*x.shape[:-1], N + r)[..., :N]
 
 
 def make_sets(M: int, device: str = "cuda"):
@@ -114,31 +135,30 @@ def measure(M: int) -> dict:
         peft_layers = None
     for i, s in enumerate(sets):
         s["i"] = i
-    path_taken = {"train": lora_triton.choose_path(M, N, K, s["x"], s["w"], needs_grad=True),
-                  "infer": lora_triton.choose_path(M, N, K, s["x"], s["w"], needs_grad=False)}
+    path_taken = {"train": lora_routes.choose_path(M, N, K, s["x"], s["w"], needs_grad=True),
+                  "infer": lora_routes.choose_path(M, N, K, s["x"], s["w"], needs_grad=False)}
     for s in sets:
         s["xg"] = s["x"].detach().clone().requires_grad_(True)
-    lora_triton.clear_cache()
+    lora_routes.clear_cache()
 
     fwd = {
         "base": lambda s: F.linear(s["x"], s["w"]),
         "reference": lambda s: kernels.reference.lora_linear(s["x"], s["w"], None, s["a"], s["b"], SCALING),
-        "stacked_cached": lambda s: lora_triton.lora_linear_stacked(s["x"], s["wa"], None, s["b"], SCALING),
-        "stacked_restack": lambda s: lora_triton.lora_linear_stacked(
-            s["x"], torch.cat([s["w"], s["a"]]), None, s["b"], SCALING),
-        "gemm_ptr": lambda s: lora_triton.fused_gemm(s["x"], s["w"], True, None, None, R, 1.0, None, None, False),
-        "gemm_tma": lambda s: lora_triton.fused_gemm(s["x"], s["w"], True, None, None, R, 1.0, None, None, True),
-        "fused": lambda s: lora_triton.lora_linear(s["x"], s["w"], None, s["a"], s["b"], SCALING, path="fused"),
-        "fused_tma": lambda s: lora_triton.lora_linear(s["x"], s["w"], None, s["a"], s["b"], SCALING,
+        "stacked_cached": lambda s: lora_linear_stacked(s["x"], s["wa"], None, s["b"], SCALING),
+        "stacked_restack": lambda s: lora_linear_stacked(s["x"], torch.cat([s["w"], s["a"]]), None, s["b"], SCALING),
+        "gemm_ptr": lambda s: lora_triton.fused_gemm(s["x"], s["w"], True, None, None, 1.0, None, None),
+        "gemm_tma": lambda s: lora_triton.fused_gemm_tma(s["x"], s["w"], True, None, None, 1.0, None, None),
+        "fused": lambda s: lora_routes.lora_linear(s["x"], s["w"], None, s["a"], s["b"], SCALING, path="fused"),
+        "fused_tma": lambda s: lora_routes.lora_linear(s["x"], s["w"], None, s["a"], s["b"], SCALING,
                                                        path="fused_tma"),
-        "cublas": lambda s: lora_triton.lora_linear(s["x"], s["w"], None, s["a"], s["b"], SCALING,
+        "cublas": lambda s: lora_routes.lora_linear(s["x"], s["w"], None, s["a"], s["b"], SCALING,
                                                     path="cublas"),
-        "merged": lambda s: lora_triton.lora_linear(s["x"], s["w"], None, s["a"], s["b"], SCALING,
+        "merged": lambda s: lora_routes.lora_linear(s["x"], s["w"], None, s["a"], s["b"], SCALING,
                                                     path="merged"),
-        "triton_backend": lambda s: kernels.lora_linear(s["x"], s["w"], None, s["a"], s["b"], SCALING,
-                                                        backend="triton"),
-        "triton_backend_grad": lambda s: kernels.lora_linear(s["xg"], s["w"], None, s["a"], s["b"], SCALING,
-                                                             backend="triton"),
+        "auto_backend": lambda s: kernels.lora_linear(s["x"], s["w"], None, s["a"], s["b"], SCALING,
+                                                      backend="auto"),
+        "auto_backend_grad": lambda s: kernels.lora_linear(s["xg"], s["w"], None, s["a"], s["b"], SCALING,
+                                                           backend="auto"),
     }
     if peft_layers is not None:
         fwd["peft"] = lambda s: peft_layers[s["i"]](s["x"])
@@ -157,7 +177,7 @@ def measure(M: int) -> dict:
 
     times = {f"fwd_{k}": bench(rotating(f, sets)) for k, f in fwd.items()}
     host = {k: host_us(rotating(fwd[k], sets)) for k in ("base", "reference", "cublas", "fused_tma",
-                                                           "triton_backend", "triton_backend_grad")}
+                                                           "auto_backend", "auto_backend_grad")}
 
     def leaves(s):
         return [s["x"], s["a"], s["b"]]
@@ -170,12 +190,12 @@ def measure(M: int) -> dict:
         "reference": fwd_bwd(fwd["reference"], leaves),
         "fused_tma": fwd_bwd(fwd["fused_tma"], leaves),
         "cublas": fwd_bwd(fwd["cublas"], leaves),
-        "triton_backend": fwd_bwd(fwd["triton_backend"], leaves),
+        "auto_backend": fwd_bwd(fwd["auto_backend"], leaves),
     }
     if not SKIP_POINTER:
         bwd["fused"] = fwd_bwd(fwd["fused"], leaves)
     host["fb_floor"] = host_us(rotating(bwd["floor"], sets))
-    host["fb_triton_backend"] = host_us(rotating(bwd["triton_backend"], sets))
+    host["fb_auto_backend"] = host_us(rotating(bwd["auto_backend"], sets))
     if peft_layers is not None:
         for pm, s in zip(peft_layers, sets, strict=True):
             layer = pm.base_model.model.proj
@@ -215,9 +235,9 @@ def main() -> None:
     print("\n" + header)
     print("forward: µs of the base linear, then each route as a multiple of it")
     cols = ["reference", "peft", "stacked_cached", "stacked_restack", "cublas", "merged", "gemm_ptr",
-            "gemm_tma", "fused", "fused_tma", "triton_backend", "triton_backend_grad"]
-    short = {"stacked_cached": "stack_cached", "stacked_restack": "stack_restack", "triton_backend": "backend_inf",
-             "triton_backend_grad": "backend_train"}
+            "gemm_tma", "fused", "fused_tma", "auto_backend", "auto_backend_grad"]
+    short = {"stacked_cached": "stack_cached", "stacked_restack": "stack_restack", "auto_backend": "auto_inf",
+             "auto_backend_grad": "auto_train"}
     print(f"{'M':>6} {'base µs':>8} " + " ".join(f"{short.get(c, c)[:13]:>13}" for c in cols) + "  path (train/infer)")
     for row in rows:
         t = row["times"]
@@ -225,7 +245,7 @@ def main() -> None:
         cells = [f"{t[f'fwd_{c}'] / base:13.3f}" if f"fwd_{c}" in t else f"{'-':>13}" for c in cols]
         print(f"{row['M']:>6} {base:8.1f} " + " ".join(cells) + f"  {row['path']['train']}/{row['path']['infer']}")
     print("forward+backward: µs of the frozen floor (base fwd + dX GEMM), then each route as a multiple of it")
-    cols = ["reference", "peft", "cublas", "fused", "fused_tma", "triton_backend"]
+    cols = ["reference", "peft", "cublas", "fused", "fused_tma", "auto_backend"]
     print(f"{'M':>6} {'floor µs':>8} " + " ".join(f"{c[:14]:>14}" for c in cols))
     for row in rows:
         t = row["times"]

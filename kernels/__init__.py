@@ -1,4 +1,4 @@
-"""The LoRA linear layer behind one switch: a pure-PyTorch reference and a fused Triton kernel.
+"""The LoRA linear layer behind one switch: a pure-PyTorch reference, Triton kernels, and a measured "auto".
 
 Every LoRA layer calls ``lora_linear``; which implementation runs is chosen here, at run time, so switching
 the backend switches every layer of a model (LoRA: https://arxiv.org/abs/2106.09685; the fused kernel
@@ -10,15 +10,22 @@ Shapes: x (..., in), weight (out, in), bias (out,) or None, lora_A (r, in), lora
 or shaped like x and already scaled by 1/(1-p). Gradients reach x, lora_A, lora_B and a bias that requires
 one; never the (frozen) weight.
 
+A backend name is a promise:
+  - "reference": the PyTorch ops of kernels/reference.py, always.
+  - "triton": the Triton kernels of kernels/lora_triton.py on every call, forward and backward, training and
+    inference, every shape, fp32/fp16/bf16; never a torch route. Where Triton cannot run on the given tensors
+    (no Triton, CPU tensors without ``TRITON_INTERPRET=1`` set before ``import minipeft``, float64, bf16 in
+    the interpreter) it raises a ValueError that says why.
+  - "auto": on CUDA, the route that measured fastest for the shape and device (kernels/lora_routes.py: the
+    reference's ops, cuBLAS routes, a merged-weight cache or the Triton kernels; its docstring has the table).
+    Everywhere else (CPU tensors, interpreter or not; float64; no Triton) the reference.
+
 Which backend runs, first match wins:
   1. the call's ``backend=``;
   2. the innermost ``with use_backend(name):``;
   3. ``set_backend(name)``;
   4. the environment variable ``MINIPEFT_KERNEL``;
-  5. ``"auto"``: Triton when the Triton backend can run on the tensors (CUDA tensors of fp16/bf16/fp32, or
-     CPU tensors of fp16/fp32 when ``TRITON_INTERPRET=1`` was set before ``import minipeft``), the reference
-     otherwise (CPU without the interpreter, float64, bf16 in the interpreter).
-An explicit ``"triton"`` that cannot run on the given tensors raises a ValueError that says why.
+  5. ``"auto"``.
 
 This package imports only torch and triton, and triton only if it is there: without it ``from minipeft import kernels``
 still works and ``available_backends()["triton"]`` says why Triton cannot run.
@@ -42,12 +49,12 @@ from .nf4_reference import nf4_dequantize_reference
 from .triton_interpreter import INTERPRETING as _INTERPRETING  # TRITON_INTERPRET, read once for the package
 
 try:  # Triton is optional: the reference backend needs torch alone.
-    from . import lora_triton
+    from . import lora_routes, lora_triton
     from .nf4_triton import nf4_dequantize_triton
 
     _TRITON_IMPORT_ERROR: str | None = None
 except Exception as e:  # ImportError, or a Triton that fails at import on this platform
-    lora_triton = None  # type: ignore[assignment]
+    lora_triton = lora_routes = None  # type: ignore[assignment]
     nf4_dequantize_triton = None  # type: ignore[assignment]
     _TRITON_IMPORT_ERROR = f"triton cannot be imported ({type(e).__name__}: {e})"
 
@@ -256,7 +263,8 @@ def lora_linear(
         lora_A: (r, in).  lora_B: (out, r).
         scaling: lora_alpha / r (or / sqrt(r) with rsLoRA).
         dropout_mask: None or shaped like x, already scaled by 1/(1-p); it multiplies x on the LoRA branch only.
-        backend: "reference" | "triton" | "auto" | None (None: see the module docstring for the precedence).
+        backend: "reference" | "triton" | "auto" | None (None: see the module docstring for what each
+            promises and for the precedence).
     Returns:
         (..., out) in x's dtype.
     Raises:
@@ -271,11 +279,13 @@ def lora_linear(
     name = get_backend() if backend is None else _check_name(backend, "lora_linear(backend=...)")
     if not _looks_valid(x, weight, bias, lora_A, lora_B, scaling, dropout_mask):
         _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
-    if name == "reference":
-        return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
-    why_not = _triton_unavailable(x.device, x.dtype)
-    if why_not:
-        if name == "auto":
-            return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
-        raise ValueError(f"the triton kernel backend cannot run here: {why_not}")
-    return lora_triton.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask)
+    if name == "triton":
+        why_not = _triton_unavailable(x.device, x.dtype)
+        if why_not:
+            raise ValueError(f"the triton kernel backend cannot run here: {why_not}")
+        return lora_triton.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask)
+    if name == "auto" and x.is_cuda and _triton_unavailable(x.device, x.dtype) is None:
+        return lora_routes.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask)
+    # "reference", and "auto" off CUDA: the interpreter is for tests that ask for "triton" by name (one LoRA
+    # call the size of the default model's c_attn takes ~15 s there).
+    return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)

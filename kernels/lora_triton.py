@@ -36,53 +36,50 @@ Two implementations of kernel 2: ``_fused_gemm_kernel`` (pointer loads, one tile
 the one the CPU interpreter runs) and ``_fused_gemm_tma_kernel`` (Hopper: TMA tensor-descriptor loads and a
 persistent grid of one program per SM).
 
-Besides the Triton kernels, two cuBLAS-only routes, because on a GPU a Triton launch costs far more host
-time than a torch op (benchmarks/RESULTS.md) and the LoRA extras are tiny next to the base GEMM:
-
-    # "cublas" (forward 3 GEMMs, backward 5; an autograd.Function, so no autograd graph of small ops):
-    S = (x ⊙ mask)·Aᵀ;  Y = x·Wᵀ + bias;  Y += scaling·S·Bᵀ                 # in place (addmm_)
-    dS = scaling·dY·B;  dX = dY·W + mask ⊙ (dS·A);  dA = dSᵀ·(x ⊙ mask);  dB = scaling·dYᵀ·S
-    # "merged" (no gradient wanted and no mask: inference): one GEMM on a cached merged weight
-    W' = W + scaling·B·A        # rebuilt only when W, A, B or scaling change (tensor identity + ._version)
-    Y = x·W'ᵀ + bias
-
-``lora_linear(..., path=...)`` reaches every route; with ``path=None`` ``choose_path`` picks per call from
-the H100 measurements (inference: "merged"; training: the reference's ops below FUSED_MIN_ROWS rows, where
-the host is the bottleneck, "fused_tma" above; see its docstring and benchmarks/RESULTS.md).
+The file reads in the order of Triton's tutorials: each kernel, then its wrapper, which checks its inputs,
+allocates the output and launches. Then the autograd op that chains the kernels, registered with
+``torch.library`` as two custom ops, ``minipeft::lora_linear_triton`` (forward) and
+``minipeft::lora_linear_triton_backward``: torch.compile sees one opaque node per LoRA layer instead of
+tracing into Triton's Python launcher. Last, ``lora_linear``: the reference's signature (kernels/reference.py)
+on these kernels. The only choice made in this file is which GEMM kernel runs (TMA where ``_tma_ok`` allows);
+whether Triton is worth running at all for a shape is the "auto" backend's question (kernels/lora_routes.py).
 
 Precision: fp16/bf16 operands, fp32 accumulation, output in x's dtype. fp32 operands follow torch's own
 setting for fp32 matmuls (``torch.backends.cuda.matmul.allow_tf32``, off by default), so the Triton backend
 and the reference round alike: "ieee" dots by default (exact fp32, tested to the fp32 tolerance), "tf32"
 when the caller allowed tf32. The dS/dB and dA kernels sum with fp32 atomics, so the last bits of G, dB,
-dA and dbias may differ from run to run. "merged" rounds W + scaling·B·A to the dtype once (fp32 inside
-cuBLAS), so its output differs from the unmerged routes by about one rounding of the weight.
+dA and dbias may differ from run to run.
 Limits: every tensor below 2**31 elements (32-bit offsets); fp16, bf16 and fp32 only.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
-import torch.utils.weak
 import triton
 import triton.language as tl
 
-from .reference import lora_linear as _unfused_lora_linear
 from .triton_interpreter import INTERPRETING, interpreter_lock
 
-__all__ = ["SUPPORTED_DTYPES", "PATHS", "lora_linear", "choose_path", "lora_linear_stacked", "fused_gemm",
-           "clear_cache"]
+__all__ = ["SUPPORTED_DTYPES", "shrink", "fused_gemm", "fused_gemm_tma", "dsdb", "da", "lora_linear_op",
+           "lora_linear_backward_op", "lora_linear"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-PATHS = ("fused", "fused_tma", "cublas", "merged", "unfused")
+TMA_DTYPES = (torch.float16, torch.bfloat16)  # the TMA kernel's configs are sized for 2-byte operands
 
 # Autotuning benchmarks every config on first use of a shape; MINIPEFT_KERNEL_AUTOTUNE=0 uses the first
 # config only (the GPU tests do this: they check correctness, not speed). The interpreter cannot autotune.
 AUTOTUNE = not INTERPRETING and os.environ.get("MINIPEFT_KERNEL_AUTOTUNE", "1") != "0"
 
 
+# --------------------------------------------------------------------------------------------------------
+# Helpers every wrapper uses. Every launch sits in `with interpreter_lock():`, a no-op on a GPU; the CPU
+# interpreter keeps its state in globals, so two threads launching at once would corrupt each other's runs
+# (triton_interpreter.py says how).
+# --------------------------------------------------------------------------------------------------------
 def _pad_rank(r: int) -> int:
     """r padded to a power of two >= 16: tl.dot needs every dimension >= 16."""
     return max(16, triton.next_power_of_2(r))
@@ -93,8 +90,101 @@ def _m_bucket(M: int) -> int:
     return min(triton.next_power_of_2(M), 16384)
 
 
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: "ieee" for fp32 unless torch itself allows tf32 matmuls (see module doc)."""
+    if dtype == torch.float32 and not INTERPRETING and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+@functools.cache
+def _device_info(index: int) -> tuple[int, int]:
+    """(multiprocessor count, major compute capability) of CUDA device ``index``; read once per device."""
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, props.major
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return _device_info(device.index if device.index is not None else torch.cuda.current_device())[0]
+
+
+def _splits(rows: int, row_block: int, other_blocks: int, device: torch.device) -> tuple[int, int]:
+    """Split the rows so that the grid has about 4 programs per SM: (number of splits, rows per split)."""
+    row_blocks = triton.cdiv(rows, row_block)
+    want = max(1, triton.cdiv(4 * _num_sms(device), max(other_blocks, 1)))
+    n_split = min(row_blocks, want)
+    per_split = triton.cdiv(row_blocks, n_split) * row_block
+    return triton.cdiv(rows, per_split), per_split
+
+
 # --------------------------------------------------------------------------------------------------------
-# Kernel 2: Y = P·Q + scaling · mask ⊙ (L·R) + bias.
+# Kernel 1 ("shrink"): S = (x ⊙ mask)·Aᵀ, (M, r) in x's dtype. One program per BM rows; the rank is padded
+# to R_PAD inside the program (zeros), and only the r real columns are stored.
+# --------------------------------------------------------------------------------------------------------
+@triton.jit
+def _shrink_kernel(
+    # pointers
+    x_ptr, mask_ptr, a_ptr, s_ptr,
+    # sizes
+    M, K, R,
+    # strides
+    stride_xm, stride_xk, stride_mm, stride_mk, stride_ar, stride_ak, stride_sm, stride_sr,
+    # meta-parameters
+    HAS_MASK: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    offs_k = tl.arange(0, BK)
+    offs_r = tl.arange(0, R_PAD)
+    in_m = offs_m < M
+    in_r = offs_r < R
+    acc = tl.zeros((BM, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        in_k = (k0 + offs_k) < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
+                    mask=in_m[:, None] & in_k[None, :], other=0.0)                     # (BM, BK)
+        if HAS_MASK:
+            x = x * tl.load(mask_ptr + offs_m[:, None] * stride_mm + (k0 + offs_k)[None, :] * stride_mk,
+                            mask=in_m[:, None] & in_k[None, :], other=0.0)
+        a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + (k0 + offs_k)[:, None] * stride_ak,
+                      mask=in_r[None, :] & in_k[:, None], other=0.0)                   # (BK, R_PAD) = Aᵀ
+        acc = tl.dot(x, a_t, acc, input_precision=PRECISION)
+    tl.store(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr, acc.to(s_ptr.dtype.element_ty),
+             mask=in_m[:, None] & in_r[None, :])
+
+
+def shrink(x2d: torch.Tensor, mask2d: torch.Tensor | None, lora_A: torch.Tensor) -> torch.Tensor:
+    """S = (x ⊙ mask)·Aᵀ: x2d (M, K), mask2d (M, K) or None, lora_A (r, K) → S (M, r) in x's dtype."""
+    M, K = x2d.shape
+    r = lora_A.shape[0]
+    if lora_A.shape[1] != K or (mask2d is not None and mask2d.shape != x2d.shape):
+        raise ValueError(f"shrink: x {tuple(x2d.shape)}, mask {None if mask2d is None else tuple(mask2d.shape)} "
+                         f"and lora_A {tuple(lora_A.shape)} do not fit (M, K), (M, K), (r, K)")
+    if M == 0 or K == 0:  # no rows, or an empty sum over K: nothing to launch
+        return torch.zeros((M, r), device=x2d.device, dtype=x2d.dtype)
+    s = torch.empty((M, r), device=x2d.device, dtype=x2d.dtype)
+    if INTERPRETING:
+        bm, bk, warps = 16, 32, 4
+    else:  # the loop over K is serial: keep about two programs per SM busy
+        bm = min(64, max(16, triton.next_power_of_2(triton.cdiv(M, 2 * _num_sms(x2d.device)))))
+        bk, warps = 128, 4
+    mask_arg = mask2d if mask2d is not None else x2d  # any valid pointer: HAS_MASK=False never reads it
+    with interpreter_lock():
+        _shrink_kernel[(triton.cdiv(M, bm),)](
+            x2d, mask_arg, lora_A, s,
+            M, K, r,
+            x2d.stride(0), x2d.stride(1), mask_arg.stride(0), mask_arg.stride(1),
+            lora_A.stride(0), lora_A.stride(1), s.stride(0), s.stride(1),
+            HAS_MASK=mask2d is not None, R_PAD=_pad_rank(r), PRECISION=_precision(x2d.dtype),
+            BM=bm, BK=bk, num_warps=warps,
+        )
+    return s
+
+
+# --------------------------------------------------------------------------------------------------------
+# Kernel 2: out = P·Q + scaling · mask ⊙ (L·R) + bias.
 #   forward: P = x (M, K), Q = Wᵀ, L = S (M, r), R = Bᵀ, no mask, bias.
 #   dX:      P = dY (M, N), Q = W,  L = G (M, r), R = A,  the dropout mask, no bias.
 # --------------------------------------------------------------------------------------------------------
@@ -194,6 +284,68 @@ def _fused_gemm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
+def _gemm_sizes(p, q, q_is_nk, low, up, mask, bias) -> tuple[int, int, int, int]:
+    """The checks both GEMM wrappers share; returns (M, N, K, rank)."""
+    M, K = p.shape
+    N = q.shape[0] if q_is_nk else q.shape[1]
+    if (q.shape[1] if q_is_nk else q.shape[0]) != K:
+        raise ValueError(f"fused_gemm: p {tuple(p.shape)} and q {tuple(q.shape)} (q_is_nk={q_is_nk}) do not fit")
+    rank = 0 if up is None else up.shape[0]
+    if (low is None) != (up is None) or (low is not None and (low.shape[0] != M or low.shape[1] < rank
+                                                              or up.shape[1] != N)):
+        raise ValueError(f"fused_gemm: low (M, ≥r) and up (r, N) must come together and fit M={M}, N={N}")
+    if mask is not None and mask.shape != (M, N) or bias is not None and bias.shape != (N,):
+        raise ValueError(f"fused_gemm: mask must be ({M}, {N}) and bias ({N},)")
+    return M, N, K, rank
+
+
+def _operands(out: torch.Tensor, *tensors: torch.Tensor | None) -> list[torch.Tensor]:
+    """The tensors, with ``out`` standing in for each absent or empty one.
+
+    A kernel argument cannot be None, and an empty CUDA tensor may carry a null pointer, which a launch
+    refuses. Any valid pointer does: the HAS_* flags keep the kernel from reading an absent operand, and with
+    K = 0 the loop over K never reads P or Q.
+    """
+    return [out if t is None or t.numel() == 0 else t for t in tensors]
+
+
+def _gemm_flags(p, low, mask, bias, rank) -> dict:
+    return dict(HAS_LORA=low is not None, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
+                R_PAD=_pad_rank(max(rank, 1)), PRECISION=_precision(p.dtype))
+
+
+def fused_gemm(
+    p: torch.Tensor, q: torch.Tensor, q_is_nk: bool,
+    low: torch.Tensor | None, up: torch.Tensor | None, scaling: float,
+    mask: torch.Tensor | None, bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """out (M, N) = P·Q + scaling·mask⊙(low·up) + bias, in P's dtype, with the pointer kernel (any strides).
+
+    p (M, K); q is (N, K) when ``q_is_nk`` (use its transpose) else (K, N); low (M, ≥r) and up (r, N), any
+    strided views, or both None (a plain GEMM); mask (M, N) or None; bias (N,) or None.
+    """
+    M, N, K, rank = _gemm_sizes(p, q, q_is_nk, low, up, mask, bias)
+    out = torch.empty((M, N), device=p.device, dtype=p.dtype)
+    if out.numel() == 0:  # no tiles, no programs
+        return out
+    p_arg, q_arg, low_arg, up_arg, mask_arg, bias_arg = _operands(out, p, q, low, up, mask, bias)
+    stride_qk, stride_qn = (q.stride(1), q.stride(0)) if q_is_nk else (q.stride(0), q.stride(1))
+    grid = lambda META: (triton.cdiv(M, META["BM"]) * triton.cdiv(N, META["BN"]),)  # noqa: E731
+    with interpreter_lock():
+        _fused_gemm_kernel[grid](
+            p_arg, q_arg, low_arg, up_arg, mask_arg, bias_arg, out,
+            M, N, K, rank, _m_bucket(M),
+            p.stride(0), p.stride(1), stride_qk, stride_qn, low_arg.stride(0), low_arg.stride(1),
+            up_arg.stride(0), up_arg.stride(1), mask_arg.stride(0), mask_arg.stride(1), out.stride(0), out.stride(1),
+            scaling, **_gemm_flags(p, low, mask, bias, rank),
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Kernel 2, TMA variant (Hopper): the same tile maths; P and Q arrive by TMA (tensor descriptors) and a
+# persistent grid of one program per SM walks the tiles.
+# --------------------------------------------------------------------------------------------------------
 def _tma_configs():
     if not AUTOTUNE:
         return [triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=4)]
@@ -251,46 +403,64 @@ def _fused_gemm_tma_kernel(
                  mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
-# --------------------------------------------------------------------------------------------------------
-# Kernel 1: S = (x ⊙ mask)·Aᵀ, stored (M, R_PAD) in x's dtype with zeros in the padded columns.
-# --------------------------------------------------------------------------------------------------------
-@triton.jit
-def _shrink_kernel(
-    x_ptr, mask_ptr, a_ptr, s_ptr,
-    M, K, R,
-    stride_xm, stride_xk, stride_mm, stride_mk, stride_ar, stride_ak, stride_sm,
-    HAS_MASK: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr,
-):
-    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
-    offs_k = tl.arange(0, BK)
-    offs_r = tl.arange(0, R_PAD)
-    in_m = offs_m < M
-    acc = tl.zeros((BM, R_PAD), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        in_k = (k0 + offs_k) < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
-                    mask=in_m[:, None] & in_k[None, :], other=0.0)                     # (BM, BK)
-        if HAS_MASK:
-            x = x * tl.load(mask_ptr + offs_m[:, None] * stride_mm + (k0 + offs_k)[None, :] * stride_mk,
-                            mask=in_m[:, None] & in_k[None, :], other=0.0)
-        a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + (k0 + offs_k)[:, None] * stride_ak,
-                      mask=(offs_r < R)[None, :] & in_k[:, None], other=0.0)           # (BK, R_PAD) = Aᵀ
-        acc = tl.dot(x, a_t, acc, input_precision=PRECISION)
-    tl.store(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :], acc.to(s_ptr.dtype.element_ty),
-             mask=in_m[:, None])
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """TMA needs Hopper or newer, a unit last stride, 16-byte aligned rows and base addresses."""
+    for t in tensors:
+        if not t.is_cuda or _device_info(t.get_device())[1] < 9:
+            return False
+        if t.stride(-1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+    return True
+
+
+def _tma_allocator(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Scratch memory Triton asks for to build tensor descriptors on the device."""
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def fused_gemm_tma(
+    p: torch.Tensor, q: torch.Tensor, q_is_nk: bool,
+    low: torch.Tensor | None, up: torch.Tensor | None, scaling: float,
+    mask: torch.Tensor | None, bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``fused_gemm`` with the persistent TMA kernel; p and q must suit TMA (``_tma_ok``)."""
+    M, N, K, rank = _gemm_sizes(p, q, q_is_nk, low, up, mask, bias)
+    if not _tma_ok(p, q):
+        raise ValueError("fused_gemm_tma needs Hopper (or newer) CUDA tensors with unit last stride, 16-byte "
+                         "aligned rows and base addresses")
+    out = torch.empty((M, N), device=p.device, dtype=p.dtype)
+    if out.numel() == 0:
+        return out
+    low_arg, up_arg, mask_arg, bias_arg = _operands(out, low, up, mask, bias)
+    # Every call: Triton keeps the allocator in a context variable, and backward runs on autograd's thread.
+    triton.set_allocator(_tma_allocator)
+    num_sms = _num_sms(p.device)
+    grid = lambda META: (min(num_sms, triton.cdiv(M, META["BM"]) * triton.cdiv(N, META["BN"])),)  # noqa: E731
+    with interpreter_lock():
+        _fused_gemm_tma_kernel[grid](
+            p, q, low_arg, up_arg, mask_arg, bias_arg, out,
+            M, N, K, rank, _m_bucket(M),
+            p.stride(0), q.stride(0), low_arg.stride(0), low_arg.stride(1), up_arg.stride(0), up_arg.stride(1),
+            mask_arg.stride(0), mask_arg.stride(1), out.stride(0), out.stride(1),
+            scaling, Q_NK=q_is_nk, NUM_SMS=num_sms, **_gemm_flags(p, low, mask, bias, rank),
+        )
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------
-# Kernel 3: one pass over dY → G = dY·B (M, R_PAD) fp32, dB = scaling·dYᵀ·S (N, R_PAD) fp32, dbias (N,).
+# Kernel 3 ("dS/dB"): one pass over dY → G = dY·B (M, R_PAD) fp32, dB = scaling·dYᵀ·S (N, r) fp32, dbias (N,).
 # Grid (N-blocks, M-splits); sums across programs go through fp32 atomics into zeroed buffers.
 # --------------------------------------------------------------------------------------------------------
 @triton.jit
 def _dsdb_kernel(
+    # pointers
     dy_ptr, b_ptr, s_ptr, g_ptr, db_ptr, dbias_ptr,
+    # sizes
     M, N, R, ROWS_PER_SPLIT,
-    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm,
+    # strides (G and dB are this wrapper's contiguous buffers: (M, R_PAD) and (N, R))
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
     scaling,
+    # meta-parameters
     HAS_BIAS_GRAD: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
@@ -312,26 +482,57 @@ def _dsdb_kernel(
         g = tl.dot(dy, b, input_precision=PRECISION)                                     # (BM, R_PAD)
         tl.atomic_add(g_ptr + offs_m[:, None] * R_PAD + offs_r[None, :], g,
                       mask=in_m[:, None] & in_r[None, :], sem="relaxed")
-        s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :],
-                    mask=in_m[:, None], other=0.0)                                       # (BM, R_PAD)
+        s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                    mask=in_m[:, None] & in_r[None, :], other=0.0)                       # (BM, R_PAD)
         db_acc = tl.dot(tl.trans(dy), s, db_acc, input_precision=PRECISION)              # (BN, R_PAD)
         if HAS_BIAS_GRAD:
             dbias_acc += tl.sum(dy.to(tl.float32), axis=0)
-    tl.atomic_add(db_ptr + offs_n[:, None] * R_PAD + offs_r[None, :], db_acc * scaling,
+    tl.atomic_add(db_ptr + offs_n[:, None] * R + offs_r[None, :], db_acc * scaling,
                   mask=in_n[:, None] & in_r[None, :], sem="relaxed")
     if HAS_BIAS_GRAD:
         tl.atomic_add(dbias_ptr + offs_n, dbias_acc, mask=in_n, sem="relaxed")
 
 
+def dsdb(dy2d: torch.Tensor, lora_B: torch.Tensor, s: torch.Tensor, scaling: float, need_dbias: bool):
+    """One pass over dY (M, N): G = dY·B (M, R_PAD) fp32 with zero padding columns, dB = scaling·dYᵀ·S (N, r)
+    fp32, and dbias = dY.sum(0) (N,) fp32 when ``need_dbias`` (else None)."""
+    M, N = dy2d.shape
+    r = lora_B.shape[1]
+    if lora_B.shape[0] != N or s.shape != (M, r):
+        raise ValueError(f"dsdb: dY {tuple(dy2d.shape)}, B {tuple(lora_B.shape)} and S {tuple(s.shape)} "
+                         "do not fit (M, N), (N, r), (M, r)")
+    r_pad = _pad_rank(r)
+    g = torch.zeros((M, r_pad), device=dy2d.device, dtype=torch.float32)
+    db = torch.zeros((N, r), device=dy2d.device, dtype=torch.float32)
+    dbias = torch.zeros((N,), device=dy2d.device, dtype=torch.float32) if need_dbias else None
+    if M == 0 or N == 0:  # every sum is empty: the zeros are the answer
+        return g, db, dbias
+    bm, bn, warps = (16, 32, 4) if INTERPRETING else (64, 128, 8)
+    n_split, per_split = _splits(M, bm, triton.cdiv(N, bn), dy2d.device)
+    with interpreter_lock():
+        _dsdb_kernel[(triton.cdiv(N, bn), n_split)](
+            dy2d, lora_B, s, g, db, dbias if need_dbias else g,
+            M, N, r, per_split,
+            dy2d.stride(0), dy2d.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0), s.stride(1),
+            scaling,
+            HAS_BIAS_GRAD=need_dbias, R_PAD=r_pad, PRECISION=_precision(dy2d.dtype), BM=bm, BN=bn, num_warps=warps,
+        )
+    return g, db, dbias
+
+
 # --------------------------------------------------------------------------------------------------------
-# Kernel 4: dA = scaling·Gᵀ·(x ⊙ mask), (R_PAD, K) fp32. Grid (K-blocks, M-splits), fp32 atomics.
+# Kernel 4 ("dA"): dA = scaling·Gᵀ·(x ⊙ mask), (r, K) fp32. Grid (K-blocks, M-splits), fp32 atomics.
 # --------------------------------------------------------------------------------------------------------
 @triton.jit
 def _da_kernel(
+    # pointers
     g_ptr, x_ptr, mask_ptr, da_ptr,
+    # sizes
     M, K, R, ROWS_PER_SPLIT,
+    # strides (G and dA are contiguous buffers: (M, R_PAD) and (R, K))
     stride_xm, stride_xk, stride_mm, stride_mk,
     scaling,
+    # meta-parameters
     HAS_MASK: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr,
 ):
@@ -356,359 +557,125 @@ def _da_kernel(
                   mask=(offs_r < R)[:, None] & in_k[None, :], sem="relaxed")
 
 
-# --------------------------------------------------------------------------------------------------------
-# Wrappers: check, allocate, launch. Every launch sits in `with interpreter_lock():`, a no-op on a GPU; the
-# CPU interpreter keeps its state in globals, so two threads launching at once would corrupt each other's
-# runs (triton_interpreter.py says how).
-# --------------------------------------------------------------------------------------------------------
-def _precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: "ieee" for fp32 unless torch itself allows tf32 matmuls (see module doc)."""
-    if dtype == torch.float32 and not INTERPRETING and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
-@functools.cache
-def _device_info(index: int) -> tuple[int, int]:
-    """(multiprocessor count, major compute capability) of CUDA device ``index``; read once per device."""
-    props = torch.cuda.get_device_properties(index)
-    return props.multi_processor_count, props.major
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return _device_info(device.index if device.index is not None else torch.cuda.current_device())[0]
-
-
-def _splits(rows: int, row_block: int, other_blocks: int, device: torch.device) -> tuple[int, int]:
-    """Split the rows so that the grid has about 4 programs per SM: (number of splits, rows per split)."""
-    row_blocks = triton.cdiv(rows, row_block)
-    want = max(1, triton.cdiv(4 * _num_sms(device), max(other_blocks, 1)))
-    n_split = min(row_blocks, want)
-    per_split = triton.cdiv(row_blocks, n_split) * row_block
-    return triton.cdiv(rows, per_split), per_split
-
-
-def shrink(x2d: torch.Tensor, mask2d: torch.Tensor | None, lora_A: torch.Tensor) -> torch.Tensor:
-    """S = (x ⊙ mask)·Aᵀ as an (M, R_PAD) tensor in x's dtype; columns r.. are zero."""
-    M, K = x2d.shape
-    r = lora_A.shape[0]
-    r_pad = _pad_rank(r)
-    s = torch.empty((M, r_pad), device=x2d.device, dtype=x2d.dtype)
-    if INTERPRETING:
-        bm, bk, warps = 16, 32, 4
-    else:  # the loop over K is serial: keep about two programs per SM busy
-        bm = min(64, max(16, triton.next_power_of_2(triton.cdiv(M, 2 * _num_sms(x2d.device)))))
-        bk, warps = 128, 4
-    mask_arg = mask2d if mask2d is not None else x2d
-    with interpreter_lock():
-        _shrink_kernel[(triton.cdiv(M, bm),)](
-            x2d, mask_arg, lora_A, s,
-            M, K, r,
-            x2d.stride(0), x2d.stride(1), mask_arg.stride(0), mask_arg.stride(1),
-            lora_A.stride(0), lora_A.stride(1), s.stride(0),
-            HAS_MASK=mask2d is not None, R_PAD=r_pad, PRECISION=_precision(x2d.dtype),
-            BM=bm, BK=bk, num_warps=warps,
-        )
-    return s
-
-
-def _tma_ok(*tensors: torch.Tensor) -> bool:
-    """TMA needs Hopper or newer, a unit last stride, 16-byte aligned rows and base addresses."""
-    for t in tensors:
-        if not t.is_cuda or _device_info(t.get_device())[1] < 9:
-            return False
-        if t.stride(-1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
-            return False
-    return True
-
-
-def _tma_allocator(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    """Scratch memory Triton asks for to build tensor descriptors on the device."""
-    return torch.empty(size, device="cuda", dtype=torch.int8)
-
-
-def fused_gemm(
-    p: torch.Tensor, q: torch.Tensor, q_is_nk: bool,
-    low: torch.Tensor | None, up: torch.Tensor | None, rank: int, scaling: float,
-    mask: torch.Tensor | None, bias: torch.Tensor | None, tma: bool,
-) -> torch.Tensor:
-    """out (M, N) = P·Q + scaling·mask⊙(low·up) + bias, in P's dtype.
-
-    p (M, K); q is (N, K) when ``q_is_nk`` (use its transpose) else (K, N); low (M, ≥rank); up (rank, N) given
-    as any strided view; mask (M, N) or None; bias (N,) or None. ``tma`` picks the persistent TMA kernel.
-    """
-    M, K = p.shape
-    N = q.shape[0] if q_is_nk else q.shape[1]
-    out = torch.empty((M, N), device=p.device, dtype=p.dtype)
-    has_lora = low is not None
-    low_arg = low if has_lora else p
-    up_arg = up if has_lora else p
-    mask_arg = mask if mask is not None else p
-    bias_arg = bias if bias is not None else p
-    common = dict(HAS_LORA=has_lora, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
-                  R_PAD=_pad_rank(rank), PRECISION=_precision(p.dtype))
-    if tma:
-        # Every call: Triton keeps the allocator in a context variable, and backward runs on autograd's thread.
-        triton.set_allocator(_tma_allocator)
-        num_sms = _num_sms(p.device)
-        grid = lambda META: (min(num_sms, triton.cdiv(M, META["BM"]) * triton.cdiv(N, META["BN"])),)
-        with interpreter_lock():
-            _fused_gemm_tma_kernel[grid](
-                p, q, low_arg, up_arg, mask_arg, bias_arg, out,
-                M, N, K, rank, _m_bucket(M),
-                p.stride(0), q.stride(0), low_arg.stride(0), low_arg.stride(1), up_arg.stride(0), up_arg.stride(1),
-                mask_arg.stride(0), mask_arg.stride(1), out.stride(0), out.stride(1),
-                scaling, Q_NK=q_is_nk, NUM_SMS=num_sms, **common,
-            )
-        return out
-    stride_qk, stride_qn = (q.stride(1), q.stride(0)) if q_is_nk else (q.stride(0), q.stride(1))
-    grid = lambda META: (triton.cdiv(M, META["BM"]) * triton.cdiv(N, META["BN"]),)
-    with interpreter_lock():
-        _fused_gemm_kernel[grid](
-            p, q, low_arg, up_arg, mask_arg, bias_arg, out,
-            M, N, K, rank, _m_bucket(M),
-            p.stride(0), p.stride(1), stride_qk, stride_qn, low_arg.stride(0), low_arg.stride(1),
-            up_arg.stride(0), up_arg.stride(1), mask_arg.stride(0), mask_arg.stride(1), out.stride(0), out.stride(1),
-            scaling, **common,
-        )
-    return out
-
-
-def _dsdb(dy2d: torch.Tensor, lora_B: torch.Tensor, s: torch.Tensor, scaling: float, need_dbias: bool):
-    """One pass over dY: G = dY·B (M, R_PAD) fp32, dB = scaling·dYᵀ·S (N, R_PAD) fp32, dbias (N,) fp32."""
-    M, N = dy2d.shape
-    r = lora_B.shape[1]
-    r_pad = s.shape[1]
-    g = torch.zeros((M, r_pad), device=dy2d.device, dtype=torch.float32)
-    db = torch.zeros((N, r_pad), device=dy2d.device, dtype=torch.float32)
-    dbias = torch.zeros((N,), device=dy2d.device, dtype=torch.float32) if need_dbias else g
-    bm, bn, warps = (16, 32, 4) if INTERPRETING else (64, 128, 8)
-    n_split, per_split = _splits(M, bm, triton.cdiv(N, bn), dy2d.device)
-    with interpreter_lock():
-        _dsdb_kernel[(triton.cdiv(N, bn), n_split)](
-            dy2d, lora_B, s, g, db, dbias,
-            M, N, r, per_split,
-            dy2d.stride(0), dy2d.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0),
-            scaling,
-            HAS_BIAS_GRAD=need_dbias, R_PAD=r_pad, PRECISION=_precision(dy2d.dtype), BM=bm, BN=bn, num_warps=warps,
-        )
-    return g, db, (dbias if need_dbias else None)
-
-
-def _da(g: torch.Tensor, x2d: torch.Tensor, mask2d: torch.Tensor | None, rank: int, scaling: float):
-    """dA = scaling·Gᵀ·(x ⊙ mask) as an (R_PAD, K) fp32 tensor (rows rank.. stay zero)."""
+def da(g: torch.Tensor, x2d: torch.Tensor, mask2d: torch.Tensor | None, rank: int, scaling: float) -> torch.Tensor:
+    """dA = scaling·Gᵀ·(x ⊙ mask) as an (r, K) fp32 tensor; g (M, R_PAD) is ``dsdb``'s padded buffer."""
     M, K = x2d.shape
     r_pad = g.shape[1]
-    da = torch.zeros((r_pad, K), device=x2d.device, dtype=torch.float32)
+    if g.shape[0] != M or rank > r_pad or (mask2d is not None and mask2d.shape != x2d.shape):
+        raise ValueError(f"da: G {tuple(g.shape)} and x {tuple(x2d.shape)} do not fit (M, R_PAD), (M, K)")
+    d_a = torch.zeros((rank, K), device=x2d.device, dtype=torch.float32)
+    if M == 0 or K == 0:
+        return d_a
     bm, bk, warps = (16, 32, 4) if INTERPRETING else (64, 128, 4)
     n_split, per_split = _splits(M, bm, triton.cdiv(K, bk), x2d.device)
     mask_arg = mask2d if mask2d is not None else x2d
     with interpreter_lock():
         _da_kernel[(triton.cdiv(K, bk), n_split)](
-            g, x2d, mask_arg, da,
+            g, x2d, mask_arg, d_a,
             M, K, rank, per_split,
             x2d.stride(0), x2d.stride(1), mask_arg.stride(0), mask_arg.stride(1),
             scaling,
             HAS_MASK=mask2d is not None, R_PAD=r_pad, PRECISION=_precision(x2d.dtype), BM=bm, BK=bk, num_warps=warps,
         )
-    return da
+    return d_a
 
 
 # --------------------------------------------------------------------------------------------------------
-# The per-shape choice, from the H100 run in benchmarks/RESULTS.md. That machine's host costs ~15-35 µs per
-# torch op called from Python and 150-300 µs per fused Triton forward, so below FUSED_MIN_ROWS rows a training
-# step is host-bound and the reference's ops (whose backward runs in C++ autograd, no Python) win; from
-# FUSED_MIN_ROWS rows on it runs the persistent TMA kernels (1.17x the frozen floor vs 1.42x at M = 16384).
+# The autograd op: forward and backward through the kernels above, as two registered custom ops.
+#
+# Why custom ops and not a torch.autograd.Function: Dynamo (torch.compile) cannot trace into Triton's Python
+# launcher, nor into `_tma_ok` (it reads data_ptr()), so a Function would break the graph at every LoRA layer.
+# A custom op is one opaque node: Dynamo records it and asks its "fake" implementation for the output shapes
+# and dtypes (no kernel runs while tracing). Custom ops take tensors and plain scalars only, so scaling is a
+# float, the optional tensors are `Tensor?`, and a gradient that is not wanted comes back as an empty tensor
+# (an op cannot return None). `tma` is None (the TMA kernel wherever `_tma_ok` allows), True or False; the
+# "auto" backend's routes force it, ``lora_linear`` below leaves it None.
 # --------------------------------------------------------------------------------------------------------
-FUSED_MIN_ROWS = 8192
-
-# The merged-weight cache (inference): one (N, K) copy of W per cached layer, at most this many bytes in all
-# (MINIPEFT_MERGED_CACHE_MB, default 2048; 0 turns the "merged" route off for path=None).
-MERGED_CACHE_BYTES = int(float(os.environ.get("MINIPEFT_MERGED_CACHE_MB", "2048")) * 2**20)
-
-
-def choose_path(M: int, N: int, K: int, x: torch.Tensor, weight: torch.Tensor,
-                needs_grad: bool = True, has_mask: bool = False) -> str:
-    """The path the "triton" backend takes for a call on x (..., K) with M rows (H100: benchmarks/RESULTS.md).
-
-    The interpreter always runs the pointer kernel ("fused"), so CI exercises it. On a GPU:
-      - no gradient wanted (inference): "merged", one GEMM on W + scaling·B·A, once the merged weight is
-        cached (``lora_linear`` takes "cublas" on the first sighting of an adapter state, or past the cache's
-        byte budget); with a dropout mask "cublas";
-      - gradients wanted, fewer than FUSED_MIN_ROWS rows: "unfused" (host-bound: fewest Python-level ops);
-      - gradients wanted, FUSED_MIN_ROWS rows or more: "fused_tma" for fp16/bf16 tensors that suit TMA
-        (Hopper, unit last stride, 16-byte rows), else "cublas".
-    """
-    if INTERPRETING:
-        return "fused"
-    if not needs_grad:
-        return "cublas" if has_mask else "merged"
-    if M < FUSED_MIN_ROWS:
-        return "unfused"
-    if x.dtype == torch.float32:
-        return "cublas"
-    return "fused_tma" if _tma_ok(x.reshape(-1, K), weight) else "cublas"
+def _use_tma(tma: bool | None, p2d: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Which GEMM kernel: TMA for 16-bit tensors that suit it (tma=None), else as asked."""
+    if tma is None:
+        return not INTERPRETING and p2d.numel() > 0 and p2d.dtype in TMA_DTYPES and _tma_ok(p2d, weight)
+    return tma
 
 
-# --------------------------------------------------------------------------------------------------------
-# "merged": W' = W + scaling·B·A, cached per weight tensor while W, A, B and scaling stay the same.
-# --------------------------------------------------------------------------------------------------------
-class _Merged:
-    """One cache entry: the adapter state W' was built from (weak references + versions) and W' itself."""
-
-    __slots__ = ("a_ref", "b_ref", "state", "merged")
-
-    def __init__(self):
-        self.a_ref = self.b_ref = None
-        self.state = None          # (W._version, A._version, B._version, scaling, A.shape, B.shape)
-        self.merged = None         # (N, K) tensor, or None until the state is seen a second time
+def _gemm(tma: bool, p2d: torch.Tensor, *args) -> torch.Tensor:
+    """fused_gemm or fused_gemm_tma; a TMA operand P with a non-unit last stride is copied first."""
+    if tma:
+        return fused_gemm_tma(p2d if p2d.stride(-1) == 1 else p2d.contiguous(), *args)
+    return fused_gemm(p2d, *args)
 
 
-_MERGED: torch.utils.weak.WeakIdKeyDictionary = torch.utils.weak.WeakIdKeyDictionary()
+@torch.library.custom_op("minipeft::lora_linear_triton", mutates_args=())
+def lora_linear_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    scaling: float, dropout_mask: torch.Tensor | None, tma: bool | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: (Y (..., N), S (M, r)); S = (x ⊙ mask)·Aᵀ is returned for the backward (dB = scaling·dYᵀ·S)."""
+    N, K = weight.shape
+    M = math.prod(x.shape[:-1])
+    x2d = x.reshape(M, K)                                   # (M, K), a view when x's strides allow
+    mask2d = None if dropout_mask is None else dropout_mask.reshape(M, K)
+    s = shrink(x2d, mask2d, lora_A)                                                  # kernel 1: (M, r)
+    y2d = _gemm(_use_tma(tma, x2d, weight), x2d, weight, True, s, lora_B.t(), scaling, None, bias)  # kernel 2
+    return y2d.view(*x.shape[:-1], N), s                                             # (..., N), (M, r)
 
 
-def clear_cache() -> None:
-    """Drop every cached merged weight (they are also dropped with their base weight tensor)."""
-    _MERGED.clear()
+@lora_linear_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_mask, tma):
+    M = math.prod(x.shape[:-1])
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((M, lora_A.shape[0]))
 
 
-def _merged_weight(weight, lora_A, lora_B, scaling: float, force: bool) -> torch.Tensor | None:
-    """W + scaling·B·A (N, K) from the cache, or built now; None where the cache declines (see choose_path).
-
-    A state is (the identities of A and B, the versions of W, A and B, scaling). Without ``force`` W' is built
-    only on the second call in a row with one state, so a training step (A and B change every step) or an
-    autocast that hands new A/B copies each call never pays an (N, K) rebuild per call.
-    """
-    entry = _MERGED.get(weight)
-    state = (weight._version, lora_A._version, lora_B._version, scaling, lora_A.shape, lora_B.shape)
-    if entry is not None and entry.state == state and entry.a_ref() is lora_A and entry.b_ref() is lora_B:
-        if entry.merged is not None:
-            return entry.merged
-        # second sighting of this state: build below
-    else:  # first sighting: remember the state, drop a W' built from an older one
-        if entry is None:
-            entry = _Merged()
-            _MERGED[weight] = entry
-        entry.merged = None
-        entry.a_ref = torch.utils.weak.WeakIdRef(lora_A)
-        entry.b_ref = torch.utils.weak.WeakIdRef(lora_B)
-        entry.state = state
-        if not force:
-            return None
-    if not force:  # the live entries (those of dead weights are gone): counted here, on a rebuild only
-        held = sum(e.merged.numel() * e.merged.element_size() for e in _MERGED.values() if e.merged is not None)
-        if held + weight.numel() * weight.element_size() > MERGED_CACHE_BYTES:
-            return None
-    with torch.no_grad():
-        # fp32 accumulation of B·A and W in one cuBLAS call, one rounding to W's dtype: (N, r)·(r, K) + (N, K)
-        entry.merged = torch.addmm(weight, lora_B, lora_A, alpha=scaling).detach()
-    return entry.merged
+@torch.library.custom_op("minipeft::lora_linear_triton_backward", mutates_args=())
+def lora_linear_backward_op(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    s: torch.Tensor, scaling: float, dropout_mask: torch.Tensor | None, tma: bool | None,
+    need_x: bool, need_A: bool, need_B: bool, need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: (dx (..., K), dA (r, K), dB (N, r), dbias (N,)); each one not asked for comes back empty."""
+    N, K = weight.shape
+    M = math.prod(x.shape[:-1])
+    x2d = x.reshape(M, K)
+    mask2d = None if dropout_mask is None else dropout_mask.reshape(M, K)
+    dy2d = dy.reshape(M, N)                                                          # (M, N)
+    g, d_b, d_bias = dsdb(dy2d, lora_B, s, scaling, need_bias)                      # kernel 3: G, dB, dbias
+    empty = lambda: dy.new_empty(0)  # noqa: E731  (a fresh tensor each: outputs may not alias each other)
+    d_x = dA = None
+    if need_x:  # kernel 2 again: dX = dY·W + mask ⊙ (scaling·G·A)
+        d_x = _gemm(_use_tma(tma, dy2d, weight), dy2d, weight, False, g, lora_A, scaling, mask2d, None).view(x.shape)
+    if need_A:
+        dA = da(g, x2d, mask2d, lora_A.shape[0], scaling).to(lora_A.dtype)           # kernel 4
+    return (d_x if need_x else empty(), dA if need_A else empty(), d_b.to(lora_B.dtype) if need_B else empty(),
+            d_bias.to(dy.dtype) if need_bias else empty())
 
 
-# --------------------------------------------------------------------------------------------------------
-# "cublas": three GEMMs forward, five backward, inside one autograd.Function.
-# --------------------------------------------------------------------------------------------------------
-def _cublas_forward(x2d, mask2d, weight, bias, lora_A, lora_B, scaling):
-    """(y (M, N), s (M, r), xa (M, K)) with xa = x ⊙ mask, s = xa·Aᵀ, y = x·Wᵀ + bias + scaling·s·Bᵀ."""
-    xa = x2d if mask2d is None else x2d * mask2d                                     # (M, K)
-    s = torch.mm(xa, lora_A.t())                                                     # (M, r)
-    y = torch.mm(x2d, weight.t()) if bias is None else torch.addmm(bias, x2d, weight.t())   # (M, N)
-    y.addmm_(s, lora_B.t(), alpha=scaling)                                           # Y += scaling·S·Bᵀ
-    return y, s, xa
+@lora_linear_backward_op.register_fake
+def _(dy, x, weight, lora_A, lora_B, s, scaling, dropout_mask, tma, need_x, need_A, need_B, need_bias):
+    empty = lambda: dy.new_empty(0)  # noqa: E731  (a fresh tensor each: outputs may not alias each other)
+    return (dy.new_empty(x.shape) if need_x else empty(), lora_A.new_empty(lora_A.shape) if need_A else empty(),
+            lora_B.new_empty(lora_B.shape) if need_B else empty(),
+            dy.new_empty((weight.shape[0],)) if need_bias else empty())
 
 
-class _CublasLoRAFunction(torch.autograd.Function):
-    """The "cublas" route with a hand-written backward: 5 cuBLAS calls instead of autograd's ~10 small ops."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_mask):
-        K = x.shape[-1]
-        N = weight.shape[0]
-        x2d = x.reshape(-1, K)                                                       # (M, K)
-        mask2d = None if dropout_mask is None else dropout_mask.reshape(-1, K)
-        y, s, xa = _cublas_forward(x2d, mask2d, weight, bias, lora_A, lora_B, scaling)
-        ctx.save_for_backward(xa, mask2d, weight, lora_A, lora_B, s)
-        ctx.scaling, ctx.x_shape = scaling, x.shape
-        return y.view(*x.shape[:-1], N)
-
-    @staticmethod
-    def backward(ctx, dy):
-        xa, mask2d, weight, lora_A, lora_B, s = ctx.saved_tensors
-        scaling = ctx.scaling
-        need_x, _, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
-        dy2d = dy.reshape(-1, weight.shape[0])                                       # (M, N)
-        dx = dA = dB = dbias = None
-        if need_x or need_A:
-            # dS = scaling·dY·B (M, r); beta=0 ignores the `input` operand (s only lends its shape)
-            ds = torch.addmm(s, dy2d, lora_B, beta=0, alpha=scaling)
-            if need_x:
-                dx2d = torch.mm(dy2d, weight)                                        # (M, K)
-                if mask2d is None:
-                    dx2d.addmm_(ds, lora_A)                                          # += dS·A
-                else:
-                    dx2d.addcmul_(torch.mm(ds, lora_A), mask2d)                      # += mask ⊙ (dS·A)
-                dx = dx2d.view(ctx.x_shape)
-            if need_A:
-                dA = torch.mm(ds.t(), xa)                                            # (r, K)
-        if need_B:
-            dB = torch.addmm(lora_B, dy2d.t(), s, beta=0, alpha=scaling)             # (N, r)
-        if need_bias:
-            dbias = dy2d.sum(0)
-        return dx, None, dbias, dA, dB, None, None
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_mask, tma = inputs
+    _, s = output
+    ctx.save_for_backward(x, weight, lora_A, lora_B, s, dropout_mask)
+    ctx.scaling, ctx.tma = scaling, tma
+    ctx.mark_non_differentiable(s)  # S is the backward's, never the caller's
 
 
-# --------------------------------------------------------------------------------------------------------
-# "fused" / "fused_tma": the Triton kernels.
-# --------------------------------------------------------------------------------------------------------
-def _forward_2d(x2d, mask2d, weight, bias, lora_A, lora_B, scaling, path):
-    """(y2d (M, N), s (M, R_PAD)) for one Triton path."""
-    r = lora_A.shape[0]
-    s = shrink(x2d, mask2d, lora_A)                                    # (M, R_PAD)
-    y = fused_gemm(x2d, weight, True, s, lora_B.t(), r, scaling, None, bias, tma=(path == "fused_tma"))
-    return y, s
+def _backward(ctx, dy, _ds):
+    """Gradients to x, bias, lora_A and lora_B, each only when asked for; never to the (frozen) weight."""
+    x, weight, lora_A, lora_B, s, dropout_mask = ctx.saved_tensors
+    need_x, _, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
+    d_x, dA, d_b, d_bias = torch.ops.minipeft.lora_linear_triton_backward(
+        dy, x, weight, lora_A, lora_B, s, ctx.scaling, dropout_mask, ctx.tma, need_x, need_A, need_B, need_bias)
+    keep = lambda t, wanted: t if wanted else None  # noqa: E731
+    return (keep(d_x, need_x), None, keep(d_bias, need_bias), keep(dA, need_A), keep(d_b, need_B), None, None, None)
 
 
-class _LoRALinearFunction(torch.autograd.Function):
-    """Forward and backward of the fused LoRA linear layer; the weight is frozen (no dW)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_mask, path):
-        K = x.shape[-1]
-        N = weight.shape[0]
-        x2d = x.reshape(-1, K)                                   # (M, K), a view when x's strides allow
-        mask2d = None if dropout_mask is None else dropout_mask.reshape(-1, K)
-        if path == "fused_tma" and x2d.stride(-1) != 1:
-            x2d = x2d.contiguous()
-        y2d, s = _forward_2d(x2d, mask2d, weight, bias, lora_A, lora_B, scaling, path)
-        ctx.save_for_backward(x2d, mask2d, weight, lora_A, lora_B, s)
-        ctx.scaling, ctx.path, ctx.x_shape = scaling, path, x.shape
-        ctx.has_bias = bias is not None
-        return y2d.view(*x.shape[:-1], N)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2d, mask2d, weight, lora_A, lora_B, s = ctx.saved_tensors
-        scaling, path = ctx.scaling, ctx.path
-        need_x, _, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
-        r = lora_A.shape[0]
-        dy2d = dy.reshape(-1, weight.shape[0])                    # (M, N)
-        if path == "fused_tma" and dy2d.stride(-1) != 1:
-            dy2d = dy2d.contiguous()
-        g, db, dbias = _dsdb(dy2d, lora_B, s, scaling, need_bias and ctx.has_bias)
-        dx = dA = dB = None
-        if need_x:
-            dx2d = fused_gemm(dy2d, weight, False, g, lora_A, r, scaling, mask2d, None,
-                              tma=(path == "fused_tma"))
-            dx = dx2d.view(ctx.x_shape)
-        if need_A:
-            dA = _da(g, x2d, mask2d, r, scaling)[:r].to(lora_A.dtype)
-        if need_B:
-            dB = db[:, :r].to(lora_B.dtype)
-        if dbias is not None:
-            dbias = dbias.to(dy.dtype)
-        return dx, None, dbias, dA, dB, None, None, None
+lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def lora_linear(
@@ -719,62 +686,12 @@ def lora_linear(
     lora_B: torch.Tensor,
     scaling: float,
     dropout_mask: torch.Tensor | None = None,
-    path: str | None = None,
 ) -> torch.Tensor:
-    """y = x·Wᵀ + bias + scaling·((x ⊙ mask)·Aᵀ)·Bᵀ (inputs checked by the caller, ``kernels.lora_linear``).
+    """y = x·Wᵀ + bias + scaling·((x ⊙ mask)·Aᵀ)·Bᵀ on the Triton kernels, forward and backward.
 
-    ``path``: None picks per call (``choose_path``); "fused" (pointer kernel, any device Triton runs on),
-    "fused_tma" (Hopper TMA kernel), "cublas" (3 cuBLAS GEMMs forward, 5 backward), "merged" (one GEMM on
-    a cached W + scaling·B·A; only without a mask and when no gradient is wanted) or "unfused" (the
-    reference's torch ops, autograd backward). "cublas" and "merged" also run on CPU tensors.
+    The reference's arguments (kernels/reference.py); inputs are checked by the caller, ``kernels.lora_linear``.
+    Every call launches the kernels above, whatever the shape: the TMA GEMM where ``_tma_ok`` allows (Hopper,
+    fp16/bf16, unit last stride, 16-byte rows), the pointer GEMM otherwise.
     """
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
-        or (bias is not None and bias.requires_grad))
-    if path is None:
-        if x.numel() == 0:  # nothing to launch
-            return _unfused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
-        K = x.shape[-1]
-        path = choose_path(x.numel() // K if K else 0, weight.shape[0], K, x, weight, needs_grad,
-                           dropout_mask is not None)
-        if path == "merged":
-            merged = None if MERGED_CACHE_BYTES <= 0 else _merged_weight(weight, lora_A, lora_B, scaling, False)
-            if merged is not None:
-                return torch.nn.functional.linear(x, merged, bias)
-            path = "cublas"
-    elif path not in PATHS:
-        raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
-    elif path == "merged":
-        if needs_grad or dropout_mask is not None:
-            raise ValueError("path 'merged' is for inference: no dropout mask and no gradient wanted")
-        return torch.nn.functional.linear(x, _merged_weight(weight, lora_A, lora_B, scaling, True), bias)
-    if path == "cublas":
-        if not needs_grad:  # no graph to record: the same ops without the Function's overhead
-            K = x.shape[-1]
-            mask2d = None if dropout_mask is None else dropout_mask.reshape(-1, K)
-            y, _, _ = _cublas_forward(x.reshape(-1, K), mask2d, weight, bias, lora_A, lora_B, scaling)
-            return y.view(*x.shape[:-1], weight.shape[0])
-        return _CublasLoRAFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
-    if path == "unfused" or x.numel() == 0:
-        return _unfused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
-    if path == "fused_tma" and not _tma_ok(weight, lora_A):
-        raise ValueError("path 'fused_tma' needs Hopper CUDA tensors with unit last stride and 16-byte rows")
-    return _LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_mask, path)
-
-
-def lora_linear_stacked(
-    x: torch.Tensor, weight_and_A: torch.Tensor, bias_and_zeros: torch.Tensor | None,
-    lora_B: torch.Tensor, scaling: float,
-) -> torch.Tensor:
-    """Forward only, for the benchmark: one cuBLAS GEMM x·[W; A]ᵀ gives Y and S, then Y += S·(s·B)ᵀ.
-
-    weight_and_A (N + r, K) = torch.cat([W, A]); bias_and_zeros (N + r,) = cat([bias, zeros(r)]) or None.
-    Returns a (..., N) view of the (..., N + r) product.
-    """
-    N, r = lora_B.shape
-    x2d = x.reshape(-1, x.shape[-1])
-    ys = torch.mm(x2d, weight_and_A.t()) if bias_and_zeros is None else \
-        torch.addmm(bias_and_zeros, x2d, weight_and_A.t())                    # (M, N + r)
-    y = ys[:, :N]
-    y.addmm_(ys[:, N:], lora_B.t(), alpha=scaling)                            # in place, through the view
-    return ys.view(*x.shape[:-1], N + r)[..., :N]
+    return torch.ops.minipeft.lora_linear_triton(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask,
+                                                 None)[0]

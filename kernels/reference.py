@@ -13,9 +13,10 @@ so no gradient ever reaches it even if the caller forgot ``requires_grad_(False)
 exactly when it requires one. This is also the oracle the fused Triton kernel is tested against; it is
 itself tested against the dense form x·(W + scaling·B·A)ᵀ in float64.
 
-The signature below is repeated on purpose in ``lora_triton.lora_linear`` and the switch ``kernels.lora_linear``:
-every kernel sits beside its reference with the same arguments, so that swapping one for the other is a
-one-word change and the tests can call both the same way.
+The signature below is repeated on purpose in ``lora_triton.lora_linear`` (the Triton kernels),
+``lora_routes.lora_linear`` (the "auto" backend's routes) and the switch ``kernels.lora_linear``: every kernel
+sits beside its reference with the same arguments (plus the one that picks a backend or route), so that
+swapping one for the other is a one-word change and the tests can call them all the same way.
 """
 
 from __future__ import annotations

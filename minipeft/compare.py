@@ -65,7 +65,7 @@ def latency_ms_per_token(model, prompt_ids: list[int], device, new_tokens: int =
 def run_method(key: str, args: argparse.Namespace) -> dict:
     """Fine-tune one method (or score one baseline) and measure it; meant to run in a fresh process."""
     device = resolve_device(args.device)
-    kernels.set_backend("triton" if device.type == "cuda" else "reference")
+    kernels.set_backend("auto" if device.type == "cuda" else "reference")
     torch.manual_seed(args.seed)
     tok, task = ByteTokenizer(), load_task(args.task, seed=args.seed)
     base = load_base(args.preset, args.seed, device=str(device), train_if_missing=False)

@@ -1,4 +1,5 @@
-"""kernels: the backend switch, the reference against dense float64 math, the Triton kernels against the reference.
+"""kernels: the backend switch, the reference against dense float64 math, the Triton kernels against the reference,
+the Triton op as torch.compile sees it, and the "auto" backend's routes.
 
 On a CPU-only machine conftest.py sets TRITON_INTERPRET=1 before `kernels` is imported, so the Triton kernels
 run in the interpreter (small shapes, fp32 and fp16: bf16 tl.dot is wrong there). With CUDA the same file runs
@@ -17,12 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._dynamo as dynamo
 from hypothesis import given
 from hypothesis import strategies as st
 from tolerances import assert_close, rel_error
 
 from minipeft import kernels
-from minipeft.kernels import lora_triton, reference
+from minipeft.kernels import lora_routes, lora_triton, reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -78,8 +80,8 @@ def _run(inputs, dy, scaling, backend, dtype=None, **kw):
             t = t.requires_grad_()
             leaves[name] = t
         args[name] = t
-    if backend == "fused-path":
-        y = lora_triton.lora_linear(**args, scaling=scaling, **kw)
+    if backend == "route":  # one of the "auto" backend's routes, by name (path=...)
+        y = lora_routes.lora_linear(**args, scaling=scaling, **kw)
     else:
         y = kernels.lora_linear(**args, scaling=scaling, backend=backend)
     grads = torch.autograd.grad(y, list(leaves.values()), dy.to(y.dtype))
@@ -98,7 +100,7 @@ def _check(actual, expected, dtype, scale=1.0):
 
 def _compare(inputs, dy, scaling, dtype, **kw):
     """Triton in `dtype` against the reference run in float64 on the same (upcast) inputs."""
-    y, grads = _run(inputs, dy, scaling, "triton" if not kw else "fused-path", **kw)
+    y, grads = _run(inputs, dy, scaling, "triton" if not kw else "route", **kw)
     y_ref, grads_ref = _run(inputs, dy, scaling, "reference", dtype=torch.float64)
     assert y.dtype == dtype and y.shape == y_ref.shape
     # fp16/bf16: S (forward) and G = dY·B (backward) are rounded to the input dtype before their second
@@ -108,6 +110,11 @@ def _compare(inputs, dy, scaling, dtype, **kw):
     for name in grads_ref:
         assert grads[name].dtype == dtype, name
         _check(grads[name], grads_ref[name], dtype, scale)
+
+
+def _ran_triton_op(y: torch.Tensor) -> bool:
+    """True when y came out of the Triton op (its autograd node is named after the registered custom op)."""
+    return y.grad_fn is not None and "lora_linear_triton" in type(y.grad_fn).__name__
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -152,24 +159,23 @@ def test_triton_matches_reference(M, N, K, r, dtype, bias, mask, layout, scaling
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M,N,K,r", [(1, 33, 47, 1), (67, 96, 80, 64), (50, 17, 96, 16)])
 def test_path_every_case(M, N, K, r, dtype, path):
-    """The pointer kernel ("fused") and the cuBLAS route, reached directly: with/without bias and mask, 3-D."""
+    """The routes' pointer kernel ("fused") and cuBLAS route, reached by name: with/without bias and mask, 3-D."""
     for bias in (False, True):
         for mask in (False, True):
             inputs, dy = _make_inputs(M, N, K, r, dtype, layout="3d", bias=bias, mask=mask, seed=M + r)
             _compare(inputs, dy, 2.0, dtype, path=path)
 
 
-def test_choose_path_per_call(monkeypatch):
-    """The measured dispatch (benchmarks/RESULTS.md), as on a GPU; the interpreter always takes "fused"."""
-    assert lora_triton.choose_path(4, 8, 8, torch.ones(4, 8), torch.ones(8, 8)) == (
-        "fused" if lora_triton.INTERPRETING else "unfused")
-    monkeypatch.setattr(lora_triton, "INTERPRETING", False)
-    big = lora_triton.FUSED_MIN_ROWS
+def test_choose_path_per_call():
+    """The "auto" backend's table (lora_routes' docstring, from benchmarks/RESULTS.md), asked directly."""
+    big = lora_routes.FUSED_MIN_ROWS
     x, w = torch.ones(3, 8), torch.ones(8, 8)
-    assert lora_triton.choose_path(3, 8, 8, x, w, needs_grad=False) == "merged"
-    assert lora_triton.choose_path(3, 8, 8, x, w, needs_grad=False, has_mask=True) == "cublas"
-    assert lora_triton.choose_path(big - 1, 8, 8, x, w, needs_grad=True) == "unfused"
-    assert lora_triton.choose_path(big, 8, 8, x, w, needs_grad=True) == "cublas"      # fp32 / no TMA (CPU)
+    assert lora_routes.choose_path(3, 8, 8, x, w, needs_grad=False) == "merged"
+    assert lora_routes.choose_path(3, 8, 8, x, w, needs_grad=False, has_mask=True) == "cublas"
+    assert lora_routes.choose_path(big - 1, 8, 8, x, w, needs_grad=True) == "unfused"
+    assert lora_routes.choose_path(big, 8, 8, x, w, needs_grad=True) == "cublas"      # fp32 / no TMA (CPU)
+    half = torch.ones(3, 8, dtype=torch.float16)
+    assert lora_routes.choose_path(big, 8, 8, half, half, needs_grad=True) == "cublas"  # CPU: no TMA
 
 
 def _forward_ref(inputs):
@@ -180,11 +186,10 @@ def _forward_ref(inputs):
 
 @pytest.mark.parametrize("layout", ["2d", "3d", "noncontig"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_inference_routes_follow_the_adapter(dtype, layout, monkeypatch):
+def test_inference_routes_follow_the_adapter(dtype, layout):
     """No gradient wanted: "merged" and "cublas" match the reference, and the merged-weight cache follows
     in-place changes of A, B and W (tensor versions), new adapter tensors and a new scaling."""
-    monkeypatch.setattr(lora_triton, "INTERPRETING", False)   # let choose_path pick "merged" on any device
-    lora_triton.clear_cache()
+    lora_routes.clear_cache()
     inputs, _ = _make_inputs(37, 48, 40, 4, dtype, layout=layout, bias=True, seed=3)
     scale = 1.0 if dtype == torch.float32 else 2.0
     with torch.no_grad():
@@ -196,19 +201,19 @@ def test_inference_routes_follow_the_adapter(dtype, layout, monkeypatch):
             if step == 5:
                 inputs["weight"].add_(0.1)                                     # W changed in place
             for path in (None, "merged", "cublas"):
-                y = lora_triton.lora_linear(**inputs, scaling=2.0, path=path)
+                y = lora_routes.lora_linear(**inputs, scaling=2.0, path=path)
                 assert y.dtype == dtype and y.shape == (*inputs["x"].shape[:-1], 48)
                 _check(y, _forward_ref(inputs), dtype, scale)
         # path=None built W' on the second sighting of an adapter state and reuses it since
-        entry = lora_triton._MERGED.get(inputs["weight"])
+        entry = lora_routes._MERGED.get(inputs["weight"])
         assert entry is not None and entry.merged is not None
         merged = entry.merged
-        lora_triton.lora_linear(**inputs, scaling=2.0)
-        assert lora_triton._MERGED.get(inputs["weight"]).merged is merged
+        lora_routes.lora_linear(**inputs, scaling=2.0)
+        assert lora_routes._MERGED.get(inputs["weight"]).merged is merged
     with pytest.raises(ValueError, match="inference"):
-        lora_triton.lora_linear(**{**inputs, "dropout_mask": torch.ones_like(inputs["x"])}, scaling=2.0,
+        lora_routes.lora_linear(**{**inputs, "dropout_mask": torch.ones_like(inputs["x"])}, scaling=2.0,
                                 path="merged")
-    lora_triton.clear_cache()
+    lora_routes.clear_cache()
 
 
 SHAPES_GPU = [(1, 64, 128, 8), (300, 520, 264, 16), (1030, 768, 1024, 64), (4096, 1024, 512, 16)]
@@ -258,15 +263,243 @@ def test_lora_B_zero_leaves_the_base_layer():
     assert_close(y, base)
 
 
+def test_empty_dimensions_match_the_reference():
+    """No rows, or no input features: the Triton op gives the reference's shapes and values (zeros, the bias)."""
+    for lead, K in (((0,), 6), ((2, 0), 6), ((3,), 0)):
+        x = torch.randn(*lead, K, device=DEVICE, requires_grad=True)
+        w, A, B = (torch.randn(*shape, device=DEVICE) for shape in ((5, K), (2, K), (5, 2)))
+        b = torch.randn(5, device=DEVICE, requires_grad=True)
+        A.requires_grad_()
+        B.requires_grad_()
+        y = kernels.lora_linear(x, w, b, A, B, 2.0, backend="triton")
+        y_ref = reference.lora_linear(x, w, b, A, B, 2.0)
+        assert y.shape == y_ref.shape and _ran_triton_op(y)
+        assert_close(y, y_ref)
+        dy = torch.randn_like(y)
+        for got, want in zip(torch.autograd.grad(y, [x, b, A, B], dy), torch.autograd.grad(y_ref, [x, b, A, B], dy),
+                             strict=True):
+            assert got.shape == want.shape
+            assert_close(got, want)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A backend name is a promise: what each one runs, watched from inside
+# ----------------------------------------------------------------------------------------------------------
+TRITON_KERNELS = ("_shrink_kernel", "_fused_gemm_kernel", "_fused_gemm_tma_kernel", "_dsdb_kernel", "_da_kernel")
+
+
+class _LaunchRecorder:
+    """Stands in for a jitted kernel: ``kernel[grid](...)`` records the kernel's name and launches nothing."""
+
+    def __init__(self, name: str, calls: list[str]):
+        self.name, self.calls = name, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append(self.name)
+
+
+@pytest.fixture
+def ran(monkeypatch):
+    """What ran, in order: each Triton kernel launch (recorded, not performed: the numbers are the comparison
+    tests' job, and so M = FUSED_MIN_ROWS costs nothing in the interpreter), each call of the reference's ops,
+    of the "auto" routes, of the cuBLAS route's forward and of the merged-weight cache."""
+    calls: list[str] = []
+    for name in TRITON_KERNELS:
+        monkeypatch.setattr(lora_triton, name, _LaunchRecorder(name, calls))
+
+    def record(module, name, label):
+        real = getattr(module, name)
+
+        def recorded(*args, **kwargs):
+            calls.append(label)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, recorded)
+
+    record(reference, "lora_linear", "reference")
+    record(lora_routes, "lora_linear", "routes")
+    record(lora_routes, "_cublas_forward", "cublas")
+    record(lora_routes, "_merged_weight", "merged")
+    return calls
+
+
+TRITON_FORWARD = ["_shrink_kernel", "_fused_gemm_kernel"]                   # S, then Y (pointer GEMM: fp32)
+TRITON_BACKWARD = ["_dsdb_kernel", "_fused_gemm_kernel", "_da_kernel"]       # G/dB/dbias, dX, dA
+
+
+def _forward_backward(backend: str, mode: str, M: int, dtype=torch.float32):
+    inputs, dy = _make_inputs(M, 8, 8, 2, dtype, bias=True, seed=1)
+    if mode == "inference":
+        with torch.no_grad():
+            kernels.lora_linear(**inputs, scaling=2.0, backend=backend)
+        return
+    for name in ("x", "lora_A", "lora_B", "bias"):
+        inputs[name].requires_grad_()
+    kernels.lora_linear(**inputs, scaling=2.0, backend=backend).backward(dy)
+
+
+@pytest.mark.parametrize("M", [5, lora_routes.FUSED_MIN_ROWS], ids=["M=5", "M=FUSED_MIN_ROWS"])
+@pytest.mark.parametrize("mode", ["train", "inference"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "auto"])
+def test_backend_runs_what_its_name_promises(backend, mode, M, ran):
+    """"reference": its torch ops; "triton": Triton launches only, forward and backward, at every M (no
+    reference ops, no cuBLAS route, no merged weight); "auto" on the CPU: the reference only."""
+    if backend == "auto" and CUDA:
+        pytest.skip("auto on CUDA tensors runs the routes: test_auto_on_cuda_takes_the_measured_route")
+    _forward_backward(backend, mode, M)
+    if backend == "triton":
+        assert ran == TRITON_FORWARD + (TRITON_BACKWARD if mode == "train" else []), ran
+    else:
+        assert ran == ["reference"], ran
+
+
+def _hopper() -> bool:
+    return CUDA and torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("mode,M,dtype,expected", [
+    ("train", 5, torch.float32, ["routes", "reference"]),                              # host-bound: unfused
+    ("train", lora_routes.FUSED_MIN_ROWS, torch.float32, ["routes", "cublas"]),        # fp32: no TMA
+    ("train", lora_routes.FUSED_MIN_ROWS, torch.bfloat16,                              # fused_tma (Hopper)
+     ["routes", "_shrink_kernel", "_fused_gemm_tma_kernel", "_dsdb_kernel", "_fused_gemm_tma_kernel", "_da_kernel"]),
+    ("inference", 5, torch.float32, ["routes", "merged", "cublas"]),                   # 1st sighting: cublas
+    ("inference", lora_routes.FUSED_MIN_ROWS, torch.bfloat16, ["routes", "merged", "cublas"]),
+], ids=["train-small", "train-large-fp32", "train-large-bf16", "infer-small", "infer-large"])
+def test_auto_on_cuda_takes_the_measured_route(mode, M, dtype, expected, ran):
+    if "_fused_gemm_tma_kernel" in expected and not _hopper():
+        expected = ["routes", "cublas"]                                                # no TMA before Hopper
+    lora_routes.clear_cache()
+    _forward_backward("auto", mode, M, dtype)
+    assert ran == expected, ran
+    lora_routes.clear_cache()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs a Hopper (or newer) GPU")
+def test_triton_backend_takes_tma_where_it_applies(ran):
+    """bf16 on Hopper: the "triton" backend runs the TMA GEMM forward and backward, at small M too."""
+    _forward_backward("triton", "train", 5, torch.bfloat16)
+    tma = ["_shrink_kernel", "_fused_gemm_tma_kernel", "_dsdb_kernel", "_fused_gemm_tma_kernel", "_da_kernel"]
+    assert ran == tma, ran
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Triton op as torch.library and torch.compile see it
+# ----------------------------------------------------------------------------------------------------------
+OP = torch.ops.minipeft.lora_linear_triton.default
+BACKWARD_OP = torch.ops.minipeft.lora_linear_triton_backward.default
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)   # bf16: wrong in the interpreter
+@pytest.mark.parametrize("M,N,K,r,layout,bias,mask", [
+    (5, 9, 20, 3, "3d", True, True), (1, 17, 33, 1, "2d", False, False), (6, 10, 12, 2, "noncontig", True, False),
+])
+def test_forward_op_passes_opcheck(M, N, K, r, layout, bias, mask, dtype):
+    """The schema, the fake (shapes and dtypes without a launch), the autograd registration and an AOT
+    trace of forward and backward agree with the op itself."""
+    inputs, _ = _make_inputs(M, N, K, r, dtype, layout=layout, bias=bias, mask=mask, seed=M)
+    for name in ("x", "lora_A", "lora_B", "bias"):
+        if inputs[name] is not None:
+            inputs[name].requires_grad_()
+    args = tuple(inputs[k] for k in ("x", "weight", "bias", "lora_A", "lora_B")) + (2.0, inputs["dropout_mask"], None)
+    torch.library.opcheck(OP, args)
+
+
+@pytest.mark.parametrize("needs", [(True, True, True, True), (False, True, False, False), (True, False, True, False)],
+                         ids=["all", "A-only", "x-and-B"])
+def test_backward_op_passes_opcheck(needs):
+    inputs, dy = _make_inputs(7, 9, 11, 3, torch.float32, layout="3d", bias=True, mask=True, seed=2)
+    _, s = OP(*(inputs[k] for k in ("x", "weight", "bias", "lora_A", "lora_B")), 2.0, inputs["dropout_mask"], None)
+    args = (dy, inputs["x"], inputs["weight"], inputs["lora_A"], inputs["lora_B"], s, 2.0, inputs["dropout_mask"],
+            None, *needs)
+    torch.library.opcheck(BACKWARD_OP, args)
+    outs = BACKWARD_OP(*args)
+    assert [t.numel() > 0 for t in outs] == list(needs)          # a gradient not asked for comes back empty
+
+
+def _lora_call(x, weight, bias, lora_A, lora_B):
+    return kernels.lora_linear(x, weight, bias, lora_A, lora_B, 2.0, backend="triton")
+
+
+def test_triton_backend_is_one_node_without_graph_breaks():
+    """Dynamo sees the Triton backend as one opaque node: no graph break, one call of the registered op."""
+    inputs, _ = _make_inputs(6, 10, 12, 2, torch.float32, layout="3d")
+    args = [inputs[k] for k in ("x", "weight", "bias", "lora_A", "lora_B")]
+    explanation = dynamo.explain(_lora_call)(*args)
+    assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    dynamo.reset()
+    torch.compile(_lora_call, backend=capture, fullgraph=True)(*args)
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert sum("lora_linear_triton" in t for t in targets) == 1, targets
+    dynamo.reset()
+
+
+def test_compiled_triton_backend_matches_eager():
+    """torch.compile (aot_eager: AOTAutograd traces the backward op through its fake) gives eager's numbers."""
+    inputs, dy = _make_inputs(7, 9, 11, 3, torch.float32, layout="3d", bias=True, mask=True, seed=4)
+
+    def loss(x, weight, bias, lora_A, lora_B, mask):
+        y = kernels.lora_linear(x, weight, bias, lora_A, lora_B, 2.0, mask, backend="triton")
+        return (y * dy).sum()
+
+    def grads(fn):
+        leaves = {k: inputs[k].detach().clone().requires_grad_() for k in ("x", "bias", "lora_A", "lora_B")}
+        value = fn(leaves["x"], inputs["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"],
+                   inputs["dropout_mask"])
+        return value, torch.autograd.grad(value, list(leaves.values()))
+
+    dynamo.reset()
+    eager, compiled = grads(loss), grads(torch.compile(loss, backend="aot_eager", fullgraph=True))
+    dynamo.reset()
+    assert_close(compiled[0], eager[0])
+    for got, want in zip(compiled[1], eager[1], strict=True):
+        assert_close(got, want)
+
+
+def test_lora_model_under_triton_is_one_node_per_layer():
+    """A LoRA GPT on the "triton" backend: torch.compile's graph holds one Triton op per LoRA layer, no break."""
+    from minipeft.model import GPT, GPTConfig
+    from minipeft.tuners import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=16))
+    model = get_peft_model(gpt, LoraConfig(r=2, target_modules="all-linear")).to(DEVICE)
+    n_lora = sum(1 for name, _ in model.named_parameters() if "lora_A" in name)
+    idx = torch.randint(0, 64, (1, 8), device=DEVICE)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    dynamo.reset()
+    with kernels.use_backend("triton"):
+        explanation = dynamo.explain(lambda i: model(i, targets=i)[1])(idx)
+        assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]
+        torch.compile(lambda i: model(i, targets=i)[1], backend=capture, fullgraph=True)(idx)
+    dynamo.reset()
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert n_lora > 0 and sum("lora_linear_triton" in t for t in targets) == n_lora, (n_lora, targets)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The switch
 # ----------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def spy(monkeypatch):
-    """Replace both backends by recorders that say which one ran."""
+    """Replace the three implementations by recorders that say which one ran (and compute nothing)."""
     calls = []
     monkeypatch.setattr(kernels.reference, "lora_linear", lambda *a, **k: calls.append("reference"))
     monkeypatch.setattr(kernels.lora_triton, "lora_linear", lambda *a, **k: calls.append("triton"))
+    monkeypatch.setattr(kernels.lora_routes, "lora_linear", lambda *a, **k: calls.append("routes"))
     return calls
 
 
@@ -275,41 +508,52 @@ def _call(**kw):
     kernels.lora_linear(**inputs, scaling=1.0, **kw)
 
 
+# "auto" on the tensors of this test run: the routes on CUDA, the reference on the CPU (interpreter or not).
+AUTO_HERE = "routes" if CUDA else "reference"
+
+
 def test_precedence_call_over_context_over_set_over_env_over_auto(spy, monkeypatch):
     _call()
-    assert spy[-1] == "triton"                                     # auto: interpreter or CUDA here
-    monkeypatch.setenv(kernels.ENV_VAR, "reference")
+    assert spy[-1] == AUTO_HERE                                    # auto
+    monkeypatch.setenv(kernels.ENV_VAR, "triton")
     _call()
-    assert spy[-1] == "reference"                                  # env > auto
-    kernels.set_backend("triton")
+    assert spy[-1] == "triton"                                     # env > auto
+    kernels.set_backend("reference")
     _call()
-    assert spy[-1] == "triton"                                     # set_backend > env
-    with kernels.use_backend("reference"):
+    assert spy[-1] == "reference"                                  # set_backend > env
+    with kernels.use_backend("triton"):
         _call()
-        assert spy[-1] == "reference"                              # use_backend > set_backend
-        with kernels.use_backend("triton"):
+        assert spy[-1] == "triton"                                 # use_backend > set_backend
+        with kernels.use_backend("reference"):
             _call()
-            assert spy[-1] == "triton"                             # the innermost wins
-            assert kernels.get_backend() == "triton"
-            _call(backend="reference")
-            assert spy[-1] == "reference"                          # the call's backend= wins over all
+            assert spy[-1] == "reference"                          # the innermost wins
+            assert kernels.get_backend() == "reference"
+            _call(backend="triton")
+            assert spy[-1] == "triton"                             # the call's backend= wins over all
         _call()
-        assert spy[-1] == "reference"                              # the outer block again
-    assert kernels.get_backend() == "triton"
+        assert spy[-1] == "triton"                                 # the outer block again
+        with kernels.use_backend("auto"):
+            _call()
+            assert spy[-1] == AUTO_HERE                            # "auto" by name, innermost
+    assert kernels.get_backend() == "reference"
     kernels.set_backend(None)
-    assert kernels.get_backend() == "reference"                    # back to the env var
+    assert kernels.get_backend() == "triton"                       # back to the env var
     monkeypatch.delenv(kernels.ENV_VAR)
     assert kernels.get_backend() == "auto"
 
 
-def test_auto_falls_back_to_reference_where_triton_cannot_run(spy, monkeypatch):
+def test_auto_is_the_reference_off_cuda(spy, monkeypatch):
+    """On the CPU "auto" never runs the interpreter (a tiny training step would take ~25 s there)."""
     inputs, _ = _make_inputs(3, 4, 5, 2, torch.float64)
     kernels.lora_linear(**inputs, scaling=1.0)
-    assert spy[-1] == "reference"                                  # float64: no Triton kernel
-    monkeypatch.setattr(kernels, "_INTERPRETING", False)
+    assert spy[-1] == "reference"                                  # float64: no Triton kernel, any device
     inputs, _ = _make_inputs(3, 4, 5, 2, torch.float32, device="cpu")
     kernels.lora_linear(**inputs, scaling=1.0)
+    assert spy[-1] == "reference"                                  # CPU tensors, with the interpreter on here
+    monkeypatch.setattr(kernels, "_INTERPRETING", False)
+    kernels.lora_linear(**inputs, scaling=1.0)
     assert spy[-1] == "reference"                                  # CPU tensors without the interpreter
+    assert "triton" not in spy and "routes" not in spy
 
 
 def test_explicit_triton_that_cannot_run_says_why(monkeypatch):
@@ -396,7 +640,7 @@ def test_finite_scalings_still_pass(spy):
     """The scaling checks refuse only what they must: zero (adapter off), negative, int and tiny values run."""
     for scaling in (0.0, -2.0, 2, 1e-30, -0.0):
         kernels.lora_linear(**_bad(), scaling=scaling)
-    assert spy == ["triton"] * 5
+    assert spy == [AUTO_HERE] * 5
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -424,7 +668,7 @@ def _launch_from_threads(threads: int = THREADS, calls: int = CALLS) -> list[str
 
     Each thread picks the Triton backend with its own ``use_backend("triton")``, while this (main) thread sits
     in ``use_backend("reference")`` and makes its own call: a choice that leaked from one thread to another
-    shows as the wrong autograd node (``_LoRALinearFunctionBackward`` is the Triton route's). The last thread
+    shows as the wrong autograd node (the Triton op's, see ``_ran_triton_op``). The last thread
     also runs the NF4 dequantization kernel on every call, so both kernel files' launches share the race.
     Outputs and gradients are compared with the float64 reference at the fp32 tolerance. A barrier starts all
     threads together, so their launches overlap.
@@ -448,7 +692,7 @@ def _launch_from_threads(threads: int = THREADS, calls: int = CALLS) -> list[str
                 try:
                     y, grads = _run(inputs, dy, 2.0, backend=None)   # backend=None: the thread's choice
                     assert kernels.get_backend() == "triton", f"backend {kernels.get_backend()!r}"
-                    assert type(y.grad_fn).__name__ == "_LoRALinearFunctionBackward", type(y.grad_fn).__name__
+                    assert _ran_triton_op(y), type(y.grad_fn).__name__
                     _check(y, y_ref, dtype)
                     for name in grads_ref:
                         _check(grads[name], grads_ref[name], dtype)
@@ -464,7 +708,7 @@ def _launch_from_threads(threads: int = THREADS, calls: int = CALLS) -> list[str
         start.wait()
         inputs, dy, _ = cases[0]
         y, _ = _run(inputs, dy, 2.0, backend=None)
-        if kernels.get_backend() != "reference" or type(y.grad_fn).__name__ == "_LoRALinearFunctionBackward":
+        if kernels.get_backend() != "reference" or _ran_triton_op(y):
             failures.append(f"main thread: the workers' use_backend('triton') leaked in ({kernels.get_backend()!r})")
     for t in workers:
         t.join(timeout=300)

@@ -158,9 +158,10 @@ for M in (1, 16, 256, 4096, 16384):
 #
 # `kernels/lora_triton.py` holds the kernels: "shrink" (S), the GEMM with the low-rank epilogue (forward, and
 # again for dX = dY·W + m ⊙ (s·G·A) in the backward), "dS/dB" (one pass over dY gives G = dY·B, dB and dbias)
-# and "dA". Its module docstring has the full pseudo-code. `path="fused"` runs the pointer-load kernels — the
-# ones the interpreter can run. Here they are against the reference on small fp32 shapes, forward and all four
-# gradients, with and without a dropout mask (odd sizes, so the tile edges are exercised):
+# and "dA". Its module docstring has the full pseudo-code. `lora_triton.lora_linear` has the reference's
+# arguments and runs those kernels on every call (the pointer-load GEMM here — the one the interpreter can run;
+# a Hopper GPU with fp16/bf16 takes the TMA version). Here they are against the reference on small fp32 shapes,
+# forward and all four gradients, with and without a dropout mask (odd sizes, so the tile edges are exercised):
 
 # %%
 def compare_fused(M, K, N, r, with_mask, scaling=2.0, device=DEVICE):
@@ -171,8 +172,7 @@ def compare_fused(M, K, N, r, with_mask, scaling=2.0, device=DEVICE):
     mask = (torch.rand(M, K, generator=g) > 0.1).float().div(0.9).to(device) if with_mask else None
     dy = rnd(M, N)
     out = {}
-    for name, fn in [("triton", lambda *a: lora_triton.lora_linear(*a, path="fused")),
-                     ("reference", reference.lora_linear)]:
+    for name, fn in [("triton", lora_triton.lora_linear), ("reference", reference.lora_linear)]:
         leaves = [t.clone().requires_grad_(True) for t in (x, b, A, B)]
         xl, bl, Al, Bl = leaves
         y = fn(xl, W, bl, Al, Bl, scaling, mask)
@@ -202,8 +202,9 @@ assert worst < 1e-4
 # A LoRA-wrapped GPT calls `kernels.lora_linear` in every adapted Linear, so one context manager switches all
 # of them. A tiny GPT (2 layers, width 32; random init, because the interpreter is slow), LoRA r = 4 on every
 # Linear, three AdamW steps on text from the built-in corpus from the same starting weights, once per
-# backend. The autograd graph names the code that ran: the Triton backend's Function appears as
-# `_LoRALinearFunctionBackward`, the reference as plain `AddmmBackward`/`MmBackward` nodes.
+# backend. The autograd graph names the code that ran: the Triton backend is one registered custom op per
+# layer, `minipeft::lora_linear_triton` (so torch.compile sees one node, not a graph break), whose autograd node
+# is named after it; the reference shows as plain `AddmmBackward`/`MmBackward` nodes.
 
 # %%
 tok = ByteTokenizer()
@@ -245,7 +246,7 @@ for backend in ("reference", "triton"):
     with kernels.use_backend(backend):
         idx, targets, _ = batch(torch.Generator().manual_seed(123))
         _, loss = model(idx, targets)
-        fused_nodes = graph_nodes(loss).count("_LoRALinearFunctionBackward")
+        fused_nodes = sum("lora_linear_triton" in name for name in graph_nodes(loss))
         start = time.perf_counter()
         result = train(model, batch, TrainConfig(steps=3, lr=1e-2, batch_size=2, warmup_steps=0),
                        progress=False)
@@ -254,7 +255,7 @@ for backend in ("reference", "triton"):
                          params={n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
 
 n_lora = sum(1 for n in runs["reference"]["params"] if "lora_A" in n)
-print(f"{n_lora} LoRA layers; Triton Function nodes in one loss graph: reference {runs['reference']['fused']}, "
+print(f"{n_lora} LoRA layers; Triton op nodes in one loss graph: reference {runs['reference']['fused']}, "
       f"triton {runs['triton']['fused']}")
 for step, (a, b) in enumerate(zip(runs["reference"]["losses"], runs["triton"]["losses"], strict=True)):
     print(f"step {step}: loss reference {a:.6f}   triton {b:.6f}   |Δ| = {abs(a - b):.1e}")
@@ -263,31 +264,33 @@ drift = max((runs["reference"]["params"][n] - runs["triton"]["params"][n]).abs()
 print(f"after 3 AdamW steps, max |Δ| over every LoRA weight = {drift:.1e}")
 
 # %% [markdown]
-# Same losses, same weights after training, to fp32 rounding. (On a GPU the "triton" backend does not always
-# run the fused kernel: `lora_triton.choose_path` sends training calls below 8192 rows to the reference's ops
-# and inference to a cached merged weight, because those measured faster — the next section says why.
-# Then the count above is 0 for both backends on a GPU, and that is the dispatch working as designed.)
+# Same losses, same weights after training, to fp32 rounding. The "triton" backend runs the kernels on every
+# call, on a GPU too: a backend name is a promise. The default backend, "auto", is the one that chooses per
+# call: on a GPU `lora_routes.choose_path` sends training calls below 8192 rows to the reference's ops and
+# inference to a cached merged weight, because those measured faster (the next section says why); on the CPU
+# "auto" always runs the reference.
 #
 # ## 5. The benchmark: is it fast?
 #
 # `benchmarks/lora_kernel.py` times every route of one LoRA layer (bf16, K = N = 4096, r = 16) on a GPU
 # against the cuBLAS base linear `F.linear(x, W)` measured in the same run. With a GPU this cell runs it
 # live (short repeats, one untuned kernel config); without one it reads the committed table from
-# `benchmarks/RESULTS.md` and says so.
+# `benchmarks/RESULTS.md` and says so. The "backend" columns are the "auto" backend's dispatch
+# (`kernels/lora_routes.py`; RESULTS.md measured it when the "triton" backend still did the dispatching).
 
 # %%
 FWD_COLS = {  # our name: (RESULTS.md column, lora_kernel.measure() key)
     "unfused (reference)": ("unfused (reference)", "reference"),
     "peft LoRA": ("peft LoRA", "peft"),
     "fused_tma (Triton)": ("fused_tma (untuned)", "fused_tma"),
-    "backend, inference": ("backend, inference", "triton_backend"),
-    "backend, training fwd": ("backend, training fwd", "triton_backend_grad"),
+    "backend, inference": ("backend, inference", "auto_backend"),
+    "backend, training fwd": ("backend, training fwd", "auto_backend_grad"),
 }
 FB_COLS = {
     "unfused (reference)": ("unfused (reference)", "reference"),
     "peft LoRA": ("peft LoRA", "peft"),
     "fused_tma (Triton)": ("fused_tma (untuned)", "fused_tma"),
-    "backend": ("backend, final dispatch", "triton_backend"),
+    "backend": ("backend, final dispatch", "auto_backend"),
 }
 
 
@@ -449,7 +452,7 @@ for M in large:
 # What the numbers say (RESULTS.md states the same verdicts for the committed H100 run):
 #
 # - **Met:** inference forward at M ≤ 256, 1.00× — but not by the fused kernel. With no gradient wanted the
-#   backend multiplies by a cached merged weight W' = W + s·B·A (chapter 3's merge, done automatically), so it
+#   "auto" backend multiplies by a cached merged weight W' = W + s·B·A (chapter 3's merge, done automatically), so it
 #   *is* the base GEMM.
 # - **Not met:** inference at M ≥ 4096 (1.06–1.12× for that same single GEMM; RESULTS.md calls it
 #   unexplained in a 30 ms run); the training forward at small M (1.6–3.9×); forward + backward at every M
@@ -463,7 +466,7 @@ for M in large:
 #   earlier one) — the fusion's gain is real, the GEMM around it is not yet as fast as cuBLAS's.
 #
 # Fusing removes bytes, not FLOPs; it pays only where the layer waits on memory, and the benchmark — not the
-# idea — decides which route the backend takes.
+# idea — decides which route the "auto" backend takes.
 
 # %%
 print(f"notebook ran in {time.perf_counter() - NOTEBOOK_START:.0f} s")

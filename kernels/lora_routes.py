@@ -1,0 +1,250 @@
+"""The "auto" backend on CUDA: for each call, the LoRA route that measured fastest for its shape and device.
+
+A LoRA layer can be computed several ways that give the same numbers to rounding; which is fastest depends
+on the rows M, on whether a gradient is wanted, and on the host: on the GPUs measured a torch op costs
+15-35 µs of Python and launch time and a Triton forward 150-300 µs, so at small M the host, not the GPU,
+sets the time. This module holds the routes, the measured constants that pick one, and the merged-weight
+cache (LoRA: https://arxiv.org/abs/2106.09685).
+
+    y = x·Wᵀ + bias + scaling·((x ⊙ mask)·Aᵀ)·Bᵀ
+
+What "auto" runs for CUDA tensors (``choose_path``; "floor" = a frozen layer's forward + dX GEMM; H100,
+2026-11-24, bf16, K = N = 4096, r = 16, benchmarks/RESULTS.md, unless said otherwise):
+
+| the call                                                   | route       | measured                                 |
+|------------------------------------------------------------|-------------|------------------------------------------|
+| no gradient wanted, no mask, W' cached (2nd call, 1 state) | "merged"    | fwd 0.99-1.00× base (M ≤ 256),            |
+|                                                            |             | 1.06-1.12× (M ≥ 4096)                    |
+| no gradient wanted: 1st call with a state, a mask, or the  | "cublas"    | fwd 1.30-2.35× base, no autograd graph   |
+| cache's byte budget full                                   |             |                                          |
+| gradient wanted, M < FUSED_MIN_ROWS                        | "unfused"   | fwd+bwd 1.60× floor at M = 4096 (cublas  |
+|                                                            |             | 2.20×, fused_tma 3.99×): host-bound      |
+| gradient wanted, M ≥ FUSED_MIN_ROWS, fp16/bf16, TMA-ready  | "fused_tma" | fwd+bwd 1.17-1.18× floor at M = 16384    |
+| (Hopper, unit last stride, 16-byte rows)                   |             | (unfused 1.42×, cublas 1.24×)            |
+| gradient wanted, M ≥ FUSED_MIN_ROWS, otherwise (fp32,      | "cublas"    | fwd+bwd 1.24× floor at M = 16384         |
+| before Hopper, other strides)                              |             |                                          |
+
+CPU tensors, float64 and a missing Triton never reach this module: ``kernels.lora_linear`` sends them to the
+reference. The pointer-load Triton route ("fused") is never chosen (1.37-1.45× the floor at M = 16384 on the
+H200, ../shared/ANCHORS.md, against "cublas" 1.13-1.22×); ``path="fused"`` still reaches it.
+
+The routes, as plain-Python sketches:
+
+    "unfused":   the reference's four torch ops (kernels/reference.py); autograd runs their backward in C++.
+    "cublas":    S = (x ⊙ mask)·Aᵀ;  Y = x·Wᵀ + bias;  Y += scaling·S·Bᵀ                # 3 GEMMs, in place
+                 backward in one autograd.Function, 5 GEMMs:
+                 dS = scaling·dY·B;  dX = dY·W + mask ⊙ (dS·A);  dA = dSᵀ·(x ⊙ mask);  dB = scaling·dYᵀ·S
+    "merged":    W' = W + scaling·B·A (cached);  Y = x·W'ᵀ + bias                          # 1 GEMM
+    "fused", "fused_tma": the Triton kernels of kernels/lora_triton.py (pointer / TMA GEMM).
+
+"merged" rounds W + scaling·B·A to the dtype once (fp32 inside cuBLAS), so its output differs from the
+unmerged routes by about one rounding of the weight.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.utils.weak
+
+from . import lora_triton, reference
+from .triton_interpreter import INTERPRETING
+
+__all__ = ["FUSED_MIN_ROWS", "MERGED_CACHE_BYTES", "PATHS", "choose_path", "clear_cache", "lora_linear"]
+
+# From this many rows on, a training call runs the persistent TMA kernels. Below it a training step is
+# host-bound: H100, bf16 K = N = 4096, r = 16 (benchmarks/RESULTS.md): at M = 4096 forward+backward costs
+# 1.60× the frozen floor on the reference's ops, 2.20× on "cublas" (its Python backward: 640 µs of host time
+# against the floor's 200 µs) and 3.99× on fused_tma; at M = 16384, 1.42×, 1.24× and 1.17×. 8192 sits between
+# the two measured rows. The H200 run (../shared/ANCHORS.md, 2026-12-02) ties fused_tma with "cublas" at
+# 4096 → 4096, M = 16384 (1.23× vs 1.22× eager) and has every Triton route losing in eager mode at GPT-2 widths
+# (768 → 2304: fused_tma 7.76× vs unfused 3.39× at M = 16384): re-measure before trusting this at small widths.
+FUSED_MIN_ROWS = 8192
+
+# The merged-weight cache (inference): one (N, K) copy of W per cached layer, at most this many bytes in all.
+# A budget, not a measurement: 2048 MiB holds a merged copy of every linear weight of a ~1B-parameter bf16
+# model. MINIPEFT_MERGED_CACHE_MB=0 turns "merged" off for path=None (inference then takes "cublas").
+MERGED_CACHE_BYTES = int(float(os.environ.get("MINIPEFT_MERGED_CACHE_MB", "2048")) * 2**20)
+
+PATHS = ("fused", "fused_tma", "cublas", "merged", "unfused")
+
+
+def choose_path(M: int, N: int, K: int, x: torch.Tensor, weight: torch.Tensor,
+                needs_grad: bool = True, has_mask: bool = False) -> str:
+    """The route "auto" takes for a call on CUDA tensors x (..., K) with M rows: the table of the module doc.
+
+    No gradient wanted: "merged" ("cublas" with a dropout mask; ``lora_linear`` also falls back to "cublas"
+    before the merged weight is cached). Gradients wanted: "unfused" below FUSED_MIN_ROWS rows, then
+    "fused_tma" where TMA applies, else "cublas". The interpreter never runs here by choice: it is for tests
+    that ask for "triton" by name.
+    """
+    if not needs_grad:
+        return "cublas" if has_mask else "merged"
+    if M < FUSED_MIN_ROWS:
+        return "unfused"
+    if not INTERPRETING and x.dtype in lora_triton.TMA_DTYPES and lora_triton._tma_ok(x.reshape(-1, K), weight):
+        return "fused_tma"
+    return "cublas"
+
+
+# --------------------------------------------------------------------------------------------------------
+# "merged": W' = W + scaling·B·A, cached per weight tensor while W, A, B and scaling stay the same.
+# --------------------------------------------------------------------------------------------------------
+class _Merged:
+    """One cache entry: the adapter state W' was built from (weak references + versions) and W' itself."""
+
+    __slots__ = ("a_ref", "b_ref", "state", "merged")
+
+    def __init__(self):
+        self.a_ref = self.b_ref = None
+        self.state = None          # (W._version, A._version, B._version, scaling, A.shape, B.shape)
+        self.merged = None         # (N, K) tensor, or None until the state is seen a second time
+
+
+_MERGED: torch.utils.weak.WeakIdKeyDictionary = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def clear_cache() -> None:
+    """Drop every cached merged weight (they are also dropped with their base weight tensor)."""
+    _MERGED.clear()
+
+
+def _merged_weight(weight, lora_A, lora_B, scaling: float, force: bool) -> torch.Tensor | None:
+    """W + scaling·B·A (N, K) from the cache, or built now; None where the cache declines (see choose_path).
+
+    A state is (the identities of A and B, the versions of W, A and B, scaling). Without ``force`` W' is built
+    only on the second call in a row with one state, so a training step (A and B change every step) or an
+    autocast that hands new A/B copies each call never pays an (N, K) rebuild per call.
+    """
+    entry = _MERGED.get(weight)
+    state = (weight._version, lora_A._version, lora_B._version, scaling, lora_A.shape, lora_B.shape)
+    if entry is not None and entry.state == state and entry.a_ref() is lora_A and entry.b_ref() is lora_B:
+        if entry.merged is not None:
+            return entry.merged
+        # second sighting of this state: build below
+    else:  # first sighting: remember the state, drop a W' built from an older one
+        if entry is None:
+            entry = _Merged()
+            _MERGED[weight] = entry
+        entry.merged = None
+        entry.a_ref = torch.utils.weak.WeakIdRef(lora_A)
+        entry.b_ref = torch.utils.weak.WeakIdRef(lora_B)
+        entry.state = state
+        if not force:
+            return None
+    if not force:  # the live entries (those of dead weights are gone): counted here, on a rebuild only
+        held = sum(e.merged.numel() * e.merged.element_size() for e in _MERGED.values() if e.merged is not None)
+        if held + weight.numel() * weight.element_size() > MERGED_CACHE_BYTES:
+            return None
+    with torch.no_grad():
+        # fp32 accumulation of B·A and W in one cuBLAS call, one rounding to W's dtype: (N, r)·(r, K) + (N, K)
+        entry.merged = torch.addmm(weight, lora_B, lora_A, alpha=scaling).detach()
+    return entry.merged
+
+
+# --------------------------------------------------------------------------------------------------------
+# "cublas": three GEMMs forward, five backward, inside one autograd.Function.
+# --------------------------------------------------------------------------------------------------------
+def _cublas_forward(x2d, mask2d, weight, bias, lora_A, lora_B, scaling):
+    """(y (M, N), s (M, r), xa (M, K)) with xa = x ⊙ mask, s = xa·Aᵀ, y = x·Wᵀ + bias + scaling·s·Bᵀ."""
+    xa = x2d if mask2d is None else x2d * mask2d                                     # (M, K)
+    s = torch.mm(xa, lora_A.t())                                                     # (M, r)
+    y = torch.mm(x2d, weight.t()) if bias is None else torch.addmm(bias, x2d, weight.t())   # (M, N)
+    y.addmm_(s, lora_B.t(), alpha=scaling)                                           # Y += scaling·S·Bᵀ
+    return y, s, xa
+
+
+class _CublasLoRAFunction(torch.autograd.Function):
+    """The "cublas" route with a hand-written backward: 5 cuBLAS calls instead of autograd's ~10 small ops."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_mask):
+        K = x.shape[-1]
+        N = weight.shape[0]
+        x2d = x.reshape(-1, K)                                                       # (M, K)
+        mask2d = None if dropout_mask is None else dropout_mask.reshape(-1, K)
+        y, s, xa = _cublas_forward(x2d, mask2d, weight, bias, lora_A, lora_B, scaling)
+        ctx.save_for_backward(xa, mask2d, weight, lora_A, lora_B, s)
+        ctx.scaling, ctx.x_shape = scaling, x.shape
+        return y.view(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xa, mask2d, weight, lora_A, lora_B, s = ctx.saved_tensors
+        scaling = ctx.scaling
+        need_x, _, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
+        dy2d = dy.reshape(-1, weight.shape[0])                                       # (M, N)
+        dx = dA = dB = dbias = None
+        if need_x or need_A:
+            # dS = scaling·dY·B (M, r); beta=0 ignores the `input` operand (s only lends its shape)
+            ds = torch.addmm(s, dy2d, lora_B, beta=0, alpha=scaling)
+            if need_x:
+                dx2d = torch.mm(dy2d, weight)                                        # (M, K)
+                if mask2d is None:
+                    dx2d.addmm_(ds, lora_A)                                          # += dS·A
+                else:
+                    dx2d.addcmul_(torch.mm(ds, lora_A), mask2d)                      # += mask ⊙ (dS·A)
+                dx = dx2d.view(ctx.x_shape)
+            if need_A:
+                dA = torch.mm(ds.t(), xa)                                            # (r, K)
+        if need_B:
+            dB = torch.addmm(lora_B, dy2d.t(), s, beta=0, alpha=scaling)             # (N, r)
+        if need_bias:
+            dbias = dy2d.sum(0)
+        return dx, None, dbias, dA, dB, None, None
+
+
+# --------------------------------------------------------------------------------------------------------
+# The route runner.
+# --------------------------------------------------------------------------------------------------------
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_mask: torch.Tensor | None = None,
+    path: str | None = None,
+) -> torch.Tensor:
+    """y = x·Wᵀ + bias + scaling·((x ⊙ mask)·Aᵀ)·Bᵀ on one route (inputs checked by ``kernels.lora_linear``).
+
+    ``path``: None picks per call (``choose_path``); "fused" (Triton, pointer GEMM), "fused_tma" (Triton, TMA
+    GEMM; Hopper), "cublas" (3 cuBLAS GEMMs forward, 5 backward), "merged" (one GEMM on a cached
+    W + scaling·B·A; only without a mask and when no gradient is wanted) or "unfused" (the reference's torch
+    ops, autograd backward). "cublas", "merged" and "unfused" also run on CPU tensors; "fused" runs wherever
+    the Triton backend does (the interpreter included).
+    """
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
+        or (bias is not None and bias.requires_grad))
+    if path is None:
+        if x.numel() == 0:  # nothing to compute
+            return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
+        K = x.shape[-1]
+        path = choose_path(x.numel() // K, weight.shape[0], K, x, weight, needs_grad, dropout_mask is not None)
+        if path == "merged":
+            merged = None if MERGED_CACHE_BYTES <= 0 else _merged_weight(weight, lora_A, lora_B, scaling, False)
+            if merged is not None:
+                return torch.nn.functional.linear(x, merged, bias)
+            path = "cublas"
+    elif path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
+    elif path == "merged":
+        if needs_grad or dropout_mask is not None:
+            raise ValueError("path 'merged' is for inference: no dropout mask and no gradient wanted")
+        return torch.nn.functional.linear(x, _merged_weight(weight, lora_A, lora_B, scaling, True), bias)
+    if path == "cublas":
+        if not needs_grad:  # no graph to record: the same ops without the Function's overhead
+            K = x.shape[-1]
+            mask2d = None if dropout_mask is None else dropout_mask.reshape(-1, K)
+            y, _, _ = _cublas_forward(x.reshape(-1, K), mask2d, weight, bias, lora_A, lora_B, scaling)
+            return y.view(*x.shape[:-1], weight.shape[0])
+        return _CublasLoRAFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
+    if path == "unfused":
+        return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
+    if path == "fused_tma" and not lora_triton._tma_ok(weight, lora_A):
+        raise ValueError("path 'fused_tma' needs Hopper CUDA tensors with unit last stride and 16-byte rows")
+    return torch.ops.minipeft.lora_linear_triton(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask,
+                                                 path == "fused_tma")[0]
