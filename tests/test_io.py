@@ -1,18 +1,30 @@
-"""Adapter files (minipeft/tuners/io.py): round trips for every method, strict loading, atomic writes."""
+"""Adapter files (minipeft/tuners/io.py): round trips for every method, strict loading, atomic writes, and a
+directory written as a whole (the manifest written last; killed saves; temporary files they leave)."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import json
 import os
 import pickle
+import queue
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tolerances import assert_close
 
-from minipeft import kernels
+from minipeft import checkpoint, kernels
 from minipeft.model import GPT, GPTConfig
 from minipeft.tuners import (
     AdapterConfig,
@@ -23,7 +35,7 @@ from minipeft.tuners import (
     PTuningConfig,
     get_peft_model,
 )
-from minipeft.tuners.io import CONFIG_NAME, WEIGHTS_NAME
+from minipeft.tuners.io import CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME, read_adapter
 
 CFG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
 
@@ -120,7 +132,7 @@ def _save_all(base, tmp_path_factory) -> dict[str, tuple[str, torch.Tensor, dict
 @pytest.mark.parametrize("method", list(CONFIGS))
 def test_round_trip_from_pretrained_identical_and_active(base, saved, method):
     directory, logits, config = saved[method]
-    assert sorted(os.listdir(directory)) == [CONFIG_NAME, WEIGHTS_NAME]  # no temp file left behind
+    assert sorted(os.listdir(directory)) == [CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME]  # no temp file left behind
     assert json.loads(open(os.path.join(directory, CONFIG_NAME)).read()) == config
     assert config["method"] == CONFIGS[method]().method and config["base_model"] == CFG.to_dict()
 
@@ -327,7 +339,7 @@ def test_failed_write_leaves_the_old_files_intact(base, tmp_path, monkeypatch):
     monkeypatch.setattr("minipeft.checkpoint.save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         make(base, "houlsby").save_adapter(str(directory))
-    assert sorted(os.listdir(directory)) == [CONFIG_NAME, WEIGHTS_NAME]  # no temp file left
+    assert sorted(os.listdir(directory)) == [CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME]  # no temp file left
     assert {name: (directory / name).read_bytes() for name in old} == old
     PeftModel.from_pretrained(fresh(base), str(directory))  # and it still loads
 
@@ -340,8 +352,8 @@ def test_save_pretrained_writes_every_adapter_as_hf_peft_lays_them_out(base, tmp
     pm.add_adapter("prompt", CONFIGS["prompt"](), tokenizer=_Bytes())
     perturb(pm, "prompt")
     pm.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, "prompt"])
-    assert sorted(p.name for p in (tmp_path / "prompt").iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME, "prompt"])
+    assert sorted(p.name for p in (tmp_path / "prompt").iterdir()) == sorted([CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME])
     for name, directory in (("default", tmp_path), ("prompt", tmp_path / "prompt")):
         pm.set_adapter(name)
         loaded = PeftModel.from_pretrained(fresh(base), str(directory)).eval()
@@ -361,3 +373,429 @@ def test_gpt_save_pretrained_knows_a_plain_gpt_by_its_keys(base, tmp_path):
         with pytest.raises(ValueError, match="not a plain GPT-2"):
             model.save_pretrained(tmp_path / name)
         assert not (tmp_path / name).exists()
+
+
+# ---------------------------------------------------------------------------------------- a directory as a whole
+# v1 and v2 differ only in lora_alpha (α/r = 2.0 and 16.0), so their tensors have the same shapes and a directory
+# holding v2's tensors beside v1's config loads without any error: the silent mix the manifest exists to refuse.
+LORA_V1 = dict(r=4, lora_alpha=8, target_modules=["c_attn", "mlp.c_proj"])
+LORA_V2 = dict(r=4, lora_alpha=64, target_modules=["c_attn", "mlp.c_proj"])
+MISMATCH = r"(does|do) not match adapter_manifest\.json"  # the manifest's refusal
+ALL_FILES = sorted([CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME])
+
+
+@dataclasses.dataclass
+class Saved:
+    """What an adapter directory loads as: the config, the tensors and the logits on idx_batch()."""
+
+    config: dict
+    tensors: dict[str, torch.Tensor]
+    logits: torch.Tensor
+
+    def same(self, other: Saved) -> bool:
+        return (self.config == other.config and self.tensors.keys() == other.tensors.keys()
+                and all(torch.equal(v, other.tensors[k]) for k, v in self.tensors.items())
+                and torch.equal(self.logits, other.logits))
+
+
+@torch.no_grad()
+def snapshot(pm: PeftModel) -> Saved:
+    tensors = {k: v.detach().clone() for k, v in pm.adapter_state_dict("default").items()}
+    return Saved(pm.peft_config["default"].to_dict(), tensors, pm.eval()(idx_batch())[0])
+
+
+def lora(base: GPT, fields: dict, seed: int) -> PeftModel:
+    torch.manual_seed(seed)
+    pm = get_peft_model(fresh(base), LoraConfig(**fields))
+    perturb(pm, "default")
+    return pm.eval()
+
+
+def loads_as(base: GPT, directory) -> Saved | ValueError:
+    try:
+        return snapshot(PeftModel.from_pretrained(fresh(base), str(directory)))
+    except ValueError as e:
+        return e
+
+
+def outcome(base: GPT, directory, v1: Saved, v2: Saved) -> str:
+    """"v1" or "v2" when the directory loads as exactly one of them, "refused" for the manifest's ValueError
+    (which must name the directory); anything else (a mix, another error) fails the test."""
+    got = loads_as(base, directory)
+    if isinstance(got, ValueError):
+        assert re.search(MISMATCH, str(got)) and str(directory) in str(got) and "Re-save" in str(got), str(got)
+        return "refused"
+    for name, saved in (("v1", v1), ("v2", v2)):
+        if got.same(saved):
+            return name
+    pytest.fail(f"{directory} loads as neither v1 nor v2: config {got.config}")
+
+
+def unchecked(directory, tmp_path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """What the format without a manifest loads from `directory`'s two files: (config dict, tensors)."""
+    two_files = copy_adapter(str(directory), tmp_path / f"unchecked-{len(list(tmp_path.iterdir()))}")
+    config, tensors, _ = read_adapter(two_files, CFG.to_dict())
+    return config.to_dict(), tensors
+
+
+def is_mix(directory, tmp_path, v1: Saved, v2: Saved) -> bool:
+    """True when `directory` holds v1's config beside v2's tensors (what a crash between them used to leave)."""
+    config, tensors = unchecked(directory, tmp_path)
+    return config == v1.config and all(torch.equal(v, v2.tensors[k]) for k, v in tensors.items())
+
+
+def temporaries(directory) -> list[str]:
+    return sorted(name for name in os.listdir(directory) if name.endswith(".tmp"))
+
+
+@pytest.fixture(scope="module")
+def v1_v2(base) -> tuple[PeftModel, Saved, PeftModel, Saved]:
+    with kernels.use_backend("reference"):
+        pm1, pm2 = lora(base, LORA_V1, seed=11), lora(base, LORA_V2, seed=12)
+        return pm1, snapshot(pm1), pm2, snapshot(pm2)
+
+
+def test_a_save_writes_the_manifest_last_with_each_files_hash(base, v1_v2, tmp_path):
+    pm1, v1, _, _ = v1_v2
+    order = []
+    real = checkpoint.atomic_write
+
+    def recording(path, write):
+        order.append(Path(path).name)
+        return real(path, write)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(checkpoint, "atomic_write", recording)
+        pm1.save_adapter(str(tmp_path))
+    assert order == [WEIGHTS_NAME, CONFIG_NAME, MANIFEST_NAME]
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert manifest == {"manifest_version": 1, "files": {
+        name: {"sha256": hashlib.sha256((tmp_path / name).read_bytes()).hexdigest(),
+               "size": (tmp_path / name).stat().st_size} for name in (CONFIG_NAME, WEIGHTS_NAME)}}
+    assert outcome(base, tmp_path, v1, v1) == "v1"
+
+
+# (a) every point where a save can fail: the writer raises halfway through a file, or os.replace raises
+@pytest.mark.parametrize("how", ["write", "replace"])
+@pytest.mark.parametrize("failing", [WEIGHTS_NAME, CONFIG_NAME, MANIFEST_NAME])
+def test_a_failed_save_loads_as_the_old_adapter_or_is_refused_never_a_mix(base, v1_v2, tmp_path, monkeypatch,
+                                                                          failing, how):
+    pm1, v1, pm2, v2 = v1_v2
+    directory = tmp_path / "adapter"
+    pm1.save_adapter(str(directory))
+    real_atomic_write, real_replace = checkpoint.atomic_write, os.replace
+
+    def atomic_write(path, write):
+        if how == "write" and Path(path).name == failing:
+            def half_then_crash(tmp):
+                write(tmp)
+                os.truncate(tmp, os.path.getsize(tmp) // 2)
+                raise OSError("disk full")
+            return real_atomic_write(path, half_then_crash)
+        return real_atomic_write(path, write)
+
+    def replace(src, dst):
+        if how == "replace" and Path(dst).name == failing:
+            raise OSError("rename failed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint, "atomic_write", atomic_write)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="disk full|rename failed"):
+        pm2.save_adapter(str(directory))
+    monkeypatch.undo()
+
+    assert sorted(os.listdir(directory)) == ALL_FILES  # the failed write removed its temporary file
+    expected = "v1" if failing == WEIGHTS_NAME else "refused"  # once v2's tensors are in, v1 cannot load
+    assert outcome(base, directory, v1, v2) == expected
+    if failing == CONFIG_NAME:  # the test can fail: without the manifest this directory loads as the mix
+        assert is_mix(directory, tmp_path, v1, v2)
+    pm2.save_adapter(str(directory))  # a save that completes repairs the directory
+    assert outcome(base, directory, v1, v2) == "v2"
+
+
+# (b) a save killed by SIGKILL (no exception handler runs, temporary files stay) at each point, and at random.
+# One `python -c` process imports torch once (seconds) and forks one child per point, each a save of v2 into a
+# directory holding v1 that prints its pid and pauses at its point; the test kills each child with SIGKILL.
+_KILLED_SAVES = r"""
+import json, os, sys, time, traceback
+import torch
+from minipeft import checkpoint
+from minipeft.model import GPT, GPTConfig
+from minipeft.tuners import LoraConfig, get_peft_model
+from minipeft.tuners.io import read_adapter, write_adapter
+
+base, lora, points = map(json.loads, sys.argv[1:4])  # points: {point: [target directory, v2 reference directory]}
+
+
+def say(*words):  # one write(2) per line: processes sharing a pipe cannot split each other's lines
+    os.write(1, (" ".join(map(str, words)) + "\n").encode())
+
+
+def pause(point):
+    say("paused", point, os.getpid())
+    time.sleep(600)  # until the test kills this process
+
+
+def save_v2(point, target, reference):
+    torch.manual_seed(0)
+    pm = get_peft_model(GPT(GPTConfig(**base)), LoraConfig(**lora))
+    with torch.no_grad():
+        for value in pm.adapter_state_dict("default").values():
+            value.add_(0.2 * torch.randn_like(value))
+    pm.save_adapter(reference)  # v2 as a whole, for the test to compare with
+    if point.startswith("loop"):  # save v2 and v1 (read back from the target) in turn until killed
+        v1 = read_adapter(target, base)[:2]
+        say("paused", point, os.getpid())
+        while True:
+            for config, tensors in ((pm.peft_config["default"], pm.adapter_state_dict("default")), v1):
+                write_adapter(target, config, tensors)
+    real_atomic_write = checkpoint.atomic_write
+
+    def atomic_write(path, write):
+        name = os.path.basename(path)
+
+        def write_then_pause(tmp):
+            write(tmp)
+            if point == "written:" + name:  # the temporary file is complete, not yet renamed
+                pause(point)
+
+        written = real_atomic_write(path, write_then_pause)
+        if point == "replaced:" + name:
+            pause(point)
+        return written
+
+    checkpoint.atomic_write = atomic_write
+    pm.save_adapter(target)
+
+
+# Fork before torch computes anything (no thread pool exists yet to be copied half-way through).
+children = {}
+for point, (target, reference) in points.items():
+    pid = os.fork()
+    if pid == 0:
+        try:
+            save_v2(point, target, reference)
+            say("finished", point)  # the point was never reached: the test reports it
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(0)
+    children[pid] = point
+for pid, point in children.items():
+    _, status = os.waitpid(pid, 0)
+    say("ended", point, os.WTERMSIG(status) if os.WIFSIGNALED(status) else "without a signal")
+"""
+
+KILL_POINTS = {  # where the save of v2 is killed → what the directory must load as
+    f"written:{WEIGHTS_NAME}": "v1",
+    f"replaced:{WEIGHTS_NAME}": "refused",
+    f"written:{CONFIG_NAME}": "refused",
+    f"replaced:{CONFIG_NAME}": "refused",
+    f"written:{MANIFEST_NAME}": "refused",
+    f"replaced:{MANIFEST_NAME}": "v2",
+    "loop-0": None,  # a random moment in a loop of saves: v1, v2 or refused
+    "loop-1": None,
+    "loop-2": None,
+}
+
+
+def _lines(proc: subprocess.Popen) -> queue.Queue:
+    """proc's stdout lines, read by a thread (a line, or None at the end), so that waiting can time out."""
+    lines: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.put(line.split())
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+@pytest.fixture(scope="module")
+def killed_saves(base, v1_v2, tmp_path_factory) -> dict[str, tuple[str, str]]:
+    """{point: (directory, v2's reference directory)}: v1 saved, then a save of v2 killed by SIGKILL at point."""
+    root = tmp_path_factory.mktemp("killed")
+    points = {point: (str(root / point.replace(":", "-")), str(root / f"{point.replace(':', '-')}-v2"))
+              for point in KILL_POINTS}
+    for directory, _ in points.values():
+        v1_v2[0].save_adapter(directory)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    args = [json.dumps(CFG.to_dict()), json.dumps(LORA_V2), json.dumps(points)]
+    with open(root / "stderr.txt", "w+") as stderr:
+        # its own session: if anything goes wrong, the process and every child it forked end together
+        proc = subprocess.Popen([sys.executable, "-c", _KILLED_SAVES, *args], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
+        lines, delays, ended, unexpected = _lines(proc), random.Random(0), {}, None
+        try:
+            while len(ended) < len(points):
+                line = lines.get(timeout=120)
+                if line and line[0] == "paused" and len(line) == 3:
+                    if line[1].startswith("loop"):
+                        time.sleep(delays.uniform(0.0, 0.05))
+                    os.kill(int(line[2]), signal.SIGKILL)
+                elif line and line[0] == "ended" and len(line) >= 3:  # "ended", point, the signal that ended it
+                    ended[line[1]] = " ".join(line[2:])
+                else:  # the end of the output, or "finished": a point that was never reached
+                    unexpected = line
+                    break
+        finally:
+            if len(ended) < len(points):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+            proc.stdout.close()
+        stderr.seek(0)
+        killed = {point: str(int(signal.SIGKILL)) for point in points}
+        assert unexpected is None and ended == killed, (unexpected, stderr.read())
+    assert proc.returncode == 0
+    return points
+
+
+@pytest.mark.skipif(os.name != "posix", reason="os.fork and SIGKILL are POSIX")
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_a_killed_save_loads_as_v1_or_v2_or_is_refused_and_the_next_save_cleans_up(
+        base, v1_v2, killed_saves, tmp_path, point):
+    pm1, v1, _, _ = v1_v2
+    directory, reference = killed_saves[point]
+    v2 = loads_as(base, reference)
+    assert isinstance(v2, Saved) and v2.config["lora_alpha"] == 64 and not v2.same(v1)
+    got = outcome(base, directory, v1, v2)  # fails on anything but v1, v2 or the manifest's refusal
+    if KILL_POINTS[point] is not None:
+        assert got == KILL_POINTS[point]
+    if point.startswith(("replaced:adapter_model", "written:adapter_config")):
+        assert is_mix(directory, tmp_path, v1, v2)  # the test can fail: the old format loaded exactly this
+    left = temporaries(directory)
+    if point.startswith("written:"):  # SIGKILL ran no clean-up: the complete temporary file is still there
+        name = point.split(":", 1)[1]
+        assert len(left) == 1 and left[0].startswith(f".{name}.")
+
+    pm1.save_adapter(directory)  # the next save into the directory
+    assert temporaries(directory) == [] and sorted(os.listdir(directory)) == ALL_FILES
+    assert outcome(base, directory, v1, v2) == "v1"
+
+
+# (c) directories without a manifest load as they always did
+def test_a_directory_without_a_manifest_loads_unchecked(base, v1_v2, tmp_path):
+    pm1, v1, _, v2 = v1_v2
+    pm1.save_adapter(str(tmp_path))
+    (tmp_path / MANIFEST_NAME).unlink()  # as an older minipeft wrote it
+    assert outcome(base, tmp_path, v1, v2) == "v1"
+
+
+def test_an_hf_peft_directory_loads_and_a_stale_manifest_beside_it_is_refused(base, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # everything is local (as in test_peft_interop.py)
+    peft, transformers = pytest.importorskip("peft"), pytest.importorskip("transformers")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # in case it was imported before
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=97,
+                                                                n_positions=64)).eval()
+    gpt2.save_pretrained(str(tmp_path / "gpt2"), safe_serialization=True)
+    minipeft_base = GPT.from_pretrained(tmp_path / "gpt2").eval()
+    model = peft.get_peft_model(gpt2, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"],
+                                                      task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    directory = tmp_path / "adapter"
+    model.save_pretrained(str(directory))  # peft's files: no manifest
+    assert MANIFEST_NAME not in os.listdir(directory)
+    pm = PeftModel.from_pretrained(copy.deepcopy(minipeft_base), str(directory))
+    expected = {k.removeprefix("base_model.model.").replace(".default", ""): v
+                for k, v in model.state_dict().items() if "lora_" in k}
+    loaded = pm.adapter_state_dict("default")
+    assert loaded.keys() == expected.keys() and all(torch.equal(v, expected[k]) for k, v in loaded.items())
+
+    # minipeft saved here first, then peft overwrote its two files: the manifest is stale, and says so
+    pm.save_adapter(str(directory))
+    model.save_pretrained(str(directory))
+    with pytest.raises(ValueError, match=MISMATCH) as e:
+        PeftModel.from_pretrained(copy.deepcopy(minipeft_base), str(directory))
+    assert f"delete {MANIFEST_NAME}" in str(e.value) and "HF peft" in str(e.value)
+    (directory / MANIFEST_NAME).unlink()
+    PeftModel.from_pretrained(copy.deepcopy(minipeft_base), str(directory))
+
+
+# (d) a file changed after the save is refused, by name
+@pytest.mark.parametrize("format", ["minipeft", "peft"])
+@pytest.mark.parametrize("change", ["one byte of a tensor", "one byte appended", "lora_alpha edited"])
+def test_a_changed_file_is_refused_naming_it(base, v1_v2, tmp_path, format, change):
+    pm1, v1, _, v2 = v1_v2
+    directory = tmp_path / "adapter"
+    pm1.save_adapter(str(directory), format=format)
+    name = CONFIG_NAME if change == "lora_alpha edited" else WEIGHTS_NAME
+    path = directory / name
+    data = bytearray(path.read_bytes())
+    if change == "one byte of a tensor":
+        data[-1] ^= 0x01  # the last byte belongs to the last tensor's data, not to the header
+    elif change == "one byte appended":
+        data += b"\0"
+    else:
+        config = json.loads(data)
+        config["lora_alpha"] = 64
+        data = json.dumps(config).encode()
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=MISMATCH) as e:
+        PeftModel.from_pretrained(fresh(base), str(directory))
+    message = str(e.value)
+    assert f"{name} does not match" in message and str(directory) in message and "Re-save" in message
+    assert f"{len(data)} bytes" in message  # what is on disk, beside what the manifest records
+    if change != "one byte appended":  # safetensors itself refuses that one; the other two load unchecked
+        config, tensors = unchecked(directory, tmp_path)  # the test can fail: without the manifest, they load
+        if change == "lora_alpha edited":
+            assert config["lora_alpha"] == 64  # v1's tensors scaled as v2's, silently
+        else:
+            assert any(not torch.equal(v, v1.tensors[k]) for k, v in tensors.items())
+
+
+@pytest.mark.parametrize("manifest, match", [
+    ("{", "not valid JSON"),
+    ('{"manifest_version": 2, "files": {}}', "written by a newer minipeft"),
+    ('{"files": {}}', r"not an adapter manifest \(manifest_version None"),
+    ('{"manifest_version": 1, "files": {"adapter_config.json": {"sha256": "00", "size": 1}}}', "must list exactly"),
+    ('{"manifest_version": 1, "files": {"adapter_config.json": {"size": 1}, "adapter_model.safetensors": 3}}',
+     "the entry for"),
+    ('{"manifest_version": 1, "files": {"adapter_config.json": {}, "adapter_model.safetensors": {}, '
+     '"../../etc/passwd": {}}}', "must list exactly"),
+])
+def test_a_bad_manifest_is_refused(base, v1_v2, tmp_path, manifest, match):
+    v1_v2[0].save_adapter(str(tmp_path))
+    (tmp_path / MANIFEST_NAME).write_text(manifest)
+    with pytest.raises(ValueError, match=match) as e:
+        PeftModel.from_pretrained(fresh(base), str(tmp_path))
+    assert MANIFEST_NAME in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------- temporary files
+def test_orphan_clean_up_removes_only_temporaries_of_the_names_written(tmp_path):
+    orphans = [".adapter_model.safetensors.k3j9x_2a.tmp", ".adapter_config.json.abcdefgh.tmp"]
+    keep = ["adapter_model.safetensors.k3j9x_2a.tmp",  # not hidden: not atomic_write's
+            ".adapter_model.safetensors.k3j9x_2a.tmp.bak", ".adapter_model.safetensors.short.tmp",
+            ".adapter_model.safetensors.ABCDEFGH.tmp", ".model.safetensors.k3j9x_2a.tmp", "notes.txt"]
+    for name in orphans + keep:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / ".adapter_config.json.dir12345.tmp").mkdir()  # a directory named alike: not a file of ours
+    removed = checkpoint.remove_orphan_temporaries(tmp_path, [WEIGHTS_NAME, CONFIG_NAME])
+    assert sorted(p.name for p in removed) == sorted(orphans)
+    assert sorted(os.listdir(tmp_path)) == sorted(keep + [".adapter_config.json.dir12345.tmp"])
+    assert checkpoint.remove_orphan_temporaries(tmp_path / "missing", [WEIGHTS_NAME]) == []
+
+
+def test_atomic_write_names_its_temporaries_as_the_clean_up_expects(tmp_path):
+    seen = []
+    written = checkpoint.atomic_write(tmp_path / "x.json", lambda tmp: (seen.append(tmp), Path(tmp).write_text("{}")))
+    assert written == checkpoint.WrittenFile("x.json", hashlib.sha256(b"{}").hexdigest(), 2)
+    (tmp_path / Path(seen[0]).name).write_text("an orphan")  # as if the process had been killed before the rename
+    assert [p.name for p in checkpoint.remove_orphan_temporaries(tmp_path, ["x.json"])] == [Path(seen[0]).name]
+
+
+def test_gpt_save_pretrained_removes_the_temporaries_of_killed_saves(base, tmp_path):
+    orphans = [".model.safetensors.k3j9x_2a.tmp", ".config.json.0a1b2c3d.tmp"]
+    for name in orphans + [".adapter_config.json.k3j9x_2a.tmp"]:
+        (tmp_path / name).write_bytes(b"half a checkpoint")
+    checkpoint.save_model(fresh(base), tmp_path)
+    assert sorted(os.listdir(tmp_path)) == [".adapter_config.json.k3j9x_2a.tmp", "config.json", "model.safetensors"]

@@ -110,7 +110,8 @@ def test_a_peft_model_checkpoint_is_its_adapter_and_reloads_on_a_fresh_base(tmp_
     train(pm, sentiment_batches(), TrainConfig(steps=2, warmup_steps=1), checkpoint_dir=tmp_path / "ckpt",
           progress=False)
     saved = tmp_path / "ckpt"
-    assert sorted(f.name for f in saved.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(f.name for f in saved.iterdir()) == ["adapter_config.json", "adapter_manifest.json",
+                                                       "adapter_model.safetensors"]
     again = PeftModel.from_pretrained(fresh_base, str(saved)).eval()
     idx = torch.randint(0, 256, (2, 12))
     assert torch.equal(again(idx)[0], pm.eval()(idx)[0])

@@ -1,4 +1,4 @@
-"""Adapter files: an adapter is two small files beside (never inside) its base model, and they can be HF peft's.
+"""Adapter files: two small files beside (never inside) the base model, saved as a whole; they can be HF peft's.
 
 This module is the file format only: it turns a config and a dict of tensors into files and back, and knows
 nothing of the model that holds the adapter (`PeftModel.save_adapter` / `load_adapter` / `from_pretrained`,
@@ -10,6 +10,7 @@ file holds **only the adapter's tensors** and the config that says how to attach
     out/sentiment/
         adapter_config.json          the PeftConfig as JSON: {"method": "lora", "r": 8, …, "base_model": {…}}
         adapter_model.safetensors    the tensors of `PeftModel.adapter_state_dict(name)`, nothing else
+        adapter_manifest.json        written last: the other two files' sha256 and size (the commit record)
 
 The same two file names as HF peft (https://huggingface.co/docs/peft/developer_guides/checkpoint), so a
 directory reads the same to a peft user. `base_model` is the fingerprint of the base the adapter was made
@@ -19,13 +20,39 @@ field by field, instead of failing later with a shape error or, worse, silently 
 Why safetensors (https://huggingface.co/docs/safetensors): the file is a JSON header plus raw tensor bytes,
 so loading it can only ever produce tensors. A pickle (`torch.save`, peft's old `adapter_model.bin`) is a
 program that `torch.load` runs; minipeft never unpickles anything and refuses a directory that holds only
-`adapter_model.bin`. Every write is atomic (`minipeft.checkpoint`): a temporary file in the same directory,
-then one `os.replace`, so a crash leaves the old file or the new one, never half of one. The tensors are
-written first and the config last, so a directory whose config is the new one holds the new tensors too.
+`adapter_model.bin`.
+
+A directory is written as a whole. Each file is written atomically (`minipeft.checkpoint`: a temporary file
+in the same directory, fsync, one `os.replace`), so a crash leaves the old file or the new one, never half of
+one. But an adapter is two files, and `os.replace` cannot swap a non-empty directory: a crash between them
+would leave the new tensors beside the old config, which loads without an error and computes nonsense (a
+LoRA saved with α/r = 16.0 scaled by the old 2.0). So a save writes three files, each atomically, in order:
+
+    1. adapter_model.safetensors
+    2. adapter_config.json
+    3. adapter_manifest.json     {"manifest_version": 1,
+                                  "files": {"adapter_config.json": {"sha256": "…", "size": 412}, …}}
+
+The manifest is the commit record, as in a database's log or a git commit: the save has happened when, and
+only when, a manifest naming its files' hashes is in place. Until then the directory holds the previous
+save's manifest, which names the previous files' hashes, so a file already replaced by the unfinished save
+no longer matches it: loading refuses the directory (a ValueError naming the directory and the file; re-save
+it) instead of mixing two saves. When everything matches, the files are one save's, whole. Loading reads each
+file once and both hashes and parses those same bytes, so a save that runs while a load reads also ends in a
+match or a refusal. After a power cut the renames may reach the disk in another order than they were made;
+the hashes turn that into a refusal too, never into a mix.
+
+- A directory without a manifest (written by HF peft, or by a minipeft older than the manifest) loads
+  unchecked, as it always did. A manifest that a tool which does not know it left stale (HF peft's
+  `save_pretrained` into a directory minipeft wrote; a config edited by hand) is refused like a crash:
+  delete adapter_manifest.json to load such files unchecked.
+- A save killed mid-write leaves a temporary file (`.adapter_model.safetensors.k3j9x_2a.tmp`); the next
+  save of that file removes it (`checkpoint.remove_orphan_temporaries`, called by every atomic write).
 
 Loading is strict, because an adapter that attaches to the wrong model still runs:
 - the JSON must parse and describe a known method (a ValueError names the file otherwise);
 - the base fingerprint must match the model's (`dropout` aside: it is a training setting, not the base);
+- with a manifest, every file's sha256 and size must be the manifest's (the files are one save's, above);
 - a truncated or corrupt safetensors file raises a ValueError (not safetensors' own error type);
 - every tensor's key and shape must be the adapter's; the first that is not raises a ValueError naming it;
 - (in `PeftModel.load_adapter`) a LoRA adapter's target modules must all be in the model; the adapter is
@@ -64,14 +91,15 @@ HF peft interop (GPT-2 loaded with `GPT.from_pretrained`; peft's `PeftModel.save
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load as load_safetensors_bytes
 
-from minipeft.checkpoint import save_json, save_safetensors
+from minipeft.checkpoint import WrittenFile, save_json, save_safetensors
 from minipeft.targets import is_lm_head
 from minipeft.tuners.config import (
     PROMPT_INITS,
@@ -82,10 +110,13 @@ from minipeft.tuners.config import (
     PTuningConfig,
 )
 
-__all__ = ["write_adapter", "read_adapter", "check_format", "CONFIG_NAME", "WEIGHTS_NAME", "FORMATS"]
+__all__ = ["write_adapter", "read_adapter", "check_format", "CONFIG_NAME", "WEIGHTS_NAME", "MANIFEST_NAME",
+           "FORMATS"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+MANIFEST_NAME = "adapter_manifest.json"  # written last: the commit record of a save (see the module docstring)
+MANIFEST_VERSION = 1
 PICKLE_NAME = "adapter_model.bin"  # peft's old pickle format: refused, never opened
 FORMATS = ("minipeft", "peft")
 
@@ -126,10 +157,12 @@ def write_adapter(
     format: str = "minipeft",
     base_model_name_or_path: str | None = None,
 ) -> None:
-    """Write one adapter to `directory` as adapter_config.json + adapter_model.safetensors.
+    """Write one adapter to `directory` as adapter_model.safetensors, adapter_config.json and, last, the
+    manifest adapter_manifest.json that makes the three one save (see the module docstring).
 
     Args:
-        directory: created if needed; files already there with the same names are replaced (atomically).
+        directory: created if needed; files already there with the same names are replaced (atomically), and
+            temporary files that killed saves of them left are removed.
         config: the adapter's config; its `base_model` fingerprint is written with it.
         tensors: the adapter's tensors keyed as `PeftModel.adapter_state_dict`; for format="peft" an input
             method's tensors in their folded form (a re-parametrised prompt or prefix evaluated once).
@@ -154,8 +187,15 @@ def write_adapter(
         file_config, metadata = config.to_dict(), {"format": "pt"}
     tensors = {k: v.detach().to("cpu").clone() for k, v in tensors.items()}  # own storage: nothing shared
     directory = Path(directory)
-    save_safetensors(tensors, directory / WEIGHTS_NAME, metadata=metadata)  # tensors first, the config last
-    save_json(file_config, directory / CONFIG_NAME)
+    written = [save_safetensors(tensors, directory / WEIGHTS_NAME, metadata=metadata),
+               save_json(file_config, directory / CONFIG_NAME)]
+    save_json(_manifest(written), directory / MANIFEST_NAME)  # last: until it is in place, the save did not happen
+
+
+def _manifest(written: list[WrittenFile]) -> dict[str, Any]:
+    """The manifest of one save: each file's sha256 and size, as `atomic_write` hashed the bytes it wrote."""
+    return {"manifest_version": MANIFEST_VERSION,
+            "files": {f.name: {"sha256": f.sha256, "size": f.size} for f in written}}
 
 
 def _to_peft(config: PeftConfig, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -192,8 +232,10 @@ def read_adapter(directory: str | Path, base: dict[str, Any]) -> tuple[PeftConfi
     `GPTConfig.to_dict()`).
 
     Raises:
-        ValueError: a missing or unreadable file, a pickle-only directory, an unknown method, an adapter made
-            for a different base (both fingerprints named), or tensors that are not floating point.
+        ValueError: a missing or unreadable file, a pickle-only directory, files that do not match the
+            directory's manifest (parts of different saves, or changed since: the directory and each file are
+            named), an unreadable manifest, an unknown method, an adapter made for a different base (both
+            fingerprints named), or tensors that are not floating point.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -208,10 +250,16 @@ def read_adapter(directory: str | Path, base: dict[str, Any]) -> tuple[PeftConfi
         raise ValueError(f"{str(directory)!r} has no {WEIGHTS_NAME}; found {found}")
     if not config_path.is_file():
         raise ValueError(f"{str(directory)!r} has no {CONFIG_NAME}; found {found}")
-    raw = _read_json(config_path)
+    # Each file is read once, the manifest first; what is checked against it is what is parsed (module docstring).
+    manifest_path = directory / MANIFEST_NAME
+    manifest = _read_manifest(manifest_path) if manifest_path.is_file() else None
+    data = {name: _read_bytes(directory / name) for name in (CONFIG_NAME, WEIGHTS_NAME)}
+    if manifest is not None:
+        _check_manifest(directory, manifest, data)
+    raw = _parse_json(data[CONFIG_NAME], config_path)
     if "peft_type" in raw:
         config = _config_from_peft(raw, base, config_path)
-        tensors, metadata = _read_tensors(weights_path)
+        tensors, metadata = _parse_tensors(data[WEIGHTS_NAME], weights_path)
         if _BASE_METADATA_KEY in metadata:  # written by minipeft: check the base as for the minipeft format
             try:
                 saved = json.loads(metadata[_BASE_METADATA_KEY])
@@ -233,30 +281,81 @@ def read_adapter(directory: str | Path, base: dict[str, Any]) -> tuple[PeftConfi
             raise ValueError(f"{config_path} has no 'base_model' fingerprint, so it cannot be checked against "
                              f"this model; minipeft's save_adapter always writes one")
         _check_base(config.base_model, base, config_path)
-        tensors, _ = _read_tensors(weights_path)
+        tensors, _ = _parse_tensors(data[WEIGHTS_NAME], weights_path)
     else:
         raise ValueError(f"{config_path} is neither a minipeft adapter config (no 'method') nor an HF peft one (no "
                          f"'peft_type'); its keys: {sorted(raw)[:12]}")
     return config, tensors, str(weights_path)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_bytes(path: Path) -> bytes:
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read: {e}") from e
+
+
+def _read_manifest(path: Path) -> dict[str, tuple[str, int]]:
+    """{file name: (sha256, size)} from adapter_manifest.json; a ValueError for anything write_adapter does
+    not write (a manifest is never half-written, so a bad one was changed by hand or by a newer minipeft)."""
+    raw = _parse_json(_read_bytes(path), path)
+    version, files = raw.get("manifest_version"), raw.get("files")
+    fix = f"re-save the adapter into {str(path.parent)!r}, or delete {MANIFEST_NAME} to load the files unchecked"
+    if isinstance(version, int) and not isinstance(version, bool) and version > MANIFEST_VERSION:
+        raise ValueError(f"{path} has manifest_version {version}: written by a newer minipeft (this one reads "
+                         f"version {MANIFEST_VERSION}); upgrade minipeft, or {fix}")
+    if version != MANIFEST_VERSION:
+        raise ValueError(f"{path} is not an adapter manifest (manifest_version {version!r}, expected "
+                         f"{MANIFEST_VERSION}); {fix}")
+    if not isinstance(files, dict) or sorted(files) != sorted((CONFIG_NAME, WEIGHTS_NAME)):
+        listed = sorted(files) if isinstance(files, dict) else files
+        raise ValueError(f"{path} must list exactly {[CONFIG_NAME, WEIGHTS_NAME]} under 'files', got {listed!r}; "
+                         f"{fix}")
+    out = {}
+    for name, entry in files.items():
+        sha, size = (entry.get("sha256"), entry.get("size")) if isinstance(entry, dict) else (None, None)
+        if not (isinstance(sha, str) and len(sha) == 64 and isinstance(size, int) and not isinstance(size, bool)):
+            raise ValueError(f"{path}: the entry for {name} must be {{'sha256': <64 hex digits>, 'size': <int>}}, "
+                             f"got {entry!r}; {fix}")
+        out[name] = (sha.lower(), size)
+    return out
+
+
+def _check_manifest(directory: Path, manifest: dict[str, tuple[str, int]], data: dict[str, bytes]) -> None:
+    """ValueError naming the directory and every file whose bytes are not the ones the manifest records."""
+    found = {name: (hashlib.sha256(data[name]).hexdigest(), len(data[name])) for name in manifest}
+    bad = [name for name in manifest if found[name] != manifest[name]]
+    if not bad:
+        return
+    details = "; ".join(f"{name}: {found[name][1]} bytes, sha256 {found[name][0][:16]}… on disk, the manifest "
+                        f"records {manifest[name][1]} bytes, sha256 {manifest[name][0][:16]}…" for name in bad)
+    files = " and ".join(bad)
+    raise ValueError(
+        f"adapter directory {str(directory)!r}: {files} {'does' if len(bad) == 1 else 'do'} not match {MANIFEST_NAME} "
+        f"({details}). The files are not one save's (a save was interrupted, or a file was changed after it), "
+        f"and loading them could mix two adapters. Re-save the adapter into this directory. If the change was "
+        f"meant (you edited a file, or a tool that does not write the manifest, such as HF peft's "
+        f"save_pretrained, wrote the files), delete {MANIFEST_NAME} to load the files unchecked")
+
+
+def _parse_json(data: bytes, path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f"{path} is not valid JSON (truncated or corrupt?): {e}") from e
     if not isinstance(raw, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
     return raw
 
 
-def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every tensor (on CPU) and the metadata of a safetensors file; any failure is a ValueError."""
+def _parse_tensors(data: bytes, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor (on CPU) and the metadata of a safetensors file's bytes; any failure is a ValueError."""
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as e:  # safetensors' SafetensorError, OSError, …: one error type for the caller
+        tensors = dict(sorted(load_safetensors_bytes(data).items()))  # by name, as safe_open lists them
+        # the format: an 8-byte little-endian header length, then the JSON header (valid: load read it)
+        header_len = int.from_bytes(data[:8], "little")
+        metadata = dict(json.loads(data[8:8 + header_len]).get("__metadata__") or {})
+    except Exception as e:  # safetensors' SafetensorError, …: one error type for the caller
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
                          f"{type(e).__name__}: {e}") from e
     for key, value in tensors.items():
