@@ -236,9 +236,11 @@ for name, (dec, fwd) in latency.items():
 # AdapterHub (Pfeiffer et al. 2020, https://arxiv.org/abs/2007.07779) made adapters shareable: an adapter is
 # saved as its small weight file plus a config naming the architecture and the base model, uploaded to a hub,
 # and attached to the same base elsewhere with one `load_adapter` call; adapters can then be stacked or fused.
-# minipeft has the local half of that (no hub, nothing downloaded): `save_adapter` writes two files, and
-# `load_adapter` / `PeftModel.from_pretrained` attach them to a base, refusing an adapter made for another
-# base (its config stores the base's fingerprint).
+# minipeft has the local half of that (no hub, nothing downloaded): `save_adapter` writes two files — the
+# tensors and the config — and, last, a small manifest of their checksums that makes the directory one unit
+# (a crash mid-save can never pair new tensors with an old config). `load_adapter` /
+# `PeftModel.from_pretrained` attach them to a base, refusing an adapter made for another base (its config
+# stores the base's fingerprint) or files that do not match the manifest.
 
 # %%
 share = Path(tempfile.mkdtemp()) / "sentiment-pfeiffer"
@@ -247,7 +249,7 @@ for f in sorted(share.iterdir()):
     print(f"{f.name:28s} {f.stat().st_size:>9,d} bytes")
 print((share / "adapter_config.json").read_text()[:300], "…")
 
-# Somewhere else: a fresh copy of the same base, and the two files.
+# Somewhere else: a fresh copy of the same base, and the adapter's directory.
 received = PeftModel.from_pretrained(load_base("default"), str(share), adapter_name="sentiment")
 with torch.no_grad():
     diff = (received(idx)[0] - pm(idx)[0]).abs().max()
