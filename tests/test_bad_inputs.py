@@ -214,3 +214,12 @@ def test_a_released_base_can_be_wrapped_again():
     pm = get_peft_model(gpt(), PromptTuningConfig(num_virtual_tokens=2))
     base = pm.unload()
     assert get_peft_model(base, LoraConfig(r=1)).base_model is base
+
+
+def test_a_refused_first_adapter_leaves_the_model_free_and_unfrozen():
+    model = gpt().train()
+    with pytest.raises(ValueError, match="not found") as refused:
+        get_peft_model(model, LoraConfig(target_modules=["nope"]))
+    assert refused.value is not None  # the traceback (and the half-built PeftModel in it) is still alive here
+    assert all(p.requires_grad for p in model.parameters())
+    assert get_peft_model(model, LoraConfig(r=1)).base_model is model

@@ -113,10 +113,17 @@ class PeftModel(nn.Module):
         self._active: list[str] = []
         self._merged: list[str] = []  # LoRA adapters folded into the base weights (a subset of _active)
         self._disabled = False
+        requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
-        self.add_adapter(adapter_name, config, tokenizer=tokenizer)
-        self.set_adapter(adapter_name)
+        try:
+            self.add_adapter(adapter_name, config, tokenizer=tokenizer)
+            self.set_adapter(adapter_name)
+        except BaseException:  # a refused first adapter leaves the model as it was, and free to wrap again
+            model.__dict__.pop(_WRAPPED_BY, None)
+            for name, p in model.named_parameters():
+                p.requires_grad_(requires_grad[name])
+            raise
 
     def __getattr__(self, name: str):
         try:
