@@ -295,6 +295,7 @@ def main() -> None:
         args.steps, args.warmup = 3, 1
     device = torch.device(args.device)
     if device.type == "cuda":
+        device = torch.device("cuda", device.index or 0)  # set_device needs an index ("cuda" alone is refused)
         torch.cuda.set_device(device)
 
     prefixes = [s.strip() for s in args.rows.split(",") if s.strip()]
