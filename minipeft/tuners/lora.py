@@ -188,7 +188,8 @@ class LoraLinear(AdapterLayer):
             return
         w = self.base_layer.weight
         if not self.merged_adapters:
-            self._unmerged_weight = w.data  # W₀, kept aside
+            # W₀, kept aside as a non-persistent buffer: it follows .to(device) and stays out of state_dict
+            self.register_buffer("_unmerged_weight", w.data, persistent=False)
             w.data = w.data.clone()
         for name in names:
             w.data += self.delta_weight(name).to(w.dtype)
