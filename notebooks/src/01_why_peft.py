@@ -3,7 +3,7 @@
 #
 # Full fine-tuning updates every weight of a pretrained model. This chapter works out what that costs, for
 # the GPT-2 family and GPT-3 175B, and then shows the idea every later chapter builds on: **freeze the base,
-# add a little**. It answers Exercise 1 of seed 002 (1.1 – 1.4).
+# add a little**. It answers Exercise 1 of the PEFT exercises (1.1 – 1.4).
 #
 # Everything below is either computed from a model's configuration (the parameter counts), measured in this
 # notebook on minipeft's small default base (trainable counts, accuracies), or cited.
@@ -185,7 +185,7 @@ print(f"training state: frozen bf16 weights {frozen_bf16:.0f} GB + LoRA {lora_gp
 #
 # ### Exercise 1.3 — the benefits, and where this course measures each
 #
-# | benefit (seed 002's resources, seed 000) | measured in |
+# | benefit (the PEFT exercises' resources, the PEFT overview) | measured in |
 # |---|---|
 # | fewer trainable parameters and less optimizer memory | above (1.2); chapter 3, Exercise 2.4 (bytes measured) |
 # | small storage per task | chapter 3, Exercise 2.5 (file sizes); chapter 4, Exercise 3.5 |

@@ -8,7 +8,7 @@
 # B \in \mathbb{R}^{\text{out}\times r},\; r \ll \min(\text{in}, \text{out}).$$
 #
 # B starts at zero, so the model starts exactly as the pretrained one. This chapter answers Exercise 2 of
-# seed 002 (2.1 – 2.6): the idea in five lines, the parameter count, attaching and training it, a sweep of
+# the PEFT exercises (2.1 – 2.6): the idea in five lines, the parameter count, attaching and training it, a sweep of
 # r and target modules, merging, and saving only A and B.
 
 # %%

@@ -9,7 +9,7 @@
 # m = d / \text{reduction factor}.$$
 #
 # W_up starts at zero, so an adapter starts as the identity. Only adapters are trained; one base serves many
-# tasks, each a small set of adapter weights. This chapter answers Exercise 3 of seed 002 (3.1 – 3.5).
+# tasks, each a small set of adapter weights. This chapter answers Exercise 3 of the PEFT exercises (3.1 – 3.5).
 
 # %%
 # %matplotlib inline
@@ -189,7 +189,7 @@ print(f"facts chance (right form, guessed fact): {tasks['facts'].chance:.2f}")
 #
 # LoRA adds a parallel low-rank term to an existing weight, W₀x + BAx, which folds into W₀ (chapter 3);
 # an adapter adds new *sequential* layers with a non-linearity in between, which cannot be folded away.
-# Seed 000 says adapters make inference "slightly increased". Measured here: greedy decoding of 32 tokens
+# The PEFT overview says adapters make inference "slightly increased". Measured here: greedy decoding of 32 tokens
 # at batch 1 (ms per token), and one forward pass over a batch of 16 × 64 tokens (ms); the median of 8
 # round-robin repeats, for the base, Pfeiffer, Houlsby and the two stacked adapters, against a merged LoRA.
 

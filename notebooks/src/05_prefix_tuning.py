@@ -11,7 +11,7 @@
 #
 # Only the prefixes are trained. Unlike LoRA or adapters, a fresh prefix *does* change the output (there
 # is no zero-init identity: the attention has n more entries to share its mass with); the tests and the
-# cells below check what it does instead. This chapter answers Exercise 4 of seed 002 (4.1 – 4.6).
+# cells below check what it does instead. This chapter answers Exercise 4 of the PEFT exercises (4.1 – 4.6).
 
 # %%
 # %matplotlib inline
@@ -153,8 +153,9 @@ print({name: tuple(p.shape) for name, p in pm_proj.prompt_encoders["default"].na
 # Both are trained on `facts` (a question about a person of the built-in world; the test and validation
 # people never appear in training, so the prefix can only teach the *format*, the fact must come from
 # pretraining). The same 60 steps of batch 16; each at the learning rate that a short validation sweep, run
-# outside this notebook, picked for it (0.1 plain, 0.01 with the MLP; prefixes want high rates, as seed 004
-# says of soft prompts: "higher learning rates often work better").
+# outside this notebook, picked for it (0.1 plain, 0.01 with the MLP; prefixes want high rates, as the prompt- and
+# prefix-tuning notes
+# say of soft prompts: "higher learning rates often work better").
 # The validation split has 24 questions, so exact match moves in steps of 1/24 ≈ 0.04.
 
 # %%

@@ -59,13 +59,15 @@ with torch.no_grad():
           f"{(soft_prompt_logits(pm.base_model, P, probe) - pm(probe)[0]).abs().max():.1e}")
 
 # %% [markdown]
-# ### TEXT against RANDOM initialisation (seed 004: "text-based initialization often performs better")
+# ### TEXT against RANDOM initialisation (the prompt- and prefix-tuning notes: "text-based initialization often
+# performs better")
 #
 # TEXT copies the embeddings of an instruction's tokens into P; RANDOM draws N(0, σ²) with σ the spread of
 # the token embeddings (peft draws N(0, 1), far larger than a small model's embeddings; see `prompt.py`).
 # The tokenizer here is byte-level, so 16 virtual tokens are initialised from the first 16 *bytes* of the
 # task's instruction, "Answer with one ". Both runs: n = 16, 60 steps of batch 8, learning rate 0.1
-# (soft prompts want high rates, seed 004), the same batches for both. One seed on 24 questions is too
+# (soft prompts want high rates, the prompt- and prefix-tuning notes), the same batches for both. One seed on 24
+# questions is too
 # noisy to settle a claim, so each init is trained with three seeds (the seed sets the batches and the
 # RANDOM draw; TEXT's start is the same every time). Every prompt run in this chapter uses batch 8.
 
@@ -116,7 +118,8 @@ plt.show()
 # %% [markdown]
 # Read the numbers as they are (one question is 0.04): in every seed TEXT's loss is lower around step 20,
 # so a text init gives a faster start; by step 60 the two are level, and the mean exact match differs by
-# less than one question, with the seeds disagreeing on the sign. So seed 004's "text-based initialization
+# less than one question, with the seeds disagreeing on the sign. So the prompt- and prefix-tuning notes' "text-based
+# initialization
 # often performs better" holds here only for the early phase, not for the result. A plausible reason is the
 # byte-level tokenizer: its "words" are single letters, so a text init is a string of letter embeddings
 # rather than an instruction (Lester et al. initialised from whole-word vocabulary; their Figure 3(b) shows
@@ -152,11 +155,12 @@ plt.show()
 
 # %% [markdown]
 # More is not better at this budget: the longest prompt has the most numbers to fit in the same 60 steps,
-# and ends with the highest loss. Seed 004's advice, "start with a small number of virtual tokens (8-16) and
+# and ends with the highest loss. The prompt- and prefix-tuning notes' advice, "start with a small number of virtual
+# tokens (8-16) and
 # increase only if the task complexity demands it", fits what is measured. More virtual tokens also cost
 # context (n + T ≤ block_size = 128 here) and compute: every forward pass processes n extra positions.
 #
-# ### Nearest-token interpretation (seed 001: "limited interpretability")
+# ### Nearest-token interpretation (the prompt-tuning notes: "limited interpretability")
 #
 # For each virtual token, the vocabulary token whose embedding has the highest cosine similarity, before and
 # after training. The TEXT prompt starts *exactly* on its init bytes (cosine 1); training moves it away.
@@ -213,7 +217,8 @@ print(f"each prompt is {16 * C:,d} numbers = {16 * C * 4 / 1024:.1f} KiB in fp32
 
 # %% [markdown]
 # The switch is a dictionary lookup, the base is bit-for-bit the same. What the table also shows, honestly:
-# the sentiment prompt stays near chance (0.5) on this base. Seed 001 says it: prompt tuning "doesn't perform
+# the sentiment prompt stays near chance (0.5) on this base. The prompt-tuning notes say it: prompt tuning "doesn't
+# perform
 # as well as full fine-tuning for smaller LLMs"; chapter 9 shows LoRA reaching ~0.98 on the same task.
 #
 # ### P-tuning: an encoder produces the prompt
@@ -245,7 +250,7 @@ print(f"folded to a plain prompt of {sum(p.numel() for p in folded.parameters())
       f"max |logits folded − encoder| = {(out_folded - out_encoder).abs().max():.1e}")
 
 # %% [markdown]
-# ### Soft prompt against prompt engineering (seed 001: "superior to prompt engineering")
+# ### Soft prompt against prompt engineering (the prompt-tuning notes: "superior to prompt engineering")
 #
 # The baseline is a hand-written instruction in front of every question (`task.discrete_prompt`), on the
 # frozen base: no training at all. Against it, the soft prompts trained above (16 vectors, 60 steps). Two

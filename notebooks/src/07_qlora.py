@@ -9,7 +9,7 @@
 # $$\hat w_i = \mathrm{NF4}[c_i]\cdot \mathrm{absmax}_{b(i)},\qquad
 # c_i = \arg\min_k \left|\frac{w_i}{\mathrm{absmax}_{b(i)}} - \mathrm{NF4}[k]\right|.$$
 #
-# This chapter answers Exercise 5 of seed 002 (5.1 – 5.5) with minipeft's `minipeft.quant`.
+# This chapter answers Exercise 5 of the PEFT exercises (5.1 – 5.5) with minipeft's `minipeft.quant`.
 #
 # ### Exercise 5.1 — what quantization is
 #

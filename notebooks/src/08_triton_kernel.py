@@ -406,7 +406,7 @@ plt.show()
 # %% [markdown]
 # ### The targets, checked against that table
 #
-# The kernel issue set three targets. The cell reads them off the table above rather than restating them:
+# The kernel's plan set three targets. The cell reads them off the table above rather than restating them:
 
 # %%
 def verdict(values, limit):

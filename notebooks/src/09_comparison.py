@@ -1,13 +1,14 @@
 # %% [markdown]
 # # Chapter 9 — Comparison, and when to use which
 #
-# Seed 000 ends with a comparison table of full fine-tuning, prefix tuning / soft prompts and adapters:
+# The PEFT overview ends with a comparison table of full fine-tuning, prefix tuning / soft prompts and adapters:
 # "~0.1% of LLM parameters", "Storage: Low", "Training speed: Fast", "Inference latency: slightly
-# increased", … Seed 001 adds claims about prompt tuning. This chapter measures them with `minipeft compare`,
+# increased", … The prompt-tuning notes add claims about prompt tuning. This chapter measures them with `minipeft
+# compare`,
 # which fine-tunes every method on one task with the same step budget, each in a fresh process, and records
 # trainable parameters, adapter file size, training throughput, peak memory, latency per generated token and
 # the task metric (`minipeft/compare.py`'s docstring says how each is measured). Then it checks each claim
-# against the numbers, answers seed 000's four reflection questions with them, and ends with a short guide.
+# against the numbers, answers the PEFT overview's four reflection questions with them, and ends with a short guide.
 
 # %%
 # %matplotlib inline
@@ -171,7 +172,7 @@ for key in METHODS:
         print(f"{key:<10} {R[key]['trainable']:>10,} {fmt(mb, '.2f', 'see ch. 7'):>26}")
 
 # %% [markdown]
-# ## 3. Seed 000's table, with a measurement next to each claim
+# ## 3. The PEFT overview's table, with a measurement next to each claim
 #
 # The verdicts are computed from the numbers above; "held" means the direction and the rough size of the
 # claim agree with this run, on a 1.3 M-parameter model, one task, one seed.
@@ -224,7 +225,7 @@ claims = [
      f"{max(R[k]['metric'] for k in soft + adapters + ['lora']):.2f}",
      R["full"]["metric"] < min(R[k]["metric"] for k in soft + adapters + ["lora"])),
 ]
-print(f"{'feature':<18} {'column':<22} {'seed 000 says':<38} {'measured':<58} verdict")
+print(f"{'feature':<18} {'column':<22} {'overview says':<38} {'measured':<58} verdict")
 for feature, column, says, measured, held in claims:
     verdict = {True: "HELD", False: "NOT HELD", None: "(reference)"}[held]
     print(f"{feature:<18} {column:<22} {says:<38} {measured:<58} {verdict}")
@@ -244,7 +245,7 @@ print("not measured here: interpretability (chapter 6 decodes soft prompts to ne
 #   is about as fast as full fine-tuning; prompt tuning is *slower*, because its 10 virtual tokens lengthen
 #   every sequence and the gradient must reach the input embeddings through every layer.
 # - **Latency**: LoRA unmerged adds a branch to every linear layer; merged, it is the base model again
-#   (seed 002's Exercise 3.4 point, measured in chapter 3). QLoRA unmerged also dequantizes every weight
+#   (the PEFT exercises' Exercise 3.4 point, measured in chapter 3). QLoRA unmerged also dequantizes every weight
 #   on every token.
 
 # %%
@@ -254,7 +255,7 @@ for name, n_params, d, L in [("this base", meta["base_parameters"], 160, 4), ("G
           f"10-token prefix {prefix_p:>7,} = {prefix_p / n_params:.3%}")
 
 # %% [markdown]
-# ## 4. Seed 000's reflection questions, answered with these numbers
+# ## 4. The PEFT overview's reflection questions, answered with these numbers
 
 # %%
 peft_keys = ["lora", "qlora", "pfeiffer", "houlsby", "prefix", "prompt", "ptuning"]
@@ -297,7 +298,7 @@ print(f"    and serving cost: LoRA merged {latency['lora merged'] / latency['bas
 #   cheap to add, version and ship, and lets one server switch tasks per request (chapters 4 and 6 swap them
 #   on one base). LoRA can also be merged for a single task, so the module costs no latency at all.
 #
-# ## 5. Seed 001's claims about prompt tuning
+# ## 5. The prompt-tuning notes' claims about prompt tuning
 
 # %%
 checks = [
