@@ -13,12 +13,15 @@ B × T = 8 × 992 random token ids, dropout 0 everywhere. One row per (library, 
     hf prefix   peft prefix tuning, 20 virtual tokens, bf16 base
     hf prompt   peft prompt tuning, 20 virtual tokens, bf16 base
     mp full     minipeft GPT, every parameter trainable (fp32 master weights)
-    mp floor    bf16 base, frozen; only transformer.wte.weight (tied to lm_head) trainable
+    mp floor [compiled|graphs]
+                bf16 base, frozen; only transformer.wte.weight (tied to lm_head) trainable; eager, or in
+                the LoRA rows' compiled modes
     mp lora/<backend> <mode>
                 minipeft LoRA r=16, α=32, "all-linear" (every Linear but lm_head) on a bf16 base; minipeft
                 makes the adapters in the base layer's dtype (bf16). backend ∈ reference, auto, triton,
-                chosen with `kernels.use_backend` around the whole row; mode eager, or compiled
-                (`torch.compile(model)`: forward and loss in one graph, backward through AOTAutograd)
+                chosen with `kernels.use_backend` around the whole row; mode eager, compiled
+                (`torch.compile(model)`: forward and loss in one graph, backward through AOTAutograd) or
+                graphs (`torch.compile(model, mode="reduce-overhead")`: the same, replayed as CUDA graphs)
     mp prefix / mp prompt   minipeft prefix / prompt tuning, 20 virtual tokens, bf16 base, eager
 
 HF rows compute the loss as `model(input_ids=idx, labels=idx)` (transformers shifts the labels itself); mp rows
@@ -91,23 +94,29 @@ LORA_R, LORA_ALPHA, N_VIRTUAL = 16, 32, 20
 MP_BACKENDS = ("reference", "auto", "triton")
 
 
+MODES = ("eager", "compiled", "graphs")  # graphs: torch.compile(mode="reduce-overhead"), CUDA graphs included
+
+
 @dataclasses.dataclass(frozen=True)
 class Row:
     side: str  # "hf" (transformers + peft) or "mp" (minipeft)
     method: str  # full | floor | lora | prefix | prompt
     backend: str | None = None  # minipeft kernel backend (LoRA rows)
-    compiled: bool = False
+    mode: str = "eager"  # one of MODES (minipeft rows)
+
+    @property
+    def compiled(self) -> bool:
+        return self.mode != "eager"
 
     @property
     def name(self) -> str:
-        if self.backend is None:
-            return f"{self.side} {self.method}"
-        return f"{self.side} {self.method}/{self.backend} {'compiled' if self.compiled else 'eager'}"
+        name = f"{self.side} {self.method}" + (f"/{self.backend}" if self.backend else "")
+        return name + (f" {self.mode}" if self.backend or self.compiled else "")
 
 
 ALL_ROWS = [Row("hf", m) for m in ("full", "floor", "lora", "prefix", "prompt")] + [
-    Row("mp", "full"), Row("mp", "floor"),
-    *(Row("mp", "lora", b, c) for b in MP_BACKENDS for c in (False, True)),
+    Row("mp", "full"), *(Row("mp", "floor", mode=m) for m in MODES),
+    *(Row("mp", "lora", b, m) for b in MP_BACKENDS for m in MODES),
     Row("mp", "prefix"), Row("mp", "prompt"),
 ]
 
@@ -169,7 +178,10 @@ def build_mp(row: Row, shape: Shape) -> tuple[LossOf, list[torch.nn.Parameter]]:
             }[row.method]()
             net = get_peft_model(model, cfg)  # freezes the base; adapters in the base's dtype
     params = [p for p in net.parameters() if p.requires_grad]
-    forward = torch.compile(net) if row.compiled else net
+    if row.mode == "eager":
+        forward = net
+    else:  # "graphs": Inductor also captures the forward and the backward graphs as CUDA graphs
+        forward = torch.compile(net, mode="reduce-overhead" if row.mode == "graphs" else None)
 
     def loss_of(idx: torch.Tensor) -> torch.Tensor:
         targets = idx.roll(-1, 1)

@@ -44,7 +44,7 @@ from collections.abc import Iterator
 
 import torch
 
-from . import reference
+from . import nf4_autograd, reference
 from .nf4_reference import nf4_dequantize_reference
 from .triton_interpreter import INTERPRETING as _INTERPRETING  # TRITON_INTERPRET, read once for the package
 
@@ -59,7 +59,7 @@ except Exception as e:  # ImportError, or a Triton that fails at import on this 
     _TRITON_IMPORT_ERROR = f"triton cannot be imported ({type(e).__name__}: {e})"
 
 __all__ = ["lora_linear", "set_backend", "use_backend", "get_backend", "available_backends", "BACKENDS",
-           "nf4_dequantize_reference", "nf4_dequantize_triton"]
+           "nf4_dequantize_reference", "nf4_dequantize_triton", "nf4_dequantize", "nf4_linear"]
 
 BACKENDS = ("auto", "reference", "triton")
 ENV_VAR = "MINIPEFT_KERNEL"
@@ -289,3 +289,168 @@ def lora_linear(
     # "reference", and "auto" off CUDA: the interpreter is for tests that ask for "triton" by name (one LoRA
     # call the size of the default model's c_attn takes ~15 s there).
     return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
+
+
+# --------------------------------------------------------------------------------------------------------
+# NF4 on the same switch: dequantization, and the linear layer on an NF4 weight (QLoRA,
+# https://arxiv.org/abs/2305.14314). Same names, same precedence (backend= > use_backend > set_backend >
+# MINIPEFT_KERNEL > "auto"), and the names make the same promises:
+#   "reference": kernels/nf4_reference.py, always.
+#   "triton":    the Triton kernel of kernels/nf4_triton.py (the op minipeft::nf4_dequantize_triton) on every
+#                call, or a ValueError that says why it cannot run (no Triton; CPU tensors without
+#                TRITON_INTERPRET=1; an output dtype other than fp32/fp16/bf16; bf16 in the interpreter, which
+#                rounds it wrongly).
+#   "auto":      that Triton kernel on CUDA wherever it can run (2.9 TB/s against ~150 GB/s for the eager
+#                reference on an H200: benchmarks/RESULTS.md); the reference everywhere else, the CPU included.
+# ``nf4_linear`` is the layer: y = x·dequantize(W_q)ᵀ + bias through the autograd op of kernels/nf4_autograd.py,
+# which saves the 4-bit codes for backward, never the dense weight.
+# --------------------------------------------------------------------------------------------------------
+NF4_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_NF4_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _nf4_triton_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the NF4 Triton kernel cannot dequantize to ``dtype`` on ``device``; None if it can."""
+    why = _triton_unavailable(device, None)  # Triton importable, and a CUDA device or the interpreter
+    if why:
+        return why
+    if dtype not in NF4_TRITON_DTYPES:
+        return f"dtype {dtype} is not supported by the NF4 Triton kernel (supported: float32, float16, bfloat16)"
+    if _INTERPRETING and dtype == torch.bfloat16:
+        return ("the Triton interpreter (TRITON_INTERPRET=1) rounds to bf16 differently from the GPU; use "
+                "float16/float32 there (the GPU tests check bf16)")
+    return None
+
+
+def _nf4_route(backend: str | None, where: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend name in force, resolved against the tensors: "reference" or "triton"."""
+    name = get_backend() if backend is None else _check_name(backend, where)
+    if name == "triton":
+        why_not = _nf4_triton_unavailable(device, dtype)
+        if why_not:
+            raise ValueError(f"the triton kernel backend cannot run here: {why_not}")
+        return "triton"
+    if name == "auto" and device.type == "cuda" and _nf4_triton_unavailable(device, dtype) is None:
+        return "triton"
+    return "reference"
+
+
+def _check_nf4_state(codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, numel, blocksize,
+                     dq_blocksize) -> None:  # fmt: skip
+    """The packed state's layout (types, dtypes, lengths, one device); metadata only, no host sync.
+
+    Its values (finite, ≥ 0 statistics) were checked where the state was made: ``minipeft.quant.quantize_nf4``,
+    ``NF4Weight.to`` and ``NF4Linear``'s ``load_state_dict``.
+    """
+    sizes = {"numel": numel, "blocksize": blocksize, "dq_blocksize": dq_blocksize}
+    for name, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {_describe(v)}")
+    double_quant = absmax_scale is not None
+    n_blocks = -(-numel // blocksize)
+    expected = {"codes": (codes, torch.uint8, ((numel + 1) // 2,)),
+                "absmax": (absmax, torch.uint8 if double_quant else torch.float32, (n_blocks,)),
+                "nf4_values": (nf4_values, torch.float32, (16,))}  # fmt: skip
+    if double_quant:
+        expected["absmax_scale"] = (absmax_scale, torch.float32, (-(-n_blocks // dq_blocksize),))
+        expected["absmax_offset"] = (absmax_offset, torch.float32, ())
+        expected["dq_values"] = (dq_values, torch.float32, (256,))
+    elif absmax_offset is not None:
+        raise ValueError("absmax_offset is given without absmax_scale; double quantization needs both, plain "
+                         "NF4 neither")  # fmt: skip
+    for name, (t, dtype, shape) in expected.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {_describe(t)}")
+        if t.dtype != dtype or t.shape != shape:
+            raise ValueError(f"{name} must be {dtype} of shape {shape} for numel={numel}, blocksize={blocksize}, "
+                             f"dq_blocksize={dq_blocksize}; got {t.dtype} of shape {tuple(t.shape)}")  # fmt: skip
+        if t.device != codes.device:
+            raise ValueError(f"{name} is on {t.device} but codes is on {codes.device}; all must be on one device")
+
+
+def nf4_dequantize(
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax_scale: torch.Tensor | None,
+    absmax_offset: torch.Tensor | None,
+    nf4_values: torch.Tensor,
+    dq_values: torch.Tensor | None,
+    numel: int,
+    blocksize: int,
+    dq_blocksize: int,
+    dtype: torch.dtype,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The flat ``(numel,)`` dequantized weight in ``dtype`` on the chosen backend.
+
+    The arguments of ``nf4_dequantize_reference`` (kernels/nf4_reference.py has the math), plus ``backend``:
+    "reference" | "triton" | "auto" | None (see the NF4 section's comment for what each promises).
+    ``minipeft.quant.dequantize_nf4(q)`` is the friendly form, on an ``NF4Weight``.
+
+    Raises:
+        TypeError: a state argument that is not a tensor, or a ``dtype`` that is not a torch.dtype.
+        ValueError: an unknown backend; a state whose dtypes, lengths or devices do not fit ``numel`` and
+            ``blocksize``; an output dtype other than float32/bfloat16/float16/float64; an explicit "triton"
+            that cannot run here (the message says why).
+    """
+    _check_nf4_state(codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, numel, blocksize,
+                     dq_blocksize)  # fmt: skip
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype such as torch.bfloat16, got {_describe(dtype)}")
+    if dtype not in _NF4_OUT_DTYPES:
+        raise ValueError(f"dtype must be float32, bfloat16, float16 or float64, got {dtype}")
+    route = _nf4_route(backend, "nf4_dequantize(backend=...)", codes.device, dtype)
+    return nf4_autograd.dequantize(route, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values,
+                                   numel, blocksize, dq_blocksize, dtype)  # fmt: skip
+
+
+def nf4_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax_scale: torch.Tensor | None,
+    absmax_offset: torch.Tensor | None,
+    nf4_values: torch.Tensor,
+    dq_values: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    dq_blocksize: int,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """y = x·Ŵᵀ + bias, Ŵ the ``(out_features, in_features)`` NF4 weight dequantized to x's dtype.
+
+    x (..., in) → y (..., out). Gradients reach x and a bias that requires one; backward dequantizes Ŵ again
+    instead of keeping it (kernels/nf4_autograd.py). The dequantization runs on the chosen backend.
+
+    Raises:
+        TypeError: x is not a floating tensor; a state argument is not a tensor; bias is not a tensor in x's dtype.
+        ValueError: x, bias or the state do not fit ``(out_features, in_features)`` and ``blocksize``, or sit
+            on other devices; an unknown backend, or an explicit "triton" that cannot run here.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {_describe(x)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x has dtype {x.dtype}; expected a floating dtype (float16, bfloat16, float32, float64)")
+    for name, v in (("out_features", out_features), ("in_features", in_features)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {_describe(v)}")
+    _check_nf4_state(codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, out_features * in_features,
+                     blocksize, dq_blocksize)  # fmt: skip
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x has shape {tuple(x.shape)}; expected (..., {in_features}) to match the weight "
+                         f"(out, in) = ({out_features}, {in_features})")  # fmt: skip
+    if x.device != codes.device:
+        raise ValueError(f"x is on {x.device} but the NF4 codes are on {codes.device}; move them together")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be None or a torch.Tensor, got {_describe(bias)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but x has {x.dtype}; pass bias.to(x.dtype)")
+        if bias.shape != (out_features,) or bias.device != x.device:
+            raise ValueError(f"bias must have shape ({out_features},) on {x.device}, got {tuple(bias.shape)} on "
+                             f"{bias.device}")  # fmt: skip
+    route = _nf4_route(backend, "nf4_linear(backend=...)", x.device, x.dtype)
+    return nf4_autograd.nf4_linear_op(x, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, bias,
+                                      out_features, in_features, blocksize, dq_blocksize, route)  # fmt: skip

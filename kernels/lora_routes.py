@@ -51,7 +51,7 @@ import torch.utils.weak
 from . import lora_triton, reference
 from .triton_interpreter import INTERPRETING
 
-__all__ = ["FUSED_MIN_ROWS", "MERGED_CACHE_BYTES", "PATHS", "choose_path", "clear_cache", "lora_linear"]
+__all__ = ["FUSED_MIN_ROWS", "COMPILED_FUSED_MIN_ROWS", "MERGED_CACHE_BYTES", "PATHS", "choose_path", "clear_cache", "lora_linear"]
 
 # From this many rows on, a training call runs the persistent TMA kernels. Below it a training step is
 # host-bound: H100, bf16 K = N = 4096, r = 16 (benchmarks/RESULTS.md): at M = 4096 forward+backward costs
@@ -62,6 +62,10 @@ __all__ = ["FUSED_MIN_ROWS", "MERGED_CACHE_BYTES", "PATHS", "choose_path", "clea
 # (768 → 2304: fused_tma 7.76× vs unfused 3.39× at M = 16384): re-measure before trusting this at small widths.
 FUSED_MIN_ROWS = 8192
 
+# Under torch.compile the host cost per launch is paid once per graph (or never, replayed as a CUDA graph), so
+# the GPU time decides: from this many rows on, training calls run the Triton op.
+COMPILED_FUSED_MIN_ROWS = 1024
+
 # The merged-weight cache (inference): one (N, K) copy of W per cached layer, at most this many bytes in all.
 # A budget, not a measurement: 2048 MiB holds a merged copy of every linear weight of a ~1B-parameter bf16
 # model. MINIPEFT_MERGED_CACHE_MB=0 turns "merged" off for path=None (inference then takes "cublas").
@@ -71,14 +75,18 @@ PATHS = ("fused", "fused_tma", "cublas", "merged", "unfused")
 
 
 def choose_path(M: int, N: int, K: int, x: torch.Tensor, weight: torch.Tensor,
-                needs_grad: bool = True, has_mask: bool = False) -> str:
+                needs_grad: bool = True, has_mask: bool = False, compiling: bool = False) -> str:
     """The route "auto" takes for a call on CUDA tensors x (..., K) with M rows: the table of the module doc.
 
-    No gradient wanted: "merged" ("cublas" with a dropout mask; ``lora_linear`` also falls back to "cublas"
-    before the merged weight is cached). Gradients wanted: "unfused" below FUSED_MIN_ROWS rows, then
-    "fused_tma" where TMA applies, else "cublas". The interpreter never runs here by choice: it is for tests
-    that ask for "triton" by name.
+    Eager, no gradient wanted: "merged" ("cublas" with a dropout mask; ``lora_linear`` also falls back to
+    "cublas" before the merged weight is cached). Eager, gradients wanted: "unfused" below FUSED_MIN_ROWS rows,
+    then "fused_tma" where TMA applies, else "cublas". While torch.compile traces (``compiling``), the choice
+    can use shapes only (no data pointers, no cache): "triton" (the custom op; it picks its GEMM kernel
+    when it runs) for training calls from COMPILED_FUSED_MIN_ROWS rows on, else "unfused", whose ops Inductor
+    fuses. The interpreter never runs here by choice: it is for tests that ask for "triton" by name.
     """
+    if compiling:
+        return "triton" if needs_grad and M >= COMPILED_FUSED_MIN_ROWS else "unfused"
     if not needs_grad:
         return "cublas" if has_mask else "merged"
     if M < FUSED_MIN_ROWS:
@@ -223,7 +231,10 @@ def lora_linear(
         if x.numel() == 0:  # nothing to compute
             return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
         K = x.shape[-1]
-        path = choose_path(x.numel() // K, weight.shape[0], K, x, weight, needs_grad, dropout_mask is not None)
+        path = choose_path(x.numel() // K, weight.shape[0], K, x, weight, needs_grad, dropout_mask is not None,
+                           torch.compiler.is_compiling())
+        if path == "triton":
+            return lora_triton.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
         if path == "merged":
             merged = None if MERGED_CACHE_BYTES <= 0 else _merged_weight(weight, lora_A, lora_B, scaling, False)
             if merged is not None:
@@ -246,5 +257,4 @@ def lora_linear(
         return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
     if path == "fused_tma" and not lora_triton._tma_ok(weight, lora_A):
         raise ValueError("path 'fused_tma' needs Hopper CUDA tensors with unit last stride and 16-byte rows")
-    return torch.ops.minipeft.lora_linear_triton(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask,
-                                                 path == "fused_tma")[0]
+    return lora_triton.apply(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, path == "fused_tma")

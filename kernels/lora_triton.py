@@ -55,6 +55,7 @@ Limits: every tensor below 2**31 elements (32-bit offsets); fp16, bf16 and fp32 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import os
 
@@ -229,6 +230,13 @@ def _lowrank_epilogue(
     return acc
 
 
+def _autotune(configs, key):
+    """triton.autotune, with the winners kept on disk where this Triton can (its cache, keyed by the key's
+    values, the kernel's source and the GPU): a new process does not tune a shape again."""
+    kwargs = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(configs=configs, key=key, **kwargs)
+
+
 def _gemm_configs():
     if not AUTOTUNE:  # the interpreter (and MINIPEFT_KERNEL_AUTOTUNE=0): one fixed config
         small = INTERPRETING
@@ -245,7 +253,7 @@ def _gemm_configs():
 _GEMM_KEY = ["M_BUCKET", "N", "K", "R_PAD", "HAS_LORA", "HAS_MASK", "HAS_BIAS", "PRECISION"]
 
 
-@triton.autotune(configs=_gemm_configs(), key=_GEMM_KEY)
+@_autotune(_gemm_configs(), _GEMM_KEY)
 @triton.jit
 def _fused_gemm_kernel(
     # pointers
@@ -357,7 +365,7 @@ def _tma_configs():
             for bm, bn, bk, w, s in shapes]
 
 
-@triton.autotune(configs=_tma_configs(), key=_GEMM_KEY + ["Q_NK"])
+@_autotune(_tma_configs(), _GEMM_KEY + ["Q_NK"])
 @triton.jit
 def _fused_gemm_tma_kernel(
     # pointers (P and Q must have unit stride in their last dimension: TMA copies rows of 16-byte multiples)
@@ -605,8 +613,7 @@ def _gemm(tma: bool, p2d: torch.Tensor, *args) -> torch.Tensor:
     return fused_gemm(p2d, *args)
 
 
-@torch.library.custom_op("minipeft::lora_linear_triton", mutates_args=())
-def lora_linear_op(
+def _forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
     scaling: float, dropout_mask: torch.Tensor | None, tma: bool | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -620,14 +627,22 @@ def lora_linear_op(
     return y2d.view(*x.shape[:-1], N), s                                             # (..., N), (M, r)
 
 
+@torch.library.custom_op("minipeft::lora_linear_triton", mutates_args=())
+def lora_linear_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    scaling: float, dropout_mask: torch.Tensor | None, tma: bool | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_forward`` as a registered op: what torch.compile records."""
+    return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_mask, tma)
+
+
 @lora_linear_op.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout_mask, tma):
     M = math.prod(x.shape[:-1])
     return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((M, lora_A.shape[0]))
 
 
-@torch.library.custom_op("minipeft::lora_linear_triton_backward", mutates_args=())
-def lora_linear_backward_op(
+def _backward_kernels(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     s: torch.Tensor, scaling: float, dropout_mask: torch.Tensor | None, tma: bool | None,
     need_x: bool, need_A: bool, need_B: bool, need_bias: bool,
@@ -649,6 +664,17 @@ def lora_linear_backward_op(
             d_bias.to(dy.dtype) if need_bias else empty())
 
 
+@torch.library.custom_op("minipeft::lora_linear_triton_backward", mutates_args=())
+def lora_linear_backward_op(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    s: torch.Tensor, scaling: float, dropout_mask: torch.Tensor | None, tma: bool | None,
+    need_x: bool, need_A: bool, need_B: bool, need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_backward_kernels`` as a registered op: the backward graph AOTAutograd traces holds this node."""
+    return _backward_kernels(dy, x, weight, lora_A, lora_B, s, scaling, dropout_mask, tma,
+                             need_x, need_A, need_B, need_bias)
+
+
 @lora_linear_backward_op.register_fake
 def _(dy, x, weight, lora_A, lora_B, s, scaling, dropout_mask, tma, need_x, need_A, need_B, need_bias):
     empty = lambda: dy.new_empty(0)  # noqa: E731  (a fresh tensor each: outputs may not alias each other)
@@ -657,25 +683,55 @@ def _(dy, x, weight, lora_A, lora_B, s, scaling, dropout_mask, tma, need_x, need
             dy.new_empty((weight.shape[0],)) if need_bias else empty())
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout_mask, tma = inputs
-    _, s = output
+def _save(ctx, x, weight, lora_A, lora_B, s, scaling, dropout_mask, tma) -> None:
     ctx.save_for_backward(x, weight, lora_A, lora_B, s, dropout_mask)
     ctx.scaling, ctx.tma = scaling, tma
     ctx.mark_non_differentiable(s)  # S is the backward's, never the caller's
 
 
-def _backward(ctx, dy, _ds):
+def _grads(ctx, dy, backward) -> tuple:
     """Gradients to x, bias, lora_A and lora_B, each only when asked for; never to the (frozen) weight."""
     x, weight, lora_A, lora_B, s, dropout_mask = ctx.saved_tensors
     need_x, _, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
-    d_x, dA, d_b, d_bias = torch.ops.minipeft.lora_linear_triton_backward(
-        dy, x, weight, lora_A, lora_B, s, ctx.scaling, dropout_mask, ctx.tma, need_x, need_A, need_B, need_bias)
+    d_x, dA, d_b, d_bias = backward(dy, x, weight, lora_A, lora_B, s, ctx.scaling, dropout_mask, ctx.tma,
+                                    need_x, need_A, need_B, need_bias)
     keep = lambda t, wanted: t if wanted else None  # noqa: E731
     return (keep(d_x, need_x), None, keep(d_bias, need_bias), keep(dA, need_A), keep(d_b, need_B), None, None, None)
 
 
-lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_mask, tma = inputs
+    _save(ctx, x, weight, lora_A, lora_B, output[1], scaling, dropout_mask, tma)
+
+
+lora_linear_op.register_autograd(lambda ctx, dy, _ds: _grads(ctx, dy, torch.ops.minipeft.lora_linear_triton_backward),
+                                 setup_context=_setup_context)
+
+
+class _EagerLoraTriton(torch.autograd.Function):
+    """The same forward and backward for eager mode, without the custom op's Python dispatch.
+
+    A call through a registered custom op costs ~100 µs of host time before any kernel runs (measured on a
+    2-core CPU; an autograd.Function costs ~15 µs), and in an eager training step at GPT-2 widths the host
+    time is the step time. torch.compile never sees this class: while it traces, ``apply`` below takes the op.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_mask, tma):
+        y, s = _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_mask, tma)
+        _save(ctx, x, weight, lora_A, lora_B, s, scaling, dropout_mask, tma)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _grads(ctx, dy, _backward_kernels)
+
+
+def apply(x, weight, bias, lora_A, lora_B, scaling: float, dropout_mask, tma: bool | None) -> torch.Tensor:
+    """Run the kernels: through the registered op while torch.compile traces, through a Function in eager."""
+    if torch.compiler.is_compiling():
+        return torch.ops.minipeft.lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_mask, tma)[0]
+    return _EagerLoraTriton.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_mask, tma)
 
 
 def lora_linear(
@@ -693,5 +749,4 @@ def lora_linear(
     Every call launches the kernels above, whatever the shape: the TMA GEMM where ``_tma_ok`` allows (Hopper,
     fp16/bf16, unit last stride, 16-byte rows), the pointer GEMM otherwise.
     """
-    return torch.ops.minipeft.lora_linear_triton(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask,
-                                                 None)[0]
+    return apply(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, None)

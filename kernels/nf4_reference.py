@@ -8,8 +8,9 @@ weight back. With double quantization the absmax itself is stored as an 8-bit co
     w[i]      = nf4_values[code(i)] · absmax[i // blocksize]
 
 where code(2j) is the high nibble of byte j and code(2j+1) the low one. QLoRA: https://arxiv.org/abs/2305.14314.
-``minipeft.quant.nf4.dequantize_nf4`` calls this function; ``kernels.nf4_triton.nf4_dequantize_triton``
-computes the same thing in one Triton kernel and takes the same arguments. Only torch is imported here.
+The switch ``kernels.nf4_dequantize`` (behind ``minipeft.quant.dequantize_nf4`` and ``NF4Linear``) runs this
+function on the "reference" backend; ``kernels.nf4_triton.nf4_dequantize_triton`` computes the same thing in
+one Triton kernel and takes the same arguments. Only torch is imported here.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ The blocked algorithm, in plain Python, for one program (a tile of BLOCKS_PER_PR
             out_words[j] = pack(pair)                            # one 32-bit word (bf16/fp16 out)
 
 It is memory-bound: per weight it reads half a byte and writes 2 (bf16), so the floor is the copy bandwidth.
+The wrapper is registered as the op ``minipeft::nf4_dequantize_triton`` (the end of this file), which the
+switch ``kernels.nf4_dequantize`` and the NF4 linear op (kernels/nf4_autograd.py) call on the "triton" backend.
 This module imports only torch, triton and the interpreter lock (``triton_interpreter.py``: with
 TRITON_INTERPRET=1 a launch changes process-wide state, so launches from several threads take turns).
 """
@@ -125,3 +127,32 @@ def nf4_dequantize_triton(
             num_warps=num_warps,
         )  # fmt: skip
     return out[:numel]
+
+
+# --------------------------------------------------------------------------------------------------------
+# The kernel as a registered custom op. Dynamo (torch.compile) cannot trace into Triton's Python launcher; a
+# custom op is one opaque node in the graph, whose output shape and dtype Dynamo reads from the "fake"
+# implementation below (no kernel runs while tracing). The switch (kernels.nf4_dequantize) and the NF4 linear
+# op (kernels/nf4_linear.py) call it as torch.ops.minipeft.nf4_dequantize_triton.
+# --------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("minipeft::nf4_dequantize_triton", mutates_args=())
+def nf4_dequantize_op(
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax_scale: torch.Tensor | None,
+    absmax_offset: torch.Tensor | None,
+    nf4_values: torch.Tensor,
+    dq_values: torch.Tensor | None,
+    numel: int,
+    blocksize: int,
+    dq_blocksize: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``nf4_dequantize_triton`` with its default launch settings, as the op ``minipeft::nf4_dequantize_triton``."""
+    return nf4_dequantize_triton(codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values,
+                                 numel, blocksize, dq_blocksize, dtype)  # fmt: skip
+
+
+@nf4_dequantize_op.register_fake
+def _(codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, numel, blocksize, dq_blocksize, dtype):
+    return codes.new_empty((numel,), dtype=dtype)

@@ -25,6 +25,9 @@ The downstream tasks use formats the corpus never shows (`Review: … Sentiment:
     can only teach how to answer: the facts themselves must come from what the base model learned in
     pretraining. Metric: exact match; chance is one over the number of possible values (a model that
     answers in the right form but guesses the fact).
+
+Your own data is a JSONL file instead (`load_jsonl`, minipeft/jsonl.py, re-exported here): `dataset_loss` is
+its training loss, as `task_loss` is a built-in task's.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+# load_jsonl is re-exported: `from minipeft.data import load_jsonl` is its public name
+from minipeft.jsonl import JsonlDataset, load_jsonl, pad_right  # noqa: F401
 
 SYLLABLES = ["ta", "bor", "vel", "mi", "ka", "ren", "lo", "su", "dan", "ri", "po", "mar", "ne", "gil",
              "ho", "zu", "fen", "li", "ra", "tom", "e", "an", "is", "ul", "or"]
@@ -300,16 +306,7 @@ def encode_examples(examples: list[Example], tokenizer, block_size: int, prefix:
         tgt = [-100] * (len(p) - 1) + ([a[0]] + [-100] * (len(a) - 1) if verbalizer_only else a) + [-100]
         rows.append(seq)
         tgts.append(tgt[: len(seq)])
-    T = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    idx = torch.full((len(rows), T), pad, dtype=torch.long)
-    targets = torch.full((len(rows), T), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, (r, t) in enumerate(zip(rows, tgts, strict=True)):
-        idx[i, : len(r)] = torch.tensor(r)
-        targets[i, : len(t)] = torch.tensor(t)
-        mask[i, : len(r)] = 1
-    return idx, targets, mask
+    return pad_right(rows, tgts, tokenizer.pad_token_id)
 
 
 def verbalizer_loss(choice_ids: list[int]) -> Callable[..., torch.Tensor]:
@@ -341,6 +338,14 @@ def task_loss(task: Task, tokenizer) -> Callable[..., torch.Tensor] | None:
     if task.metric != "accuracy":
         return None
     return verbalizer_loss([tokenizer.encode(c)[0] for c in task.choices])
+
+
+def dataset_loss(dataset: JsonlDataset) -> Callable[..., torch.Tensor] | None:
+    """The training loss a JSONL dataset wants: the verbalizer cross-entropy over its labels' first tokens for
+    the classification format, else None (the model's own next-token loss on the supervised tokens)."""
+    if not isinstance(dataset, JsonlDataset):
+        raise TypeError(f"dataset_loss expects a JsonlDataset (from load_jsonl), got {type(dataset).__name__}")
+    return verbalizer_loss(list(dataset.choice_ids)) if dataset.format == "classification" else None
 
 
 def task_batch(task: Task, tokenizer, batch_size: int, block_size: int, generator: torch.Generator,

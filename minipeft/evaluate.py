@@ -4,13 +4,22 @@ Classification reads the next-token logits at the answer position and compares o
 the choices (the verbalizer), argmax over {g, b} for good/bad; a generation task decodes greedily until
 the end-of-text token and counts answers that match exactly. Any model with GPT's forward contract and a
 `generate` method can be scored: the base GPT, a PeftModel, a merged model.
+
+A JSONL dataset (`evaluate_dataset`) is scored by teacher forcing: the mean cross-entropy over its supervised
+tokens, L = −(1/N) Σ log p(yᵢ | context), and the perplexity exp(L); for the classification format, L is the
+cross-entropy over the labels' first tokens (the loss it trains with) and the accuracy is how often the
+label with the highest logit is the right one (chance: 1 / number of labels for balanced data).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from minipeft.data import Example, Task
+from minipeft.jsonl import JsonlDataset
 
 
 def _left_padded(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,3 +73,42 @@ def evaluate(model, task: Task, tokenizer, split: str = "test", max_examples: in
     preds = predict(model, task, tokenizer, examples, prefix, batch_size)
     model.train(was_training)
     return sum(p == ex.answer for p, ex in zip(preds, examples, strict=True)) / len(examples)
+
+
+@torch.no_grad()
+def evaluate_dataset(model, dataset: JsonlDataset, batch_size: int = 16) -> dict[str, float]:
+    """{"loss", "perplexity"} on every row of `dataset`, plus "accuracy" for the classification format.
+
+    The loss is the mean over all supervised tokens of the file (not a mean of batch means), so it does not
+    depend on batch_size. The model is put in eval mode for the call and put back as it was.
+    """
+    if not isinstance(dataset, JsonlDataset):
+        raise TypeError(f"evaluate_dataset expects a JsonlDataset (from load_jsonl), got {type(dataset).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    choice_ids = torch.tensor(dataset.choice_ids, dtype=torch.long, device=device)
+    nll, count, correct = 0.0, 0, 0
+    for start in range(0, len(dataset), batch_size):
+        idx, targets, mask = (t.to(device) for t in dataset.batch(range(start, min(start + batch_size, len(dataset)))))
+        if dataset.format != "classification":
+            n = int((targets != -100).sum())
+            _, loss = model(idx, targets=targets, attention_mask=mask, return_logits=False)  # chunked: no (B, T, V)
+            nll, count = nll + loss.item() * n, count + n
+            continue
+        logits, _ = model(idx, attention_mask=mask)  # (B, T, vocab)
+        rows = torch.arange(idx.shape[0], device=device)
+        pos = (targets != -100).int().argmax(dim=1)  # (B,) the position that predicts the label
+        scores = logits[rows, pos][:, choice_ids].float()  # (B, n_labels)
+        label = (targets[rows, pos, None] == choice_ids).int().argmax(dim=1)  # (B,)
+        nll += F.cross_entropy(scores, label, reduction="sum").item()
+        correct += int((scores.argmax(dim=1) == label).sum())
+        count += idx.shape[0]
+    model.train(was_training)
+    loss = nll / count
+    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}  # exp overflows a float past ~709
+    if dataset.format == "classification":
+        metrics["accuracy"] = correct / count
+    return metrics

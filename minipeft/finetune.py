@@ -31,7 +31,7 @@ from minipeft.tokenizer import ByteTokenizer
 from minipeft.train import TrainConfig, resolve_device, train
 
 
-def _init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK), if any."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 or (dist.is_available() and dist.is_initialized()):
@@ -71,7 +71,7 @@ def finetune(method: str, task_name: str = "sentiment", steps: int = 150, lr: fl
     if out is not None:
         check_output_dir(out)
     spec = METHODS[method]
-    rank, world, dev = _init_distributed(resolve_device(device))
+    rank, world, dev = init_distributed(resolve_device(device))
     if fsdp and world == 1:
         raise ValueError("fsdp=True needs several processes: run under `torchrun --nproc_per_node N`")
     if rank == 0:

@@ -4,12 +4,19 @@ A byte-level tokenizer needs no training and no vocabulary file: every UTF-8 str
 encode/decode is an exact round trip, and 256 byte ids plus a few special ids make the whole vocabulary.
 The cost is length (one token per byte), which the built-in world's short sentences can afford.
 Real GPT-2 checkpoints use byte-level BPE (Radford et al. 2019, section 2.2); `load_tokenizer_json` reads
-a local `tokenizer.json` through the `tokenizers` package and gives it the same small interface.
+a local `tokenizer.json` (Hugging Face `tokenizers` format) and gives it the same small interface, with
+its special ids: EOS, BOS and PAD given by the caller, or read from the `tokenizer_config.json` beside the
+file (transformers writes one), or GPT-2's `<|endoftext|>`; PAD and BOS default to EOS, as in GPT-2.
+`load_tokenizer` picks for a model directory: its tokenizer.json when it has one, else the byte tokenizer.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
 
 
 class ByteTokenizer:
@@ -57,16 +64,18 @@ class ByteTokenizer:
 class HFTokenizer:
     """A `tokenizers.Tokenizer` (from a local tokenizer.json) behind ByteTokenizer's interface."""
 
-    def __init__(self, tokenizer, eos_token: str = "<|endoftext|>") -> None:
+    def __init__(self, tokenizer: Tokenizer, eos_token_id: int, pad_token_id: int | None = None,
+                 bos_token_id: int | None = None) -> None:
         self._tok = tokenizer
         self.vocab_size = tokenizer.get_vocab_size()
-        eos = tokenizer.token_to_id(eos_token)
-        self.eos_token_id = eos
-        self.bos_token_id = eos  # GPT-2 uses <|endoftext|> for both
-        self.pad_token_id = eos
-        self.sep_token_id = eos
+        self.eos_token_id = eos_token_id
+        self.bos_token_id = eos_token_id if bos_token_id is None else bos_token_id  # GPT-2: <|endoftext|> for all
+        self.pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
+        self.sep_token_id = self.eos_token_id
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects text as str, got {type(text).__name__}")
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return ([self.bos_token_id] if add_bos else []) + ids + ([self.eos_token_id] if add_eos else [])
 
@@ -77,15 +86,82 @@ class HFTokenizer:
         return self._tok.id_to_token(int(i))
 
 
-def load_tokenizer_json(path: str | Path) -> HFTokenizer:
-    """Load a tokenizer.json file (or a directory holding one), e.g. from a local GPT-2 checkpoint."""
-    try:
-        from tokenizers import Tokenizer
-    except ImportError as e:  # pragma: no cover - tokenizers is in the dev extra
-        raise ImportError("load_tokenizer_json needs the `tokenizers` package: pip install tokenizers") from e
+DEFAULT_EOS = "<|endoftext|>"  # GPT-2's end-of-text token, its only special token
+
+
+def _config_token(config: dict[str, Any], key: str) -> str | None:
+    """A special token's text in tokenizer_config.json: a string, or transformers' {"content": ...} form."""
+    value = config.get(key)
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _special_id(tok: Tokenizer, name: str, given: int | None, text: str | None, source: str) -> int | None:
+    """The id `given` (checked against the vocabulary), else the id of `text`, else None."""
+    size = tok.get_vocab_size()
+    if given is not None:
+        if isinstance(given, bool) or not isinstance(given, int) or not 0 <= given < size:
+            raise ValueError(f"{name} must be a token id in 0…{size - 1}, got {given!r}")
+        return given
+    if text is None:
+        return None
+    found = tok.token_to_id(text)
+    if found is None:
+        raise ValueError(f"{source} names {text!r} as the {name.removesuffix('_id')}, but it is not in the "
+                         f"vocabulary; give {name} explicitly")
+    return found
+
+
+def load_tokenizer_json(path: str | Path, *, eos_token_id: int | None = None, pad_token_id: int | None = None,
+                        bos_token_id: int | None = None) -> HFTokenizer:
+    """Load a tokenizer.json file (or a directory holding one), e.g. from a local GPT-2 checkpoint.
+
+    Special ids: the ones given win; otherwise eos_token / bos_token / pad_token of a tokenizer_config.json in
+    the same folder; otherwise EOS is `<|endoftext|>` if the vocabulary has it. BOS and PAD default to EOS.
+    Padding positions are masked out of attention and loss, so PAD = EOS is safe.
+
+    Raises:
+        ValueError: no tokenizer.json there, an unreadable one, an id outside the vocabulary, or no EOS found.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():
         raise ValueError(f"load_tokenizer_json: no tokenizer.json at {str(path)!r}")
-    return HFTokenizer(Tokenizer.from_file(str(path)))
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust library raises its own Exception type for a malformed file
+        raise ValueError(f"load_tokenizer_json: {str(path)!r} is not a tokenizers file: {e}") from e
+    config_path = path.with_name("tokenizer_config.json")
+    config: dict[str, Any] = {}
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ValueError(f"load_tokenizer_json: {config_path} is not JSON: {e}") from e
+    source = str(config_path)
+    eos = _special_id(tok, "eos_token_id", eos_token_id, _config_token(config, "eos_token"), source)
+    if eos is None:
+        eos = tok.token_to_id(DEFAULT_EOS)
+    if eos is None:
+        raise ValueError(f"load_tokenizer_json: {str(path)!r} has no {DEFAULT_EOS} token and no tokenizer_config.json "
+                         "beside it names an eos_token; give eos_token_id (and pad_token_id if PAD differs)")
+    pad = _special_id(tok, "pad_token_id", pad_token_id, _config_token(config, "pad_token"), source)
+    bos = _special_id(tok, "bos_token_id", bos_token_id, _config_token(config, "bos_token"), source)
+    return HFTokenizer(tok, eos, pad, bos)
+
+
+def load_tokenizer(model_dir: str | Path | None = None, tokenizer_file: str | Path | None = None, *,
+                   eos_token_id: int | None = None, pad_token_id: int | None = None) -> HFTokenizer | ByteTokenizer:
+    """The tokenizer for a model: `tokenizer_file` if given, else `model_dir`/tokenizer.json if it exists, else
+    the byte tokenizer (whose special ids are fixed: giving others is an error)."""
+    if tokenizer_file is None and model_dir is not None and (Path(model_dir) / "tokenizer.json").is_file():
+        tokenizer_file = Path(model_dir) / "tokenizer.json"
+    if tokenizer_file is not None:
+        return load_tokenizer_json(tokenizer_file, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    if eos_token_id is not None or pad_token_id is not None:
+        raise ValueError(f"no tokenizer.json (in {str(model_dir)!r} or given), so the byte tokenizer is used, whose "
+                         f"special ids are fixed (pad 256, eos 258); eos_token_id / pad_token_id apply to a "
+                         "tokenizer.json")
+    return ByteTokenizer()

@@ -10,6 +10,15 @@ and the global gradient norm clipped to `grad_clip`. On CUDA the forward runs un
 `torchrun` (torch.distributed initialised) the model is wrapped in DistributedDataParallel, which
 all-reduces only the gradients of parameters that require them, so a frozen base is never synchronised;
 a model already sharded with FSDP2 (minipeft.finetune) is trained as it is.
+
+Gradient accumulation (`grad_accum` = K): a step runs K micro-batches of `batch_size` rows, each loss scaled by
+1/K before its backward, then one optimizer step: the gradient of the mean of the K micro-batch losses, as one
+batch of K·batch_size rows would give when every micro-batch holds as many supervised tokens (under DDP the
+gradients are all-reduced once, on the K-th backward).
+
+With a run directory, what a user sees (minipeft/run_log.py): a progress bar with loss, tokens/s and ETA,
+RUN/metrics.jsonl (one line per step) and RUN/loss.png; and every `save_every` steps a training checkpoint
+(minipeft/train_state.py) from which `resume=True` continues with the same result as an uninterrupted run.
 AdamW: Loshchilov & Hutter 2019, https://arxiv.org/abs/1711.05101.
 """
 
@@ -19,7 +28,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +37,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from minipeft.checkpoint import check_output_dir, save_model
+from minipeft.run_log import METRICS_NAME, PLOT_NAME, MetricsLog, plot_losses
+from minipeft.train_state import load_train_state, save_train_state
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # idx, targets, attention_mask
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -38,6 +49,7 @@ class TrainConfig:
     steps: int = 300
     lr: float = 3e-3
     batch_size: int = 16
+    grad_accum: int = 1  # micro-batches of batch_size rows per optimizer step (gradient accumulation)
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -52,7 +64,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.compile is not None and not isinstance(self.compile, bool):
             raise TypeError(f"TrainConfig.compile must be True, False or None, got {self.compile!r}")
-        for name in ("steps", "batch_size", "warmup_steps", "eval_every", "seed"):
+        for name in ("steps", "batch_size", "grad_accum", "warmup_steps", "eval_every", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"TrainConfig.{name} must be an int, got {type(value).__name__} {value!r}")
@@ -64,6 +76,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be finite, got {value!r}")
         if self.steps <= 0 or self.batch_size <= 0:
             raise ValueError(f"TrainConfig.steps and batch_size must be > 0, got {self.steps!r}, {self.batch_size!r}")
+        if self.grad_accum <= 0:
+            raise ValueError(f"TrainConfig.grad_accum must be > 0, got {self.grad_accum!r}")
         if self.lr <= 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.weight_decay < 0 or self.grad_clip <= 0:
@@ -117,6 +131,54 @@ def _is_fsdp(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def _check_run_args(run_dir, save_every, resume, model: torch.nn.Module) -> None:
+    if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 0:
+        raise ValueError(f"save_every must be an int >= 0 (0: no training checkpoints), got {save_every!r}")
+    if not isinstance(resume, bool):
+        raise TypeError(f"resume must be True or False, got {type(resume).__name__} {resume!r}")
+    if run_dir is None and (save_every or resume):
+        raise ValueError(f"save_every={save_every} / resume={resume} need a run_dir: the directory that holds the "
+                         "training checkpoints")
+    if run_dir is not None:
+        check_output_dir(run_dir, label="run_dir")
+    if (save_every or resume) and _is_fsdp(model):
+        raise ValueError("train: training checkpoints (save_every / resume) of an FSDP-sharded model are not "
+                         "supported (its parameters and optimizer state are sharded across ranks); use DDP")
+
+
+def _random_state(generator: torch.Generator, world: int) -> dict[str, torch.Tensor]:
+    """torch's RNG state of every rank (gathered: dropout differs per rank) and the batch generator's state."""
+    mine = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        mine["cuda"] = torch.cuda.get_rng_state()
+    states = [mine]
+    if world > 1:
+        states = [None] * world
+        dist.all_gather_object(states, mine)
+    out = {f"{kind}.rank{r}": value for r, state in enumerate(states) for kind, value in state.items()}
+    out["generator"] = generator.get_state()
+    return out
+
+
+def _restore_random_state(state: dict[str, torch.Tensor], generator: torch.Generator, rank: int,
+                          device: torch.device) -> None:
+    torch.set_rng_state(state[f"torch.rank{rank}"])
+    if device.type == "cuda" and f"cuda.rank{rank}" in state:
+        torch.cuda.set_rng_state(state[f"cuda.rank{rank}"], device)
+    generator.set_state(state["generator"])
+
+
+def _restore_batches(get_batch, state: dict | None) -> None:
+    """Put a stateful get_batch (one with state_dict / load_state_dict, e.g. EpochBatches) where it was."""
+    if state is None:
+        return
+    load = getattr(get_batch, "load_state_dict", None)
+    if not callable(load):
+        raise ValueError("the checkpoint holds get_batch's position (it had a state_dict), but this get_batch has "
+                         "no load_state_dict to restore it; pass the same kind of get_batch as the run that made it")
+    load(state)
+
+
 def train(
     model: torch.nn.Module,
     get_batch: Callable[[torch.Generator], Batch],
@@ -127,6 +189,9 @@ def train(
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     desc: str = "train",
+    run_dir: str | Path | None = None,
+    save_every: int = 0,
+    resume: bool = False,
 ) -> TrainResult:
     """Train the parameters of `model` that require grad; returns the losses, evaluations and speed.
 
@@ -134,11 +199,18 @@ def train(
     Every rank draws the same global batch from the same seed and keeps its rows rank, rank+W, …, so N
     ranks with batch_size B take the same steps as one process with batch B (the gradient of the mean
     loss is the mean of the ranks' gradients when each row carries the same number of targets).
+    With grad_accum = K, get_batch is called K times per step. A get_batch that has state_dict() and
+    load_state_dict() (`minipeft.jsonl.EpochBatches`) has its state saved in training checkpoints.
     eval_fn(model) returns a dict of metrics, called every `eval_every` steps and at
     the end. loss_fn(net, idx, targets, attention_mask) replaces the model's own next-token loss (see
     `minipeft.data.verbalizer_loss`). With `checkpoint_dir`, rank 0 saves the model there at the end through
     `minipeft.checkpoint.save_model` (a GPT: the whole network; a PeftModel: its adapters); the path is
     checked before the first step, on every rank, so that a bad one fails at once and everywhere.
+
+    With `run_dir`, rank 0 writes run_dir/metrics.jsonl (a line per step) and run_dir/loss.png; with
+    `save_every` = N > 0, a training checkpoint every N steps in run_dir/checkpoints (minipeft/train_state.py);
+    `resume=True` loads the last one (same config, same model and method) and continues from it, with the same
+    result as a run that never stopped. Without resume, a run_dir's metrics.jsonl is started afresh.
     """
     if getattr(model, "merged_adapters", None):  # a PeftModel's LoRA folded into the base: nothing would learn
         raise ValueError(f"train: adapters {model.merged_adapters} are merged into the base weights; call "
@@ -151,6 +223,7 @@ def train(
         if _is_fsdp(model):
             raise ValueError("train: checkpoint_dir cannot save an FSDP-sharded model from rank 0 alone; gather "
                              "its full state dict first (minipeft.finetune.full_state_dict) and save that")
+    _check_run_args(run_dir, save_every, resume, model)
     device = next(model.parameters()).device
     rank, world = _rank_and_world()
     if config.batch_size % world:
@@ -167,33 +240,55 @@ def train(
     net = model
     if world > 1 and not _is_fsdp(model):  # an FSDP2-sharded model already reduces its own gradients
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp = net if isinstance(net, DistributedDataParallel) else None  # for no_sync() while accumulating
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     if config.compile or (config.compile is None and device.type == "cuda"):
         net = torch.compile(net, backend=config.compile_backend)
 
     result = TrainResult()
+    first_step = 0
+    if resume:
+        saved = load_train_state(run_dir, model, optimizer, asdict(config), world)
+        first_step = saved["step"]
+        record = saved["record"]
+        result.losses, result.tokens, result.seconds = list(record["losses"]), record["tokens"], record["seconds"]
+        result.evals = [(step, metrics) for step, metrics in record["evals"]]
+        _restore_random_state(saved["random"], generator, rank, device)
+        _restore_batches(get_batch, saved["batches"])
+    writes = run_dir is not None and rank == 0
+    log = MetricsLog(Path(run_dir) / METRICS_NAME, first_step if resume else None) if writes else None
     model.train()
-    bar = tqdm(range(config.steps), desc=desc, disable=not progress or rank != 0, leave=False)
-    start = time.perf_counter()
+    bar = tqdm(range(first_step, config.steps), initial=first_step, total=config.steps, desc=desc,
+               disable=not progress or rank != 0, leave=False)
+    start = time.perf_counter() - result.seconds  # a resumed run's clock goes on from the checkpoint's
     for step in bar:
+        lr = lr_at(step, config)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
-        batch = get_batch(generator)
-        idx, targets, mask = (t[rank::world].to(device) if t is not None else None for t in batch)  # this rank's rows
-        with autocast:
-            if loss_fn is None:
-                _, loss = net(idx, targets=targets, attention_mask=mask, return_logits=False)  # chunked loss
-            else:
-                loss = loss_fn(net, idx, targets, mask)
-        loss.backward()
+            group["lr"] = lr
+        step_loss = 0.0
+        for micro in range(config.grad_accum):
+            batch = get_batch(generator)
+            idx, targets, mask = (t[rank::world].to(device) if t is not None else None for t in batch)  # this rank's
+            last_micro = micro + 1 == config.grad_accum
+            with contextlib.nullcontext() if ddp is None or last_micro else ddp.no_sync():  # all-reduce on the last
+                with autocast:
+                    if loss_fn is None:
+                        _, loss = net(idx, targets=targets, attention_mask=mask, return_logits=False)  # chunked loss
+                    else:
+                        loss = loss_fn(net, idx, targets, mask)
+                (loss / config.grad_accum if config.grad_accum > 1 else loss).backward()
+            step_loss += loss.item() / config.grad_accum
+            result.tokens += int(mask.sum()) if mask is not None else idx.numel()
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        result.losses.append(loss.item())
-        result.tokens += int(mask.sum()) if mask is not None else idx.numel()
-        bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
+        result.losses.append(step_loss)
+        tokens_per_second = result.tokens / max(time.perf_counter() - start, 1e-9)
+        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_per_second:,.0f}")
+        line = {"step": step + 1, "loss": step_loss, "lr": lr, "tokens_per_second": tokens_per_second}
+        paused = time.perf_counter()  # evaluation and checkpoints are not training time
         last = step + 1 == config.steps
         if eval_fn is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
             if device.type == "cuda":
@@ -204,12 +299,26 @@ def train(
                 metrics = eval_fn(model)
             model.train()
             result.evals.append((step + 1, metrics))
-            bar.set_postfix(loss=f"{result.losses[-1]:.3f}", **{k: f"{v:.3f}" for k, v in metrics.items()})
-            start += time.perf_counter() - paused  # evaluation time is not training time
+            line.update({f"eval_{k}": v for k, v in metrics.items()})
+            bar.set_postfix(loss=f"{step_loss:.3f}", **{f"eval_{k}": f"{v:.3f}" for k, v in metrics.items()})
+        if log is not None:
+            log.write(line)
+        if save_every and (step + 1) % save_every == 0:
+            random_state = _random_state(generator, world)  # a collective under DDP: every rank takes part
+            if writes:
+                batches = getattr(get_batch, "state_dict", None)
+                result.seconds = paused - start
+                save_train_state(run_dir, step + 1, model, optimizer, random_state, asdict(config),
+                                 {"losses": result.losses, "evals": result.evals, "tokens": result.tokens,
+                                  "seconds": result.seconds}, batches() if callable(batches) else None, world)
+                plot_losses(Path(run_dir) / PLOT_NAME, result.losses, result.evals, desc)
+        start += time.perf_counter() - paused
     if device.type == "cuda":
         torch.cuda.synchronize()
     result.seconds = time.perf_counter() - start
     model.eval()
+    if writes:
+        plot_losses(Path(run_dir) / PLOT_NAME, result.losses, result.evals, desc)
     if checkpoint_dir is not None and rank == 0:
         save_model(model, checkpoint_dir)
     return result

@@ -1,10 +1,15 @@
-"""4-bit NormalFloat (NF4) quantization with double quantization, and NF4Linear, the frozen base of QLoRA.
+"""Quantized frozen bases: 4-bit NormalFloat (NF4, QLoRA) and 8-bit row-wise int8 (LLM.int8()).
 
 QLoRA (https://arxiv.org/abs/2305.14314): store the frozen base weights as NF4 codes (~4.13 bits per
-parameter) and train LoRA adapters in 16 bits on top. ``nf4.py`` has the codebook and the math,
-``linear.py`` the layer, ``requantize.py`` merging LoRA into a 4-bit base and what that costs.
+parameter) and train LoRA adapters in 16 bits on top. LLM.int8() (https://arxiv.org/abs/2208.07339): 8 bits
+per weight, with the few outlier input columns multiplied in 16 bits. ``nf4.py`` and ``int8.py`` have the
+formats and their math, ``linear.py`` NF4Linear and ``quantize_model``, ``int8_linear.py`` Int8Linear and
+the LLM.int8() matmul, ``quantized_linear.py`` what both layers share, ``requantize.py`` merging LoRA into a
+quantized base and what that costs.
 """
 
+from .int8 import Int8Weight, dequantize_int8, int8_nbytes, quantize_int8
+from .int8_linear import Int8Linear
 from .linear import NF4Linear, quantize_model, weight_bytes_report
 from .nf4 import (
     DQ_BLOCKSIZE,
@@ -19,6 +24,7 @@ from .nf4 import (
     quantize_nf4,
     signed_dynamic_map,
 )
+from .quantized_linear import QuantizedLinear
 from .requantize import merge_and_requantize
 
 __all__ = [
@@ -26,6 +32,12 @@ __all__ = [
     "dequantize_nf4",
     "NF4Weight",
     "NF4Linear",
+    "quantize_int8",
+    "dequantize_int8",
+    "Int8Weight",
+    "Int8Linear",
+    "int8_nbytes",
+    "QuantizedLinear",
     "quantize_model",
     "merge_and_requantize",
     "weight_bytes_report",

@@ -17,24 +17,26 @@ from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from minipeft import kernels
 from minipeft.targets import ALL_LINEAR, find_target_modules, is_lm_head, set_submodule, tied_parameter_ids
 
+from .int8 import _check_int8_quantizable, int8_nbytes
+from .int8_linear import DEFAULT_THRESHOLD, Int8Linear, _check_threshold
 from .nf4 import (
     _FLOAT_DTYPES,
-    _STATISTICS,
     DQ_BLOCKSIZE,
     NF4Weight,
     _check_blocksize,
     _check_out_dtype,
     _check_quantizable,
-    _check_statistics,
     _codebooks,
     _dequantize,
+    kernel_arguments,
     nf4_nbytes,
     quantize_nf4,
 )
+from .quantized_linear import QuantizedLinear
 
 __all__ = ["NF4Linear", "quantize_model", "weight_bytes_report"]
 
@@ -42,12 +44,9 @@ logger = logging.getLogger(__name__)
 
 _DQ_KEYS = ("codes", "absmax_codes", "absmax_scale", "absmax_offset")
 _PLAIN_KEYS = ("codes", "absmax")
-# Every tensor name that can belong to a quantized weight, with or without double quantization, plus the
-# dense `weight` that a not-yet-quantized checkpoint would carry.
-_ALL_WEIGHT_KEYS = frozenset(_DQ_KEYS + _PLAIN_KEYS + ("weight",))
 
 
-class NF4Linear(nn.Module):
+class NF4Linear(QuantizedLinear):
     """A linear layer with a frozen NF4 weight (and an optional frozen bias).
 
     The packed state is held in registered buffers named like ``NF4Weight``'s fields, so ``.to(device)``,
@@ -58,8 +57,11 @@ class NF4Linear(nn.Module):
 
     Shapes: weight ``(out_features, in_features)``; x ``(..., in_features)`` → y ``(..., out_features)``.
     Example: 4096 → 4096 with blocksize 64 and double quantization holds 8 MiB of codes, 256 KiB of absmax
-    codes and 4 KiB of scales instead of 32 MiB of bf16.
+    codes and 4 KiB of scales instead of 32 MiB of bf16. Device moves, dtype casts and strict loading: see
+    ``QuantizedLinear``.
     """
+
+    _ALL_STATE_NAMES = tuple(dict.fromkeys(_DQ_KEYS + _PLAIN_KEYS))
 
     def __init__(
         self,
@@ -71,13 +73,11 @@ class NF4Linear(nn.Module):
         weight_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(in_features, out_features)
         _check_blocksize(blocksize)
         if weight_dtype not in _FLOAT_DTYPES:
             raise ValueError(f"weight_dtype must be float32, bfloat16 or float16 (the dtype the weight had), "
                              f"got {weight_dtype!r}")  # fmt: skip
-        self._in_features = in_features
-        self._out_features = out_features
         self.blocksize = blocksize
         self.double_quant = double_quant
         self.weight_dtype = weight_dtype  # the dtype the weight had; dequantize_weight()'s default
@@ -119,17 +119,8 @@ class NF4Linear(nn.Module):
     def _state_names(self) -> tuple[str, ...]:
         return _DQ_KEYS if self.double_quant else _PLAIN_KEYS
 
-    @property
-    def in_features(self) -> int:
-        return self._in_features
-
-    @property
-    def out_features(self) -> int:
-        return self._out_features
-
-    @property
-    def device(self) -> torch.device:
-        return self.codes.device
+    def _state_kind(self) -> str:
+        return "double-quant NF4" if self.double_quant else "plain NF4"
 
     def nf4_weight(self) -> NF4Weight:
         """The buffers as an ``NF4Weight`` (no copy)."""
@@ -149,9 +140,15 @@ class NF4Linear(nn.Module):
         return _dequantize(self.nf4_weight(), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize_weight(x.dtype)  # (out, in)
+        """x (..., in) → (..., out) through ``kernels.nf4_linear``: the weight is dequantized to x's dtype on
+        the kernel switch's backend, and backward keeps the 4-bit codes, not the dense weight."""
+        if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
+            # F.linear's autocast rule, applied here: the op below computes in x's dtype (kernels/nf4_autograd.py)
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, w, bias)
+        q = self.nf4_weight()
+        return kernels.nf4_linear(x, *kernel_arguments(q), bias, self.out_features, self.in_features,
+                                  self.blocksize, q.dq_blocksize)  # fmt: skip
 
     def extra_repr(self) -> str:
         return (
@@ -159,66 +156,11 @@ class NF4Linear(nn.Module):
             f"bias={self.bias is not None}, blocksize={self.blocksize}, double_quant={self.double_quant}"
         )
 
-    # ---- device moves and dtype casts ----------------------------------------------------------------
+    # ---- device moves (QuantizedLinear keeps the dtypes) ---------------------------------------------
     def _apply(self, fn, recurse=True):  # type: ignore[override]
-        # nn.Module.to(dtype) / .half() cast every floating buffer: that would round the fp32 absmax state.
-        # The quant buffers follow device moves only; the bias follows the cast like any parameter.
-        state = {name: self._buffers.pop(name) for name in self._state_names()}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for name, buf in state.items():
-                moved = fn(buf)
-                if moved.dtype != buf.dtype:
-                    moved = buf.to(device=moved.device)
-                self._buffers[name] = moved
+        super()._apply(fn, recurse)
         _codebooks(self.codes.device)  # the tables, ready on the new device (no host copy in forward)
         return self
-
-    # ---- loading: exactly the expected keys, or an error ---------------------------------------------
-    def _load_from_state_dict(  # type: ignore[override]
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
-        # nn.Module would leave a missing buffer as it is (with strict=False) and cast a float tensor into
-        # the uint8 codes without a word: both give silent garbage (bitsandbytes #1946). Every problem
-        # found here goes to error_msgs, which load_state_dict raises whatever `strict` says.
-        n_errors_before = len(error_msgs)
-        expected = set(self._state_names())
-        mine_keys = [key[len(prefix) :] for key in state_dict if key.startswith(prefix)]
-        present = {name for name in mine_keys if "." not in name}  # own keys, not its children's
-        kind = "double-quant" if self.double_quant else "plain"
-        for name in sorted(expected - present):
-            where = prefix.rstrip(".") or "this NF4Linear"
-            error_msgs.append(
-                f"{prefix}{name}: missing from the state_dict; the {kind} NF4 state of {where} "
-                f"needs {sorted(expected)}"
-            )
-        for name in sorted((present & _ALL_WEIGHT_KEYS) - expected):
-            if name == "weight":
-                hint = " (a dense weight: load the checkpoint into the unquantized model, then quantize)"
-            else:
-                hint = f" (this layer holds a {kind} NF4 state: {sorted(expected)})"
-            error_msgs.append(f"{prefix}{name}: unexpected key{hint}")
-        errors = []
-        for name in sorted(expected & present):
-            got, mine = state_dict[prefix + name], getattr(self, name)
-            if got.dtype != mine.dtype or got.shape != mine.shape:
-                errors.append(f"{prefix}{name}: expected {mine.dtype} of shape {tuple(mine.shape)}, "
-                              f"got {got.dtype} of shape {tuple(got.shape)}")  # fmt: skip
-        if not errors and expected <= present:
-            # the values too (absmax finite and ≥ 0): NaN statistics would make every forward NaN, and forward
-            # does not check (see dequantize_weight)
-            try:
-                _check_statistics({prefix + n: state_dict[prefix + n] for n in sorted(expected) if n in _STATISTICS})
-            except ValueError as e:
-                errors.append(str(e))
-        if len(error_msgs) > n_errors_before or errors:
-            # refused: leave this layer's state as it was (nn.Module would copy, and cast, what it can)
-            error_msgs.extend(errors)
-            return
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
 
 def quantize_model(
@@ -226,8 +168,12 @@ def quantize_model(
     target_modules: str | Sequence[str] = "all-linear",
     blocksize: int = 64,
     double_quant: bool = True,
+    *,
+    bits: int = 4,
+    threshold: float = DEFAULT_THRESHOLD,
 ) -> nn.Module:
-    """Replace ``model``'s nn.Linear layers by ``NF4Linear``, **in place**, and return the same model.
+    """Replace ``model``'s nn.Linear layers by ``NF4Linear`` (``bits=4``) or ``Int8Linear`` (``bits=8``),
+    **in place**, and return the same model.
 
     The model is mutated (that is the point: the dense weights are dropped as each layer is swapped, so a
     large model never needs two copies); the return value is for chaining.
@@ -235,18 +181,27 @@ def quantize_model(
     Args:
         target_modules: chosen exactly as LoRA's are (minipeft/targets.py): ``"all-linear"`` (every nn.Linear
             except ``lm_head``), a list of names (``name == t`` or ``name.endswith("." + t)``) or a regex
-            string matched against the whole name. Layers already in NF4 are left as they are.
-        blocksize, double_quant: as in ``quantize_nf4``.
+            string matched against the whole name. Layers already quantized (NF4 or int8) are left as they are.
+        blocksize, double_quant: as in ``quantize_nf4``; for ``bits=4`` only.
+        bits: 4 (NF4, QLoRA) or 8 (row-wise int8, LLM.int8()); keyword-only.
+        threshold: ``Int8Linear``'s outlier threshold (LLM.int8()'s 6.0; 0 turns the decomposition off); for
+            ``bits=8`` only.
 
     A Linear whose weight is tied to another parameter (GPT-2's ``lm_head`` shares the token embedding) is
-    never quantized: "all-linear" skips it, naming it explicitly raises. Raises ValueError when a target
-    matches no Linear, selects a layer that already carries adapters (quantize first, then attach), or selects
-    a weight that ``quantize_nf4`` refuses (NaN/inf, absmax values double quantization cannot hold; the
-    message names the weight, e.g. ``transformer.h.0.attn.c_attn.weight``). Every chosen weight is checked
-    before the first layer is swapped, so a refused call leaves the model exactly as it was.
+    never quantized: "all-linear" skips it, naming it explicitly raises. Raises ValueError when ``bits`` is
+    not 4 or 8, a target matches no Linear, selects a layer that already carries adapters (quantize first,
+    then attach), or selects a weight that ``quantize_nf4`` / ``quantize_int8`` refuses (NaN/inf, absmax
+    values double quantization cannot hold; the message names the weight, e.g.
+    ``transformer.h.0.attn.c_attn.weight``). Every chosen weight is checked before the first layer is
+    swapped, so a refused call leaves the model exactly as it was.
     """
-    _check_blocksize(blocksize)
-    chosen = [t for t in find_target_modules(model, target_modules) if not isinstance(t.module, NF4Linear)]
+    if isinstance(bits, bool) or bits not in (4, 8):
+        raise ValueError(f"bits must be 4 (NF4) or 8 (int8), got {bits!r}")
+    if bits == 4:
+        _check_blocksize(blocksize)
+    else:
+        _check_threshold(threshold)
+    chosen = [t for t in find_target_modules(model, target_modules) if not isinstance(t.module, QuantizedLinear)]
     wrapped = [t.name for t in chosen if not isinstance(t.module, nn.Linear)]
     if wrapped:
         raise ValueError(f"target_modules selects {wrapped[:3]}, which already carry adapters; quantize the base "
@@ -264,46 +219,58 @@ def quantize_model(
     # Every weight is checked before any layer is swapped: a refusal halfway would leave a half-quantized model.
     for raw, linear in todo:
         try:
-            _check_quantizable(linear.weight, blocksize, double_quant, name=f"{raw}.weight")
+            if bits == 4:
+                _check_quantizable(linear.weight, blocksize, double_quant, name=f"{raw}.weight")
+            else:
+                _check_int8_quantizable(linear.weight, name=f"{raw}.weight")
         except ValueError as e:
             raise ValueError(f"{e} (quantize_model changed nothing: the model is as it was)") from None
     for raw, linear in todo:
-        set_submodule(model, raw, NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant))
+        if bits == 4:
+            layer = NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant)
+        else:
+            layer = Int8Linear.from_linear(linear, threshold=threshold)
+        set_submodule(model, raw, layer)
     return model
 
 
-def _weights_to_quantize(model: nn.Module) -> Iterable[tuple[str, int]]:
-    """(name, numel) of every weight that ``quantize_model(..., "all-linear")`` quantizes or has quantized."""
+def _weights_to_quantize(model: nn.Module) -> Iterable[tuple[str, int, int]]:
+    """(name, out_features, in_features) of every weight that ``quantize_model(..., "all-linear")`` quantizes
+    or has quantized."""
     tied = tied_parameter_ids(model)
     for name, m in model.named_modules():
-        if isinstance(m, NF4Linear):
-            yield name, m.in_features * m.out_features
+        if isinstance(m, QuantizedLinear):
+            yield name, m.out_features, m.in_features
         elif isinstance(m, nn.Linear) and name and not is_lm_head(name) and id(m.weight) not in tied:
-            yield name, m.weight.numel()
+            yield name, m.out_features, m.in_features
 
 
 def weight_bytes_report(model: nn.Module, blocksize: int = 64) -> dict[str, int]:
-    """A model's weight bytes stored four ways: all fp32, all bf16, and QLoRA-style NF4 / NF4 + double quant.
+    """A model's weight bytes stored five ways: all fp32, all bf16, LLM.int8-style int8, and QLoRA-style
+    NF4 / NF4 + double quant.
 
-    In the NF4 rows the weights that ``quantize_model(model)`` ("all-linear") quantizes are counted at their
-    exact NF4 size (``nf4_nbytes``: the same sizes ``quantize_nf4`` allocates), everything else (embeddings,
-    norms, biases, a tied or untied lm_head) at bf16, as QLoRA keeps them. Works on a dense or an already
-    quantized model (an NF4Linear counts as its logical ``out × in`` weight). Tied weights count once.
+    In the int8 and NF4 rows the weights that ``quantize_model(model)`` ("all-linear") quantizes are counted
+    at their exact quantized size (``int8_nbytes``, ``nf4_nbytes``: the sizes ``quantize_int8`` and
+    ``quantize_nf4`` allocate), everything else (embeddings, norms, biases, a tied or untied lm_head) at bf16,
+    as QLoRA and LLM.int8() keep them. Works on a dense or an already quantized model (a quantized layer
+    counts as its logical ``out × in`` weight). Tied weights count once.
 
-    Returns: ``{"fp32", "bf16", "nf4", "nf4_dq"}`` in bytes, plus ``"params"`` (all weights) and
-    ``"quantized_params"`` (those in NF4).
+    Returns: ``{"fp32", "bf16", "int8", "nf4", "nf4_dq"}`` in bytes, plus ``"params"`` (all weights) and
+    ``"quantized_params"`` (those quantized).
     """
-    quantized = dict(_weights_to_quantize(model))
-    n_quantized = sum(quantized.values())
+    quantized = {name: (out, inp) for name, out, inp in _weights_to_quantize(model)}
+    n_quantized = sum(out * inp for out, inp in quantized.values())
     n_other = sum(p.numel() for p in model.parameters())  # named_parameters() dedups tied weights
     dense_quantizable = [m for n, m in model.named_modules() if n in quantized and isinstance(m, nn.Linear)]
     n_other -= sum(m.weight.numel() for m in dense_quantizable)
     n_all = n_other + n_quantized
+    sizes = [out * inp for out, inp in quantized.values()]
     return {
         "fp32": 4 * n_all,
         "bf16": 2 * n_all,
-        "nf4": 2 * n_other + sum(nf4_nbytes(n, blocksize, double_quant=False) for n in quantized.values()),
-        "nf4_dq": 2 * n_other + sum(nf4_nbytes(n, blocksize, double_quant=True) for n in quantized.values()),
+        "int8": 2 * n_other + sum(int8_nbytes(out, inp) for out, inp in quantized.values()),
+        "nf4": 2 * n_other + sum(nf4_nbytes(n, blocksize, double_quant=False) for n in sizes),
+        "nf4_dq": 2 * n_other + sum(nf4_nbytes(n, blocksize, double_quant=True) for n in sizes),
         "params": n_all,
         "quantized_params": n_quantized,
     }

@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from minipeft.kernels.nf4_reference import nf4_dequantize_reference
+from minipeft import kernels
 
 __all__ = [
     "NF4_CODEBOOK",
@@ -33,6 +33,7 @@ __all__ = [
     "signed_dynamic_map",
     "quantize_nf4",
     "dequantize_nf4",
+    "kernel_arguments",
     "nf4_nbytes",
 ]
 
@@ -435,17 +436,20 @@ def _check_statistics(stats: dict[str, torch.Tensor]) -> None:
                              f"negative of {t.numel()} values")  # fmt: skip
 
 
-def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, *, backend: str | None = None) -> torch.Tensor:
     """ŵ = NF4[code] · absmax, with the absmax first decoded if it was double-quantized.
 
     Returns a tensor of ``q.shape`` in ``dtype`` (default: the original ``q.dtype``), computed in fp32 and
-    rounded once, so it equals bitsandbytes' ``dequantize_4bit`` of the same state. Pure tensor operations:
-    ``torch.compile(dequantize_nf4, fullgraph=True)`` works and makes one kernel. The math is in
-    ``kernels/nf4_reference.py`` (shared with the Triton kernel ``kernels/nf4_triton.py``).
+    rounded once, so it equals bitsandbytes' ``dequantize_4bit`` of the same state. It runs on the kernel
+    switch (``kernels.nf4_dequantize``): ``backend`` is "reference" | "triton" | "auto" | None, with the
+    precedence of ``kernels.lora_linear``; the math is in ``kernels/nf4_reference.py``, the Triton kernel in
+    ``kernels/nf4_triton.py``. On the reference, ``torch.compile(dequantize_nf4, fullgraph=True)`` works and
+    makes one kernel; the Triton kernel is one custom-op node there.
 
     Raises:
         TypeError, ValueError: ``q`` is not a consistent NF4Weight (``_check_nf4_weight`` lists what is
-            checked); ``dtype`` is not float32, bfloat16, float16 or float64.
+            checked); ``dtype`` is not float32, bfloat16, float16 or float64; an unknown backend, or an
+            explicit "triton" that cannot run here.
     """
     # The layout is checked always (free). The statistics' values only on the CPU: looking at them on a GPU
     # is a host sync that stalls its queue, which made eager dequantization of a 4096 x 4096 weight 1.8x
@@ -455,18 +459,22 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
     _check_nf4_weight(q)
     if dtype is not None:
         _check_out_dtype(dtype)
-    return _dequantize(q, q.dtype if dtype is None else dtype)
+    return _dequantize(q, q.dtype if dtype is None else dtype, backend)
 
 
-def _dequantize(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
-    """dequantize_nf4 without the checks, for a state checked when it was made (NF4Linear's forward)."""
+def kernel_arguments(q: NF4Weight) -> tuple[torch.Tensor | None, ...]:
+    """The state as the kernels take it: (codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values).
+
+    ``absmax`` is the fp32 absmax, or with double quantization its 8-bit codes; the tables come from the
+    per-device cache (``_codebooks``), and ``dq_values`` is None without double quantization.
+    """
     nf4_values, dq_values = _codebooks(q.codes.device)
     if q.double_quant:
-        absmax, scale, offset = q.absmax_codes, q.absmax_scale, q.absmax_offset
-    else:
-        absmax, scale, offset = q.absmax, None, None
-    flat = nf4_dequantize_reference(
-        q.codes, absmax, scale, offset, nf4_values, dq_values,
-        numel=q.numel, blocksize=q.blocksize, dq_blocksize=q.dq_blocksize, dtype=dtype,
-    )  # fmt: skip
+        return q.codes, q.absmax_codes, q.absmax_scale, q.absmax_offset, nf4_values, dq_values
+    return q.codes, q.absmax, None, None, nf4_values, None
+
+
+def _dequantize(q: NF4Weight, dtype: torch.dtype, backend: str | None = None) -> torch.Tensor:
+    """dequantize_nf4 without the value checks, for a state checked when it was made (NF4Linear)."""
+    flat = kernels.nf4_dequantize(*kernel_arguments(q), q.numel, q.blocksize, q.dq_blocksize, dtype, backend=backend)
     return flat.view(q.shape)

@@ -264,15 +264,21 @@ class LoraLinear(AdapterLayer):
             return self.base_layer(x)
         dtype = _compute_dtype(x)
         x = x.to(dtype)
-        weight = dense_weight(self.base_layer, dtype)  # (out, in), frozen
-        bias = self.base_layer.bias
-        bias = None if bias is None else bias.to(dtype)
-        first, *rest = pending
-        y = kernels.lora_linear(
-            x, weight, bias,
-            self.lora_A[first].weight.to(dtype), self.lora_B[first].weight.to(dtype),
-            self.scaling[first], self._dropout_mask(first, x),
-        )  # (…, out)
+        if isinstance(self.base_layer, nn.Linear):
+            weight = self.base_layer.weight.to(dtype)  # (out, in), frozen
+            bias = self.base_layer.bias
+            bias = None if bias is None else bias.to(dtype)
+            first, *rest = pending
+            y = kernels.lora_linear(
+                x, weight, bias,
+                self.lora_A[first].weight.to(dtype), self.lora_B[first].weight.to(dtype),
+                self.scaling[first], self._dropout_mask(first, x),
+            )  # (…, out)
+        else:
+            # A quantized base (NF4Linear, Int8Linear) runs its own autograd op, which keeps its packed codes
+            # for backward; a dense weight passed to kernels.lora_linear would be kept instead, and QLoRA would
+            # hold every layer's 16-bit weight until backward. Every adapter then adds its low-rank term.
+            y, rest = self.base_layer(x), pending  # (…, out)
         for name in rest:
             mask = self._dropout_mask(name, x)
             x_lora = x if mask is None else x * mask

@@ -1,0 +1,323 @@
+"""The 8-bit base: row-wise int8 against bitsandbytes (codes and absmax bit-identical), Int8Linear and LLM.int8()'s
+outlier decomposition against bitsandbytes' Linear8bitLt, its backward, and LoRA on an 8-bit base.
+
+bitsandbytes 0.50 on the CPU: ``int8_vectorwise_quant`` takes fp32/fp16/bf16 2-D tensors (its row statistics
+are taken along dim 1, so a 3-D tensor fails) and quantizes them as they are. ``Linear8bitLt`` quantizes its
+weight through fp16, and in eval mode multiplies with the int8 decomposition (``MatMul8bitLt``), casting the
+activations to fp16 for their quantization; in training mode on the CPU it dequantizes and runs a dense matmul
+instead (``MatMul8bitFp``). So the comparisons run in eval mode, bit for bit in fp16 and bf16 (bf16 → fp16 is
+exact for values in fp16's range), and to int8's rounding in fp32 (there bitsandbytes rounds to fp16 first).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+import torch.nn as nn
+from hypothesis import given
+from hypothesis import strategies as st
+from tolerances import assert_close, rel_error
+
+from minipeft import kernels
+from minipeft.quant import (
+    Int8Linear,
+    Int8Weight,
+    dequantize_int8,
+    int8_nbytes,
+    quantize_int8,
+    quantize_model,
+    weight_bytes_report,
+)
+from minipeft.quant.int8_linear import int8_matmul
+from minipeft.tuners import LoraConfig, LoraLinear, get_peft_model
+
+bnb = pytest.importorskip("bitsandbytes")
+bnb_F = bnb.functional
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "inputs will be cast to float16", on every call
+
+
+def weight(rows, cols, dtype, seed, zero_row=False, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * scale
+    if zero_row:
+        w[rows // 2] = 0  # absmax 0: codes 0, on both sides
+    return w.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The format: bit-identical with int8_vectorwise_quant
+# ----------------------------------------------------------------------------------------------------------
+@given(rows=st.integers(1, 67), cols=st.integers(1, 67), dtype=st.sampled_from(DTYPES), zero_row=st.booleans(),
+       scale=st.sampled_from([1e-3, 1.0, 300.0]))  # fmt: skip
+def test_codes_and_absmax_bit_identical_to_bitsandbytes(rows, cols, dtype, zero_row, scale):
+    w = weight(rows, cols, dtype, seed=rows * 100 + cols, zero_row=zero_row, scale=scale)
+    q = quantize_int8(w)
+    codes, absmax, _ = bnb_F.int8_vectorwise_quant(w.clone())
+    assert q.codes.dtype == torch.int8 and q.absmax.dtype == torch.float32 and q.dtype == dtype
+    assert torch.equal(q.codes, codes) and torch.equal(q.absmax, absmax)
+    assert q.codes.abs().max() <= 127
+    expected = torch.ops.bitsandbytes.int8_vectorwise_dequant(codes, absmax)  # fp32, bnb's arithmetic
+    assert torch.equal(dequantize_int8(q, torch.float32), expected)
+    assert torch.equal(dequantize_int8(q), expected.to(dtype))
+
+
+def test_error_is_at_most_half_a_step_per_row():
+    w = weight(13, 70, torch.float32, seed=0)
+    q = quantize_int8(w)
+    step = q.absmax[:, None] / 127  # (rows, 1)
+    assert ((dequantize_int8(q) - w).abs() <= step / 2 + 1e-7).all()
+    assert q.nbytes() == int8_nbytes(13, 70) == 13 * 70 + 4 * 13
+    assert abs(q.bits_per_parameter() - (8 + 32 / 70)) < 1e-9
+
+
+@pytest.mark.parametrize("make, error, words", [
+    (lambda: torch.randn(2, 3, 4), ValueError, "must be 2-D"),
+    (lambda: torch.randn(5), ValueError, "must be 2-D"),
+    (lambda: torch.ones(2, 3, dtype=torch.long), ValueError, "float32, bfloat16 or float16"),
+    (lambda: torch.zeros(0, 3), ValueError, "empty"),
+    (lambda: torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), ValueError, "NaN or inf .* index \\(0, 1\\)"),
+    (lambda: torch.tensor([[1.0, 2.0], [float("-inf"), 1.0]]), ValueError, "NaN or inf"),
+    (lambda: [[1.0]], TypeError, "must be a torch.Tensor"),
+])  # fmt: skip
+def test_bad_weights_raise(make, error, words):
+    with pytest.raises(error, match=words):
+        quantize_int8(make())
+
+
+def test_bad_int8_weights_raise():
+    q = quantize_int8(torch.randn(4, 6))
+    with pytest.raises(ValueError, match="q.absmax must be float32 of shape \\(4,\\)"):
+        dequantize_int8(Int8Weight(q.codes, q.absmax[:3], torch.float32))
+    with pytest.raises(ValueError, match="q.codes must be a 2-D int8"):
+        dequantize_int8(Int8Weight(q.codes.float(), q.absmax, torch.float32))
+    with pytest.raises(ValueError, match="q.absmax must be finite"):
+        dequantize_int8(Int8Weight(q.codes, torch.full((4,), float("nan")), torch.float32))
+    with pytest.raises(ValueError, match="dtype must be float32"):
+        dequantize_int8(q, torch.int8)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Int8Linear against Linear8bitLt (eval mode: the int8 decomposition)
+# ----------------------------------------------------------------------------------------------------------
+def bnb_layer(linear: nn.Linear, threshold: float) -> nn.Module:
+    layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                has_fp16_weights=False, threshold=threshold)  # fmt: skip
+    layer.load_state_dict(linear.state_dict())
+    return layer.to("cpu").eval()  # .to() quantizes the weight
+
+
+def activations(lead, cols, dtype, seed, n_outliers):
+    """Activations with a few large values planted: LLM.int8()'s outlier features (|x| ≥ 6)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, cols, generator=g) * 2
+    flat = x.view(-1, cols)
+    for k in range(n_outliers):
+        flat[(7 * k) % flat.shape[0], (5 * k + 3) % cols] = (-1) ** k * (6 + 3 * k)
+    return x.to(dtype)
+
+
+@given(out_features=st.integers(1, 40), in_features=st.integers(1, 70), lead=st.sampled_from([(1,), (5,), (2, 3)]),
+       threshold=st.sampled_from([0.0, 6.0]), n_outliers=st.integers(0, 3), dtype=st.sampled_from(DTYPES),
+       bias=st.booleans())  # fmt: skip
+def test_int8_linear_matches_bitsandbytes(out_features, in_features, lead, threshold, n_outliers, dtype, bias):
+    seed = out_features * 100 + in_features
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias).to(dtype)
+    ours = Int8Linear.from_linear(linear, threshold=threshold)
+    x = activations(lead, in_features, dtype, seed, n_outliers)
+    with torch.no_grad():
+        y, y_bnb = ours(x), bnb_layer(linear, threshold)(x)
+    assert y.shape == (*lead, out_features) and y.dtype == dtype
+    if dtype == torch.float32:  # bitsandbytes rounds the fp32 weight and activations to fp16 before quantizing
+        assert rel_error(y, y_bnb) < 1e-2, rel_error(y, y_bnb)
+    else:  # the same arithmetic, step for step: the same bits
+        assert torch.equal(y, y_bnb), (y - y_bnb).abs().max()
+
+
+def test_outlier_columns_go_through_16_bits():
+    """One activation of 100 in column 3: with threshold 6 that column is multiplied exactly (in x's dtype) and
+    the other columns keep a fine 8-bit scale; with threshold 0 the 100 sets every row's scale, and the small
+    values of that row are flattened to a few codes."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 16)
+    x = torch.randn(4, 64)
+    x[:, 3] = 100.0
+    dense = linear(x).detach()
+    with torch.no_grad():
+        err_mixed = rel_error(Int8Linear.from_linear(linear, threshold=6.0)(x), dense)
+        err_int8 = rel_error(Int8Linear.from_linear(linear, threshold=0.0)(x), dense)
+    assert err_mixed < err_int8 / 4, (err_mixed, err_int8)
+
+
+def test_int8_matmul_is_exact():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (5, 1100), generator=g, dtype=torch.int8)  # K·127² > 2²⁴: fp32 would round
+    b = torch.randint(-127, 128, (7, 1100), generator=g, dtype=torch.int8)
+    exact = (a.long() @ b.long().t()).to(torch.int32)
+    assert torch.equal(int8_matmul(a, b), exact)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backward: the codes are kept, not the dense weight
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_gradients_equal_the_dequantized_weight_and_saved_tensors_are_the_codes(threshold):
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(nn.Linear(48, 24), threshold=threshold)
+    layer.bias.requires_grad_(True)
+    x = activations((2, 3), 48, torch.float32, 0, 2).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert {(t.dtype, tuple(t.shape)) for t in saved} == {(torch.int8, (24, 48)), (torch.float32, (24,))}
+    assert_close(x.grad, dy @ layer.dequantize_weight())  # dx = dy·Ŵ
+    assert_close(layer.bias.grad, dy.sum((0, 1)))
+    assert not layer.codes.requires_grad
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The layer as a module: buffers, casts, loading, errors
+# ----------------------------------------------------------------------------------------------------------
+def test_state_dict_round_trip_and_casts_keep_the_format():
+    layer = Int8Linear.from_linear(nn.Linear(20, 12), threshold=0.0)
+    fresh = Int8Linear(20, 12, threshold=0.0)
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 20)
+    assert torch.equal(fresh(x), layer(x))
+    half = copy.deepcopy(layer).half()
+    assert half.codes.dtype == torch.int8 and half.absmax.dtype == torch.float32 and half.bias.dtype == torch.float16
+    with pytest.raises(RuntimeError, match="absmax: missing"):
+        Int8Linear(20, 12).load_state_dict({"codes": layer.codes, "bias": layer.bias})
+    with pytest.raises(RuntimeError, match="codes: expected torch.int8"):
+        Int8Linear(20, 12).load_state_dict({**layer.state_dict(), "codes": layer.codes.float()}, strict=False)
+    with pytest.raises(RuntimeError, match="weight: unexpected key"):
+        Int8Linear(20, 12).load_state_dict({**layer.state_dict(), "weight": torch.randn(12, 20)})
+    with pytest.raises(RuntimeError, match="absmax must be finite"):
+        Int8Linear(20, 12).load_state_dict({**layer.state_dict(), "absmax": torch.full((12,), float("inf"))})
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda: Int8Linear(8, 4, threshold=-1.0), ValueError, "threshold must be a finite number"),
+    (lambda: Int8Linear(8, 4, threshold=float("nan")), ValueError, "threshold must be a finite number"),
+    (lambda: Int8Linear(8, 4)(torch.ones(2, 8, dtype=torch.long)), TypeError, "floating dtype"),
+    (lambda: Int8Linear(8, 4)(torch.ones(2, 7)), ValueError, "expected \\(..., 8\\)"),
+    (lambda: Int8Linear(0, 4), ValueError, "in_features must be a positive int"),
+    (lambda: Int8Linear.from_linear(nn.Linear(4, 2).requires_grad_(False).apply(
+        lambda m: m.weight.fill_(float("nan")))), ValueError, "linear.weight contains NaN"),
+])  # fmt: skip
+def test_bad_arguments_raise(call, error, words):
+    with pytest.raises(error, match=words):
+        call()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# quantize_model(bits=8), LoRA on an 8-bit base: trains, merges, requantizes
+# ----------------------------------------------------------------------------------------------------------
+def test_quantize_model_bits_is_keyword_only_and_checked(tiny_model):
+    with pytest.raises(TypeError):
+        quantize_model(tiny_model, "all-linear", 64, True, 8)  # bits is keyword-only
+    with pytest.raises(ValueError, match="bits must be 4 \\(NF4\\) or 8 \\(int8\\), got 3"):
+        quantize_model(tiny_model, bits=3)
+    report = weight_bytes_report(tiny_model)
+    model = quantize_model(tiny_model, bits=8)
+    n_layers = tiny_model.config.n_layer
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 4 * n_layers
+    assert weight_bytes_report(model) == report and report["nf4_dq"] < report["int8"] < report["bf16"]
+    assert quantize_model(model, bits=4) is model  # already quantized: left as it is
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 4 * n_layers
+
+
+def _lora_on_8_bit(model):
+    pm = get_peft_model(quantize_model(model, bits=8), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    assert all(isinstance(m.base_layer, Int8Linear) for m in pm.modules() if isinstance(m, LoraLinear))
+    return pm
+
+
+def test_lora_on_an_8_bit_base_trains_and_merges(tiny_model):
+    pm = _lora_on_8_bit(tiny_model)
+    idx = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    with kernels.use_backend("reference"):
+        for _ in range(8):  # one batch, learned by heart: the loss must fall
+            _, loss = pm(idx[:, :-1], targets=idx[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert all(b.grad is None for b in pm.buffers())
+    layers = {name: m for name, m in pm.base_model.named_modules() if isinstance(m, LoraLinear)}
+    expected = {name: m.base_layer.dequantize_weight() + m.delta_weight("default") for name, m in layers.items()}
+    with torch.no_grad():
+        before, _ = pm(idx)
+        merged = pm.merge_and_unload()
+        after, _ = merged(idx)
+    assert not any(isinstance(m, Int8Linear | LoraLinear) for m in merged.modules())
+    for name, w in expected.items():  # W = Ŵ₀ + ΔW, in 16 bits, exactly
+        assert_close(merged.get_submodule(name).weight, w)
+    # the 8-bit model also rounds its activations to 8 bits (LLM.int8()), the merged dense model does not
+    assert rel_error(after, before) < 1e-2
+
+
+def test_merge_and_requantize_is_8_bit_again_and_reports_its_error(tiny_model):
+    pm = get_peft_model(quantize_model(tiny_model, bits=8, threshold=4.0),
+                        LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))  # fmt: skip
+    with torch.no_grad():
+        for m in pm.modules():
+            if isinstance(m, LoraLinear):
+                m.lora_B["default"].weight.mul_(0.05)
+    idx = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    model, report = pm.merge_and_requantize(idx)
+    int8_layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert len(int8_layers) == 4 * tiny_model.config.n_layer and all(m.threshold == 4.0 for m in int8_layers)
+    # Against the 8-bit adapted model both merges also differ by its 8-bit activations (LLM.int8()'s matmul)
+    assert 0 < report["dense_max_abs"] and 0 < report["requantized_max_abs"]
+    assert 0 < report["requantized_rel"] < 1e-2  # 255 levels per row: a small price
+
+
+def test_8_bit_lora_forward_compiles_without_graph_breaks():
+    """The outlier columns are found from the data, inside the op: Dynamo sees one node per layer."""
+    from minipeft.model import GPT, GPTConfig
+
+    dynamo.reset()
+    torch.manual_seed(0)
+    gpt = quantize_model(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=32)), bits=8)
+    pm = get_peft_model(gpt, LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False)).train()
+    idx = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with kernels.use_backend("reference"):
+        explanation = dynamo.explain(lambda i, t: pm(i, targets=t)[1])(idx, idx)
+    assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]
+    dynamo.reset()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU: the int8 GEMM (torch._int_mm) and the layer on CUDA
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("M,N,K", [(17, 8, 8), (4096, 4096, 4096), (5, 33, 70), (256, 768, 2304)])
+def test_int8_matmul_on_gpu_is_exact(M, N, K):
+    a = torch.randint(-127, 128, (M, K), dtype=torch.int8, device="cuda")
+    b = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda")
+    assert torch.equal(int8_matmul(a, b), (a.double() @ b.double().t()).to(torch.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_int8_linear_on_gpu_equals_cpu(dtype, threshold):
+    torch.manual_seed(0)
+    linear = nn.Linear(768, 2304).to(dtype)
+    layer = Int8Linear.from_linear(linear, threshold=threshold)
+    x = activations((8, 64), 768, dtype, 0, 3)
+    with torch.no_grad():
+        assert_close(copy.deepcopy(layer).cuda()(x.cuda()).cpu(), layer(x), scale=10)  # GEMM order differs
