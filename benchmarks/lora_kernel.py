@@ -133,7 +133,8 @@ def check(fwd: dict, fb: dict, t: dict) -> dict:
     for k, f in fb.items():
         if k != "floor":
             grads = f()
-            err[f"grad_{k}"] = max(((g.float() - r).norm() / r.norm()).item() for g, r in zip(grads, ref_grads))
+            err[f"grad_{k}"] = max(((g.float() - r).norm() / r.norm()).item()
+                                   for g, r in zip(grads, ref_grads, strict=True))
     return err
 
 
@@ -174,7 +175,7 @@ def main() -> None:
 
     def ratio_cell(key, kind, name, base, timer) -> str:
         s = samples[key]
-        ratios = [v / b for v, b in zip(s[f"{kind}_{name}_{timer}"], s[f"{kind}_{base}_{timer}"])]
+        ratios = [v / b for v, b in zip(s[f"{kind}_{name}_{timer}"], s[f"{kind}_{base}_{timer}"], strict=True)]
         spread = max(ratios) / min(ratios) - 1
         return f"{statistics.median(ratios):.2f} ±{spread * 100:.0f}%"
 

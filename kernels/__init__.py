@@ -17,7 +17,8 @@ A backend name is a promise:
     (no Triton, CPU tensors without ``TRITON_INTERPRET=1`` set before ``import minipeft``, float64, bf16 in
     the interpreter) it raises a ValueError that says why.
   - "auto": on CUDA, the route that measured fastest for the shape and device (kernels/lora_routes.py: the
-    reference's ops, cuBLAS routes, a merged-weight cache or the Triton kernels; its docstring has the table).
+    reference's ops, cuBLAS routes, a merged-weight cache or the Triton kernels; its docstring has the table;
+    while torch.compile traces, the choice uses shapes only and training calls take the Triton op).
     Everywhere else (CPU tensors, interpreter or not; float64; no Triton) the reference.
 
 Which backend runs, first match wins:
@@ -49,17 +50,17 @@ from .nf4_reference import nf4_dequantize_reference
 from .triton_interpreter import INTERPRETING as _INTERPRETING  # TRITON_INTERPRET, read once for the package
 
 try:  # Triton is optional: the reference backend needs torch alone.
-    from . import lora_routes, lora_triton
+    from . import lora_routes, lora_triton, nf4_lora_triton
     from .nf4_triton import nf4_dequantize_triton
 
     _TRITON_IMPORT_ERROR: str | None = None
 except Exception as e:  # ImportError, or a Triton that fails at import on this platform
-    lora_triton = lora_routes = None  # type: ignore[assignment]
+    lora_triton = lora_routes = nf4_lora_triton = None  # type: ignore[assignment]
     nf4_dequantize_triton = None  # type: ignore[assignment]
     _TRITON_IMPORT_ERROR = f"triton cannot be imported ({type(e).__name__}: {e})"
 
 __all__ = ["lora_linear", "set_backend", "use_backend", "get_backend", "available_backends", "BACKENDS",
-           "nf4_dequantize_reference", "nf4_dequantize_triton", "nf4_dequantize", "nf4_linear"]
+           "nf4_dequantize_reference", "nf4_dequantize_triton", "nf4_dequantize", "nf4_linear", "nf4_lora_linear"]
 
 BACKENDS = ("auto", "reference", "triton")
 ENV_VAR = "MINIPEFT_KERNEL"
@@ -404,6 +405,33 @@ def nf4_dequantize(
                                    numel, blocksize, dq_blocksize, dtype)  # fmt: skip
 
 
+def _check_nf4_layer(x, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, bias, out_features,
+                     in_features, blocksize, dq_blocksize) -> None:  # fmt: skip
+    """The checks of ``nf4_linear``'s arguments (``nf4_lora_linear`` makes them too)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {_describe(x)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x has dtype {x.dtype}; expected a floating dtype (float16, bfloat16, float32, float64)")
+    for name, v in (("out_features", out_features), ("in_features", in_features)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {_describe(v)}")
+    _check_nf4_state(codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, out_features * in_features,
+                     blocksize, dq_blocksize)  # fmt: skip
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x has shape {tuple(x.shape)}; expected (..., {in_features}) to match the weight "
+                         f"(out, in) = ({out_features}, {in_features})")  # fmt: skip
+    if x.device != codes.device:
+        raise ValueError(f"x is on {x.device} but the NF4 codes are on {codes.device}; move them together")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be None or a torch.Tensor, got {_describe(bias)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but x has {x.dtype}; pass bias.to(x.dtype)")
+        if bias.shape != (out_features,) or bias.device != x.device:
+            raise ValueError(f"bias must have shape ({out_features},) on {x.device}, got {tuple(bias.shape)} on "
+                             f"{bias.device}")  # fmt: skip
+
+
 def nf4_linear(
     x: torch.Tensor,
     codes: torch.Tensor,
@@ -429,28 +457,57 @@ def nf4_linear(
         ValueError: x, bias or the state do not fit ``(out_features, in_features)`` and ``blocksize``, or sit
             on other devices; an unknown backend, or an explicit "triton" that cannot run here.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {_describe(x)}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"x has dtype {x.dtype}; expected a floating dtype (float16, bfloat16, float32, float64)")
-    for name, v in (("out_features", out_features), ("in_features", in_features)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name} must be a positive int, got {_describe(v)}")
-    _check_nf4_state(codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, out_features * in_features,
-                     blocksize, dq_blocksize)  # fmt: skip
-    if x.dim() < 1 or x.shape[-1] != in_features:
-        raise ValueError(f"x has shape {tuple(x.shape)}; expected (..., {in_features}) to match the weight "
-                         f"(out, in) = ({out_features}, {in_features})")  # fmt: skip
-    if x.device != codes.device:
-        raise ValueError(f"x is on {x.device} but the NF4 codes are on {codes.device}; move them together")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be None or a torch.Tensor, got {_describe(bias)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias has dtype {bias.dtype} but x has {x.dtype}; pass bias.to(x.dtype)")
-        if bias.shape != (out_features,) or bias.device != x.device:
-            raise ValueError(f"bias must have shape ({out_features},) on {x.device}, got {tuple(bias.shape)} on "
-                             f"{bias.device}")  # fmt: skip
+    _check_nf4_layer(x, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, bias, out_features,
+                     in_features, blocksize, dq_blocksize)  # fmt: skip
     route = _nf4_route(backend, "nf4_linear(backend=...)", x.device, x.dtype)
     return nf4_autograd.nf4_linear_op(x, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, bias,
                                       out_features, in_features, blocksize, dq_blocksize, route)  # fmt: skip
+
+
+def nf4_lora_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax_scale: torch.Tensor | None,
+    absmax_offset: torch.Tensor | None,
+    nf4_values: torch.Tensor,
+    dq_values: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    dq_blocksize: int,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_mask: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """y = x·Ŵᵀ + bias + scaling·((x ⊙ mask)·Aᵀ)·Bᵀ: a LoRA adapter on an NF4 weight (a QLoRA layer).
+
+    The arguments of ``nf4_linear`` then those of ``lora_linear`` (lora_A (r, in), lora_B (out, r), scaling,
+    dropout_mask shaped like x). What each backend runs:
+      "reference": ``nf4_linear`` on the reference dequantization, plus the reference's low-rank term.
+      "triton":    kernels/nf4_lora_triton.py on every call: one Triton GEMM for y and one for dX, each reading
+                   the 4-bit codes and dequantizing in registers, with the low-rank term in its epilogue; the
+                   LoRA kernels for S, G, dA and dB. A ValueError says why where it cannot run.
+      "auto":      on CUDA, ``nf4_linear`` with the Triton dequantization and a cuBLAS GEMM, plus the low-rank
+                   term as torch ops (the fused kernel is not measured against it yet); the reference elsewhere.
+    Gradients reach x, lora_A, lora_B and a bias that requires one; backward keeps the 4-bit state, never Ŵ.
+    """
+    name = get_backend() if backend is None else _check_name(backend, "nf4_lora_linear(backend=...)")
+    _check_nf4_layer(x, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, bias, out_features,
+                     in_features, blocksize, dq_blocksize)  # fmt: skip
+    # lora_linear's checks of the adapter, against a stand-in for Ŵ's shape (a stride-0 view: no memory)
+    _validate(x, x.new_empty(()).expand(out_features, in_features), bias, lora_A, lora_B, scaling, dropout_mask)
+    if name == "triton":
+        why_not = _triton_unavailable(x.device, x.dtype) or _nf4_triton_unavailable(x.device, x.dtype)
+        if why_not:
+            raise ValueError(f"the triton kernel backend cannot run here: {why_not}")
+        state = (codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values)
+        return nf4_lora_triton.nf4_lora_linear(x, state, bias, lora_A, lora_B, float(scaling), dropout_mask,
+                                               out_features, in_features, blocksize, dq_blocksize)
+    y = nf4_linear(x, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, bias, out_features,
+                   in_features, blocksize, dq_blocksize, backend=name)  # fmt: skip
+    x_lora = x if dropout_mask is None else x * dropout_mask
+    return y + scaling * torch.nn.functional.linear(torch.nn.functional.linear(x_lora, lora_A), lora_B)

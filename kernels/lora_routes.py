@@ -8,21 +8,28 @@ cache (LoRA: https://arxiv.org/abs/2106.09685).
 
     y = x·Wᵀ + bias + scaling·((x ⊙ mask)·Aᵀ)·Bᵀ
 
-What "auto" runs for CUDA tensors (``choose_path``; "floor" = a frozen layer's forward + dX GEMM; H100,
-2026-11-24, bf16, K = N = 4096, r = 16, benchmarks/RESULTS.md, unless said otherwise):
+What "auto" runs for CUDA tensors (``choose_path``; "floor" = a frozen layer's forward + dX GEMM; bf16, r = 16;
+benchmarks/RESULTS.md: H200 2026-12-02 at GPT-2 widths, H100 2026-11-24 at K = N = 4096):
 
 | the call                                                   | route       | measured                                 |
 |------------------------------------------------------------|-------------|------------------------------------------|
-| no gradient wanted, no mask, W' cached (2nd call, 1 state) | "merged"    | fwd 0.99-1.00× base (M ≤ 256),            |
-|                                                            |             | 1.06-1.12× (M ≥ 4096)                    |
-| no gradient wanted: 1st call with a state, a mask, or the  | "cublas"    | fwd 1.30-2.35× base, no autograd graph   |
-| cache's byte budget full                                   |             |                                          |
-| gradient wanted, M < FUSED_MIN_ROWS                        | "unfused"   | fwd+bwd 1.60× floor at M = 4096 (cublas  |
-|                                                            |             | 2.20×, fused_tma 3.99×): host-bound      |
-| gradient wanted, M ≥ FUSED_MIN_ROWS, fp16/bf16, TMA-ready  | "fused_tma" | fwd+bwd 1.17-1.18× floor at M = 16384    |
-| (Hopper, unit last stride, 16-byte rows)                   |             | (unfused 1.42×, cublas 1.24×)            |
-| gradient wanted, M ≥ FUSED_MIN_ROWS, otherwise (fp32,      | "cublas"    | fwd+bwd 1.24× floor at M = 16384         |
-| before Hopper, other strides)                              |             |                                          |
+| eager, no gradient wanted, no mask, W' cached (2nd call    | "merged"    | fwd 0.99-1.02× base, GPU time, every M   |
+| with one adapter state)                                    |             | and width (H200)                         |
+| eager, no gradient wanted: 1st call with a state, a mask,  | "cublas"    | fwd 1.30-2.35× base, no autograd graph   |
+| or the cache's byte budget full                            |             | (H100)                                   |
+| eager, gradient wanted, M < FUSED_MIN_ROWS                 | "unfused"   | host-bound: fwd+bwd 1.60× floor at M =   |
+|                                                            |             | 4096 (cublas 2.20×, fused_tma 3.99×;     |
+|                                                            |             | H100, host included)                     |
+| eager, gradient wanted, M ≥ FUSED_MIN_ROWS, fp16/bf16,     | "fused_tma" | fwd+bwd 1.17× floor at 4096², M = 16384; |
+| TMA-ready (Hopper, unit last stride, 16-byte rows)         |             | 1.45× at 768 → 2304 (reference 2.27×)    |
+| eager, gradient wanted, M ≥ FUSED_MIN_ROWS, otherwise      | "cublas"    | fwd+bwd 1.24× floor at M = 16384 (H100)  |
+| (fp32, before Hopper, other strides)                       |             |                                          |
+| torch.compile tracing, gradient wanted,                    | "triton"    | GPU time (graphs replay the launches):   |
+| M ≥ COMPILED_FUSED_MIN_ROWS                                | (the op)    | fwd+bwd 1.44-2.17× floor at GPT-2 widths |
+|                                                            |             | against reference 2.0-2.7×, cublas       |
+|                                                            |             | 1.75-1.96× (M 4096-16384); a GPT-2-small |
+|                                                            |             | step 1.07× the reference's (H200)        |
+| torch.compile tracing, otherwise                           | "unfused"   | Inductor fuses the reference's ops       |
 
 CPU tensors, float64 and a missing Triton never reach this module: ``kernels.lora_linear`` sends them to the
 reference. The pointer-load Triton route ("fused") is never chosen (1.37-1.45× the floor at M = 16384 on the
@@ -51,7 +58,8 @@ import torch.utils.weak
 from . import lora_triton, reference
 from .triton_interpreter import INTERPRETING
 
-__all__ = ["FUSED_MIN_ROWS", "COMPILED_FUSED_MIN_ROWS", "MERGED_CACHE_BYTES", "PATHS", "choose_path", "clear_cache", "lora_linear"]
+__all__ = ["FUSED_MIN_ROWS", "COMPILED_FUSED_MIN_ROWS", "MERGED_CACHE_BYTES", "PATHS", "choose_path", "clear_cache",
+           "lora_linear"]
 
 # From this many rows on, a training call runs the persistent TMA kernels. Below it a training step is
 # host-bound: H100, bf16 K = N = 4096, r = 16 (benchmarks/RESULTS.md): at M = 4096 forward+backward costs
@@ -62,8 +70,10 @@ __all__ = ["FUSED_MIN_ROWS", "COMPILED_FUSED_MIN_ROWS", "MERGED_CACHE_BYTES", "P
 # (768 → 2304: fused_tma 7.76× vs unfused 3.39× at M = 16384): re-measure before trusting this at small widths.
 FUSED_MIN_ROWS = 8192
 
-# Under torch.compile the host cost per launch is paid once per graph (or never, replayed as a CUDA graph), so
-# the GPU time decides: from this many rows on, training calls run the Triton op.
+# Under torch.compile with CUDA graphs the host cost of a launch is paid once, at recording, so the GPU time
+# decides: from this many rows on, training calls run the Triton op. Measured on the H200 (2026-12-02, GPU time):
+# the Triton op beats the reference at M = 4096-16384 at every GPT-2 width, and ties it at M = 256 (3.72× vs 3.73×
+# the floor at 768 → 2304); 1024 sits between the measured rows.
 COMPILED_FUSED_MIN_ROWS = 1024
 
 # The merged-weight cache (inference): one (N, K) copy of W per cached layer, at most this many bytes in all.

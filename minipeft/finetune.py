@@ -7,8 +7,10 @@ Scaling out goes through torch.distributed, not through anything home-made:
   of the parameters that require them, that is the adapter's only: the frozen base is never synchronised.
 - FSDP2 (`--fsdp`): `torch.distributed.fsdp.fully_shard` shards every block, the GPT and the wrapper, so
   each rank stores 1/N of every parameter, frozen or not, and all-gathers a block's weights just before
-  it runs. That is what lets a base too large for one GPU be adapted. Paper: Zhao et al. 2023, PyTorch FSDP,
-  https://arxiv.org/abs/2304.11277.
+  it runs (and again for backward). That is what lets a base too large for one GPU be adapted. A 4-bit
+  base (QLoRA) is sharded too, as whole quantization blocks: its packed state is first re-held as frozen
+  uint8 parameters, one row per block (minipeft/quant/nf4_blocks.py). Paper: Zhao et al. 2023, PyTorch
+  FSDP, https://arxiv.org/abs/2304.11277.
 
 Whatever the layout, rank 0 alone writes the result (the adapter, or for full fine-tuning the model),
 atomically, after the weights were gathered; a file written by N ranks loads into a 1-process model.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -27,8 +30,12 @@ from minipeft.data import load_task, task_batch, task_loss
 from minipeft.evaluate import evaluate
 from minipeft.methods import METHODS
 from minipeft.pretrain import load_base
+from minipeft.quant import NF4Linear
 from minipeft.tokenizer import ByteTokenizer
 from minipeft.train import TrainConfig, resolve_device, train
+
+if TYPE_CHECKING:  # torch builds without distributed support lack torch.distributed.fsdp
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
 
 def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
@@ -44,16 +51,32 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def shard_fsdp(model: torch.nn.Module) -> None:
-    """FSDP2: shard each transformer block, then the GPT, then the wrapper (each is one all-gather unit)."""
-    from torch.distributed.fsdp import fully_shard  # here: torch builds without distributed support lack it
+def shard_fsdp(model: torch.nn.Module, mp_policy: MixedPrecisionPolicy | None = None) -> None:
+    """FSDP2: shard each transformer block, then the GPT, then the wrapper (each is one all-gather unit).
 
+    Every NF4Linear first re-holds its 4-bit state as frozen uint8 parameters of whole quantization blocks
+    (``NF4Linear.to_block_parameters``): FSDP2 shards parameters, never buffers, so each rank keeps ≈ 1/N of
+    the 4-bit weight and a block's unit all-gathers its layers' codes and statistics for forward and again
+    for backward. ``mp_policy`` (a ``torch.distributed.fsdp.MixedPrecisionPolicy``; None: no casts) applies
+    to every unit; its ``param_dtype`` casts floating parameters only, and the NF4 statistics travel as bytes,
+    so a bf16 policy leaves the fp32 absmax exact.
+    """
+    # here: torch builds without distributed support lack torch.distributed.fsdp
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if mp_policy is not None and not isinstance(mp_policy, MixedPrecisionPolicy):
+        raise TypeError(f"mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy or None, got "
+                        f"{type(mp_policy).__name__}")  # fmt: skip
+    for layer in model.modules():
+        if isinstance(layer, NF4Linear):
+            layer.to_block_parameters()
+    policy = MixedPrecisionPolicy() if mp_policy is None else mp_policy
     gpt = model.base_model if hasattr(model, "base_model") else model
     for block in gpt.transformer.h:
-        fully_shard(block)
+        fully_shard(block, mp_policy=policy)
     if gpt is not model:
-        fully_shard(gpt)  # its own unit, so that GPT.generate (which calls the GPT directly) gathers it
-    fully_shard(model)
+        fully_shard(gpt, mp_policy=policy)  # its own unit, so that GPT.generate (which calls the GPT) gathers it
+    fully_shard(model, mp_policy=policy)
 
 
 def finetune(method: str, task_name: str = "sentiment", steps: int = 150, lr: float | None = None,

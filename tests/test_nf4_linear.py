@@ -295,3 +295,84 @@ def test_load_refuses_bad_values_and_leaves_the_layer_as_it_was(double_quant, sp
         assert torch.equal(v, before[k]), k
     layer.load_state_dict(good.state_dict(), strict=strict)  # and a good state still loads
     assert torch.equal(layer.dequantize_weight(), good.dequantize_weight())
+
+
+# ---- the block layout (what FSDP2 shards; tests/test_fsdp_nf4.py shards it) ----------------------------------
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_block_layout_holds_whole_blocks_and_computes_the_same_bits(double_quant):
+    torch.manual_seed(0)
+    linear = nn.Linear(70, 33)  # 2310 weights: 37 blocks of 64, the last one partial, and an odd count
+    flat = NF4Linear.from_linear(linear, double_quant=double_quant)
+    layer = NF4Linear.from_linear(linear, double_quant=double_quant).to_block_parameters()
+    assert layer.to_block_parameters() is layer and layer.holds_blocks  # a second call does nothing
+    held = {n: (p.dtype, tuple(p.shape)) for n, p in layer.named_parameters() if n != "bias"}
+    if double_quant:  # one row per block; the fp32 scale as its 4 bytes; the 0-dim offset stays a buffer
+        assert held == {"codes": (torch.uint8, (37, 32)), "absmax_codes": (torch.uint8, (37,)),
+                        "absmax_scale": (torch.uint8, (1, 4))}  # fmt: skip
+        assert {n for n, _ in layer.named_buffers()} == {"absmax_offset"}
+    else:
+        assert held == {"codes": (torch.uint8, (37, 32)), "absmax": (torch.uint8, (37, 4))}
+    assert not any(p.requires_grad for p in layer.parameters())
+    for name, t in flat.nf4_weight().tensors().items():  # the same state, bit for bit
+        assert torch.equal(getattr(layer.nf4_weight(), name), t), name
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(4, 70, dtype=dtype)
+        assert torch.equal(layer(x), flat(x))
+    layer.half()  # a dtype cast leaves the packed state alone in this layout too
+    assert torch.equal(layer.dequantize_weight(), flat.dequantize_weight())
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_block_layout_state_dict_loads_both_ways(tmp_path, double_quant):
+    """Today's flat checkpoints load into the block layout, and a block-layout state_dict (a sharded model's,
+    gathered) loads into a flat layer; a flat layer's state_dict is unchanged."""
+    torch.manual_seed(0)
+    linear = nn.Linear(70, 33)
+    flat = NF4Linear.from_linear(linear, double_quant=double_quant)
+    blocks = NF4Linear.from_linear(linear, double_quant=double_quant).to_block_parameters()
+    assert flat.state_dict().keys() == blocks.state_dict().keys()
+    path = tmp_path / "flat.safetensors"
+    save_file(flat.state_dict(), str(path))
+    into_blocks = NF4Linear(70, 33, double_quant=double_quant).to_block_parameters()
+    into_blocks.load_state_dict(load_file(str(path)))
+    into_flat = NF4Linear(70, 33, double_quant=double_quant)
+    into_flat.load_state_dict(blocks.state_dict())
+    for layer in (into_blocks, into_flat):
+        assert torch.equal(layer.dequantize_weight(), flat.dequantize_weight())
+    for name, t in into_flat.state_dict().items():  # the flat layout, exactly as a freshly quantized layer's
+        assert t.dtype == flat.state_dict()[name].dtype and torch.equal(t, flat.state_dict()[name]), name
+
+
+def test_block_layout_loading_stays_strict():
+    dq = NF4Linear.from_linear(nn.Linear(32, 16))
+    layer = NF4Linear(32, 16).to_block_parameters()
+    with pytest.raises(RuntimeError, match=r"codes: expected torch.uint8 of shape \(256,\)"):
+        layer.load_state_dict({**dq.state_dict(), "codes": dq.codes.float()})
+    with pytest.raises(RuntimeError, match="absmax_scale must be finite"):
+        layer.load_state_dict(_nan_scale(dq.state_dict()))
+    wrong_blocksize = NF4Linear.from_linear(nn.Linear(32, 16), blocksize=32).to_block_parameters()
+    with pytest.raises(RuntimeError, match="codes: expected"):
+        layer.load_state_dict(wrong_blocksize.state_dict())
+    assert torch.equal(layer.codes, torch.zeros_like(layer.codes))  # nothing copied from a refused state
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_lora_attaches_to_block_layers_and_counts_them_as_weights(double_quant):
+    """After to_block_parameters (what shard_fsdp does) an adapter still attaches on the layer's device, and the
+    parameter count is the same: a quantized weight counts as out·in entries, not as its packed bytes."""
+    from minipeft import GPT, GPTConfig, LoraConfig, get_peft_model
+
+    counts = []
+    for blocks in (False, True):
+        torch.manual_seed(0)
+        gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, block_size=16))
+        quantize_model(gpt, "all-linear", blocksize=64, double_quant=double_quant)
+        if blocks:
+            for m in gpt.modules():
+                if isinstance(m, NF4Linear):
+                    m.to_block_parameters()
+        pm = get_peft_model(gpt, LoraConfig(r=2, target_modules="all-linear"))
+        counts.append(pm.get_nb_trainable_parameters())
+    assert counts[0] == counts[1]

@@ -14,7 +14,7 @@ from minipeft.checkpoint import check_output_dir
 from minipeft.data import load_task, task_batch
 from minipeft.model import GPT, GPTConfig
 from minipeft.tokenizer import ByteTokenizer
-from minipeft.train import TrainConfig, lr_at, train
+from minipeft.train import TrainConfig, _padded_length, lr_at, pad_batch, train
 from minipeft.tuners import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
 
 
@@ -159,3 +159,29 @@ def test_fully_frozen_model_is_a_clear_error():
 def test_bad_train_config(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         TrainConfig(**bad)
+
+
+def test_padding_for_static_shapes_leaves_the_loss_and_gradients_unchanged():
+    """A compiled run pads each batch to a multiple of pad_multiple tokens (CUDA graphs replay fixed shapes):
+    masked positions that predict nothing, so the loss and the gradients are those of the unpadded batch."""
+    model = get_peft_model(tiny_gpt(), LoraConfig(r=2, init_lora_weights=False))
+    idx, targets, mask = next(iter([sentiment_batches()(torch.Generator().manual_seed(0))]))
+    T = idx.shape[1]
+    length = _padded_length(model, T, 32)
+    assert T % 32 and length == -(-T // 32) * 32 <= 96, (T, length)
+    losses, grads = [], []
+    for batch in ((idx, targets, mask), pad_batch(idx, targets, mask, length)):
+        model.zero_grad(set_to_none=True)
+        loss = model(batch[0], targets=batch[1], attention_mask=batch[2], return_logits=False)[1]
+        loss.backward()
+        losses.append(loss)
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    assert_close(losses[1], losses[0])
+    for padded, plain in zip(*grads, strict=True):
+        assert_close(padded, plain)
+    # never past the positions left: block_size 96 minus 10 virtual tokens of a soft prompt
+    prompt = get_peft_model(tiny_gpt(), PromptTuningConfig(num_virtual_tokens=10))
+    assert _padded_length(prompt, 70, 64) == 86 and _padded_length(prompt, 64, 64) == 64
+    assert _padded_length(model, 70, 1) == 70
+    with pytest.raises(ValueError, match="compile_mode"):
+        TrainConfig(compile_mode="fast")

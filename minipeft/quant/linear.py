@@ -12,7 +12,6 @@ QLoRA: https://arxiv.org/abs/2305.14314. ``quantize_model`` swaps a model's nn.L
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -32,10 +31,12 @@ from .nf4 import (
     _check_quantizable,
     _codebooks,
     _dequantize,
+    _state_layout,
     kernel_arguments,
     nf4_nbytes,
     quantize_nf4,
 )
+from .nf4_blocks import SHARDED_FIELDS, from_blocks, to_blocks
 from .quantized_linear import QuantizedLinear
 
 __all__ = ["NF4Linear", "quantize_model", "weight_bytes_report"]
@@ -59,6 +60,10 @@ class NF4Linear(QuantizedLinear):
     Example: 4096 → 4096 with blocksize 64 and double quantization holds 8 MiB of codes, 256 KiB of absmax
     codes and 4 KiB of scales instead of 32 MiB of bf16. Device moves, dtype casts and strict loading: see
     ``QuantizedLinear``.
+
+    For FSDP2, ``to_block_parameters()`` re-holds the state as frozen uint8 parameters with one row per
+    quantization block (minipeft/quant/nf4_blocks.py), which ``fully_shard`` splits between the ranks
+    (``minipeft.finetune.shard_fsdp`` does both).
     """
 
     _ALL_STATE_NAMES = tuple(dict.fromkeys(_DQ_KEYS + _PLAIN_KEYS))
@@ -81,17 +86,10 @@ class NF4Linear(QuantizedLinear):
         self.blocksize = blocksize
         self.double_quant = double_quant
         self.weight_dtype = weight_dtype  # the dtype the weight had; dequantize_weight()'s default
-        numel = in_features * out_features
-        n_blocks = math.ceil(numel / blocksize)
+        self.holds_blocks = False  # True after to_block_parameters(): the layout FSDP2 shards
         # Zeros, not torch.empty: an NF4Linear built directly (to load a checkpoint into) never holds garbage.
-        self.register_buffer("codes", torch.zeros((numel + 1) // 2, dtype=torch.uint8, device=device))
-        if double_quant:
-            self.register_buffer("absmax_codes", torch.zeros(n_blocks, dtype=torch.uint8, device=device))
-            n_scales = math.ceil(n_blocks / DQ_BLOCKSIZE)
-            self.register_buffer("absmax_scale", torch.zeros(n_scales, dtype=torch.float32, device=device))
-            self.register_buffer("absmax_offset", torch.zeros((), dtype=torch.float32, device=device))
-        else:
-            self.register_buffer("absmax", torch.zeros(n_blocks, dtype=torch.float32, device=device))
+        for name, (dtype, shape, _why) in self._flat_layout().items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False)
         else:
@@ -122,9 +120,61 @@ class NF4Linear(QuantizedLinear):
     def _state_kind(self) -> str:
         return "double-quant NF4" if self.double_quant else "plain NF4"
 
+    def _flat_layout(self) -> dict[str, tuple[torch.dtype, tuple[int, ...], str]]:
+        """The state as ``NF4Weight`` lays it out (and checkpoints store it): (dtype, shape, why) by field."""
+        return _state_layout(self.in_features * self.out_features, self.blocksize, self.double_quant, DQ_BLOCKSIZE)
+
+    # ---- the block layout (what FSDP2 shards) ---------------------------------------------------------
+    def to_block_parameters(self) -> NF4Linear:
+        """Re-hold the packed state, in place, as frozen uint8 parameters with one row per quantization block;
+        returns self. Calling it again does nothing.
+
+        FSDP2 shards parameters along dim 0 and never buffers, and a bf16 ``MixedPrecisionPolicy`` casts every
+        floating parameter it gathers: in this layout a dim-0 shard is whole blocks with their statistics, and
+        the fp32 statistics travel as bytes that no cast touches (the table and the reasons:
+        minipeft/quant/nf4_blocks.py). The weight is the same bit for bit; ``forward``, ``lora_forward`` and
+        ``dequantize_weight`` read it through views. ``state_dict`` then holds the block layout (the shapes of
+        the parameters, as FSDP2's and torch.distributed.checkpoint's machinery expects), and
+        ``load_state_dict`` takes either layout, here and on a flat layer. Load a checkpoint before sharding:
+        a sharded layer's parameters are DTensors, which this layer does not load into.
+        """
+        if self.holds_blocks:
+            return self
+        numel = self.in_features * self.out_features
+        for name in self._state_names():
+            if name in SHARDED_FIELDS:
+                held = to_blocks(name, self._buffers.pop(name), numel, self.blocksize)
+                self.register_parameter(name, nn.Parameter(held, requires_grad=False))
+        self.holds_blocks = True
+        return self
+
+    def _saved_layout(self, name: str) -> tuple[torch.dtype, torch.Size]:
+        dtype, shape, _why = self._flat_layout()[name]
+        return dtype, torch.Size(shape)
+
+    def _block_layout(self, name: str) -> tuple[torch.dtype, torch.Size]:
+        dtype, shape, _why = self._flat_layout()[name]
+        held = to_blocks(name, torch.empty(shape, dtype=dtype, device="meta"), self.in_features * self.out_features,
+                         self.blocksize)  # fmt: skip
+        return held.dtype, held.shape
+
+    def _to_saved(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        # a state_dict of a layer in the block layout (say, gathered from an FSDP2-sharded model) loads too
+        if name in SHARDED_FIELDS and (t.dtype, t.shape) == self._block_layout(name):
+            return from_blocks(name, t, self.in_features * self.out_features)
+        return t
+
+    def _to_held(self, name: str, saved: torch.Tensor) -> torch.Tensor:
+        if self.holds_blocks and name in SHARDED_FIELDS:
+            return to_blocks(name, saved, self.in_features * self.out_features, self.blocksize)
+        return saved
+
     def nf4_weight(self) -> NF4Weight:
-        """The buffers as an ``NF4Weight`` (no copy)."""
+        """The state as an ``NF4Weight`` (no copy: in the block layout, flat views of the parameters)."""
         state = {name: getattr(self, name) for name in self._state_names()}
+        if self.holds_blocks:
+            numel = self.in_features * self.out_features
+            state = {name: from_blocks(name, t, numel) for name, t in state.items()}
         return NF4Weight(shape=torch.Size((self.out_features, self.in_features)), dtype=self.weight_dtype,
                          blocksize=self.blocksize, **state)  # fmt: skip
 
@@ -150,10 +200,21 @@ class NF4Linear(QuantizedLinear):
         return kernels.nf4_linear(x, *kernel_arguments(q), bias, self.out_features, self.in_features,
                                   self.blocksize, q.dq_blocksize)  # fmt: skip
 
+    def lora_forward(self, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                     dropout_mask: torch.Tensor | None) -> torch.Tensor:
+        """This layer plus a LoRA adapter's term, x (..., in) → (..., out), through ``kernels.nf4_lora_linear``:
+        on the "triton" backend one fused kernel reads the 4-bit codes and adds the low-rank term in its
+        epilogue (kernels/nf4_lora_triton.py). ``LoraLinear`` calls it on an NF4 base; x is in the compute dtype."""
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        q = self.nf4_weight()
+        return kernels.nf4_lora_linear(x, *kernel_arguments(q), bias, self.out_features, self.in_features,
+                                       self.blocksize, q.dq_blocksize, lora_A, lora_B, scaling, dropout_mask)
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, blocksize={self.blocksize}, double_quant={self.double_quant}"
+            + (", holds_blocks=True" if self.holds_blocks else "")
         )
 
     # ---- device moves (QuantizedLinear keeps the dtypes) ---------------------------------------------

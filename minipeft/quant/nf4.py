@@ -361,6 +361,24 @@ def _check_out_dtype(dtype: torch.dtype) -> None:
                          "weight holds fractions that an integer dtype would truncate")  # fmt: skip
 
 
+def _state_layout(
+    numel: int, blocksize: int, double_quant: bool, dq_blocksize: int = DQ_BLOCKSIZE
+) -> dict[str, tuple[torch.dtype, tuple[int, ...], str]]:
+    """The state tensors of ``numel`` weights, by field name: (dtype, shape, why that shape). What
+    ``quantize_nf4`` makes, written down once for what checks a state (``_check_nf4_weight``, NF4Linear's
+    loading) or allocates one (``NF4Linear``)."""
+    n_blocks = -(-numel // blocksize)
+    layout = {"codes": (torch.uint8, ((numel + 1) // 2,), f"two 4-bit codes per byte for {numel} values")}
+    if not double_quant:
+        layout["absmax"] = (torch.float32, (n_blocks,), f"one per block of {blocksize} of {numel} values")
+        return layout
+    layout["absmax_codes"] = (torch.uint8, (n_blocks,), f"one per block of {blocksize} of {numel} values")
+    layout["absmax_scale"] = (torch.float32, (-(-n_blocks // dq_blocksize),),
+                              f"one per {dq_blocksize} of {n_blocks} blocks")  # fmt: skip
+    layout["absmax_offset"] = (torch.float32, (), "one mean")
+    return layout
+
+
 def _check_nf4_weight(q: NF4Weight, values: bool | None = None) -> None:
     """Refuse an ``NF4Weight`` whose fields disagree with what its ``shape`` and ``blocksize`` imply.
 
@@ -393,15 +411,7 @@ def _check_nf4_weight(q: NF4Weight, values: bool | None = None) -> None:
         raise ValueError(f"q holds {held or 'no statistics'}; an NF4Weight holds either absmax (plain) or all of "
                          "absmax_codes, absmax_scale and absmax_offset (double quantization)")  # fmt: skip
 
-    numel, n_blocks = q.numel, -(-q.numel // q.blocksize)
-    expected = {"codes": (torch.uint8, ((numel + 1) // 2,), f"two 4-bit codes per byte for {numel} values")}
-    if q.double_quant:
-        n_scales = -(-n_blocks // dq_blocksize)
-        expected["absmax_codes"] = (torch.uint8, (n_blocks,), f"one per block of {q.blocksize} of {numel} values")
-        expected["absmax_scale"] = (torch.float32, (n_scales,), f"one per {dq_blocksize} of {n_blocks} blocks")
-        expected["absmax_offset"] = (torch.float32, (), "one mean")
-    else:
-        expected["absmax"] = (torch.float32, (n_blocks,), f"one per block of {q.blocksize} of {numel} values")
+    expected = _state_layout(q.numel, q.blocksize, q.double_quant, dq_blocksize)
     for name, (dtype, shape, why) in expected.items():
         t = getattr(q, name)
         if not isinstance(t, torch.Tensor):

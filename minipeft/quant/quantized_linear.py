@@ -12,6 +12,9 @@ wrong are fixed here, once for every format:
 
 A subclass names its buffers (``_state_names``), says what to call its format in messages (``_state_kind``),
 and provides ``dequantize_weight(dtype)``, ``in_features`` and ``out_features`` (``targets.is_linear_like``).
+A subclass that can also hold its state in another layout (NF4Linear's block layout, which FSDP2 shards:
+frozen uint8 parameters instead of buffers) says how a checkpoint's tensor maps to it (``_saved_layout``,
+``_to_saved``, ``_to_held``); the checks below are made on the checkpoint's layout either way.
 QLoRA: https://arxiv.org/abs/2305.14314; LLM.int8(): https://arxiv.org/abs/2208.07339.
 """
 
@@ -30,6 +33,8 @@ class QuantizedLinear(nn.Module):
 
     Subclasses set ``_ALL_STATE_NAMES`` (every buffer name any configuration of the format can hold) and
     define ``_state_names()`` (the buffers this layer holds) and ``_state_kind()`` (its format, in words).
+    A state tensor held as a frozen non-floating parameter instead (NF4Linear.to_block_parameters) is left
+    alone by dtype casts already: nn.Module casts floating tensors only.
     """
 
     _ALL_STATE_NAMES: tuple[str, ...] = ()
@@ -64,7 +69,7 @@ class QuantizedLinear(nn.Module):
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # nn.Module.to(dtype) / .half() cast every floating buffer: that would round the fp32 statistics.
         # The packed buffers follow device moves only; the bias follows the cast like any parameter.
-        state = {name: self._buffers.pop(name) for name in self._state_names()}
+        state = {name: self._buffers.pop(name) for name in self._state_names() if name in self._buffers}
         try:
             super()._apply(fn, recurse)
         finally:
@@ -74,6 +79,21 @@ class QuantizedLinear(nn.Module):
                     moved = buf.to(device=moved.device)
                 self._buffers[name] = moved
         return self
+
+    # ---- the checkpoint's layout and the held one (the same unless a subclass holds another) -------
+    def _saved_layout(self, name: str) -> tuple[torch.dtype, torch.Size]:
+        """(dtype, shape) of state tensor ``name`` in a checkpoint."""
+        held = getattr(self, name)
+        return held.dtype, held.shape
+
+    def _to_saved(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """A state_dict's tensor ``name`` in the checkpoint's layout (``t`` itself unless it is in another
+        layout this layer knows; anything else is returned as it is, for the checks to refuse)."""
+        return t
+
+    def _to_held(self, name: str, saved: torch.Tensor) -> torch.Tensor:
+        """A checked tensor in the checkpoint's layout, in the layout this layer holds ``name`` in."""
+        return saved
 
     # ---- loading: exactly the expected keys, or an error ---------------------------------------------
     def _load_from_state_dict(  # type: ignore[override]
@@ -98,22 +118,24 @@ class QuantizedLinear(nn.Module):
                 hint = f" (this layer holds a {kind} state: {sorted(expected)})"
             error_msgs.append(f"{prefix}{name}: unexpected key{hint}")
         errors = []
-        for name in sorted(expected & present):
-            got, mine = state_dict[prefix + name], getattr(self, name)
-            if got.dtype != mine.dtype or got.shape != mine.shape:
-                errors.append(f"{prefix}{name}: expected {mine.dtype} of shape {tuple(mine.shape)}, "
+        saved = {name: self._to_saved(name, state_dict[prefix + name]) for name in sorted(expected & present)}
+        for name, got in saved.items():
+            dtype, shape = self._saved_layout(name)
+            if got.dtype != dtype or got.shape != shape:
+                errors.append(f"{prefix}{name}: expected {dtype} of shape {tuple(shape)}, "
                               f"got {got.dtype} of shape {tuple(got.shape)}")  # fmt: skip
         if not errors and expected <= present:
             # the values too (statistics finite and ≥ 0): NaN statistics would make every forward NaN, and
             # forward does not check (a value check there is a host sync per layer)
             try:
-                _check_statistics({prefix + n: state_dict[prefix + n] for n in sorted(expected) if n in _STATISTICS})
+                _check_statistics({prefix + n: saved[n] for n in sorted(expected) if n in _STATISTICS})
             except ValueError as e:
                 errors.append(str(e))
         if len(error_msgs) > n_errors_before or errors:
             # refused: leave this layer's state as it was (nn.Module would copy, and cast, what it can)
             error_msgs.extend(errors)
             return
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+        # this layer's own keys, the state in the layout it holds (the caller's dict is not changed)
+        own = {key: value for key, value in state_dict.items() if key.startswith(prefix)}
+        own.update({prefix + name: self._to_held(name, t) for name, t in saved.items()})
+        super()._load_from_state_dict(own, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)

@@ -363,13 +363,14 @@ class PeftModel(nn.Module):
 
     # ------------------------------------------------------------------ counting
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameter counts; tied weights count once; an NF4 base weight counts as its
-        out·in logical entries (its codes are buffers, not parameters)."""
+        """(trainable, all) parameter counts; tied weights count once; a quantized base weight counts as its
+        out·in logical entries, not as its packed codes and statistics (buffers, or frozen block parameters
+        once sharded for FSDP2)."""
+        quantized = [m for m in self.base_model.modules() if not isinstance(m, nn.Linear) and is_linear_like(m)]
+        packed = {id(p) for m in quantized for p in m.parameters(recurse=False) if not p.is_floating_point()}
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        for m in self.base_model.modules():
-            if not isinstance(m, nn.Linear) and is_linear_like(m):
-                total += m.in_features * m.out_features
+        total = sum(p.numel() for p in self.parameters() if id(p) not in packed)
+        total += sum(m.in_features * m.out_features for m in quantized)
         return trainable, total
 
     def print_trainable_parameters(self) -> None:

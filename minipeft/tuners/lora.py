@@ -63,7 +63,7 @@ def _weight_dtype(base_layer: nn.Module) -> torch.dtype:
 def _weight_device(base_layer: nn.Module) -> torch.device:
     if isinstance(base_layer, nn.Linear):
         return base_layer.weight.device
-    return next(iter(base_layer.buffers())).device
+    return base_layer.device  # a quantized layer (its codes' device, whether buffers or block parameters)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -274,9 +274,17 @@ class LoraLinear(AdapterLayer):
                 self.lora_A[first].weight.to(dtype), self.lora_B[first].weight.to(dtype),
                 self.scaling[first], self._dropout_mask(first, x),
             )  # (…, out)
+        elif hasattr(self.base_layer, "lora_forward"):
+            # NF4 base: one call for the layer and the first adapter (kernels.nf4_lora_linear; fused on the
+            # "triton" backend), which keeps the 4-bit codes for backward, never a dense weight.
+            first, *rest = pending
+            y = self.base_layer.lora_forward(
+                x, self.lora_A[first].weight.to(dtype), self.lora_B[first].weight.to(dtype),
+                self.scaling[first], self._dropout_mask(first, x),
+            )  # (…, out)
         else:
-            # A quantized base (NF4Linear, Int8Linear) runs its own autograd op, which keeps its packed codes
-            # for backward; a dense weight passed to kernels.lora_linear would be kept instead, and QLoRA would
+            # Another quantized base (Int8Linear) runs its own autograd op, which keeps its packed codes for
+            # backward; a dense weight passed to kernels.lora_linear would be kept instead, and the step would
             # hold every layer's 16-bit weight until backward. Every adapter then adds its low-rank term.
             y, rest = self.base_layer(x), pending  # (…, out)
         for name in rest:

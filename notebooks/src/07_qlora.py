@@ -280,30 +280,35 @@ procs = {mode: subprocess.Popen([sys.executable, "-c", PROBE, mode], stdout=subp
                                 text=True, env=env) for mode in ("full fine-tuning", "LoRA", "QLoRA")}
 print(f"{'fresh process, 7.2M-parameter model':38s} {'trainable':>10s} {'model (MiB)':>12s} "
       f"{'step peak above it (MiB)':>26s}")
+rows = {}
 for mode, p in procs.items():
     out, err = p.communicate(timeout=300)
     if p.returncode:
         print(f"{mode}: could not measure here ({err.strip().splitlines()[-1]})")
         continue
-    r = json.loads(out.strip().splitlines()[-1])
+    r = rows[mode] = json.loads(out.strip().splitlines()[-1])
     print(f"{mode:38s} {r['trainable']:>10,d} {r['model MiB']:12.1f} {r['step peak over model MiB']:26.1f}")
     if mode == "full fine-tuning":
         n_full = r["trainable"]
 print(f"arithmetic: fp32 weights {4 * n_full / 2**20:.1f} MiB; gradients + two AdamW moments "
       f"{12 * n_full / 2**20:.1f} MiB for full fine-tuning")
+if "LoRA" in rows and "QLoRA" in rows:
+    peak = rows["QLoRA"]["step peak over model MiB"] - rows["LoRA"]["step peak over model MiB"]
+    print(f"QLoRA against LoRA: model {rows['LoRA']['model MiB'] - rows['QLoRA']['model MiB']:.1f} MiB smaller; "
+          f"step peak {abs(peak):.1f} MiB {'above' if peak > 0 else 'below'} LoRA's")
 
 # %% [markdown]
 # Reading it: "model" also holds a constant ~70 MiB that building any model adds to a fresh process
 # (allocator and runtime growth, the same in all three rows), so compare rows with each other. The NF4 model
 # is smaller by about the difference between 4 and ~0.52 bytes per quantized weight;
 # full fine-tuning's step adds a gradient and two AdamW moments per weight, LoRA's only for its
-# adapter. QLoRA's step peak is *above* LoRA's here, and that is a property of minipeft's `NF4Linear`:
-# its forward makes the dense weight and calls `F.linear`, and autograd keeps that dense weight until the
-# backward pass (it needs it for the input gradient), so during a step every quantized layer exists once
-# more in fp32 (the QLoRA − LoRA step peaks differ by about the fp32 weight size printed in the last line).
-# bitsandbytes' `MatMul4Bit` saves only the 4-bit state and dequantizes again in backward,
-# trading a little compute for that memory. (Also: here the dense model is built first and then quantized;
-# a real QLoRA loader quantizes layer by layer while reading the checkpoint.)
+# adapter. During QLoRA's step, `NF4Linear` runs one autograd op that saves only the packed 4-bit codes and
+# their statistics for the backward pass and dequantizes again there for the input gradient (as bitsandbytes'
+# `MatMul4Bit` does), trading a little compute for memory: no layer's dense weight outlives its own forward.
+# On the CPU the step peak is mostly activations and temporaries (QLoRA's include one layer's weight,
+# dequantized for a moment), so the 4-bit weights show in the model column; the last line compares the two.
+# (Also: here the dense model is built first and then quantized; a real QLoRA loader quantizes layer by layer
+# while reading the checkpoint.)
 #
 # ### Merging a QLoRA adapter into a 16-bit base
 #

@@ -1,0 +1,98 @@
+"""A LoRA layer on an NF4 base, forward, GPU time: the fused kernel against dequantize-then-GEMM and bf16.
+
+Rows, for x (M, K) bf16, an NF4 weight (N, K) with double quantization (blocksize 64), r = 16, no bias:
+    bf16 linear       F.linear(x, W) on the dense bf16 weight (what the fused kernel is measured against)
+    bf16 + LoRA       the reference LoRA layer on the dense bf16 weight
+    dequant + GEMM    "auto" on an NF4 base: the Triton dequantization to bf16, F.linear, the low-rank term
+    fused             "triton": kernels/nf4_lora_triton.py, the 4-bit codes dequantized inside the GEMM
+    bnb matmul_4bit   bitsandbytes' 4-bit matmul (no LoRA term), when bitsandbytes is installed
+Times are medians of ``triton.testing.do_bench_cudagraph`` (GPU time: the call replayed from a CUDA graph) over
+``--rounds`` interleaved rounds; the table gives each row as a multiple of the bf16 linear, with the spread of
+that ratio between rounds.
+
+    python benchmarks/nf4_lora.py [--ms 1 16 256 4096] [--k 4096] [--n 4096] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench_cudagraph
+
+from minipeft import kernels
+from minipeft.quant import dequantize_nf4, quantize_nf4
+from minipeft.quant.nf4 import kernel_arguments
+
+
+def rows_for(M: int, K: int, N: int, r: int = 16) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = (torch.randn(N, K, device="cuda", generator=g) / K ** 0.5).to(torch.bfloat16)
+    q = quantize_nf4(w, 64, True)
+    x = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
+    a = (torch.randn(r, K, device="cuda", generator=g) / K ** 0.5).to(torch.bfloat16)
+    b = (torch.randn(N, r, device="cuda", generator=g) / r ** 0.5).to(torch.bfloat16)
+    state = kernel_arguments(q)
+
+    def qlora(backend):
+        return lambda: kernels.nf4_lora_linear(x, *state, None, N, K, 64, q.dq_blocksize, a, b, 2.0,
+                                               backend=backend)
+
+    fns = {
+        "bf16 linear": lambda: F.linear(x, w),
+        "bf16 + LoRA": lambda: kernels.lora_linear(x, w, None, a, b, 2.0, backend="reference"),
+        "dequant + GEMM": qlora("auto"),
+        "fused": qlora("triton"),
+    }
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnb_f
+
+        packed, bnb_state = bnb_f.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        fns["bnb matmul_4bit"] = lambda: bnb.matmul_4bit(x, packed.t(), quant_state=bnb_state)
+    except Exception as e:  # not installed here
+        print(f"bitsandbytes row skipped: {type(e).__name__}: {e}")
+    ref = F.linear(x.float(), dequantize_nf4(q, torch.float32)) + 2.0 * (x.float() @ a.float().t()) @ b.float().t()
+    err = ((fns["fused"]().float() - ref).norm() / ref.norm()).item()
+    return fns, err
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ms", type=int, nargs="+", default=[1, 16, 256, 4096])
+    ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rep", type=int, default=50, help="ms of repeats per measurement")
+    args = ap.parse_args()
+    header = (f"{datetime.date.today()} | {torch.cuda.get_device_name()} | torch {torch.__version__} | "
+              f"triton {triton.__version__} | bf16, K={args.k}, N={args.n}, r=16, NF4 blocksize 64 + double quant")
+    print(header, flush=True)
+    times: dict[int, dict[str, list[float]]] = {}
+    errors = {}
+    for _ in range(args.rounds):
+        for M in args.ms:
+            fns, errors[M] = rows_for(M, args.k, args.n)
+            for name, fn in fns.items():
+                fn()
+                times.setdefault(M, {}).setdefault(name, []).append(
+                    do_bench_cudagraph(fn, rep=args.rep, return_mode="median") * 1e3)
+    names = list(next(iter(times.values())))
+    print(f"\n{header}\nforward, GPU time; each row × the bf16 linear (± spread between rounds)")
+    print("| M | bf16 linear µs | " + " | ".join(n for n in names[1:]) + " | fused rel. error |")
+    print("|---|---|" + "---|" * len(names))
+    for M, t in times.items():
+        base = t["bf16 linear"]
+        cells = []
+        for n in names[1:]:
+            ratios = [v / b for v, b in zip(t[n], base, strict=True)]
+            cells.append(f"{statistics.median(ratios):.2f} ±{(max(ratios) / min(ratios) - 1) * 100:.0f}%")
+        print(f"| {M} | {statistics.median(base):.1f} | " + " | ".join(cells) + f" | {errors[M]:.1e} |")
+
+
+if __name__ == "__main__":
+    main()

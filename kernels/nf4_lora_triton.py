@@ -1,0 +1,297 @@
+"""QLoRA's layer in Triton: the 4-bit weight is dequantized in registers on its way into the LoRA GEMM.
+
+A LoRA adapter on an NF4 base (QLoRA, https://arxiv.org/abs/2305.14314):
+
+    Ŵ[o, c] = nf4_values[code(i)] · absmax[i // blocksize],   i = o · in_features + c    (never written out)
+    absmax[b] = dq_values[absmax_codes[b]] · absmax_scale[b // dq_blocksize] + absmax_offset   (double quant)
+    y = x·Ŵᵀ + bias + scaling·((x ⊙ mask)·Aᵀ)·Bᵀ
+
+Shapes (x flattened to 2-D): x (M, in), mask (M, in) or None, Ŵ (out, in), bias (out,), A (r, in), B (out, r).
+
+Dequantize-then-GEMM writes Ŵ in 16 bits and reads it back (2 + 2 bytes per weight, plus the half byte of
+codes); here the GEMM reads the half byte of codes and its block statistics (4.13 bits per weight with double
+quantization) and makes each weight where it is used. Everything else is the LoRA kernels' plan
+(kernels/lora_triton.py), with its kernels reused: the "shrink" pass for S = (x ⊙ mask)·Aᵀ, one pass over
+dY for G = dY·B, dB and dbias, the low-rank epilogue, and the dA pass. Only the GEMM is new:
+
+    # kernel 2 here: out = P·Q + scaling · mask ⊙ (L·R) + bias, with Q made from the NF4 state
+    #   forward: P = x (M, in),   Q = Ŵᵀ: Q[k, n] = Ŵ[n, k],  flat index i = n·in + k,  L = S, R = Bᵀ, bias
+    #   dX:      P = dY (M, out), Q = Ŵ:  Q[k, n] = Ŵ[k, n],  flat index i = k·in + n,  L = G, R = A, the mask
+    for each (BM, BN) tile of out:
+        acc = zeros(BM, BN)
+        for k in range(0, K, BK):
+            i = k_block[:, None] * stride_qk + n_block[None, :] * stride_qn       # (BK, BN) indices into Ŵ
+            code = codes[i // 2] >> 4 if i is even else codes[i // 2] & 15          # element 2j: high nibble
+            q = (nf4_values[code] * absmax[i // blocksize]).to(P.dtype)           # rounded as Ŵ would be
+            acc += P[m_block, k_block] @ q
+        out = acc + the low-rank epilogue
+
+This is the teaching version: each weight loads its own byte and its block's statistics (the neighbours
+sharing them are served from L1), which works for every shape and blocksize, an odd in_features included (a
+byte then straddles two rows of Ŵ). Loading whole bytes and splitting them (``tl.join``) when in_features is
+even, and one absmax per (row, k-block) when blocksize divides in_features, are the next steps for speed.
+
+Registered as ``minipeft::nf4_lora_linear_triton`` (forward) and ``minipeft::nf4_lora_linear_triton_backward``,
+with an autograd.Function twin for eager mode, as kernels/lora_triton.py does and for the same reasons.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import lora_triton
+from .lora_triton import (
+    _GEMM_KEY,
+    _autotune,
+    _gemm_configs,
+    _lowrank_epilogue,
+    _m_bucket,
+    _pad_rank,
+    _precision,
+    _tile_coords,
+    da,
+    dsdb,
+    shrink,
+)
+from .triton_interpreter import interpreter_lock
+
+__all__ = ["nf4_gemm", "nf4_lora_linear"]
+
+
+@triton.jit
+def _nf4_tile(codes_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr,
+              offs_k, offs_n, K, N, stride_qk, stride_qn,
+              BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """The (BK, BN) tile Q[offs_k, offs_n] of the dequantized weight, fp32; zeros outside (K, N)."""
+    ok = (offs_k < K)[:, None] & (offs_n < N)[None, :]
+    i = offs_k[:, None] * stride_qk + offs_n[None, :] * stride_qn                     # (BK, BN) flat indices
+    byte = tl.load(codes_ptr + i // 2, mask=ok, other=0).to(tl.int32)
+    code = tl.where(i % 2 == 0, byte >> 4, byte & 0x0F)                              # element 2j: high nibble
+    block = i // BLOCKSIZE
+    if DOUBLE_QUANT:
+        absmax_code = tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)
+        scale = tl.load(absmax_scale_ptr + block // DQ_BLOCKSIZE, mask=ok, other=0.0)
+        absmax = tl.load(dq_ptr + absmax_code) * scale + tl.load(absmax_offset_ptr)
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=ok, other=0.0)
+    return tl.where(ok, tl.load(nf4_ptr + code) * absmax, 0.0)
+
+
+@_autotune(_gemm_configs(), _GEMM_KEY + ["BLOCKSIZE", "DOUBLE_QUANT", "Q_IS_W"])
+@triton.jit
+def _nf4_gemm_kernel(
+    # pointers
+    p_ptr, codes_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr,
+    l_ptr, r_ptr, mask_ptr, bias_ptr, out_ptr,
+    # sizes (M_BUCKET only keys the autotuner)
+    M, N, K, R, M_BUCKET,
+    # strides (stride_qk, stride_qn: of the flat index into Ŵ)
+    stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn,
+    stride_mm, stride_mn, stride_om, stride_on,
+    scaling,
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, Q_IS_W: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One (BM, BN) tile of out = P·Q + scaling·mask⊙(L·R) + bias, Q dequantized from NF4 as it is used."""
+    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    p_ptrs = p_ptr + (offs_m % M)[:, None] * stride_pm + offs_k[None, :] * stride_pk    # (BM, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BK)):
+        p = tl.load(p_ptrs, mask=offs_k[None, :] < K - k * BK, other=0.0)
+        q = _nf4_tile(codes_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr,
+                      k * BK + offs_k, offs_n, K, N, stride_qk, stride_qn, BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT)
+        acc = tl.dot(p, q.to(p.dtype), acc, input_precision=PRECISION)                 # Ŵ rounded to P's dtype
+        p_ptrs += BK * stride_pk
+    acc = _lowrank_epilogue(acc, offs_m, offs_n, M, N, R, l_ptr, r_ptr, mask_ptr, bias_ptr,
+                            stride_lm, stride_lr, stride_rr, stride_rn, stride_mm, stride_mn, scaling,
+                            HAS_LORA, HAS_MASK, HAS_BIAS, R_PAD, PRECISION)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+def nf4_gemm(
+    p: torch.Tensor, state: tuple, out_features: int, in_features: int, blocksize: int, dq_blocksize: int,
+    q_is_w: bool, low: torch.Tensor | None, up: torch.Tensor | None, scaling: float,
+    mask: torch.Tensor | None, bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """out = P·Q + scaling·mask⊙(low·up) + bias, in P's dtype, Q made from the NF4 weight Ŵ (out, in).
+
+    ``state`` = (codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values), as
+    ``minipeft.quant.nf4.kernel_arguments`` gives it. ``q_is_w`` False: Q = Ŵᵀ and p is (M, in) (the forward);
+    True: Q = Ŵ and p is (M, out) (dX). low (M, ≥r) and up (r, N), mask (M, N), bias (N,): each optional.
+    """
+    codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values = state
+    K, N = (out_features, in_features) if q_is_w else (in_features, out_features)
+    M = p.shape[0]
+    if p.shape[1] != K:
+        raise ValueError(f"nf4_gemm: p {tuple(p.shape)} does not fit a ({out_features}, {in_features}) weight "
+                         f"(q_is_w={q_is_w})")
+    rank = 0 if up is None else up.shape[0]
+    out = torch.empty((M, N), device=p.device, dtype=p.dtype)
+    if out.numel() == 0:
+        return out
+    double_quant = absmax_scale is not None
+    p_arg, low_arg, up_arg, mask_arg, bias_arg = lora_triton._operands(out, p, low, up, mask, bias)
+    scale_arg, offset_arg, dq_arg = (absmax_scale, absmax_offset, dq_values) if double_quant else (absmax,) * 3
+    # flat index into Ŵ (out, in) of Q[k, n]: Ŵ[n, k] (forward) or Ŵ[k, n] (dX)
+    stride_qk, stride_qn = (in_features, 1) if q_is_w else (1, in_features)
+    grid = lambda META: (triton.cdiv(M, META["BM"]) * triton.cdiv(N, META["BN"]),)  # noqa: E731
+    with interpreter_lock():
+        _nf4_gemm_kernel[grid](
+            p_arg, codes, absmax, scale_arg, offset_arg, nf4_values, dq_arg, low_arg, up_arg, mask_arg, bias_arg, out,
+            M, N, K, rank, _m_bucket(M),
+            p.stride(0), p.stride(1), stride_qk, stride_qn, low_arg.stride(0), low_arg.stride(1),
+            up_arg.stride(0), up_arg.stride(1), mask_arg.stride(0), mask_arg.stride(1), out.stride(0), out.stride(1),
+            scaling,
+            BLOCKSIZE=blocksize, DQ_BLOCKSIZE=dq_blocksize, DOUBLE_QUANT=double_quant, Q_IS_W=q_is_w,
+            HAS_LORA=low is not None, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
+            R_PAD=_pad_rank(max(rank, 1)), PRECISION=_precision(p.dtype),
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# The autograd op: lora_triton's forward and backward with this GEMM in place of the dense one.
+# --------------------------------------------------------------------------------------------------------
+def _forward(x, state, bias, lora_A, lora_B, scaling, dropout_mask, sizes):
+    """(Y (..., out), S (M, r)); sizes = (out_features, in_features, blocksize, dq_blocksize)."""
+    out_features, in_features = sizes[0], sizes[1]
+    M = math.prod(x.shape[:-1])
+    x2d = x.reshape(M, in_features)                                                  # (M, in)
+    mask2d = None if dropout_mask is None else dropout_mask.reshape(M, in_features)
+    s = shrink(x2d, mask2d, lora_A)                                                  # (M, r)
+    y2d = nf4_gemm(x2d, state, *sizes, False, s, lora_B.t(), scaling, None, bias)    # (M, out)
+    return y2d.view(*x.shape[:-1], out_features), s
+
+
+def _backward_kernels(dy, x, state, lora_A, lora_B, s, scaling, dropout_mask, sizes, need_x, need_A, need_B,
+                      need_bias):
+    """(dx (..., in), dA (r, in), dB (out, r), dbias (out,)); each one not asked for comes back empty."""
+    out_features, in_features = sizes[0], sizes[1]
+    M = math.prod(x.shape[:-1])
+    x2d = x.reshape(M, in_features)
+    mask2d = None if dropout_mask is None else dropout_mask.reshape(M, in_features)
+    dy2d = dy.reshape(M, out_features)                                               # (M, out)
+    g, d_b, d_bias = dsdb(dy2d, lora_B, s, scaling, need_bias)                       # G, dB, dbias
+    empty = lambda: dy.new_empty(0)  # noqa: E731  (a fresh tensor each: outputs may not alias each other)
+    d_x = nf4_gemm(dy2d, state, *sizes, True, g, lora_A, scaling, mask2d, None).view(x.shape) if need_x else empty()
+    d_a = da(g, x2d, mask2d, lora_A.shape[0], scaling).to(lora_A.dtype) if need_A else empty()
+    return (d_x, d_a, d_b.to(lora_B.dtype) if need_B else empty(), d_bias.to(dy.dtype) if need_bias else empty())
+
+
+@torch.library.custom_op("minipeft::nf4_lora_linear_triton", mutates_args=())
+def nf4_lora_linear_op(
+    x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, absmax_scale: torch.Tensor | None,
+    absmax_offset: torch.Tensor | None, nf4_values: torch.Tensor, dq_values: torch.Tensor | None,
+    bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+    dropout_mask: torch.Tensor | None, out_features: int, in_features: int, blocksize: int, dq_blocksize: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_forward`` as a registered op: what torch.compile records."""
+    state = (codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values)
+    return _forward(x, state, bias, lora_A, lora_B, scaling, dropout_mask,
+                    (out_features, in_features, blocksize, dq_blocksize))
+
+
+@nf4_lora_linear_op.register_fake
+def _(x, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, bias, lora_A, lora_B, scaling,
+      dropout_mask, out_features, in_features, blocksize, dq_blocksize):
+    return x.new_empty((*x.shape[:-1], out_features)), x.new_empty((math.prod(x.shape[:-1]), lora_A.shape[0]))
+
+
+@torch.library.custom_op("minipeft::nf4_lora_linear_triton_backward", mutates_args=())
+def nf4_lora_linear_backward_op(
+    dy: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, absmax_scale: torch.Tensor | None,
+    absmax_offset: torch.Tensor | None, nf4_values: torch.Tensor, dq_values: torch.Tensor | None,
+    lora_A: torch.Tensor, lora_B: torch.Tensor, s: torch.Tensor, scaling: float, dropout_mask: torch.Tensor | None,
+    out_features: int, in_features: int, blocksize: int, dq_blocksize: int,
+    need_x: bool, need_A: bool, need_B: bool, need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_backward_kernels`` as a registered op: the backward graph AOTAutograd traces holds this node."""
+    state = (codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values)
+    return _backward_kernels(dy, x, state, lora_A, lora_B, s, scaling, dropout_mask,
+                             (out_features, in_features, blocksize, dq_blocksize), need_x, need_A, need_B, need_bias)
+
+
+@nf4_lora_linear_backward_op.register_fake
+def _(dy, x, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, lora_A, lora_B, s, scaling,
+      dropout_mask, out_features, in_features, blocksize, dq_blocksize, need_x, need_A, need_B, need_bias):
+    empty = lambda: dy.new_empty(0)  # noqa: E731
+    return (dy.new_empty(x.shape) if need_x else empty(), lora_A.new_empty(lora_A.shape) if need_A else empty(),
+            lora_B.new_empty(lora_B.shape) if need_B else empty(),
+            dy.new_empty((out_features,)) if need_bias else empty())
+
+
+# inputs of the op, by position: x 0, the state 1-6, bias 7, lora_A 8, lora_B 9, scaling 10, mask 11, sizes 12-15
+def _save(ctx, x, state, lora_A, lora_B, s, scaling, dropout_mask, sizes) -> None:
+    ctx.save_for_backward(x, *state, lora_A, lora_B, s, dropout_mask)   # the 4-bit state, never Ŵ
+    ctx.scaling, ctx.sizes = scaling, sizes
+    ctx.mark_non_differentiable(s)
+
+
+def _grads(ctx, dy, backward) -> tuple:
+    """Gradients to x, bias, lora_A and lora_B, each only when asked for; none to the frozen 4-bit state."""
+    x, *state, lora_A, lora_B, s, dropout_mask = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_x, need_bias, need_A, need_B = need[0], need[7], need[8], need[9]
+    d_x, d_a, d_b, d_bias = backward(dy, x, *state, lora_A, lora_B, s, ctx.scaling, dropout_mask, *ctx.sizes,
+                                     need_x, need_A, need_B, need_bias)
+    keep = lambda t, wanted: t if wanted else None  # noqa: E731
+    return (keep(d_x, need_x), *([None] * 6), keep(d_bias, need_bias), keep(d_a, need_A), keep(d_b, need_B),
+            *([None] * 6))
+
+
+def _setup_context(ctx, inputs, output):
+    x, *rest = inputs
+    _save(ctx, x, tuple(rest[:6]), rest[7], rest[8], output[1], rest[9], rest[10], tuple(rest[11:15]))
+
+
+def _backward_from_state(dy, x, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, lora_A, lora_B,
+                         s, scaling, dropout_mask, out_features, in_features, blocksize, dq_blocksize, need_x,
+                         need_A, need_B, need_bias):
+    """``_backward_kernels`` with the op's flat arguments (the eager Function's backward)."""
+    state = (codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values)
+    return _backward_kernels(dy, x, state, lora_A, lora_B, s, scaling, dropout_mask,
+                             (out_features, in_features, blocksize, dq_blocksize), need_x, need_A, need_B, need_bias)
+
+
+nf4_lora_linear_op.register_autograd(
+    lambda ctx, dy, _ds: _grads(ctx, dy, torch.ops.minipeft.nf4_lora_linear_triton_backward),
+    setup_context=_setup_context)
+
+
+class _EagerNF4LoraTriton(torch.autograd.Function):
+    """The op's forward and backward without its Python dispatch, for eager mode (see kernels/lora_triton.py)."""
+
+    @staticmethod
+    def forward(ctx, x, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, bias, lora_A, lora_B,
+                scaling, dropout_mask, out_features, in_features, blocksize, dq_blocksize):
+        state = (codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values)
+        sizes = (out_features, in_features, blocksize, dq_blocksize)
+        y, s = _forward(x, state, bias, lora_A, lora_B, scaling, dropout_mask, sizes)
+        _save(ctx, x, state, lora_A, lora_B, s, scaling, dropout_mask, sizes)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _grads(ctx, dy, _backward_from_state)
+
+
+def nf4_lora_linear(x, state, bias, lora_A, lora_B, scaling: float, dropout_mask, out_features: int,
+                    in_features: int, blocksize: int, dq_blocksize: int) -> torch.Tensor:
+    """y = x·Ŵᵀ + bias + scaling·((x ⊙ mask)·Aᵀ)·Bᵀ on the kernels above (inputs checked by the caller,
+    ``kernels.nf4_lora_linear``): the registered op while torch.compile traces, its Function in eager mode."""
+    args = (x, *state, bias, lora_A, lora_B, float(scaling), dropout_mask, out_features, in_features, blocksize,
+            dq_blocksize)
+    if torch.compiler.is_compiling():
+        return torch.ops.minipeft.nf4_lora_linear_triton(*args)[0]
+    return _EagerNF4LoraTriton.apply(*args)

@@ -1,0 +1,137 @@
+"""The fused NF4 + LoRA kernel (kernels/nf4_lora_triton.py) against the reference: the NF4 linear op with
+the reference dequantization, plus the reference's low-rank term, in float64.
+
+On the CPU the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), fp32 and fp16
+(the interpreter rounds bf16 wrongly; the GPU test checks bf16). Shapes are odd on purpose: in_features odd
+makes a code byte straddle two rows of the weight, and every blocksize from 32 to 4096 is drawn, with and
+without double quantization.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tolerances import assert_close
+
+from minipeft import GPT, GPTConfig, LoraConfig, get_peft_model, kernels
+from minipeft.quant import quantize_model
+from minipeft.quant.nf4 import kernel_arguments, quantize_nf4
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
+LEAVES = ("x", "lora_A", "lora_B", "bias")
+
+
+def _layer(out_f: int, in_f: int, r: int, blocksize: int, double_quant: bool, dtype, seed: int, lead=(2, 3),
+           mask: bool = True):
+    """An NF4 weight's kernel arguments and the adapter's tensors (a dict), plus dy."""
+    g = torch.Generator().manual_seed(seed)
+    q = quantize_nf4(torch.randn(out_f, in_f, generator=g).to(DEVICE), blocksize, double_quant)
+    t = dict(x=torch.randn(*lead, in_f, generator=g), lora_A=torch.randn(r, in_f, generator=g) / in_f ** 0.5,
+             lora_B=torch.randn(out_f, r, generator=g) / r ** 0.5, bias=torch.randn(out_f, generator=g),
+             dropout_mask=(torch.rand(*lead, in_f, generator=g) > 0.25).double() / 0.75 if mask else None)
+    t = {k: None if v is None else v.to(DEVICE, dtype) for k, v in t.items()}
+    dy = torch.randn(*lead, out_f, generator=g).to(DEVICE, dtype)
+    return q, t, dy
+
+
+def _run(q, t, dy, backend, dtype=None, wants=LEAVES):
+    """y and the gradients of the `wants` leaves under one backend (inputs upcast to `dtype` if given)."""
+    args = {k: None if v is None else v.detach().to(dtype or v.dtype) for k, v in t.items()}
+    for k in wants:
+        args[k].requires_grad_()
+    out_f, in_f = q.shape
+    y = kernels.nf4_lora_linear(args["x"], *kernel_arguments(q), args["bias"], out_f, in_f, q.blocksize,
+                                q.dq_blocksize, args["lora_A"], args["lora_B"], 2.0, args["dropout_mask"],
+                                backend=backend)
+    grads = torch.autograd.grad(y, [args[k] for k in wants], dy.to(y.dtype))
+    return y, dict(zip(wants, grads, strict=True))
+
+
+def _check(actual, expected, dtype):
+    """Relative to the expected tensor's largest |element| (gradients of A and B grow with the rows); fp16:
+    S and G are rounded to fp16 before their second product, one rounding more than the output's."""
+    norm = expected.abs().max().clamp_min(1.0)
+    assert_close(actual.double() / norm, expected.double() / norm, dtype=dtype,
+                 scale=1.0 if dtype == torch.float32 else 2.0)
+
+
+def _compare(q, t, dy, dtype, wants=LEAVES):
+    y, grads = _run(q, t, dy, "triton", wants=wants)
+    y_ref, grads_ref = _run(q, t, dy, "reference", dtype=torch.float64, wants=wants)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    _check(y, y_ref, dtype)
+    for name in wants:
+        assert grads[name].dtype == dtype and grads[name].shape == grads_ref[name].shape, name
+        _check(grads[name], grads_ref[name], dtype)
+
+
+@settings(max_examples=12)
+@given(out_f=st.integers(1, 45), in_f=st.integers(1, 45), r=st.sampled_from([1, 3, 8]),
+       blocksize=st.sampled_from(BLOCKSIZES), double_quant=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float16]), mask=st.booleans(),
+       wants=st.sets(st.sampled_from(LEAVES), min_size=1))
+def test_fused_nf4_lora_matches_the_reference(out_f, in_f, r, blocksize, double_quant, dtype, mask, wants):
+    q, t, dy = _layer(out_f, in_f, r, blocksize, double_quant, dtype, seed=out_f * in_f + r, mask=mask)
+    _compare(q, t, dy, dtype, wants=tuple(w for w in LEAVES if w in wants))
+
+
+def test_a_byte_straddling_two_rows():
+    """in_features odd: the byte after row 0's last weight holds row 1's first, in its low nibble."""
+    q, t, dy = _layer(5, 7, 2, 32, False, torch.float32, seed=3, lead=(4,))
+    _compare(q, t, dy, torch.float32)
+
+
+def test_backward_saves_the_codes_not_the_dense_weight():
+    """What the fused op keeps for backward: x, the 4-bit state, A, B, S and the mask; nothing the size of Ŵ."""
+    q, t, dy = _layer(64, 96, 4, 64, True, torch.float32, seed=0, lead=(3,), mask=False)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
+        _run(q, t, dy, "triton")
+    assert saved, "nothing saved"
+    dense_bytes = 64 * 96 * 4
+    assert all(s.numel() * s.element_size() < dense_bytes // 2 for s in saved), [tuple(s.shape) for s in saved]
+
+
+def test_a_qlora_model_under_triton_runs_the_fused_op_and_matches_the_reference():
+    """LoraLinear on an NF4 base calls NF4Linear.lora_forward: on "triton" the fused op, one node per layer."""
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, block_size=16))
+    quantize_model(gpt, "all-linear", blocksize=64)
+    pm = get_peft_model(gpt, LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False)).train()
+    idx = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    losses, grads = {}, {}
+    for backend in ("reference", "triton"):
+        pm.zero_grad(set_to_none=True)
+        with kernels.use_backend(backend):
+            _, loss = pm(idx, targets=idx)
+        loss.backward()
+        losses[backend] = loss
+        grads[backend] = {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
+        if backend == "triton":
+            seen = set()
+            node = loss.grad_fn
+            stack = [node]
+            while stack:
+                node = stack.pop()
+                if node is None or node in seen:
+                    continue
+                seen.add(node)
+                stack.extend(n for n, _ in node.next_functions)
+            assert sum("EagerNF4LoraTriton" in type(n).__name__ for n in seen) == 4  # c_attn, c_proj, c_fc, proj
+    assert_close(losses["triton"], losses["reference"])
+    for name, g in grads["reference"].items():
+        assert_close(grads["triton"][name], g)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("out_f,in_f,blocksize,double_quant", [(2304, 768, 64, True), (768, 3072, 128, False),
+                                                                (1000, 333, 4096, True)])
+def test_fused_nf4_lora_on_gpu(dtype, out_f, in_f, blocksize, double_quant):
+    q, t, dy = _layer(out_f, in_f, 16, blocksize, double_quant, dtype, seed=in_f, lead=(4, 300))
+    _compare(q, t, dy, dtype)
