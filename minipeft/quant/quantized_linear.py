@@ -20,6 +20,8 @@ QLoRA: https://arxiv.org/abs/2305.14314; LLM.int8(): https://arxiv.org/abs/2208.
 
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.nn as nn
 
@@ -28,7 +30,7 @@ from .nf4 import _STATISTICS, _check_statistics
 __all__ = ["QuantizedLinear"]
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(nn.Module, abc.ABC):
     """Base class: frozen packed state in buffers that dtype casts leave alone, and strict loading.
 
     Subclasses set ``_ALL_STATE_NAMES`` (every buffer name any configuration of the format can hold) and
@@ -47,11 +49,13 @@ class QuantizedLinear(nn.Module):
         self._in_features = in_features
         self._out_features = out_features
 
+    @abc.abstractmethod
     def _state_names(self) -> tuple[str, ...]:
-        raise NotImplementedError
+        """The names of the packed state this layer holds now (each subclass lists its own)."""
 
+    @abc.abstractmethod
     def _state_kind(self) -> str:
-        raise NotImplementedError
+        """What error messages call the packed state ("plain NF4", "double-quant NF4", "int8")."""
 
     @property
     def in_features(self) -> int:
