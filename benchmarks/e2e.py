@@ -12,6 +12,10 @@ B × T = 8 × 992 random token ids, dropout 0 everywhere. One row per (library, 
                 adapter weights to fp32 by default (get_peft_model's autocast_adapter_dtype=True)
     hf prefix   peft prefix tuning, 20 virtual tokens, bf16 base
     hf prompt   peft prompt tuning, 20 virtual tokens, bf16 base
+    hf qlora    peft LoRA as `hf lora`, on a bitsandbytes NF4 base (Linear4bit, double quantization, blocksize 64,
+                bf16 compute): the random bf16 model saved to a temporary directory and loaded back with a
+                `BitsAndBytesConfig`, as users load one; no gradient checkpointing (nor on any other row)
+    hf lora8    the same on a bitsandbytes LLM.int8() base (Linear8bitLt, threshold 6.0)
     mp full     minipeft GPT, every parameter trainable (fp32 master weights)
     mp floor [compiled|graphs]
                 bf16 base, frozen; only transformer.wte.weight (tied to lm_head) trainable; eager, or in
@@ -22,6 +26,12 @@ B × T = 8 × 992 random token ids, dropout 0 everywhere. One row per (library, 
                 chosen with `kernels.use_backend` around the whole row; mode eager, compiled
                 (`torch.compile(model)`: forward and loss in one graph, backward through AOTAutograd) or
                 graphs (`torch.compile(model, mode="reduce-overhead")`: the same, replayed as CUDA graphs)
+    mp qlora/<backend> <mode>
+                `mp lora` on an NF4 base: `quantize_model(model, "all-linear", bits=4)` (blocksize 64, double
+                quantization) before the adapters; each layer saves its 4-bit codes for backward, never a
+                dense weight (kernels.nf4_lora_linear; the fused NF4 + LoRA kernel on "triton")
+    mp lora8/<backend> <mode>
+                `mp lora` on an LLM.int8() base: `quantize_model(model, "all-linear", bits=8)` (threshold 6.0)
     mp prefix / mp prompt   minipeft prefix / prompt tuning, 20 virtual tokens, bf16 base, eager
 
 HF rows compute the loss as `model(input_ids=idx, labels=idx)` (transformers shifts the labels itself); mp rows
@@ -74,6 +84,7 @@ import torch
 from minipeft import GPT, GPTConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model, kernels
 from minipeft.checkpoint import save_json
 from minipeft.measure import median_ms, peak_memory_mb, reset_peak_memory
+from minipeft.quant import quantize_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +111,7 @@ MODES = ("eager", "compiled", "graphs")  # graphs: torch.compile(mode="reduce-ov
 @dataclasses.dataclass(frozen=True)
 class Row:
     side: str  # "hf" (transformers + peft) or "mp" (minipeft)
-    method: str  # full | floor | lora | prefix | prompt
+    method: str  # full | floor | lora | qlora | lora8 | prefix | prompt
     backend: str | None = None  # minipeft kernel backend (LoRA rows)
     mode: str = "eager"  # one of MODES (minipeft rows)
 
@@ -114,11 +125,13 @@ class Row:
         return name + (f" {self.mode}" if self.backend or self.compiled else "")
 
 
-ALL_ROWS = [Row("hf", m) for m in ("full", "floor", "lora", "prefix", "prompt")] + [
+ALL_ROWS = [Row("hf", m) for m in ("full", "floor", "lora", "qlora", "lora8", "prefix", "prompt")] + [
     Row("mp", "full"), *(Row("mp", "floor", mode=m) for m in MODES),
     *(Row("mp", "lora", b, m) for b in MP_BACKENDS for m in MODES),
+    *(Row("mp", q, b, m) for q in ("qlora", "lora8") for b in MP_BACKENDS for m in ("eager", "graphs")),
     Row("mp", "prefix"), Row("mp", "prompt"),
 ]
+QUANTIZED_BITS = {"qlora": 4, "lora8": 8}  # the LoRA rows on a quantized base: bits of quantize_model
 
 # A build function returns (loss_of, trainable parameters): loss_of(idx) is the scalar loss of one batch.
 LossOf = Callable[[torch.Tensor], torch.Tensor]
@@ -135,11 +148,14 @@ def build_hf(row: Row, shape: Shape) -> tuple[LossOf, list[torch.nn.Parameter]]:
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
                         bos_token_id=shape.vocab_size - 1, eos_token_id=shape.vocab_size - 1)
     model = GPT2LMHeadModel(config)
+    if row.method in QUANTIZED_BITS:
+        model = _bnb_quantized(model, QUANTIZED_BITS[row.method])
     model.train()
     if row.method == "full":
         net = model
     else:
-        model.to(torch.bfloat16)
+        if row.method not in QUANTIZED_BITS:  # a quantized model is bf16 already, and .to() would refuse it
+            model.to(torch.bfloat16)
         model.requires_grad_(False)
         if row.method == "floor":
             model.transformer.wte.weight.requires_grad_(True)  # tied: lm_head.weight is the same tensor
@@ -151,10 +167,28 @@ def build_hf(row: Row, shape: Shape) -> tuple[LossOf, list[torch.nn.Parameter]]:
                                                 target_modules=["c_attn", "c_proj", "c_fc"]),
                 "prefix": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL),
                 "prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL),
-            }[row.method]()
+            }["lora" if row.method in QUANTIZED_BITS else row.method]()
             net = peft.get_peft_model(model, cfg)  # autocast_adapter_dtype=True: LoRA weights become fp32
     params = [p for p in net.parameters() if p.requires_grad]
     return (lambda idx: net(input_ids=idx, labels=idx).loss), params
+
+
+def _bnb_quantized(model: torch.nn.Module, bits: int) -> torch.nn.Module:
+    """The random bf16 model saved and loaded back through bitsandbytes (NF4 with double quantization, or
+    LLM.int8()), as a user loads a quantized checkpoint; the temporary directory is gone afterwards."""
+    import tempfile
+
+    from transformers import BitsAndBytesConfig, GPT2LMHeadModel
+
+    quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.bfloat16) if bits == 4
+             else BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0))
+    device = torch.get_default_device()
+    with tempfile.TemporaryDirectory() as tmp:
+        model.to(torch.bfloat16).save_pretrained(tmp)
+        del model
+        return GPT2LMHeadModel.from_pretrained(tmp, quantization_config=quant, dtype=torch.bfloat16,
+                                               device_map={"": device})
 
 
 def build_mp(row: Row, shape: Shape) -> tuple[LossOf, list[torch.nn.Parameter]]:
@@ -166,6 +200,8 @@ def build_mp(row: Row, shape: Shape) -> tuple[LossOf, list[torch.nn.Parameter]]:
         net = model
     else:
         model.to(torch.bfloat16)
+        if row.method in QUANTIZED_BITS:
+            quantize_model(model, "all-linear", bits=QUANTIZED_BITS[row.method])
         if row.method == "floor":
             model.requires_grad_(False)
             model.transformer.wte.weight.requires_grad_(True)  # tied: lm_head.weight is the same tensor
@@ -175,7 +211,7 @@ def build_mp(row: Row, shape: Shape) -> tuple[LossOf, list[torch.nn.Parameter]]:
                 "lora": lambda: LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear"),
                 "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=N_VIRTUAL),
                 "prompt": lambda: PromptTuningConfig(num_virtual_tokens=N_VIRTUAL),
-            }[row.method]()
+            }["lora" if row.method in QUANTIZED_BITS else row.method]()
             net = get_peft_model(model, cfg)  # freezes the base; adapters in the base's dtype
     params = [p for p in net.parameters() if p.requires_grad]
     if row.mode == "eager":
@@ -269,22 +305,30 @@ def summarise(rounds: list[dict]) -> dict:
 
 
 def print_table(results: dict[str, dict]) -> None:
-    def ratio(s: dict, base: str) -> str:
-        b = results.get(base, {})
-        if "tokens_per_s" not in s or "tokens_per_s" not in b:
-            return ""
-        return f"{s['tokens_per_s'] / b['tokens_per_s']:.2f}"
+    """One line per row; ratios are of tokens/s against rows of the same run: `hf lora`, `mp floor` (in its
+    best mode), the transformers row of the same method (`hf qlora` for `mp qlora/…`), and minipeft's LoRA on
+    a bf16 base with the same backend and mode (for the quantized rows)."""
+    def tps(name: str) -> float | None:
+        return results.get(name, {}).get("tokens_per_s")
+
+    floors = [t for n in results if n.startswith("mp floor") and (t := tps(n))]
+    baselines = {"hf lora": lambda n: tps("hf lora"), "mp floor (best)": lambda n: max(floors, default=None),
+                 "hf same method": lambda n: tps("hf " + n.split()[1].split("/")[0]),
+                 "mp lora, same backend": lambda n: tps(n.replace("qlora/", "lora/").replace("lora8/", "lora/"))
+                 if n.startswith(("mp qlora", "mp lora8")) else None}
 
     width = max(len(n) for n in results)
-    print(f"\n| {'row':<{width}} | tokens/s (median) | spread (min–max) | peak GiB | × hf lora | × mp floor |")
-    print(f"|{'-' * (width + 2)}|---|---|---|---|---|")
+    print(f"\n| {'row':<{width}} | tokens/s (median) | spread (min–max) | peak GiB | "
+          + " | ".join(f"× {b}" for b in baselines) + " |")
+    print(f"|{'-' * (width + 2)}|---|---|---|" + "---|" * len(baselines))
     for name, s in results.items():
         if "tokens_per_s" not in s:
-            print(f"| {name:<{width}} | {s['error']} | | | | |")
+            print(f"| {name:<{width}} | {s['error']} | | |" + " |" * len(baselines))
             continue
         note = f" ({s['rounds_ok']} round(s) ok; {s['error']})" if "error" in s else ""
+        ratios = [(b := of(name)) and f"{s['tokens_per_s'] / b:.2f}" or "" for of in baselines.values()]
         print(f"| {name:<{width}} | {s['tokens_per_s']:,.0f}{note} | {s['min']:,.0f}–{s['max']:,.0f} | "
-              f"{s['peak_gib']:.2f} | {ratio(s, 'hf lora')} | {ratio(s, 'mp floor')} |")
+              f"{s['peak_gib']:.2f} | " + " | ".join(ratios) + " |")
 
 
 # ------------------------------------------------------------------------------------------ main

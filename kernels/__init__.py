@@ -28,6 +28,10 @@ Which backend runs, first match wins:
   4. the environment variable ``MINIPEFT_KERNEL``;
   5. ``"auto"``.
 
+The same switch, names and precedence serve ``multi_lora_linear``, a batch whose rows each use their own adapter
+(punica's SGMV, https://arxiv.org/abs/2310.18547): kernels/reference.py's loop over adapters, or the segmented
+kernels of kernels/multi_lora_triton.py; "auto" takes the Triton kernels on CUDA, the reference elsewhere.
+
 This package imports only torch and triton, and triton only if it is there: without it ``from minipeft import kernels``
 still works and ``available_backends()["triton"]`` says why Triton cannot run.
 """
@@ -41,7 +45,7 @@ import os
 import reprlib
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -50,17 +54,18 @@ from .nf4_reference import nf4_dequantize_reference
 from .triton_interpreter import INTERPRETING as _INTERPRETING  # TRITON_INTERPRET, read once for the package
 
 try:  # Triton is optional: the reference backend needs torch alone.
-    from . import lora_routes, lora_triton, nf4_lora_triton
+    from . import lora_routes, lora_triton, multi_lora_triton, nf4_lora_triton
     from .nf4_triton import nf4_dequantize_triton
 
     _TRITON_IMPORT_ERROR: str | None = None
 except Exception as e:  # ImportError, or a Triton that fails at import on this platform
-    lora_triton = lora_routes = nf4_lora_triton = None  # type: ignore[assignment]
+    lora_triton = lora_routes = nf4_lora_triton = multi_lora_triton = None  # type: ignore[assignment]
     nf4_dequantize_triton = None  # type: ignore[assignment]
     _TRITON_IMPORT_ERROR = f"triton cannot be imported ({type(e).__name__}: {e})"
 
 __all__ = ["lora_linear", "set_backend", "use_backend", "get_backend", "available_backends", "BACKENDS",
-           "nf4_dequantize_reference", "nf4_dequantize_triton", "nf4_dequantize", "nf4_linear", "nf4_lora_linear"]
+           "nf4_dequantize_reference", "nf4_dequantize_triton", "nf4_dequantize", "nf4_linear", "nf4_lora_linear",
+           "multi_lora_linear"]
 
 BACKENDS = ("auto", "reference", "triton")
 ENV_VAR = "MINIPEFT_KERNEL"
@@ -152,7 +157,7 @@ def _finite(scaling: numbers.Real) -> bool:
         return False
 
 
-def _check_scaling(scaling: object) -> None:
+def _check_scaling(scaling: object, name: str = "scaling") -> None:
     """scaling multiplies every LoRA output and gradient: a NaN or inf here poisons the whole model silently.
 
     A tensor is refused too, even with one element: reading it back is a host sync on a GPU, and the Triton
@@ -161,25 +166,18 @@ def _check_scaling(scaling: object) -> None:
     """
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         hint = "; for a one-element tensor t pass float(t)" if isinstance(scaling, torch.Tensor) else ""
-        raise TypeError(f"scaling must be a real number such as lora_alpha / r (a Python float), "
+        raise TypeError(f"{name} must be a real number such as lora_alpha / r (a Python float), "
                         f"got {_describe(scaling)}{hint}")
     if not _finite(scaling):
-        raise ValueError(f"scaling must be finite (a real number such as lora_alpha / r), got {_describe(scaling)}")
+        raise ValueError(f"{name} must be finite (a real number such as lora_alpha / r), got {_describe(scaling)}")
 
 
-def _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_mask) -> None:
-    """Check the public boundary: types, dtypes, devices and shapes, with messages that say what was expected."""
-    named = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B,
-             "dropout_mask": dropout_mask}
-    for name, t in named.items():
-        if t is None and name in ("bias", "dropout_mask"):
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    _check_scaling(scaling)
+def _check_x_and_weight(x, weight, named) -> tuple[int, int]:
+    """x floating, every (name, tensor) of ``named`` (None skipped) in x's dtype and on x's device, and x (..., in)
+    fitting weight (out, in); returns (out, in)."""
     if not x.dtype.is_floating_point:
         raise TypeError(f"x has dtype {x.dtype}; expected a floating dtype (float16, bfloat16, float32, float64)")
-    for name, t in named.items():
+    for name, t in named:
         if t is None:
             continue
         if t.dtype != x.dtype:
@@ -194,6 +192,20 @@ def _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_mask) -> None:
     if x.shape[-1] != in_features:
         raise ValueError(f"x has shape {tuple(x.shape)}; expected (..., {in_features}) to match "
                          f"weight (out, in) = {tuple(weight.shape)}")
+    return out_features, in_features
+
+
+def _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_mask) -> None:
+    """Check the public boundary: types, dtypes, devices and shapes, with messages that say what was expected."""
+    named = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B,
+             "dropout_mask": dropout_mask}
+    for name, t in named.items():
+        if t is None and name in ("bias", "dropout_mask"):
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _check_scaling(scaling)
+    out_features, in_features = _check_x_and_weight(x, weight, named.items())
     if lora_A.dim() != 2 or lora_A.shape[1] != in_features or lora_A.shape[0] < 1:
         raise ValueError(f"lora_A has shape {tuple(lora_A.shape)}; expected (r, {in_features}) with r >= 1 "
                          f"to match weight (out, in) = {tuple(weight.shape)}")
@@ -290,6 +302,117 @@ def lora_linear(
     # "reference", and "auto" off CUDA: the interpreter is for tests that ask for "triton" by name (one LoRA
     # call the size of the default model's c_attn takes ~15 s there).
     return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Mixed-adapter LoRA on the same switch: one batch, one adapter per row (punica's SGMV / S-LoRA idea).
+#   "reference": kernels/reference.py's loop over adapters (gather the rows, LoRA, index_add), always.
+#   "triton":    kernels/multi_lora_triton.py on every call (cuBLAS for the shared base GEMM, the segmented
+#                Triton kernels for every adapter's branch, forward and backward), or a ValueError saying why
+#                it cannot run (the reasons of ``lora_linear``'s "triton").
+#   "auto":      those Triton kernels on CUDA (no host sync: the rows are grouped on the device); the reference
+#                elsewhere, the CPU included. Not yet measured against the reference's loop on a GPU.
+# --------------------------------------------------------------------------------------------------------
+def _capturing(x: torch.Tensor) -> bool:
+    """True while a CUDA graph is being captured on x's device (a host sync would end the capture)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index) -> None:
+    """``multi_lora_linear``'s boundary: types, dtypes, devices and shapes, with messages naming the argument.
+
+    The values of adapter_index are checked too, which reads them back (a host sync), except while torch.compile
+    traces or a CUDA graph is captured. Unchecked, an index outside [-1, n) is memory-safe in both backends: its
+    row matches no adapter and gets the base layer only.
+    """
+    for name, t in (("x", x), ("weight", weight), ("adapter_index", adapter_index)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {_describe(t)}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be None or a torch.Tensor, got {_describe(bias)}")
+    for name, seq in (("lora_As", lora_As), ("lora_Bs", lora_Bs), ("scalings", scalings)):
+        if not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{name} must be a list or tuple with one entry per adapter, got {_describe(seq)}")
+    n = len(lora_As)
+    if n == 0:
+        raise ValueError("lora_As is empty: multi_lora_linear needs at least one adapter (with none, call "
+                         "torch.nn.functional.linear)")
+    if len(lora_Bs) != n or len(scalings) != n:
+        raise ValueError(f"lora_As, lora_Bs and scalings must have one entry per adapter, got lengths {n}, "
+                         f"{len(lora_Bs)} and {len(scalings)}")
+    adapters = [(f"lora_As[{i}]", A) for i, A in enumerate(lora_As)] + \
+        [(f"lora_Bs[{i}]", B) for i, B in enumerate(lora_Bs)]
+    for name, t in adapters:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {_describe(t)}")
+    for i, scaling in enumerate(scalings):
+        _check_scaling(scaling, f"scalings[{i}]")
+    out_features, in_features = _check_x_and_weight(x, weight, [("weight", weight), ("bias", bias), *adapters])
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({out_features},)")
+    for i, (A, B) in enumerate(zip(lora_As, lora_Bs, strict=True)):
+        if A.dim() != 2 or A.shape[1] != in_features or A.shape[0] < 1:
+            raise ValueError(f"lora_As[{i}] has shape {tuple(A.shape)}; expected (r, {in_features}) with r >= 1 "
+                             f"to match weight (out, in) = {tuple(weight.shape)}")
+        if B.dim() != 2 or tuple(B.shape) != (out_features, A.shape[0]):
+            raise ValueError(f"lora_Bs[{i}] has shape {tuple(B.shape)}; expected (out, r) = ({out_features}, "
+                             f"{A.shape[0]}) from weight {tuple(weight.shape)} and lora_As[{i}] {tuple(A.shape)}")
+    if adapter_index.dtype != torch.int64:
+        raise TypeError(f"adapter_index has dtype {adapter_index.dtype}; expected torch.int64 (torch.long)")
+    if adapter_index.shape != x.shape[:-1]:
+        raise ValueError(f"adapter_index has shape {tuple(adapter_index.shape)}; expected x's leading shape "
+                         f"{tuple(x.shape[:-1])} (one adapter per row of x)")
+    if adapter_index.device != x.device:
+        raise ValueError(f"adapter_index is on {adapter_index.device} but x is on {x.device}; move it to x's device")
+    if torch.compiler.is_compiling() or _capturing(x) or adapter_index.numel() == 0:
+        return
+    if bool(((adapter_index < -1) | (adapter_index >= n)).any()):  # the one host sync of this check
+        lo, hi = int(adapter_index.min()), int(adapter_index.max())
+        raise ValueError(f"adapter_index values must lie in [-1, {n}): -1 for the base layer alone, i for "
+                         f"lora_As[i] (there are {n} adapters); got values from {lo} to {hi}")
+
+
+def multi_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_As: Sequence[torch.Tensor],
+    lora_Bs: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    adapter_index: torch.Tensor,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """y[m] = x[m]·Wᵀ + bias + s_i·(x[m]·A_iᵀ)·B_iᵀ with i = adapter_index[m] (the base alone where i = -1).
+
+    Args:
+        x: (..., in), any leading dims, any strides.
+        weight: (out, in), frozen: it never receives a gradient.
+        bias: (out,) or None.
+        lora_As: a list or tuple of n tensors (r_i, in); the ranks r_i may differ.
+        lora_Bs: n tensors (out, r_i).
+        scalings: n real numbers s_i (lora_alpha / r_i, or / sqrt(r_i) with rsLoRA).
+        adapter_index: int64 of shape x.shape[:-1], values in [-1, n): each row's adapter, -1 for none.
+        backend: "reference" | "triton" | "auto" | None, as for ``lora_linear`` (see the comment above).
+    Returns:
+        (..., out) in x's dtype. Gradients reach x, every A_i and B_i, and a bias that requires one.
+    Raises:
+        TypeError: a non-tensor, a sequence that is not a list or tuple, an integer dtype for x, tensors whose
+            dtype differs from x's, a scaling that is not a real number, an adapter_index that is not int64.
+        ValueError: an unknown backend; sequences of different lengths (or none); shapes that do not fit;
+            tensors on another device; a NaN or infinite scaling; adapter_index values outside [-1, n) (not
+            checked while torch.compile traces or a CUDA graph is captured: that check syncs with the host);
+            an explicit "triton" that cannot run on these tensors (the message says why).
+    """
+    name = get_backend() if backend is None else _check_name(backend, "multi_lora_linear(backend=...)")
+    _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index)
+    if name == "triton":
+        why_not = _triton_unavailable(x.device, x.dtype)
+        if why_not:
+            raise ValueError(f"the triton kernel backend cannot run here: {why_not}")
+        return multi_lora_triton.multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index)
+    if name == "auto" and x.is_cuda and _triton_unavailable(x.device, x.dtype) is None:
+        return multi_lora_triton.multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index)
+    return reference.multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -492,7 +615,8 @@ def nf4_lora_linear(
                    the 4-bit codes and dequantizing in registers, with the low-rank term in its epilogue; the
                    LoRA kernels for S, G, dA and dB. A ValueError says why where it cannot run.
       "auto":      on CUDA, ``nf4_linear`` with the Triton dequantization and a cuBLAS GEMM, plus the low-rank
-                   term as torch ops (the fused kernel is not measured against it yet); the reference elsewhere.
+                   term as torch ops (measured faster than the fused kernel at every M from 1 to 4096 on an
+                   H200: benchmarks/RESULTS.md); the reference elsewhere.
     Gradients reach x, lora_A, lora_B and a bias that requires one; backward keeps the 4-bit state, never Ŵ.
     """
     name = get_backend() if backend is None else _check_name(backend, "nf4_lora_linear(backend=...)")

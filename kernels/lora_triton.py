@@ -219,21 +219,23 @@ def _lowrank_epilogue(
                       mask=in_m[:, None] & in_r[None, :], other=0.0)             # (BM, R_PAD)
         up = tl.load(r_ptr + offs_r[:, None] * stride_rr + offs_n[None, :] * stride_rn,
                      mask=in_r[:, None] & in_n[None, :], other=0.0)              # (R_PAD, BN)
-        delta = tl.dot(low.to(up.dtype), up, input_precision=PRECISION) * scaling  # (BM, BN) fp32
         if HAS_MASK:
+            delta = tl.dot(low.to(up.dtype), up, input_precision=PRECISION) * scaling  # (BM, BN) fp32
             drop = tl.load(mask_ptr + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
                            mask=in_m[:, None] & in_n[None, :], other=0.0)
-            delta = delta * drop.to(tl.float32)
-        acc += delta
+            acc += delta * drop.to(tl.float32)
+        else:  # into the accumulator itself: no second (BM, BN) fp32 tile to hold in registers
+            acc = tl.dot((low * scaling).to(up.dtype), up, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
     return acc
 
 
-def _autotune(configs, key):
+def _autotune(configs, key, **kwargs):
     """triton.autotune, with the winners kept on disk where this Triton can (its cache, keyed by the key's
     values, the kernel's source and the GPU): a new process does not tune a shape again."""
-    kwargs = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        kwargs["cache_results"] = True
     return triton.autotune(configs=configs, key=key, **kwargs)
 
 

@@ -26,10 +26,15 @@ dY for G = dY·B, dB and dbias, the low-rank epilogue, and the dA pass. Only the
             acc += P[m_block, k_block] @ q
         out = acc + the low-rank epilogue
 
-This is the teaching version: each weight loads its own byte and its block's statistics (the neighbours
-sharing them are served from L1), which works for every shape and blocksize, an odd in_features included (a
-byte then straddles two rows of Ŵ). Loading whole bytes and splitting them (``tl.join``) when in_features is
-even, and one absmax per (row, k-block) when blocksize divides in_features, are the next steps for speed.
+Two ways to make a tile of Ŵ, chosen per launch:
+- packed (``_nf4_rows``), when in_features is a multiple of the blocksize (so every row of Ŵ starts on a
+  byte and on a block): a tile of whole rows loads its bytes once, splits each into its two nibbles and
+  interleaves them back into order (``tl.join``), and loads one absmax per row and block — a (rows, cols)
+  tile reads rows·cols/2 bytes and rows·max(1, cols/blocksize) statistics;
+- per weight (``_nf4_tile``), for every other shape (an odd in_features: a byte then straddles two rows):
+  each weight loads its own byte and its block's statistics, which L1 serves to its neighbours. Correct
+  for every shape; about 10× slower than the packed path on an H200 (benchmarks/RESULTS.md has both, and
+  what still keeps the packed one behind a bf16 GEMM).
 
 Registered as ``minipeft::nf4_lora_linear_triton`` (forward) and ``minipeft::nf4_lora_linear_triton_backward``,
 with an autograd.Function twin for eager mode, as kernels/lora_triton.py does and for the same reasons.
@@ -81,7 +86,87 @@ def _nf4_tile(codes_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_pt
     return tl.where(ok, tl.load(nf4_ptr + code) * absmax, 0.0)
 
 
-@_autotune(_gemm_configs(), _GEMM_KEY + ["BLOCKSIZE", "DOUBLE_QUANT", "Q_IS_W"])
+@triton.jit
+def _absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr, block, ok,
+               DQ_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """The fp32 absmax of quantization blocks ``block`` (any shape); 0 where not ``ok``."""
+    # one return statement: Triton compiles a function's every return, the ones a constexpr branch skips too
+    if DOUBLE_QUANT:
+        code = tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)
+        scale = tl.load(absmax_scale_ptr + block // DQ_BLOCKSIZE, mask=ok, other=0.0)
+        absmax = tl.where(ok, tl.load(dq_ptr + code) * scale + tl.load(absmax_offset_ptr), 0.0)
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=ok, other=0.0)
+    return absmax
+
+
+@triton.jit
+def _nf4_rows(codes_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr,
+              rows, col0, n_rows, in_features,
+              COLS: tl.constexpr, BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """Ŵ[rows, col0 : col0 + COLS] as an fp32 (len(rows), COLS) tile, for in_features % BLOCKSIZE == 0.
+
+    Row r's columns c, c+1 (c even) share byte (r·in + c) / 2: high nibble first. Rows past n_rows read as 0;
+    columns past in_features read another row's weights, which the caller multiplies by zeros of x.
+    """
+    ROWS: tl.constexpr = rows.shape[0]
+    offs_b = tl.arange(0, COLS // 2)                                                # byte within the row
+    in_rows = rows < n_rows
+    first = rows * in_features + col0                                               # (ROWS,) flat index
+    ok = in_rows[:, None] & (col0 + 2 * offs_b < in_features)[None, :]
+    byte = tl.load(codes_ptr + first[:, None] // 2 + offs_b[None, :], mask=ok, other=0).to(tl.int32)
+    w = tl.join(tl.load(nf4_ptr + (byte >> 4)), tl.load(nf4_ptr + (byte & 0x0F)))   # (ROWS, COLS/2, 2)
+    w = tl.reshape(w, (ROWS, COLS))                                                  # back in column order
+    if BLOCKSIZE >= COLS:  # the tile's part of a row lies in one block (col0 is a multiple of COLS)
+        absmax = _absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr, first // BLOCKSIZE,
+                            in_rows, DQ_BLOCKSIZE, DOUBLE_QUANT)                     # (ROWS,)
+        w = w * absmax[:, None]
+    else:  # COLS / BLOCKSIZE blocks per row of the tile
+        NB: tl.constexpr = COLS // BLOCKSIZE
+        block = first[:, None] // BLOCKSIZE + tl.arange(0, NB)[None, :]             # (ROWS, NB)
+        absmax = _absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr, block,
+                            in_rows[:, None] & (block < tl.cdiv(n_rows * in_features, BLOCKSIZE)),
+                            DQ_BLOCKSIZE, DOUBLE_QUANT)
+        w = tl.reshape(tl.reshape(w, (ROWS, NB, BLOCKSIZE)) * absmax[:, :, None], (ROWS, COLS))
+    return w
+
+
+SMEM_BYTES = 200 * 1024  # an H100/H200 block may use 227 KiB of shared memory; keep a margin
+
+
+def _smem_estimate(bm: int, bn: int, bk: int, stages: int, size: int) -> int:
+    """Shared memory a config needs, from above: (stages + 2) copies of the two operand tiles and an fp32
+    (BM, BN) buffer for the epilogue's layout change (a 64×128×64 fp32 config with 3 stages measured 256 KiB
+    on an H200, which this puts at 272 KiB)."""
+    return (bm + bn) * bk * size * (stages + 2) + bm * bn * 4
+
+
+def _nf4_gemm_configs():
+    """The dense GEMM's configs; without autotuning one that also fits fp32 operands in shared memory."""
+    if not lora_triton.AUTOTUNE:
+        small = lora_triton.INTERPRETING
+        # in the interpreter 64-wide tiles too, so that a blocksize of 32 puts two blocks in a tile row
+        return [triton.Config({"BM": 16 if small else 64, "BN": 64, "BK": 64 if small else 32, "GROUP_M": 4},
+                              num_warps=4, num_stages=3)]
+    return _gemm_configs()
+
+
+def _fit_shared_memory(configs, named_args, **_):
+    """Autotuning prunes with this: fewer pipeline stages (or none of a config) where fp32 operands would need
+    more shared memory than a block has."""
+    size = named_args["p_ptr"].element_size()
+    fitted = []
+    for c in configs:
+        bm, bn, bk, stages = c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], c.num_stages
+        while stages > 1 and _smem_estimate(bm, bn, bk, stages, size) > SMEM_BYTES:
+            stages -= 1
+        if _smem_estimate(bm, bn, bk, stages, size) <= SMEM_BYTES:
+            fitted.append(triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=stages))
+    return fitted or configs[-1:]
+
+
+@_autotune(_nf4_gemm_configs(), _GEMM_KEY + ["BLOCKSIZE", "DOUBLE_QUANT", "Q_IS_W", "PACKED"],
+           prune_configs_by={"early_config_prune": _fit_shared_memory})
 @triton.jit
 def _nf4_gemm_kernel(
     # pointers
@@ -95,6 +180,7 @@ def _nf4_gemm_kernel(
     scaling,
     # meta-parameters
     BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, Q_IS_W: tl.constexpr,
+    PACKED: tl.constexpr,          # in_features % BLOCKSIZE == 0: tiles of whole rows (_nf4_rows)
     HAS_LORA: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
     R_PAD: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
@@ -108,8 +194,15 @@ def _nf4_gemm_kernel(
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BK)):
         p = tl.load(p_ptrs, mask=offs_k[None, :] < K - k * BK, other=0.0)
-        q = _nf4_tile(codes_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr,
-                      k * BK + offs_k, offs_n, K, N, stride_qk, stride_qn, BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT)
+        if PACKED and Q_IS_W:      # dX: Q = Ŵ[k-block, n-block], rows of Ŵ along k
+            q = _nf4_rows(codes_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr,
+                          k * BK + offs_k, pid_n * BN, K, N, BN, BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT)
+        elif PACKED:               # forward: Q = Ŵ[n-block, k-block]ᵀ, rows of Ŵ along n
+            q = tl.trans(_nf4_rows(codes_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr,
+                                   offs_n, k * BK, N, K, BK, BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT))
+        else:
+            q = _nf4_tile(codes_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr,
+                          k * BK + offs_k, offs_n, K, N, stride_qk, stride_qn, BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT)
         acc = tl.dot(p, q.to(p.dtype), acc, input_precision=PRECISION)                 # Ŵ rounded to P's dtype
         p_ptrs += BK * stride_pk
     acc = _lowrank_epilogue(acc, offs_m, offs_n, M, N, R, l_ptr, r_ptr, mask_ptr, bias_ptr,
@@ -154,6 +247,7 @@ def nf4_gemm(
             up_arg.stride(0), up_arg.stride(1), mask_arg.stride(0), mask_arg.stride(1), out.stride(0), out.stride(1),
             scaling,
             BLOCKSIZE=blocksize, DQ_BLOCKSIZE=dq_blocksize, DOUBLE_QUANT=double_quant, Q_IS_W=q_is_w,
+            PACKED=in_features % blocksize == 0,
             HAS_LORA=low is not None, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
             R_PAD=_pad_rank(max(rank, 1)), PRECISION=_precision(p.dtype),
         )

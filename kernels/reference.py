@@ -17,9 +17,15 @@ The signature below is repeated on purpose in ``lora_triton.lora_linear`` (the T
 ``lora_routes.lora_linear`` (the "auto" backend's routes) and the switch ``kernels.lora_linear``: every kernel
 sits beside its reference with the same arguments (plus the one that picks a backend or route), so that
 swapping one for the other is a one-word change and the tests can call them all the same way.
+
+``multi_lora_linear``, last, is a batch whose rows each use their own adapter (adapter_index per row, -1 for
+none) as a plain loop over the adapters; ``multi_lora_triton.multi_lora_linear`` and the switch's
+``kernels.multi_lora_linear`` repeat its signature.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,3 +50,37 @@ def lora_linear(
     x_lora = x if dropout_mask is None else x * dropout_mask  # (..., in)   dropout on the LoRA branch only
     s = F.linear(x_lora, lora_A)                              # (..., r)    the rank-r bottleneck S = x·Aᵀ
     return y + scaling * F.linear(s, lora_B)                  # (..., out)
+
+
+def multi_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_As: Sequence[torch.Tensor],
+    lora_Bs: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    adapter_index: torch.Tensor,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """A batch in which each row has its own adapter: the base layer for every row, then a loop over adapters.
+
+        y[m] = x[m]·Wᵀ + bias + s_i·(x[m]·A_iᵀ)·B_iᵀ    with i = adapter_index[m]; no LoRA term where i = -1
+
+    Shapes: x (..., in), weight (out, in), bias (out,) or None, lora_As[i] (r_i, in), lora_Bs[i] (out, r_i) (the
+    ranks r_i may differ), scalings[i] a float, adapter_index (...) = x.shape[:-1] of int64 in [-1, n).
+    Each adapter gathers its rows, runs the LoRA branch on them alone and adds the result back in place of
+    those rows (``index_add``, an out-of-place op that autograd follows), so the gradients of adapter i are
+    those of a batch of its rows alone. Like ``lora_linear`` it takes ``backend`` and ignores it, and leaves
+    validation to the switch (``kernels.multi_lora_linear``). ``nonzero`` syncs with the host once per adapter:
+    this is the oracle, not the fast path (kernels/multi_lora_triton.py is).
+    """
+    out_features, in_features = weight.shape
+    y = F.linear(x, weight.detach(), bias)                     # (..., out)  the base layer, every row
+    index = adapter_index.reshape(-1)                          # (M,)
+    x2d = x.reshape(index.numel(), in_features)                # (M, in)   (not -1: in or out may be 0)
+    y2d = y.reshape(index.numel(), out_features)               # (M, out)
+    for i, (lora_A, lora_B, scaling) in enumerate(zip(lora_As, lora_Bs, scalings, strict=True)):
+        rows = (index == i).nonzero().squeeze(1)               # (M_i,)  the rows of adapter i
+        s = F.linear(x2d[rows], lora_A)                        # (M_i, r_i)
+        y2d = y2d.index_add(0, rows, scaling * F.linear(s, lora_B))   # (M, out), rows M_i changed
+    return y2d.view(y.shape)                                   # (..., out)

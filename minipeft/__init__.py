@@ -4,11 +4,15 @@ from minipeft.model import GPT, GPTConfig, KVCache
 from minipeft.tokenizer import ByteTokenizer, load_tokenizer_json
 from minipeft.tuners import (
     AdapterConfig,
+    Average,
+    Fuse,
     LoraConfig,
+    Parallel,
     PeftModel,
     PrefixTuningConfig,
     PromptTuningConfig,
     PTuningConfig,
+    Stack,
     get_peft_model,
 )
 
@@ -17,5 +21,5 @@ __version__ = "0.1.0"
 __all__ = [
     "GPT", "GPTConfig", "KVCache", "ByteTokenizer", "load_tokenizer_json",
     "LoraConfig", "AdapterConfig", "PrefixTuningConfig", "PromptTuningConfig", "PTuningConfig",
-    "get_peft_model", "PeftModel", "__version__",
+    "get_peft_model", "PeftModel", "Stack", "Parallel", "Average", "Fuse", "__version__",
 ]

@@ -220,6 +220,7 @@ class GPT(nn.Module):
         *,
         inputs_embeds: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         return_logits: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -229,6 +230,9 @@ class GPT(nn.Module):
         prompt_embeds (n, C) or (B, n, C): virtual tokens put in front of the input (prompt tuning). They
             take positions 0 … n−1, every real token attends to them, and their logits are cut off: logits
             stay (B, T, vocab) and targets (B, T).
+        prompt_mask (B, n) bool, with a (B, n, C) prompt_embeds: which virtual tokens a row has (a mixed-adapter
+            batch left-pads shorter prompts): the others are masked out of attention and of the positions, so
+            a row with n_b virtual tokens gives them positions 0 … n_b−1, as it would alone.
         kv_cache, when given, holds earlier keys/values (a prefix, or tokens already generated) and is
             extended in place with this call's tokens.
         return_logits=False (with targets; the trainer's call): logits is None and the loss is computed a
@@ -254,7 +258,7 @@ class GPT(nn.Module):
         valid = self._check_mask(attention_mask, B, T, tok_emb.device)  # (B, T) bool or None
         n_virtual = 0
         if prompt_embeds is not None:
-            tok_emb, valid = self._prepend(prompt_embeds, tok_emb, valid)  # (B, n+T, C), (B, n+T) or None
+            tok_emb, valid = self._prepend(prompt_embeds, tok_emb, valid, prompt_mask)  # (B, n+T, C), (B, n+T)
             n_virtual = prompt_embeds.shape[-2]
 
         # Positions count real tokens only, so a padded sequence gets the positions it would get alone.
@@ -296,19 +300,27 @@ class GPT(nn.Module):
                              f"{self.config.block_size}; shorten the input (or lower num_virtual_tokens)")
 
     def _prepend(
-        self, prompt_embeds: torch.Tensor, tok_emb: torch.Tensor, valid: torch.Tensor | None
+        self, prompt_embeds: torch.Tensor, tok_emb: torch.Tensor, valid: torch.Tensor | None,
+        prompt_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[P ; tok_emb] (B, n+T, C) and the mask with the n virtual tokens marked valid."""
-        B = tok_emb.shape[0]
+        """[P ; tok_emb] (B, n+T, C) and the mask with the virtual tokens marked valid (all n, or those of
+        prompt_mask (B, n))."""
+        B, T = tok_emb.shape[:2]
         if prompt_embeds.dim() not in (2, 3) or prompt_embeds.shape[-1] != self.config.n_embd:
             raise ValueError(f"prompt_embeds must be (n, {self.config.n_embd}) or (B, n, {self.config.n_embd}), "
                              f"got {tuple(prompt_embeds.shape)}")
         prompt = (prompt_embeds if prompt_embeds.dim() == 3 else prompt_embeds[None]).expand(B, -1, -1)  # (B, n, C)
         emb = torch.cat([prompt.to(tok_emb.dtype), tok_emb], dim=1)  # (B, n+T, C)
+        if prompt_mask is None:
+            if valid is None:
+                return emb, None
+            prompt_mask = torch.ones(B, prompt.shape[1], dtype=torch.bool, device=valid.device)
+        elif prompt_mask.shape != prompt.shape[:2] or prompt_mask.dtype != torch.bool:
+            raise ValueError(f"prompt_mask must be bool of shape {tuple(prompt.shape[:2])} (B, n), got "
+                             f"{prompt_mask.dtype} {tuple(prompt_mask.shape)}")
         if valid is None:
-            return emb, None
-        ones = torch.ones(B, prompt.shape[1], dtype=torch.bool, device=valid.device)
-        return emb, torch.cat([ones, valid], dim=1)  # (B, n+T)
+            valid = torch.ones(B, T, dtype=torch.bool, device=prompt_mask.device)
+        return emb, torch.cat([prompt_mask.to(valid.device), valid], dim=1)  # (B, n+T)
 
     # Checks that read tensor values need the host (a GPU→CPU sync); they run only when the code is not being
     # compiled, so that torch.compile traces the forward without a graph break.
@@ -390,6 +402,7 @@ class GPT(nn.Module):
         *,
         kv_cache: KVCache | None = None,
         prompt_embeds: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens) ids.
@@ -401,6 +414,7 @@ class GPT(nn.Module):
         kv_cache: a cache to start from (prefix tuning passes its prefixes here).
         prompt_embeds: (n, C) or (B, n, C) embeddings put in front of idx's at the first step (prompt
         tuning); they take positions 0 … n−1 and are not part of the returned ids.
+        prompt_mask: (B, n) bool, which of them each row has (as in forward).
         """
         _check_generate_args(max_new_tokens, do_sample, temperature, top_k, eos_token_id, self.config.vocab_size)
         idx = self._check_idx(idx)
@@ -420,7 +434,8 @@ class GPT(nn.Module):
                           detail=f"{n_cache} cached + {n_prompt} virtual + {T} prompt + {max_new_tokens} new tokens")
         cache = kv_cache if kv_cache is not None else KVCache(self.config.n_layer, B, device=idx.device)
         mask = attention_mask if attention_mask is not None else torch.ones_like(idx)
-        logits, _ = self(idx, attention_mask=mask, kv_cache=cache, prompt_embeds=prompt_embeds)
+        logits, _ = self(idx, attention_mask=mask, kv_cache=cache, prompt_embeds=prompt_embeds,
+                         prompt_mask=prompt_mask)
 
         out = idx
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)

@@ -79,6 +79,18 @@ def test_fused_nf4_lora_matches_the_reference(out_f, in_f, r, blocksize, double_
     _compare(q, t, dy, dtype, wants=tuple(w for w in LEAVES if w in wants))
 
 
+@settings(max_examples=10)
+@given(out_f=st.integers(1, 40), blocks_per_row=st.integers(1, 3), r=st.sampled_from([1, 4]),
+       blocksize=st.sampled_from([32, 64, 128]), double_quant=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float16]), mask=st.booleans())
+def test_packed_rows_match_the_reference(out_f, blocks_per_row, r, blocksize, double_quant, dtype, mask):
+    """in_features a multiple of the blocksize: the kernel loads whole rows' bytes and one absmax per row and
+    block (with 64-wide tiles here, blocksize 32 puts two blocks in a tile row, 128 one block in two tiles)."""
+    in_f = blocksize * blocks_per_row
+    q, t, dy = _layer(out_f, in_f, r, blocksize, double_quant, dtype, seed=out_f * in_f + r, mask=mask)
+    _compare(q, t, dy, dtype)
+
+
 def test_a_byte_straddling_two_rows():
     """in_features odd: the byte after row 0's last weight holds row 1's first, in its low nibble."""
     q, t, dy = _layer(5, 7, 2, 32, False, torch.float32, seed=3, lead=(4,))

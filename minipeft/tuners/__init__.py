@@ -1,19 +1,23 @@
 """The PEFT methods, all attached through one mechanism (inject.py): LoRA, bottleneck adapters, prefix
-tuning, prompt tuning and P-tuning, as named adapters on one frozen GPT.
+tuning, prompt tuning and P-tuning, as named adapters on one frozen GPT; composition blocks (Stack, Average,
+Fuse, Parallel) and AdapterFusion combine them.
 
     pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"]))
 """
 
 from minipeft.targets import find_target_modules
 from minipeft.tuners.bottleneck import BottleneckAdapter, BottleneckLayer
+from minipeft.tuners.composition import AdapterCompositionBlock, Average, Fuse, Parallel, Stack
 from minipeft.tuners.config import (
     AdapterConfig,
+    AdapterFusionConfig,
     LoraConfig,
     PeftConfig,
     PrefixTuningConfig,
     PromptTuningConfig,
     PTuningConfig,
 )
+from minipeft.tuners.fusion import AdapterFusion
 from minipeft.tuners.inject import PeftModel, get_peft_model
 from minipeft.tuners.input_adapter import InputAdapter
 from minipeft.tuners.io import read_adapter, write_adapter
@@ -38,6 +42,13 @@ __all__ = [
     "combine_lora",
     "BottleneckAdapter",
     "BottleneckLayer",
+    "AdapterCompositionBlock",
+    "Stack",
+    "Parallel",
+    "Average",
+    "Fuse",
+    "AdapterFusion",
+    "AdapterFusionConfig",
     "PrefixEncoder",
     "PromptEmbedding",
     "PTuningEmbedding",

@@ -31,6 +31,10 @@ we leave that out so that the adapter is the only trainable part and the counts 
 
 The sublayer is wrapped, not edited: model.py never learns about adapters. Several adapters on one
 sublayer run in the order of `active_adapters` (stacking: `set_adapter(["a", "b"])` applies a, then b).
+Other compositions (composition.py) are computed here too, from the block the PeftModel hands every layer as
+`layer.composition`: Average (o + Σᵢ wᵢ·δᵢ(o)), Fuse (an AdapterFusion layer, fusion.py, kept per fusion name
+in `adapter_fusion`) and a Stack holding a Fuse. Parallel is the PeftModel's forward pass (it replicates the
+batch); a layer never computes it.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minipeft.tuners.composition import AdapterCompositionBlock, Average, Fuse, Parallel, Stack
+from minipeft.tuners.fusion import AdapterFusion
 from minipeft.tuners.layer import AdapterLayer
 
 __all__ = ["ACTIVATIONS", "BottleneckAdapter", "BottleneckLayer", "adapter_sites"]
@@ -84,9 +90,13 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.adapter_up.weight)
         nn.init.zeros_(self.adapter_up.bias)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        """What the adapter adds: up(f(down(h))), without the residual (Average and Fuse combine these)."""
         z = ACTIVATIONS[self.non_linearity](self.adapter_down(h))  # (…, m)
-        return h + self.adapter_up(z)  # (…, d)
+        return self.adapter_up(z)  # (…, d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.delta(h)
 
     def extra_repr(self) -> str:
         return f"non_linearity={self.non_linearity!r}"
@@ -95,8 +105,9 @@ class BottleneckAdapter(nn.Module):
 class BottleneckLayer(AdapterLayer):
     """A sublayer (block.attn or block.mlp) followed by its named bottleneck adapters, applied in order.
 
-    forward(*args) = adapters(base_layer(*args)); `disabled` or no active adapter gives exactly
-    base_layer(*args). Unknown attribute reads go to the base layer (see AdapterLayer).
+    forward(*args) = adapters(base_layer(*args)), combined as `composition` says (a Stack when None);
+    `disabled` or no active adapter gives exactly base_layer(*args). Unknown attribute reads go to the base
+    layer (see AdapterLayer). `adapter_fusion` holds this sublayer's AdapterFusion layers by fusion name ("a,b").
     """
 
     adapter_module_names = ("adapters",)
@@ -105,6 +116,7 @@ class BottleneckLayer(AdapterLayer):
         super().__init__(base_layer)
         self.d = d
         self.adapters = nn.ModuleDict()
+        self.adapter_fusion = nn.ModuleDict()
 
     def add_adapter(self, adapter_name: str, reduction_factor: int, non_linearity: str) -> None:
         if adapter_name in self.adapters:
@@ -118,13 +130,78 @@ class BottleneckLayer(AdapterLayer):
         """{"adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias"}: no adapter name."""
         return dict(self.adapters[adapter_name].named_parameters())
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Drop the adapter and every fusion layer that fuses it (a fusion without one of its inputs is meaningless)."""
+        super().delete_adapter(adapter_name)
+        for name in [f for f in self.adapter_fusion if adapter_name in f.split(",")]:
+            del self.adapter_fusion[name]
+
+    def add_fusion(self, fuse: Fuse, fusion_type: str, dropout: float) -> None:
+        """An AdapterFusion layer over `fuse`'s adapters, which must all sit at this sublayer."""
+        missing = [n for n in fuse.children if n not in self.adapters]
+        if missing:
+            raise ValueError(f"cannot fuse {missing} at this sublayer: no such adapter here")
+        if fuse.name in self.adapter_fusion:
+            raise ValueError(f"fusion {fuse.name!r} already exists in this layer")
+        p = next(self.adapters[fuse.children[0]].parameters())
+        self.adapter_fusion[fuse.name] = AdapterFusion(self.d, fusion_type, dropout, p.device, p.dtype)
+
+    def fusion_parameters(self, fusion_name: str) -> dict[str, nn.Parameter]:
+        """{"fusion_query.weight", "fusion_query.bias", "fusion_key.weight", "fusion_key.bias",
+        "fusion_value.weight" (dynamic fusion only)}: no fusion name."""
+        return dict(self.adapter_fusion[fusion_name].named_parameters())
+
     def forward(self, *args, **kwargs):
         out = self.base_layer(*args, **kwargs)  # (B, T, d)
-        if self.disabled:
+        if self.row_route is not None:
+            return self._forward_mixed(out)
+        if self.disabled or not self.active_adapters:
             return out
-        for name in self.active_adapters:
-            out = self.adapters[name](out)
+        return self._compose(out, self.composition)
+
+    def _forward_mixed(self, o: torch.Tensor) -> torch.Tensor:
+        """A mixed-adapter batch (mixed_batch.py): row b gets its own adapter's δ(o[b]); each adapter runs on
+        every row and is masked to its own (a bottleneck is cheap next to the sublayer), so its gradients come
+        from its rows only."""
+        names, index = self.row_route.for_layer(self.adapters)  # (B,) index into names, -1: none here
+        out = o
+        for i, name in enumerate(names):
+            rows = (index == i).to(o.dtype).view(-1, *[1] * (o.dim() - 1))  # (B, 1, 1)
+            out = out + rows * self.adapters[name].delta(o)
         return out
+
+    def _compose(self, o: torch.Tensor, composition: AdapterCompositionBlock | None) -> torch.Tensor:
+        """The active adapters applied to the sublayer output o (B, T, d) as `composition` says."""
+        if isinstance(composition, Average):
+            out = o  # o + Σᵢ wᵢ·δᵢ(o); an adapter that is not at this sublayer is the identity here (δᵢ = 0)
+            for name, w in zip(composition.children, composition.weights, strict=True):
+                if name in self.adapters:
+                    out = out + w * self.adapters[name].delta(o)
+            return out
+        if isinstance(composition, Fuse):
+            return self._fuse(o, composition)
+        if isinstance(composition, Parallel):
+            # ── Parallel hook ── PeftModel.forward replicates the batch once per child and routes each copy's
+            # rows to its adapter with a per-row routing (`self.row_route`, read in forward before `_compose`).
+            # A layer that meets a Parallel composition without a routing was called outside that path.
+            raise ValueError(f"Parallel is handled by PeftModel.forward (the batch replicated once per adapter, "
+                             f"each copy through one adapter), not by a layer; got {composition!r}")
+        if isinstance(composition, Stack) and any(isinstance(c, Fuse) for c in composition.children):
+            for child in composition.children:  # Stack("lang", Fuse("a", "b")): lang, then the fusion
+                if isinstance(child, Fuse):
+                    o = self._fuse(o, child)
+                elif child in self.adapters:
+                    o = self.adapters[child](o)
+            return o
+        for name in self.active_adapters:  # a Stack of names (or no composition): one after the other
+            o = self.adapters[name](o)
+        return o
+
+    def _fuse(self, o: torch.Tensor, fuse: Fuse) -> torch.Tensor:
+        if not any(n in self.adapters for n in fuse.children):
+            return o  # none of the fused adapters sits at this sublayer
+        deltas = torch.stack([self.adapters[n].delta(o) for n in fuse.children], dim=-2)  # (B, T, N, d)
+        return self.adapter_fusion[fuse.name](o, deltas)
 
 
 def adapter_sites(architecture: str) -> tuple[str, ...]:

@@ -1,4 +1,5 @@
-"""The configuration of every PEFT method: small dataclasses of JSON-able values, validated on creation.
+"""The configuration of every PEFT method (and of AdapterFusion): small dataclasses of JSON-able values,
+validated on creation.
 
 A config says *what* to add to a frozen base model; `get_peft_model` (inject.py) does the adding. Each
 config knows its method name, serialises to the `adapter_config.json` stored beside an adapter's weights,
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from minipeft.tuners.bottleneck import ACTIVATIONS
+from minipeft.tuners.fusion import FUSION_TYPES
 
 
 @dataclass
@@ -312,6 +314,47 @@ class PTuningConfig(PeftConfig):
         self.encoder_num_layers = _check_positive_int(self, "encoder_num_layers")
         self.encoder_dropout = _check_probability(self, "encoder_dropout")
         self.base_model = _check_base_model(self)
+
+
+@dataclass
+class AdapterFusionConfig:
+    """An AdapterFusion layer over existing bottleneck adapters (fusion.py); not an adapter itself, so not a
+    PeftConfig. Saved as adapter_fusion_config.json by `PeftModel.save_adapter_fusion`.
+
+    `fusion_type`: "dynamic" (query, key and value matrices; the library's default) or "static" (no value
+    matrix). `dropout_prob`: on the attention scores; None at creation means the base's GPTConfig.dropout, and
+    the value used is what is stored."""
+
+    adapter_names: list[str]
+    fusion_type: str = "dynamic"
+    dropout_prob: float | None = None
+    base_model: dict | None = None
+
+    def __post_init__(self) -> None:
+        where, names = "AdapterFusionConfig.adapter_names", self.adapter_names
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
+            raise TypeError(f"{where} must be a list of adapter names, {_got(names)}")
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise ValueError(f"{where} must name at least two different adapters, got {list(names)!r}")
+        self.adapter_names = list(names)
+        self.fusion_type = _check_choice(self, "fusion_type", FUSION_TYPES)
+        self.dropout_prob = None if self.dropout_prob is None else _check_probability(self, "dropout_prob")
+        self.base_model = _check_base_model(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": "adapter_fusion", **json.loads(json.dumps({f.name: getattr(self, f.name)
+                                                                       for f in fields(self)}))}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> AdapterFusionConfig:
+        if not isinstance(d, dict) or d.get("method") != "adapter_fusion":
+            raise ValueError(f"not an adapter fusion config (expected 'method': 'adapter_fusion'), got {d!r}")
+        d = {k: v for k, v in d.items() if k != "method"}
+        known = {f.name for f in fields(AdapterFusionConfig)}
+        if set(d) - known or "adapter_names" not in d:
+            raise ValueError(f"AdapterFusionConfig got fields {sorted(d)}; known: {sorted(known)} (adapter_names "
+                             f"required)")
+        return AdapterFusionConfig(**d)
 
 
 CONFIGS: dict[str, type[PeftConfig]] = {

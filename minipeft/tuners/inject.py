@@ -29,6 +29,12 @@ raises a ValueError listing what is available.
 
 Files: `save_adapter` / `save_pretrained` / `load_adapter` / `from_pretrained` gather or place the tensors
 here and leave the file format (minipeft's or HF peft's) to io.py.
+
+Combining adapters: `set_adapter` also takes a composition block (composition.py: Stack, Average, Fuse,
+Parallel, the `adapters` library's). The PeftModel checks that it can be computed, keeps it as
+`active_composition` (and its names, flat, as `active_adapters`) and hands it to every wrapper as
+`layer.composition`; the wrappers compute it (bottleneck.py). AdapterFusion layers (fusion.py) live inside the
+bottleneck wrappers, which are their one record; the PeftModel adds, activates, saves and loads them.
 """
 
 from __future__ import annotations
@@ -52,10 +58,20 @@ from minipeft.targets import (
     set_submodule,
     tied_parameter_ids,
 )
-from minipeft.tuners import io, prefix, prompt
+from minipeft.tuners import io, mixed_batch, prefix, prompt
 from minipeft.tuners.bottleneck import BottleneckLayer, adapter_sites
+from minipeft.tuners.composition import (
+    METHODS_SUPPORTING,
+    AdapterCompositionBlock,
+    Average,
+    Fuse,
+    Parallel,
+    Stack,
+    parse_composition,
+)
 from minipeft.tuners.config import (
     AdapterConfig,
+    AdapterFusionConfig,
     LoraConfig,
     PeftConfig,
     PrefixTuningConfig,
@@ -86,14 +102,21 @@ class PeftModel(nn.Module):
 
     Attributes: `base_model` (the GPT), `peft_config` {name: config}, `prompt_encoders` (input adapters).
 
-    Adapters: `add_adapter` (added, not active), `set_adapter` (a name or a list: only those are active and
-    only their parameters require grad; layer adapters in a list stack in order, at most one input adapter),
-    `train_adapter` / `set_active_adapters` (the `adapters` library's names) and `set_active_adapter`
-    (the PEFT course notes' spelling) are the same call, `active_adapters`, `disable_adapter()` (the base
-    model exactly), `delete_adapter`, `add_weighted_adapter` (LoRA), `merge_adapter` / `unmerge_adapter`
-    (LoRA, in place), `merge_and_unload` (LoRA: returns a plain GPT), `merge_and_requantize` (QLoRA),
-    `unload`, `adapter_state_dict` / `load_adapter_state_dict`, `get_nb_trainable_parameters`,
-    `print_trainable_parameters`; files: `save_adapter`, `save_pretrained`, `load_adapter`, `from_pretrained`.
+    Adapters: `add_adapter` (added, not active), `set_adapter` (a name, a list or a composition block: only
+    those are active and only their parameters require grad; layer adapters in a list stack in order, at most
+    one input adapter), `train_adapter` / `set_active_adapters` (the `adapters` library's names) and
+    `set_active_adapter` (the PEFT course notes' spelling) are the same call, `active_adapters` (flat),
+    `active_composition` (the block), `disable_adapter()` (the base model exactly), `delete_adapter`,
+    `add_weighted_adapter` (LoRA), `merge_adapter` / `unmerge_adapter` (LoRA, in place), `merge_and_unload`
+    (LoRA: returns a plain GPT), `merge_and_requantize` (QLoRA), `unload`, `adapter_state_dict` /
+    `load_adapter_state_dict`, `get_nb_trainable_parameters`, `print_trainable_parameters`; files:
+    `save_adapter`, `save_pretrained`, `load_adapter`, `from_pretrained`.
+
+    Combining adapters (composition.py, the `adapters` library's blocks): `set_adapter(Stack("a", "b"))`,
+    `Average("a", "b", weights=[0.7, 0.3])`, `Fuse("a", "b")`, `Parallel("a", "b")`. AdapterFusion (fusion.py):
+    `add_adapter_fusion(Fuse("a", "b"))`, `train_adapter_fusion` (only the fusion trains), `adapter_fusions`,
+    `fusion_attention` (the attention of the last forward pass, per sublayer), `fusion_regularization_loss`,
+    `delete_adapter_fusion`, `save_adapter_fusion` / `load_adapter_fusion`.
 
     Unknown attribute reads fall through to the base model (`pm.config`, `pm.device`, `pm.transformer`).
     """
@@ -212,43 +235,91 @@ class PeftModel(nn.Module):
         self._set_trainable()
 
     # ------------------------------------------------------------------ which adapters are active
+    # The active composition block (composition.py), as set_adapter got it; `_active` is its flat list of names.
+    _composition: AdapterCompositionBlock | None = None
+
     @property
     def active_adapters(self) -> list[str]:
+        """Every adapter the active composition uses, flattened, in order (Stack("a", Fuse("b", "c")) → a, b, c)."""
         return list(self._active)
+
+    @property
+    def active_composition(self) -> AdapterCompositionBlock | None:
+        """The active composition block: a Stack for a name or a list, the block given to set_adapter, None when
+        nothing is active."""
+        if not self._active:
+            return None
+        return self._composition if self._composition is not None else Stack(*self._active)
 
     @property
     def active_adapter(self) -> str | list[str]:
         """peft's singular spelling: the name when one adapter is active, else the list."""
         return self._active[0] if len(self._active) == 1 else list(self._active)
 
-    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
-        """Make exactly these adapters active (and trainable); a list stacks layer adapters in its order.
-        Merged adapters are unmerged first (with a warning): what is merged always equals what is active."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        if not names:
-            raise ValueError("set_adapter needs at least one adapter name (use disable_adapter() for the base)")
-        for n in names:
-            self._check_name(n)
-        if len(set(names)) != len(names):
-            raise ValueError(f"set_adapter got a name twice: {names}")
-        inputs = [n for n in names if self.peft_config[n].kind == "input"]
-        if len(inputs) > 1:
-            raise ValueError(f"only one input adapter (prompt/prefix/P-tuning) can be active at a time, got {inputs}")
-        if names != self._active:
-            self._unmerge_first(f"set_adapter({names})")
-        self._active = names
+    def set_adapter(self, adapter_name: str | Sequence[str] | AdapterCompositionBlock) -> None:
+        """Make exactly these adapters active (and trainable): a name, a list (a Stack: layer adapters apply in
+        its order) or a composition block (composition.py: Stack, Average, Fuse, Parallel). With a Fuse in the
+        composition only fusion layers train: every adapter stays frozen (AdapterFusion's second stage).
+        Merged adapters are unmerged first (with a warning): what is merged always equals what is active.
+
+        Raises:
+            ValueError: an unknown adapter; a Fuse whose fusion was not added (add_adapter_fusion); an Average or
+                Fuse of input adapters, of adapters of different methods or of a method whose layers do not
+                compute it (composition.METHODS_SUPPORTING); two input adapters in a Stack; nesting that
+                minipeft does not support (raised when the block is built).
+        """
+        composition = parse_composition(adapter_name)
+        self._check_composition(composition)
+        names = composition.flatten()
+        if names != self._active or composition != self._composition:
+            self._unmerge_first(f"set_adapter({adapter_name!r})")
+        self._active, self._composition = names, composition
         self._sync_layers()
         self._set_trainable()
 
-    def train_adapter(self, adapter_name: str | Sequence[str]) -> None:
+    def _check_composition(self, composition: AdapterCompositionBlock) -> None:
+        """ValueError unless this model can compute `composition` (see set_adapter)."""
+        names = composition.flatten()
+        for n in names:
+            self._check_name(n)
+        inputs = [n for n in names if self.peft_config[n].kind == "input"]
+        if isinstance(composition, Stack) and len(inputs) > 1:
+            raise ValueError(f"only one input adapter (prompt/prefix/P-tuning) can be active at a time, got {inputs}")
+        for block in composition.blocks():
+            kind = type(block).__name__
+            methods = {n: self.peft_config[n].method for n in block.children if isinstance(n, str)}
+            if isinstance(block, (Average, Fuse)):
+                inputs = [n for n in methods if self.peft_config[n].kind == "input"]
+                if inputs:
+                    hint = f"; Stack({inputs[0]!r}, Fuse(...)) runs it before a fusion" if kind == "Fuse" else ""
+                    raise ValueError(f"{kind} combines the outputs of layer adapters; {inputs[0]!r} is an input "
+                                     f"adapter ({methods[inputs[0]]}), which acts on the model's input{hint}")
+                if len(set(methods.values())) > 1:
+                    raise ValueError(f"{kind} needs adapters of one method, got {methods}")
+                unsupported = {n: m for n, m in methods.items() if m not in METHODS_SUPPORTING[type(block)]}
+                if unsupported:
+                    raise ValueError(f"{kind} is computed by the layers of {METHODS_SUPPORTING[type(block)]} "
+                                     f"adapters only; got {unsupported}")
+            if isinstance(block, Fuse) and block.name not in self.adapter_fusions:
+                raise ValueError(f"{block!r} has no fusion layer: add it first with add_adapter_fusion({block!r}) "
+                                 f"(or load_adapter_fusion); fusions: {self.adapter_fusions}")
+
+    def _deactivate_all(self) -> None:
+        """No adapter active (what a saved model with nothing active restores to)."""
+        self._unmerge_first("deactivating every adapter")
+        self._active, self._composition = [], None
+        self._sync_layers()
+        self._set_trainable()
+
+    def train_adapter(self, adapter_name: str | Sequence[str] | AdapterCompositionBlock) -> None:
         """The `adapters` library's name: activate these adapters and make only them trainable."""
         self.set_adapter(adapter_name)
 
-    def set_active_adapters(self, adapter_name: str | Sequence[str]) -> None:
+    def set_active_adapters(self, adapter_name: str | Sequence[str] | AdapterCompositionBlock) -> None:
         """The `adapters` library's name for set_adapter."""
         self.set_adapter(adapter_name)
 
-    def set_active_adapter(self, adapter_name: str | Sequence[str]) -> None:
+    def set_active_adapter(self, adapter_name: str | Sequence[str] | AdapterCompositionBlock) -> None:
         """The PEFT course notes' spelling of set_adapter."""
         self.set_adapter(adapter_name)
 
@@ -271,15 +342,45 @@ class PeftModel(nn.Module):
         return [t for t in named_layers(self.base_model) if isinstance(t.module, AdapterLayer)]
 
     def _sync_layers(self) -> None:
+        """Tell every wrapper what is active: its own adapters in order, the whole composition, disabled or not."""
+        self._drop_what_is_gone()
+        composition = self.active_composition
         for _c, _r, layer in self._wrappers():
             layer.active_adapters = [n for n in self._active if n in layer.adapter_names]
+            layer.composition = composition
             layer.disabled = self._disabled
 
+    def _drop_what_is_gone(self) -> None:
+        """After delete_adapter / delete_adapter_fusion: a Stack loses the deleted names (as a list always did);
+        any other composition that used what was deleted is no longer active (with a warning)."""
+        composition, fusions = self._composition, set(self.adapter_fusions)
+
+        def exists(child: str | AdapterCompositionBlock) -> bool:
+            if isinstance(child, str):
+                return child in self.peft_config
+            return all(exists(c) for c in child) and (not isinstance(child, Fuse) or child.name in fusions)
+
+        if composition is None or exists(composition):
+            return
+        kept = [c for c in composition if exists(c)] if isinstance(composition, Stack) else []
+        self._composition = Stack(*kept) if kept else None
+        if not isinstance(composition, Stack) or any(not isinstance(c, str) and not exists(c) for c in composition):
+            warnings.warn(f"{composition!r} used a deleted adapter or fusion; active now: {self._composition!r}",
+                          stacklevel=4)
+        self._active = self._composition.flatten() if kept else []
+
     def _set_trainable(self) -> None:
-        """Only the active adapters' parameters require grad; the base never does."""
+        """Only the active adapters' parameters require grad; the base never does. A composition with a Fuse
+        trains only its fusion layers: every adapter in it stays frozen (AdapterFusion's second stage)."""
+        composition = self.active_composition
+        fuses = [] if composition is None else [b.name for b in composition.blocks() if isinstance(b, Fuse)]
+        trainable = set() if fuses else set(self._active)
         for name in self.peft_config:
             for p in self._adapter_parameters(name).values():
-                p.requires_grad_(name in self._active)
+                p.requires_grad_(name in trainable)
+        for fusion in self.adapter_fusions:
+            for p in self._fusion_parameters(fusion).values():
+                p.requires_grad_(fusion in fuses)
 
     def _input_adapter(self) -> nn.Module | None:
         if self._disabled:
@@ -306,6 +407,171 @@ class PeftModel(nn.Module):
             raise ValueError("nearest_tokens needs an active prompt-tuning or P-tuning adapter (a prefix lives in "
                              f"key/value space, not in the embedding space); active: {self._active}")
         return encoder.nearest_tokens(self.base_model.transformer.wte.weight, k, tokenizer)
+
+    # ------------------------------------------------------------------ AdapterFusion (fusion.py)
+    def _bottleneck_layers(self) -> list[tuple[str, str, BottleneckLayer]]:
+        return [w for w in self._wrappers() if isinstance(w[2], BottleneckLayer)]
+
+    @property
+    def adapter_fusions(self) -> list[str]:
+        """The names of the fusion layers added ("a,b": the fused adapters joined by ","), oldest first."""
+        names: list[str] = []
+        for _c, _r, layer in self._bottleneck_layers():
+            names += [n for n in layer.adapter_fusion if n not in names]
+        return names
+
+    def _check_fusion(self, fuse: Fuse) -> None:
+        if fuse.name not in self.adapter_fusions:
+            raise ValueError(f"fusion {fuse.name!r} does not exist; fusions: {self.adapter_fusions}")
+
+    def add_adapter_fusion(self, adapter_names: Fuse | Sequence[str] | str, config: str = "dynamic",
+                           dropout_prob: float | None = None) -> None:
+        """Add an AdapterFusion layer over these bottleneck adapters at every sublayer they adapt; it is not
+        activated and starts frozen (`train_adapter_fusion(Fuse(...))` or `set_active_adapters(Fuse(...))` turn it
+        on, with only the fusion trainable). The `adapters` library's call.
+
+        Args:
+            adapter_names: Fuse("a", "b"), a list of names or "a,b"; at least two bottleneck adapters of one
+                architecture (they must sit at the same sublayers).
+            config: "dynamic" (query, key and value matrices; the library's default) or "static" (no value).
+            dropout_prob: dropout on the attention scores; None: the base's GPTConfig.dropout (the library
+                takes the base's attention dropout).
+        """
+        fuse = _as_fuse(adapter_names)
+        for n in fuse.children:
+            self._check_name(n)
+        others = {n: self.peft_config[n].method for n in fuse.children if not isinstance(self.peft_config[n],
+                                                                                           AdapterConfig)}
+        if others:
+            raise ValueError(f"add_adapter_fusion fuses bottleneck adapters only; got {others}")
+        if fuse.name in self.adapter_fusions:
+            raise ValueError(f"fusion {fuse.name!r} already exists; delete_adapter_fusion({fuse!r}) first")
+        architectures = {n: self.peft_config[n].architecture for n in fuse.children}
+        if len(set(architectures.values())) > 1:
+            raise ValueError(f"add_adapter_fusion needs adapters at the same sublayers, that is of one architecture; "
+                             f"got {architectures}")
+        fusion = AdapterFusionConfig(list(fuse.children), config,
+                                     self.base_model.config.dropout if dropout_prob is None else dropout_prob)
+        for _c, _r, layer in self._bottleneck_layers():
+            if fuse.children[0] in layer.adapter_names:
+                layer.add_fusion(fuse, fusion.fusion_type, fusion.dropout_prob)
+        self._set_trainable()
+
+    def train_adapter_fusion(self, adapter_setup: Fuse | Sequence[str] | AdapterCompositionBlock) -> None:
+        """The `adapters` library's call for AdapterFusion's second stage: activate the fusion (a Fuse, the fused
+        names as a list, or a Stack holding a Fuse) with only its fusion layers trainable."""
+        setup = adapter_setup if isinstance(adapter_setup, AdapterCompositionBlock) else _as_fuse(adapter_setup)
+        if not any(isinstance(b, Fuse) for b in setup.blocks()):
+            raise ValueError(f"train_adapter_fusion needs a Fuse (or a Stack holding one), got {setup!r}; to train "
+                             f"adapters use train_adapter")
+        self.set_adapter(setup)
+
+    def delete_adapter_fusion(self, adapter_names: Fuse | Sequence[str] | str) -> None:
+        """Remove a fusion layer everywhere; an active composition that uses it is no longer active (a warning)."""
+        fuse = _as_fuse(adapter_names)
+        self._check_fusion(fuse)
+        for _c, _r, layer in self._bottleneck_layers():
+            if fuse.name in layer.adapter_fusion:
+                del layer.adapter_fusion[fuse.name]
+        self._sync_layers()
+        self._set_trainable()
+
+    def _fusion_parameters(self, fusion_name: str) -> dict[str, nn.Parameter]:
+        """A fusion's parameters by the plain base model's module names: transformer.h.0.mlp.fusion_query.weight, …"""
+        return {f"{clean}.{k}": p for clean, _r, layer in self._bottleneck_layers()
+                if fusion_name in layer.adapter_fusion for k, p in layer.fusion_parameters(fusion_name).items()}
+
+    def _fusion_config(self, fusion_name: str) -> AdapterFusionConfig:
+        """The config a fusion was made with, read off its modules (they are the one record of it)."""
+        module = next(layer.adapter_fusion[fusion_name] for _c, _r, layer in self._bottleneck_layers()
+                      if fusion_name in layer.adapter_fusion)
+        return AdapterFusionConfig(fusion_name.split(","), module.fusion_type, module.fusion_dropout.p,
+                                   self.base_model.config.to_dict())
+
+    def _active_fuse(self, adapter_names: Fuse | Sequence[str] | str | None, what: str) -> Fuse:
+        if adapter_names is not None:
+            fuse = _as_fuse(adapter_names)
+        else:
+            composition = self.active_composition
+            fuses = [] if composition is None else [b for b in composition.blocks() if isinstance(b, Fuse)]
+            if len(fuses) != 1:
+                raise ValueError(f"{what}: name the fusion (Fuse('a', 'b')); the active composition {composition!r} "
+                                 f"holds {len(fuses)} Fuse blocks")
+            fuse = fuses[0]
+        self._check_fusion(fuse)
+        return fuse
+
+    def fusion_attention(self, adapter_names: Fuse | Sequence[str] | str | None = None,
+                         average: bool = False) -> dict[str, torch.Tensor]:
+        """The attention weights p of a fusion in the last forward pass that ran it, per fused sublayer:
+        {"transformer.h.0.mlp": tensor (B, T, N)}, p[b, t, i] the weight of the Fuse's i-th adapter at token t
+        (each row sums to 1). `average=True` gives the mean over batch and positions instead, (N,) per sublayer
+        (padding positions included: pass an unpadded batch, or mask the raw tensors yourself). The default
+        fusion is the one in the active composition. The paper's plots are these averages, layer by layer."""
+        fuse = self._active_fuse(adapter_names, "fusion_attention")
+        out = {}
+        for clean, _r, layer in self._bottleneck_layers():
+            attention = layer.adapter_fusion[fuse.name].last_attention if fuse.name in layer.adapter_fusion else None
+            if attention is not None:
+                out[clean] = attention.mean(dim=(0, 1)) if average else attention
+        if not out:
+            raise ValueError(f"fusion {fuse.name!r} has not run yet: activate it (set_active_adapters({fuse!r})) and "
+                             f"run a forward pass first")
+        return out
+
+    def fusion_regularization_loss(self, adapter_names: Fuse | Sequence[str] | str | None = None,
+                                   weight: float = 0.01) -> torch.Tensor:
+        """The library's regulariser of dynamic AdapterFusion, weight·Σ‖W_V − I‖²_F over the fusion's layers
+        (weight 0.01 as there; default fusion: the active one). Add it to the loss while training the fusion; it
+        keeps the value matrices near the identity they start from. 0 for a static fusion (no W_V)."""
+        fuse = self._active_fuse(adapter_names, "fusion_regularization_loss")
+        params = self._fusion_parameters(fuse.name)
+        values = [p for k, p in params.items() if k.endswith("fusion_value.weight")]
+        if not values:
+            return next(iter(params.values())).new_zeros(())
+        eye = torch.eye(values[0].shape[0], device=values[0].device, dtype=values[0].dtype)
+        return weight * sum((v - eye).pow(2).sum() for v in values)
+
+    def save_adapter_fusion(self, directory: str | Path, adapter_names: Fuse | Sequence[str] | str) -> None:
+        """Write a fusion layer's tensors and config (the fused adapters' names, its type, its dropout, the base
+        fingerprint) to `directory`: adapter_fusion.safetensors, adapter_fusion_config.json and a manifest, each
+        atomically (io.write_fusion). The fused adapters are not written: save them with save_adapter."""
+        fuse = _as_fuse(adapter_names)
+        self._check_fusion(fuse)
+        tensors = {k: p.detach() for k, p in self._fusion_parameters(fuse.name).items()}
+        io.write_fusion(directory, self._fusion_config(fuse.name), tensors)
+
+    def load_adapter_fusion(self, directory: str | Path, set_active: bool = False) -> Fuse:
+        """Add the fusion layer saved in `directory` (save_adapter_fusion) over adapters already in this model,
+        not activated unless `set_active`; returns its Fuse. A failed load leaves the model as it was.
+
+        Raises:
+            ValueError: an unreadable or foreign file (io.read_fusion), a fused adapter this model does not hold,
+                an existing fusion of the same adapters, or a missing / unexpected / mis-shaped tensor (named).
+        """
+        config, tensors, source = io.read_fusion(directory, self.base_model.config.to_dict())
+        fuse = Fuse(*config.adapter_names)
+        try:
+            with _rng_untouched(self.base_model):
+                self.add_adapter_fusion(fuse, config.fusion_type, config.dropout_prob)
+        except ValueError as e:
+            raise ValueError(f"{Path(directory) / io.FUSION_CONFIG_NAME}: cannot add the fusion of "
+                             f"{list(fuse.children)}: {e}") from e
+        try:
+            expected = self._fusion_parameters(fuse.name)
+            try:
+                _check_tensors(expected, tensors, f"fusion {fuse.name!r}")
+            except ValueError as e:
+                raise ValueError(f"{source}: {e}") from e
+            with torch.no_grad():
+                for key, value in tensors.items():
+                    expected[key].copy_(value.to(device=expected[key].device, dtype=expected[key].dtype))
+        except BaseException:
+            self.delete_adapter_fusion(fuse)  # nothing half-loaded is left behind
+            raise
+        if set_active:
+            self.set_adapter(fuse)
+        return fuse
 
     # ------------------------------------------------------------------ adapter tensors
     def _adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
@@ -340,22 +606,7 @@ class PeftModel(nn.Module):
         shape must match; the first missing, unexpected or mismatched tensor raises a ValueError naming it.
         A merged adapter is unmerged first (with a warning): the base must lose the ΔW it got, not the new one."""
         expected = self.adapter_state_dict(adapter_name)
-        for key in expected:
-            if key not in state_dict:
-                raise ValueError(f"tensor {key!r} of adapter {adapter_name!r} is missing from the state dict")
-        for key, value in state_dict.items():
-            if key not in expected:
-                raise ValueError(f"unexpected tensor {key!r} for adapter {adapter_name!r}; expected keys like "
-                                 f"{list(expected)[:3]}")
-            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-                raise TypeError(f"tensor {key!r} for adapter {adapter_name!r} must be a floating-point tensor, got "
-                                f"{type(value).__name__} {getattr(value, 'dtype', '')}")
-            if tuple(value.shape) != tuple(expected[key].shape):
-                raise ValueError(f"tensor {key!r} has shape {tuple(value.shape)}, expected "
-                                 f"{tuple(expected[key].shape)} for adapter {adapter_name!r}")
-            if not torch.isfinite(value).all():
-                raise ValueError(f"tensor {key!r} for adapter {adapter_name!r} holds NaN or inf "
-                                 f"({(~torch.isfinite(value)).sum().item()} of {value.numel()} entries)")
+        _check_tensors(expected, state_dict, f"adapter {adapter_name!r}")
         if adapter_name in self._merged:
             self._unmerge_first(f"load_adapter_state_dict({adapter_name!r})")
         for key, value in state_dict.items():
@@ -387,17 +638,43 @@ class PeftModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         *,
         return_logits: bool = True,
+        adapter_names: Sequence[str] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(logits (B, T, vocab), loss or None) for the real tokens only, as GPT.forward.
 
         Layer adapters act inside the base model; an active input adapter hands the GPT its virtual tokens
         (`prepare()`, the input-adapter protocol), which never appear in logits or the loss.
+
+        adapter_names: one adapter name per row (``"__base__"`` for the base model), instead of the active
+        adapters: a mixed-adapter batch, computed in one batched pass (mixed_batch.py). LoRA, bottleneck and
+        soft-prompt (prompt tuning, P-tuning) adapters; each adapter's gradients come from its own rows.
         """
         if self._merged and targets is not None and self.training and torch.is_grad_enabled():  # a training step
             raise ValueError(f"adapters {self._merged} are merged into the base weights, so training would not "
                              "reach their parameters; call unmerge_adapter() first (or model.eval() for inference)")
+        parallel = self._parallel_names(idx) if adapter_names is None else None
+        if parallel is not None:  # Parallel("a", "b"): one copy of the batch per adapter, in one mixed batch
+            n = len(parallel) // idx.shape[0]
+            idx, adapter_names = idx.repeat(n, 1), parallel
+            targets = None if targets is None else targets.repeat(n, 1)
+            attention_mask = None if attention_mask is None else attention_mask.repeat(n, 1)
+        if adapter_names is not None:
+            with self._mixed_batch(idx, adapter_names) as virtual:
+                return self.base_model(idx, targets=targets, attention_mask=attention_mask,
+                                       return_logits=return_logits, **virtual)
         return self.base_model(idx, targets=targets, attention_mask=attention_mask, return_logits=return_logits,
                                **self._virtual_tokens(idx))
+
+    def _parallel_names(self, idx: torch.Tensor) -> list[str] | None:
+        """With Parallel("a", "b", …) active: the adapter names of the batch copied once per child (rows
+        [i·B, (i+1)·B) run child i), which forward and generate compute as a mixed-adapter batch; else None.
+        The outputs then hold n·B rows, child i's at rows i·B … (i+1)·B − 1, as in the `adapters` library."""
+        block = self.active_composition
+        if not isinstance(block, Parallel) or self._disabled:
+            return None
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+            return None  # GPT.forward gives a malformed idx its own error
+        return [name for name in block.children for _ in range(idx.shape[0])]
 
     @torch.no_grad()
     def generate(  # GPT.generate's signature, mirrored on purpose: a PeftModel is used wherever a GPT is
@@ -411,10 +688,60 @@ class PeftModel(nn.Module):
         eos_token_id: int | None = None,
         *,
         generator: torch.Generator | None = None,
+        adapter_names: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        """GPT.generate with the active adapters: returns (B, T + max_new_tokens) real token ids."""
+        """GPT.generate with the active adapters (or, with ``adapter_names``, one adapter per row, as in
+        forward): returns (B, T + max_new_tokens) real token ids."""
+        parallel = self._parallel_names(idx) if adapter_names is None else None
+        if parallel is not None:  # one copy of the batch per Parallel child: (n·B, T + max_new_tokens)
+            n = len(parallel) // idx.shape[0]
+            idx, adapter_names = idx.repeat(n, 1), parallel
+            attention_mask = None if attention_mask is None else attention_mask.repeat(n, 1)
+        if adapter_names is not None:
+            with self._mixed_batch(idx, adapter_names) as virtual:
+                return self.base_model.generate(idx, max_new_tokens, do_sample, temperature, top_k,
+                                                attention_mask, eos_token_id, generator=generator, **virtual)
         return self.base_model.generate(idx, max_new_tokens, do_sample, temperature, top_k, attention_mask,
                                         eos_token_id, generator=generator, **self._virtual_tokens(idx))
+
+    @contextlib.contextmanager
+    def _mixed_batch(self, idx: torch.Tensor, adapter_names: Sequence[str]) -> Iterator[dict[str, Any]]:
+        """Route each row to its adapter for one call: every adapter layer gets the RowRoute; yields the GPT
+        keyword arguments of the rows' soft prompts ({} when no row has one)."""
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+            raise TypeError(f"adapter_names must be a list of adapter names, one per row, got "
+                            f"{type(adapter_names).__name__}")
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2:  # GPT gives malformed idx its own error
+            raise ValueError(f"adapter_names needs idx of shape (B, T), got {getattr(idx, 'shape', idx)!r}")
+        if len(adapter_names) != idx.shape[0]:
+            raise ValueError(f"adapter_names has {len(adapter_names)} names but the batch has {idx.shape[0]} rows: "
+                             "give one adapter name (or '__base__') per row")
+        for name in dict.fromkeys(adapter_names):
+            if name == mixed_batch.BASE:
+                continue
+            if not isinstance(name, str) or name not in self.peft_config:
+                raise ValueError(f"adapter_names holds {name!r}, which is not an adapter; existing adapters: "
+                                 f"{list(self.peft_config)} (or '__base__' for the base model)")
+            if isinstance(self.peft_config[name], PrefixTuningConfig):
+                raise ValueError(f"adapter {name!r} is prefix tuning, which mixed-adapter batches do not support "
+                                 "(LoRA, bottleneck adapters, prompt tuning and P-tuning do)")
+        if self._merged:
+            raise ValueError(f"adapters {self._merged} are merged into the base weights, so every row would get "
+                             "them; call unmerge_adapter() before a mixed-adapter batch")
+        if self._disabled:
+            raise ValueError("adapter_names inside disable_adapter(): the base model is asked for; leave the block "
+                             "or name '__base__' for those rows")
+        route = mixed_batch.RowRoute.from_names(adapter_names, idx.device)
+        prompts = {n: self.prompt_encoders[n].virtual_tokens() for n in route.names if n in self.prompt_encoders}
+        padded = mixed_batch.prompt_for_rows(prompts, adapter_names)
+        layers = [layer for _c, _r, layer in self._wrappers()]
+        for layer in layers:
+            layer.row_route = route
+        try:
+            yield {} if padded is None else {"prompt_embeds": padded[0], "prompt_mask": padded[1]}
+        finally:
+            for layer in layers:
+                layer.row_route = None
 
     def _virtual_tokens(self, idx: torch.Tensor) -> dict[str, Any]:
         """The active input adapter's GPT keyword arguments for idx's batch; {} without one."""
@@ -599,9 +926,22 @@ class PeftModel(nn.Module):
     def save_pretrained(self, directory: str | Path, **kwargs: Any) -> None:
         """Save every adapter, as HF peft lays them out: "default" in `directory` itself, each other adapter
         in `directory/<name>/` (the same two files `save_adapter` writes). The frozen base is not saved.
-        Keyword arguments (`format=`, …) go to `save_adapter`."""
+        Keyword arguments (`format=`, …) go to `save_adapter`.
+
+        Fusions go to `directory/<a,b>/` (save_adapter_fusion). When what is saved is more than "default" alone
+        and active (other adapters active, a composition, a fusion, nothing active), adapter_composition.json,
+        written last, records the adapters, the fusions and the active composition, and `from_pretrained`
+        restores all of them; otherwise a stale one is removed (io.py)."""
         for name in self.peft_config:
-            self.save_adapter(Path(directory) if name == "default" else Path(directory) / name, name, **kwargs)
+            self.save_adapter(Path(directory) / io.subdirectory(name), name, **kwargs)
+        fusions = self.adapter_fusions
+        for fusion in fusions:
+            self.save_adapter_fusion(Path(directory) / io.subdirectory(fusion), fusion)
+        composition = self.active_composition
+        if self.peft_config and (fusions or composition != Stack("default")):
+            io.write_composition(directory, io.SavedComposition(list(self.peft_config), fusions, composition))
+        else:
+            io.remove_composition(directory)
 
     def load_adapter(self, directory: str | Path, adapter_name: str = "default") -> None:
         """Inject the adapter stored in `directory` (minipeft's or HF peft's format) as `adapter_name`, NOT
@@ -627,9 +967,51 @@ class PeftModel(nn.Module):
     def from_pretrained(cls, model: nn.Module, directory: str | Path, adapter_name: str = "default") -> PeftModel:
         """A PeftModel on `model` (wrapped in place, as `get_peft_model` does) with the adapter in `directory`
         loaded and active. If loading fails, `model` is unwrapped again and its parameters' requires_grad
-        restored."""
+        restored.
+
+        A directory that `save_pretrained` wrote with an adapter_composition.json is restored whole: every adapter
+        and fusion saved there, under its saved name, and the composition that was active (so `adapter_name`
+        must be left "default"; `load_adapter` loads one of its adapters under another name)."""
         if isinstance(model, PeftModel):
             raise ValueError("model is already a PeftModel; use its load_adapter(directory, adapter_name) instead")
+        saved = io.read_composition(directory)
+        if saved is not None:
+            if adapter_name != "default":
+                raise ValueError(f"{str(directory)!r} was saved by save_pretrained with a composition, so its "
+                                 f"adapters keep their saved names {saved.adapters}; leave adapter_name as 'default', "
+                                 f"or use load_adapter(directory/<name>, adapter_name) for one of them")
+            return cls._from_saved_composition(model, Path(directory), saved)
+        return cls._from_adapter_directory(model, directory, adapter_name)
+
+    @classmethod
+    def _from_saved_composition(cls, model: nn.Module, directory: Path, saved: io.SavedComposition) -> PeftModel:
+        """from_pretrained of a directory with adapter_composition.json: all its adapters, fusions, composition."""
+        requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        first, *others = saved.adapters
+        pm = cls._from_adapter_directory(model, directory / io.subdirectory(first), first)
+        try:
+            for name in others:
+                pm.load_adapter(directory / io.subdirectory(name), adapter_name=name)
+            for fusion in saved.fusions:
+                pm.load_adapter_fusion(directory / io.subdirectory(fusion))
+            if saved.active is None:
+                pm._deactivate_all()
+            else:
+                try:
+                    pm.set_adapter(saved.active)
+                except ValueError as e:
+                    raise ValueError(f"{directory / io.COMPOSITION_NAME}: its active composition {saved.active!r} "
+                                     f"cannot be restored: {e}") from e
+        except BaseException:
+            pm.unload()
+            for name, p in model.named_parameters():
+                p.requires_grad_(requires_grad.get(name, p.requires_grad))
+            raise
+        return pm
+
+    @classmethod
+    def _from_adapter_directory(cls, model: nn.Module, directory: str | Path, adapter_name: str) -> PeftModel:
+        """from_pretrained of one adapter directory (save_adapter's files, or HF peft's)."""
         config, tensors, source = _read_adapter_for(model, directory)
         requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         with _rng_untouched(model):
@@ -653,6 +1035,38 @@ class PeftModel(nn.Module):
 
 
 _WRAPPED_BY = "_minipeft_wrapped_by"  # set in a wrapped GPT's __dict__: a weak reference to its PeftModel
+
+
+def _as_fuse(adapter_names: Fuse | Sequence[str] | str) -> Fuse:
+    """A Fuse from what the fusion calls accept: a Fuse, a list of names, or the library's "a,b"."""
+    if isinstance(adapter_names, Fuse):
+        return adapter_names
+    if isinstance(adapter_names, str):
+        return Fuse(*adapter_names.split(","))
+    if isinstance(adapter_names, (list, tuple)):
+        return Fuse(*adapter_names)
+    raise TypeError(f"expected Fuse('a', 'b'), a list of adapter names or 'a,b', got {adapter_names!r}")
+
+
+def _check_tensors(expected: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor], owner: str) -> None:
+    """A ValueError (TypeError for a non-float tensor) naming the first tensor of `state_dict` that is missing,
+    unexpected, not floating point, mis-shaped or not finite, against `expected` (the keys and shapes of `owner`,
+    e.g. "adapter 'a'")."""
+    for key in expected:
+        if key not in state_dict:
+            raise ValueError(f"tensor {key!r} of {owner} is missing from the state dict")
+    for key, value in state_dict.items():
+        if key not in expected:
+            raise ValueError(f"unexpected tensor {key!r} for {owner}; expected keys like {list(expected)[:3]}")
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise TypeError(f"tensor {key!r} for {owner} must be a floating-point tensor, got "
+                            f"{type(value).__name__} {getattr(value, 'dtype', '')}")
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(f"tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)} "
+                             f"for {owner}")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"tensor {key!r} for {owner} holds NaN or inf "
+                             f"({(~torch.isfinite(value)).sum().item()} of {value.numel()} entries)")
 
 
 def _check_not_wrapped(model: nn.Module) -> None:

@@ -86,6 +86,18 @@ HF peft interop (GPT-2 loaded with `GPT.from_pretrained`; peft's `PeftModel.save
   PREFIX_TUNING without projection (the MLP evaluated once). Bottleneck adapters have no peft counterpart.
   The minipeft base fingerprint travels in the safetensors metadata (peft ignores it), so a peft-format
   file written by minipeft is still checked against its base when minipeft loads it back.
+
+Fusions and compositions (composition.py, fusion.py). An AdapterFusion layer is saved like an adapter, under
+its own three names, so that it may share a directory with one: adapter_fusion.safetensors (its tensors, keyed
+`transformer.h.0.mlp.fusion_query.weight`, …), adapter_fusion_config.json (an AdapterFusionConfig naming the
+fused adapters, with the base fingerprint) and, last, adapter_fusion_manifest.json; loading checks them as an
+adapter's. `PeftModel.save_pretrained` adds adapter_composition.json, written atomically after everything else,
+when what it saved is more than "default" alone active:
+
+    {"composition_version": 1, "adapters": ["default", "b"], "fusions": ["a,b"], "active": <block> | null}
+
+Adapters and fusions sit where HF peft's layout puts them ("default" in the directory, any other name X in
+X/), so the file stores names, never paths, and a name that would leave the directory is refused.
 """
 
 from __future__ import annotations
@@ -101,8 +113,10 @@ from safetensors.torch import load as load_safetensors_bytes
 
 from minipeft.checkpoint import WrittenFile, save_json, save_safetensors
 from minipeft.targets import is_lm_head
+from minipeft.tuners.composition import AdapterCompositionBlock, composition_from_dict
 from minipeft.tuners.config import (
     PROMPT_INITS,
+    AdapterFusionConfig,
     LoraConfig,
     PeftConfig,
     PrefixTuningConfig,
@@ -111,12 +125,18 @@ from minipeft.tuners.config import (
 )
 
 __all__ = ["write_adapter", "read_adapter", "check_format", "CONFIG_NAME", "WEIGHTS_NAME", "MANIFEST_NAME",
-           "FORMATS"]
+           "FORMATS", "write_fusion", "read_fusion", "write_composition", "read_composition", "remove_composition",
+           "SavedComposition", "FUSION_CONFIG_NAME", "FUSION_WEIGHTS_NAME", "FUSION_MANIFEST_NAME", "COMPOSITION_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 MANIFEST_NAME = "adapter_manifest.json"  # written last: the commit record of a save (see the module docstring)
 MANIFEST_VERSION = 1
+FUSION_CONFIG_NAME = "adapter_fusion_config.json"
+FUSION_WEIGHTS_NAME = "adapter_fusion.safetensors"
+FUSION_MANIFEST_NAME = "adapter_fusion_manifest.json"
+COMPOSITION_NAME = "adapter_composition.json"  # save_pretrained's adapters, fusions and active composition
+COMPOSITION_VERSION = 1
 PICKLE_NAME = "adapter_model.bin"  # peft's old pickle format: refused, never opened
 FORMATS = ("minipeft", "peft")
 
@@ -185,11 +205,17 @@ def write_adapter(
         metadata = {"format": "pt", _BASE_METADATA_KEY: json.dumps(config.base_model, sort_keys=True)}
     else:
         file_config, metadata = config.to_dict(), {"format": "pt"}
+    _write_as_one_save(Path(directory), tensors, metadata, file_config, (WEIGHTS_NAME, CONFIG_NAME, MANIFEST_NAME))
+
+
+def _write_as_one_save(directory: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                       file_config: dict[str, Any], names: tuple[str, str, str]) -> None:
+    """The tensors, then the config, then the manifest naming both (the commit record): each atomically."""
+    weights_name, config_name, manifest_name = names
     tensors = {k: v.detach().to("cpu").clone() for k, v in tensors.items()}  # own storage: nothing shared
-    directory = Path(directory)
-    written = [save_safetensors(tensors, directory / WEIGHTS_NAME, metadata=metadata),
-               save_json(file_config, directory / CONFIG_NAME)]
-    save_json(_manifest(written), directory / MANIFEST_NAME)  # last: until it is in place, the save did not happen
+    written = [save_safetensors(tensors, directory / weights_name, metadata=metadata),
+               save_json(file_config, directory / config_name)]
+    save_json(_manifest(written), directory / manifest_name)  # last: until it is in place, the save did not happen
 
 
 def _manifest(written: list[WrittenFile]) -> dict[str, Any]:
@@ -225,6 +251,97 @@ def _to_peft(config: PeftConfig, tensors: dict[str, torch.Tensor]) -> tuple[dict
         {"prompt_embeddings": tensors["prompt_embeddings"]}
 
 
+# ---------------------------------------------------------------------------------------------- fusions
+def write_fusion(directory: str | Path, config: AdapterFusionConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """Write one AdapterFusion layer set: adapter_fusion.safetensors, adapter_fusion_config.json, then the
+    manifest adapter_fusion_manifest.json (the module docstring). `config.base_model` must be set."""
+    if config.base_model is None:
+        raise ValueError("an adapter fusion is saved with its base fingerprint; config.base_model is None")
+    _write_as_one_save(Path(directory), tensors, {"format": "pt"}, config.to_dict(),
+                       (FUSION_WEIGHTS_NAME, FUSION_CONFIG_NAME, FUSION_MANIFEST_NAME))
+
+
+def read_fusion(directory: str | Path,
+                base: dict[str, Any]) -> tuple[AdapterFusionConfig, dict[str, torch.Tensor], str]:
+    """(config, tensors, the weights file's path) of the fusion saved in `directory`, checked as an adapter's
+    files are (manifest, JSON, base fingerprint, floating-point tensors); a ValueError naming the file otherwise."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"adapter fusion directory {str(directory)!r} does not exist or is not a directory")
+    for name in (FUSION_CONFIG_NAME, FUSION_WEIGHTS_NAME):
+        if not (directory / name).is_file():
+            raise ValueError(f"{str(directory)!r} has no {name}: not an adapter fusion saved by save_adapter_fusion; "
+                             f"found {sorted(p.name for p in directory.iterdir())}")
+    data = _read_as_one_save(directory, (FUSION_CONFIG_NAME, FUSION_WEIGHTS_NAME), FUSION_MANIFEST_NAME)
+    config_path, weights_path = directory / FUSION_CONFIG_NAME, directory / FUSION_WEIGHTS_NAME
+    try:
+        config = AdapterFusionConfig.from_dict(_parse_json(data[FUSION_CONFIG_NAME], config_path))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{config_path}: not a valid adapter fusion config: {e}") from e
+    if config.base_model is None:
+        raise ValueError(f"{config_path} has no 'base_model' fingerprint, so it cannot be checked against this model")
+    _check_base(config.base_model, base, config_path)
+    tensors, _ = _parse_tensors(data[FUSION_WEIGHTS_NAME], weights_path)
+    return config, tensors, str(weights_path)
+
+
+# ---------------------------------------------------------------------------------------------- compositions
+@dataclasses.dataclass(frozen=True)
+class SavedComposition:
+    """What adapter_composition.json records: the adapters and fusions saved beside it (by name, in the order
+    to load them) and the composition that was active (None: none was)."""
+
+    adapters: list[str]
+    fusions: list[str]
+    active: AdapterCompositionBlock | None
+
+
+def subdirectory(name: str) -> str:
+    """Where save_pretrained puts adapter or fusion `name`, as HF peft lays adapters out: "default" in the
+    directory itself, any other name in a folder of that name."""
+    return "." if name == "default" else name
+
+
+def write_composition(directory: str | Path, saved: SavedComposition) -> None:
+    """Write adapter_composition.json (atomically)."""
+    save_json({"composition_version": COMPOSITION_VERSION, "adapters": list(saved.adapters),
+               "fusions": list(saved.fusions), "active": None if saved.active is None else saved.active.to_dict()},
+              Path(directory) / COMPOSITION_NAME)
+
+
+def remove_composition(directory: str | Path) -> None:
+    """Remove a stale adapter_composition.json (a save that no longer needs one), if there is one."""
+    (Path(directory) / COMPOSITION_NAME).unlink(missing_ok=True)
+
+
+def read_composition(directory: str | Path) -> SavedComposition | None:
+    """adapter_composition.json of a save_pretrained directory, checked; None when the directory has none."""
+    path = Path(directory) / COMPOSITION_NAME
+    if not path.is_file():
+        return None
+    raw = _parse_json(_read_bytes(path), path)
+    if raw.get("composition_version") != COMPOSITION_VERSION:
+        raise ValueError(f"{path}: composition_version {raw.get('composition_version')!r} is not "
+                         f"{COMPOSITION_VERSION}; written by another minipeft?")
+    lists = {key: raw.get(key) for key in ("adapters", "fusions")}
+    for key, names in lists.items():
+        if not isinstance(names, list) or not all(_stays_inside(n) for n in names):
+            raise ValueError(f"{path}: {key!r} must be a list of names (no '.', not a path), got {names!r}")
+    if not lists["adapters"]:
+        raise ValueError(f"{path} names no adapter")
+    try:
+        active = None if raw.get("active") is None else composition_from_dict(raw["active"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    return SavedComposition(lists["adapters"], lists["fusions"], active)
+
+
+def _stays_inside(name: Any) -> bool:
+    """A name that, as a folder name, stays inside the directory: a non-empty str, no '.', no path root."""
+    return isinstance(name, str) and bool(name) and "." not in name and not Path(name).is_absolute() \
+        and not name.startswith(("/", "\\"))
+
+
 # ---------------------------------------------------------------------------------------------- loading
 def read_adapter(directory: str | Path, base: dict[str, Any]) -> tuple[PeftConfig, dict[str, torch.Tensor], str]:
     """(minipeft config, tensors keyed as `adapter_state_dict`, the weights file's path) for an adapter
@@ -250,12 +367,7 @@ def read_adapter(directory: str | Path, base: dict[str, Any]) -> tuple[PeftConfi
         raise ValueError(f"{str(directory)!r} has no {WEIGHTS_NAME}; found {found}")
     if not config_path.is_file():
         raise ValueError(f"{str(directory)!r} has no {CONFIG_NAME}; found {found}")
-    # Each file is read once, the manifest first; what is checked against it is what is parsed (module docstring).
-    manifest_path = directory / MANIFEST_NAME
-    manifest = _read_manifest(manifest_path) if manifest_path.is_file() else None
-    data = {name: _read_bytes(directory / name) for name in (CONFIG_NAME, WEIGHTS_NAME)}
-    if manifest is not None:
-        _check_manifest(directory, manifest, data)
+    data = _read_as_one_save(directory, (CONFIG_NAME, WEIGHTS_NAME), MANIFEST_NAME)
     raw = _parse_json(data[CONFIG_NAME], config_path)
     if "peft_type" in raw:
         config = _config_from_peft(raw, base, config_path)
@@ -295,22 +407,32 @@ def _read_bytes(path: Path) -> bytes:
         raise ValueError(f"{path} cannot be read: {e}") from e
 
 
-def _read_manifest(path: Path) -> dict[str, tuple[str, int]]:
-    """{file name: (sha256, size)} from adapter_manifest.json; a ValueError for anything write_adapter does
-    not write (a manifest is never half-written, so a bad one was changed by hand or by a newer minipeft)."""
+def _read_as_one_save(directory: Path, names: tuple[str, str], manifest_name: str) -> dict[str, bytes]:
+    """The bytes of each file in `names`, checked against the manifest when there is one (module docstring).
+    Each file is read once, the manifest first; what is checked against it is what is parsed."""
+    manifest_path = directory / manifest_name
+    manifest = _read_manifest(manifest_path, names) if manifest_path.is_file() else None
+    data = {name: _read_bytes(directory / name) for name in names}
+    if manifest is not None:
+        _check_manifest(directory, manifest, data, manifest_name)
+    return data
+
+
+def _read_manifest(path: Path, names: tuple[str, str]) -> dict[str, tuple[str, int]]:
+    """{file name: (sha256, size)} from a manifest; a ValueError for anything write_adapter does not write (a
+    manifest is never half-written, so a bad one was changed by hand or by a newer minipeft)."""
     raw = _parse_json(_read_bytes(path), path)
     version, files = raw.get("manifest_version"), raw.get("files")
-    fix = f"re-save the adapter into {str(path.parent)!r}, or delete {MANIFEST_NAME} to load the files unchecked"
+    fix = f"re-save the adapter into {str(path.parent)!r}, or delete {path.name} to load the files unchecked"
     if isinstance(version, int) and not isinstance(version, bool) and version > MANIFEST_VERSION:
         raise ValueError(f"{path} has manifest_version {version}: written by a newer minipeft (this one reads "
                          f"version {MANIFEST_VERSION}); upgrade minipeft, or {fix}")
     if version != MANIFEST_VERSION:
         raise ValueError(f"{path} is not an adapter manifest (manifest_version {version!r}, expected "
                          f"{MANIFEST_VERSION}); {fix}")
-    if not isinstance(files, dict) or sorted(files) != sorted((CONFIG_NAME, WEIGHTS_NAME)):
+    if not isinstance(files, dict) or sorted(files) != sorted(names):
         listed = sorted(files) if isinstance(files, dict) else files
-        raise ValueError(f"{path} must list exactly {[CONFIG_NAME, WEIGHTS_NAME]} under 'files', got {listed!r}; "
-                         f"{fix}")
+        raise ValueError(f"{path} must list exactly {list(names)} under 'files', got {listed!r}; {fix}")
     out = {}
     for name, entry in files.items():
         sha, size = (entry.get("sha256"), entry.get("size")) if isinstance(entry, dict) else (None, None)
@@ -321,7 +443,8 @@ def _read_manifest(path: Path) -> dict[str, tuple[str, int]]:
     return out
 
 
-def _check_manifest(directory: Path, manifest: dict[str, tuple[str, int]], data: dict[str, bytes]) -> None:
+def _check_manifest(directory: Path, manifest: dict[str, tuple[str, int]], data: dict[str, bytes],
+                    manifest_name: str) -> None:
     """ValueError naming the directory and every file whose bytes are not the ones the manifest records."""
     found = {name: (hashlib.sha256(data[name]).hexdigest(), len(data[name])) for name in manifest}
     bad = [name for name in manifest if found[name] != manifest[name]]
@@ -331,11 +454,11 @@ def _check_manifest(directory: Path, manifest: dict[str, tuple[str, int]], data:
                         f"records {manifest[name][1]} bytes, sha256 {manifest[name][0][:16]}…" for name in bad)
     files = " and ".join(bad)
     raise ValueError(
-        f"adapter directory {str(directory)!r}: {files} {'does' if len(bad) == 1 else 'do'} not match {MANIFEST_NAME} "
+        f"adapter directory {str(directory)!r}: {files} {'does' if len(bad) == 1 else 'do'} not match {manifest_name} "
         f"({details}). The files are not one save's (a save was interrupted, or a file was changed after it), "
         f"and loading them could mix two adapters. Re-save the adapter into this directory. If the change was "
         f"meant (you edited a file, or a tool that does not write the manifest, such as HF peft's "
-        f"save_pretrained, wrote the files), delete {MANIFEST_NAME} to load the files unchecked")
+        f"save_pretrained, wrote the files), delete {manifest_name} to load the files unchecked")
 
 
 def _parse_json(data: bytes, path: Path) -> dict[str, Any]:

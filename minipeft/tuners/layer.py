@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from minipeft.tuners.composition import AdapterCompositionBlock
+from minipeft.tuners.mixed_batch import RowRoute
+
 __all__ = ["AdapterLayer"]
 
 
@@ -27,7 +30,12 @@ class AdapterLayer(nn.Module):
     Attributes:
         base_layer: the wrapped layer (frozen; only LoRA's `merge()` ever writes to it, on request).
         active_adapters: the adapters this layer applies, in order (kept in sync by the PeftModel).
+        composition: how they combine: the PeftModel's whole active block (composition.py: Stack, Average,
+            Fuse, Parallel; it may name adapters this layer does not hold), or None, which means a Stack of
+            `active_adapters`.
         disabled: when True the layer computes exactly `base_layer(…)`.
+        row_route: None, or for the length of one mixed-adapter call (`PeftModel.forward(adapter_names=…)`)
+            which adapter each row of the batch uses (mixed_batch.RowRoute); it overrides `active_adapters`.
     """
 
     adapter_module_names: tuple[str, ...] = ()
@@ -36,7 +44,9 @@ class AdapterLayer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.active_adapters: list[str] = []
+        self.composition: AdapterCompositionBlock | None = None
         self.disabled = False
+        self.row_route: RowRoute | None = None
 
     def __getattr__(self, name: str):
         """Attribute reads the wrapper does not know go to the wrapped layer, so code written for the plain

@@ -252,6 +252,8 @@ class LoraLinear(AdapterLayer):
         adds only its low-rank term s·B·A·dropout(x) (two thin matmuls): passing W₀ again would redo the
         big GEMM for nothing. Disabled, or with nothing left to apply, the layer is exactly base_layer(x).
         """
+        if self.row_route is not None:
+            return self._forward_mixed(x)
         pending = [n for n in self.active_adapters if n not in self.merged_adapters]
         if self.disabled:
             if self.merged_adapters:
@@ -293,6 +295,31 @@ class LoraLinear(AdapterLayer):
             s = F.linear(x_lora, self.lora_A[name].weight.to(dtype))  # (…, r)
             y = y + self.scaling[name] * F.linear(s, self.lora_B[name].weight.to(dtype))  # (…, out)
         return y
+
+    def _forward_mixed(self, x: torch.Tensor) -> torch.Tensor:
+        """A mixed-adapter batch (mixed_batch.py): row b of x (B, L, in) gets its own adapter's low-rank term,
+        all rows in one `kernels.multi_lora_linear` call; rows whose adapter this layer lacks get the base."""
+        names, index = self.row_route.for_layer(self.lora_A)  # (B,) index into names, -1: none
+        if not names:
+            return self.base_layer(x)
+        if self.merged_adapters:
+            raise ValueError(f"adapters {self.merged_adapters} are merged into the base weight; unmerge them "
+                             "before a mixed-adapter batch (every row would get them)")
+        if not isinstance(self.base_layer, nn.Linear):
+            raise ValueError(f"mixed-adapter batches need a 16-bit base layer (nn.Linear); this one is "
+                             f"{type(self.base_layer).__name__}")
+        if self.training and any(self.lora_dropout[n] > 0 for n in names):
+            raise ValueError(f"mixed-adapter batches do not apply LoRA dropout, and adapters "
+                             f"{[n for n in names if self.lora_dropout[n] > 0]} have lora_dropout > 0: train them "
+                             "in batches of their own, or make them with lora_dropout=0")
+        dtype = _compute_dtype(x)
+        x = x.to(dtype)
+        bias = self.base_layer.bias
+        return kernels.multi_lora_linear(
+            x, self.base_layer.weight.to(dtype), None if bias is None else bias.to(dtype),
+            [self.lora_A[n].weight.to(dtype) for n in names], [self.lora_B[n].weight.to(dtype) for n in names],
+            [self.scaling[n] for n in names], index.view(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1]),
+        )  # (B, L, out)
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={self.r[n]}" for n in self.adapter_names)

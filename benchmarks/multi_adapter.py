@@ -1,0 +1,195 @@
+"""Many LoRA adapters in one batch: minipeft's mixed-adapter pass against HF peft's and against one adapter.
+
+GPT-2-small shape (12 × 768, vocab 50257; random weights, no download), bf16, eval mode; batch B = 64 rows of
+256 prompt tokens; N ∈ {1, 4, 16, 64} LoRA adapters (r = 16, α = 32, every Linear but lm_head, random A and B),
+row b using adapter b mod N. Rows, each timed wall-clock with the device synchronised (host included):
+
+    prefill   one forward of the (64, 256) batch, `adapter_names=` one name per row
+    decode    ms per generated token with the KV cache: (generate 1 + D new tokens − generate 1) / D, greedy
+    train     (minipeft) one AdamW step on a (16, 256) batch of 4 adapters, mixed, against 4 single-adapter
+              steps of 4 rows each (the same rows, the same adapters)
+
+Sides: `mp mixed` (minipeft, kernels.multi_lora_linear: one shrink and one expand launch per layer for all
+adapters), `hf mixed` (HF peft's `adapter_names=`: a loop over the adapters inside every LoRA layer, on the same
+weights loaded through minipeft's peft-format export) and `mp one` (minipeft, the whole batch on one adapter,
+unmerged: the cost a mixed batch is measured against). Each figure is the median over `--rounds` interleaved
+rounds of the median of `--repeats` calls; the spread is the rounds' min–max.
+
+    python benchmarks/multi_adapter.py [--ns 1 4 16 64] [--rounds 3]        # CUDA GPU
+    python benchmarks/multi_adapter.py --quick --device cpu                   # smoke test, tiny shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import tempfile
+
+import torch
+
+from minipeft import GPT, GPTConfig, LoraConfig, get_peft_model
+from minipeft.checkpoint import save_json
+from minipeft.measure import median_ms
+
+
+def build(config: GPTConfig, n: int, device: torch.device, dtype: torch.dtype):
+    """A minipeft PeftModel with adapters a0 … a{n-1} (random A and B), in eval mode."""
+    torch.manual_seed(0)
+    gpt = GPT(config).to(device=device, dtype=dtype)
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+    pm = get_peft_model(gpt, lora, adapter_name="a0")
+    for i in range(1, n):
+        pm.add_adapter(f"a{i}", lora)
+    return pm.eval()
+
+
+def build_hf(pm, n: int, device: torch.device, dtype: torch.dtype):
+    """The same base and adapters in transformers + HF peft, through the files each library writes."""
+    import peft
+    from transformers import GPT2LMHeadModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = GPT(pm.base_model.config)  # GPT.save_pretrained refuses a model with adapters in it: a copy
+        plain.load_state_dict(_plain_state(pm))
+        plain.save_pretrained(f"{tmp}/base")
+        for i in range(n):
+            pm.save_adapter(f"{tmp}/a{i}", f"a{i}", format="peft")
+        hf = GPT2LMHeadModel.from_pretrained(f"{tmp}/base", dtype=dtype).to(device)
+        hf = peft.PeftModel.from_pretrained(hf, f"{tmp}/a0", adapter_name="a0")
+        for i in range(1, n):
+            hf.load_adapter(f"{tmp}/a{i}", adapter_name=f"a{i}")
+    return hf.eval()
+
+
+def _plain_state(pm) -> dict[str, torch.Tensor]:
+    """The base GPT's own tensors (wrapper segments and adapter tensors left out), in fp32."""
+    out = {}
+    for k, v in pm.base_model.state_dict().items():
+        if "lora_" in k:
+            continue
+        out[k.replace(".base_layer.", ".")] = v.float().cpu()
+    return out
+
+
+def time_rows(pm, hf, n: int, B: int, T: int, new: int, repeats: int, device: torch.device) -> dict[str, float]:
+    vocab = pm.base_model.config.vocab_size
+    idx = torch.randint(0, vocab, (B, T), device=device, generator=torch.Generator(device).manual_seed(1))
+    names = [f"a{b % n}" for b in range(B)]
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        pm.set_adapter("a0")
+        out["mp one prefill"] = median_ms(lambda: pm(idx), repeats)
+        out["mp mixed prefill"] = median_ms(lambda: pm(idx, adapter_names=names), repeats)
+        g1 = median_ms(lambda: pm.generate(idx, max_new_tokens=1, adapter_names=names), repeats)
+        gd = median_ms(lambda: pm.generate(idx, max_new_tokens=1 + new, adapter_names=names), repeats)
+        out["mp mixed decode"] = (gd - g1) / new
+        g1 = median_ms(lambda: pm.generate(idx, max_new_tokens=1), repeats)
+        gd = median_ms(lambda: pm.generate(idx, max_new_tokens=1 + new), repeats)
+        out["mp one decode"] = (gd - g1) / new
+        if hf is not None:
+            out["hf mixed prefill"] = median_ms(lambda: hf(input_ids=idx, adapter_names=names), repeats)
+            kw = dict(do_sample=False, pad_token_id=0, adapter_names=names)
+            g1 = median_ms(lambda: hf.generate(input_ids=idx, max_new_tokens=1, min_new_tokens=1, **kw), repeats)
+            gd = median_ms(lambda: hf.generate(input_ids=idx, max_new_tokens=1 + new, min_new_tokens=1 + new, **kw),
+                           repeats)
+            out["hf mixed decode"] = (gd - g1) / new
+    return out
+
+
+def time_training(pm, B: int, T: int, repeats: int, device: torch.device) -> dict[str, float]:
+    """One AdamW step on 4 adapters: a mixed batch of B rows against 4 steps of B/4 rows, one adapter each."""
+    names4 = ["a0", "a1", "a2", "a3"]
+    pm.train()
+    pm.set_adapter(names4)  # makes the four trainable
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    vocab = pm.base_model.config.vocab_size
+    idx = torch.randint(0, vocab, (B, T), device=device, generator=torch.Generator(device).manual_seed(2))
+    names = [names4[b % 4] for b in range(B)]
+    targets = idx.roll(-1, 1)
+    targets[:, -1] = -100
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def mixed():
+        with autocast:
+            loss = pm(idx, targets=targets, return_logits=False, adapter_names=names)[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def separate():
+        for i, name in enumerate(names4):
+            rows = slice(i, B, 4)
+            with autocast:
+                loss = pm(idx[rows], targets=targets[rows], return_logits=False, adapter_names=[name] * (B // 4))[1]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    out = {"mp train mixed (4 adapters)": median_ms(mixed, repeats),
+           "mp train 4 separate steps": median_ms(separate, repeats)}
+    pm.eval()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--ns", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=16, help="D: decode steps timed per generate call")
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers + peft side")
+    ap.add_argument("--quick", action="store_true", help="tiny shape (2 × 64, vocab 512), batch 8 × 32")
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "runs"), "multi_adapter.json"))
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.quick:
+        config, B, T, train_B = GPTConfig(n_layer=2, n_head=2, n_embd=64, vocab_size=512, block_size=128), 8, 32, 8
+    else:
+        config = GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, dropout=0.0)
+        B, T, train_B = 64, 256, 16
+    print(f"{datetime.datetime.now():%Y-%m-%d %H:%M} | {device} "
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else ''} | torch {torch.__version__} | "
+          f"B={B}, T={T}, {dtype}", flush=True)
+    models = {}
+    for n in args.ns:
+        print(f"building N={n}", flush=True)
+        pm = build(config, n, device, dtype)
+        models[n] = (pm, None if args.no_hf else build_hf(pm, n, device, dtype))
+    per_round: dict[str, list[float]] = {}
+    for _ in range(args.rounds):
+        for n, (pm, hf) in models.items():
+            for k, v in time_rows(pm, hf, n, B, T, args.new_tokens, args.repeats, device).items():
+                per_round.setdefault(f"N={n} {k}", []).append(v)
+                print(f"  N={n} {k}: {v:.2f} ms", flush=True)
+        pm4 = next((pm for n, (pm, _) in models.items() if n >= 4), None)
+        if pm4 is not None:
+            for k, v in time_training(pm4, train_B, T, args.repeats, device).items():
+                per_round.setdefault(k, []).append(v)
+                print(f"  {k}: {v:.2f} ms", flush=True)
+    med = {k: statistics.median(v) for k, v in per_round.items()}
+    print("\n| row | ms (median) | spread (min–max) |\n|---|---|---|")
+    for k, v in per_round.items():
+        print(f"| {k} | {med[k]:.2f} | {min(v):.2f}–{max(v):.2f} |")
+    print("\nratios (same run):")
+    for n in args.ns:
+        for phase in ("prefill", "decode"):
+            mp, one, hf = (med.get(f"N={n} {s} {phase}") for s in ("mp mixed", "mp one", "hf mixed"))
+            line = f"  N={n:<3d} {phase:<8s} mixed / one adapter = {mp / one:.2f}"
+            if hf is not None:
+                line += f";  hf mixed / mp mixed = {hf / mp:.2f}× (mp faster when > 1)"
+            print(line)
+    if "mp train mixed (4 adapters)" in med:
+        print(f"  training: 4 separate steps / one mixed step = "
+              f"{med['mp train 4 separate steps'] / med['mp train mixed (4 adapters)']:.2f}×")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    save_json({"rounds": per_round, "median": med, "B": B, "T": T}, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

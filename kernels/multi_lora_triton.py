@@ -1,0 +1,451 @@
+"""Mixed-adapter LoRA in Triton: a batch whose rows each use their own adapter, every adapter in one launch.
+
+Serving (or training) many LoRA adapters on one base model, the rows of one batch belong to different users,
+each with an adapter of their own. The base GEMM is the same for every row; only the rank-r branch differs.
+Punica's SGMV (https://arxiv.org/abs/2310.18547) and S-LoRA (https://arxiv.org/abs/2311.03285) group the rows
+by adapter and run the branches of all adapters in one kernel launch; this file does that, and the backward too.
+
+    y[m] = x[m]·Wᵀ + bias + s_i·(x[m]·A_iᵀ)·B_iᵀ,    i = adapter_index[m]    (no LoRA term where i = -1)
+
+Shapes (x flattened to 2-D): x (M, K), W (N, K), bias (N,), A_i (r_i, K), B_i (N, r_i), adapter_index (M,) with
+values in [-1, n). The ranks r_i may differ from adapter to adapter.
+
+A worked example: M = 6 rows, n = 3 adapters of ranks (4, 8, 2), adapter_index = [1, -1, 0, 1, 1, 0].
+
+    sorted index   [-1,  0,  0,  1,  1,  1]        order = [1, 2, 5, 0, 3, 4]   (stable: row order kept)
+    positions p      0 | 1   2 | 3   4   5 |       seg_start = [1, 3, 6, 6]      (adapter 2: no rows, empty)
+                     ^ the -1 row: in no segment, it gets the base only
+    A_cat = cat(A_0, A_1, A_2)        (14, K)      rank_start = [0, 4, 12, 14]
+    B_cat = cat(B_0, B_1, B_2, dim=1) (N, 14)      adapter 1 owns rows 4..11 of A_cat and columns 4..11 of B_cat
+
+The plan:
+  1. The base term y = x·Wᵀ + bias is ONE cuBLAS GEMM (``F.linear``) for every row, whatever its adapter: it is
+     the big product, and nothing in it depends on the adapter. (The single-adapter kernel of
+     kernels/lora_triton.py folds its low-rank term into its own GEMM; here the base GEMM is left to cuBLAS and
+     the Triton kernels do only the adapter work, in place on cuBLAS's output.)
+  2. Rows are grouped by adapter ON THE DEVICE, with no host sync (no ``.item()``, ``.tolist()``, ``nonzero``),
+     so that the call can be captured in a CUDA graph and replayed with other adapter indices:
+         index_sorted, order = sort(adapter_index, stable=True)   # order[p]: the row at sorted position p
+         seg_start = searchsorted(index_sorted, [0, 1, ..., n])  # adapter i: positions seg_start[i]..seg_start[i+1]-1
+     Nothing is permuted in memory: the kernels read row order[p] of x through the index (SGMV's "gather").
+  3. Adapters of different ranks are packed by concatenation (A_cat, B_cat and rank_start above). torch.cat is
+     differentiable, so autograd splits the gradients of A_cat and B_cat back into each adapter's.
+  4. Three segmented kernels, each launched ONCE for all adapters together:
+       shrink:  S[p, :r_i] = c_i · P[order[p], :] · Q_iᵀ            Q_i: the r_i rows of a (Σr, K) stack
+       expand:  out[order[p], :] += c_i · L[p, :r_i] · U_i         U_i: the r_i rows of a (Σr, T) stack
+       reduce:  C[:, rank_start[i]:rank_start[i+1]] = c_i · P[rows of i]ᵀ · L[positions of i]
+     where c_i is s_i or 1. The forward is a shrink (P = x, Q = A_cat: S = x·A_iᵀ) and an expand into y
+     (L = S, U = B_catᵀ, c_i = s_i). The backward, with dY the gradient of y:
+         dS   = s_i · dY·B_i                   shrink, P = dY, Q = B_catᵀ, c_i = s_i
+         dX   = dY·W  (cuBLAS)  +  dS·A_i      expand into cuBLAS's output, L = dS, U = A_cat, c_i = 1
+         dA_i = dS_segᵀ · x_seg                reduce, P = x,  L = dS   (stored transposed: (Σr, K))
+         dB_i = s_i · dY_segᵀ · S_seg          reduce, P = dY, L = S
+         dbias = dY.sum(0)                     (torch; the base weight is frozen: no dW)
+     S is saved for the backward, not recomputed: it is M×max(r) values (32 KB for M = 1000, r = 16 in bf16)
+     where recomputing it would read x (M×K) again with one more launch.
+
+How a program of shrink or expand finds its work, in plain Python (BM rows per tile):
+
+    tiles_before = 0
+    for i in range(n):                                       # a scan over the segment starts
+        tiles_i = cdiv(seg_start[i + 1] - seg_start[i], BM)  # an empty segment has no tiles
+        if tiles_before <= pid < tiles_before + tiles_i:
+            segment, first_position = i, seg_start[i] + (pid - tiles_before) * BM
+        tiles_before += tiles_i
+    if no segment was found: return                          # a program past the last tile
+    rows = order[first_position : min(first_position + BM, seg_start[segment + 1])]
+
+    Σ_i cdiv(M_i, BM) ≤ cdiv(M, BM) + n - 1, so a grid of cdiv(M, BM) + n programs always covers every tile, and
+    the host knows it without reading seg_start (no sync). Each tile holds the rows of one adapter only, so one
+    adapter's A_i (or B_i) serves the whole tile. The reduce kernel needs no scan: one program per (adapter,
+    output tile) loops over all of that adapter's rows, and writes its result once (no atomics: deterministic).
+
+Precision: fp16/bf16 operands, fp32 accumulation; S and dS are rounded to x's dtype (as the reference's
+autograd rounds them), outputs are in x's dtype. fp32 follows torch's setting for fp32 matmuls, as
+kernels/lora_triton.py does: "ieee" dots by default (exact fp32), "tf32" when the caller allowed tf32.
+Block sizes: BLOCK_R = the largest rank padded to a power of two, at least 16 (``tl.dot`` needs every
+dimension ≥ 16); each adapter masks it to its own r_i. The configs are fixed, not autotuned: the expand kernel
+adds into its output in place, so an autotuner's trial runs would add the term several times (it would need
+``restore_value``), and tuning on first use would run inside a CUDA graph's warm-up. Tuning is a next step, as
+is splitting a long segment of the reduce kernel over several programs (a single adapter holding every row
+is one serial loop per output tile).
+CUDA graphs: the one host→device copy, the per-adapter table (rank_start, s_i), is made once per (ranks,
+scalings, device) and kept (``adapter_table``), so a warm-up call makes it and a captured call copies nothing.
+Limits: the gathered rows use 64-bit offsets; S and the weights must stay below 2**31 elements. fp16, bf16, fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .lora_triton import _precision
+from .triton_interpreter import INTERPRETING, interpreter_lock
+
+__all__ = ["Segments", "AdapterTable", "segments", "adapter_table", "segment_shrink", "segment_expand",
+           "segment_reduce", "multi_lora_linear"]
+
+# Fixed block sizes (see the module docstring for why they are not autotuned). The interpreter runs every
+# program as Python, so there the tiles are small and the test shapes (tens of rows) still span several.
+if INTERPRETING:
+    SHRINK_BLOCKS = dict(BM=16, BK=32, num_warps=4)
+    EXPAND_BLOCKS = dict(BM=16, BN=32, num_warps=4)
+    REDUCE_BLOCKS = dict(BM=16, BT=32, num_warps=4)
+else:
+    SHRINK_BLOCKS = dict(BM=64, BK=64, num_warps=4)
+    EXPAND_BLOCKS = dict(BM=64, BN=128, num_warps=4)
+    REDUCE_BLOCKS = dict(BM=64, BT=64, num_warps=4)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The bookkeeping, all on the device: which rows each adapter owns, and where its rank sits in A_cat/B_cat.
+# --------------------------------------------------------------------------------------------------------
+class Segments(NamedTuple):
+    """The rows of a batch grouped by adapter (made by ``segments``)."""
+
+    order: torch.Tensor  # (M,) int64: order[p] is the row at sorted position p
+    start: torch.Tensor  # (n + 1,) int32: adapter i owns sorted positions [start[i], start[i + 1])
+
+
+class AdapterTable(NamedTuple):
+    """Where each adapter sits in A_cat / B_cat, and its scaling (made by ``adapter_table``)."""
+
+    ranks: tuple[int, ...]    # r_i, on the host: they size the blocks
+    rank_start: torch.Tensor  # (n + 1,) int32: adapter i owns rows [rank_start[i], rank_start[i + 1]) of A_cat
+    scale: torch.Tensor       # (n,) fp32: s_i
+
+
+def segments(adapter_index: torch.Tensor, n_adapters: int) -> Segments:
+    """Group the rows by adapter without a host sync: a stable sort, then a binary search for each segment start.
+
+    adapter_index: (...) int64 with values in [-1, n_adapters). Rows with -1 (and any value outside the range)
+    fall before seg_start[0] or after seg_start[n]: they belong to no segment, and get the base layer only.
+    """
+    index_sorted, order = torch.sort(adapter_index.reshape(-1), stable=True)              # (M,), (M,)
+    bounds = torch.arange(n_adapters + 1, device=adapter_index.device, dtype=index_sorted.dtype)  # 0, 1, ..., n
+    return Segments(order, torch.searchsorted(index_sorted, bounds, out_int32=True))     # (n + 1,) int32
+
+
+@functools.cache
+def adapter_table(ranks: tuple[int, ...], scalings: tuple[float, ...], device: torch.device) -> AdapterTable:
+    """The per-adapter table on ``device``, made once per (ranks, scalings, device) and kept.
+
+    It is the only host→device copy of a call. Keeping it means later calls copy nothing, which a CUDA graph
+    capture requires (it cannot capture a copy from pageable host memory): capture after a warm-up call, as
+    CUDA graphs want anyway. The entries are never evicted, because a captured graph keeps their addresses.
+    """
+    rank_start = [0, *itertools.accumulate(ranks)]                # [0, r_0, r_0 + r_1, ..., Σr]
+    return AdapterTable(ranks, torch.tensor(rank_start, dtype=torch.int32, device=device),
+                        torch.tensor(scalings, dtype=torch.float32, device=device))
+
+
+def _block_r(ranks: Sequence[int]) -> int:
+    """The largest rank padded to a power of two ≥ 16 (tl.dot needs every dimension ≥ 16)."""
+    return max(16, triton.next_power_of_2(max(ranks)))
+
+
+def _row_tiles_bound(M: int, n_adapters: int, BM: int) -> int:
+    """Programs enough for every adapter's row tiles: Σ_i cdiv(M_i, BM) ≤ cdiv(M, BM) + n - 1."""
+    return triton.cdiv(M, BM) + n_adapters
+
+
+@triton.jit
+def _segment_tile(pid, seg_start_ptr, n_segments, BM: tl.constexpr):
+    """Program ``pid``'s tile: (segment, first sorted position, end of the segment); segment = -1 if none."""
+    segment = -1
+    first = 0
+    last = 0
+    tiles_before = 0
+    for i in range(0, n_segments):
+        start = tl.load(seg_start_ptr + i)
+        end = tl.load(seg_start_ptr + i + 1)
+        tiles = tl.cdiv(end - start, BM)                      # 0 for an empty segment
+        hit = (pid >= tiles_before) & (pid < tiles_before + tiles)
+        segment = tl.where(hit, i, segment)
+        first = tl.where(hit, start + (pid - tiles_before) * BM, first)
+        last = tl.where(hit, end, last)
+        tiles_before += tiles
+    return segment, first, last
+
+
+# --------------------------------------------------------------------------------------------------------
+# Kernel 1 ("shrink"): S[p, :r_i] = c_i · P[order[p], :] · Q_iᵀ, every adapter in one launch.
+#   forward: P = x (M, K),  Q = A_cat (Σr, K),    c_i = 1    → S
+#   dS:      P = dY (M, N), Q = B_catᵀ (Σr, N),   c_i = s_i  → dS
+# --------------------------------------------------------------------------------------------------------
+@triton.jit
+def _segment_shrink_kernel(
+    # pointers
+    p_ptr, q_ptr, order_ptr, seg_start_ptr, rank_start_ptr, scale_ptr, s_ptr,
+    # sizes
+    n_segments, K,
+    # strides
+    stride_pm, stride_pk, stride_qr, stride_qk, stride_sp, stride_sr,
+    # meta-parameters
+    APPLY_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr,
+):
+    segment, first, last = _segment_tile(tl.program_id(0), seg_start_ptr, n_segments, BM)
+    if segment < 0:                                           # past the last tile: nothing to do
+        return
+    offs_p = first + tl.arange(0, BM)                         # (BM,) sorted positions
+    in_m = offs_p < last
+    rows = tl.load(order_ptr + offs_p, mask=in_m, other=0)    # (BM,) the rows of x they stand for (int64)
+    r0 = tl.load(rank_start_ptr + segment)
+    rank = tl.load(rank_start_ptr + segment + 1) - r0         # r_i: BLOCK_R is masked down to it
+    offs_r = tl.arange(0, BLOCK_R)
+    in_r = offs_r < rank
+    offs_k = tl.arange(0, BK)
+    acc = tl.zeros((BM, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        in_k = (k0 + offs_k) < K
+        p = tl.load(p_ptr + rows[:, None] * stride_pm + (k0 + offs_k)[None, :] * stride_pk,
+                    mask=in_m[:, None] & in_k[None, :], other=0.0)                    # (BM, BK) gathered rows
+        q_t = tl.load(q_ptr + (r0 + offs_r)[None, :] * stride_qr + (k0 + offs_k)[:, None] * stride_qk,
+                      mask=in_r[None, :] & in_k[:, None], other=0.0)                  # (BK, BLOCK_R) = Q_iᵀ
+        acc = tl.dot(p, q_t, acc, input_precision=PRECISION)
+    if APPLY_SCALE:
+        acc = acc * tl.load(scale_ptr + segment)
+    tl.store(s_ptr + offs_p[:, None] * stride_sp + offs_r[None, :] * stride_sr, acc.to(s_ptr.dtype.element_ty),
+             mask=in_m[:, None] & in_r[None, :])
+
+
+def segment_shrink(p: torch.Tensor, q: torch.Tensor, segs: Segments, table: AdapterTable,
+                   apply_scale: bool) -> torch.Tensor:
+    """S (M, max r) in p's dtype, row p for sorted position p: S[p, :r_i] = c_i·P[order[p]]·Q_iᵀ.
+
+    p (M, K), any strides; q (Σr, K), any strides (Q_i = q[rank_start[i]:rank_start[i+1]]); c_i = s_i when
+    ``apply_scale`` else 1. Rows of S at positions in no segment (the -1 rows) are left unwritten.
+    """
+    M, K = p.shape
+    n, width = len(table.ranks), max(table.ranks)
+    if q.shape != (sum(table.ranks), K) or segs.order.shape != (M,) or segs.start.shape != (n + 1,):
+        raise ValueError(f"segment_shrink: p {tuple(p.shape)}, q {tuple(q.shape)} and ranks {table.ranks} do not "
+                         "fit (M, K), (Σr, K)")
+    s = torch.empty((M, width), device=p.device, dtype=p.dtype)
+    if M == 0 or K == 0:  # no rows, or an empty sum over K (and an empty tensor's null pointer would fail a launch)
+        return s.zero_()
+    blocks = SHRINK_BLOCKS
+    with interpreter_lock():
+        _segment_shrink_kernel[(_row_tiles_bound(M, n, blocks["BM"]),)](
+            p, q, segs.order, segs.start, table.rank_start, table.scale, s,
+            n, K,
+            p.stride(0), p.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
+            APPLY_SCALE=apply_scale, BLOCK_R=_block_r(table.ranks), PRECISION=_precision(p.dtype), **blocks,
+        )
+    return s
+
+
+# --------------------------------------------------------------------------------------------------------
+# Kernel 2 ("expand"): out[order[p], :] += c_i · L[p, :r_i] · U_i, in place, every adapter in one launch.
+#   forward: out = y  (cuBLAS's x·Wᵀ + bias), L = S,  U = B_catᵀ (Σr, N), c_i = s_i
+#   dX:      out = dX (cuBLAS's dY·W),        L = dS, U = A_cat (Σr, K),  c_i = 1
+# Each row is in one segment at most, so no two programs write the same element: no atomics.
+# --------------------------------------------------------------------------------------------------------
+@triton.jit
+def _segment_expand_kernel(
+    # pointers
+    out_ptr, l_ptr, u_ptr, order_ptr, seg_start_ptr, rank_start_ptr, scale_ptr,
+    # sizes
+    n_segments, T,
+    # strides
+    stride_om, stride_ot, stride_lp, stride_lr, stride_ur, stride_ut,
+    # meta-parameters
+    APPLY_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
+):
+    segment, first, last = _segment_tile(tl.program_id(0), seg_start_ptr, n_segments, BM)
+    if segment < 0:
+        return
+    offs_p = first + tl.arange(0, BM)
+    in_m = offs_p < last
+    rows = tl.load(order_ptr + offs_p, mask=in_m, other=0)                           # (BM,) int64
+    r0 = tl.load(rank_start_ptr + segment)
+    rank = tl.load(rank_start_ptr + segment + 1) - r0
+    offs_r = tl.arange(0, BLOCK_R)
+    in_r = offs_r < rank
+    offs_t = tl.program_id(1) * BN + tl.arange(0, BN)
+    in_t = offs_t < T
+    low = tl.load(l_ptr + offs_p[:, None] * stride_lp + offs_r[None, :] * stride_lr,
+                  mask=in_m[:, None] & in_r[None, :], other=0.0)                      # (BM, BLOCK_R)
+    up = tl.load(u_ptr + (r0 + offs_r)[:, None] * stride_ur + offs_t[None, :] * stride_ut,
+                 mask=in_r[:, None] & in_t[None, :], other=0.0)                       # (BLOCK_R, BN) = U_i
+    delta = tl.dot(low.to(up.dtype), up, input_precision=PRECISION)                   # (BM, BN) fp32
+    if APPLY_SCALE:
+        delta = delta * tl.load(scale_ptr + segment)
+    out_ptrs = out_ptr + rows[:, None] * stride_om + offs_t[None, :] * stride_ot      # the gathered rows, again
+    keep = in_m[:, None] & in_t[None, :]
+    acc = tl.load(out_ptrs, mask=keep, other=0.0).to(tl.float32) + delta
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=keep)
+
+
+def segment_expand(out: torch.Tensor, low: torch.Tensor, u: torch.Tensor, segs: Segments, table: AdapterTable,
+                   apply_scale: bool) -> torch.Tensor:
+    """out[order[p], :] += c_i·L[p, :r_i]·U_i in place, and returns out.
+
+    out (M, T) and u (Σr, T) with any strides (U_i = u[rank_start[i]:rank_start[i+1]]); low (M, max r) in
+    sorted order (``segment_shrink``'s output); c_i = s_i when ``apply_scale`` else 1.
+    """
+    M, T = out.shape
+    n = len(table.ranks)
+    if low.shape != (M, max(table.ranks)) or u.shape != (sum(table.ranks), T) or segs.order.shape != (M,):
+        raise ValueError(f"segment_expand: out {tuple(out.shape)}, low {tuple(low.shape)}, u {tuple(u.shape)} "
+                         f"and ranks {table.ranks} do not fit (M, T), (M, max r), (Σr, T)")
+    if M == 0 or T == 0:
+        return out
+    blocks = EXPAND_BLOCKS
+    grid = (_row_tiles_bound(M, n, blocks["BM"]), triton.cdiv(T, blocks["BN"]))
+    with interpreter_lock():
+        _segment_expand_kernel[grid](
+            out, low, u, segs.order, segs.start, table.rank_start, table.scale,
+            n, T,
+            out.stride(0), out.stride(1), low.stride(0), low.stride(1), u.stride(0), u.stride(1),
+            APPLY_SCALE=apply_scale, BLOCK_R=_block_r(table.ranks), PRECISION=_precision(out.dtype), **blocks,
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Kernel 3 ("reduce"): C[:, r_i's columns] = c_i · P[rows of i]ᵀ · L[positions of i], a sum over each segment.
+#   dA: P = x (M, K),  L = dS, c_i = 1   → (K, Σr), stored rank-major so that its transpose is dA_cat (Σr, K)
+#   dB: P = dY (M, N), L = S,  c_i = s_i → (N, Σr) = dB_cat
+# Grid (adapters, output tiles): each program walks all rows of its adapter and stores once. An adapter with
+# no rows stores zeros, as its gradient must be.
+# --------------------------------------------------------------------------------------------------------
+@triton.jit
+def _segment_reduce_kernel(
+    # pointers
+    p_ptr, l_ptr, order_ptr, seg_start_ptr, rank_start_ptr, scale_ptr, c_ptr,
+    # sizes
+    T,
+    # strides
+    stride_pm, stride_pt, stride_lp, stride_lr, stride_ct, stride_cr,
+    # meta-parameters
+    APPLY_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BT: tl.constexpr,
+):
+    segment = tl.program_id(0)
+    first = tl.load(seg_start_ptr + segment)
+    last = tl.load(seg_start_ptr + segment + 1)
+    r0 = tl.load(rank_start_ptr + segment)
+    rank = tl.load(rank_start_ptr + segment + 1) - r0
+    offs_r = tl.arange(0, BLOCK_R)
+    in_r = offs_r < rank
+    offs_t = tl.program_id(1) * BT + tl.arange(0, BT)
+    in_t = offs_t < T
+    acc = tl.zeros((BT, BLOCK_R), dtype=tl.float32)
+    for p0 in range(first, last, BM):
+        offs_p = p0 + tl.arange(0, BM)
+        in_m = offs_p < last
+        rows = tl.load(order_ptr + offs_p, mask=in_m, other=0)                       # (BM,) int64
+        p = tl.load(p_ptr + rows[:, None] * stride_pm + offs_t[None, :] * stride_pt,
+                    mask=in_m[:, None] & in_t[None, :], other=0.0)                    # (BM, BT) gathered rows
+        low = tl.load(l_ptr + offs_p[:, None] * stride_lp + offs_r[None, :] * stride_lr,
+                      mask=in_m[:, None] & in_r[None, :], other=0.0)                  # (BM, BLOCK_R)
+        acc = tl.dot(tl.trans(p), low.to(p.dtype), acc, input_precision=PRECISION)   # (BT, BLOCK_R)
+    if APPLY_SCALE:
+        acc = acc * tl.load(scale_ptr + segment)
+    tl.store(c_ptr + offs_t[:, None] * stride_ct + (r0 + offs_r)[None, :] * stride_cr,
+             acc.to(c_ptr.dtype.element_ty), mask=in_t[:, None] & in_r[None, :])
+
+
+def segment_reduce(p: torch.Tensor, low: torch.Tensor, segs: Segments, table: AdapterTable, apply_scale: bool,
+                   rank_major: bool = False) -> torch.Tensor:
+    """C (T, Σr) in p's dtype: C[:, rank_start[i]:rank_start[i+1]] = c_i·P[rows of i]ᵀ·L[positions of i, :r_i].
+
+    p (M, T), any strides; low (M, max r) in sorted order; c_i = s_i when ``apply_scale`` else 1.
+    ``rank_major``: C's memory is laid out as its transpose (Σr, T), contiguous (what dA_cat wants).
+    """
+    M, T = p.shape
+    n, sum_r = len(table.ranks), sum(table.ranks)
+    if low.shape != (M, max(table.ranks)) or segs.order.shape != (M,):
+        raise ValueError(f"segment_reduce: p {tuple(p.shape)} and low {tuple(low.shape)} do not fit (M, T), "
+                         f"(M, max r) for ranks {table.ranks}")
+    c = torch.empty((sum_r, T), device=p.device, dtype=p.dtype).t() if rank_major else \
+        torch.empty((T, sum_r), device=p.device, dtype=p.dtype)
+    if M == 0 or T == 0:  # no rows at all: every adapter's sum is empty
+        return c.zero_()
+    blocks = REDUCE_BLOCKS
+    with interpreter_lock():
+        _segment_reduce_kernel[(n, triton.cdiv(T, blocks["BT"]))](
+            p, low, segs.order, segs.start, table.rank_start, table.scale, c,
+            T,
+            p.stride(0), p.stride(1), low.stride(0), low.stride(1), c.stride(0), c.stride(1),
+            APPLY_SCALE=apply_scale, BLOCK_R=_block_r(table.ranks), PRECISION=_precision(p.dtype), **blocks,
+        )
+    return c
+
+
+# --------------------------------------------------------------------------------------------------------
+# The autograd op: the forward and backward of the module docstring, on the three kernels and two cuBLAS GEMMs.
+# --------------------------------------------------------------------------------------------------------
+class _MultiLoraTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, a_cat, b_cat, adapter_index, ranks, scalings):
+        N, K = weight.shape
+        M = math.prod(x.shape[:-1])
+        x2d = x.reshape(M, K)                                             # (M, K), a view when strides allow
+        segs = segments(adapter_index, len(ranks))
+        table = adapter_table(ranks, scalings, x.device)
+        y2d = F.linear(x2d, weight, bias)                                 # (M, N) the base, every row: cuBLAS
+        s = segment_shrink(x2d, a_cat, segs, table, apply_scale=False)   # (M, max r) S = x·A_iᵀ, sorted
+        segment_expand(y2d, s, b_cat.t(), segs, table, apply_scale=True)  # y += s_i·S·B_iᵀ, in place
+        ctx.save_for_backward(x, weight, a_cat, b_cat, s, segs.order, segs.start)
+        ctx.table = table
+        return y2d.view(*x.shape[:-1], N)                                 # (..., N)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, a_cat, b_cat, s, order, start = ctx.saved_tensors
+        segs, table = Segments(order, start), ctx.table
+        need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        N, K = weight.shape
+        M = s.shape[0]
+        dy2d = dy.reshape(M, N)                                           # (M, N)
+        d_x = d_a = d_b = d_bias = None
+        if need_x or need_a:
+            ds = segment_shrink(dy2d, b_cat.t(), segs, table, apply_scale=True)   # (M, max r) s_i·dY·B_i
+        if need_x:
+            d_x = torch.mm(dy2d, weight)                                  # (M, K) dY·W: cuBLAS
+            segment_expand(d_x, ds, a_cat, segs, table, apply_scale=False)  # dX += dS·A_i, in place
+            d_x = d_x.view(x.shape)
+        if need_a:
+            d_a = segment_reduce(x.reshape(M, K), ds, segs, table, apply_scale=False, rank_major=True).t()  # (Σr, K)
+        if need_b:
+            d_b = segment_reduce(dy2d, s, segs, table, apply_scale=True)  # (N, Σr)
+        if need_bias:
+            d_bias = dy2d.sum(0)                                          # (N,)
+        return d_x, None, d_bias, d_a, d_b, None, None, None             # never a gradient for the weight
+
+
+# Not a registered custom op (kernels/lora_triton.py says what one buys): torch.compile breaks the graph here and
+# runs this function in eager, rather than trying to trace Triton's launcher.
+@torch.compiler.disable
+def multi_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_As: Sequence[torch.Tensor],
+    lora_Bs: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    adapter_index: torch.Tensor,
+) -> torch.Tensor:
+    """y[m] = x[m]·Wᵀ + bias + s_i·(x[m]·A_iᵀ)·B_iᵀ with i = adapter_index[m], on the Triton kernels above.
+
+    The reference's arguments (kernels/reference.py); inputs are checked by the caller,
+    ``kernels.multi_lora_linear``. Gradients reach x, every A_i and B_i (through torch.cat's backward) and a
+    bias that requires one; never the weight.
+    """
+    a_cat = torch.cat(list(lora_As))            # (Σr, K)   a serving engine would keep these packed
+    b_cat = torch.cat(list(lora_Bs), dim=1)     # (N, Σr)
+    ranks = tuple(a.shape[0] for a in lora_As)
+    return _MultiLoraTriton.apply(x, weight, bias, a_cat, b_cat, adapter_index, ranks,
+                                  tuple(float(s) for s in scalings))

@@ -1,0 +1,88 @@
+"""Mixed-adapter batches: every row of a batch names its own adapter, and one batched pass computes them all.
+
+A server that holds many fine-tuned adapters on one base gets requests for different adapters at once. Running
+the batch once per adapter repeats the base model's work, which is almost all of it; instead each layer runs
+the base once for every row and adds, row by row, what that row's adapter adds (punica's SGMV,
+https://arxiv.org/abs/2310.18547; S-LoRA, https://arxiv.org/abs/2311.03285):
+
+    LoRA         y[b] = x[b]·W₀ᵀ + s_a·(x[b]·A_aᵀ)·B_aᵀ,   a = the adapter of row b    (kernels.multi_lora_linear)
+    bottleneck   o[b] ↦ o[b] + up_a(f(down_a(o[b])))        (each adapter on all rows, masked to its own)
+    soft prompt  row b gets adapter a's n_a virtual tokens in front, left-padded to the longest prompt of
+                 the batch; the padding is masked out of attention and out of the position count, so the row
+                 sees exactly what it would see alone (GPT.forward's `prompt_mask`)
+
+Each adapter's gradient comes from its own rows only, so a mixed batch trains several adapters in one step
+exactly as separate batches of their rows would (the losses add up). A row named ``"__base__"`` (`BASE`)
+gets the frozen model.
+
+`RowRoute` is what `PeftModel.forward(..., adapter_names=[...])` hands to every adapter layer for the length
+of one call (`layer.row_route`); `prompt_for_rows` builds the padded soft prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["BASE", "RowRoute", "prompt_for_rows"]
+
+BASE = "__base__"  # the row runs the base model, no adapter
+
+
+@dataclasses.dataclass
+class RowRoute:
+    """Which adapter each row of the batch uses.
+
+    names: the distinct adapter names of the batch, in order of first appearance (``"__base__"`` excluded).
+    rows: (B,) int64 on the model's device, rows[b] = index into ``names``, or -1 for a ``"__base__"`` row.
+    """
+
+    names: tuple[str, ...]
+    rows: torch.Tensor
+    _tables: dict[tuple[str, ...], torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_names(cls, adapter_names: Sequence[str], device: torch.device) -> RowRoute:
+        names = tuple(dict.fromkeys(n for n in adapter_names if n != BASE))
+        position = {n: i for i, n in enumerate(names)}
+        rows = torch.tensor([position.get(n, -1) for n in adapter_names], dtype=torch.long, device=device)
+        return cls(names, rows)
+
+    def for_layer(self, layer_adapters: Sequence[str] | Mapping) -> tuple[list[str], torch.Tensor]:
+        """(the batch's adapters this layer holds, in order; (B,) index into that list, -1 for the others).
+
+        The lookup table from batch index to layer index is made once per call and per set of adapters."""
+        local = [n for n in self.names if n in layer_adapters]
+        key = tuple(local)
+        if key not in self._tables:
+            table = [local.index(n) if n in local else -1 for n in self.names] + [-1]  # rows == -1 → the last
+            self._tables[key] = torch.tensor(table, dtype=torch.long, device=self.rows.device)
+        return local, self._tables[key][self.rows]
+
+    def row_mask(self, name: str) -> torch.Tensor:
+        """(B,) bool: the rows that use adapter ``name``."""
+        return self.rows == self.names.index(name)
+
+
+def prompt_for_rows(prompts: Mapping[str, torch.Tensor], adapter_names: Sequence[str]
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+    """The soft prompts of a mixed batch, left-padded: (B, n_max, C) embeddings and a (B, n_max) bool mask.
+
+    prompts: {adapter name: its (n_a, C) virtual tokens} for the soft-prompt adapters of the batch. Rows whose
+    adapter is not among them get n_max padding positions (mask False). None when no row has a soft prompt.
+    """
+    if not prompts:
+        return None
+    n_max = max(p.shape[0] for p in prompts.values())
+    any_prompt = next(iter(prompts.values()))
+    empty = any_prompt.new_zeros(n_max, any_prompt.shape[1])
+    embeds, mask = [], []
+    for name in adapter_names:
+        p = prompts.get(name)
+        n = 0 if p is None else p.shape[0]
+        embeds.append(empty if p is None else F.pad(p, (0, 0, n_max - n, 0)))  # (n_max, C), padding first
+        mask.append([False] * (n_max - n) + [True] * n)
+    return torch.stack(embeds), torch.tensor(mask, dtype=torch.bool, device=any_prompt.device)

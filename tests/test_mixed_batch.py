@@ -1,0 +1,176 @@
+"""Mixed-adapter batches (minipeft/tuners/mixed_batch.py): one adapter per row, one batched pass.
+
+The reference for every row is the same model run on that row alone with its adapter active (or, for a
+"__base__" row, with adapters disabled): a mixed batch must give each row exactly that output, and each
+adapter the gradients of a batch of its own rows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tolerances import assert_close
+
+from minipeft import (
+    GPT,
+    AdapterConfig,
+    GPTConfig,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    get_peft_model,
+    kernels,
+)
+
+CFG = GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=48)
+
+
+def _model(*adapters: tuple[str, object]):
+    """A tiny GPT with the named adapters (the first one active), every LoRA B non-zero."""
+    torch.manual_seed(0)
+    (first, config), *rest = adapters
+    pm = get_peft_model(GPT(CFG), config, adapter_name=first)
+    for name, cfg in rest:
+        pm.add_adapter(name, cfg)
+    with torch.no_grad():  # LoRA's B starts at zero; make every adapter change the output
+        for n, p in pm.named_parameters():
+            if "lora_B" in n or "adapter_up" in n:
+                p.normal_(0, 0.2)
+    return pm.eval()
+
+
+def _alone(pm, idx, name, **kw):
+    """The logits of idx with only `name` active (or the base model for "__base__")."""
+    if name == "__base__":
+        with pm.disable_adapter():
+            return pm(idx, **kw)[0]
+    pm.set_adapter(name)
+    return pm(idx, **kw)[0]
+
+
+LORA = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+LORA_2 = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"])
+
+
+def _batch(B=5, T=7, seed=1):
+    return torch.randint(0, CFG.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_each_row_gets_what_its_adapter_gives_alone(backend):
+    """LoRA adapters of different ranks and targets, soft prompts of two lengths, a bottleneck adapter and
+    the base, in one batch, against each row run alone; on the Triton backend too (the interpreter here)."""
+    pm = _model(("a", LORA), ("b", LORA_2), ("p3", PromptTuningConfig(num_virtual_tokens=3)),
+                ("p5", PromptTuningConfig(num_virtual_tokens=5)),
+                ("h", AdapterConfig.load("houlsby", reduction_factor=8)))
+    names = ["a", "p5", "__base__", "b", "p3", "h", "a"]
+    idx = _batch(B=len(names))
+    with kernels.use_backend(backend):
+        logits, _ = pm(idx, adapter_names=names)
+    assert logits.shape == (len(names), idx.shape[1], CFG.vocab_size)
+    for row, name in enumerate(names):
+        assert_close(logits[row], _alone(pm, idx[row:row + 1], name)[0], dtype="tf32" if backend == "triton" else None)
+
+
+def test_a_row_of_another_adapter_never_changes_a_row():
+    """Row 0's logits do not depend on which adapters the other rows use."""
+    pm = _model(("a", LORA), ("b", LORA_2), ("p", PromptTuningConfig(num_virtual_tokens=4)))
+    idx = _batch(B=3)
+    first = pm(idx, adapter_names=["a", "b", "p"])[0][0]
+    again = pm(idx, adapter_names=["a", "a", "__base__"])[0][0]
+    assert_close(first, again)
+
+
+def test_each_adapter_learns_from_its_own_rows_only():
+    """Gradients of a summed loss over a mixed batch equal, adapter by adapter, those of its rows alone."""
+    pm = _model(("a", LORA), ("b", LORA_2), ("p", PromptTuningConfig(num_virtual_tokens=3)))
+    pm.train()
+    pm.set_adapter(["a", "b"])  # makes a's and b's parameters trainable
+    for p in pm.prompt_encoders["p"].parameters():
+        p.requires_grad_(True)
+    names = ["a", "b", "p", "a", "__base__"]
+    idx = _batch(B=len(names), seed=3)
+
+    def loss_sum(logits, rows):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, CFG.vocab_size),
+                                                 idx[rows, 1:].reshape(-1), reduction="sum")
+
+    params = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+    mixed = torch.autograd.grad(loss_sum(pm(idx, adapter_names=names)[0], list(range(len(names)))),
+                                list(params.values()), allow_unused=True)
+    for adapter in ("a", "b", "p"):
+        rows = [i for i, n in enumerate(names) if n == adapter]
+        alone_logits = pm(idx[rows], adapter_names=[adapter] * len(rows))[0]
+        alone = torch.autograd.grad(loss_sum(alone_logits, rows), list(params.values()), allow_unused=True)
+        for (name, _), g_mixed, g_alone in zip(params.items(), mixed, alone, strict=True):
+            owner = name.split(".")[-2] == adapter or name.startswith(f"prompt_encoders.{adapter}.")
+            if not owner:
+                continue
+            assert g_mixed is not None and g_alone is not None, name
+            assert_close(g_mixed, g_alone)
+
+
+def test_generate_with_one_adapter_per_row_matches_each_row_alone():
+    pm = _model(("a", LORA), ("p", PromptTuningConfig(num_virtual_tokens=4)), ("b", LORA_2))
+    names = ["p", "a", "__base__", "b"]
+    idx = _batch(B=len(names), T=5, seed=5)
+    out = pm.generate(idx, max_new_tokens=6, adapter_names=names)
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with pm.disable_adapter():
+                alone = pm.generate(idx[row:row + 1], max_new_tokens=6)
+        else:
+            pm.set_adapter(name)
+            alone = pm.generate(idx[row:row + 1], max_new_tokens=6)
+        assert torch.equal(out[row], alone[0]), (row, name)
+
+
+def test_the_active_adapters_are_left_as_they_were():
+    pm = _model(("a", LORA), ("b", LORA_2))
+    pm.set_adapter("b")
+    idx = _batch(B=2)
+    before = pm(idx)[0]
+    pm(idx, adapter_names=["a", "__base__"])
+    assert pm.active_adapters == ["b"]
+    assert all(layer.row_route is None for _c, _r, layer in pm._wrappers())
+    assert_close(pm(idx)[0], before)
+
+
+def test_bad_adapter_names_are_refused_clearly():
+    pm = _model(("a", LORA), ("pre", PrefixTuningConfig(num_virtual_tokens=2)))
+    idx = _batch(B=2)
+    with pytest.raises(ValueError, match="2 rows"):
+        pm(idx, adapter_names=["a"])
+    with pytest.raises(ValueError, match="'nope'.*not an adapter"):
+        pm(idx, adapter_names=["a", "nope"])
+    with pytest.raises(ValueError, match="prefix tuning"):
+        pm(idx, adapter_names=["a", "pre"])
+    with pytest.raises(TypeError, match="list of adapter names"):
+        pm(idx, adapter_names="a")
+    pm.set_adapter("a")
+    pm.merge_adapter()
+    with pytest.raises(ValueError, match="merged"):
+        pm(idx, adapter_names=["a", "__base__"])
+
+
+def test_parallel_runs_the_batch_once_per_adapter():
+    """Parallel("a", "h", "p") (the `adapters` library's block): one forward returns every adapter's output for
+    the whole batch, child i's rows at i·B … (i+1)·B − 1, each equal to that adapter alone; generate too."""
+    from minipeft import Parallel
+
+    pm = _model(("a", LORA), ("h", AdapterConfig.load("pfeiffer", reduction_factor=8)),
+                ("p", PromptTuningConfig(num_virtual_tokens=3)))
+    idx = _batch(B=2, T=6, seed=7)
+    alone = {name: _alone(pm, idx, name) for name in ("a", "h", "p")}
+    generated = {}
+    for name in ("a", "h", "p"):
+        pm.set_adapter(name)
+        generated[name] = pm.generate(idx, max_new_tokens=4)
+    pm.set_adapter(Parallel("a", "h", "p"))
+    assert pm.active_adapters == ["a", "h", "p"]
+    logits, loss = pm(idx, targets=idx)
+    assert logits.shape == (3 * 2, 6, CFG.vocab_size) and loss is not None
+    out = pm.generate(idx, max_new_tokens=4)
+    for i, name in enumerate(("a", "h", "p")):
+        assert_close(logits[2 * i:2 * i + 2], alone[name])
+        assert torch.equal(out[2 * i:2 * i + 2], generated[name]), name
