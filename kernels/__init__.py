@@ -318,12 +318,12 @@ def _capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index) -> None:
+def _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index, check_index: bool = True) -> None:
     """``multi_lora_linear``'s boundary: types, dtypes, devices and shapes, with messages naming the argument.
 
-    The values of adapter_index are checked too, which reads them back (a host sync), except while torch.compile
-    traces or a CUDA graph is captured. Unchecked, an index outside [-1, n) is memory-safe in both backends: its
-    row matches no adapter and gets the base layer only.
+    The values of adapter_index are checked too (unless ``check_index`` is False), which reads them back (a host
+    sync), except while torch.compile traces or a CUDA graph is captured. Unchecked, an index outside [-1, n) is
+    memory-safe in both backends: its row matches no adapter and gets the base layer only.
     """
     for name, t in (("x", x), ("weight", weight), ("adapter_index", adapter_index)):
         if not isinstance(t, torch.Tensor):
@@ -364,7 +364,7 @@ def _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index) 
                          f"{tuple(x.shape[:-1])} (one adapter per row of x)")
     if adapter_index.device != x.device:
         raise ValueError(f"adapter_index is on {adapter_index.device} but x is on {x.device}; move it to x's device")
-    if torch.compiler.is_compiling() or _capturing(x) or adapter_index.numel() == 0:
+    if not check_index or torch.compiler.is_compiling() or _capturing(x) or adapter_index.numel() == 0:
         return
     if bool(((adapter_index < -1) | (adapter_index >= n)).any()):  # the one host sync of this check
         lo, hi = int(adapter_index.min()), int(adapter_index.max())
@@ -381,6 +381,8 @@ def multi_lora_linear(
     scalings: Sequence[float],
     adapter_index: torch.Tensor,
     backend: str | None = None,
+    *,
+    check_index: bool = True,
 ) -> torch.Tensor:
     """y[m] = x[m]·Wᵀ + bias + s_i·(x[m]·A_iᵀ)·B_iᵀ with i = adapter_index[m] (the base alone where i = -1).
 
@@ -393,6 +395,9 @@ def multi_lora_linear(
         scalings: n real numbers s_i (lora_alpha / r_i, or / sqrt(r_i) with rsLoRA).
         adapter_index: int64 of shape x.shape[:-1], values in [-1, n): each row's adapter, -1 for none.
         backend: "reference" | "triton" | "auto" | None, as for ``lora_linear`` (see the comment above).
+        check_index: False skips the check of adapter_index's values, a host sync (a GPU decode step of a
+            12-layer model with every Linear adapted would wait for the GPU 48 times), for a caller that made
+            the index itself: a PeftModel's mixed batch, whose names were checked once for the whole model.
     Returns:
         (..., out) in x's dtype. Gradients reach x, every A_i and B_i, and a bias that requires one.
     Raises:
@@ -404,7 +409,7 @@ def multi_lora_linear(
             an explicit "triton" that cannot run on these tensors (the message says why).
     """
     name = get_backend() if backend is None else _check_name(backend, "multi_lora_linear(backend=...)")
-    _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index)
+    _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index, check_index)
     if name == "triton":
         why_not = _triton_unavailable(x.device, x.dtype)
         if why_not:

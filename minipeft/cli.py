@@ -276,7 +276,7 @@ def _finetune_parser(sub) -> None:
     g.add_argument("--format", default=None, choices=["minipeft", "peft"],
                    help="adapter files: minipeft's, or HF peft's (PeftModel.from_pretrained loads them)")
     g = p.add_argument_group("method options (default: minipeft.methods' choices)")
-    g.add_argument("--r", type=_positive_int, default=None, help="LoRA rank (lora, qlora; default 8)")
+    g.add_argument("--r", type=_positive_int, default=None, help="LoRA rank (lora, qlora, lora8; default 8)")
     g.add_argument("--alpha", type=_real, default=None, help="LoRA alpha (default 16)")
     g.add_argument("--target-modules", type=_target_modules, default=None,
                    help="LoRA targets: comma-separated names, or all-linear (the default)")

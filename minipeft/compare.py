@@ -2,8 +2,8 @@
 
 Seed 000 compares full fine-tuning, prefix tuning / soft prompts and adapters with claims such as "~0.1% of
 LLM parameters", "Storage cost: Low", "Training speed: Fast" and "Inference latency: slightly increased";
-seeds 001-004 add LoRA, QLoRA and P-tuning. `minipeft compare` fine-tunes each method on one built-in task
-with the same step budget and measures, in the same run:
+seeds 001-004 add LoRA, QLoRA (and LoRA on an 8-bit base) and P-tuning. `minipeft compare` fine-tunes each
+method on one built-in task with the same step budget and measures, in the same run:
 
     trainable parameters (count and % of the base) · adapter file size beside the full checkpoint ·
     training throughput (tokens/s) and peak training memory · inference latency per generated token
@@ -43,7 +43,7 @@ from minipeft.checkpoint import atomic_write, check_output_dir, save_json, save_
 from minipeft.data import TASKS, load_task, task_batch, task_loss
 from minipeft.evaluate import evaluate
 from minipeft.measure import dir_bytes, generation_ms_per_token, peak_memory_mb, reset_peak_memory
-from minipeft.methods import METHODS
+from minipeft.methods import LORA_METHODS, METHODS
 from minipeft.pretrain import load_base
 from minipeft.tokenizer import ByteTokenizer
 from minipeft.train import TrainConfig, resolve_device, train
@@ -101,7 +101,7 @@ def run_method(key: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         save_model(model, tmp)  # full: the whole GPT; a PeftModel: its one adapter ("default")
         row["file_bytes"] = dir_bytes(tmp)
-    if key in ("lora", "qlora"):
+    if key in LORA_METHODS:
         merged = model.merge_and_unload()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             row["ms_per_token_merged"] = latency_ms_per_token(merged, prompt_ids, device, new_tokens)

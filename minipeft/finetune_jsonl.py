@@ -270,6 +270,8 @@ def load_finetuned(base: str | Path, adapter: str | Path | None = None, tokenize
         run = read_run(adapter)
         if run.get("method") == "qlora":
             model = quantize_model(model, target_modules="all-linear", blocksize=64, double_quant=True)
+        elif run.get("method") == "lora8":
+            model = quantize_model(model, target_modules="all-linear", bits=8)
         model = PeftModel.from_pretrained(model, adapter)
     else:
         run = read_run(base)  # a fully fine-tuned model carries its run.json

@@ -63,9 +63,13 @@ class MethodOptions:
 
 OPTIONS_OF: dict[str, tuple[str, ...]] = {  # which MethodOptions fields each method takes
     "full": (), "lora": ("r", "alpha", "target_modules"), "qlora": ("r", "alpha", "target_modules"),
+    "lora8": ("r", "alpha", "target_modules"),
     "pfeiffer": ("reduction_factor",), "houlsby": ("reduction_factor",), "prefix": ("num_virtual_tokens",),
     "prompt": ("num_virtual_tokens", "init_text"), "ptuning": ("num_virtual_tokens",),
 }
+
+
+LORA_METHODS = ("lora", "qlora", "lora8")  # LoRA on a 16-, 4- and 8-bit base
 
 
 def _or(value, default):
@@ -91,7 +95,7 @@ def method_config(key: str, options: MethodOptions | None = None, tokenizer=None
         raise ValueError(f"option {wrong[0]}={getattr(options, wrong[0])!r} does not apply to method {key!r} "
                          f"(its options: {takes})")
     o = options
-    if key in ("lora", "qlora"):
+    if key in LORA_METHODS:
         return LoraConfig(r=_or(o.r, 8), lora_alpha=_or(o.alpha, 16),
                           target_modules=_or(o.target_modules, "all-linear"))
     if key in ("pfeiffer", "houlsby"):
@@ -110,12 +114,15 @@ def method_config(key: str, options: MethodOptions | None = None, tokenizer=None
 
 
 def apply_method(key: str, base: GPT, options: MethodOptions | None = None, tokenizer=None) -> torch.nn.Module:
-    """The model to train for method `key` on `base` (consumed: wrapped in place, or quantized for QLoRA)."""
+    """The model to train for method `key` on `base` (consumed: wrapped in place, or quantized first for QLoRA
+    and the 8-bit LoRA)."""
     config = method_config(key, options, tokenizer)
     if config is None:
         return base.requires_grad_(True)
     if key == "qlora":
         base = quantize_model(base, target_modules="all-linear", blocksize=64, double_quant=True)
+    if key == "lora8":
+        base = quantize_model(base, target_modules="all-linear", bits=8)  # LLM.int8(), threshold 6
     return get_peft_model(base, config, tokenizer=tokenizer if isinstance(config, PromptTuningConfig) else None)
 
 
@@ -134,6 +141,8 @@ METHODS: dict[str, Method] = {m.key: m for m in [
     Method("full", "full fine-tuning", 3e-4, _builder("full")),
     Method("lora", "LoRA r=8, all linear layers", 1e-3, _builder("lora")),
     Method("qlora", "QLoRA: NF4+DQ base, LoRA r=8 all linear", 1e-3, _builder("qlora")),
+    # LoRA's swept rate, not swept again: the 8-bit base changes the frozen weights' rounding, not the adapter
+    Method("lora8", "LoRA r=8 all linear on an LLM.int8() 8-bit base", 1e-3, _builder("lora8")),
     Method("pfeiffer", "Pfeiffer adapter rf=16", 3e-3, _builder("pfeiffer")),
     Method("houlsby", "Houlsby adapters rf=16", 3e-3, _builder("houlsby")),
     Method("prefix", "prefix tuning, 10 tokens", 3e-2, _builder("prefix")),

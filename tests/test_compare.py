@@ -28,7 +28,8 @@ def closed_form_trainable(base_params: int) -> dict[str, int]:
     adapter = 2 * C * m + m + C  # down (C·m + m) and up (m·C + C)
     H = 128  # P-tuning MLP encoder width
     ptuning = 2 * N * C + (C * H + H) + (H * H + H) + (H * C + C)  # 20 seed embeddings + 3-layer MLP
-    return {"full": base_params, "lora": lora, "qlora": lora, "pfeiffer": L * adapter, "houlsby": 2 * L * adapter,
+    return {"full": base_params, "lora": lora, "qlora": lora, "lora8": lora, "pfeiffer": L * adapter,
+            "houlsby": 2 * L * adapter,
             "prefix": L * 2 * N * C, "prompt": 2 * N * C, "ptuning": ptuning}  # soft prompts use 20 tokens
 
 

@@ -477,3 +477,18 @@ def test_deleting_what_a_composition_uses():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pm.set_adapter("c")  # switching away warns about nothing
+
+
+def test_average_of_lora_adapters_is_their_weighted_sum_and_refuses_to_merge():
+    """LoRA under Average: W₀x + Σ wᵢ·(α/r)ᵢ·BᵢAᵢx, which add_weighted_adapter's "cat" adapter gives exactly."""
+    pm = get_peft_model(plain_gpt(), LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False),
+                        adapter_name="a")
+    pm.add_adapter("b", LoraConfig(r=3, lora_alpha=6, target_modules=["c_attn", "c_fc"], init_lora_weights=False))
+    pm.add_weighted_adapter(["a", "b"], [0.25, 0.75], adapter_name="ab", combination_type="cat")
+    pm.set_adapter("ab")
+    expected = pm(IDX)[0]
+    pm.set_adapter(Average("a", "b", weights=[0.25, 0.75]))
+    assert pm.active_adapters == ["a", "b"]
+    assert_close(pm(IDX)[0], expected)
+    with pytest.raises(ValueError, match="add_weighted_adapter"):
+        pm.merge_adapter()

@@ -121,7 +121,9 @@ def activations(lead, cols, dtype, seed, n_outliers):
     return x.to(dtype)
 
 
-@given(out_features=st.integers(1, 40), in_features=st.integers(1, 70), lead=st.sampled_from([(1,), (5,), (2, 3)]),
+# in_features from 2: bitsandbytes 0.50.2's CPU Linear8bitLt returns garbage for a one-column input (-1.7e5 where the
+# dense layer gives -1.46, and differently from run to run); test_a_one_column_layer checks that shape instead.
+@given(out_features=st.integers(1, 40), in_features=st.integers(2, 70), lead=st.sampled_from([(1,), (5,), (2, 3)]),
        threshold=st.sampled_from([0.0, 6.0]), n_outliers=st.integers(0, 3), dtype=st.sampled_from(DTYPES),
        bias=st.booleans())  # fmt: skip
 def test_int8_linear_matches_bitsandbytes(out_features, in_features, lead, threshold, n_outliers, dtype, bias):
@@ -139,6 +141,19 @@ def test_int8_linear_matches_bitsandbytes(out_features, in_features, lead, thres
         assert torch.equal(y, y_bnb), (y - y_bnb).abs().max()
 
 
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_a_one_column_layer(threshold):
+    """in_features = 1: each row's only value sets its scale, so it is coded exactly as ±127 (or, above the
+    threshold, multiplied in 16 bits): the output is the dense layer's up to the weight's rounding."""
+    torch.manual_seed(0)
+    linear = nn.Linear(1, 5)
+    x = torch.tensor([[0.5], [-3.0], [8.0]])
+    layer = Int8Linear.from_linear(linear, threshold=threshold)
+    expected = x @ layer.dequantize_weight().t() + linear.bias
+    with torch.no_grad():
+        assert_close(layer(x), expected, scale=4)  # the rescale by a_x·a_w/127² rounds in fp32 in another order
+
+
 def test_outlier_columns_go_through_16_bits():
     """One activation of 100 in column 3: with threshold 6 that column is multiplied exactly (in x's dtype) and
     the other columns keep a fine 8-bit scale; with threshold 0 the 100 sets every row's scale, and the small
@@ -152,6 +167,24 @@ def test_outlier_columns_go_through_16_bits():
         err_mixed = rel_error(Int8Linear.from_linear(linear, threshold=6.0)(x), dense)
         err_int8 = rel_error(Int8Linear.from_linear(linear, threshold=0.0)(x), dense)
     assert err_mixed < err_int8 / 4, (err_mixed, err_int8)
+
+
+@pytest.mark.parametrize("n_outliers", [0, 1, 5, 12])
+def test_the_capture_safe_outlier_product_equals_the_gathered_one(n_outliers):
+    """Under CUDA graph capture the outlier columns sit in fixed slots (nonzero_static); the sum must be the
+    one the gathered columns give, for no outliers, some, and exactly as many as there are slots."""
+    from minipeft.quant.int8_linear import _add_outlier_columns_static, _dequantize_int8
+
+    torch.manual_seed(n_outliers)
+    linear = nn.Linear(40, 24)
+    layer = Int8Linear.from_linear(linear, threshold=6.0)
+    x2d = torch.randn(9, 40)
+    columns = torch.zeros(40, dtype=torch.bool)
+    columns[torch.randperm(40)[:n_outliers]] = True
+    y = torch.randn(9, 24)
+    index = columns.nonzero().squeeze(1)
+    expected = y + x2d[:, index] @ _dequantize_int8(layer.codes[:, index], layer.absmax, x2d.dtype).t()
+    assert_close(_add_outlier_columns_static(y, x2d, columns, layer.codes, layer.absmax, slots=12), expected)
 
 
 def test_int8_matmul_is_exact():
@@ -263,8 +296,10 @@ def test_lora_on_an_8_bit_base_trains_and_merges(tiny_model):
     assert not any(isinstance(m, Int8Linear | LoraLinear) for m in merged.modules())
     for name, w in expected.items():  # W = Ŵ₀ + ΔW, in 16 bits, exactly
         assert_close(merged.get_submodule(name).weight, w)
-    # the 8-bit model also rounds its activations to 8 bits (LLM.int8()), the merged dense model does not
-    assert rel_error(after, before) < 1e-2
+    # the 8-bit model also rounds its activations to 8 bits (LLM.int8()), the merged dense model does not: a
+    # relative difference of 0.5-2.2 % in the logits here, which moves with the last bits of the training run
+    # (the order of float sums): the bound says "the same model up to activation rounding", not a tight figure
+    assert rel_error(after, before) < 5e-2
 
 
 def test_merge_and_requantize_is_8_bit_again_and_reports_its_error(tiny_model):
@@ -308,6 +343,27 @@ def test_int8_matmul_on_gpu_is_exact(M, N, K):
     a = torch.randint(-127, 128, (M, K), dtype=torch.int8, device="cuda")
     b = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda")
     assert torch.equal(int8_matmul(a, b), (a.double() @ b.double().t()).to(torch.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_int8_lora_step_captures_in_a_cuda_graph():
+    """An 8-bit LoRA layer's forward and backward under torch.compile(mode="reduce-overhead") with an outlier
+    column: the capture-safe outlier product runs in the graph, and the output equals the eager one."""
+    torch.manual_seed(0)
+    base = Int8Linear.from_linear(nn.Linear(256, 512).to(torch.bfloat16), threshold=6.0).cuda()
+    layer = LoraLinear(base)
+    layer.add_adapter("default", 8, 16, init_lora_weights=False)
+    layer.active_adapters = ["default"]
+    layer = layer.cuda()
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    x[:, 7] = 20.0  # an outlier column
+    eager = layer(x)
+    compiled = torch.compile(layer, mode="reduce-overhead")
+    for _ in range(3):  # warm-up runs, then the captured graph replays
+        out = compiled(x)
+        out.float().sum().backward()
+    assert_close(out, eager)
 
 
 @pytest.mark.gpu

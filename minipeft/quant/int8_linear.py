@@ -25,6 +25,12 @@ is one rounding step of 8 bits, and only in such rows.
 Worked example: x (2, 4) = [[0.5, 7.0, -1, 2], [1, -0.25, 3, 0]] with threshold 6: column 1 holds 7.0, so O = {1};
 column 1 goes through the 16-bit matmul, columns 0, 2, 3 through int8 with row absmax a_x = (2, 3).
 
+Inside a CUDA graph capture (`torch.compile(mode="reduce-overhead")`) the outlier columns cannot be gathered by
+`nonzero`, whose output size needs the host: there O is gathered into a fixed number of slots
+(`MAX_OUTLIER_COLUMNS`, or every column of a narrower layer) by `torch.nonzero_static`, the empty slots
+multiplied by zero, and a device-side assert stops the run if a batch ever has more outlier columns than slots
+(never a silently dropped column). The sum is the same; only the order of the 16-bit additions can differ.
+
 Backward (the weight is frozen): dx = dy · Ŵ, with Ŵ dequantized from the codes again, as bitsandbytes'
 ``MatMul8bitLt`` does; nothing saves a dense weight. One registered op (``minipeft::int8_linear``), so
 torch.compile sees one node even though the outlier columns are found from the data.
@@ -44,6 +50,9 @@ from .quantized_linear import QuantizedLinear
 __all__ = ["Int8Linear", "int8_matmul", "int8_linear"]
 
 DEFAULT_THRESHOLD = 6.0  # LLM.int8()'s outlier threshold, and bitsandbytes' default for Linear8bitLt
+# Slots for outlier columns under CUDA graph capture. LLM.int8() counts a few to a few dozen outlier dimensions
+# per layer up to 13B parameters (|x| >= 6); 128 leaves room, and costs a (M, 128) x (128, out) 16-bit GEMM.
+MAX_OUTLIER_COLUMNS = 128
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -77,20 +86,43 @@ def int8_linear(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, bias
     outliers = None
     if threshold > 0:
         is_outlier = x2d.abs() >= threshold  # (M, in) bool
-        outliers = is_outlier.any(dim=0).nonzero().squeeze(1)  # (n_outliers,) column indices (a host sync on GPU)
+        columns = is_outlier.any(dim=0)  # (in,) bool
         x_codes, x_absmax = rowwise_int8(x2d.masked_fill(is_outlier, 0))  # (M, in) int8, (M,) fp32
-        x_codes[:, outliers] = 0  # those columns go through the 16-bit matmul instead
+        x_codes = x_codes.masked_fill(columns, 0)  # those columns go through the 16-bit matmul instead
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            y = _scaled_int8_product(x_codes, x_absmax, codes, absmax, bias, x.dtype)
+            return _add_outlier_columns_static(y, x2d, columns, codes, absmax).view(*x.shape[:-1], out_features)
+        outliers = columns.nonzero().squeeze(1)  # (n_outliers,) column indices (a host sync on GPU)
     else:
         x_codes, x_absmax = rowwise_int8(x2d)
-    acc = int8_matmul(x_codes, codes)  # (M, out) int32, exact
-    y = acc * (x_absmax[:, None] * absmax[None, :]) * 6.200124e-05  # (M, out) fp32; 1/127² in fp32
-    if bias is not None:
-        y = y + bias
-    y = y.to(x.dtype)
+    y = _scaled_int8_product(x_codes, x_absmax, codes, absmax, bias, x.dtype)
     if outliers is not None and outliers.numel():
         w_outliers = _dequantize_int8(codes[:, outliers], absmax, x.dtype)  # (out, n_outliers)
         y = y.addmm(x2d[:, outliers], w_outliers.t())  # += (M, n_outliers)·(n_outliers, out) in 16 bits
     return y.view(*x.shape[:-1], out_features)
+
+
+def _scaled_int8_product(x_codes, x_absmax, codes, absmax, bias, dtype) -> torch.Tensor:
+    """(X₈·W₈ᵀ) ⊙ (a_x·a_wᵀ) / 127² + bias, rounded to ``dtype``: (M, out)."""
+    acc = int8_matmul(x_codes, codes)  # (M, out) int32, exact
+    y = acc * (x_absmax[:, None] * absmax[None, :]) * 6.200124e-05  # (M, out) fp32; 1/127² in fp32
+    if bias is not None:
+        y = y + bias
+    return y.to(dtype)
+
+
+def _add_outlier_columns_static(y, x2d, columns, codes, absmax, slots: int | None = None) -> torch.Tensor:
+    """y + x[:, O]·Ŵ[:, O]ᵀ with O = columns.nonzero() gathered into a fixed number of slots, so that nothing
+    needs the host (CUDA graph capture): empty slots point at column 0 and are multiplied by 0."""
+    in_features = x2d.shape[1]
+    slots = min(in_features, MAX_OUTLIER_COLUMNS if slots is None else slots)
+    torch._assert_async(columns.sum() <= slots, "Int8Linear: more outlier columns than MAX_OUTLIER_COLUMNS "
+                                                "slots in a CUDA graph; raise it (minipeft.quant.int8_linear)")
+    index = torch.nonzero_static(columns, size=slots, fill_value=-1).squeeze(1)  # (slots,), -1 where empty
+    used = (index >= 0).to(x2d.dtype)  # (slots,)
+    index = index.clamp_min(0)
+    w_outliers = _dequantize_int8(codes[:, index], absmax, x2d.dtype)  # (out, slots)
+    return y.addmm(x2d[:, index] * used, w_outliers.t())  # += (M, slots)·(slots, out) in 16 bits
 
 
 @torch.library.custom_op("minipeft::int8_linear", mutates_args=())

@@ -225,7 +225,7 @@ BLOCKS: dict[str, type[AdapterCompositionBlock]] = {b.__name__: b for b in (Stac
 # meant) and Parallel is the model's job (it replicates the batch), so neither is listed. A method's layer
 # that learns a block adds its method name here.
 METHODS_SUPPORTING: dict[type[AdapterCompositionBlock], tuple[str, ...]] = {
-    Average: ("bottleneck",),
+    Average: ("bottleneck", "lora"),
     Fuse: ("bottleneck",),
 }
 

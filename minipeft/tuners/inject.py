@@ -831,6 +831,10 @@ class PeftModel(nn.Module):
           start) raises, since its LoRA parameters no longer act: unmerge first;
         - `unmerge_adapter()` gives back the base weights bit for bit (see `LoraLinear.merge`).
         """
+        if isinstance(self.active_composition, Average):
+            raise ValueError(f"merge_adapter with {self.active_composition!r} active would fold each adapter in "
+                             "whole; make the average one adapter first (add_weighted_adapter(names, weights, "
+                             "name, combination_type='cat') gives Σ wᵢ·ΔWᵢ exactly), activate and merge that")
         active_lora = [n for n in self._active if isinstance(self.peft_config[n], LoraConfig)]
         names = active_lora if adapter_names is None else list(adapter_names)
         for n in names:

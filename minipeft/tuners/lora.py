@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from minipeft import kernels
 from minipeft.targets import is_linear_like
+from minipeft.tuners.composition import Average
 from minipeft.tuners.layer import AdapterLayer
 
 __all__ = ["LoraLinear", "dense_weight", "combine_lora", "COMBINATION_TYPES"]
@@ -266,6 +267,7 @@ class LoraLinear(AdapterLayer):
             return self.base_layer(x)
         dtype = _compute_dtype(x)
         x = x.to(dtype)
+        scaling = self._scalings(pending)
         if isinstance(self.base_layer, nn.Linear):
             weight = self.base_layer.weight.to(dtype)  # (out, in), frozen
             bias = self.base_layer.bias
@@ -274,7 +276,7 @@ class LoraLinear(AdapterLayer):
             y = kernels.lora_linear(
                 x, weight, bias,
                 self.lora_A[first].weight.to(dtype), self.lora_B[first].weight.to(dtype),
-                self.scaling[first], self._dropout_mask(first, x),
+                scaling[first], self._dropout_mask(first, x),
             )  # (…, out)
         elif hasattr(self.base_layer, "lora_forward"):
             # NF4 base: one call for the layer and the first adapter (kernels.nf4_lora_linear; fused on the
@@ -282,7 +284,7 @@ class LoraLinear(AdapterLayer):
             first, *rest = pending
             y = self.base_layer.lora_forward(
                 x, self.lora_A[first].weight.to(dtype), self.lora_B[first].weight.to(dtype),
-                self.scaling[first], self._dropout_mask(first, x),
+                scaling[first], self._dropout_mask(first, x),
             )  # (…, out)
         else:
             # Another quantized base (Int8Linear) runs its own autograd op, which keeps its packed codes for
@@ -293,8 +295,16 @@ class LoraLinear(AdapterLayer):
             mask = self._dropout_mask(name, x)
             x_lora = x if mask is None else x * mask
             s = F.linear(x_lora, self.lora_A[name].weight.to(dtype))  # (…, r)
-            y = y + self.scaling[name] * F.linear(s, self.lora_B[name].weight.to(dtype))  # (…, out)
+            y = y + scaling[name] * F.linear(s, self.lora_B[name].weight.to(dtype))  # (…, out)
         return y
+
+    def _scalings(self, names: list[str]) -> dict[str, float]:
+        """Each adapter's scaling α/r, times its weight wᵢ when the active composition is an Average
+        (composition.py): y = W₀x + Σᵢ wᵢ·(α/r)ᵢ·BᵢAᵢx, the adapters' outputs averaged."""
+        if isinstance(self.composition, Average):
+            weight = dict(zip(self.composition.children, self.composition.weights, strict=True))
+            return {n: weight[n] * self.scaling[n] for n in names}
+        return {n: self.scaling[n] for n in names}
 
     def _forward_mixed(self, x: torch.Tensor) -> torch.Tensor:
         """A mixed-adapter batch (mixed_batch.py): row b of x (B, L, in) gets its own adapter's low-rank term,
@@ -319,6 +329,7 @@ class LoraLinear(AdapterLayer):
             x, self.base_layer.weight.to(dtype), None if bias is None else bias.to(dtype),
             [self.lora_A[n].weight.to(dtype) for n in names], [self.lora_B[n].weight.to(dtype) for n in names],
             [self.scaling[n] for n in names], index.view(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1]),
+            check_index=False,  # made by RowRoute from names the PeftModel checked: no host sync per layer
         )  # (B, L, out)
 
     def extra_repr(self) -> str:
