@@ -33,7 +33,7 @@ benchmarks/RESULTS.md: H200 2026-12-02 at GPT-2 widths, H100 2026-11-24 at K = N
 
 CPU tensors, float64 and a missing Triton never reach this module: ``kernels.lora_linear`` sends them to the
 reference. The pointer-load Triton route ("fused") is never chosen (1.37-1.45× the floor at M = 16384 on the
-H200, ../shared/ANCHORS.md, against "cublas" 1.13-1.22×); ``path="fused"`` still reaches it.
+H200 in a measurement of 2026-12-02, against "cublas" 1.13-1.22×); ``path="fused"`` still reaches it.
 
 The routes, as plain-Python sketches:
 
@@ -65,7 +65,7 @@ __all__ = ["FUSED_MIN_ROWS", "COMPILED_FUSED_MIN_ROWS", "MERGED_CACHE_BYTES", "P
 # host-bound: H100, bf16 K = N = 4096, r = 16 (benchmarks/RESULTS.md): at M = 4096 forward+backward costs
 # 1.60× the frozen floor on the reference's ops, 2.20× on "cublas" (its Python backward: 640 µs of host time
 # against the floor's 200 µs) and 3.99× on fused_tma; at M = 16384, 1.42×, 1.24× and 1.17×. 8192 sits between
-# the two measured rows. The H200 run (../shared/ANCHORS.md, 2026-12-02) ties fused_tma with "cublas" at
+# the two measured rows. An H200 run of 2026-12-02 ties fused_tma with "cublas" at
 # 4096 → 4096, M = 16384 (1.23× vs 1.22× eager) and has every Triton route losing in eager mode at GPT-2 widths
 # (768 → 2304: fused_tma 7.76× vs unfused 3.39× at M = 16384): re-measure before trusting this at small widths.
 FUSED_MIN_ROWS = 8192

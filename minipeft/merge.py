@@ -14,9 +14,10 @@ A QLoRA adapter is merged into the dequantized NF4 weights it was trained on.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from minipeft.checkpoint import check_output_dir
+from minipeft.checkpoint import check_output_dir, save_json
 from minipeft.finetune_jsonl import copy_tokenizer_files, load_finetuned, read_run
 from minipeft.tuners import LoraConfig
 
@@ -40,5 +41,19 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Pat
                          "base weights. Use it unmerged: minipeft generate / evaluate --adapter")
     merged = model.merge_and_unload()
     merged.save_pretrained(out)
+    _keep_token_ids(base, out)
     copy_tokenizer_files(base, out)
     return out
+
+
+def _keep_token_ids(base: Path, out: Path) -> None:
+    """The base's special-token ids (bos/eos/pad) into out's config.json, and its generation_config.json: GPT
+    stores neither, and transformers would fall back to GPT-2's 50256, out of range for another vocabulary."""
+    base_config = json.loads((base / "config.json").read_text())
+    ids = {k: base_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in base_config}
+    if ids:
+        config = json.loads((out / "config.json").read_text())
+        save_json({**config, **ids}, out / "config.json")
+    generation = base / "generation_config.json"
+    if generation.is_file():
+        save_json(json.loads(generation.read_text()), out / "generation_config.json")

@@ -518,6 +518,15 @@ class GPT(nn.Module):
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"from_pretrained supports GPT-2's tanh GELU, got activation_function {act!r}")
+        # GPT-2 options this GPT does not implement: refused, never silently computed another way
+        for key, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
+            if hf.get(key, supported) != supported:
+                raise ValueError(f"from_pretrained supports {key}={supported} (GPT-2's attention), got "
+                                 f"{hf[key]!r} in {config_path}")
+        rates = {k: float(hf.get(k, hf.get("resid_pdrop", 0.0))) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+        if len(set(rates.values())) > 1:
+            raise ValueError(f"from_pretrained needs one dropout rate (minipeft's GPT has one), got {rates} in "
+                             f"{config_path}")
         config = GPTConfig(
             block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
             n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True, dropout=float(hf.get("resid_pdrop", 0.0)),

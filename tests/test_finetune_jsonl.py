@@ -101,6 +101,9 @@ def test_lora_on_prompt_completion_rows_hands_off_to_peft_and_transformers(hf, f
     merged = tmp_path / "merged"
     assert main(["merge", "--base", str(files["base"]), "--adapter", str(out), "--out", str(merged)]) == 0
     assert f"wrote {merged}" in capsys.readouterr().out and (merged / "tokenizer.json").is_file()
+    base_config, merged_config = (json.loads((d / "config.json").read_text()) for d in (files["base"], merged))
+    for key in ("bos_token_id", "eos_token_id"):  # the base's, not transformers' GPT-2 default 50256
+        assert merged_config[key] == base_config[key], key
     with torch.no_grad():
         assert (hf_gpt2(hf, merged)(input_ids=IDX).logits - ours).abs().max() <= ATOL
 

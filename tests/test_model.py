@@ -229,3 +229,14 @@ def test_from_pretrained_refuses_pickles(tmp_path):
     (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="safetensors"):
         GPT.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("key,value", [("scale_attn_weights", False), ("scale_attn_by_inverse_layer_idx", True),
+                                       ("attn_pdrop", 0.3)])
+def test_from_pretrained_refuses_gpt2_options_it_does_not_implement(tmp_path, key, value):
+    """Computing another attention (or another dropout) silently would be worse than refusing."""
+    GPT(small_config()).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(ValueError, match=key if key != "attn_pdrop" else "one dropout rate"):
+        GPT.from_pretrained(tmp_path)
