@@ -138,7 +138,9 @@ def two_task_loss(tasks: Sequence[Task], tok: ByteTokenizer, batch_size: int,
 class RowRouted:
     """A PeftModel seen as a model whose row b always runs adapter names[b]: the forward, generate, config and
     parameters that `minipeft.evaluate.predict` reads, so a mixed batch is scored by the project's own code.
-    It keeps the last forward's (idx, mask, logits) for the exact comparison."""
+    It keeps the last forward's (idx, mask, logits) for the exact comparison. (Rows here are LoRA or bottleneck
+    adapters; rows with soft prompts would also need their longest prompt as `num_virtual_tokens`, which predict
+    subtracts from block_size when it makes room to generate.)"""
 
     def __init__(self, pm: PeftModel, names: list[str]) -> None:
         self.pm, self.names, self.config = pm, names, pm.config

@@ -166,8 +166,8 @@ class BottleneckLayer(AdapterLayer):
         names, index = self.row_route.for_layer(self.adapters)  # (B,) index into names, -1: none here
         out = o
         for i, name in enumerate(names):
-            rows = (index == i).to(o.dtype).view(-1, *[1] * (o.dim() - 1))  # (B, 1, 1)
-            out = out + rows * self.adapters[name].delta(o)
+            rows = (index == i).view(-1, *[1] * (o.dim() - 1))  # (B, 1, 1) bool
+            out = torch.where(rows, out + self.adapters[name].delta(o), out)  # not rows·δ: 0·inf would be NaN
         return out
 
     def _compose(self, o: torch.Tensor, composition: AdapterCompositionBlock | None) -> torch.Tensor:
