@@ -1007,9 +1007,7 @@ class PeftModel(nn.Module):
                     raise ValueError(f"{directory / io.COMPOSITION_NAME}: its active composition {saved.active!r} "
                                      f"cannot be restored: {e}") from e
         except BaseException:
-            pm.unload()
-            for name, p in model.named_parameters():
-                p.requires_grad_(requires_grad.get(name, p.requires_grad))
+            _roll_back(pm, model, requires_grad)
             raise
         return pm
 
@@ -1023,9 +1021,7 @@ class PeftModel(nn.Module):
         try:
             pm._fill(adapter_name, config, tensors, source)
         except BaseException:
-            pm.unload()
-            for name, p in model.named_parameters():
-                p.requires_grad_(requires_grad.get(name, p.requires_grad))
+            _roll_back(pm, model, requires_grad)
             raise
         return pm
 
@@ -1071,6 +1067,13 @@ def _check_tensors(expected: dict[str, torch.Tensor], state_dict: dict[str, torc
         if not torch.isfinite(value).all():
             raise ValueError(f"tensor {key!r} for {owner} holds NaN or inf "
                              f"({(~torch.isfinite(value)).sum().item()} of {value.numel()} entries)")
+
+
+def _roll_back(pm: PeftModel, model: nn.Module, requires_grad: dict[str, bool]) -> None:
+    """Undo a from_pretrained that failed part way: the base unwrapped, its parameters' requires_grad as before."""
+    pm.unload()
+    for name, p in model.named_parameters():
+        p.requires_grad_(requires_grad.get(name, p.requires_grad))
 
 
 def _check_not_wrapped(model: nn.Module) -> None:
