@@ -48,7 +48,6 @@ import copy
 import datetime
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -63,6 +62,7 @@ from minipeft.evaluate import evaluate, predict
 from minipeft.jsonl import pad_right
 from minipeft.methods import METHODS, method_config
 from minipeft.pretrain import load_base
+from minipeft.stats import MIN_SEEDS, compare_verdict, fmt_interval, interval
 from minipeft.tokenizer import ByteTokenizer
 from minipeft.train import TrainConfig, pad_batch, resolve_device, train
 
@@ -70,7 +70,6 @@ TASK_NAMES = ("sentiment", "facts")
 BASE = "__base__"  # minipeft.tuners.mixed_batch.BASE: the row runs the frozen model
 FUSE = Fuse(*TASK_NAMES)  # the Pfeiffer adapters are named after their tasks
 # t_{0.975, df} for a 95% two-sided t-interval (scipy is not a dependency); larger df use the normal's 1.96
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -304,43 +303,6 @@ def run_seed(s: Setup, seed: int, log: Callable[[str], None]) -> dict:
     res["seconds"] = time.perf_counter() - start
     log(f"  seed {seed}: joint adapter and fusion trained ({res['seconds']:.0f} s)")
     return res
-
-
-# ------------------------------------------------------------------------------------------ statistics
-def interval(values: Sequence[float]) -> tuple[float, float]:
-    """(mean, half-width of the 95% t-interval of the mean); half-width nan for one value."""
-    n = len(values)
-    mean = statistics.fmean(values)
-    if n < 2:
-        return mean, float("nan")
-    return mean, T_975.get(n - 1, 1.96) * statistics.stdev(values) / n ** 0.5
-
-
-def fmt_interval(values: Sequence[float], spec: str = ".3f") -> str:
-    """"mean ± half-width" (the mean alone for one value); spec formats the mean, the half-width has no sign."""
-    mean, h = interval(values)
-    return f"{mean:{spec}}" if h != h else f"{mean:{spec}} ± {h:{spec.lstrip('+')}}"
-
-
-MIN_SEEDS = 3  # fewer seeds give no verdict on a noisy claim (the quick smoke run has 2)
-
-
-def compare_verdict(a: Sequence[float], b: Sequence[float], a_name: str, b_name: str, where: str) -> dict:
-    """a − b paired over seeds: "beats" when its 95% t-interval lies above 0, "is beaten by" when below, "does not
-    beat" when the interval holds 0; no verdict from fewer than MIN_SEEDS seeds."""
-    diffs = [x - y for x, y in zip(a, b, strict=True)]
-    mean, h = interval(diffs)
-    if len(diffs) < MIN_SEEDS:
-        word, note = "is not compared with", f" (needs >= {MIN_SEEDS} seeds)"
-    elif mean - h > 0:
-        word, note = "beats", ""
-    elif mean + h < 0:
-        word, note = "is beaten by", ""
-    else:
-        word, note = "does not beat", " (the interval holds 0)"
-    text = (f"{a_name} {word} {b_name} on {where}{note}: {a_name} − {b_name} = {fmt_interval(diffs, '+.3f')} "
-            f"over {len(diffs)} seeds ({fmt_interval(a)} vs {fmt_interval(b)})")
-    return {"verdict": word, "mean": mean, "half_width": h, "text": text}
 
 
 # ------------------------------------------------------------------------------------------ the report
