@@ -2,12 +2,12 @@
 
 Everything is generated from a seed, so nothing is downloaded and every run sees the same data.
 
-The world. A few dozen people with invented names (syllables glued together) each live in a city, work at
+The world. 48 people with invented names (syllables glued together) each live in a city, work at
 a job, keep a pet and have a favourite colour; some are friends. Cities lie near landmarks. The pretraining
 corpus states these facts in many sentence templates ("Tobar lives in Velm.", "In Velm lives Tobar.",
 "Tobar has a home in Velm."), mixes them into short paragraphs with small stories and descriptions of
 places and food, and separates paragraphs with the end-of-text token. A 1-2M parameter GPT learns the
-language and a good share of the facts in a couple of CPU minutes.
+language and most of the facts in about two and a half CPU minutes.
 
 The downstream tasks use formats the corpus never shows (`Review: … Sentiment:`, `Record: …`,
 `Question: …`), so the base model has to be adapted before it can do them:
@@ -23,8 +23,9 @@ The downstream tasks use formats the corpus never shows (`Review: … Sentiment:
 (c) ``facts`` (knowledge). ``Question: Where does Tobar live? Answer: Tobar lives in`` → ``Velm`` (or the
     job, pet or colour). The people in the test split never appear in the training split, so fine-tuning
     can only teach how to answer: the facts themselves must come from what the base model learned in
-    pretraining. Metric: exact match; chance is one over the number of possible values (a model that
-    answers in the right form but guesses the fact).
+    pretraining. Half of the people are test people: 96 test questions, so a score's 95% interval is about
+    ±0.1. Metric: exact match; chance is one over the number of possible values (a model that answers in the
+    right form but guesses the fact).
 
 Your own data is a JSONL file instead (`load_jsonl`, minipeft/jsonl.py, re-exported here): `dataset_loss` is
 its training loss, as `task_loss` is a built-in task's.

@@ -10,8 +10,8 @@ Learning rates. Each method gets the rate that scored best for it in a sweep of 
 family's usual range, on the validation split of the default task (`facts`) with the default base and
 budget (150 steps of 16): benchmarks/lr_sweep.py, results in benchmarks/RESULTS.md. That is the fair
 treatment the papers give their own methods: full fine-tuning wants a small rate, low-rank and bottleneck
-adapters a larger one, and soft prompts the largest ("higher learning rates often work better", seed 004;
-Lester et al. used 0.3).
+adapters a larger one, and soft prompts the largest ("higher rates often work better", the prompt- and
+prefix-tuning guide; Lester et al. used 0.3).
 """
 
 from __future__ import annotations

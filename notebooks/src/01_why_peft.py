@@ -1,22 +1,31 @@
 # %% [markdown]
-# # Chapter 1 — Why parameter-efficient fine-tuning?
+# # Chapter 1 — Meet the world, then: why parameter-efficient fine-tuning?
 #
-# Full fine-tuning updates every weight of a pretrained model. This chapter works out what that costs, for
-# the GPT-2 family and GPT-3 175B, and then shows the idea every later chapter builds on: **freeze the base,
-# add a little**. It answers Exercise 1 of the PEFT exercises (1.1 – 1.4).
+# Every chapter of this course fine-tunes the same small GPT on the same built-in data, so this one starts by
+# showing both: the invented world the data describes, the three tasks built on it, how a classification
+# answer is read off the model, and the base model itself (pretrained on the first call). Then it asks the
+# question of the course: full fine-tuning updates every weight of a pretrained model — what does that cost,
+# and what do parameter-efficient methods save? That second half answers Exercise 1 of the PEFT exercises
+# (1.1 – 1.4).
 #
-# Everything below is either computed from a model's configuration (the parameter counts), measured in this
-# notebook on minipeft's small default base (trainable counts, accuracies), or cited.
+# Everything below is computed from a model's configuration, measured in this notebook, or cited. A line that
+# starts with ✓ is a claim the chapter builds on: `course.claim` prints it only when the numbers just measured
+# support it, and stops the chapter otherwise. The first cell seeds every random generator (`course.setup`), so a
+# re-run prints the same numbers.
 
 # %%
 # %matplotlib inline
 import time
 
+import course
 import matplotlib.pyplot as plt
 import torch
+from checks.ch01 import check_adamw_state_bytes, check_gpt_parameters, check_lora_parameters, check_verbalize
+from diagrams import draw_all
 
 from minipeft import GPT, GPTConfig, kernels
 from minipeft.data import (
+    Example,
     build_world,
     corpus_tokens,
     load_task,
@@ -25,19 +34,152 @@ from minipeft.data import (
     task_batch,
     task_loss,
 )
-from minipeft.evaluate import evaluate
-from minipeft.pretrain import load_base
+from minipeft.evaluate import evaluate, predict
+from minipeft.measure import state_bytes
+from minipeft.pretrain import PRESETS, base_dir, load_base, pretrain_record
+from minipeft.stats import fmt_interval, interval, wilson
 from minipeft.tokenizer import ByteTokenizer
 from minipeft.train import TrainConfig, train
 from minipeft.tuners import LoraConfig, get_peft_model
 
-NOTEBOOK_START = time.perf_counter()
+course.setup(seed=0)
 kernels.set_backend("reference")  # plain PyTorch ops on the CPU (chapter 8 is about the Triton kernel)
-torch.manual_seed(0)
-print("torch", torch.__version__, "| threads", torch.get_num_threads())
+tok = ByteTokenizer()  # byte-level: 256 byte ids + 4 special tokens (bos, eos, pad, …)
 
 # %% [markdown]
-# ## How many parameters does a GPT have?
+# ## 1. The built-in world
+#
+# Nothing is downloaded. `minipeft/data.py` generates, from a seed, a small world of invented people: each
+# lives in a city, works at a job, keeps a pet and likes a colour; some are friends, and cities lie near
+# landmarks. A pretraining corpus states these facts in many sentence templates, mixed with short stories and
+# descriptions of food and places.
+
+# %%
+world = build_world(0)
+print(f"{len(world.people)} people, {len(world.cities)} cities, {len(world.friends)} friendships")
+for p in world.people[:4]:
+    print(f"  {p.name:9s} lives in {p.city:8s} works as a {p.job:8s} keeps a {p.pet:6s} likes {p.color}")
+print("\nTwo paragraphs of the pretraining corpus:")
+for paragraph in pretraining_corpus(world, n_paragraphs=2, seed=0):
+    print("  " + paragraph[:300])
+
+# %% [markdown]
+# ## 2. Three tasks the base model has never seen
+#
+# The downstream tasks use formats the corpus never shows (`Review: …`, `Record: …`, `Question: …`), so a
+# model has to be adapted before it can do them. Each has train, validation and test splits of
+# `Example(prompt, answer)`:
+#
+# - **sentiment** (classification): is a review good or bad? The polar words appear in the corpus without any
+#   label, so their polarity must be learned from the examples. Metric: accuracy, chance 0.5.
+# - **record** (generation): rewrite a key=value record as one sentence. Metric: exact match of the greedy
+#   generation.
+# - **facts** (knowledge): answer a question about a person of the world. The people in the test split never
+#   appear in the training split, so fine-tuning can teach only *how* to answer; the facts must come from
+#   pretraining. Metric: exact match.
+
+# %%
+tasks = {name: load_task(name) for name in ("sentiment", "record", "facts")}
+for name, task in tasks.items():
+    print(f"{name}: {task.description}\n  metric {task.metric}, chance {task.chance:.3f}, "
+          f"{len(task.train)} train / {len(task.validation)} validation / {len(task.test)} test examples")
+    for ex in task.train[:3]:
+        print(f"    {ex.prompt!r} → {ex.answer!r}")
+
+facts = tasks["facts"]
+train_people = {ex.prompt.split("Answer: ")[1].split(" ")[0] for ex in facts.train}
+test_people = set(facts.extra["test_people"])
+course.claim(not train_people & test_people and len(test_people) > 0,
+             f"the facts task's {len(test_people)} test people never appear in its {len(train_people)}-person "
+             "training split: fine-tuning cannot teach their answers")
+
+# %% [markdown]
+# ## 3. The verbalizer: a class read off one token's logits
+#
+# A GPT only predicts the next token. To classify, the sentiment task asks for the next token after
+# `Sentiment: ` and compares just two logits there: those of the first tokens of its answer words ("good" →
+# `g`, "bad" → `b`). The larger one is the prediction. This is the *verbalizer*; training for sentiment uses
+# the cross-entropy over those two logits only (`task_loss`), the same numbers the evaluation reads.
+#
+# The mechanics do not need a trained model, so here they run on a GPT with random weights (its answers are
+# coin flips): the logits at the last prompt position, the two verbalizer columns, the argmax — and the same
+# predictions from the library's `minipeft.evaluate.predict`.
+
+# %%
+sentiment = tasks["sentiment"]
+choice_ids = [tok.encode(c)[0] for c in sentiment.choices]  # first token of each answer word
+print("verbalizer:", {c: (i, tok.token_to_str(i)) for c, i in zip(sentiment.choices, choice_ids, strict=True)})
+
+random_gpt = GPT(PRESETS["tiny"][0]).eval()  # never trained
+examples = sentiment.validation[:16]
+by_hand = []
+with torch.no_grad():
+    for ex in examples:
+        idx = torch.tensor([tok.encode(ex.prompt, add_bos=True)])  # (1, T)
+        logits, _ = random_gpt(idx)  # (1, T, vocab)
+        pair = logits[0, -1, choice_ids]  # (2,): the logits of 'g' and 'b' at the answer position
+        by_hand.append(sentiment.choices[int(pair.argmax())])
+print(f"{examples[0].prompt!r}: logits of g, b = {[round(v, 3) for v in pair.tolist()]} (last example)")
+library = predict(random_gpt, sentiment, tok, examples)
+print("by hand:", by_hand[:8], "…")
+course.claim(by_hand == library, f"reading the two verbalizer logits by hand gives minipeft.evaluate.predict's "
+             f"answers on all {len(examples)} examples")
+
+# %% [markdown]
+# ## 4. The base model: pretrained on first use, then cached
+#
+# Every chapter starts from `load_base("default")`: a small GPT (the cell prints its size; chapter 2 opens it
+# up) pretrained on the corpus by next-token prediction. **The first call pretrains it**,
+# which takes a few minutes on a CPU (a progress bar shows the steps), and writes it to a cache directory
+# (`$MINIPEFT_CACHE`, else `~/.cache/minipeft`); every later call loads it in a fraction of a second. The cell
+# says which happened and how long the pretraining took.
+
+# %%
+was_cached = (base_dir("default") / "model.safetensors").is_file()
+start = time.perf_counter()
+base = load_base("default")
+seconds = time.perf_counter() - start
+record = pretrain_record("default")
+if was_cached:
+    print(f"loaded from the cache ({base_dir('default').name}) in {seconds:.2f} s")
+else:
+    print(f"pretrained now, in {seconds:.0f} s, and cached in {base_dir('default')}")
+if record is not None:
+    print(f"its pretraining: {record['steps']} steps, loss {record['first_loss']:.2f} → {record['final_loss']:.2f} "
+          f"nats/token, {record['seconds']:.0f} s ({record['tokens_per_second']:,.0f} tokens/s, "
+          f"torch {record['torch']})")
+print(f"{base.num_parameters():,d} parameters: {base.config}")
+
+# %% [markdown]
+# What did pretraining put in it? The facts. Give the base the start of a corpus sentence about each test
+# person of the facts task (`Rita lives in `, without the `Question:` around it) and let it continue greedily:
+# how often is the continuation the right fact? The chance rate is the task's (one over the number of
+# possible values).
+
+# %%
+stems = [ex.prompt.split("Answer: ")[1] for ex in facts.test]  # "Rita lives in ", …
+continuations = predict(base, facts, tok, [Example(s, "") for s in stems])  # greedy continuations, to eos
+known = [c.startswith(ex.answer) and not c[len(ex.answer):][:1].isalpha()
+         for c, ex in zip(continuations, facts.test, strict=True)]
+rate = sum(known) / len(known)
+low, high = wilson(rate, len(known))
+print(f"{stems[0]!r} → {continuations[0][:40]!r} (the world says {facts.test[0].answer!r})")
+print(f"right fact on {sum(known)} of {len(known)} test questions: {rate:.2f} (95% interval {low:.2f}–{high:.2f}); "
+      f"chance {facts.chance:.3f}")
+course.claim(low > 3 * facts.chance, f"the pretrained base knows the test people's facts: it completes "
+             f"{rate:.0%} of them (interval from {low:.2f}), more than 3× the chance rate {facts.chance:.3f}")
+
+zero_shot = evaluate(base, facts, tok, "test")
+asked = predict(base, facts, tok, facts.test[:1])[0]
+print(f"…but asked in the task's format it scores {zero_shot:.2f} exact match: {facts.test[0].prompt!r} → "
+      f"{asked!r}")
+
+# %% [markdown]
+# It knows the facts but not the task: asked a `Question:`, it keeps writing corpus text instead of stopping
+# after the answer, and exact match counts that as wrong. Teaching the form is what fine-tuning is for — and
+# every chapter from 3 to 10 does it with fewer trained parameters than the model has.
+#
+# ## 5. How many parameters does a GPT have? (the PEFT exercises, 1.1)
 #
 # A GPT-2 block holds two LayerNorms (2·d each), the fused q/k/v projection (d·3d + 3d), the attention
 # output projection (d·d + d) and the MLP (d·4d + 4d and 4d·d + d): **12·d² + 13·d** per block. Add the token
@@ -47,7 +189,7 @@ print("torch", torch.__version__, "| threads", torch.get_num_threads())
 # $$N = L\,(12d^2 + 13d) + V d + P d + 2d .$$
 
 # %%
-def gpt_parameters(n_layer: int, n_embd: int, vocab_size: int, n_positions: int) -> int:
+def gpt_parameters_formula(n_layer: int, n_embd: int, vocab_size: int, n_positions: int) -> int:
     """Parameters of a GPT-2-architecture model with tied input/output embeddings."""
     d = n_embd
     return n_layer * (12 * d * d + 13 * d) + vocab_size * d + n_positions * d + 2 * d
@@ -55,27 +197,30 @@ def gpt_parameters(n_layer: int, n_embd: int, vocab_size: int, n_positions: int)
 
 # (n_layer, n_head, n_embd, vocab, positions): GPT-2 (Radford et al. 2019) and GPT-3 175B (Brown et al. 2020,
 # https://arxiv.org/abs/2005.14165, Table 2.1). GPT-3 uses GPT-2's tokenizer (vocab 50257).
+c = base.config
 CONFIGS = {
+    "default base": (c.n_layer, c.n_head, c.n_embd, c.vocab_size, c.block_size),
     "GPT-2 small": (12, 12, 768, 50257, 1024),
     "GPT-2 medium": (24, 16, 1024, 50257, 1024),
     "GPT-2 large": (36, 20, 1280, 50257, 1024),
     "GPT-2 XL": (48, 25, 1600, 50257, 1024),
     "GPT-3 175B": (96, 96, 12288, 50257, 2048),
 }
-N = {name: gpt_parameters(L, d, V, P) for name, (L, _, d, V, P) in CONFIGS.items()}
+N = {name: gpt_parameters_formula(L, d, V, P) for name, (L, _, d, V, P) in CONFIGS.items()}
 
 # Check the formula against minipeft's own GPT. On the "meta" device a model has shapes but no storage, so
 # even GPT-3 is built in a moment and uses no memory.
+agree = []
 for name, (L, H, d, V, P) in CONFIGS.items():
     with torch.device("meta"):
-        model = GPT(GPTConfig(n_layer=L, n_head=H, n_embd=d, vocab_size=V, block_size=P))
-    counted = model.num_parameters()
-    assert counted == N[name], (name, counted, N[name])
+        counted = GPT(GPTConfig(n_layer=L, n_head=H, n_embd=d, vocab_size=V, block_size=P)).num_parameters()
+    agree.append(counted == N[name])
     print(f"{name:13s} formula {N[name]:>15,d}   GPT(...).num_parameters() {counted:>15,d}")
-del model
+course.claim(all(agree), f"the formula N = L(12d² + 13d) + Vd + Pd + 2d counts minipeft's GPT exactly, for all "
+             f"{len(CONFIGS)} configurations from the default base to GPT-3 175B")
 
 # %% [markdown]
-# ### Exercise 1.1 — what full fine-tuning costs
+# ## 6. What full fine-tuning costs (the PEFT exercises, 1.1)
 #
 # **Memory.** Training with AdamW (Loshchilov & Hutter, https://arxiv.org/abs/1711.05101) keeps, for every
 # trainable parameter, the weight, its gradient and two moment estimates:
@@ -85,7 +230,7 @@ del model
 # | fp32 | 4 | 4 | 4 + 4 | — | **16** |
 # | mixed (fp16/bf16 compute) | 2 | 2 | 4 + 4 | 4 | **16** |
 #
-# Mixed precision does not shrink the model states: it keeps an fp32 master copy for the update, so both
+# Mixed precision does not shrink these model states: it keeps an fp32 master copy for the update, so both
 # rows come to 16 bytes per parameter (ZeRO, Rajbhandari et al. 2019, https://arxiv.org/abs/1910.02054,
 # section 3.1). Activations come on top and grow with batch and sequence length; they are left out here.
 #
@@ -101,11 +246,15 @@ print(f"{'model':13s} {'params':>9s} {'fp32 AdamW':>11s} {'mixed AdamW':>12s} {'
       f"{'1 task (fp16)':>14s} {'100 tasks':>10s}")
 for name, n in N.items():
     train_gb = n * BYTES_MIXED_ADAMW / GB
-    print(f"{name:13s} {n / 1e9:8.3f}B {n * BYTES_FP32_ADAMW / GB:10.1f} GB {train_gb:10.1f} GB "
-          f"{train_gb / GPU_GB:14.2f} {n * 2 / GB:11.2f} GB {100 * n * 2 / GB:7.0f} GB")
+    print(f"{name:13s} {n / 1e9:8.3f}B {n * BYTES_FP32_ADAMW / GB:10.3f} GB {train_gb:10.3f} GB "
+          f"{train_gb / GPU_GB:14.3f} {n * 2 / GB:11.3f} GB {100 * n * 2 / GB:7.1f} GB")
+gpus = {name: n * BYTES_MIXED_ADAMW / GB / GPU_GB for name, n in N.items()}
+fits = [name for name, g in gpus.items() if g <= 1]
+print(f"\nModel states that fit one 80 GB GPU before a single activation is stored: {', '.join(fits)}; "
+      f"GPT-3's fill {gpus['GPT-3 175B']:.0f} of them.")
 
 # %%
-names = list(N)
+names = list(N)[1:]  # the published models
 fig, ax = plt.subplots(figsize=(7, 3.8))
 x = range(len(names))
 ax.bar([i - 0.2 for i in x], [N[n] * BYTES_MIXED_ADAMW / GB for n in names], width=0.4,
@@ -126,45 +275,58 @@ plt.show()
 # backward pass must still carry gradients through the frozen layers. So PEFT saves the *weight-gradient*
 # third of the backward pass and the optimizer state, not the forward pass.
 #
-# **Deployment.** 100 tasks fully fine-tuned means 100 copies of the model (last column above: 35 TB for GPT-3)
-# and a separate model to load for each task.
+# **Deployment.** 100 tasks fully fine-tuned means 100 copies of the model (the last column of the table) and a
+# separate model to load for each task.
+#
+# ## 7. The core idea: freeze the base, add a little (the PEFT exercises, 1.2)
+#
+# PEFT methods keep the pretrained weights θ₀ frozen and train a small new set φ, so the model for a task is
+# f(x; θ₀, φ) with |φ| ≪ |θ₀|. Gradients are computed for φ only, the optimizer holds state for φ only, and a
+# task is stored as φ alone. The course's methods differ in *where* φ sits in the network. A map (coloured:
+# what each method trains; grey: the frozen GPT-2 block; each has its own chapter):
 
 # %%
-tokens = 1e9  # one billion training tokens
-for name in ("GPT-2 small", "GPT-3 175B"):
-    flops = 6 * N[name] * tokens
-    print(f"{name}: 6·N·tokens = {flops:.2e} FLOP for 1B tokens")
+draw_all(ncols=3)
+plt.show()
 
 # %% [markdown]
-# ### Exercise 1.2 — the core idea: freeze the base, add a little
-#
-# PEFT methods keep the pretrained weights θ₀ frozen and train a small new set φ, so the model for a task
-# is f(x; θ₀, φ) with |φ| ≪ |θ₀|. Gradients are computed for φ only, the optimizer holds state for φ only,
-# and a task is stored as φ alone. Here it is on minipeft's default base (a 1.3M-parameter GPT pretrained on
-# the built-in corpus, chapter 2): freeze it, attach LoRA (chapter 3), count.
+# The simplest to count is LoRA (chapter 3): beside a frozen Linear layer W₀ (out × in) it trains two thin
+# matrices A (r × in) and B (out × r) and adds B·A·x to the layer's output, so it adds **r·(in + out)**
+# parameters per targeted layer. B starts at zero, so a freshly attached LoRA leaves the model's output
+# exactly unchanged. Here it is on the default base, with rank r = 8 on every Linear of every block:
 
 # %%
-tok = ByteTokenizer()
-base = load_base("default")
-print(base.config)
-print(f"trainable before freezing: {base.num_parameters(trainable_only=True):,d}")
-
 pm = get_peft_model(load_base("default"), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
 pm.print_trainable_parameters()
-
-# The closed form: LoRA adds r·(in + out) per targeted Linear (chapter 3).
-c = base.config
-per_block = sum(8 * (i + o) for i, o in [(c.n_embd, 3 * c.n_embd), (c.n_embd, c.n_embd),
-                                          (c.n_embd, 4 * c.n_embd), (4 * c.n_embd, c.n_embd)])
+linears = [(c.n_embd, 3 * c.n_embd), (c.n_embd, c.n_embd), (c.n_embd, 4 * c.n_embd), (4 * c.n_embd, c.n_embd)]
+per_block = sum(8 * (i + o) for i, o in linears)  # c_attn, attn.c_proj, c_fc, mlp.c_proj
 trainable, total = pm.get_nb_trainable_parameters()
 print(f"closed form: {c.n_layer} blocks × {per_block:,d} = {c.n_layer * per_block:,d}; measured {trainable:,d}")
-assert trainable == c.n_layer * per_block
 
-# A freshly attached adapter changes nothing (B = 0), so training starts exactly from the pretrained model.
-idx = torch.tensor([tok.encode("Review: The soup was warm. Sentiment: ", add_bos=True)])
+idx = torch.tensor([tok.encode(sentiment.validation[0].prompt, add_bos=True)])  # (1, T)
 with torch.no_grad():
     diff = (pm(idx)[0] - base(idx)[0]).abs().max().item()
-print(f"max |logits(LoRA at init) − logits(base)| = {diff:.1e}")
+course.claim(trainable == c.n_layer * per_block and diff == 0.0,
+             f"LoRA r=8 on every Linear trains exactly L·Σ r(in + out) = {trainable:,d} parameters "
+             f"({trainable / base.num_parameters():.1%} of the base), and at init it changes no logit "
+             f"(max diff {diff})")
+
+# %% [markdown]
+# What does that save in training memory? `minipeft.measure.state_bytes` sums the real tensors after one AdamW
+# step: the weights (frozen or not), the gradients, and the optimizer state (m, v and a step count per tensor).
+
+# %%
+full_bytes = state_bytes(load_base("default"))
+lora_bytes = state_bytes(pm)
+print(f"{'':22s} {'weights':>9s} {'gradients':>10s} {'optimizer':>10s} {'total':>9s}   (MB)")
+for name, b in [("full fine-tuning", full_bytes), ("LoRA r=8, all-linear", lora_bytes)]:
+    tot = b["weights"] + b["gradients"] + b["optimizer_state"]
+    print(f"{name:22s} {b['weights'] / 1e6:9.2f} {b['gradients'] / 1e6:10.2f} {b['optimizer_state'] / 1e6:10.2f} "
+          f"{tot / 1e6:9.2f}")
+ratio = (lora_bytes["gradients"] + lora_bytes["optimizer_state"]) / (full_bytes["gradients"]
+                                                                     + full_bytes["optimizer_state"])
+course.claim(ratio < 0.1, f"LoRA's gradients and optimizer state take {ratio:.1%} of full fine-tuning's "
+             f"(measured), under a tenth; the frozen weights are the same in both")
 
 # %% [markdown]
 # At GPT-3 scale the same recipe (LoRA with r = 4 on the query and value projections, Hu et al. 2021,
@@ -183,134 +345,187 @@ print(f"training state: frozen bf16 weights {frozen_bf16:.0f} GB + LoRA {lora_gp
 # The LoRA paper reports the same orders of magnitude measured on GPT-3: training memory 1.2 TB → 350 GB and
 # a checkpoint of 350 GB → 35 MB (Hu et al. 2021, section 4.2).
 #
-# ### Exercise 1.3 — the benefits, and where this course measures each
+# ## 8. The benefits, and where this course measures each (the PEFT exercises, 1.3)
 #
 # | benefit (the PEFT exercises' resources, the PEFT overview) | measured in |
 # |---|---|
-# | fewer trainable parameters and less optimizer memory | above (1.2); chapter 3, Exercise 2.4 (bytes measured) |
-# | small storage per task | chapter 3, Exercise 2.5 (file sizes); chapter 4, Exercise 3.5 |
-# | one base, many tasks (modularity) | chapter 4, Exercise 3.3 (adapters swapped on one base, hashes) |
-# | less catastrophic forgetting | below, Exercise 1.4 (pretraining loss after fine-tuning) |
-# | faster training | chapter 3, Exercise 2.4 (tokens/s, measured on this CPU) and chapter 9 |
+# | fewer trainable parameters and less optimizer memory | above; chapter 3 (bytes measured) |
+# | small storage per task | chapter 3 (file sizes); chapter 4 |
+# | one base, many tasks (modularity) | chapter 4 (adapters swapped on one base) |
+# | less catastrophic forgetting | below (pretraining loss after fine-tuning); chapter 9 |
+# | faster training | chapter 3 (tokens/s on this CPU) and chapter 9 |
 #
-# ### Exercise 1.4 (challenge) — why can so few parameters suffice?
+# ## 9. Why can so few parameters suffice? (the PEFT exercises, 1.4)
 #
 # Aghajanyan et al. (2020, "Intrinsic Dimensionality Explains the Effectiveness of Language Model
 # Fine-Tuning", https://arxiv.org/abs/2012.13255) fine-tuned models inside random low-dimensional subspaces
 # of their parameters and found that a few hundred to a few thousand dimensions reach 90 % of full
-# fine-tuning on many tasks, and that the needed dimension *falls* as pretraining gets better. Pretraining
-# has already built the features; a task only has to re-weight them. LoRA's hypothesis (Hu et al. 2021,
-# section 4.1) is the matrix version: the weight update ΔW has a low *intrinsic rank*.
+# fine-tuning on many tasks. Pretraining has already built the features; a task only has to re-weight them.
+# LoRA's hypothesis (Hu et al. 2021, section 4.1) is the matrix version: the weight update ΔW has a low
+# *intrinsic rank*.
 #
-# Two measurements on the default base, `sentiment` task, the same budget (80 steps of batch 16) for each:
-# 1. validation accuracy of full fine-tuning against LoRA at r = 1 and r = 8 on every Linear;
-# 2. the singular values of the update ΔW = W_after − W_before that *full* fine-tuning made: if the
-#    update is low-rank, a few directions hold most of it.
+# To look, fine-tune the whole base on `sentiment` with `minipeft.train.train` (AdamW, a short warm-up, random
+# training batches from `task_batch`, the verbalizer loss from section 3) and take the update
+# ΔW = W_after − W_before of each attention projection `c_attn`: how much of ‖ΔW‖²_F lies in its top 8 singular
+# directions, against a random Gaussian matrix of the same shape (no low-rank structure)? And, for forgetting,
+# the next-token loss on pretraining text before and after, against LoRA r = 8 trained the same way. Each is
+# trained with 3 seeds (the seed sets the batches), and verdicts are stated with their 95% interval over the
+# seeds (`minipeft.stats`: `interval` and `fmt_interval` give "mean ± half-width" of Student's t-interval).
 
 # %%
-task = load_task("sentiment")
-STEPS, BATCH = 80, 16
-# Learning rates: the best of {3e-4, 1e-3} (full) and {3e-3, 1e-2} (LoRA) in a 100-step trial on this task.
-runs = {  # name: (adapter config or None for full fine-tuning, learning rate)
-    "full fine-tuning": (None, 1e-3),
-    "LoRA r=8": (LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"), 3e-3),
-    "LoRA r=1": (LoraConfig(r=1, lora_alpha=2, target_modules="all-linear"), 1e-2),
-}
-results = {}
-for name, (config, lr) in runs.items():
-    model = load_base("default")
-    if config is not None:
-        model = get_peft_model(model, config)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    res = train(model, lambda g: task_batch(task, tok, BATCH, base.config.block_size, g),
-                TrainConfig(steps=STEPS, lr=lr, batch_size=BATCH, warmup_steps=10, eval_every=20),
-                loss_fn=task_loss(task, tok), progress=False,
-                eval_fn=lambda m: {"acc": evaluate(m, task, tok, "validation")})
-    results[name] = (model, trainable, res)
-    print(f"{name:17s} trainable {trainable:>9,d}  validation accuracy {res.evals[-1][1]['acc']:.2f}  "
-          f"({res.seconds:.1f} s)")
-print(f"base model, no fine-tuning: validation accuracy {evaluate(base, task, tok, 'validation'):.2f} (chance 0.5)")
-
-# %%
-fig, ax = plt.subplots(figsize=(6, 3.5))
-for name, (_, trainable, res) in results.items():
-    steps, accs = zip(*[(s, m["acc"]) for s, m in res.evals], strict=True)
-    ax.plot(steps, accs, marker="o", label=f"{name} ({trainable:,d} trained)")
-ax.axhline(0.5, color="gray", ls=":", label="chance")
-ax.set_xlabel("training step (batch 16)")
-ax.set_ylabel("validation accuracy (fraction)")
-ax.set_title("sentiment on the default base: full fine-tuning vs LoRA")
-ax.legend(fontsize=8)
-plt.tight_layout()
-plt.show()
-
-# %% [markdown]
-# Now the update that full fine-tuning made to each attention projection `c_attn` (160 → 480): how much of
-# ‖ΔW‖²_F lies in its top k singular directions? For comparison, a random Gaussian matrix of the same shape
-# (no low-rank structure).
-
-# %%
-full_model = results["full fine-tuning"][0]
-energy = []
-for layer in range(c.n_layer):
-    w0 = base.transformer.h[layer].attn.c_attn.weight.detach()
-    w1 = full_model.transformer.h[layer].attn.c_attn.weight.detach()
-    s = torch.linalg.svdvals(w1 - w0)
-    energy.append((s**2).cumsum(0) / (s**2).sum())
-energy = torch.stack(energy)  # (layers, 160)
-s_rand = torch.linalg.svdvals(torch.randn(3 * c.n_embd, c.n_embd))
-energy_rand = (s_rand**2).cumsum(0) / (s_rand**2).sum()
-for k in (1, 8, 32):
-    print(f"top {k:2d} of 160 directions hold {100 * energy[:, k - 1].mean():5.1f} % of ‖ΔW‖² "
-          f"(mean over layers; random matrix: {100 * energy_rand[k - 1]:5.1f} %)")
-
-fig, ax = plt.subplots(figsize=(6, 3.5))
-ks = torch.arange(1, energy.shape[1] + 1)
-for layer in range(c.n_layer):
-    ax.plot(ks, energy[layer], label=f"ΔW of block {layer} c_attn")
-ax.plot(ks, energy_rand, "k--", label="random matrix")
-ax.set_xscale("log")
-ax.set_xlabel("k, number of top singular directions")
-ax.set_ylabel("fraction of ‖ΔW‖²_F")
-ax.set_title("The full fine-tuning update is close to low-rank")
-ax.legend(fontsize=8)
-plt.tight_layout()
-plt.show()
-
-# %% [markdown]
-# **Forgetting.** Next-token loss on pretraining text (the built-in corpus, a fixed batch) before and after
-# each fine-tuning run. A PEFT model also keeps the untouched base one call away (`disable_adapter()`),
-# which full fine-tuning cannot.
-
-# %%
-stream = corpus_tokens(pretraining_corpus(build_world(0), 200, seed=1), tok)
-idx, targets = pretraining_batch(stream, 32, base.config.block_size, torch.Generator().manual_seed(0))
+STEPS, BATCH, SEEDS = 40, 16, (0, 1, 2)
+runs = {"full fine-tuning": (None, 1e-3),  # (adapter config, learning rate)
+        "LoRA r=8": (LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"), 3e-3)}
+stream = corpus_tokens(pretraining_corpus(world, 200, seed=1), tok)
+text_idx, text_targets = pretraining_batch(stream, 32, c.block_size, torch.Generator().manual_seed(0))
 with torch.no_grad():
-    print(f"{'base model':17s} pretraining loss {base(idx, targets)[1].item():.3f}")
-    for name, (model, _, _) in results.items():
-        print(f"{name:17s} pretraining loss {model(idx, targets)[1].item():.3f}")
-    lora = results["LoRA r=8"][0]
-    with lora.disable_adapter():
-        print(f"{'LoRA r=8 disabled':17s} pretraining loss {lora(idx, targets)[1].item():.3f}  (the base, exactly)")
+    base_text_loss = base(text_idx, text_targets)[1].item()
+
+accuracy = {name: [] for name in runs}
+text_loss = {name: [] for name in runs}
+top8 = []  # per seed: mean over layers of the share of ‖ΔW‖² in the top 8 directions (full fine-tuning)
+for seed in SEEDS:
+    for name, (config, lr) in runs.items():
+        model = load_base("default")
+        if config is not None:
+            model = get_peft_model(model, config)
+        train(model, lambda g: task_batch(sentiment, tok, BATCH, c.block_size, g),
+              TrainConfig(steps=STEPS, lr=lr, batch_size=BATCH, warmup_steps=10, seed=seed),
+              loss_fn=task_loss(sentiment, tok), progress=False)
+        accuracy[name].append(evaluate(model, sentiment, tok, "validation"))
+        with torch.no_grad():
+            text_loss[name].append(model(text_idx, text_targets)[1].item())
+        if config is None:
+            shares = []
+            for layer in range(c.n_layer):
+                delta = model.transformer.h[layer].attn.c_attn.weight - base.transformer.h[layer].attn.c_attn.weight
+                s = torch.linalg.svdvals(delta.detach())  # (160,) singular values of ΔW (480 × 160)
+                shares.append(float((s[:8] ** 2).sum() / (s**2).sum()))
+            top8.append(sum(shares) / len(shares))
+
+s_rand = torch.linalg.svdvals(torch.randn(3 * c.n_embd, c.n_embd))
+random_top8 = float((s_rand[:8] ** 2).sum() / (s_rand**2).sum())
+for name in runs:
+    print(f"{name:17s} validation accuracy {fmt_interval(accuracy[name], '.2f')}, pretraining-text loss "
+          f"{fmt_interval(text_loss[name], '.2f')} (base: {base_text_loss:.2f})")
+mean8, half8 = interval(top8)
+print(f"full fine-tuning's ΔW of c_attn: top 8 of {c.n_embd} directions hold {fmt_interval(top8, '.2f')} of "
+      f"‖ΔW‖²; a random matrix: {random_top8:.2f}")
+course.claim(mean8 - half8 > 3 * random_top8,
+             f"the update full fine-tuning makes is close to low-rank: 8 of {c.n_embd} directions hold "
+             f"{fmt_interval(top8, '.2f')} of its energy over {len(SEEDS)} seeds, over 3× a random matrix's "
+             f"{random_top8:.2f}")
+gap = [f - lo for f, lo in zip(text_loss["full fine-tuning"], text_loss["LoRA r=8"], strict=True)]
+gap_mean, gap_half = interval(gap)
+if gap_mean - gap_half > 0:
+    print(f"Forgetting: full fine-tuning raises the loss on corpus text by {fmt_interval(gap, '.2f')} nats/token more "
+          f"than LoRA (paired over {len(SEEDS)} seeds; the interval lies above 0).")
+else:
+    print(f"Forgetting: full fine-tuning − LoRA = {fmt_interval(gap, '.2f')} nats/token on corpus text over "
+          f"{len(SEEDS)} seeds; the interval holds 0, so these runs do not separate them.")
 
 # %% [markdown]
-# ### Summary of this run
+# The accuracies above come from only 40 steps and are not compared here (chapter 3 compares methods with
+# tuned budgets). What the cell shows: the update that fine-tuning makes is concentrated in a few directions,
+# which a rank-r LoRA can represent with a few percent of the parameters. On forgetting, the printout gives the
+# verdict of these runs; full fine-tuning's damage varies a lot from seed to seed, which is why it is stated with
+# its interval (chapter 9 returns to it). A LoRA-tuned model also keeps the untouched base one call away
+# (`disable_adapter()`), which full fine-tuning cannot.
+#
+# ## Summary
+#
+# - The course's data is a generated world of people and their facts; three tasks (`sentiment`, `record`,
+#   `facts`) use formats the corpus never shows, and `facts` tests people whom fine-tuning never sees.
+# - A classification answer is read off one position's logits, compared only between the verbalizer tokens
+#   (`g` for good, `b` for bad); training uses the cross-entropy over the same two logits.
+# - `load_base("default")` pretrains the base on its first call (minutes on a CPU) and loads it from the cache
+#   after that; the base knows the facts but not the tasks' formats.
+# - Full fine-tuning with AdamW holds 16 bytes per parameter before activations; a GPT has L(12d² + 13d) + Vd
+#   + Pd + 2d parameters, so GPT-3's model states alone fill tens of 80 GB GPUs.
+# - PEFT freezes the base and trains a small φ: LoRA r=8 on every Linear trains a few percent of the default
+#   base, and the update full fine-tuning makes is close to low-rank anyway.
+#
+# ## Exercises
+#
+# Each exercise has a stub to fill in and a check cell below it. The check says "not done yet" while the stub
+# is untouched, and says what is wrong when an answer is off. Worked solutions: this chapter's file in
+# `notebooks/solutions/`, a plain Python script that runs the same checks on them.
+#
+# ### Exercise 1 — count a GPT's parameters
+#
+# Write `gpt_parameters(config)`: the number of parameters of `GPT(config)` from the config's fields alone
+# (`n_layer`, `n_embd`, `vocab_size`, `block_size`, and `bias`: without biases, a Linear and a LayerNorm have
+# no bias vector). The check builds several GPTs and compares with `model.num_parameters()`.
 
 # %%
-acc = {name: res.evals[-1][1]["acc"] for name, (_, _, res) in results.items()}
-n_tr = {name: n for name, (_, n, _) in results.items()}
-print(f"After {STEPS} steps: full fine-tuning {acc['full fine-tuning']:.2f} with {n_tr['full fine-tuning']:,d} "
-      f"trained parameters; LoRA r=8 {acc['LoRA r=8']:.2f} with {n_tr['LoRA r=8']:,d} "
-      f"({100 * n_tr['LoRA r=8'] / n_tr['full fine-tuning']:.1f} %); LoRA r=1 {acc['LoRA r=1']:.2f} with "
-      f"{n_tr['LoRA r=1']:,d} ({100 * n_tr['LoRA r=1'] / n_tr['full fine-tuning']:.2f} %).")
-print(f"The update of full fine-tuning keeps {100 * energy[:, 7].mean():.0f} % of its energy in 8 of 160 "
-      f"directions (a random matrix: {100 * energy_rand[7]:.0f} %).")
+def gpt_parameters(config: GPTConfig) -> int:
+    """Parameters of GPT(config): blocks, token and position embeddings (tied output layer), final LayerNorm."""
+    return None  # your code here
+
+
+# %%
+check_gpt_parameters(gpt_parameters)
 
 # %% [markdown]
-# So the update that fine-tuning needs is concentrated in a few directions, which a rank-r LoRA can
-# represent with a few percent of the parameters, and it leaves the pretraining loss far less disturbed.
-# How small r can go depends on the task and on the budget: with the same short budget the rank-1 adapter
-# learns more slowly here. Chapter 3 (Exercise 2.6) sweeps r and the targeted modules.
+# ### Exercise 2 — count LoRA's trainable parameters
+#
+# Write `lora_parameters(config, r, targets)`: how many parameters LoRA of rank r trains on `GPT(config)` when
+# `targets` is a list of module names among `"c_attn"`, `"c_proj"`, `"c_fc"`. A name matches every module whose
+# name ends with it — and two Linears per block are called `c_proj`. The check compares with
+# `get_peft_model(...).get_nb_trainable_parameters()`.
 
 # %%
-print(f"notebook ran in {time.perf_counter() - NOTEBOOK_START:.0f} s")
+def lora_parameters(config: GPTConfig, r: int, targets: list[str]) -> int:
+    """LoRA's trainable parameters: r·(in + out) for every targeted Linear of every block."""
+    return None  # your code here
+
+
+# %%
+check_lora_parameters(lora_parameters)
+
+# %% [markdown]
+# ### Exercise 3 — the bytes of full fine-tuning with AdamW
+#
+# Write `adamw_state_bytes(model)`: the bytes that fp32 full fine-tuning of `model` with `torch.optim.AdamW`
+# holds besides activations — weights, gradients and optimizer state. Beside m and v, AdamW keeps one more
+# small tensor per parameter tensor: its step count (a 0-d fp32 tensor). The check compares with
+# `minipeft.measure.state_bytes` on several models.
+
+# %%
+def adamw_state_bytes(model: torch.nn.Module) -> int:
+    """Weights + gradients + AdamW's m, v and step counts, in bytes, every parameter trainable and fp32."""
+    return None  # your code here
+
+
+# %%
+check_adamw_state_bytes(adamw_state_bytes)
+
+# %% [markdown]
+# ### Exercise 4 — the verbalizer
+#
+# Write `verbalize(model, prompts)`: for each prompt of the sentiment task, "good" or "bad", read off the
+# logits of the verbalizer tokens at the last position (section 3). The check compares with
+# `minipeft.evaluate.predict` for a random GPT and for the pretrained base.
+
+# %%
+def verbalize(model: GPT, prompts: list[str]) -> list[str]:
+    """'good' or 'bad' for each prompt: the larger of the logits of 'g' and 'b' after the prompt."""
+    return None  # your code here
+
+
+# %%
+check_verbalize(verbalize)
+
+# %% [markdown]
+# ### Open questions
+#
+# 1. The base completes most facts in the corpus's own form but scores zero on the facts task's format. What
+#    is the smallest change to the *evaluation* that would give it credit, and why would that be unfair to
+#    the task?
+# 2. GPT-3 with LoRA r=4 still needs its frozen weights in memory (section 7). How could that part shrink, and
+#    what would it cost? (Chapter 7 measures one answer.)
+# 3. The top-8 share of ΔW was measured after 40 steps. Would you expect it to grow or shrink with longer
+#    training, and how would you check?
+
+# %%
+course.claims_report()

@@ -15,24 +15,31 @@
 # %matplotlib inline
 import hashlib
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
+import course
 import matplotlib.pyplot as plt
 import torch
+from checks.ch04 import check_adapter_param_count, check_bottleneck_forward, check_identity_init
+from diagrams import draw_block
 
 from minipeft import kernels
 from minipeft.data import load_task, task_batch, task_loss
 from minipeft.evaluate import evaluate
 from minipeft.measure import round_robin_ms
+from minipeft.model import GPT, GPTConfig
 from minipeft.pretrain import load_base
+from minipeft.stats import fmt_interval, interval, wilson
 from minipeft.tokenizer import ByteTokenizer
 from minipeft.train import TrainConfig, train
 from minipeft.tuners import AdapterConfig, LoraConfig, PeftModel, get_peft_model
+from minipeft.tuners.bottleneck import BottleneckLayer
 
+course.setup(seed=0)
 NOTEBOOK_START = time.perf_counter()
 kernels.set_backend("reference")
-torch.manual_seed(0)
 tok = ByteTokenizer()
 base = load_base("default")
 d, L = base.config.n_embd, base.config.n_layer
@@ -46,9 +53,15 @@ print(base.config)
 # one after the feed-forward sublayer (1 per block). The papers used post-LN BERT, where the adapter acts on
 # the sublayer's output before the residual add. minipeft's GPT is pre-LN (`x = x + Sublayer(LN(x))`), so
 # the adapter wraps the sublayer (`block.attn`, `block.mlp`) and acts on its output before the add:
-#
-#     x ─► LN₁ ─► Attn ─► [Houlsby only] ─► (+x) ─► LN₂ ─► MLP ─► [both] ─► (+)
-#
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(9.2, 9.0))
+draw_block("pfeiffer", axes[0])
+draw_block("houlsby", axes[1])
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
 # Here are block 0's modules with each, as minipeft wraps them:
 
 # %%
@@ -60,9 +73,11 @@ pf.print_trainable_parameters()
 ho.print_trainable_parameters()
 
 # Identity at init: a fresh adapter leaves the logits exactly unchanged.
-idx = torch.tensor([tok.encode("Review: The tea was fresh. Sentiment: ", add_bos=True)])
+idx = torch.tensor([tok.encode("Review: The tea was fresh. Sentiment: ", add_bos=True)])  # (1, T)
 with torch.no_grad():
-    print(f"max |logits(Houlsby at init) − logits(base)| = {(ho(idx)[0] - base(idx)[0]).abs().max():.1e}")
+    init_diff = max((m(idx)[0] - base(idx)[0]).abs().max().item() for m in (pf, ho))
+course.claim(init_diff == 0.0, f"freshly attached Pfeiffer and Houlsby adapters leave the logits exactly unchanged "
+                               f"(max |difference| = {init_diff:.1e}): W_up and b_up start at zero")
 
 # %% [markdown]
 # ### Parameters against the reduction factor
@@ -78,13 +93,15 @@ def adapter_params(d: int, rf: int) -> int:
 
 rfs = [1, 2, 4, 8, 16, 32]
 measured = {"pfeiffer": [], "houlsby": []}
-for arch, per_block in (("pfeiffer", 1), ("houlsby", 2)):
+for arch in measured:
     for rf in rfs:
         pm = get_peft_model(load_base("default"), AdapterConfig.load(arch, reduction_factor=rf))
-        n, total = pm.get_nb_trainable_parameters()
-        assert n == L * per_block * adapter_params(d, rf), (arch, rf, n)
-        measured[arch].append(n)
+        measured[arch].append(pm.get_nb_trainable_parameters()[0])
     print(f"{arch:8s}: " + ", ".join(f"rf={rf}: {n:,d}" for rf, n in zip(rfs, measured[arch], strict=True)))
+course.claim(all(n == L * per_block * adapter_params(d, rf)
+                 for arch, per_block in (("pfeiffer", 1), ("houlsby", 2))
+                 for rf, n in zip(rfs, measured[arch], strict=True)),
+             f"every count is the closed form: per_block·L·(2·d·m + m + d), at each of {len(rfs)} reduction factors")
 print(f"(base: {base.num_parameters():,d} parameters; LoRA r=8 on c_attn: {L * 8 * (d + 3 * d):,d})")
 
 fig, ax = plt.subplots(figsize=(6.5, 3.8))
@@ -101,11 +118,12 @@ ax.set_title(f"Adapter parameters against the reduction factor (d = {d}, L = {L}
 ax.legend(fontsize=8)
 plt.tight_layout()
 plt.show()
+halving = [a / b for a, b in zip(measured["pfeiffer"][:-1], measured["pfeiffer"][1:], strict=True)]
+print(f"doubling rf divides Pfeiffer's parameters by {min(halving):.2f}–{max(halving):.2f} (the d-sized bias "
+      f"stays); Houlsby / Pfeiffer at the same rf: "
+      f"{min(h / p for h, p in zip(measured['houlsby'], measured['pfeiffer'], strict=True)):.2f}×")
 
 # %% [markdown]
-# Halving the bottleneck halves the parameters (the d-sized bias stays), and Houlsby costs twice Pfeiffer
-# at the same rf.
-#
 # ### Exercise 3.3 — one base, two tasks: swapping and stacking adapters
 #
 # One frozen base, two Pfeiffer adapters (rf = 4): `sentiment` (classification) and `facts` (answer a
@@ -150,21 +168,23 @@ for name, task in tasks.items():
                 loss_fn=task_loss(task, tok), progress=False)
     fingerprints[name] = adapter_fingerprint(pm, name)
     n_params = sum(pm.get_parameter(n).numel() for n in trainable)
-    print(f"trained adapter {name!r}: {len(trainable)} tensors, {n_params:,d} parameters, {res.seconds:.1f} s")
+    print(f"trained adapter {name!r}: {len(trainable)} tensors, {n_params:,d} parameters, "
+          f"{recipes[name]['steps']} steps, {res.seconds:.1f} s")
 after = base_fingerprint(pm.base_model)
-print(f"base fingerprint before {before}, after both trainings {after}: "
-      f"{'unchanged' if before == after else 'CHANGED'}")
-same = fingerprints["sentiment"] == adapter_fingerprint(pm, "sentiment")
-print(f"'sentiment' adapter unchanged by training 'facts': {same}")
+course.claim(before == after and fingerprints["sentiment"] == adapter_fingerprint(pm, "sentiment"),
+             f"training two adapters left the base bit-for-bit unchanged (fingerprint {before} before, {after} after), "
+             f"and training 'facts' left the 'sentiment' adapter unchanged")
 
 # %% [markdown]
 # Now every combination: the base alone (`disable_adapter()`), each adapter, and both stacked
 # (`set_adapter(["sentiment", "facts"])` applies sentiment's adapter, then facts', after each MLP). Metrics on
-# the validation splits: accuracy (sentiment, chance 0.5) and exact match (facts).
+# the test splits: accuracy (sentiment, chance 0.5) and exact match (facts), each with its 95% Wilson interval
+# over the test examples. This is one trained model (one seed): the intervals say how precisely the test split
+# measures *this* model, not how another seed would do.
 
 # %%
 def scores() -> list[float]:
-    return [evaluate(pm, t, tok, "validation") for t in tasks.values()]
+    return [evaluate(pm, t, tok, "test") for t in tasks.values()]
 
 
 rows = {}
@@ -173,33 +193,63 @@ with pm.disable_adapter():
 for active in ("sentiment", "facts", ["sentiment", "facts"], ["facts", "sentiment"]):
     pm.set_adapter(active)
     rows[" + ".join(active) if isinstance(active, list) else active] = scores()
-print(f"{'active adapter(s)':22s} {'sentiment acc':>14s} {'facts EM':>9s}")
+n_test = {name: len(t.test) for name, t in tasks.items()}
+
+
+def with_interval(p: float, n: int) -> str:
+    lo, hi = wilson(p, n)
+    return f"{p:.3f} [{lo:.2f}, {hi:.2f}]"
+
+
+print(f"{'active adapter(s)':22s} {'sentiment accuracy':>22s} {'facts exact match':>22s}")
 for name, (s, f) in rows.items():
-    print(f"{name:22s} {s:14.2f} {f:9.2f}")
-print(f"facts chance (right form, guessed fact): {tasks['facts'].chance:.2f}")
+    print(f"{name:22s} {with_interval(s, n_test['sentiment']):>22s} {with_interval(f, n_test['facts']):>22s}")
+print(f"chance: sentiment {tasks['sentiment'].chance:.2f}, facts {tasks['facts'].chance:.3f} (right form, guessed "
+      f"fact); test examples: {n_test}")
+
+
+def above(a: tuple[float, int], b: tuple[float, int]) -> bool:
+    """Whether a's Wilson interval lies wholly above b's."""
+    return wilson(*a)[0] > wilson(*b)[1]
+
+
+for i, name in enumerate(tasks):
+    own, base_score = rows[name][i], rows["base only"][i]
+    word = "above" if above((own, n_test[name]), (base_score, n_test[name])) else "not clearly above"
+    print(f"On {name}, its own adapter scores {own:.3f} against the base's {base_score:.3f}: {word} the base (Wilson "
+          f"intervals {'disjoint' if word == 'above' else 'overlapping'}).")
+for i, name in enumerate(tasks):
+    kept = rows["sentiment + facts"][i]
+    print(f"Stacked (sentiment, then facts), {name} scores {kept:.3f}, against {rows[name][i]:.3f} with its own "
+          f"adapter alone.")
 
 # %% [markdown]
-# Switching is one call and never touches the base (fingerprints above); each adapter does its own task.
-# Stacking two adapters trained *separately* simply composes them: each was trained to see the base's
-# output, not the other adapter's, so read the stacked rows above for how much of each task survives. The
-# `adapters` library's AdapterFusion learns how to combine adapters instead (Pfeiffer et al. 2020,
-# https://arxiv.org/abs/2005.00247); minipeft only stacks.
+# Switching is one call and never touches the base (the claim above); the printout says how each adapter does on
+# its own task against the base. Stacking two adapters trained *separately* simply composes them: each was
+# trained to see the base's output, not the other adapter's, so the stacked rows show how much of each task
+# survives. The `adapters` library's AdapterFusion learns how to combine adapters instead (Pfeiffer et al. 2020,
+# https://arxiv.org/abs/2005.00247), as minipeft's `Fuse` does (chapter 11).
 #
 # ### Exercise 3.4 — adapters vs LoRA, and the latency cost
 #
 # LoRA adds a parallel low-rank term to an existing weight, W₀x + BAx, which folds into W₀ (chapter 3);
 # an adapter adds new *sequential* layers with a non-linearity in between, which cannot be folded away.
-# The PEFT overview says adapters make inference "slightly increased". Measured here: greedy decoding of 32 tokens
-# at batch 1 (ms per token), and one forward pass over a batch of 16 × 64 tokens (ms); the median of 8
-# round-robin repeats, for the base, Pfeiffer, Houlsby and the two stacked adapters, against a merged LoRA.
+# The PEFT overview says adapters make inference "slightly increased". Measured here: greedy decoding of 32
+# tokens at batch 1 (ms per token), and one forward pass over a batch of 16 × 64 tokens (ms), for the base,
+# Pfeiffer, Houlsby and the two stacked adapters, against a merged LoRA. Timing is round-robin (each round times
+# every variant once, so a slow moment of the machine hits them all alike), repeated over several rounds; each
+# variant's time is divided by the base's *within* a round, and the mean of those ratios comes with its 95%
+# interval. A ratio whose interval holds 1 is no difference this measurement can see.
 
 # %%
-prompt = torch.tensor([tok.encode(tasks["sentiment"].validation[0].prompt, add_bos=True)])
-batch = torch.randint(0, 256, (16, 64), generator=torch.Generator().manual_seed(0))
+prompt = torch.tensor([tok.encode(tasks["sentiment"].test[0].prompt, add_bos=True)])  # (1, T)
+batch = torch.randint(0, 256, (16, 64), generator=torch.Generator().manual_seed(0))  # (16, 64)
 lora_merged = get_peft_model(load_base("default"), LoraConfig(r=8, target_modules="all-linear")).merge_and_unload()
 variants = {  # name: (model, adapters to activate on pm, if it is pm)
     "base": (base, None), "Pfeiffer (1 per block)": (pm, "sentiment"), "Houlsby (2 per block)": (ho, None),
     "2 stacked Pfeiffer": (pm, ["sentiment", "facts"]), "LoRA, merged": (lora_merged, None)}
+for m in (base, pm, ho, lora_merged):
+    m.eval()
 
 
 def ready(m, active):
@@ -210,55 +260,211 @@ def ready(m, active):
     return m
 
 
-# Round-robin (`minipeft.measure`): every repeat times each variant once, so a slow moment of the machine hits
-# them all alike; the median over repeats is the typical run.
 calls = {}
 for name, (m, active) in variants.items():
     calls[name, "decode"] = lambda m=m, a=active: ready(m, a).generate(prompt, max_new_tokens=32)
     calls[name, "forward"] = lambda m=m, a=active: ready(m, a)(batch)
+ROUNDS = 8
 with torch.no_grad():
-    ms = round_robin_ms(calls, repeats=8)
-latency = {name: (ms[name, "decode"] / 32, ms[name, "forward"]) for name in variants}
+    rounds = [round_robin_ms(calls, repeats=1, warmup=1 if i == 0 else 0) for i in range(ROUNDS)]
 pm.set_adapter("sentiment")
+ratios = {(name, kind): [r[name, kind] / r["base", kind] for r in rounds] for name, kind in calls}
+ms = {(name, kind): [r[name, kind] for r in rounds] for name, kind in calls}
 
-print(f"{'':24s} {'decode ms/token':>16s} {'ratio':>6s} {'forward ms (16×64)':>19s} {'ratio':>6s}")
-for name, (dec, fwd) in latency.items():
-    print(f"{name:24s} {dec:16.2f} {dec / latency['base'][0]:6.2f} {fwd:19.1f} {fwd / latency['base'][1]:6.2f}")
+print(f"mean ± 95% interval over {ROUNDS} rounds")
+print(f"{'':24s} {'decode ms/token':>16s} {'÷ base':>13s} {'forward ms (16×64)':>19s} {'÷ base':>13s}")
+for name in variants:
+    print(f"{name:24s} {fmt_interval([t / 32 for t in ms[name, 'decode']], '.2f'):>16s} "
+          f"{fmt_interval(ratios[name, 'decode'], '.2f'):>13s} {fmt_interval(ms[name, 'forward'], '.1f'):>19s} "
+          f"{fmt_interval(ratios[name, 'forward'], '.2f'):>13s}")
+
+
+def latency_verdict(name: str, kind: str) -> str:
+    mean, half = interval(ratios[name, kind])
+    if mean - half <= 1 <= mean + half:
+        return f"no different from the base within the noise ({fmt_interval(ratios[name, kind], '.2f')}×, holds 1)"
+    return f"{'slower' if mean > 1 else 'faster'} than the base: {fmt_interval(ratios[name, kind], '.2f')}×"
+
+
+for name in list(variants)[1:]:
+    print(f"{name}: decoding {latency_verdict(name, 'decode')}; batched forward {latency_verdict(name, 'forward')}")
 
 # %% [markdown]
-# The ratios above are this run's on this CPU (timings of a 1.3M-parameter model at batch 1 are dominated by
-# per-layer overhead, so each extra module shows). Every adapter adds two small matmuls per site plus their
-# launches, on every token, for as long as the model serves; a merged LoRA adds nothing, since it *is* a plain
-# GPT (its ratio is ≈ 1 up to timing noise).
+# The verdicts above are this run's, on this CPU: timings of a 1.3M-parameter model at batch 1 are dominated by
+# per-layer overhead, so each extra module can show. Every adapter adds two small matmuls per site plus their
+# launches, on every token, for as long as the model serves. A merged LoRA is a plain GPT with other numbers in
+# its weights, so its ratio measures nothing but the noise of the timing itself: read the other ratios against
+# its interval.
 #
-# ### Exercise 3.5 (challenge) — sharing adapters (AdapterHub)
+# ### Exercise 3.5 (challenge) — sharing adapters: AdapterHub, and what minipeft writes
 #
-# AdapterHub (Pfeiffer et al. 2020, https://arxiv.org/abs/2007.07779) made adapters shareable: an adapter is
-# saved as its small weight file plus a config naming the architecture and the base model, uploaded to a hub,
-# and attached to the same base elsewhere with one `load_adapter` call; adapters can then be stacked or fused.
-# minipeft has the local half of that (no hub, nothing downloaded): `save_adapter` writes two files — the
-# tensors and the config — and, last, a small manifest of their checksums that makes the directory one unit
-# (a crash mid-save can never pair new tensors with an old config). `load_adapter` /
-# `PeftModel.from_pretrained` attach them to a base, refusing an adapter made for another base (its config
-# stores the base's fingerprint) or files that do not match the manifest.
+# **AdapterHub** (Pfeiffer et al. 2020, https://arxiv.org/abs/2007.07779) is the hub of the `adapters` library
+# (formerly `adapter-transformers`): trained adapters are published under a name, and
+# `model.load_adapter("AdapterHub/roberta-base-pf-imdb")` downloads one and attaches it to the same base model
+# (the original hub's index now redirects to the Hugging Face Hub). Each published adapter is a small directory:
+# `adapter_config.json` — the adapter's architecture (reduction factor, non-linearity, where it sits) plus the base
+# it was trained for (`model_type`, `hidden_size`, the model's name) — and the weights (`pytorch_adapter.bin`, or
+# `adapter.safetensors`), optionally with a prediction head (`head_config.json` and its weights). Because an
+# adapter is a few hundred kilobytes next to a base of hundreds of megabytes, sharing one costs little, and one
+# base downloaded once serves every adapter; adapters from the hub can then be stacked or fused.
+#
+# minipeft has the local half of that (no hub, nothing downloaded). `save_pretrained` writes every adapter of a
+# model, HF peft's layout: for each adapter a config (`adapter_config.json`, which also stores the base's
+# fingerprint — its shape — where AdapterHub stores the model's name and hidden size), its tensors
+# (`adapter_model.safetensors`, safetensors, so loading can never run code) and a manifest of their checksums
+# written last (a crash mid-save can never pair new tensors with an old config); with more than one adapter, each
+# sits in its own subdirectory and `adapter_composition.json` records which are active. The cell lists what it
+# wrote, against a full checkpoint of the same model:
 
 # %%
-share = Path(tempfile.mkdtemp()) / "sentiment-pfeiffer"
-pm.save_adapter(share, "sentiment")
-for f in sorted(share.iterdir()):
-    print(f"{f.name:28s} {f.stat().st_size:>9,d} bytes")
-print((share / "adapter_config.json").read_text()[:300], "…")
+share = Path(tempfile.mkdtemp())
+pm.set_adapter("sentiment")
+pm.save_pretrained(share / "two-tasks")
+base.save_pretrained(share / "full-checkpoint")  # what storing a fully fine-tuned copy per task would cost
 
-# Somewhere else: a fresh copy of the same base, and the adapter's directory.
-received = PeftModel.from_pretrained(load_base("default"), str(share), adapter_name="sentiment")
+
+def listing(directory: Path) -> int:
+    total = 0
+    for f in sorted(p for p in directory.rglob("*") if p.is_file()):
+        print(f"  {str(f.relative_to(directory)):44s} {f.stat().st_size:>10,d} bytes")
+        total += f.stat().st_size
+    return total
+
+
+print("save_pretrained, two Pfeiffer adapters:")
+adapters_size = listing(share / "two-tasks")
+print("full checkpoint (config + weights):")
+full_size = listing(share / "full-checkpoint")
+tensor_bytes = {name: (share / "two-tasks" / name / "adapter_model.safetensors").stat().st_size for name in tasks}
+n_adapter = {name: sum(t.numel() for t in pm.adapter_state_dict(name).values()) for name in tasks}
+print(f"both adapters together: {adapters_size:,d} bytes = {adapters_size / full_size:.3f} of one full checkpoint "
+      f"({full_size:,d} bytes)")
+course.claim(all(4 * n_adapter[name] <= tensor_bytes[name] < 1.1 * 4 * n_adapter[name] for name in tasks)
+             and adapters_size < 0.2 * full_size,
+             f"each adapter's tensor file holds its {n_adapter['sentiment']:,d} fp32 numbers and little else, and two "
+             f"adapters cost {adapters_size / full_size:.1%} of one full checkpoint")
+print("\nsentiment/adapter_config.json (the architecture, and the base it was made for):")
+print(textwrap.indent((share / "two-tasks" / "sentiment" / "adapter_config.json").read_text(), "  "))
+
+# %% [markdown]
+# Somewhere else, with the same base: `PeftModel.from_pretrained` restores both adapters and the active one, and the
+# logits are the trained model's.
+
+# %%
+received = PeftModel.from_pretrained(load_base("default"), str(share / "two-tasks"))
 with torch.no_grad():
-    diff = (received(idx)[0] - pm(idx)[0]).abs().max()
-print(f"received adapter: max |logit difference| = {diff:.1e}; sentiment accuracy "
-      f"{evaluate(received, tasks['sentiment'], tok, 'validation'):.2f}")
+    recv_diff = (received(idx)[0] - pm(idx)[0]).abs().max()
+course.claim(recv_diff == 0.0 and list(received.peft_config) == list(pm.peft_config),
+             f"the received model holds adapters {list(received.peft_config)} (active {received.active_adapters}) and "
+             f"computes the trained model's logits exactly (max |difference| {recv_diff:.1e})")
 
-# And into the model that already holds adapters, under a new name (added, not activated):
-pm.load_adapter(str(share), adapter_name="sentiment_copy")
-print("adapters now:", list(pm.peft_config), "| active:", pm.active_adapters)
+# %% [markdown]
+# An adapter is only meaningful on the base it was trained for. Below, a Pfeiffer adapter is saved from a GPT of
+# another shape (2 layers of width 64, the size of the "tiny" preset), and then loaded onto the default base — the
+# way a wrong download would arrive. Loading compares the fingerprint stored in the config with the model's and
+# refuses, naming every field that differs; the model it was to be loaded into is left as it was.
+
+# %%
+other = GPT(GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=64))  # another base: random weights suffice
+foreign = share / "pfeiffer-for-another-base"
+get_peft_model(other, AdapterConfig.load("pfeiffer", reduction_factor=4)).save_adapter(foreign)
+
+target = load_base("default")
+try:
+    PeftModel.from_pretrained(target, str(foreign))
+    refusal = None
+except ValueError as e:
+    refusal = str(e)
+print("PeftModel.from_pretrained refused it:\n" + textwrap.indent(textwrap.fill(refusal or "(no error)", 116), "  "))
+try:
+    pm.load_adapter(str(foreign), adapter_name="foreign")
+    refusal_into_pm = None
+except ValueError as e:
+    refusal_into_pm = str(e)
+course.claim(refusal is not None and "different base model" in refusal and refusal_into_pm is not None
+             and not any(isinstance(m, BottleneckLayer) for m in target.modules()) and "foreign" not in pm.peft_config,
+             "an adapter saved for a differently shaped base is refused, by from_pretrained and by load_adapter, and "
+             f"neither model keeps anything of it (pm still holds {list(pm.peft_config)})")
+
+# %% [markdown]
+# ## Summary
+#
+# - A bottleneck adapter is h + W_up·f(W_down·h + b_down) + b_up: 2·d·m + m + d parameters, m = d / rf; with
+#   W_up and b_up at zero it starts as the identity.
+# - Pfeiffer puts one adapter per block (after the MLP), Houlsby two (after attention too): twice the parameters
+#   at the same reduction factor, and two sequential modules per block to run.
+# - Adapters for several tasks share one frozen base; switching is one `set_adapter` call and never changes the
+#   base. Stacking separately trained adapters composes them; fusion learns the combination.
+# - An adapter cannot be merged (a non-linearity sits between its projections), so it costs time on every token;
+#   how much is a ratio with an interval, read against a merged LoRA's, which can only be noise.
+# - Sharing an adapter means sharing a config and a small weight file (AdapterHub by name, minipeft by
+#   directory); loading checks that the adapter was made for this base and refuses it otherwise.
+#
+# ## Exercises
+#
+# Each exercise has a stub to fill in and a check cell below it. The check says "not done yet" while the stub
+# is untouched, and says what is wrong when an answer is off. Worked solutions: this chapter's file in
+# `notebooks/solutions/`, a plain Python script that runs the same checks on them.
+#
+# ### Exercise 1 — a bottleneck adapter's forward pass
+#
+# Write `bottleneck_forward(h, W_down, b_down, W_up, b_up)` for h of shape (..., d), W_down (m, d) and W_up
+# (d, m), with ReLU as the non-linearity (the library's default). The check compares it with minipeft's
+# `BottleneckAdapter` (trained-looking random weights) on three widths.
+
+# %%
+def bottleneck_forward(h, W_down, b_down, W_up, b_up):
+    """h (..., d) → h + W_up·ReLU(W_down·h + b_down) + b_up, (..., d)."""
+    return None  # your code here
+
+
+# %%
+check_bottleneck_forward(bottleneck_forward)
+
+# %% [markdown]
+# ### Exercise 2 — Pfeiffer against Houlsby: the parameter count
+#
+# Write `adapter_param_count(architecture, n_layer, d, reduction_factor)` for `architecture` "pfeiffer" or
+# "houlsby": the trainable parameters of the adapters on a GPT of n_layer blocks of width d. The bottleneck is
+# m = d // reduction_factor (integer division). The check compares with `get_peft_model` on five configurations.
+
+# %%
+def adapter_param_count(architecture, n_layer, d, reduction_factor):
+    """Trainable parameters of Pfeiffer or Houlsby adapters at this reduction factor."""
+    return None  # your code here
+
+
+# %%
+check_adapter_param_count(adapter_param_count)
+
+# %% [markdown]
+# ### Exercise 3 — an adapter that starts as the identity, and can learn
+#
+# Write `identity_init(adapter)`: set the parameters of a `BottleneckAdapter` (its `adapter_down` and `adapter_up`
+# are `nn.Linear`s) in place, so that `adapter(h)` returns h exactly, yet a gradient reaches the adapter from the
+# first step. Zeroing everything passes the first test and fails the second: find out why. The check starts from
+# random weights, calls your function, compares the output with h, then backpropagates a loss.
+
+# %%
+def identity_init(adapter):
+    """Initialise adapter.adapter_down and adapter.adapter_up in place: identity at start, still trainable."""
+    return None  # your code here
+
+
+# %%
+check_identity_init(identity_init)
+
+# %% [markdown]
+# ### Open questions
+#
+# 1. Section 3.3 trained each adapter alone, then stacked them. Train the `facts` adapter *while* the sentiment
+#    adapter is active below it (`set_adapter(["sentiment", "facts"])`, with only facts' parameters trainable):
+#    does the stacked row keep more of each task? Measure with three seeds before you answer.
+# 2. At what width d would Houlsby's second adapter per block cost less time, relative to the base, than it does
+#    here? Think about what grows with d² and what grows with d·m.
 
 # %%
 print(f"notebook ran in {time.perf_counter() - NOTEBOOK_START:.0f} s")
+
+# %%
+course.claims_report()

@@ -1,0 +1,1 @@
+"""Check functions for the course chapters' exercises, one module per chapter (chNN.py)."""
