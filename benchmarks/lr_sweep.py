@@ -27,7 +27,7 @@ GRID = {
     "qlora": (1e-3, 3e-3, 1e-2),
     "pfeiffer": (3e-3, 1e-2, 3e-2),
     "houlsby": (3e-3, 1e-2, 3e-2),
-    "prefix": (3e-3, 1e-2, 3e-2),
+    "prefix": (1e-2, 3e-2, 1e-1, 3e-1),  # the first world's best, 3e-2, was the top of (3e-3, 1e-2, 3e-2)
     "prompt": (1e-2, 3e-2, 1e-1),
     "ptuning": (3e-3, 1e-2, 3e-2),
 }

@@ -85,6 +85,7 @@ def run_method(key: str, args: argparse.Namespace) -> dict:
 
     method = METHODS[key]
     mem_before = reset_peak_memory(device)
+    torch.manual_seed(args.seed)  # the adapter's init depends on the seed alone, not on what loading the base drew
     model = method.build(base, task, tok).to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     T = base.config.block_size

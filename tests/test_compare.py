@@ -49,7 +49,7 @@ def test_every_builder_gives_the_closed_form_trainable_count():
 def quick_run(pretrained_base, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    proc = subprocess.run([sys.executable, "-m", "minipeft.cli", "compare", "--quick", "--steps", "100",
+    proc = subprocess.run([sys.executable, "-m", "minipeft.cli", "compare", "--quick", "--steps", "150",
                            "--device", "cpu", "--out", str(out)], capture_output=True, text=True, env=env,
                           timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -361,8 +361,10 @@ def test_int8_lora_step_captures_in_a_cuda_graph():
     eager = layer(x)
     compiled = torch.compile(layer, mode="reduce-overhead")
     for _ in range(3):  # warm-up runs, then the captured graph replays
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: the last one's graph outputs may be overwritten
         out = compiled(x)
         out.float().sum().backward()
+        out = out.detach().clone()  # read after the step, so a copy
     assert_close(out, eager)
 
 

@@ -16,7 +16,9 @@ LORA = dict(r=8, lora_alpha=16, target_modules="all-linear")
 def test_qlora_learns_like_lora_on_the_16_bit_base(pretrained_base, tokenizer):
     import copy
 
+    torch.manual_seed(0)  # LoRA's A is drawn from the global generator: the same A for both, whatever ran before
     lora = get_peft_model(copy.deepcopy(pretrained_base), LoraConfig(**LORA))
+    torch.manual_seed(0)
     qlora = get_peft_model(quantize_model(copy.deepcopy(pretrained_base)), LoraConfig(**LORA))
     assert any(isinstance(m.base_layer, NF4Linear) for m in qlora.modules() if isinstance(m, LoraLinear))
     chance, acc_lora = learn_task(lora, tokenizer, "sentiment", steps=120, lr=3e-3)
