@@ -49,8 +49,10 @@
 # is decorated, i.e. when `kernels` is imported, so it must be set first (kernels/__init__.py says why).
 import os
 
+import course
 import torch
 
+course.setup(seed=0)  # seeds, one thread (in a Jupyter kernel on 2 cores, 2 OpenMP threads made small ops far slower)
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 else:  # on a GPU: one fixed kernel config; the checks below test correctness, so tuning would only cost time
@@ -71,8 +73,7 @@ import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from checks.ch08 import check_host_ms_removed, check_lora_forward, check_lowrank_flops, check_shrink_bytes
 
 from minipeft.data import build_world, corpus_tokens, pretraining_batch, pretraining_corpus
 from minipeft.kernels import lora_routes, lora_triton, reference
@@ -83,8 +84,6 @@ from minipeft.tuners import LoraConfig, get_peft_model
 
 NOTEBOOK_START = time.perf_counter()
 REPO = Path(kernels.__file__).resolve().parents[1]
-_ = torch.manual_seed(0)
-torch.set_num_threads(1)  # in a Jupyter kernel on 2 cores, 2 OpenMP threads made small ops far slower
 
 
 def show(header, rows):
@@ -119,9 +118,11 @@ def blocked_matmul(x, W, BM=16, BN=16, BK=8):
     return Y
 
 
-x = torch.randn(40, 24)
-W = torch.randn(36, 24)
-print(f"max |blocked − x·Wᵀ| = {(blocked_matmul(x, W) - x @ W.T).abs().max():.1e}")
+x = torch.randn(40, 24)  # M = 40, K = 24: neither a multiple of the tiles, so the edges are exercised
+W = torch.randn(36, 24)  # N = 36
+blocked_err = (blocked_matmul(x, W) - x @ W.T).abs().max().item()
+course.claim(blocked_err < 1e-4, f"the tiled loop computes x·Wᵀ: max |blocked − x·Wᵀ| = {blocked_err:.1e}, fp32 "
+                                 f"rounding of a different summation order")
 
 # %% [markdown]
 # ## 2. The fused-LoRA idea
@@ -149,9 +150,11 @@ def blocked_lora(x, W, bias, A, B, scaling, BM=16, BN=16, BK=8):
     return Y
 
 
-A, B, bias = torch.randn(4, 24), torch.randn(36, 4), torch.randn(36)
-ref = reference.lora_linear(x, W, bias, A, B, 2.0)
-print(f"max |blocked LoRA − kernels.reference| = {(blocked_lora(x, W, bias, A, B, 2.0) - ref).abs().max():.1e}")
+A, B, bias = torch.randn(4, 24), torch.randn(36, 4), torch.randn(36)  # r = 4
+ref = reference.lora_linear(x, W, bias, A, B, 2.0)  # (40, 36)
+epilogue_err = (blocked_lora(x, W, bias, A, B, 2.0) - ref).abs().max().item()
+course.claim(epilogue_err < 1e-4, f"one more MMA step per tile adds the whole LoRA branch: max |blocked LoRA − "
+                                  f"kernels.reference| = {epilogue_err:.1e}")
 
 # %% [markdown]
 # ### What fusion saves: count the bytes and the FLOPs
@@ -234,9 +237,10 @@ show(["M, K, N, r", "mask", "Y", "dx", "dbias", "dA", "dB"],
      [[f"{M}, {K}, {N}, {r}", with_mask, *(f"{e:.1e}" for e in errs)]
       for (M, K, N, r, with_mask), errs in errors.items()])
 worst = max(max(errs) for errs in errors.values())
-print(f"worst {worst:.1e} (the fp32 dots run in 'ieee' precision) — {time.perf_counter() - start:.1f} s for "
-      f"{len(errors)} shapes")
-assert worst < 1e-4
+print(f"({time.perf_counter() - start:.1f} s for {len(errors)} shapes in the interpreter)")
+course.claim(worst < 1e-4, f"the Triton kernels' output and all four gradients match the reference on "
+                           f"{len(errors)} shapes, with and without a dropout mask: worst |Δ| {worst:.1e} (the fp32 "
+                           f"dots run in 'ieee' precision)")
 
 # %% [markdown]
 # The errors are fp32 rounding: the kernels sum in a different order (tiles, and atomics for dA/dB). On the
@@ -311,6 +315,11 @@ for step, (a, b) in enumerate(zip(runs["reference"]["losses"], runs["triton"]["l
 drift = max((runs["reference"]["params"][n] - runs["triton"]["params"][n]).abs().max().item()
             for n in runs["reference"]["params"])
 print(f"after 3 AdamW steps, max |Δ| over every LoRA weight = {drift:.1e}")
+loss_gap = max(abs(a - b) for a, b in zip(runs["reference"]["losses"], runs["triton"]["losses"], strict=True))
+course.claim(runs["triton"]["fused"] == n_lora and runs["reference"]["fused"] == 0 and loss_gap < 1e-4 and drift < 1e-4,
+             f"the switch reaches every layer: the 'triton' loss graph has {runs['triton']['fused']} Triton nodes, one "
+             f"per LoRA layer, the 'reference' graph none; the 3-step runs agree to {loss_gap:.1e} in the loss and "
+             f"{drift:.1e} in the weights")
 
 # %% [markdown]
 # Same losses, same weights after training, to fp32 rounding. The "triton" backend runs the kernels on every
@@ -703,29 +712,6 @@ def shrink_bytes(M, K, r, e=2):
 
 
 # %%
-def check_shrink_bytes(fn):
-    if fn(16, 32, 4, 2) is None:
-        print("Exercise 1: not done yet — fill in shrink_bytes.")
-        return
-    for M, K, N, r in [(1, 4096, 4096, 16), (4096, 768, 2304, 8), (16384, 4096, 4096, 64)]:
-        answer = fn(M, K, r, E)
-        if not (isinstance(answer, tuple) and len(answer) == 2):
-            print(f"Exercise 1: return a pair (bytes read, bytes written); got {answer!r}.")
-            return
-        read, written = answer
-        base, _, fused = traffic_bytes(M, N, K, r, E)
-        epilogue_reads = E * (M * r + N * r)   # the fused GEMM reads S and B once more
-        if written != E * M * r:
-            print(f"Exercise 1: at M={M}, r={r} the shrink writes S, which is (M, r): {E * M * r} bytes, "
-                  f"not {written}.")
-            return
-        if read + written + epilogue_reads != fused - base:
-            print(f"Exercise 1: at M={M}, K={K}, r={r}, reads {read} do not fit section 2's formula: the shrink "
-                  f"reads x (M × K) and A (r × K), e bytes each.")
-            return
-    print("Exercise 1: correct — the shrink pass reads x once more, which is why it costs memory time at large M.")
-
-
 check_shrink_bytes(shrink_bytes)
 
 # %% [markdown]
@@ -742,27 +728,6 @@ def lowrank_flops(M, K, N, r):
 
 
 # %%
-def counted_flops(fn, *args):
-    with FlopCounterMode(display=False) as counter:
-        fn(*args)
-    return counter.get_total_flops()
-
-
-def check_lowrank_flops(fn):
-    if fn(8, 16, 12, 4) is None:
-        print("Exercise 2: not done yet — fill in lowrank_flops.")
-        return
-    for M, K, N, r in [(8, 16, 12, 4), (33, 64, 48, 8), (5, 40, 24, 16)]:
-        x_, W_, A_, B_ = torch.randn(M, K), torch.randn(N, K), torch.randn(r, K), torch.randn(N, r)
-        lowrank = counted_flops(reference.lora_linear, x_, W_, None, A_, B_, 2.0) - counted_flops(F.linear, x_, W_)
-        if fn(M, K, N, r) != lowrank:
-            print(f"Exercise 2: at M={M}, K={K}, N={N}, r={r} the counter finds {lowrank} FLOPs, you said "
-                  f"{fn(M, K, N, r)}. Each matmul (a, b)·(b, c) costs 2·a·b·c.")
-            return
-    print(f"Exercise 2: correct — at K = N = {K_BENCH}, r = {R_BENCH} that is "
-          f"{fn(1, K_BENCH, N_BENCH, R_BENCH) / (2 * K_BENCH * N_BENCH):.2%} of the base GEMM's FLOPs, fused or not.")
-
-
 check_lowrank_flops(lowrank_flops)
 
 # %% [markdown]
@@ -779,40 +744,6 @@ def lora_forward(x, W, bias, A, B, scaling, dropout_mask=None):
 
 
 # %%
-def check_lora_forward(fn):
-    g = torch.Generator().manual_seed(8)
-    x_, W_, b_ = torch.randn(2, 5, 12, generator=g), torch.randn(10, 12, generator=g), torch.randn(10, generator=g)
-    A_, B_ = torch.randn(3, 12, generator=g), torch.randn(10, 3, generator=g)
-    m_ = (torch.rand(2, 5, 12, generator=g) > 0.3).float() / 0.7
-    if fn(x_, W_, b_, A_, B_, 2.0) is None:
-        print("Exercise 3: not done yet — fill in lora_forward.")
-        return
-    close = lambda a, b: a.shape == b.shape and torch.allclose(a, b, atol=1e-5)  # noqa: E731
-    for bias_, mask_ in [(b_, None), (None, m_), (b_, m_)]:
-        got = fn(x_, W_, bias_, A_, B_, 2.0, mask_)
-        want = reference.lora_linear(x_, W_, bias_, A_, B_, 2.0, mask_)
-        if close(got, want):
-            continue
-        case = f"(bias {'given' if bias_ is not None else 'None'}, mask {'given' if mask_ is not None else 'None'})"
-        if got.shape != want.shape:
-            hint = (f"the output should have shape {tuple(want.shape)} (x's leading dims, then N), "
-                    f"not {tuple(got.shape)}")
-        elif close(got, reference.lora_linear(x_, W_, bias_, A_, B_, 1.0, mask_)):
-            hint = "the LoRA term is missing its scaling s"
-        elif mask_ is not None and close(got, reference.lora_linear(x_, W_, bias_, A_, B_, 2.0)):
-            hint = "the dropout mask is ignored: apply it to x on the LoRA branch"
-        elif mask_ is not None and close(got, reference.lora_linear(x_ * m_, W_, bias_, A_, B_, 2.0)):
-            hint = "the mask reaches the base layer too: only the LoRA branch sees x ⊙ m"
-        elif bias_ is not None and close(got, reference.lora_linear(x_, W_, None, A_, B_, 2.0, mask_)):
-            hint = "the bias is missing"
-        else:
-            hint = f"max |yours − reference| = {(got - want).abs().max():.2e}; check the order A then B"
-        print(f"Exercise 3: not right yet {case}: {hint}.")
-        return
-    print("Exercise 3: correct — the same numbers as kernels.reference.lora_linear, the oracle the kernels are "
-          "tested against.")
-
-
 check_lora_forward(lora_forward)
 
 # %% [markdown]
@@ -820,7 +751,8 @@ check_lora_forward(lora_forward)
 #
 # Write `host_ms_removed(tokens_per_step, eager_tokens_per_s, graphs_tokens_per_s)`: the milliseconds per step
 # that replaying the step as CUDA graphs removed — the eager step's time minus the graphs step's time. The check
-# runs it on the end-to-end rows of section 5.3 and turns the answer into host time per LoRA call.
+# tries it on made-up step rates; once it is right, the cell applies it to the end-to-end rows of section 5.3 and
+# turns the answer into host time per LoRA call.
 
 # %%
 def host_ms_removed(tokens_per_step, eager_tokens_per_s, graphs_tokens_per_s):
@@ -829,27 +761,30 @@ def host_ms_removed(tokens_per_step, eager_tokens_per_s, graphs_tokens_per_s):
 
 
 # %%
-def check_host_ms_removed(fn):
-    if fn(1000, 1000.0, 2000.0) is None:
-        print("Exercise 4: not done yet — fill in host_ms_removed.")
-        return
-    if abs(fn(1000, 1000.0, 2000.0) - 500.0) > 1e-6:
-        print(f"Exercise 4: 1000 tokens at 1000 tokens/s take 1000 ms, at 2000 tokens/s 500 ms, so 500 ms are "
-              f"removed; you said {fn(1000, 1000.0, 2000.0)}. Time per step = tokens per step ÷ tokens/s.")
-        return
-    removed = {b: fn(TOKENS_PER_STEP, lora[(b, "eager")]["tps"], lora[(b, "graphs")]["tps"]) for b in BACKENDS}
-    print("Exercise 4: correct. Per step, CUDA graphs removed "
-          + ", ".join(f"{b} {ms:.1f} ms" for b, ms in removed.items()) + ".")
+if check_host_ms_removed(host_ms_removed):  # then, on the end-to-end rows of section 5.3:
+    removed = {b: host_ms_removed(TOKENS_PER_STEP, lora[(b, "eager")]["tps"], lora[(b, "graphs")]["tps"])
+               for b in BACKENDS}
+    print("Per step, CUDA graphs removed " + ", ".join(f"{b} {ms:.1f} ms" for b, ms in removed.items()) + ".")
     extra_us = (removed["triton"] - removed["reference"]) * 1e3 / (2 * n_lora_gpt2)
     print(f"Graphs removed {removed['triton'] - removed['reference']:.1f} ms more from the 'triton' step than from "
-          f"the 'reference' one: "
-          f"over {2 * n_lora_gpt2} LoRA calls a step ({n_lora_gpt2} layers, forward and backward), about "
-          f"{extra_us:.0f} µs more per call — Python launching Triton kernels. (Graphs mode also compiles the "
-          f"step, so these figures mix in what Inductor's fusion saves on the GPU; they are estimates of host "
-          f"time, not measurements of it.)")
-
-
-check_host_ms_removed(host_ms_removed)
+          f"the 'reference' one: over {2 * n_lora_gpt2} LoRA calls a step ({n_lora_gpt2} layers, forward and "
+          f"backward), about {extra_us:.0f} µs more per call — Python launching Triton kernels. (Graphs mode also "
+          f"compiles the step, so these figures mix in what Inductor's fusion saves on the GPU; they are estimates "
+          f"of host time, not measurements of it.)")
 
 # %%
 print(f"notebook ran in {time.perf_counter() - NOTEBOOK_START:.0f} s")
+
+# %% [markdown]
+# ### Questions
+#
+# 1. Fusion removes 6·M·N elements of traffic, yet section 5 found that it only pays where the layer waits on
+#    memory and the host is out of the way. For a layer you care about (your model's widths, your batch's rows),
+#    which measurement from section 5 would you take first to decide between the reference's ops, the fused
+#    kernel and a merged weight, and why that one?
+# 2. The profile of section 5.2 splits the gap to the frozen floor into a slower GEMM and LoRA's thin passes over
+#    x and dY. Which of the thin passes could be folded into a GEMM that already reads the same tensor, and what
+#    would that cost in registers or in a second output?
+
+# %%
+course.claims_report()

@@ -39,8 +39,10 @@ import time
 import warnings
 from pathlib import Path
 
+import course
 import matplotlib.pyplot as plt
 import torch
+from checks.ch10 import check_lora_trainable_parameters, check_merged_conv1d_weight, check_supervised_tokens
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from minipeft import GPT, PeftModel, PromptTuningConfig, get_peft_model, kernels, load_tokenizer_json
@@ -60,10 +62,9 @@ import peft  # noqa: E402
 import transformers  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
+course.setup(seed=0)  # seeds, and one thread: small models on a 2-core machine, no spin-waiting threads
 NOTEBOOK_START = time.perf_counter()
 kernels.set_backend("reference")
-torch.set_num_threads(1)  # small models on a 2-core machine: one thread avoids spin-waiting threads
-torch.manual_seed(0)
 transformers.utils.logging.disable_progress_bar()
 WORK = Path(tempfile.mkdtemp(prefix="minipeft-own-"))  # everything this chapter writes goes here
 print(f"peft {peft.__version__}, transformers {transformers.__version__}, torch {torch.__version__}")
@@ -234,9 +235,9 @@ LORA = WORK / "runs" / "lora"
 metrics = [json.loads(line) for line in (LORA / "metrics.jsonl").read_text().splitlines()]
 lora_losses = [m["loss"] for m in metrics]
 first, last = sum(lora_losses[:10]) / 10, sum(lora_losses[-10:]) / 10
-assert last < first, (first, last)
-print(f"\nLoRA: the loss fell from {first:.2f} (mean of the first 10 steps) to {last:.2f} (the last 10), "
-      f"{last / first:.0%} of where it started.")
+print()
+course.claim(last < 0.5 * first, f"LoRA from the command line learned: the loss fell from {first:.2f} (mean of the "
+                                 f"first 10 steps) to {last:.2f} (the last 10), {last / first:.0%} of where it started")
 
 base_eval = evaluate_dataset(base, load_jsonl(VAL, tok))["loss"]
 lora_eval = metrics[-1]["eval_loss"]
@@ -264,10 +265,10 @@ pt_val = load_jsonl(VAL, tok, max_length=base.config.block_size - N_VIRTUAL, for
 pt_config = TrainConfig(steps=PROMPT_STEPS, lr=PROMPT_LR, batch_size=8, warmup_steps=PROMPT_STEPS // 10)
 result = train(pt, pt_data.batches(batch_size=8), pt_config, loss_fn=dataset_loss(pt_data), progress=False)
 pt_first, pt_last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
-assert pt_last < pt_first, (pt_first, pt_last)
 pt_eval = evaluate_dataset(pt, pt_val)["loss"]
-print(f"prompt tuning, {PROMPT_STEPS} steps: the loss fell from {pt_first:.2f} to {pt_last:.2f} (means of the "
-      f"first and last 10 steps); held-out loss {pt_eval:.2f} (base {base_eval:.2f}, LoRA {lora_eval:.2f})")
+course.claim(pt_last < 0.9 * pt_first, f"prompt tuning from Python learned too: in {PROMPT_STEPS} steps the loss fell "
+                                       f"from {pt_first:.2f} to {pt_last:.2f} (means of the first and last 10 steps)")
+print(f"held-out loss: prompt tuning {pt_eval:.2f}, LoRA {lora_eval:.2f}, the base {base_eval:.2f}")
 PROMPT = WORK / "runs" / "prompt"
 pt.save_adapter(PROMPT, format="peft", base_model_name_or_path=str(BASE))  # peft's format, for section 6
 
@@ -362,9 +363,8 @@ for name, ours_model in (("LoRA", lora_model), ("prompt tuning", pt)):
             theirs = theirs_model(input_ids=ids).logits[:, -ids.shape[1]:]  # drop the virtual tokens' logits
             worst, scale = max(worst, (ours - theirs).abs().max().item()), max(scale, ours.abs().max().item())
     tol = 1e-4 * max(1.0, scale)
-    assert worst <= tol, (name, worst, tol)
-    print(f"{name}: peft and minipeft agree on {len(prompts)} prompts: max |difference| {worst:.1e} "
-          f"(tolerance {tol:.0e}, largest logit {scale:.1f})")
+    course.claim(worst <= tol, f"{name}: Hugging Face peft and minipeft agree on {len(prompts)} prompts: max "
+                               f"|difference| {worst:.1e} (tolerance {tol:.0e}, largest logit {scale:.1f})")
 
 # %% [markdown]
 # ## 7. Merging: a plain GPT-2 checkpoint
@@ -390,14 +390,12 @@ with torch.no_grad():
                                     .abs().max().item())
         worst["minipeft"] = max(worst["minipeft"], (merged_ours(ids)[0] - adapter_logits).abs().max().item())
 tol = 1e-4 * max(1.0, scale)
-assert max(worst.values()) <= tol, (worst, tol)
-for loader, w in worst.items():
-    print(f"merged, loaded by {loader}: max |logits − adapter model's| = {w:.1e} (tolerance {tol:.0e})")
+course.claim(max(worst.values()) <= tol, "the merged GPT-2 computes the adapter model's logits: max |difference| "
+             + " and ".join(f"{w:.1e} loaded by {loader}" for loader, w in worst.items()) + f" (tolerance {tol:.0e})")
 adapter_kb = (LORA / "adapter_model.safetensors").stat().st_size / 1e3
 merged_kb = (MERGED / "model.safetensors").stat().st_size / 1e3
 print(f"the adapter file is {adapter_kb:,.0f} kB, the merged model {merged_kb:,.0f} kB "
       f"({adapter_kb / merged_kb:.0%}): keep adapters to switch tasks on one base, merge to serve one task")
-print(f"\nnotebook ran in {time.perf_counter() - NOTEBOOK_START:.0f} s")
 
 # %% [markdown]
 # ## Summary
@@ -415,19 +413,72 @@ print(f"\nnotebook ran in {time.perf_counter() - NOTEBOOK_START:.0f} s")
 #
 # ## Exercises
 #
+# Each exercise has a stub to fill in and a check cell below it. The check says "not done yet" while the stub
+# is untouched, and says what is wrong when an answer is off. Worked solutions: this chapter's file in
+# `notebooks/solutions/`, a plain Python script that runs the same checks.
+#
+# ### Exercise 1 — how many parameters LoRA trains on GPT-2
+#
+# The LoRA command of section 3 printed its trainable parameters. Write `lora_trainable_parameters(n_layer,
+# n_embd, r)`: the parameters LoRA of rank r adds on every Linear of GPT-2's blocks (c_attn, attn.c_proj,
+# mlp.c_fc, mlp.c_proj; not the output head). The check compares with `get_peft_model` on models of four sizes.
+
+# %%
+def lora_trainable_parameters(n_layer, n_embd, r):
+    """LoRA parameters on the four Linears of each of GPT-2's n_layer blocks of width n_embd, rank r."""
+    return None  # your code here
+
+
+# %%
+check_lora_trainable_parameters(lora_trainable_parameters)
+
+# %% [markdown]
+# ### Exercise 2 — which tokens a completion row trains on
+#
+# Section 2 marked in [brackets] the tokens that count in the loss. Write `supervised_tokens(tokenizer, prompt,
+# completion)`: the token ids a `{"prompt", "completion"}` row supervises, in order. The check reads them off
+# `load_jsonl`'s targets for several rows, with a byte tokenizer and with this chapter's BPE.
+
+# %%
+def supervised_tokens(tokenizer, prompt, completion):
+    """The ids the loss of a {"prompt": prompt, "completion": completion} row is computed on."""
+    return None  # your code here
+
+
+# %%
+check_supervised_tokens(supervised_tokens, tok)
+
+# %% [markdown]
+# ### Exercise 3 — the merged weight, as GPT-2's files store it
+#
+# `minipeft merge` (section 7) writes W' = W + s·B·A for every adapted Linear. minipeft's GPT keeps W as an
+# `nn.Linear` weight, (out, in); GPT-2's checkpoints store these projections as Conv1D weights. Write
+# `merged_conv1d_weight(W, A, B, scaling)`: the tensor the merged checkpoint holds for one layer. The check
+# merges small LoRA models, saves them and compares with the stored tensors.
+
+# %%
+def merged_conv1d_weight(W, A, B, scaling):
+    """W (out, in), A (r, in), B (out, r), scaling s → the merged weight as GPT-2's model.safetensors holds it."""
+    return None  # your code here
+
+
+# %%
+check_merged_conv1d_weight(merged_conv1d_weight)
+
+# %% [markdown]
+# ### Questions
+#
 # 1. **Rank.** Re-run the LoRA command with `--r 1`, `--r 2` and `--r 32`. How do the final training loss, the
 #    held-out loss and the size of `adapter_model.safetensors` change? Is there a rank below which this word list
 #    cannot be learned, and why would that rank depend on the number of words?
-# 2. **A held-out evaluation.** Run `minipeft evaluate --base DIR --adapter runs/lora --data val.jsonl`, then
-#    write a second held-out file with phrasings of your own. Which phrasings does the adapter handle, and what do
-#    they have in common with the training ones? Does `--eval-every 20` show the held-out loss rising while the
-#    training loss still falls?
-# 3. **Formats.** Train the soft prompt from the command line (`--method prompt --format peft`) and the LoRA
-#    adapter from Python with `save_adapter(..., format="peft")`. Then try `--method pfeiffer --format peft`:
-#    what does minipeft answer, and why can there be no peft file for that method?
-# 4. **Real weights.** Save GPT-2 as at the top and set `BASE_DIR`. Which steps get slower, and by how much?
-#    Does GPT-2 already translate some of the words before any training, and does prompt tuning now do better
-#    against LoRA than on the random base?
-# 5. **Classification.** Rewrite the data as `{"text": "Translate cat: chat. Correct? Answer:", "label": " yes"}`
-#    rows, with wrong translations labelled `" no"`. What does `run.json` record about the labels, and what
-#    accuracy does `minipeft evaluate` report on held-out rows?
+# 2. **Formats.** Try `--method pfeiffer --format peft`: what does minipeft answer, and why can there be no peft
+#    file for that method?
+# 3. **Real weights.** Save GPT-2 as at the top and set `BASE_DIR`. Which steps get slower, and by how much? Does
+#    GPT-2 already translate some of the words before any training, and does prompt tuning now do better against
+#    LoRA than on the random base?
+
+# %%
+print(f"notebook ran in {time.perf_counter() - NOTEBOOK_START:.0f} s")
+
+# %%
+course.claims_report()
