@@ -145,42 +145,53 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5.6))
     trained = [r for r in rows if r["trainable"]]
     ax = axes[0]
-    for r in trained:
-        ax.scatter(r["trainable_pct"], r["metric"], s=40)
-        ax.annotate(r["method"], (r["trainable_pct"], r["metric"]), textcoords="offset points", xytext=(4, 4))
+    # One marker and colour per method, named in the legend: methods with nearly the same trainable % and
+    # metric would overlap as text next to their points.
+    markers = "osD^vP*Xh<>p"
+    for i, r in enumerate(trained):
+        ax.scatter(r["trainable_pct"], r["metric"], s=45, marker=markers[i % len(markers)], color=f"C{i % 10}",
+                   label=r["method"], zorder=3)
+    styles = iter(["--", "-."])
     for r in rows:
-        if not r["trainable"]:
-            ax.axhline(r["metric"], ls="--", lw=1, color="gray")
-            ax.text(ax.get_xlim()[0] if trained else 0.01, r["metric"], f" {r['method']}", va="bottom", color="gray")
+        if not r["trainable"]:  # baselines: a labelled line each, in the legend (never text on the axes)
+            ax.axhline(r["metric"], ls=next(styles, ":"), lw=1, color="gray", label=f"{r['method']} (no training)")
     if rows:
-        ax.axhline(rows[0]["chance"], ls=":", lw=1, color="red")
+        ax.axhline(rows[0]["chance"], ls=":", lw=1, color="red", label="chance")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (% of the base, log scale)")
     ax.set_ylabel(f"test {rows[0]['metric_name'] if rows else 'metric'}")
     ax.set_title("task metric vs trainable parameters")
+    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     names = [r["method"] for r in rows]
     ax = axes[1]
-    ax.bar(names, [r["ms_per_token"] for r in rows], label="as trained")
+    pos = list(range(len(rows)))
     merged = [(i, r["ms_per_token_merged"]) for i, r in enumerate(rows) if r["ms_per_token_merged"]]
+    width = 0.4 if merged else 0.8  # side by side where a merged bar exists, never on top of each other
+    ax.bar([i - width / 2 if merged else i for i in pos], [r["ms_per_token"] for r in rows], width=width,
+           label="as trained")
     if merged:
-        ax.bar([i + 0.3 for i, _ in merged], [v for _, v in merged], width=0.4, label="LoRA merged")
+        ax.bar([i + width / 2 for i, _ in merged], [v for _, v in merged], width=width, label="LoRA merged")
+    ax.set_xticks(pos, names, rotation=45, ha="right")
     ax.set_ylabel("inference latency (ms per generated token)")
     ax.set_title("latency per token (batch 1, KV cache)")
-    ax.tick_params(axis="x", rotation=45)
-    ax.legend()
+    if rows:
+        ax.set_ylim(0, 1.3 * max(r["ms_per_token"] for r in rows))  # a free strip on top for the legend
+    ax.legend(ncol=2, loc="upper right")
     ax = axes[2]
     stored = [r for r in rows if r["file_bytes"]]
-    ax.bar([r["method"] for r in stored], [r["file_bytes"] / 1024 for r in stored])
-    if rows and rows[0].get("full_checkpoint_bytes"):
-        ax.axhline(rows[0]["full_checkpoint_bytes"] / 1024, ls="--", color="gray", label="full checkpoint")
-        ax.legend()
+    ax.bar(range(len(stored)), [r["file_bytes"] / 1024 for r in stored])
+    ax.set_xticks(range(len(stored)), [r["method"] for r in stored], rotation=45, ha="right")
     ax.set_yscale("log")
+    if stored and rows[0].get("full_checkpoint_bytes"):
+        full_kib = rows[0]["full_checkpoint_bytes"] / 1024
+        ax.axhline(full_kib, ls="--", color="gray", label="full checkpoint")
+        ax.set_ylim(top=10 * max(full_kib, *(r["file_bytes"] / 1024 for r in stored)))  # a decade for the legend
+        ax.legend(loc="upper right")
     ax.set_ylabel("file size on disk (KiB, log scale)")
     ax.set_title("storage per task")
-    ax.tick_params(axis="x", rotation=45)
     fig.suptitle(title)
     fig.tight_layout()
 
