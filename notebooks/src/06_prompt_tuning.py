@@ -278,6 +278,101 @@ course.claim(spread[lr_lever] > 1.5 * runner_up,
              f"is more than 1.5× either other lever's (at most {runner_up:.2f})")
 
 # %% [markdown]
+# ### The rest of the guide's list: memory per virtual token, the init text, model size
+#
+# Three more items from the prompt- and prefix-tuning guide's troubleshooting list and next steps.
+#
+# **Memory ("optimize number of virtual tokens").** A virtual token costs C numbers of its own (plus their gradient
+# and two AdamW moments: 16 bytes each in fp32), but it also lengthens every sequence of every batch, and a training
+# step keeps every layer's activations of every position for backward. The cell counts, with
+# `torch.autograd.graph.saved_tensors_hooks`, the bytes one forward of a batch of 8 saves for backward, at several n.
+
+# %%
+def saved_for_backward(model, idx, mask, targets):
+    """Bytes of the tensors autograd saves in one forward (and loss) of the batch."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(idx, targets=targets, attention_mask=mask)
+    return total
+
+
+B_MEM = 8
+mem_idx, mem_targets, mem_mask = val_idx[:B_MEM], val_targets[:B_MEM], val_mask[:B_MEM]  # (8, T)
+MEM_LENGTHS = (4, 8, 16, 32)
+saved = {n: saved_for_backward(prompt_model(n, "RANDOM", 0), mem_idx, mem_mask, mem_targets) for n in MEM_LENGTHS}
+state = {n: 16 * n * C for n in MEM_LENGTHS}  # the prompt, its gradient and AdamW's two moments, fp32
+for n in MEM_LENGTHS:
+    print(f"n = {n:2d}: saved for backward {saved[n] / 2**20:6.2f} MiB, the prompt's own training state "
+          f"{state[n] / 2**10:5.1f} KiB (batch {B_MEM}, {mem_idx.shape[1]} real tokens a row)")
+per_token = (saved[MEM_LENGTHS[-1]] - saved[MEM_LENGTHS[0]]) / (MEM_LENGTHS[-1] - MEM_LENGTHS[0])
+ratio = per_token / (16 * C)
+course.claim(list(saved.values()) == sorted(set(saved.values())) and ratio > 10,
+             f"every virtual token adds {per_token / 2**10:.0f} KiB of saved activations to a batch of {B_MEM}, "
+             f"{ratio:.0f}× the {16 * C / 2**10:.1f} KiB of its own training state: shortening the prompt saves memory "
+             f"through the activations, and so does a smaller batch")
+
+# %% [markdown]
+# **The init text ("experiment with prompt initialization text").** TEXT init from the task's hand-written prompt
+# against TEXT init from a sentence that has nothing to do with the task, same n, rate and seeds:
+
+# %%
+OTHER_TEXT = "The soup in the inn was warm and the bread was old. "
+
+
+def text_init_ll(text):
+    out = []
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        model = get_peft_model(copy.deepcopy(base), PromptTuningConfig(
+            num_virtual_tokens=REF["n"], prompt_tuning_init="TEXT", prompt_tuning_init_text=text), tokenizer=tok)
+        fit(model, seed=seed)
+        out.append(answer_loglik(model))
+    return out
+
+
+print(f"task prompt: {task.discrete_prompt!r}\nother text:  {OTHER_TEXT!r}")
+print(compare_verdict(scores(text_key, "ll"), text_init_ll(OTHER_TEXT), "the task's prompt as init",
+                      "an unrelated sentence as init", "the validation answer log-likelihood")["text"])
+
+# %% [markdown]
+# **Model size ("compare performance across model sizes").** Lester et al. found prompt tuning's gap to tuning
+# the model shrinking as models grow. Two sizes of this course's base — the `tiny` preset (2 layers, 64 wide,
+# pretrained 150 steps) and the default one (4 layers, 160 wide) — each tuned both ways with the same steps and
+# seeds: prompt tuning (RANDOM, n = 16, rate 0.1) and LoRA (r = 8 on every linear layer, rate 0.01). The gap is LoRA's
+# answer log-likelihood minus prompt tuning's, per seed. Two sizes that also differ in pretraining are a small
+# experiment: it says what happens here, not a scaling law.
+
+# %%
+from minipeft.tuners import LoraConfig  # noqa: E402  (only this experiment uses LoRA)
+
+
+def tuned_ll(gpt, method, seed):
+    torch.manual_seed(seed)
+    config = (PromptTuningConfig(num_virtual_tokens=REF["n"]) if method == "prompt"
+              else LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    model = get_peft_model(copy.deepcopy(gpt), config, tokenizer=tok)
+    fit(model, lr=REF["lr"] if method == "prompt" else 1e-2, seed=seed)
+    return answer_loglik(model)
+
+
+sizes = {"tiny": load_base("tiny", progress=False), "default": base}
+gaps = {}
+for name, gpt in sizes.items():
+    ll = {m: ([tuned_ll(gpt, m, s) for s in SEEDS] if (name, m) != ("default", "prompt") else scores(ref_key, "ll"))
+          for m in ("prompt", "lora")}
+    gaps[name] = [a - b for a, b in zip(ll["lora"], ll["prompt"], strict=True)]
+    print(f"{name:7s} ({gpt.num_parameters():,} parameters): prompt {fmt_interval(ll['prompt'])}, LoRA "
+          f"{fmt_interval(ll['lora'])}, gap {fmt_interval(gaps[name], '+.3f')} nats/token")
+print(compare_verdict(gaps["tiny"], gaps["default"], "the tiny base's gap", "the default base's gap",
+                      "LoRA minus prompt tuning")["text"])
+
+# %% [markdown]
 # ### Nearest-token interpretation (the prompt-tuning notes: "limited interpretability")
 #
 # For each virtual token, the vocabulary token whose embedding has the highest cosine similarity, before and
