@@ -214,10 +214,10 @@ def test_peft_model_logits_loss_generate_and_gradients(tiny_model, config):
 # 10 tokens lr 1e-2 → 0.375 at 150 steps; 20 tokens, 300 steps: MLP lr 1e-2 → 0.75, LSTM lr 3e-3 → 0.67.
 # Re-measured on the base pretrained since 2026-12-02 (the trainer's chunked loss rounds differently, so the base
 # differs in its last bits), P-tuning MLP, 20 tokens, 300 steps, seeds 0 / 1 / 2: lr 1e-2 → 0.46 / 0.13 / 0.42,
-# lr 3e-3 → 0.79 / 0.50 / 0.54. So 3e-3 here; seed 0 is what the test checks, and with 24 test questions a
-# score moves by ±0.2 between seeds and bases (README), which this one-seed bar cannot hide.
-# On `sentiment` both stay near chance (0.41-0.62) at every rate and length tried,
-# as seed 001 says of small models ("prompt tuning doesn't perform as well as full fine-tuning for smaller LLMs").
+# lr 3e-3 → 0.79 / 0.50 / 0.54. So 3e-3 here. On the 48-person world (96 test questions, the base pretrained 1000
+# steps; 2026-12-02), seed 0: 300 steps → 0.562, 450 steps → 0.698 (the bar: 0.568), so 450 steps.
+# On `sentiment` both stay near chance (0.41-0.62) at every rate and length tried, as the prompt-tuning notes say
+# of small models ("prompt tuning doesn't perform as well as full fine-tuning for smaller LLMs").
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["prompt", "ptuning"])
 def test_soft_prompt_learns_the_facts_task(pretrained_model, tokenizer, method):
@@ -227,12 +227,12 @@ def test_soft_prompt_learns_the_facts_task(pretrained_model, tokenizer, method):
     from minipeft.tuners import get_peft_model
 
     torch.manual_seed(0)
-    if method == "prompt":  # seed 004: higher learning rates often work better for prompt tuning
+    if method == "prompt":  # "higher learning rates often work better" (the prompt- and prefix-tuning guide)
         config = PromptTuningConfig(num_virtual_tokens=20, prompt_tuning_init="TEXT",
                                     prompt_tuning_init_text=load_task("facts").discrete_prompt)
         lr, steps = 1e-1, 200
     else:
-        config, lr, steps = PTuningConfig(num_virtual_tokens=20, encoder_hidden_size=128), 3e-3, 300
+        config, lr, steps = PTuningConfig(num_virtual_tokens=20, encoder_hidden_size=128), 3e-3, 450
     pm = get_peft_model(pretrained_model, config, tokenizer=tokenizer)
     chance, score = learn_task(pm, tokenizer, "facts", steps=steps, lr=lr)
     assert score >= halfway(chance), f"{method} reached {score:.3f} < {halfway(chance):.3f}"
