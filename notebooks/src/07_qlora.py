@@ -491,7 +491,7 @@ print(f"the rows' peaks span {max(peaks) - min(peaks):.1f} MiB, their weights "
 #
 # ### "Reduce batch size" — what it buys
 #
-# The LoRA/QLoRA guide's first advice for memory issues is to reduce the batch size. What a smaller batch
+# The LoRA/QLoRA guide's first advice when memory runs out is to reduce the batch size. What a smaller batch
 # shrinks is the activations: they scale with batch × tokens, while weights, adapter and optimizer state do
 # not move. The fresh process above measured the peak of one training step at each batch size (three times
 # each; 128 tokens a row); a straight line through them gives the verdict: the slope is what each example
