@@ -1,6 +1,6 @@
 """Files that are never half-written: atomic writes of safetensors and JSON, and one way to save a model.
 
-A crash (or Ctrl-C) in the middle of `save_file` would leave a truncated checkpoint where a good one was.
+A crash (or Ctrl-C) in the middle of a write would leave a truncated checkpoint where a good one was.
 So every write goes to a temporary file in the same directory, is flushed to disk, and then replaces the
 target with `os.replace`, which is atomic on POSIX and Windows: readers see the old file or the new one.
 Weights are only ever stored as safetensors, which cannot execute code when loaded (pickles can).
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch.nn.parallel import DistributedDataParallel
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,17 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
                      metadata: dict[str, str] | None = None) -> WrittenFile:
     """Write tensors (made contiguous, moved to CPU) as one safetensors file, atomically."""
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
+    # Serialized in memory and written here, not with safetensors' save_file: since safetensors 0.8, save_file
+    # itself writes through a temporary file of its own beside its target (`.tmpXXXXXX`), which a killed
+    # process would leave behind under a name no clean-up here can safely claim. The cost is one in-memory
+    # copy of the file's bytes while it is written.
+    data = safetensors_bytes(flat, metadata=metadata)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    return atomic_write(path, write)
 
 
 def save_json(obj, path: str | Path) -> WrittenFile:

@@ -332,11 +332,10 @@ def test_failed_write_leaves_the_old_files_intact(base, tmp_path, monkeypatch):
     make(base, "lora").save_adapter(str(directory))
     old = {name: (directory / name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME)}
 
-    def crash(tensors, path, metadata=None):
-        open(path, "wb").write(b"half a fi")  # a partial write, then the crash
+    def crash(fd):  # the bytes went to the temporary file, and then the disk says it is full
         raise OSError("disk full")
 
-    monkeypatch.setattr("minipeft.checkpoint.save_file", crash)
+    monkeypatch.setattr("minipeft.checkpoint.os.fsync", crash)
     with pytest.raises(OSError, match="disk full"):
         make(base, "houlsby").save_adapter(str(directory))
     assert sorted(os.listdir(directory)) == [CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME]  # no temp file left
