@@ -31,6 +31,8 @@ Which backend runs, first match wins:
 The same switch, names and precedence serve ``multi_lora_linear``, a batch whose rows each use their own adapter
 (punica's SGMV, https://arxiv.org/abs/2310.18547): kernels/reference.py's loop over adapters, or the segmented
 kernels of kernels/multi_lora_triton.py; "auto" takes the Triton kernels on CUDA, the reference elsewhere.
+``multi_lora_linear_packed`` is the same with the adapters packed once (``pack_adapters``) and the rows grouped
+once (``group_rows``), for callers that run many batches, or many layers, on the same adapters or rows.
 
 This package imports only torch and triton, and triton only if it is there: without it ``from minipeft import kernels``
 still works and ``available_backends()["triton"]`` says why Triton cannot run.
@@ -51,6 +53,7 @@ import torch
 
 from . import nf4_autograd, reference
 from .nf4_reference import nf4_dequantize_reference
+from .reference import PackedAdapters
 from .triton_interpreter import INTERPRETING as _INTERPRETING  # TRITON_INTERPRET, read once for the package
 
 try:  # Triton is optional: the reference backend needs torch alone.
@@ -65,7 +68,7 @@ except Exception as e:  # ImportError, or a Triton that fails at import on this 
 
 __all__ = ["lora_linear", "set_backend", "use_backend", "get_backend", "available_backends", "BACKENDS",
            "nf4_dequantize_reference", "nf4_dequantize_triton", "nf4_dequantize", "nf4_linear", "nf4_lora_linear",
-           "multi_lora_linear"]
+           "multi_lora_linear", "multi_lora_linear_packed", "pack_adapters", "group_rows", "PackedAdapters"]
 
 BACKENDS = ("auto", "reference", "triton")
 ENV_VAR = "MINIPEFT_KERNEL"
@@ -318,18 +321,8 @@ def _capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index, check_index: bool = True) -> None:
-    """``multi_lora_linear``'s boundary: types, dtypes, devices and shapes, with messages naming the argument.
-
-    The values of adapter_index are checked too (unless ``check_index`` is False), which reads them back (a host
-    sync), except while torch.compile traces or a CUDA graph is captured. Unchecked, an index outside [-1, n) is
-    memory-safe in both backends: its row matches no adapter and gets the base layer only.
-    """
-    for name, t in (("x", x), ("weight", weight), ("adapter_index", adapter_index)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {_describe(t)}")
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias must be None or a torch.Tensor, got {_describe(bias)}")
+def _check_adapter_lists(lora_As, lora_Bs, scalings) -> None:
+    """n ≥ 1 adapters as lists: the same number of A's, B's and scalings, tensors, finite real scalings."""
     for name, seq in (("lora_As", lora_As), ("lora_Bs", lora_Bs), ("scalings", scalings)):
         if not isinstance(seq, (list, tuple)):
             raise TypeError(f"{name} must be a list or tuple with one entry per adapter, got {_describe(seq)}")
@@ -340,23 +333,42 @@ def _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index, 
     if len(lora_Bs) != n or len(scalings) != n:
         raise ValueError(f"lora_As, lora_Bs and scalings must have one entry per adapter, got lengths {n}, "
                          f"{len(lora_Bs)} and {len(scalings)}")
-    adapters = [(f"lora_As[{i}]", A) for i, A in enumerate(lora_As)] + \
-        [(f"lora_Bs[{i}]", B) for i, B in enumerate(lora_Bs)]
-    for name, t in adapters:
+    for name, t in _named_adapters(lora_As, lora_Bs):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {_describe(t)}")
     for i, scaling in enumerate(scalings):
         _check_scaling(scaling, f"scalings[{i}]")
-    out_features, in_features = _check_x_and_weight(x, weight, [("weight", weight), ("bias", bias), *adapters])
-    if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({out_features},)")
+
+
+def _named_adapters(lora_As, lora_Bs) -> list[tuple[str, object]]:
+    return [(f"lora_As[{i}]", A) for i, A in enumerate(lora_As)] + [(f"lora_Bs[{i}]", B) for i, B in enumerate(lora_Bs)]
+
+
+def _check_adapter_tensors(lora_As, lora_Bs, like: torch.Tensor, like_name: str, in_features: int,
+                           out_features: int, fits: str) -> None:
+    """Every A_i (r_i, in_features) with r_i ≥ 1 and B_i (out_features, r_i), in the dtype and on the device of
+    ``like`` (named ``like_name`` in the messages); ``fits`` says where in and out come from."""
+    for name, t in _named_adapters(lora_As, lora_Bs):
+        if t.dtype != like.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {like_name} has {like.dtype}; all tensors must share "
+                            f"{like_name}'s dtype")
+        if t.device != like.device:
+            raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}; all tensors must be on "
+                             "one device")
     for i, (A, B) in enumerate(zip(lora_As, lora_Bs, strict=True)):
         if A.dim() != 2 or A.shape[1] != in_features or A.shape[0] < 1:
             raise ValueError(f"lora_As[{i}] has shape {tuple(A.shape)}; expected (r, {in_features}) with r >= 1 "
-                             f"to match weight (out, in) = {tuple(weight.shape)}")
+                             f"to match {fits}")
         if B.dim() != 2 or tuple(B.shape) != (out_features, A.shape[0]):
             raise ValueError(f"lora_Bs[{i}] has shape {tuple(B.shape)}; expected (out, r) = ({out_features}, "
-                             f"{A.shape[0]}) from weight {tuple(weight.shape)} and lora_As[{i}] {tuple(A.shape)}")
+                             f"{A.shape[0]}) from {fits} and lora_As[{i}] {tuple(A.shape)}")
+
+
+def _check_index(x, adapter_index, n: int, check_index: bool) -> None:
+    """adapter_index int64, shaped x.shape[:-1], on x's device; its values in [-1, n) unless ``check_index`` is
+    False. The value check reads them back (a host sync), so it is skipped while torch.compile traces or a CUDA
+    graph is captured. Unchecked, an index outside [-1, n) is memory-safe in both backends: its row matches no
+    adapter and gets the base layer only."""
     if adapter_index.dtype != torch.int64:
         raise TypeError(f"adapter_index has dtype {adapter_index.dtype}; expected torch.int64 (torch.long)")
     if adapter_index.shape != x.shape[:-1]:
@@ -369,7 +381,37 @@ def _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index, 
     if bool(((adapter_index < -1) | (adapter_index >= n)).any()):  # the one host sync of this check
         lo, hi = int(adapter_index.min()), int(adapter_index.max())
         raise ValueError(f"adapter_index values must lie in [-1, {n}): -1 for the base layer alone, i for "
-                         f"lora_As[i] (there are {n} adapters); got values from {lo} to {hi}")
+                         f"adapter i (there are {n} adapters); got values from {lo} to {hi}")
+
+
+def _check_tensors(x, weight, bias, adapter_index) -> None:
+    for name, t in (("x", x), ("weight", weight), ("adapter_index", adapter_index)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {_describe(t)}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be None or a torch.Tensor, got {_describe(bias)}")
+
+
+def _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index, check_index: bool = True) -> None:
+    """``multi_lora_linear``'s boundary: types, dtypes, devices and shapes, with messages naming the argument."""
+    _check_tensors(x, weight, bias, adapter_index)
+    _check_adapter_lists(lora_As, lora_Bs, scalings)
+    out_features, in_features = _check_x_and_weight(x, weight, [("weight", weight), ("bias", bias)])
+    _check_adapter_tensors(lora_As, lora_Bs, x, "x", in_features, out_features,
+                           f"weight (out, in) = {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({out_features},)")
+    _check_index(x, adapter_index, len(lora_As), check_index)
+
+
+def _multi_on_triton(name: str, x: torch.Tensor) -> bool:
+    """True when backend ``name`` runs the Triton kernels on x; an explicit "triton" that cannot raises."""
+    if name == "triton":
+        why_not = _triton_unavailable(x.device, x.dtype)
+        if why_not:
+            raise ValueError(f"the triton kernel backend cannot run here: {why_not}")
+        return True
+    return name == "auto" and x.is_cuda and _triton_unavailable(x.device, x.dtype) is None
 
 
 def multi_lora_linear(
@@ -410,14 +452,88 @@ def multi_lora_linear(
     """
     name = get_backend() if backend is None else _check_name(backend, "multi_lora_linear(backend=...)")
     _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index, check_index)
-    if name == "triton":
-        why_not = _triton_unavailable(x.device, x.dtype)
-        if why_not:
-            raise ValueError(f"the triton kernel backend cannot run here: {why_not}")
-        return multi_lora_triton.multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index)
-    if name == "auto" and x.is_cuda and _triton_unavailable(x.device, x.dtype) is None:
+    if _multi_on_triton(name, x):
         return multi_lora_triton.multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index)
     return reference.multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index)
+
+
+def pack_adapters(lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch.Tensor],
+                  scalings: Sequence[float]) -> PackedAdapters:
+    """n LoRA adapters of one layer, checked once and packed for ``multi_lora_linear_packed``.
+
+    lora_As: n tensors (r_i, in); lora_Bs: n tensors (out, r_i); scalings: n finite real numbers. Returns
+    PackedAdapters(a_cat (Σr, in), b_cat (out, Σr), ranks, scalings). The packing copies the adapters (torch.cat,
+    which autograd follows back to each A_i and B_i): a caller that serves many batches packs once and keeps it,
+    for as long as the adapters do not change. Raises TypeError / ValueError as ``multi_lora_linear`` does.
+    """
+    _check_adapter_lists(lora_As, lora_Bs, scalings)
+    first_A, first_B = lora_As[0], lora_Bs[0]
+    in_features = first_A.shape[1] if first_A.dim() == 2 else -1
+    out_features = first_B.shape[0] if first_B.dim() == 2 else -1
+    _check_adapter_tensors(lora_As, lora_Bs, first_A, "lora_As[0]", in_features, out_features,
+                           f"lora_As[0] {tuple(first_A.shape)} and lora_Bs[0] {tuple(first_B.shape)}")
+    if not first_A.dtype.is_floating_point:
+        raise TypeError(f"lora_As[0] has dtype {first_A.dtype}; expected a floating dtype")
+    return reference.pack_adapters(lora_As, lora_Bs, scalings)
+
+
+def group_rows(adapter_index: torch.Tensor, n_adapters: int):
+    """The rows of a batch grouped by adapter for the Triton kernels (``multi_lora_triton.RowGroups``), made on
+    the device with no host sync; None where Triton cannot be imported (the reference loop needs no grouping).
+
+    It depends only on the index, so a model makes it once per batch and hands it to every layer
+    (``multi_lora_linear_packed(..., groups=)``) instead of sorting the rows again in each of them.
+    """
+    if not isinstance(adapter_index, torch.Tensor) or adapter_index.dtype != torch.int64:
+        raise TypeError(f"adapter_index must be an int64 tensor, got {_describe(adapter_index)}")
+    if isinstance(n_adapters, bool) or not isinstance(n_adapters, int) or n_adapters < 1:
+        raise ValueError(f"n_adapters must be an int >= 1, got {_describe(n_adapters)}")
+    return None if multi_lora_triton is None else multi_lora_triton.group_rows(adapter_index, n_adapters)
+
+
+def multi_lora_linear_packed(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    adapters: PackedAdapters,
+    adapter_index: torch.Tensor,
+    backend: str | None = None,
+    *,
+    groups=None,
+    check_index: bool = True,
+) -> torch.Tensor:
+    """``multi_lora_linear`` with the adapters packed once (``pack_adapters``) and, optionally, the rows grouped
+    once (``group_rows(adapter_index, n)``): the per-call work and checks no longer grow with the number of
+    adapters, which is what a decode step of a many-adapter server needs (its host time is most of the step).
+
+    ``groups`` must be made from this very adapter_index (it is not checked against it: that would cost what
+    it saves); None groups the rows in the call. The rest as ``multi_lora_linear``, whose errors it raises
+    for the same mistakes (the adapters' own checks ran in ``pack_adapters``).
+    """
+    name = get_backend() if backend is None else _check_name(backend, "multi_lora_linear_packed(backend=...)")
+    _check_tensors(x, weight, bias, adapter_index)
+    if not isinstance(adapters, PackedAdapters):
+        raise TypeError(f"adapters must be the PackedAdapters that kernels.pack_adapters returns, got "
+                        f"{_describe(adapters)}")
+    out_features, in_features = _check_x_and_weight(x, weight, [("weight", weight), ("bias", bias),
+                                                                ("adapters.a_cat", adapters.a_cat),
+                                                                ("adapters.b_cat", adapters.b_cat)])
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({out_features},)")
+    sum_r = sum(adapters.ranks)
+    if adapters.a_cat.shape != (sum_r, in_features) or adapters.b_cat.shape != (out_features, sum_r):
+        raise ValueError(f"adapters.a_cat {tuple(adapters.a_cat.shape)} and adapters.b_cat "
+                         f"{tuple(adapters.b_cat.shape)} do not fit weight (out, in) = {tuple(weight.shape)} with "
+                         f"ranks {adapters.ranks}: expected ({sum_r}, {in_features}) and ({out_features}, {sum_r})")
+    n = len(adapters.ranks)
+    _check_index(x, adapter_index, n, check_index)
+    if groups is not None and (not isinstance(groups, tuple) or len(groups) != 2
+                               or groups[0].order.numel() != adapter_index.numel() or groups[0].start.numel() != n + 1):
+        raise ValueError(f"groups must be kernels.group_rows(adapter_index, {n}) for this adapter_index, got "
+                         f"{_describe(groups)}")
+    if _multi_on_triton(name, x):
+        return multi_lora_triton.multi_lora_linear_packed(x, weight, bias, adapters, adapter_index, groups)
+    return reference.multi_lora_linear_packed(x, weight, bias, adapters, adapter_index, groups)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -28,8 +28,10 @@ The plan:
          index_sorted, order = sort(adapter_index, stable=True)   # order[p]: the row at sorted position p
          seg_start = searchsorted(index_sorted, [0, 1, ..., n])  # adapter i: positions seg_start[i]..seg_start[i+1]-1
      Nothing is permuted in memory: the kernels read row order[p] of x through the index (SGMV's "gather").
-  3. Adapters of different ranks are packed by concatenation (A_cat, B_cat and rank_start above). torch.cat is
-     differentiable, so autograd splits the gradients of A_cat and B_cat back into each adapter's.
+  3. Adapters of different ranks are packed by concatenation (A_cat, B_cat and rank_start above; the packed
+     form is ``reference.PackedAdapters``). torch.cat is differentiable, so autograd splits the gradients of
+     A_cat and B_cat back into each adapter's. A caller that runs many batches on the same adapters (a server;
+     ``PeftModel.generate`` for the length of one call) packs once and calls ``multi_lora_linear_packed``.
   4. Three segmented kernels, each launched ONCE for all adapters together:
        shrink:  S[p, :r_i] = c_i · P[order[p], :] · Q_iᵀ            Q_i: the r_i rows of a (Σr, K) stack
        expand:  out[order[p], :] += c_i · L[p, :r_i] · U_i         U_i: the r_i rows of a (Σr, T) stack
@@ -44,21 +46,22 @@ The plan:
      S is saved for the backward, not recomputed: it is M×max(r) values (32 KB for M = 1000, r = 16 in bf16)
      where recomputing it would read x (M×K) again with one more launch.
 
-How a program of shrink or expand finds its work, in plain Python (BM rows per tile):
+How a program of shrink or expand finds its work: the rows are cut into tiles of BM = ``ROW_BLOCK`` rows, each
+tile inside one segment, and a tile map, made on the device with a few torch ops (``tile_map``), says for every
+program id t which segment its tile belongs to and where the tile starts:
 
-    tiles_before = 0
-    for i in range(n):                                       # a scan over the segment starts
-        tiles_i = cdiv(seg_start[i + 1] - seg_start[i], BM)  # an empty segment has no tiles
-        if tiles_before <= pid < tiles_before + tiles_i:
-            segment, first_position = i, seg_start[i] + (pid - tiles_before) * BM
-        tiles_before += tiles_i
-    if no segment was found: return                          # a program past the last tile
-    rows = order[first_position : min(first_position + BM, seg_start[segment + 1])]
+    tiles     = cdiv(seg_start[1:] - seg_start[:-1], BM)    # (n,) tiles of each segment; 0 for an empty one
+    tile_end  = cumsum(tiles)                               # (n,) one past each segment's last tile
+    segment_t = searchsorted(tile_end, t, right=True)       # the segment of tile t (n: past the last tile)
+    first_t   = seg_start[segment_t] + (t - (tile_end - tiles)[segment_t]) * BM
+    kernel:   if segment_t == n: return;  rows = order[first_t : min(first_t + BM, seg_start[segment_t + 1])]
 
     Σ_i cdiv(M_i, BM) ≤ cdiv(M, BM) + n - 1, so a grid of cdiv(M, BM) + n programs always covers every tile, and
     the host knows it without reading seg_start (no sync). Each tile holds the rows of one adapter only, so one
-    adapter's A_i (or B_i) serves the whole tile. The reduce kernel needs no scan: one program per (adapter,
-    output tile) loops over all of that adapter's rows, and writes its result once (no atomics: deterministic).
+    adapter's A_i (or B_i) serves the whole tile. The grouping and its tile map (``group_rows``) depend only on
+    the adapter index: a model makes them once per batch and hands them to every layer. The reduce kernel needs
+    no map: one program per (adapter, output tile) loops over all of that adapter's rows, and writes its result
+    once (no atomics: deterministic).
 
 Precision: fp16/bf16 operands, fp32 accumulation; S and dS are rounded to x's dtype (as the reference's
 autograd rounds them), outputs are in x's dtype. fp32 follows torch's setting for fp32 matmuls, as
@@ -88,20 +91,25 @@ import triton
 import triton.language as tl
 
 from .lora_triton import _precision
+from .reference import PackedAdapters, pack_adapters
 from .triton_interpreter import INTERPRETING, interpreter_lock
 
-__all__ = ["Segments", "AdapterTable", "segments", "adapter_table", "segment_shrink", "segment_expand",
-           "segment_reduce", "multi_lora_linear"]
+__all__ = ["Segments", "TileMap", "RowGroups", "AdapterTable", "segments", "tile_map", "group_rows",
+           "adapter_table", "segment_shrink", "segment_expand", "segment_reduce", "multi_lora_linear",
+           "multi_lora_linear_packed", "ROW_BLOCK"]
 
 # Fixed block sizes (see the module docstring for why they are not autotuned). The interpreter runs every
 # program as Python, so there the tiles are small and the test shapes (tens of rows) still span several.
+# ROW_BLOCK is the row tile of shrink and expand alike, so one tile map serves both.
 if INTERPRETING:
-    SHRINK_BLOCKS = dict(BM=16, BK=32, num_warps=4)
-    EXPAND_BLOCKS = dict(BM=16, BN=32, num_warps=4)
+    ROW_BLOCK = 16
+    SHRINK_BLOCKS = dict(BK=32, num_warps=4)
+    EXPAND_BLOCKS = dict(BN=32, num_warps=4)
     REDUCE_BLOCKS = dict(BM=16, BT=32, num_warps=4)
 else:
-    SHRINK_BLOCKS = dict(BM=64, BK=64, num_warps=4)
-    EXPAND_BLOCKS = dict(BM=64, BN=128, num_warps=4)
+    ROW_BLOCK = 64
+    SHRINK_BLOCKS = dict(BK=64, num_warps=4)
+    EXPAND_BLOCKS = dict(BN=128, num_warps=4)
     REDUCE_BLOCKS = dict(BM=64, BT=64, num_warps=4)
 
 
@@ -113,6 +121,21 @@ class Segments(NamedTuple):
 
     order: torch.Tensor  # (M,) int64: order[p] is the row at sorted position p
     start: torch.Tensor  # (n + 1,) int32: adapter i owns sorted positions [start[i], start[i + 1])
+
+
+class TileMap(NamedTuple):
+    """For each program of shrink and expand, its tile of ROW_BLOCK rows (made by ``tile_map``)."""
+
+    segment: torch.Tensor  # (T,) int32: the segment (adapter) of tile t; n for a program past the last tile
+    first: torch.Tensor    # (T,) int32: the tile's first sorted position
+
+
+class RowGroups(NamedTuple):
+    """The rows grouped by adapter, and the tiles of that grouping: all the kernels need to know about the
+    adapter index (made by ``group_rows``, once per batch; every layer of a model can share it)."""
+
+    segments: Segments
+    tiles: TileMap
 
 
 class AdapterTable(NamedTuple):
@@ -132,6 +155,24 @@ def segments(adapter_index: torch.Tensor, n_adapters: int) -> Segments:
     index_sorted, order = torch.sort(adapter_index.reshape(-1), stable=True)              # (M,), (M,)
     bounds = torch.arange(n_adapters + 1, device=adapter_index.device, dtype=index_sorted.dtype)  # 0, 1, ..., n
     return Segments(order, torch.searchsorted(index_sorted, bounds, out_int32=True))     # (n + 1,) int32
+
+
+def tile_map(segs: Segments, M: int, BM: int = ROW_BLOCK) -> TileMap:
+    """The tile of each of the cdiv(M, BM) + n programs, on the device, without a host sync (module docstring)."""
+    n = segs.start.numel() - 1
+    tiles = (segs.start[1:] - segs.start[:-1] + BM - 1) // BM                       # (n,) int32
+    tile_end = torch.cumsum(tiles, 0)                                               # (n,) int64
+    t = torch.arange(_row_tiles_bound(M, n, BM), device=segs.start.device)          # (T,) program ids
+    segment = torch.searchsorted(tile_end, t, right=True)                           # (T,) in [0, n]
+    inside = segment.clamp(max=n - 1)                                               # a valid index for the gathers
+    first = segs.start[inside] + (t - (tile_end - tiles)[inside]) * BM              # (T,)
+    return TileMap(segment.to(torch.int32), first.to(torch.int32))
+
+
+def group_rows(adapter_index: torch.Tensor, n_adapters: int) -> RowGroups:
+    """``segments`` and their ``tile_map``: everything about the adapter index that the kernels read."""
+    segs = segments(adapter_index, n_adapters)
+    return RowGroups(segs, tile_map(segs, segs.order.numel()))
 
 
 @functools.cache
@@ -158,21 +199,13 @@ def _row_tiles_bound(M: int, n_adapters: int, BM: int) -> int:
 
 
 @triton.jit
-def _segment_tile(pid, seg_start_ptr, n_segments, BM: tl.constexpr):
-    """Program ``pid``'s tile: (segment, first sorted position, end of the segment); segment = -1 if none."""
-    segment = -1
-    first = 0
-    last = 0
-    tiles_before = 0
-    for i in range(0, n_segments):
-        start = tl.load(seg_start_ptr + i)
-        end = tl.load(seg_start_ptr + i + 1)
-        tiles = tl.cdiv(end - start, BM)                      # 0 for an empty segment
-        hit = (pid >= tiles_before) & (pid < tiles_before + tiles)
-        segment = tl.where(hit, i, segment)
-        first = tl.where(hit, start + (pid - tiles_before) * BM, first)
-        last = tl.where(hit, end, last)
-        tiles_before += tiles
+def _segment_tile(tile_segment_ptr, tile_first_ptr, seg_start_ptr, n_segments):
+    """This program's tile, from the tile map: (segment, first sorted position, end of the segment); the
+    segment is n_segments for a program past the last tile."""
+    pid = tl.program_id(0)
+    segment = tl.load(tile_segment_ptr + pid)
+    first = tl.load(tile_first_ptr + pid)
+    last = tl.load(seg_start_ptr + tl.minimum(segment, n_segments - 1) + 1)
     return segment, first, last
 
 
@@ -184,7 +217,7 @@ def _segment_tile(pid, seg_start_ptr, n_segments, BM: tl.constexpr):
 @triton.jit
 def _segment_shrink_kernel(
     # pointers
-    p_ptr, q_ptr, order_ptr, seg_start_ptr, rank_start_ptr, scale_ptr, s_ptr,
+    p_ptr, q_ptr, order_ptr, seg_start_ptr, tile_segment_ptr, tile_first_ptr, rank_start_ptr, scale_ptr, s_ptr,
     # sizes
     n_segments, K,
     # strides
@@ -193,8 +226,8 @@ def _segment_shrink_kernel(
     APPLY_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr,
 ):
-    segment, first, last = _segment_tile(tl.program_id(0), seg_start_ptr, n_segments, BM)
-    if segment < 0:                                           # past the last tile: nothing to do
+    segment, first, last = _segment_tile(tile_segment_ptr, tile_first_ptr, seg_start_ptr, n_segments)
+    if segment >= n_segments:                                 # past the last tile: nothing to do
         return
     offs_p = first + tl.arange(0, BM)                         # (BM,) sorted positions
     in_m = offs_p < last
@@ -218,7 +251,7 @@ def _segment_shrink_kernel(
              mask=in_m[:, None] & in_r[None, :])
 
 
-def segment_shrink(p: torch.Tensor, q: torch.Tensor, segs: Segments, table: AdapterTable,
+def segment_shrink(p: torch.Tensor, q: torch.Tensor, groups: RowGroups, table: AdapterTable,
                    apply_scale: bool) -> torch.Tensor:
     """S (M, max r) in p's dtype, row p for sorted position p: S[p, :r_i] = c_i·P[order[p]]·Q_iᵀ.
 
@@ -227,19 +260,20 @@ def segment_shrink(p: torch.Tensor, q: torch.Tensor, segs: Segments, table: Adap
     """
     M, K = p.shape
     n, width = len(table.ranks), max(table.ranks)
+    segs, tiles = groups
     if q.shape != (sum(table.ranks), K) or segs.order.shape != (M,) or segs.start.shape != (n + 1,):
         raise ValueError(f"segment_shrink: p {tuple(p.shape)}, q {tuple(q.shape)} and ranks {table.ranks} do not "
                          "fit (M, K), (Σr, K)")
     s = torch.empty((M, width), device=p.device, dtype=p.dtype)
     if M == 0 or K == 0:  # no rows, or an empty sum over K (and an empty tensor's null pointer would fail a launch)
         return s.zero_()
-    blocks = SHRINK_BLOCKS
     with interpreter_lock():
-        _segment_shrink_kernel[(_row_tiles_bound(M, n, blocks["BM"]),)](
-            p, q, segs.order, segs.start, table.rank_start, table.scale, s,
+        _segment_shrink_kernel[(tiles.segment.numel(),)](
+            p, q, segs.order, segs.start, tiles.segment, tiles.first, table.rank_start, table.scale, s,
             n, K,
             p.stride(0), p.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
-            APPLY_SCALE=apply_scale, BLOCK_R=_block_r(table.ranks), PRECISION=_precision(p.dtype), **blocks,
+            APPLY_SCALE=apply_scale, BLOCK_R=_block_r(table.ranks), PRECISION=_precision(p.dtype),
+            BM=ROW_BLOCK, **SHRINK_BLOCKS,
         )
     return s
 
@@ -253,7 +287,7 @@ def segment_shrink(p: torch.Tensor, q: torch.Tensor, segs: Segments, table: Adap
 @triton.jit
 def _segment_expand_kernel(
     # pointers
-    out_ptr, l_ptr, u_ptr, order_ptr, seg_start_ptr, rank_start_ptr, scale_ptr,
+    out_ptr, l_ptr, u_ptr, order_ptr, seg_start_ptr, tile_segment_ptr, tile_first_ptr, rank_start_ptr, scale_ptr,
     # sizes
     n_segments, T,
     # strides
@@ -262,8 +296,8 @@ def _segment_expand_kernel(
     APPLY_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
-    segment, first, last = _segment_tile(tl.program_id(0), seg_start_ptr, n_segments, BM)
-    if segment < 0:
+    segment, first, last = _segment_tile(tile_segment_ptr, tile_first_ptr, seg_start_ptr, n_segments)
+    if segment >= n_segments:
         return
     offs_p = first + tl.arange(0, BM)
     in_m = offs_p < last
@@ -287,7 +321,7 @@ def _segment_expand_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=keep)
 
 
-def segment_expand(out: torch.Tensor, low: torch.Tensor, u: torch.Tensor, segs: Segments, table: AdapterTable,
+def segment_expand(out: torch.Tensor, low: torch.Tensor, u: torch.Tensor, groups: RowGroups, table: AdapterTable,
                    apply_scale: bool) -> torch.Tensor:
     """out[order[p], :] += c_i·L[p, :r_i]·U_i in place, and returns out.
 
@@ -295,20 +329,20 @@ def segment_expand(out: torch.Tensor, low: torch.Tensor, u: torch.Tensor, segs: 
     sorted order (``segment_shrink``'s output); c_i = s_i when ``apply_scale`` else 1.
     """
     M, T = out.shape
-    n = len(table.ranks)
+    segs, tiles = groups
     if low.shape != (M, max(table.ranks)) or u.shape != (sum(table.ranks), T) or segs.order.shape != (M,):
         raise ValueError(f"segment_expand: out {tuple(out.shape)}, low {tuple(low.shape)}, u {tuple(u.shape)} "
                          f"and ranks {table.ranks} do not fit (M, T), (M, max r), (Σr, T)")
     if M == 0 or T == 0:
         return out
-    blocks = EXPAND_BLOCKS
-    grid = (_row_tiles_bound(M, n, blocks["BM"]), triton.cdiv(T, blocks["BN"]))
+    grid = (tiles.segment.numel(), triton.cdiv(T, EXPAND_BLOCKS["BN"]))
     with interpreter_lock():
         _segment_expand_kernel[grid](
-            out, low, u, segs.order, segs.start, table.rank_start, table.scale,
-            n, T,
+            out, low, u, segs.order, segs.start, tiles.segment, tiles.first, table.rank_start, table.scale,
+            len(table.ranks), T,
             out.stride(0), out.stride(1), low.stride(0), low.stride(1), u.stride(0), u.stride(1),
-            APPLY_SCALE=apply_scale, BLOCK_R=_block_r(table.ranks), PRECISION=_precision(out.dtype), **blocks,
+            APPLY_SCALE=apply_scale, BLOCK_R=_block_r(table.ranks), PRECISION=_precision(out.dtype),
+            BM=ROW_BLOCK, **EXPAND_BLOCKS,
         )
     return out
 
@@ -389,46 +423,68 @@ def segment_reduce(p: torch.Tensor, low: torch.Tensor, segs: Segments, table: Ad
 # --------------------------------------------------------------------------------------------------------
 class _MultiLoraTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, a_cat, b_cat, adapter_index, ranks, scalings):
+    def forward(ctx, x, weight, bias, a_cat, b_cat, adapter_index, ranks, scalings, groups):
         N, K = weight.shape
         M = math.prod(x.shape[:-1])
         x2d = x.reshape(M, K)                                             # (M, K), a view when strides allow
-        segs = segments(adapter_index, len(ranks))
+        if groups is None:
+            groups = group_rows(adapter_index, len(ranks))
         table = adapter_table(ranks, scalings, x.device)
         y2d = F.linear(x2d, weight, bias)                                 # (M, N) the base, every row: cuBLAS
-        s = segment_shrink(x2d, a_cat, segs, table, apply_scale=False)   # (M, max r) S = x·A_iᵀ, sorted
-        segment_expand(y2d, s, b_cat.t(), segs, table, apply_scale=True)  # y += s_i·S·B_iᵀ, in place
-        ctx.save_for_backward(x, weight, a_cat, b_cat, s, segs.order, segs.start)
+        s = segment_shrink(x2d, a_cat, groups, table, apply_scale=False)  # (M, max r) S = x·A_iᵀ, sorted
+        segment_expand(y2d, s, b_cat.t(), groups, table, apply_scale=True)  # y += s_i·S·B_iᵀ, in place
+        segs, tiles = groups
+        ctx.save_for_backward(x, weight, a_cat, b_cat, s, segs.order, segs.start, tiles.segment, tiles.first)
         ctx.table = table
         return y2d.view(*x.shape[:-1], N)                                 # (..., N)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, a_cat, b_cat, s, order, start = ctx.saved_tensors
-        segs, table = Segments(order, start), ctx.table
+        x, weight, a_cat, b_cat, s, order, start, tile_segment, tile_first = ctx.saved_tensors
+        groups, table = RowGroups(Segments(order, start), TileMap(tile_segment, tile_first)), ctx.table
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         N, K = weight.shape
         M = s.shape[0]
         dy2d = dy.reshape(M, N)                                           # (M, N)
         d_x = d_a = d_b = d_bias = None
         if need_x or need_a:
-            ds = segment_shrink(dy2d, b_cat.t(), segs, table, apply_scale=True)   # (M, max r) s_i·dY·B_i
+            ds = segment_shrink(dy2d, b_cat.t(), groups, table, apply_scale=True)   # (M, max r) s_i·dY·B_i
         if need_x:
             d_x = torch.mm(dy2d, weight)                                  # (M, K) dY·W: cuBLAS
-            segment_expand(d_x, ds, a_cat, segs, table, apply_scale=False)  # dX += dS·A_i, in place
+            segment_expand(d_x, ds, a_cat, groups, table, apply_scale=False)  # dX += dS·A_i, in place
             d_x = d_x.view(x.shape)
         if need_a:
-            d_a = segment_reduce(x.reshape(M, K), ds, segs, table, apply_scale=False, rank_major=True).t()  # (Σr, K)
+            d_a = segment_reduce(x.reshape(M, K), ds, groups.segments, table, apply_scale=False,
+                                 rank_major=True).t()                     # (Σr, K)
         if need_b:
-            d_b = segment_reduce(dy2d, s, segs, table, apply_scale=True)  # (N, Σr)
+            d_b = segment_reduce(dy2d, s, groups.segments, table, apply_scale=True)  # (N, Σr)
         if need_bias:
             d_bias = dy2d.sum(0)                                          # (N,)
-        return d_x, None, d_bias, d_a, d_b, None, None, None             # never a gradient for the weight
+        return d_x, None, d_bias, d_a, d_b, None, None, None, None       # never a gradient for the weight
 
 
 # Not a registered custom op (kernels/lora_triton.py says what one buys): torch.compile breaks the graph here and
-# runs this function in eager, rather than trying to trace Triton's launcher.
+# runs these functions in eager, rather than trying to trace Triton's launcher.
 @torch.compiler.disable
+def multi_lora_linear_packed(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    adapters: PackedAdapters,
+    adapter_index: torch.Tensor,
+    groups: RowGroups | None = None,
+) -> torch.Tensor:
+    """y[m] = x[m]·Wᵀ + bias + s_i·(x[m]·A_iᵀ)·B_iᵀ with i = adapter_index[m], on the Triton kernels above.
+
+    The reference's arguments (kernels/reference.py); inputs are checked by the caller,
+    ``kernels.multi_lora_linear_packed``. ``groups``: ``group_rows(adapter_index, n)``, made here when None.
+    Gradients reach x, a_cat and b_cat (and through them every A_i and B_i, when they were packed with
+    torch.cat) and a bias that requires one; never the weight.
+    """
+    return _MultiLoraTriton.apply(x, weight, bias, adapters.a_cat, adapters.b_cat, adapter_index, adapters.ranks,
+                                  adapters.scalings, groups)
+
+
 def multi_lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -438,14 +494,5 @@ def multi_lora_linear(
     scalings: Sequence[float],
     adapter_index: torch.Tensor,
 ) -> torch.Tensor:
-    """y[m] = x[m]·Wᵀ + bias + s_i·(x[m]·A_iᵀ)·B_iᵀ with i = adapter_index[m], on the Triton kernels above.
-
-    The reference's arguments (kernels/reference.py); inputs are checked by the caller,
-    ``kernels.multi_lora_linear``. Gradients reach x, every A_i and B_i (through torch.cat's backward) and a
-    bias that requires one; never the weight.
-    """
-    a_cat = torch.cat(list(lora_As))            # (Σr, K)   a serving engine would keep these packed
-    b_cat = torch.cat(list(lora_Bs), dim=1)     # (N, Σr)
-    ranks = tuple(a.shape[0] for a in lora_As)
-    return _MultiLoraTriton.apply(x, weight, bias, a_cat, b_cat, adapter_index, ranks,
-                                  tuple(float(s) for s in scalings))
+    """``multi_lora_linear_packed`` on the adapters packed for this one call (the reference's arguments)."""
+    return multi_lora_linear_packed(x, weight, bias, pack_adapters(lora_As, lora_Bs, scalings), adapter_index)

@@ -20,12 +20,15 @@ swapping one for the other is a one-word change and the tests can call them all 
 
 ``multi_lora_linear``, last, is a batch whose rows each use their own adapter (adapter_index per row, -1 for
 none) as a plain loop over the adapters; ``multi_lora_triton.multi_lora_linear`` and the switch's
-``kernels.multi_lora_linear`` repeat its signature.
+``kernels.multi_lora_linear`` repeat its signature. ``multi_lora_linear_packed`` takes the same adapters packed
+once (``PackedAdapters``: every A stacked, every B side by side), which is what a server holding many adapters
+keeps, and what the batched kernels read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -84,3 +87,42 @@ def multi_lora_linear(
         s = F.linear(x2d[rows], lora_A)                        # (M_i, r_i)
         y2d = y2d.index_add(0, rows, scaling * F.linear(s, lora_B))   # (M, out), rows M_i changed
     return y2d.view(y.shape)                                   # (..., out)
+
+
+class PackedAdapters(NamedTuple):
+    """n LoRA adapters of one layer packed by concatenation (``pack_adapters``): what the batched kernels read.
+
+    Adapter i owns rows rank_start[i]:rank_start[i+1] of a_cat and the same columns of b_cat, where rank_start
+    is the running sum of ``ranks`` (the ranks may differ).
+    """
+
+    a_cat: torch.Tensor          # (Σr, in)   A_0 over A_1 over …
+    b_cat: torch.Tensor          # (out, Σr)  B_0 beside B_1 beside …
+    ranks: tuple[int, ...]       # (r_0, r_1, …)
+    scalings: tuple[float, ...]  # (s_0, s_1, …)
+
+
+def pack_adapters(lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch.Tensor],
+                  scalings: Sequence[float]) -> PackedAdapters:
+    """Concatenate the adapters (two copies, no checks: ``kernels.pack_adapters`` checks). torch.cat is
+    differentiable, so the gradients of a_cat and b_cat flow back to each A_i and B_i."""
+    return PackedAdapters(torch.cat(list(lora_As)), torch.cat(list(lora_Bs), dim=1),
+                          tuple(a.shape[0] for a in lora_As), tuple(float(s) for s in scalings))
+
+
+def multi_lora_linear_packed(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    adapters: PackedAdapters,
+    adapter_index: torch.Tensor,
+    groups: Any = None,
+) -> torch.Tensor:
+    """``multi_lora_linear`` on packed adapters: each adapter is a slice (a view) of a_cat and b_cat again.
+
+    ``groups`` (the rows grouped by adapter, ``kernels.group_rows``) is for the Triton kernels; the loop finds
+    each adapter's rows itself and ignores it.
+    """
+    lora_As = adapters.a_cat.split(adapters.ranks)         # n views (r_i, in)
+    lora_Bs = adapters.b_cat.split(adapters.ranks, dim=1)  # n views (out, r_i)
+    return multi_lora_linear(x, weight, bias, lora_As, lora_Bs, adapters.scalings, adapter_index)

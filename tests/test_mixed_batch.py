@@ -125,6 +125,28 @@ def test_generate_with_one_adapter_per_row_matches_each_row_alone():
         assert torch.equal(out[row], alone[0]), (row, name)
 
 
+def test_generate_packs_each_layer_once_and_groups_the_rows_once_per_row_shape(monkeypatch):
+    """The work that does not depend on the token is done once per generate call, not per layer and token: each
+    LoRA layer packs its adapters once, and the rows are grouped once for the prompt and once for the
+    one-token steps (every layer holds the same adapters here), however many tokens are generated."""
+    pm = _model(("a", LORA), ("b", LORA))
+    counts = {"pack": 0, "group": 0}
+    pack, group = kernels.pack_adapters, kernels.group_rows
+
+    def counted(name, f):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return f(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(kernels, "pack_adapters", counted("pack", pack))
+    monkeypatch.setattr(kernels, "group_rows", counted("group", group))
+    names = ["b", "a", "__base__", "a"]
+    pm.generate(_batch(B=4, T=5, seed=7), max_new_tokens=5, adapter_names=names)
+    lora_layers = sum(1 for m in pm.modules() if type(m).__name__ == "LoraLinear")
+    assert lora_layers == 4 * CFG.n_layer and counts == {"pack": lora_layers, "group": 2}
+
+
 def test_the_active_adapters_are_left_as_they_were():
     pm = _model(("a", LORA), ("b", LORA_2))
     pm.set_adapter("b")

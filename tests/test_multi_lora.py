@@ -256,6 +256,66 @@ def test_segments_and_table_of_the_docstring_example():
     assert multi_lora_triton.adapter_table((4, 8, 2), (0.5, 1.0, 2.0), torch.device(DEVICE)) is table  # kept
 
 
+def test_tile_map_of_the_docstring_example():
+    """The same example in tiles of BM = 2 rows: adapter 0 (2 rows) one tile, adapter 1 (3 rows) two, adapter 2
+    none; cdiv(6, 2) + 3 = 6 programs, the last three past the last tile (segment n = 3)."""
+    segs = multi_lora_triton.segments(torch.tensor([1, -1, 0, 1, 1, 0], device=DEVICE), 3)
+    tiles = multi_lora_triton.tile_map(segs, 6, BM=2)
+    assert tiles.segment.tolist() == [0, 1, 1, 3, 3, 3] and tiles.segment.dtype == torch.int32
+    assert tiles.first.tolist()[:3] == [1, 3, 5]
+
+
+@settings(max_examples=40)
+@given(case=batches(max_rows=60), BM=st.sampled_from([1, 2, 3, 16]))
+def test_tile_map_covers_every_row_once_and_each_tile_holds_one_adapter(case, BM):
+    """Against a plain-Python walk over the segments: the programs' tiles are exactly the BM-row pieces of each
+    segment, in order, and the rest of the grid is marked past the last tile."""
+    n = len(case["ranks"])
+    segs = multi_lora_triton.segments(torch.tensor(case["index"], dtype=torch.int64), n)
+    tiles = multi_lora_triton.tile_map(segs, len(case["index"]), BM)
+    start = segs.start.tolist()
+    want = [(i, first) for i in range(n) for first in range(start[i], start[i + 1], BM)]
+    got = list(zip(tiles.segment.tolist(), tiles.first.tolist(), strict=True))
+    assert len(got) == -(-len(case["index"]) // BM) + n
+    assert got[:len(want)] == want and all(segment == n for segment, _ in got[len(want):])
+
+
+@settings(max_examples=15)
+@given(case=batches(), backend=st.sampled_from(["reference", "triton"]), grouped=st.booleans())
+def test_packed_adapters_give_what_the_lists_give(case, backend, grouped):
+    """pack_adapters + multi_lora_linear_packed (rows grouped beforehand or in the call) against the list form:
+    the same output, and gradients that reach every A_i and B_i back through the packing."""
+    inputs, dy = _inputs(case)
+
+    def packed(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index):
+        adapters = kernels.pack_adapters(lora_As, lora_Bs, scalings)
+        groups = kernels.group_rows(adapter_index, len(lora_As)) if grouped else None
+        return kernels.multi_lora_linear_packed(x, weight, bias, adapters, adapter_index, backend, groups=groups)
+
+    _check_all(_run(inputs, dy, packed), _run(inputs, dy, backend), torch.float32)
+
+
+def test_packed_bad_inputs_are_named():
+    inputs, _ = _make([0, -1, 1, 1], 5, 4, [2, 3])
+    adapters = kernels.pack_adapters(inputs["lora_As"], inputs["lora_Bs"], inputs["scalings"])
+    args = dict(x=inputs["x"], weight=inputs["weight"], bias=inputs["bias"], adapter_index=inputs["adapter_index"])
+    with pytest.raises(TypeError, match="adapters must be the PackedAdapters"):
+        kernels.multi_lora_linear_packed(**args, adapters=(adapters.a_cat, adapters.b_cat))
+    with pytest.raises(ValueError, match=r"do not fit weight \(out, in\) = \(4, 6\)"):
+        kernels.multi_lora_linear_packed(**dict(args, x=torch.ones(4, 6, device=DEVICE),
+                                                weight=torch.ones(4, 6, device=DEVICE)), adapters=adapters)
+    other = kernels.group_rows(torch.zeros(3, dtype=torch.int64, device=DEVICE), 2)
+    with pytest.raises(ValueError, match="groups must be kernels.group_rows"):
+        kernels.multi_lora_linear_packed(**args, adapters=adapters, groups=other)
+    with pytest.raises(ValueError, match="values must lie"):
+        kernels.multi_lora_linear_packed(**dict(args, adapter_index=torch.tensor([0, 2, 1, 1], device=DEVICE)),
+                                         adapters=adapters)
+    with pytest.raises(ValueError, match=r"lora_Bs\[1\] has shape \(4, 2\); expected \(out, r\) = \(4, 3\)"):
+        kernels.pack_adapters(inputs["lora_As"], [inputs["lora_Bs"][0], inputs["lora_Bs"][0]], inputs["scalings"])
+    with pytest.raises(ValueError, match=r"scalings\[0\] must be finite"):
+        kernels.pack_adapters(inputs["lora_As"], inputs["lora_Bs"], [float("inf"), 1.0])
+
+
 class _LaunchRecorder:
     """Stands in for a jitted kernel: ``kernel[grid](...)`` records the kernel's name and launches nothing."""
 

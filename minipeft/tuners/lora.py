@@ -309,7 +309,7 @@ class LoraLinear(AdapterLayer):
     def _forward_mixed(self, x: torch.Tensor) -> torch.Tensor:
         """A mixed-adapter batch (mixed_batch.py): row b of x (B, L, in) gets its own adapter's low-rank term,
         all rows in one `kernels.multi_lora_linear` call; rows whose adapter this layer lacks get the base."""
-        names, index = self.row_route.for_layer(self.lora_A)  # (B,) index into names, -1: none
+        names, batch_index = self.row_route.for_layer(self.lora_A)  # (B,) index into names, -1: none
         if not names:
             return self.base_layer(x)
         if self.merged_adapters:
@@ -325,10 +325,19 @@ class LoraLinear(AdapterLayer):
         dtype = _compute_dtype(x)
         x = x.to(dtype)
         bias = self.base_layer.bias
-        return kernels.multi_lora_linear(
-            x, self.base_layer.weight.to(dtype), None if bias is None else bias.to(dtype),
+        route, key = self.row_route, tuple(names)
+        # Packed once per call (a whole generate: the adapters cannot change inside it, it runs without grad)
+        # and grouped once per call and row shape for every layer holding these adapters: a decode step then
+        # costs each layer a few launches whatever the number of adapters.
+        packed = route.memo(("lora", id(self), dtype), lambda: kernels.pack_adapters(
             [self.lora_A[n].weight.to(dtype) for n in names], [self.lora_B[n].weight.to(dtype) for n in names],
-            [self.scaling[n] for n in names], index.view(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1]),
+            [self.scaling[n] for n in names]))
+        index = route.memo(("lora index", key, x.shape[:-1]),
+                           lambda: batch_index.view(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1]))  # (B, L)
+        groups = route.memo(("lora groups", key, x.shape[:-1]), lambda: kernels.group_rows(index, len(names)))
+        return kernels.multi_lora_linear_packed(
+            x, self.base_layer.weight.to(dtype), None if bias is None else bias.to(dtype), packed, index,
+            groups=groups,
             check_index=False,  # made by RowRoute from names the PeftModel checked: no host sync per layer
         )  # (B, L, out)
 

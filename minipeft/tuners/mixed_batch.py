@@ -22,7 +22,8 @@ of one call (`layer.row_route`); `prompt_for_rows` builds the padded soft prompt
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,15 +35,19 @@ BASE = "__base__"  # the row runs the base model, no adapter
 
 @dataclasses.dataclass
 class RowRoute:
-    """Which adapter each row of the batch uses.
+    """Which adapter each row of the batch uses, for the length of one call (a forward, or a whole generate).
 
     names: the distinct adapter names of the batch, in order of first appearance (``"__base__"`` excluded).
     rows: (B,) int64 on the model's device, rows[b] = index into ``names``, or -1 for a ``"__base__"`` row.
+
+    What every layer would otherwise recompute from the same rows (its index, the rows grouped by adapter for
+    the kernels, its adapters packed together) is made once and kept for the call (`memo`): a 12-layer model
+    with every Linear adapted asks 48 times per step, and a generate call asks again at every new token.
     """
 
     names: tuple[str, ...]
     rows: torch.Tensor
-    _tables: dict[tuple[str, ...], torch.Tensor] = dataclasses.field(default_factory=dict)
+    _memo: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_names(cls, adapter_names: Sequence[str], device: torch.device) -> RowRoute:
@@ -51,16 +56,20 @@ class RowRoute:
         rows = torch.tensor([position.get(n, -1) for n in adapter_names], dtype=torch.long, device=device)
         return cls(names, rows)
 
-    def for_layer(self, layer_adapters: Sequence[str] | Mapping) -> tuple[list[str], torch.Tensor]:
-        """(the batch's adapters this layer holds, in order; (B,) index into that list, -1 for the others).
+    def memo(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """make(), computed the first time ``key`` is asked for in this call and kept until the call ends."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
-        The lookup table from batch index to layer index is made once per call and per set of adapters."""
+    def for_layer(self, layer_adapters: Sequence[str] | Mapping) -> tuple[list[str], torch.Tensor]:
+        """(the batch's adapters this layer holds, in order; (B,) index into that list, -1 for the others)."""
         local = [n for n in self.names if n in layer_adapters]
-        key = tuple(local)
-        if key not in self._tables:
-            table = [local.index(n) if n in local else -1 for n in self.names] + [-1]  # rows == -1 → the last
-            self._tables[key] = torch.tensor(table, dtype=torch.long, device=self.rows.device)
-        return local, self._tables[key][self.rows]
+        return local, self.memo(("index", tuple(local)), lambda: self._index(local))
+
+    def _index(self, local: list[str]) -> torch.Tensor:
+        table = [local.index(n) if n in local else -1 for n in self.names] + [-1]  # rows == -1 → the last
+        return torch.tensor(table, dtype=torch.long, device=self.rows.device)[self.rows]  # (B,)
 
     def row_mask(self, name: str) -> torch.Tensor:
         """(B,) bool: the rows that use adapter ``name``."""
