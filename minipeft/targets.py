@@ -75,17 +75,27 @@ def named_layers(model: nn.Module) -> list[Target]:
 
     A wrapper stands for the layer it wraps (a LoraLinear is listed once, as the Linear it wraps, and a
     bottleneck wrapper around `attn` as `attn`); the adapters' own parts are left out, and inside a wrapper
-    only the wrapped layer's children are walked.
+    only the wrapped layer's children are walked. The walk never enters an adapter's parts, so its cost is
+    the model's own size whatever the number of adapters (a mixed-adapter batch walks it once per call).
     """
     out: list[Target] = []
-    hidden: list[str] = []  # "name." prefixes of adapter parts (not the model's own layers)
-    for raw, module in model.named_modules():
-        if not raw or raw.endswith(".base_layer") or any((raw + ".").startswith(p) for p in hidden):
-            continue
-        out.append(Target(clean_name(raw), raw, module))
+    seen: set[int] = set()  # as named_modules: a module reachable twice is listed once
+
+    def walk(module: nn.Module, raw: str) -> None:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        if raw:
+            out.append(Target(clean_name(raw), raw, module))
         base = _wrapped(module)
-        if base is not None:
-            hidden.extend(f"{raw}.{child}." for child in module._modules if child != "base_layer")
+        if base is not None:  # the wrapped layer itself is not listed (the wrapper stands for it): its children are
+            seen.add(id(base))
+            module, raw = base, f"{raw}.base_layer" if raw else "base_layer"
+        for name, child in module._modules.items():
+            if child is not None:
+                walk(child, f"{raw}.{name}" if raw else name)
+
+    walk(model, "")
     return out
 
 

@@ -147,6 +147,34 @@ def test_generate_packs_each_layer_once_and_groups_the_rows_once_per_row_shape(m
     assert lora_layers == 4 * CFG.n_layer and counts == {"pack": lora_layers, "group": 2}
 
 
+def test_without_autograd_the_packing_is_kept_until_an_adapter_changes(monkeypatch):
+    """A server calls the model again and again on the same adapters: without autograd each LoRA layer packs
+    them once and reuses the packing; an in-place change of an adapter makes a new one (the rows then get the
+    changed adapter, exactly as alone), and a call that records autograd packs again every time."""
+    pm = _model(("a", LORA), ("b", LORA))
+    packs = []
+    pack = kernels.pack_adapters
+    monkeypatch.setattr(kernels, "pack_adapters", lambda *args: packs.append(1) or pack(*args))
+    lora_layers = sum(1 for m in pm.modules() if type(m).__name__ == "LoraLinear")
+    names, idx = ["b", "a", "__base__", "a"], _batch(B=4, seed=5)
+    with torch.no_grad():
+        first = pm(idx, adapter_names=names)[0]
+        second = pm(idx, adapter_names=names)[0]
+        assert len(packs) == lora_layers and torch.equal(first, second)
+        for m in pm.modules():
+            if type(m).__name__ == "LoraLinear":
+                m.lora_B["a"].weight.mul_(-1.0)  # in place: the same tensors, a new version
+        changed = pm(idx, adapter_names=names)[0]
+        assert len(packs) == 2 * lora_layers
+        assert not torch.allclose(changed[1], first[1]) and torch.equal(changed[0], first[0])
+        for row, name in enumerate(names):
+            assert_close(changed[row], _alone(pm, idx[row:row + 1], name)[0])
+    pm.set_adapter(["a", "b"])  # trainable: with autograd recording, the packing carries the gradients
+    for _ in range(2):
+        pm(idx, adapter_names=names)
+    assert len(packs) == 4 * lora_layers
+
+
 def test_the_active_adapters_are_left_as_they_were():
     pm = _model(("a", LORA), ("b", LORA_2))
     pm.set_adapter("b")

@@ -105,6 +105,9 @@ class LoraLinear(AdapterLayer):
         self.scaling: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}
         self.merged_adapters: list[str] = []
+        # Mixed-adapter batches without autograd: the adapters packed for the kernel, kept between calls
+        # (`_packed`): (names, dtype, scalings and weight versions; the weights; the packing), or None.
+        self._packed_cache: tuple[tuple, tuple[torch.Tensor, ...], kernels.PackedAdapters] | None = None
 
     # ---- adapters -----------------------------------------------------------------------------------
     def add_adapter(
@@ -153,6 +156,7 @@ class LoraLinear(AdapterLayer):
         super().delete_adapter(adapter_name)
         for d in (self.r, self.scaling, self.lora_dropout):
             d.pop(adapter_name)
+        self._packed_cache = None  # let the deleted adapter's memory go
 
     def adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
         """The adapter's parameters by local name, without the adapter name: {"lora_A.weight", "lora_B.weight"}."""
@@ -326,12 +330,10 @@ class LoraLinear(AdapterLayer):
         x = x.to(dtype)
         bias = self.base_layer.bias
         route, key = self.row_route, tuple(names)
-        # Packed once per call (a whole generate: the adapters cannot change inside it, it runs without grad)
-        # and grouped once per call and row shape for every layer holding these adapters: a decode step then
-        # costs each layer a few launches whatever the number of adapters.
-        packed = route.memo(("lora", id(self), dtype), lambda: kernels.pack_adapters(
-            [self.lora_A[n].weight.to(dtype) for n in names], [self.lora_B[n].weight.to(dtype) for n in names],
-            [self.scaling[n] for n in names]))
+        # Packed once per call (a whole generate) and, without autograd, kept between calls for as long as the
+        # adapters do not change; grouped once per call and row shape for every layer holding these adapters: a
+        # decode step then costs each layer a few launches whatever the number of adapters.
+        packed = route.memo(("lora", id(self), dtype), lambda: self._packed(names, dtype))
         index = route.memo(("lora index", key, x.shape[:-1]),
                            lambda: batch_index.view(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1]))  # (B, L)
         groups = route.memo(("lora groups", key, x.shape[:-1]), lambda: kernels.group_rows(index, len(names)))
@@ -340,6 +342,33 @@ class LoraLinear(AdapterLayer):
             groups=groups,
             check_index=False,  # made by RowRoute from names the PeftModel checked: no host sync per layer
         )  # (B, L, out)
+
+    def _packed(self, names: list[str], dtype: torch.dtype) -> kernels.PackedAdapters:
+        """The adapters ``names`` packed for `kernels.multi_lora_linear_packed`, in ``dtype``.
+
+        With autograd recording, packed again on every call (the concatenation is what carries the gradients
+        back to each adapter). Without it (inference, a server), the packing is kept and reused while it is
+        still what packing would give: the same names, dtype and scalings, and the very same weight tensors,
+        at the same storage, not modified in place since (their version counters) — an optimizer step, a
+        `load_state_dict` or a `.to()` all make a new packing. It costs one packed copy of the adapters.
+        """
+        # nn.Module's attribute lookup costs ~1 µs a call, and 64 adapters need 256 of them per layer: read the
+        # same modules and parameters from the dicts behind it instead.
+        a_modules, b_modules = self.lora_A._modules, self.lora_B._modules
+        weights = [a_modules[n]._parameters["weight"] for n in names] + \
+                  [b_modules[n]._parameters["weight"] for n in names]
+        scalings = [self.scaling[n] for n in names]
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            return kernels.pack_adapters([w.to(dtype) for w in weights[:len(names)]],
+                                         [w.to(dtype) for w in weights[len(names):]], scalings)
+        key = (tuple(names), dtype, tuple(scalings), tuple((w._version, w.data_ptr()) for w in weights))
+        cached = self._packed_cache
+        if cached is None or cached[0] != key or any(a is not b for a, b in zip(cached[1], weights, strict=True)):
+            with torch.no_grad():
+                packed = kernels.pack_adapters([w.to(dtype) for w in weights[:len(names)]],
+                                               [w.to(dtype) for w in weights[len(names):]], scalings)
+            self._packed_cache = cached = (key, tuple(weights), packed)
+        return cached[2]
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={self.r[n]}" for n in self.adapter_names)
