@@ -95,8 +95,8 @@ from .reference import PackedAdapters, pack_adapters
 from .triton_interpreter import INTERPRETING, interpreter_lock
 
 __all__ = ["Segments", "TileMap", "RowGroups", "AdapterTable", "segments", "tile_map", "group_rows",
-           "adapter_table", "segment_shrink", "segment_expand", "segment_reduce", "multi_lora_linear",
-           "multi_lora_linear_packed", "ROW_BLOCK"]
+           "adapter_table", "segment_shrink", "segment_expand", "segment_shrink_expand", "segment_reduce",
+           "multi_lora_linear", "multi_lora_linear_packed", "ROW_BLOCK", "FUSED_MAX_ROWS"]
 
 # Fixed block sizes (see the module docstring for why they are not autotuned). The interpreter runs every
 # program as Python, so there the tiles are small and the test shapes (tens of rows) still span several.
@@ -111,6 +111,9 @@ else:
     SHRINK_BLOCKS = dict(BK=64, num_warps=4)
     EXPAND_BLOCKS = dict(BN=128, num_warps=4)
     REDUCE_BLOCKS = dict(BM=64, BT=64, num_warps=4)
+# Inference calls of at most this many rows take the one-launch shrink-expand kernel (a decode step: 64 rows);
+# more rows take shrink + expand, which compute each tile's S once instead of once per column tile.
+FUSED_MAX_ROWS = 1024
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -209,6 +212,38 @@ def _segment_tile(tile_segment_ptr, tile_first_ptr, seg_start_ptr, n_segments):
     return segment, first, last
 
 
+@triton.jit
+def _shrink_rows(p_ptr, q_ptr, rows, in_m, r0, offs_r, in_r, K, stride_pm, stride_pk, stride_qr, stride_qk,
+                 PRECISION: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(BM, BLOCK_R) fp32: the gathered rows P[rows, :] times Q_iᵀ = q[r0 : r0 + r_i, :]ᵀ, summed over K."""
+    offs_k = tl.arange(0, BK)
+    acc = tl.zeros((BM, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        in_k = (k0 + offs_k) < K
+        p = tl.load(p_ptr + rows[:, None] * stride_pm + (k0 + offs_k)[None, :] * stride_pk,
+                    mask=in_m[:, None] & in_k[None, :], other=0.0)                    # (BM, BK) gathered rows
+        q_t = tl.load(q_ptr + (r0 + offs_r)[None, :] * stride_qr + (k0 + offs_k)[:, None] * stride_qk,
+                      mask=in_r[None, :] & in_k[:, None], other=0.0)                  # (BK, BLOCK_R) = Q_iᵀ
+        acc = tl.dot(p, q_t, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _expand_rows(out_ptr, low, u_ptr, rows, in_m, r0, offs_r, in_r, scale, T, stride_om, stride_ot, stride_ur,
+                 stride_ut, PRECISION: tl.constexpr, BN: tl.constexpr):
+    """out[rows, this program's BN columns] += scale · low · U_i, with low (BM, BLOCK_R) in the operand dtype and
+    U_i = u[r0 : r0 + r_i, :]; the sum in fp32, rounded once to out's dtype."""
+    offs_t = tl.program_id(1) * BN + tl.arange(0, BN)
+    in_t = offs_t < T
+    up = tl.load(u_ptr + (r0 + offs_r)[:, None] * stride_ur + offs_t[None, :] * stride_ut,
+                 mask=in_r[:, None] & in_t[None, :], other=0.0)                       # (BLOCK_R, BN) = U_i
+    delta = tl.dot(low.to(up.dtype), up, input_precision=PRECISION) * scale           # (BM, BN) fp32
+    out_ptrs = out_ptr + rows[:, None] * stride_om + offs_t[None, :] * stride_ot      # the gathered rows, again
+    keep = in_m[:, None] & in_t[None, :]
+    acc = tl.load(out_ptrs, mask=keep, other=0.0).to(tl.float32) + delta
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=keep)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Kernel 1 ("shrink"): S[p, :r_i] = c_i · P[order[p], :] · Q_iᵀ, every adapter in one launch.
 #   forward: P = x (M, K),  Q = A_cat (Σr, K),    c_i = 1    → S
@@ -236,15 +271,8 @@ def _segment_shrink_kernel(
     rank = tl.load(rank_start_ptr + segment + 1) - r0         # r_i: BLOCK_R is masked down to it
     offs_r = tl.arange(0, BLOCK_R)
     in_r = offs_r < rank
-    offs_k = tl.arange(0, BK)
-    acc = tl.zeros((BM, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        in_k = (k0 + offs_k) < K
-        p = tl.load(p_ptr + rows[:, None] * stride_pm + (k0 + offs_k)[None, :] * stride_pk,
-                    mask=in_m[:, None] & in_k[None, :], other=0.0)                    # (BM, BK) gathered rows
-        q_t = tl.load(q_ptr + (r0 + offs_r)[None, :] * stride_qr + (k0 + offs_k)[:, None] * stride_qk,
-                      mask=in_r[None, :] & in_k[:, None], other=0.0)                  # (BK, BLOCK_R) = Q_iᵀ
-        acc = tl.dot(p, q_t, acc, input_precision=PRECISION)
+    acc = _shrink_rows(p_ptr, q_ptr, rows, in_m, r0, offs_r, in_r, K, stride_pm, stride_pk, stride_qr, stride_qk,
+                       PRECISION, BM, BK, BLOCK_R)
     if APPLY_SCALE:
         acc = acc * tl.load(scale_ptr + segment)
     tl.store(s_ptr + offs_p[:, None] * stride_sp + offs_r[None, :] * stride_sr, acc.to(s_ptr.dtype.element_ty),
@@ -306,19 +334,11 @@ def _segment_expand_kernel(
     rank = tl.load(rank_start_ptr + segment + 1) - r0
     offs_r = tl.arange(0, BLOCK_R)
     in_r = offs_r < rank
-    offs_t = tl.program_id(1) * BN + tl.arange(0, BN)
-    in_t = offs_t < T
     low = tl.load(l_ptr + offs_p[:, None] * stride_lp + offs_r[None, :] * stride_lr,
                   mask=in_m[:, None] & in_r[None, :], other=0.0)                      # (BM, BLOCK_R)
-    up = tl.load(u_ptr + (r0 + offs_r)[:, None] * stride_ur + offs_t[None, :] * stride_ut,
-                 mask=in_r[:, None] & in_t[None, :], other=0.0)                       # (BLOCK_R, BN) = U_i
-    delta = tl.dot(low.to(up.dtype), up, input_precision=PRECISION)                   # (BM, BN) fp32
-    if APPLY_SCALE:
-        delta = delta * tl.load(scale_ptr + segment)
-    out_ptrs = out_ptr + rows[:, None] * stride_om + offs_t[None, :] * stride_ot      # the gathered rows, again
-    keep = in_m[:, None] & in_t[None, :]
-    acc = tl.load(out_ptrs, mask=keep, other=0.0).to(tl.float32) + delta
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=keep)
+    scale = tl.load(scale_ptr + segment) if APPLY_SCALE else 1.0
+    _expand_rows(out_ptr, low, u_ptr, rows, in_m, r0, offs_r, in_r, scale, T, stride_om, stride_ot, stride_ur,
+                 stride_ut, PRECISION, BN)
 
 
 def segment_expand(out: torch.Tensor, low: torch.Tensor, u: torch.Tensor, groups: RowGroups, table: AdapterTable,
@@ -343,6 +363,71 @@ def segment_expand(out: torch.Tensor, low: torch.Tensor, u: torch.Tensor, groups
             out.stride(0), out.stride(1), low.stride(0), low.stride(1), u.stride(0), u.stride(1),
             APPLY_SCALE=apply_scale, BLOCK_R=_block_r(table.ranks), PRECISION=_precision(out.dtype),
             BM=ROW_BLOCK, **EXPAND_BLOCKS,
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Kernel 2' ("shrink-expand", inference of few rows): y[order[p], :] += s_i · (x[order[p], :]·A_iᵀ)·B_iᵀ in ONE
+# launch. Each (row tile, column tile) program computes its tile's S itself, so a tile's S is computed once per
+# column tile (cdiv(N, BN) times): for a decode step's few rows that is nothing, and it saves a launch, which at
+# those sizes costs more than all the GPU work (benchmarks/RESULTS.md). Nothing is saved for a backward.
+# --------------------------------------------------------------------------------------------------------
+@triton.jit
+def _segment_shrink_expand_kernel(
+    # pointers
+    x_ptr, a_ptr, b_ptr, out_ptr, order_ptr, seg_start_ptr, tile_segment_ptr, tile_first_ptr, rank_start_ptr,
+    scale_ptr,
+    # sizes
+    n_segments, K, N,
+    # strides
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_bn, stride_br, stride_om, stride_on,
+    # meta-parameters
+    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+):
+    segment, first, last = _segment_tile(tile_segment_ptr, tile_first_ptr, seg_start_ptr, n_segments)
+    if segment >= n_segments:
+        return
+    offs_p = first + tl.arange(0, BM)
+    in_m = offs_p < last
+    rows = tl.load(order_ptr + offs_p, mask=in_m, other=0)                           # (BM,) int64
+    r0 = tl.load(rank_start_ptr + segment)
+    rank = tl.load(rank_start_ptr + segment + 1) - r0
+    offs_r = tl.arange(0, BLOCK_R)
+    in_r = offs_r < rank
+    s = _shrink_rows(x_ptr, a_ptr, rows, in_m, r0, offs_r, in_r, K, stride_xm, stride_xk, stride_ar, stride_ak,
+                     PRECISION, BM, BK, BLOCK_R)                                      # (BM, BLOCK_R) S = x·A_iᵀ
+    s = s.to(x_ptr.dtype.element_ty)       # rounded to x's dtype, as the two-kernel path stores it
+    _expand_rows(out_ptr, s, b_ptr, rows, in_m, r0, offs_r, in_r, tl.load(scale_ptr + segment), N, stride_om,
+                 stride_on, stride_br, stride_bn, PRECISION, BN)                      # U_i = B_iᵀ: (r_i, N)
+
+
+def segment_shrink_expand(out: torch.Tensor, x: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor,
+                          groups: RowGroups, table: AdapterTable) -> torch.Tensor:
+    """out[m, :] += s_i·(x[m]·A_iᵀ)·B_iᵀ in place for every row m of adapter i, in one launch; returns out.
+
+    out (M, N), x (M, K), a_cat (Σr, K), b_cat (N, Σr), any strides. The same result as ``segment_shrink``
+    then ``segment_expand`` (S rounded to x's dtype in between), with S never written to memory.
+    """
+    M, N = out.shape
+    K = x.shape[1]
+    segs, tiles = groups
+    sum_r = sum(table.ranks)
+    if x.shape[0] != M or a_cat.shape != (sum_r, K) or b_cat.shape != (N, sum_r) or segs.order.shape != (M,):
+        raise ValueError(f"segment_shrink_expand: out {tuple(out.shape)}, x {tuple(x.shape)}, a_cat "
+                         f"{tuple(a_cat.shape)} and b_cat {tuple(b_cat.shape)} do not fit (M, N), (M, K), (Σr, K), "
+                         "(N, Σr)")
+    if M == 0 or N == 0 or K == 0:  # an empty sum over K adds nothing
+        return out
+    grid = (tiles.segment.numel(), triton.cdiv(N, EXPAND_BLOCKS["BN"]))
+    with interpreter_lock():
+        _segment_shrink_expand_kernel[grid](
+            x, a_cat, b_cat, out, segs.order, segs.start, tiles.segment, tiles.first, table.rank_start, table.scale,
+            len(table.ranks), K, N,
+            x.stride(0), x.stride(1), a_cat.stride(0), a_cat.stride(1), b_cat.stride(0), b_cat.stride(1),
+            out.stride(0), out.stride(1),
+            BLOCK_R=_block_r(table.ranks), PRECISION=_precision(x.dtype), BM=ROW_BLOCK,
+            BK=SHRINK_BLOCKS["BK"], BN=EXPAND_BLOCKS["BN"], num_warps=EXPAND_BLOCKS["num_warps"],
         )
     return out
 
@@ -424,12 +509,9 @@ def segment_reduce(p: torch.Tensor, low: torch.Tensor, segs: Segments, table: Ad
 class _MultiLoraTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, a_cat, b_cat, adapter_index, ranks, scalings, groups):
+        groups, table = _groups_and_table(adapter_index, ranks, scalings, groups)
         N, K = weight.shape
-        M = math.prod(x.shape[:-1])
-        x2d = x.reshape(M, K)                                             # (M, K), a view when strides allow
-        if groups is None:
-            groups = group_rows(adapter_index, len(ranks))
-        table = adapter_table(ranks, scalings, x.device)
+        x2d = x.reshape(math.prod(x.shape[:-1]), K)                       # (M, K), a view when strides allow
         y2d = F.linear(x2d, weight, bias)                                 # (M, N) the base, every row: cuBLAS
         s = segment_shrink(x2d, a_cat, groups, table, apply_scale=False)  # (M, max r) S = x·A_iᵀ, sorted
         segment_expand(y2d, s, b_cat.t(), groups, table, apply_scale=True)  # y += s_i·S·B_iᵀ, in place
@@ -481,8 +563,28 @@ def multi_lora_linear_packed(
     Gradients reach x, a_cat and b_cat (and through them every A_i and B_i, when they were packed with
     torch.cat) and a bias that requires one; never the weight.
     """
-    return _MultiLoraTriton.apply(x, weight, bias, adapters.a_cat, adapters.b_cat, adapter_index, adapters.ranks,
-                                  adapters.scalings, groups)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, weight, bias, adapters.a_cat, adapters.b_cat)):
+        return _MultiLoraTriton.apply(x, weight, bias, adapters.a_cat, adapters.b_cat, adapter_index,
+                                      adapters.ranks, adapters.scalings, groups)
+    # Inference: no autograd node, nothing saved; few rows take the one-launch kernel.
+    groups, table = _groups_and_table(adapter_index, adapters.ranks, adapters.scalings, groups)
+    N, K = weight.shape
+    x2d = x.reshape(math.prod(x.shape[:-1]), K)                           # (M, K)
+    y2d = F.linear(x2d, weight, bias)                                     # (M, N) the base: cuBLAS
+    if x2d.shape[0] <= FUSED_MAX_ROWS:
+        segment_shrink_expand(y2d, x2d, adapters.a_cat, adapters.b_cat, groups, table)
+    else:
+        s = segment_shrink(x2d, adapters.a_cat, groups, table, apply_scale=False)
+        segment_expand(y2d, s, adapters.b_cat.t(), groups, table, apply_scale=True)
+    return y2d.view(*x.shape[:-1], N)                                     # (..., N)
+
+
+def _groups_and_table(adapter_index, ranks, scalings, groups) -> tuple[RowGroups, AdapterTable]:
+    """The rows grouped (unless the caller did) and the adapter table, for one call."""
+    if groups is None:
+        groups = group_rows(adapter_index, len(ranks))
+    return groups, adapter_table(ranks, scalings, adapter_index.device)
 
 
 def multi_lora_linear(

@@ -190,6 +190,19 @@ def test_triton_matches_reference_and_each_adapter_alone(case, dtype):
     _check_all(got, _each_adapter_alone(inputs, dy), dtype, SCALE[dtype])
 
 
+@settings(max_examples=20)
+@given(case=batches(), dtype=st.sampled_from(DTYPES), fused=st.booleans())
+def test_inference_matches_each_adapter_alone_in_one_launch_or_two(case, dtype, fused, monkeypatch):
+    """Without autograd the Triton side runs no autograd node: few rows in one shrink-expand launch (S computed
+    per column tile, never stored), more rows in shrink + expand. Both give each row its adapter's output."""
+    monkeypatch.setattr(multi_lora_triton, "FUSED_MAX_ROWS", 10**9 if fused else 0)
+    inputs, dy = _inputs(case, dtype)
+    with torch.no_grad():
+        y = kernels.multi_lora_linear(**inputs, backend="triton")
+    assert y.dtype == dtype and y.grad_fn is None
+    _check(y, _each_adapter_alone(inputs, dy)[0], dtype, SCALE[dtype])
+
+
 EDGE_CASES = {  # name: (index, ranks)
     "one adapter, every row (a segment of 3 tiles)": ([0] * 40, [5]),
     "no adapter on any row": ([-1] * 7, [3, 2]),
@@ -336,6 +349,11 @@ def test_each_kernel_is_one_launch_for_all_adapters(monkeypatch):
     y, _ = _run(inputs, dy, "triton")
     shrink, expand, reduce = KERNELS
     assert calls == [shrink, expand, shrink, expand, reduce, reduce], calls
+    calls.clear()
+    monkeypatch.setattr(multi_lora_triton, "_segment_shrink_expand_kernel", _LaunchRecorder("shrink-expand", calls))
+    with torch.no_grad():  # inference of a few rows: one launch
+        kernels.multi_lora_linear(**inputs, backend="triton")
+    assert calls == ["shrink-expand"], calls
 
 
 def test_out_of_range_rows_get_the_base_unchecked():

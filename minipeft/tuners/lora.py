@@ -312,10 +312,29 @@ class LoraLinear(AdapterLayer):
 
     def _forward_mixed(self, x: torch.Tensor) -> torch.Tensor:
         """A mixed-adapter batch (mixed_batch.py): row b of x (B, L, in) gets its own adapter's low-rank term,
-        all rows in one `kernels.multi_lora_linear` call; rows whose adapter this layer lacks get the base."""
+        all rows in one `kernels.multi_lora_linear_packed` call; rows whose adapter this layer lacks get the base.
+
+        What does not depend on x's values (this layer's adapters packed, the rows' index and its grouping) is
+        made once per call and row shape (`RowRoute.memo`), so a decode step looks it up: a few launches per
+        layer, whatever the number of adapters."""
+        dtype = _compute_dtype(x)
+        plan = self.row_route.memo(("lora", id(self), dtype, x.shape[:-1]), lambda: self._mixed_plan(x, dtype))
+        if plan is None:  # no row of the batch uses an adapter of this layer
+            return self.base_layer(x)
+        packed, index, groups = plan
+        bias = self.base_layer.bias
+        return kernels.multi_lora_linear_packed(
+            x.to(dtype), self.base_layer.weight.to(dtype), None if bias is None else bias.to(dtype), packed, index,
+            groups=groups,
+            check_index=False,  # made by RowRoute from names the PeftModel checked: no host sync per layer
+        )  # (B, L, out)
+
+    def _mixed_plan(self, x: torch.Tensor, dtype: torch.dtype):
+        """(packed adapters, (B, L) adapter index, rows grouped) for this layer and x's row shape; None when no
+        row uses an adapter of this layer. Checks, once per call, that a mixed batch can run here."""
         names, batch_index = self.row_route.for_layer(self.lora_A)  # (B,) index into names, -1: none
         if not names:
-            return self.base_layer(x)
+            return None
         if self.merged_adapters:
             raise ValueError(f"adapters {self.merged_adapters} are merged into the base weight; unmerge them "
                              "before a mixed-adapter batch (every row would get them)")
@@ -326,22 +345,15 @@ class LoraLinear(AdapterLayer):
             raise ValueError(f"mixed-adapter batches do not apply LoRA dropout, and adapters "
                              f"{[n for n in names if self.lora_dropout[n] > 0]} have lora_dropout > 0: train them "
                              "in batches of their own, or make them with lora_dropout=0")
-        dtype = _compute_dtype(x)
-        x = x.to(dtype)
-        bias = self.base_layer.bias
-        route, key = self.row_route, tuple(names)
-        # Packed once per call (a whole generate) and, without autograd, kept between calls for as long as the
-        # adapters do not change; grouped once per call and row shape for every layer holding these adapters: a
-        # decode step then costs each layer a few launches whatever the number of adapters.
-        packed = route.memo(("lora", id(self), dtype), lambda: self._packed(names, dtype))
-        index = route.memo(("lora index", key, x.shape[:-1]),
-                           lambda: batch_index.view(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1]))  # (B, L)
-        groups = route.memo(("lora groups", key, x.shape[:-1]), lambda: kernels.group_rows(index, len(names)))
-        return kernels.multi_lora_linear_packed(
-            x, self.base_layer.weight.to(dtype), None if bias is None else bias.to(dtype), packed, index,
-            groups=groups,
-            check_index=False,  # made by RowRoute from names the PeftModel checked: no host sync per layer
-        )  # (B, L, out)
+        route, key, rows = self.row_route, tuple(names), x.shape[:-1]
+        # Packed once per call (a generate: the prompt and every new token) and, without autograd, kept between
+        # calls while the adapters do not change (`_packed`); the index and its grouping are shared by every
+        # layer that holds the same adapters.
+        packed = route.memo(("lora packed", id(self), dtype), lambda: self._packed(names, dtype))
+        index = route.memo(("lora index", key, rows),
+                           lambda: batch_index.view(-1, *[1] * (x.dim() - 2)).expand(rows))  # (B, L)
+        groups = route.memo(("lora groups", key, rows), lambda: kernels.group_rows(index, len(names)))
+        return packed, index, groups
 
     def _packed(self, names: list[str], dtype: torch.dtype) -> kernels.PackedAdapters:
         """The adapters ``names`` packed for `kernels.multi_lora_linear_packed`, in ``dtype``.
