@@ -112,8 +112,11 @@ else:
     EXPAND_BLOCKS = dict(BN=128, num_warps=4)
     REDUCE_BLOCKS = dict(BM=64, BT=64, num_warps=4)
 # Inference calls of at most this many rows take the one-launch shrink-expand kernel (a decode step: 64 rows);
-# more rows take shrink + expand, which compute each tile's S once instead of once per column tile.
-FUSED_MAX_ROWS = 1024
+# more rows take shrink + expand, which compute each tile's S once instead of once per column tile. Measured on
+# an H200 (64 adapters of rank 16, K→N = 768→2304, bf16; benchmarks/RESULTS.md): one launch costs the host
+# ~72 µs against ~118 µs for two, and the GPU 27 µs against 16 µs at 64 rows, 51 against 43 at 4096 rows and
+# 204 against 155 at 16384 rows, where the GPU, no longer the host, sets the pace.
+FUSED_MAX_ROWS = 4096
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -147,6 +150,9 @@ class AdapterTable(NamedTuple):
     ranks: tuple[int, ...]    # r_i, on the host: they size the blocks
     rank_start: torch.Tensor  # (n + 1,) int32: adapter i owns rows [rank_start[i], rank_start[i + 1]) of A_cat
     scale: torch.Tensor       # (n,) fp32: s_i
+    sum_r: int                # Σr: the rows of A_cat         (kept, not recomputed: a decode step reads
+    max_r: int                # max r: the columns of S         them 48 times, and n may be in the hundreds)
+    block_r: int              # BLOCK_R: max r padded to a power of two ≥ 16 (tl.dot needs every dimension ≥ 16)
 
 
 def segments(adapter_index: torch.Tensor, n_adapters: int) -> Segments:
@@ -188,12 +194,8 @@ def adapter_table(ranks: tuple[int, ...], scalings: tuple[float, ...], device: t
     """
     rank_start = [0, *itertools.accumulate(ranks)]                # [0, r_0, r_0 + r_1, ..., Σr]
     return AdapterTable(ranks, torch.tensor(rank_start, dtype=torch.int32, device=device),
-                        torch.tensor(scalings, dtype=torch.float32, device=device))
-
-
-def _block_r(ranks: Sequence[int]) -> int:
-    """The largest rank padded to a power of two ≥ 16 (tl.dot needs every dimension ≥ 16)."""
-    return max(16, triton.next_power_of_2(max(ranks)))
+                        torch.tensor(scalings, dtype=torch.float32, device=device),
+                        sum_r=rank_start[-1], max_r=max(ranks), block_r=max(16, triton.next_power_of_2(max(ranks))))
 
 
 def _row_tiles_bound(M: int, n_adapters: int, BM: int) -> int:
@@ -287,9 +289,9 @@ def segment_shrink(p: torch.Tensor, q: torch.Tensor, groups: RowGroups, table: A
     ``apply_scale`` else 1. Rows of S at positions in no segment (the -1 rows) are left unwritten.
     """
     M, K = p.shape
-    n, width = len(table.ranks), max(table.ranks)
+    n, width = len(table.ranks), table.max_r
     segs, tiles = groups
-    if q.shape != (sum(table.ranks), K) or segs.order.shape != (M,) or segs.start.shape != (n + 1,):
+    if q.shape != (table.sum_r, K) or segs.order.shape != (M,) or segs.start.shape != (n + 1,):
         raise ValueError(f"segment_shrink: p {tuple(p.shape)}, q {tuple(q.shape)} and ranks {table.ranks} do not "
                          "fit (M, K), (Σr, K)")
     s = torch.empty((M, width), device=p.device, dtype=p.dtype)
@@ -300,7 +302,7 @@ def segment_shrink(p: torch.Tensor, q: torch.Tensor, groups: RowGroups, table: A
             p, q, segs.order, segs.start, tiles.segment, tiles.first, table.rank_start, table.scale, s,
             n, K,
             p.stride(0), p.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
-            APPLY_SCALE=apply_scale, BLOCK_R=_block_r(table.ranks), PRECISION=_precision(p.dtype),
+            APPLY_SCALE=apply_scale, BLOCK_R=table.block_r, PRECISION=_precision(p.dtype),
             BM=ROW_BLOCK, **SHRINK_BLOCKS,
         )
     return s
@@ -350,7 +352,7 @@ def segment_expand(out: torch.Tensor, low: torch.Tensor, u: torch.Tensor, groups
     """
     M, T = out.shape
     segs, tiles = groups
-    if low.shape != (M, max(table.ranks)) or u.shape != (sum(table.ranks), T) or segs.order.shape != (M,):
+    if low.shape != (M, table.max_r) or u.shape != (table.sum_r, T) or segs.order.shape != (M,):
         raise ValueError(f"segment_expand: out {tuple(out.shape)}, low {tuple(low.shape)}, u {tuple(u.shape)} "
                          f"and ranks {table.ranks} do not fit (M, T), (M, max r), (Σr, T)")
     if M == 0 or T == 0:
@@ -361,7 +363,7 @@ def segment_expand(out: torch.Tensor, low: torch.Tensor, u: torch.Tensor, groups
             out, low, u, segs.order, segs.start, tiles.segment, tiles.first, table.rank_start, table.scale,
             len(table.ranks), T,
             out.stride(0), out.stride(1), low.stride(0), low.stride(1), u.stride(0), u.stride(1),
-            APPLY_SCALE=apply_scale, BLOCK_R=_block_r(table.ranks), PRECISION=_precision(out.dtype),
+            APPLY_SCALE=apply_scale, BLOCK_R=table.block_r, PRECISION=_precision(out.dtype),
             BM=ROW_BLOCK, **EXPAND_BLOCKS,
         )
     return out
@@ -412,7 +414,7 @@ def segment_shrink_expand(out: torch.Tensor, x: torch.Tensor, a_cat: torch.Tenso
     M, N = out.shape
     K = x.shape[1]
     segs, tiles = groups
-    sum_r = sum(table.ranks)
+    sum_r = table.sum_r
     if x.shape[0] != M or a_cat.shape != (sum_r, K) or b_cat.shape != (N, sum_r) or segs.order.shape != (M,):
         raise ValueError(f"segment_shrink_expand: out {tuple(out.shape)}, x {tuple(x.shape)}, a_cat "
                          f"{tuple(a_cat.shape)} and b_cat {tuple(b_cat.shape)} do not fit (M, N), (M, K), (Σr, K), "
@@ -426,7 +428,7 @@ def segment_shrink_expand(out: torch.Tensor, x: torch.Tensor, a_cat: torch.Tenso
             len(table.ranks), K, N,
             x.stride(0), x.stride(1), a_cat.stride(0), a_cat.stride(1), b_cat.stride(0), b_cat.stride(1),
             out.stride(0), out.stride(1),
-            BLOCK_R=_block_r(table.ranks), PRECISION=_precision(x.dtype), BM=ROW_BLOCK,
+            BLOCK_R=table.block_r, PRECISION=_precision(x.dtype), BM=ROW_BLOCK,
             BK=SHRINK_BLOCKS["BK"], BN=EXPAND_BLOCKS["BN"], num_warps=EXPAND_BLOCKS["num_warps"],
         )
     return out
@@ -484,8 +486,8 @@ def segment_reduce(p: torch.Tensor, low: torch.Tensor, segs: Segments, table: Ad
     ``rank_major``: C's memory is laid out as its transpose (Σr, T), contiguous (what dA_cat wants).
     """
     M, T = p.shape
-    n, sum_r = len(table.ranks), sum(table.ranks)
-    if low.shape != (M, max(table.ranks)) or segs.order.shape != (M,):
+    n, sum_r = len(table.ranks), table.sum_r
+    if low.shape != (M, table.max_r) or segs.order.shape != (M,):
         raise ValueError(f"segment_reduce: p {tuple(p.shape)} and low {tuple(low.shape)} do not fit (M, T), "
                          f"(M, max r) for ranks {table.ranks}")
     c = torch.empty((sum_r, T), device=p.device, dtype=p.dtype).t() if rank_major else \
@@ -498,7 +500,7 @@ def segment_reduce(p: torch.Tensor, low: torch.Tensor, segs: Segments, table: Ad
             p, low, segs.order, segs.start, table.rank_start, table.scale, c,
             T,
             p.stride(0), p.stride(1), low.stride(0), low.stride(1), c.stride(0), c.stride(1),
-            APPLY_SCALE=apply_scale, BLOCK_R=_block_r(table.ranks), PRECISION=_precision(p.dtype), **blocks,
+            APPLY_SCALE=apply_scale, BLOCK_R=table.block_r, PRECISION=_precision(p.dtype), **blocks,
         )
     return c
 

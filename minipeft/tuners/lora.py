@@ -30,6 +30,8 @@ on CUDA); see `LoraLinear.forward` for how several active adapters share one cal
 from __future__ import annotations
 
 import math
+import operator
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -65,6 +67,17 @@ def _weight_device(base_layer: nn.Module) -> torch.device:
     if isinstance(base_layer, nn.Linear):
         return base_layer.weight.device
     return base_layer.device  # a quantized layer (its codes' device, whether buffers or block parameters)
+
+
+_VERSION = operator.attrgetter("_version")  # a tensor's version counter: +1 at every in-place change
+
+
+class _Packing(NamedTuple):
+    """A LoRA layer's adapters packed for mixed batches, and what they were packed from (`LoraLinear._packed`)."""
+
+    state: tuple                # (names, dtype, scalings, weight versions, weight data pointers)
+    weights: list[torch.Tensor]  # the A's, then the B's
+    packed: kernels.PackedAdapters
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -106,8 +119,8 @@ class LoraLinear(AdapterLayer):
         self.lora_dropout: dict[str, float] = {}
         self.merged_adapters: list[str] = []
         # Mixed-adapter batches without autograd: the adapters packed for the kernel, kept between calls
-        # (`_packed`): (names, dtype, scalings and weight versions; the weights; the packing), or None.
-        self._packed_cache: tuple[tuple, tuple[torch.Tensor, ...], kernels.PackedAdapters] | None = None
+        # (`_packed`), or None.
+        self._packed_cache: _Packing | None = None
 
     # ---- adapters -----------------------------------------------------------------------------------
     def add_adapter(
@@ -370,17 +383,20 @@ class LoraLinear(AdapterLayer):
         weights = [a_modules[n]._parameters["weight"] for n in names] + \
                   [b_modules[n]._parameters["weight"] for n in names]
         scalings = [self.scaling[n] for n in names]
-        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+
+        def pack() -> kernels.PackedAdapters:
             return kernels.pack_adapters([w.to(dtype) for w in weights[:len(names)]],
                                          [w.to(dtype) for w in weights[len(names):]], scalings)
-        key = (tuple(names), dtype, tuple(scalings), tuple((w._version, w.data_ptr()) for w in weights))
+
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            return pack()
+        # map() runs these per-weight reads at C speed: this check is what each later call costs.
+        state = (names, dtype, scalings, list(map(_VERSION, weights)), list(map(torch.Tensor.data_ptr, weights)))
         cached = self._packed_cache
-        if cached is None or cached[0] != key or any(a is not b for a, b in zip(cached[1], weights, strict=True)):
+        if cached is None or cached.state != state or not all(map(operator.is_, cached.weights, weights)):
             with torch.no_grad():
-                packed = kernels.pack_adapters([w.to(dtype) for w in weights[:len(names)]],
-                                               [w.to(dtype) for w in weights[len(names):]], scalings)
-            self._packed_cache = cached = (key, tuple(weights), packed)
-        return cached[2]
+                self._packed_cache = cached = _Packing(state, weights, pack())
+        return cached.packed
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={self.r[n]}" for n in self.adapter_names)
