@@ -134,6 +134,13 @@ def time_training(pm, B: int, T: int, repeats: int, device: torch.device) -> dic
     return out
 
 
+def _ratio(per_round: dict[str, list[float]], med: dict[str, float], top: str, bottom: str
+           ) -> tuple[float, float, float]:
+    """top / bottom: the ratio of the medians, and the least and greatest of the rounds' own ratios."""
+    each = [a / b for a, b in zip(per_round[top], per_round[bottom], strict=True)]
+    return med[top] / med[bottom], min(each), max(each)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -175,19 +182,21 @@ def main() -> None:
     print("\n| row | ms (median) | spread (min–max) |\n|---|---|---|")
     for k, v in per_round.items():
         print(f"| {k} | {med[k]:.2f} | {min(v):.2f}–{max(v):.2f} |")
-    print("\nratios (same run):")
+    print("\nratios (same run): of the medians, and [min–max] of the rounds' own ratios")
+    ratios = {}
     for n in args.ns:
         for phase in ("prefill", "decode"):
-            mp, one, hf = (med.get(f"N={n} {s} {phase}") for s in ("mp mixed", "mp one", "hf mixed"))
-            line = f"  N={n:<3d} {phase:<8s} mixed / one adapter = {mp / one:.2f}"
-            if hf is not None:
-                line += f";  hf mixed / mp mixed = {hf / mp:.2f}× (mp faster when > 1)"
-            print(line)
+            mp, one, hf = (f"N={n} {side} {phase}" for side in ("mp mixed", "mp one", "hf mixed"))
+            ratios[f"N={n} {phase} mixed / one adapter"] = _ratio(per_round, med, mp, one)
+            if hf in med:
+                ratios[f"N={n} {phase} hf mixed / mp mixed"] = _ratio(per_round, med, hf, mp)
     if "mp train mixed (4 adapters)" in med:
-        print(f"  training: 4 separate steps / one mixed step = "
-              f"{med['mp train 4 separate steps'] / med['mp train mixed (4 adapters)']:.2f}×")
+        ratios["training: 4 separate steps / one mixed step"] = _ratio(
+            per_round, med, "mp train 4 separate steps", "mp train mixed (4 adapters)")
+    for name, (r, lo, hi) in ratios.items():
+        print(f"  {name}: {r:.2f}× [{lo:.2f}–{hi:.2f}]")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    save_json({"rounds": per_round, "median": med, "B": B, "T": T}, args.out)
+    save_json({"rounds": per_round, "median": med, "ratios": ratios, "B": B, "T": T}, args.out)
     print(f"wrote {args.out}")
 
 

@@ -45,6 +45,10 @@ The plan:
          dbias = dY.sum(0)                     (torch; the base weight is frozen: no dW)
      S is saved for the backward, not recomputed: it is M×max(r) values (32 KB for M = 1000, r = 16 in bf16)
      where recomputing it would read x (M×K) again with one more launch.
+  5. Inference (no autograd) of at most ``FUSED_MAX_ROWS`` rows — a decode step — runs shrink and expand as ONE
+     kernel (``segment_shrink_expand``): every (row tile, column tile) program computes its tile's S itself. At
+     those sizes the host's cost of a launch exceeds the GPU work of the whole layer, so one launch fewer is
+     what counts; S is computed cdiv(N, BN) times per tile, which costs the GPU little while so few rows are read.
 
 How a program of shrink or expand finds its work: the rows are cut into tiles of BM = ``ROW_BLOCK`` rows, each
 tile inside one segment, and a tile map, made on the device with a few torch ops (``tile_map``), says for every

@@ -224,3 +224,24 @@ def test_parallel_runs_the_batch_once_per_adapter():
     for i, name in enumerate(("a", "h", "p")):
         assert_close(logits[2 * i:2 * i + 2], alone[name])
         assert torch.equal(out[2 * i:2 * i + 2], generated[name]), name
+
+
+def test_the_benchmark_runs_on_the_cpu(tmp_path):
+    """benchmarks/multi_adapter.py end to end on its tiny CPU shape: every row timed in every round, and the
+    ratios of the medians with the rounds' spread (the GPU figures in RESULTS.md come from this script)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "multi_adapter.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "multi_adapter.py"), "--quick", "--device",
+                          "cpu", "--no-hf", "--ns", "1", "4", "--rounds", "2", "--repeats", "1", "--new-tokens", "2",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert all(len(times) == 2 and min(times) > 0 for times in result["rounds"].values())
+    assert {"N=4 decode mixed / one adapter", "training: 4 separate steps / one mixed step"} <= set(result["ratios"])
+    for ratio, lo, hi in result["ratios"].values():
+        assert ratio > 0 and 0 < lo <= hi
