@@ -219,6 +219,20 @@ def _segment_tile(tile_segment_ptr, tile_first_ptr, seg_start_ptr, n_segments):
 
 
 @triton.jit
+def _tile_rows(order_ptr, rank_start_ptr, segment, first, last, BM: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The rows of this program's tile and its adapter's slice of the packed ranks: (offs_p (BM,) sorted
+    positions, in_m (BM,) which are inside the segment, rows (BM,) int64 rows of x they stand for, r0 the
+    adapter's first packed rank, offs_r (BLOCK_R,), in_r (BLOCK_R,) which are below its rank r_i)."""
+    offs_p = first + tl.arange(0, BM)
+    in_m = offs_p < last
+    rows = tl.load(order_ptr + offs_p, mask=in_m, other=0)
+    r0 = tl.load(rank_start_ptr + segment)
+    rank = tl.load(rank_start_ptr + segment + 1) - r0         # r_i: BLOCK_R is masked down to it
+    offs_r = tl.arange(0, BLOCK_R)
+    return offs_p, in_m, rows, r0, offs_r, offs_r < rank
+
+
+@triton.jit
 def _shrink_rows(p_ptr, q_ptr, rows, in_m, r0, offs_r, in_r, K, stride_pm, stride_pk, stride_qr, stride_qk,
                  PRECISION: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BLOCK_R: tl.constexpr):
     """(BM, BLOCK_R) fp32: the gathered rows P[rows, :] times Q_iᵀ = q[r0 : r0 + r_i, :]ᵀ, summed over K."""
@@ -270,13 +284,7 @@ def _segment_shrink_kernel(
     segment, first, last = _segment_tile(tile_segment_ptr, tile_first_ptr, seg_start_ptr, n_segments)
     if segment >= n_segments:                                 # past the last tile: nothing to do
         return
-    offs_p = first + tl.arange(0, BM)                         # (BM,) sorted positions
-    in_m = offs_p < last
-    rows = tl.load(order_ptr + offs_p, mask=in_m, other=0)    # (BM,) the rows of x they stand for (int64)
-    r0 = tl.load(rank_start_ptr + segment)
-    rank = tl.load(rank_start_ptr + segment + 1) - r0         # r_i: BLOCK_R is masked down to it
-    offs_r = tl.arange(0, BLOCK_R)
-    in_r = offs_r < rank
+    offs_p, in_m, rows, r0, offs_r, in_r = _tile_rows(order_ptr, rank_start_ptr, segment, first, last, BM, BLOCK_R)
     acc = _shrink_rows(p_ptr, q_ptr, rows, in_m, r0, offs_r, in_r, K, stride_pm, stride_pk, stride_qr, stride_qk,
                        PRECISION, BM, BK, BLOCK_R)
     if APPLY_SCALE:
@@ -331,15 +339,9 @@ def _segment_expand_kernel(
     BM: tl.constexpr, BN: tl.constexpr,
 ):
     segment, first, last = _segment_tile(tile_segment_ptr, tile_first_ptr, seg_start_ptr, n_segments)
-    if segment >= n_segments:
+    if segment >= n_segments:                                 # past the last tile: nothing to do
         return
-    offs_p = first + tl.arange(0, BM)
-    in_m = offs_p < last
-    rows = tl.load(order_ptr + offs_p, mask=in_m, other=0)                           # (BM,) int64
-    r0 = tl.load(rank_start_ptr + segment)
-    rank = tl.load(rank_start_ptr + segment + 1) - r0
-    offs_r = tl.arange(0, BLOCK_R)
-    in_r = offs_r < rank
+    offs_p, in_m, rows, r0, offs_r, in_r = _tile_rows(order_ptr, rank_start_ptr, segment, first, last, BM, BLOCK_R)
     low = tl.load(l_ptr + offs_p[:, None] * stride_lp + offs_r[None, :] * stride_lr,
                   mask=in_m[:, None] & in_r[None, :], other=0.0)                      # (BM, BLOCK_R)
     scale = tl.load(scale_ptr + segment) if APPLY_SCALE else 1.0
@@ -392,15 +394,9 @@ def _segment_shrink_expand_kernel(
     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
 ):
     segment, first, last = _segment_tile(tile_segment_ptr, tile_first_ptr, seg_start_ptr, n_segments)
-    if segment >= n_segments:
+    if segment >= n_segments:                                 # past the last tile: nothing to do
         return
-    offs_p = first + tl.arange(0, BM)
-    in_m = offs_p < last
-    rows = tl.load(order_ptr + offs_p, mask=in_m, other=0)                           # (BM,) int64
-    r0 = tl.load(rank_start_ptr + segment)
-    rank = tl.load(rank_start_ptr + segment + 1) - r0
-    offs_r = tl.arange(0, BLOCK_R)
-    in_r = offs_r < rank
+    offs_p, in_m, rows, r0, offs_r, in_r = _tile_rows(order_ptr, rank_start_ptr, segment, first, last, BM, BLOCK_R)
     s = _shrink_rows(x_ptr, a_ptr, rows, in_m, r0, offs_r, in_r, K, stride_xm, stride_xk, stride_ar, stride_ak,
                      PRECISION, BM, BK, BLOCK_R)                                      # (BM, BLOCK_R) S = x·A_iᵀ
     s = s.to(x_ptr.dtype.element_ty)       # rounded to x's dtype, as the two-kernel path stores it

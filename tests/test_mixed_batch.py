@@ -230,6 +230,7 @@ def test_the_benchmark_runs_on_the_cpu(tmp_path):
     """benchmarks/multi_adapter.py end to end on its tiny CPU shape: every row timed in every round, and the
     ratios of the medians with the rounds' spread (the GPU figures in RESULTS.md come from this script)."""
     import json
+    import math
     import os
     import subprocess
     import sys
@@ -241,7 +242,9 @@ def test_the_benchmark_runs_on_the_cpu(tmp_path):
                           "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert all(len(times) == 2 and min(times) > 0 for times in result["rounds"].values())
+    for row, times in result["rounds"].items():  # a decode figure is a difference of two timings: noise may sink
+        assert len(times) == 2 and all(map(math.isfinite, times)), row  # it below 0 on this tiny shape
+        assert "decode" in row or min(times) > 0, row
     assert {"N=4 decode mixed / one adapter", "training: 4 separate steps / one mixed step"} <= set(result["ratios"])
     for ratio, lo, hi in result["ratios"].values():
-        assert ratio > 0 and 0 < lo <= hi
+        assert math.isfinite(ratio) and lo <= hi

@@ -258,6 +258,8 @@ course.claim(mixed_answers == alone_answers,
 # adapter; each program of the kernel takes a tile of BM rows inside one segment, so one adapter's A_i and B_i
 # serve the whole tile. Rows whose adapter this layer does not hold — a bottleneck adapter's, a soft prompt's,
 # the base's — get index −1 and no low-rank term.
+# (Inference of a few rows — a decode step — runs the two as one launch, `segment_shrink_expand`: at that size,
+# starting a kernel costs the host more than the GPU spends on the whole layer.)
 #
 # Here is the index the LoRA layers see for the batch of section 2, and its segments
 # (`multi_lora_triton.segments`, the function the kernel calls):
@@ -354,22 +356,29 @@ gpu = results_sections("Many adapters in one batch")
 if gpu:
     section = gpu[0]
     print("benchmarks/RESULTS.md —", section.splitlines()[0].lstrip("# "))
-    rows = results_table(section)
+    table = results_table(section)  # one row per measurement, a column of ms (and its spread) per N
+    by_name = {row["row"].split(" (")[0].replace(",", ""): row for row in table}
     print(f"\n{'N adapters':>10} {'prefill ms: mixed':>18} {'one adapter':>12} {'HF peft mixed':>14} "
           f"{'decode ms/token: mixed':>23} {'one adapter':>12} {'HF peft mixed':>14}")
-    for row in rows:
-        v = {k: float(row[k]) for k in row if k != "N"}
-        print(f"{row['N']:>10} {v['mp mixed prefill']:18.1f} {v['mp one adapter prefill']:12.1f} "
+    per_n = {}
+    for column in (c for c in table[0] if c.startswith("N=") and c.endswith(" ms")):
+        n = column.removesuffix(" ms")
+        v = per_n[n] = {name: float(row[column]) for name, row in by_name.items()}
+        print(f"{n:>10} {v['mp mixed prefill']:18.1f} {v['mp one adapter prefill']:12.1f} "
               f"{v['hf mixed prefill']:14.1f} {v['mp mixed decode ms/token']:23.1f} "
               f"{v['mp one adapter decode']:12.2f} {v['hf mixed decode']:14.1f}")
-    for row in rows:
-        v = {k: float(row[k]) for k in row if k != "N"}
-        print(f"N = {row['N']}: the mixed batch runs {v['hf mixed prefill'] / v['mp mixed prefill']:.1f}× faster than "
+    for n, v in per_n.items():
+        print(f"{n}: the mixed batch runs {v['hf mixed prefill'] / v['mp mixed prefill']:.1f}× faster than "
               f"HF peft's in prefill and {v['hf mixed decode'] / v['mp mixed decode ms/token']:.1f}× in decode, and "
               f"costs {v['mp mixed prefill'] / v['mp one adapter prefill']:.1f}× (prefill) and "
               f"{v['mp mixed decode ms/token'] / v['mp one adapter decode']:.1f}× (decode) the same batch on one "
               f"adapter.")
-    print("\nWhat the run itself says about these numbers:")
+    print("\nThe targets the run was measured against (medians of its rounds; in parentheses the least and "
+          "greatest of the rounds' own ratios):")
+    for target in results_table(section, 1):
+        measured, verdict = list(target.values())[1:3]
+        print(f"  {target['target']}: {measured} — {verdict}")
+    print("\nWhat RESULTS.md lists as changed since the first measurement, and found by profiling:")
     print("\n".join(line for line in section.splitlines() if line.startswith(("- ", "  "))))
 else:
     print("benchmarks/RESULTS.md has no section on many adapters in one batch: run benchmarks/multi_adapter.py "
