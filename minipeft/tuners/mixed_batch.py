@@ -62,8 +62,10 @@ class RowRoute:
             self._memo[key] = make()
         return self._memo[key]
 
-    def for_layer(self, layer_adapters: Sequence[str] | Mapping) -> tuple[list[str], torch.Tensor]:
-        """(the batch's adapters this layer holds, in order; (B,) index into that list, -1 for the others)."""
+    def for_layer(self, layer_adapters: Mapping[str, Any]) -> tuple[list[str], torch.Tensor]:
+        """(the batch's adapters this layer holds, in order; (B,) index into that list, -1 for the others).
+
+        layer_adapters: the layer's adapters by name (its ModuleDict, or any mapping with ``keys()``)."""
         held = layer_adapters.keys()  # a dict view: a C-speed `in` (a ModuleDict's own `in` runs Python)
         local = [n for n in self.names if n in held]
         return local, self.memo(("index", tuple(local)), lambda: self._index(local))
