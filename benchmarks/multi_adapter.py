@@ -9,11 +9,15 @@ row b using adapter b mod N. Rows, each timed wall-clock with the device synchro
     train     (minipeft) one AdamW step on a (16, 256) batch of 4 adapters, mixed, against 4 single-adapter
               steps of 4 rows each (the same rows, the same adapters)
 
-Sides: `mp mixed` (minipeft, kernels.multi_lora_linear: one shrink and one expand launch per layer for all
-adapters), `hf mixed` (HF peft's `adapter_names=`: a loop over the adapters inside every LoRA layer, on the same
-weights loaded through minipeft's peft-format export) and `mp one` (minipeft, the whole batch on one adapter,
-unmerged: the cost a mixed batch is measured against). Each figure is the median over `--rounds` interleaved
-rounds of the median of `--repeats` calls; the spread is the rounds' min–max.
+Sides: `mp mixed` (minipeft, `adapter_names=`, kernel backend "auto": for inference the gathered route of
+kernels/multi_lora_routes.py, three launches a layer), `mp mixed/triton` (the same on backend "triton": the
+segmented kernels of kernels/multi_lora_triton.py, one or two launches a layer for all adapters), `hf mixed` (HF
+peft's `adapter_names=`: a loop over the adapters inside every LoRA layer, on the same weights loaded through
+minipeft's peft-format export), `mp one` (minipeft, the whole batch on one adapter, unmerged — "auto"'s
+merged-weight cache off, so the LoRA branch runs: the cost a mixed batch is measured against) and `mp one
+merged` ("auto" as it comes, which serves one adapter at inference from a cached W + s·B·A: the frozen base's
+cost). Each figure is the median over `--rounds` interleaved rounds of the median of `--repeats` calls; the
+spread is the rounds' min–max.
 
     python benchmarks/multi_adapter.py [--ns 1 4 16 64] [--rounds 3]        # CUDA GPU
     python benchmarks/multi_adapter.py --quick --device cpu                   # smoke test, tiny shape
@@ -22,6 +26,7 @@ rounds of the median of `--repeats` calls; the spread is the rounds' min–max.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import statistics
@@ -29,7 +34,7 @@ import tempfile
 
 import torch
 
-from minipeft import GPT, GPTConfig, LoraConfig, get_peft_model
+from minipeft import GPT, GPTConfig, LoraConfig, get_peft_model, kernels
 from minipeft.checkpoint import save_json
 from minipeft.measure import median_ms
 
@@ -73,6 +78,29 @@ def _plain_state(pm) -> dict[str, torch.Tensor]:
     return out
 
 
+@contextlib.contextmanager
+def merged_cache_off():
+    """One adapter unmerged: "auto"'s merged-weight cache (kernels/lora_routes.py) off for the block."""
+    routes = kernels.lora_routes
+    if routes is None:  # no Triton: "auto" is the reference, which never merges
+        yield
+        return
+    kept, routes.MERGED_CACHE_BYTES = routes.MERGED_CACHE_BYTES, 0
+    routes.clear_cache()
+    try:
+        yield
+    finally:
+        routes.MERGED_CACHE_BYTES = kept
+
+
+def _prefill_and_decode(out: dict[str, float], side: str, pm, idx, new: int, repeats: int, **kw) -> None:
+    """out[side + " prefill"]: one forward; out[side + " decode"]: ms per new token of generate."""
+    out[f"{side} prefill"] = median_ms(lambda: pm(idx, **kw), repeats)
+    g1 = median_ms(lambda: pm.generate(idx, max_new_tokens=1, **kw), repeats)
+    gd = median_ms(lambda: pm.generate(idx, max_new_tokens=1 + new, **kw), repeats)
+    out[f"{side} decode"] = (gd - g1) / new
+
+
 def time_rows(pm, hf, n: int, B: int, T: int, new: int, repeats: int, device: torch.device) -> dict[str, float]:
     vocab = pm.base_model.config.vocab_size
     idx = torch.randint(0, vocab, (B, T), device=device, generator=torch.Generator(device).manual_seed(1))
@@ -80,14 +108,13 @@ def time_rows(pm, hf, n: int, B: int, T: int, new: int, repeats: int, device: to
     out: dict[str, float] = {}
     with torch.no_grad():
         pm.set_adapter("a0")
-        out["mp one prefill"] = median_ms(lambda: pm(idx), repeats)
-        out["mp mixed prefill"] = median_ms(lambda: pm(idx, adapter_names=names), repeats)
-        g1 = median_ms(lambda: pm.generate(idx, max_new_tokens=1, adapter_names=names), repeats)
-        gd = median_ms(lambda: pm.generate(idx, max_new_tokens=1 + new, adapter_names=names), repeats)
-        out["mp mixed decode"] = (gd - g1) / new
-        g1 = median_ms(lambda: pm.generate(idx, max_new_tokens=1), repeats)
-        gd = median_ms(lambda: pm.generate(idx, max_new_tokens=1 + new), repeats)
-        out["mp one decode"] = (gd - g1) / new
+        with merged_cache_off():
+            _prefill_and_decode(out, "mp one", pm, idx, new, repeats)
+        _prefill_and_decode(out, "mp one merged", pm, idx, new, repeats)
+        _prefill_and_decode(out, "mp mixed", pm, idx, new, repeats, adapter_names=names)
+        if device.type == "cuda":
+            with kernels.use_backend("triton"):
+                _prefill_and_decode(out, "mp mixed/triton", pm, idx, new, repeats, adapter_names=names)
         if hf is not None:
             out["hf mixed prefill"] = median_ms(lambda: hf(input_ids=idx, adapter_names=names), repeats)
             kw = dict(do_sample=False, pad_token_id=0, adapter_names=names)
@@ -186,8 +213,11 @@ def main() -> None:
     ratios = {}
     for n in args.ns:
         for phase in ("prefill", "decode"):
-            mp, one, hf = (f"N={n} {side} {phase}" for side in ("mp mixed", "mp one", "hf mixed"))
+            mp, one, hf, tri = (f"N={n} {side} {phase}" for side in ("mp mixed", "mp one", "hf mixed",
+                                                                    "mp mixed/triton"))
             ratios[f"N={n} {phase} mixed / one adapter"] = _ratio(per_round, med, mp, one)
+            if tri in med:
+                ratios[f"N={n} {phase} mixed/triton / one adapter"] = _ratio(per_round, med, tri, one)
             if hf in med:
                 ratios[f"N={n} {phase} hf mixed / mp mixed"] = _ratio(per_round, med, hf, mp)
     if "mp train mixed (4 adapters)" in med:

@@ -30,9 +30,11 @@ Which backend runs, first match wins:
 
 The same switch, names and precedence serve ``multi_lora_linear``, a batch whose rows each use their own adapter
 (punica's SGMV, https://arxiv.org/abs/2310.18547): kernels/reference.py's loop over adapters, or the segmented
-kernels of kernels/multi_lora_triton.py; "auto" takes the Triton kernels on CUDA, the reference elsewhere.
-``multi_lora_linear_packed`` is the same with the adapters packed once (``pack_adapters``) and the rows grouped
-once (``group_rows``), for callers that run many batches, or many layers, on the same adapters or rows.
+kernels of kernels/multi_lora_triton.py; "auto" takes, on CUDA, the Triton kernels or, for inference with one
+adapter per sequence, the gathered route of kernels/multi_lora_routes.py (``multi_lora_route`` says which), and
+the reference elsewhere. ``multi_lora_linear_packed`` is the same with the adapters packed once
+(``pack_adapters``) and the rows grouped once (``group_rows``), for callers that run many batches, or many
+layers, on the same adapters or rows.
 
 This package imports only torch and triton, and triton only if it is there: without it ``from minipeft import kernels``
 still works and ``available_backends()["triton"]`` says why Triton cannot run.
@@ -51,7 +53,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from . import nf4_autograd, reference
+from . import multi_lora_routes, nf4_autograd, reference
 from .nf4_reference import nf4_dequantize_reference
 from .reference import PackedAdapters
 from .triton_interpreter import INTERPRETING as _INTERPRETING  # TRITON_INTERPRET, read once for the package
@@ -68,7 +70,8 @@ except Exception as e:  # ImportError, or a Triton that fails at import on this 
 
 __all__ = ["lora_linear", "set_backend", "use_backend", "get_backend", "available_backends", "BACKENDS",
            "nf4_dequantize_reference", "nf4_dequantize_triton", "nf4_dequantize", "nf4_linear", "nf4_lora_linear",
-           "multi_lora_linear", "multi_lora_linear_packed", "pack_adapters", "group_rows", "PackedAdapters"]
+           "multi_lora_linear", "multi_lora_linear_packed", "multi_lora_route", "pack_adapters", "group_rows",
+           "gather_adapters", "PackedAdapters"]
 
 BACKENDS = ("auto", "reference", "triton")
 ENV_VAR = "MINIPEFT_KERNEL"
@@ -313,8 +316,12 @@ def lora_linear(
 #   "triton":    kernels/multi_lora_triton.py on every call (cuBLAS for the shared base GEMM, the segmented
 #                Triton kernels for every adapter's branch, forward and backward), or a ValueError saying why
 #                it cannot run (the reasons of ``lora_linear``'s "triton").
-#   "auto":      those Triton kernels on CUDA (no host sync: the rows are grouped on the device); the reference
-#                elsewhere, the CPU included. Not yet measured against the reference's loop on a GPU.
+#   "auto":      on CUDA, inference with one adapter per sequence (adapter_index (B,) for x (B, L, in)) takes the
+#                "gathered" route of kernels/multi_lora_routes.py (each sequence's adapter gathered once, then
+#                two batched cuBLAS GEMMs: 3 launches a layer, as one adapter's); everything else the Triton
+#                kernels (no host sync: the rows are grouped on the device). The reference elsewhere, the CPU
+#                included. ``multi_lora_route`` says which route a call takes.
+# adapter_index is one adapter per row (shaped x.shape[:-1]) or, for x (B, ..., in), one per sequence ((B,)).
 # --------------------------------------------------------------------------------------------------------
 def _capturing(x: torch.Tensor) -> bool:
     """True while a CUDA graph is being captured on x's device (a host sync would end the capture)."""
@@ -365,15 +372,16 @@ def _check_adapter_tensors(lora_As, lora_Bs, like: torch.Tensor, like_name: str,
 
 
 def _check_index(x, adapter_index, n: int, check_index: bool) -> None:
-    """adapter_index int64, shaped x.shape[:-1], on x's device; its values in [-1, n) unless ``check_index`` is
-    False. The value check reads them back (a host sync), so it is skipped while torch.compile traces or a CUDA
-    graph is captured. Unchecked, an index outside [-1, n) is memory-safe in both backends: its row matches no
-    adapter and gets the base layer only."""
+    """adapter_index int64, shaped x.shape[:-1] (per row) or x.shape[:1] (per sequence), on x's device; its values
+    in [-1, n) unless ``check_index`` is False. The value check reads them back (a host sync), so it is skipped
+    while torch.compile traces or a CUDA graph is captured. Unchecked, an index outside [-1, n) is memory-safe on
+    every route: its row matches no adapter and gets the base layer only."""
     if adapter_index.dtype != torch.int64:
         raise TypeError(f"adapter_index has dtype {adapter_index.dtype}; expected torch.int64 (torch.long)")
-    if adapter_index.shape != x.shape[:-1]:
+    if adapter_index.shape != x.shape[:-1] and (x.dim() < 2 or adapter_index.shape != x.shape[:1]):
         raise ValueError(f"adapter_index has shape {tuple(adapter_index.shape)}; expected x's leading shape "
-                         f"{tuple(x.shape[:-1])} (one adapter per row of x)")
+                         f"{tuple(x.shape[:-1])} (one adapter per row of x) or {tuple(x.shape[:1])} (one per "
+                         "sequence)")
     if adapter_index.device != x.device:
         raise ValueError(f"adapter_index is on {adapter_index.device} but x is on {x.device}; move it to x's device")
     if not check_index or torch.compiler.is_compiling() or _capturing(x) or adapter_index.numel() == 0:
@@ -404,14 +412,32 @@ def _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index, 
     _check_index(x, adapter_index, len(lora_As), check_index)
 
 
-def _multi_on_triton(name: str, x: torch.Tensor) -> bool:
-    """True when backend ``name`` runs the Triton kernels on x; an explicit "triton" that cannot raises."""
+def _multi_route(name: str, x: torch.Tensor, adapter_index: torch.Tensor, adapters: PackedAdapters | None,
+                 needs_grad: bool) -> str:
+    """"reference", "triton" or "gathered" for backend ``name`` on these tensors; an explicit "triton" that cannot
+    run raises. ``adapters`` None (unpacked adapters): the gathered route, which gathers from a packing, is not
+    considered."""
     if name == "triton":
         why_not = _triton_unavailable(x.device, x.dtype)
         if why_not:
             raise ValueError(f"the triton kernel backend cannot run here: {why_not}")
-        return True
-    return name == "auto" and x.is_cuda and _triton_unavailable(x.device, x.dtype) is None
+        return "triton"
+    if name != "auto" or not x.is_cuda or x.dtype not in multi_lora_routes.DTYPES:
+        return "reference"
+    if adapters is not None and multi_lora_routes.choose_route(x, adapter_index, adapters, needs_grad) == "gathered":
+        return "gathered"
+    return "triton" if _triton_unavailable(x.device, x.dtype) is None else "reference"
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _per_row(x: torch.Tensor, adapter_index: torch.Tensor) -> torch.Tensor:
+    """The index per row of x (x.shape[:-1]): a per-sequence index (B,) expanded (a view, no copy)."""
+    if adapter_index.shape == x.shape[:-1]:
+        return adapter_index
+    return adapter_index.view(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1])
 
 
 def multi_lora_linear(
@@ -435,7 +461,8 @@ def multi_lora_linear(
         lora_As: a list or tuple of n tensors (r_i, in); the ranks r_i may differ.
         lora_Bs: n tensors (out, r_i).
         scalings: n real numbers s_i (lora_alpha / r_i, or / sqrt(r_i) with rsLoRA).
-        adapter_index: int64 of shape x.shape[:-1], values in [-1, n): each row's adapter, -1 for none.
+        adapter_index: int64 of shape x.shape[:-1], values in [-1, n): each row's adapter, -1 for none; or, for
+            x (B, ..., in), of shape (B,): one adapter for every row of sequence b.
         backend: "reference" | "triton" | "auto" | None, as for ``lora_linear`` (see the comment above).
         check_index: False skips the check of adapter_index's values, a host sync (a GPU decode step of a
             12-layer model with every Linear adapted would wait for the GPU 48 times), for a caller that made
@@ -452,7 +479,8 @@ def multi_lora_linear(
     """
     name = get_backend() if backend is None else _check_name(backend, "multi_lora_linear(backend=...)")
     _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index, check_index)
-    if _multi_on_triton(name, x):
+    adapter_index = _per_row(x, adapter_index)
+    if _multi_route(name, x, adapter_index, None, needs_grad=True) == "triton":
         return multi_lora_triton.multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index)
     return reference.multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index)
 
@@ -491,6 +519,22 @@ def group_rows(adapter_index: torch.Tensor, n_adapters: int):
     return None if multi_lora_triton is None else multi_lora_triton.group_rows(adapter_index, n_adapters)
 
 
+def gather_adapters(adapters: PackedAdapters, adapter_index: torch.Tensor):
+    """Each sequence's adapter copied out of the packing, for the gathered route (kernels/multi_lora_routes.py):
+    ``GatheredAdapters`` of (B, R, in) and (B, R, out) from a per-sequence index (B,), R the largest rank.
+
+    It depends only on the packing and the index, so a caller that runs several calls on one batch (the layers'
+    decode steps of a generate) gathers once and passes it to each (``multi_lora_linear_packed(..., gathered=)``).
+    """
+    if not isinstance(adapters, PackedAdapters):
+        raise TypeError(f"adapters must be the PackedAdapters that kernels.pack_adapters returns, got "
+                        f"{_describe(adapters)}")
+    if not isinstance(adapter_index, torch.Tensor) or adapter_index.dtype != torch.int64 or adapter_index.dim() != 1:
+        raise TypeError(f"adapter_index must be a 1-D int64 tensor (one adapter per sequence), got "
+                        f"{_describe(adapter_index)}")
+    return multi_lora_routes.gather_adapters(adapters, adapter_index)
+
+
 def multi_lora_linear_packed(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -500,15 +544,19 @@ def multi_lora_linear_packed(
     backend: str | None = None,
     *,
     groups=None,
+    gathered=None,
     check_index: bool = True,
 ) -> torch.Tensor:
     """``multi_lora_linear`` with the adapters packed once (``pack_adapters``) and, optionally, the rows grouped
     once (``group_rows(adapter_index, n)``): the per-call work and checks no longer grow with the number of
     adapters, which is what a decode step of a many-adapter server needs (its host time is most of the step).
 
-    ``groups`` must be made from this very adapter_index (it is not checked against it: that would cost what
-    it saves); None groups the rows in the call. The rest as ``multi_lora_linear``, whose errors it raises
-    for the same mistakes (the adapters' own checks ran in ``pack_adapters``).
+    ``groups`` must be made from this very adapter_index, one entry per row (a per-sequence index expanded to
+    x.shape[:-1]; it is not checked against it: that would cost what it saves); None groups the rows in the
+    call. ``gathered``, the same for the gathered route ("auto", inference, one adapter per sequence):
+    ``gather_adapters(adapters, adapter_index)`` of this very index, or None to gather in the call. The rest as
+    ``multi_lora_linear``, whose errors it raises for the same mistakes (the adapters' own checks ran in
+    ``pack_adapters``).
     """
     name = get_backend() if backend is None else _check_name(backend, "multi_lora_linear_packed(backend=...)")
     _check_tensors(x, weight, bias, adapter_index)
@@ -528,12 +576,26 @@ def multi_lora_linear_packed(
     n = len(adapters.ranks)
     _check_index(x, adapter_index, n, check_index)
     if groups is not None and (not isinstance(groups, tuple) or len(groups) != 2
-                               or groups[0].order.numel() != adapter_index.numel() or groups[0].start.numel() != n + 1):
-        raise ValueError(f"groups must be kernels.group_rows(adapter_index, {n}) for this adapter_index, got "
-                         f"{_describe(groups)}")
-    if _multi_on_triton(name, x):
+                               or groups[0].order.numel() != math.prod(x.shape[:-1])
+                               or groups[0].start.numel() != n + 1):
+        raise ValueError(f"groups must be kernels.group_rows(index, {n}) for this adapter_index, one entry per row "
+                         f"of x, got {_describe(groups)}")
+    route = _multi_route(name, x, adapter_index, adapters, _needs_grad(x, bias, adapters.a_cat, adapters.b_cat))
+    if route == "gathered":
+        return multi_lora_routes.multi_lora_linear_gathered(x, weight, bias, adapters, adapter_index, gathered)
+    adapter_index = _per_row(x, adapter_index)
+    if route == "triton":
         return multi_lora_triton.multi_lora_linear_packed(x, weight, bias, adapters, adapter_index, groups)
     return reference.multi_lora_linear_packed(x, weight, bias, adapters, adapter_index, groups)
+
+
+def multi_lora_route(x: torch.Tensor, adapter_index: torch.Tensor, adapters: PackedAdapters,
+                     backend: str | None = None) -> str:
+    """The route ``multi_lora_linear_packed`` takes for these arguments now: "reference", "triton" (the segmented
+    kernels of kernels/multi_lora_triton.py) or "gathered" (kernels/multi_lora_routes.py; "auto" only). Whether
+    a gradient is wanted counts, as in the call (the grad mode in force, and which tensors require grad)."""
+    name = get_backend() if backend is None else _check_name(backend, "multi_lora_route(backend=...)")
+    return _multi_route(name, x, adapter_index, adapters, _needs_grad(x, adapters.a_cat, adapters.b_cat))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from minipeft import (
     get_peft_model,
     kernels,
 )
+from minipeft.kernels import multi_lora_routes
 
 CFG = GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=48)
 
@@ -56,18 +57,36 @@ def _batch(B=5, T=7, seed=1):
     return torch.randint(0, CFG.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_each_row_gets_what_its_adapter_gives_alone(backend):
+def _force_gathered(monkeypatch) -> list[str]:
+    """The route "auto" takes on CUDA for inference (each sequence's adapter gathered), taken on the CPU too;
+    returns the list of gathers made."""
+    route, gather, gathers = kernels._multi_route, kernels.gather_adapters, []
+
+    def gathered_where_auto_would(name, x, index, adapters, needs_grad):
+        if adapters is not None and multi_lora_routes.choose_route(x, index, adapters, needs_grad) == "gathered":
+            return "gathered"
+        return route(name, x, index, adapters, needs_grad)
+
+    monkeypatch.setattr(kernels, "_multi_route", gathered_where_auto_would)
+    monkeypatch.setattr(kernels, "gather_adapters", lambda *a: gathers.append("gather") or gather(*a))
+    return gathers
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "gathered"])
+def test_each_row_gets_what_its_adapter_gives_alone(backend, monkeypatch):
     """LoRA adapters of different ranks and targets, soft prompts of two lengths, a bottleneck adapter and
-    the base, in one batch, against each row run alone; on the Triton backend too (the interpreter here)."""
+    the base, in one batch, against each row run alone; on the Triton backend too (the interpreter here), and
+    on the gathered route that "auto" takes on CUDA."""
+    gathers = _force_gathered(monkeypatch) if backend == "gathered" else None
     pm = _model(("a", LORA), ("b", LORA_2), ("p3", PromptTuningConfig(num_virtual_tokens=3)),
                 ("p5", PromptTuningConfig(num_virtual_tokens=5)),
                 ("h", AdapterConfig.load("houlsby", reduction_factor=8)))
     names = ["a", "p5", "__base__", "b", "p3", "h", "a"]
     idx = _batch(B=len(names))
-    with kernels.use_backend(backend):
-        logits, _ = pm(idx, adapter_names=names)
+    with kernels.use_backend("auto" if gathers is not None else backend), torch.set_grad_enabled(gathers is None):
+        logits, _ = pm(idx, adapter_names=names)  # the gathered route serves inference only
     assert logits.shape == (len(names), idx.shape[1], CFG.vocab_size)
+    assert gathers is None or len(gathers) == sum(1 for m in pm.modules() if type(m).__name__ == "LoraLinear")
     for row, name in enumerate(names):
         assert_close(logits[row], _alone(pm, idx[row:row + 1], name)[0], dtype="tf32" if backend == "triton" else None)
 
@@ -110,11 +129,17 @@ def test_each_adapter_learns_from_its_own_rows_only():
             assert_close(g_mixed, g_alone)
 
 
-def test_generate_with_one_adapter_per_row_matches_each_row_alone():
+@pytest.mark.parametrize("route", ["auto", "gathered"])
+def test_generate_with_one_adapter_per_row_matches_each_row_alone(route, monkeypatch):
+    """On the CPU "auto" is the reference; "gathered" is the route "auto" takes on CUDA, which gathers each LoRA
+    layer's adapters once for the whole generate call (the prompt and every new token)."""
+    gathers = _force_gathered(monkeypatch) if route == "gathered" else []
     pm = _model(("a", LORA), ("p", PromptTuningConfig(num_virtual_tokens=4)), ("b", LORA_2))
     names = ["p", "a", "__base__", "b"]
     idx = _batch(B=len(names), T=5, seed=5)
     out = pm.generate(idx, max_new_tokens=6, adapter_names=names)
+    lora_layers = sum(1 for m in pm.modules() if type(m).__name__ == "LoraLinear")
+    assert len(gathers) == (lora_layers if route == "gathered" else 0)
     for row, name in enumerate(names):
         if name == "__base__":
             with pm.disable_adapter():
@@ -125,10 +150,12 @@ def test_generate_with_one_adapter_per_row_matches_each_row_alone():
         assert torch.equal(out[row], alone[0]), (row, name)
 
 
-def test_generate_packs_each_layer_once_and_groups_the_rows_once_per_row_shape(monkeypatch):
+@pytest.mark.parametrize("backend,groupings", [("triton", 2), ("reference", 0)])
+def test_generate_packs_each_layer_once_and_groups_the_rows_once_per_row_shape(backend, groupings, monkeypatch):
     """The work that does not depend on the token is done once per generate call, not per layer and token: each
-    LoRA layer packs its adapters once, and the rows are grouped once for the prompt and once for the
-    one-token steps (every layer holds the same adapters here), however many tokens are generated."""
+    LoRA layer packs its adapters once, and for the Triton kernels the rows are grouped once for the prompt and
+    once for the one-token steps (every layer holds the same adapters here), however many tokens are generated;
+    the reference's loop (and the gathered route) group nothing."""
     pm = _model(("a", LORA), ("b", LORA))
     counts = {"pack": 0, "group": 0}
     pack, group = kernels.pack_adapters, kernels.group_rows
@@ -142,15 +169,16 @@ def test_generate_packs_each_layer_once_and_groups_the_rows_once_per_row_shape(m
     monkeypatch.setattr(kernels, "pack_adapters", counted("pack", pack))
     monkeypatch.setattr(kernels, "group_rows", counted("group", group))
     names = ["b", "a", "__base__", "a"]
-    pm.generate(_batch(B=4, T=5, seed=7), max_new_tokens=5, adapter_names=names)
+    with kernels.use_backend(backend):
+        pm.generate(_batch(B=4, T=5, seed=7), max_new_tokens=5, adapter_names=names)
     lora_layers = sum(1 for m in pm.modules() if type(m).__name__ == "LoraLinear")
-    assert lora_layers == 4 * CFG.n_layer and counts == {"pack": lora_layers, "group": 2}
+    assert lora_layers == 4 * CFG.n_layer and counts == {"pack": lora_layers, "group": groupings}
 
 
 def test_without_autograd_the_packing_is_kept_until_an_adapter_changes(monkeypatch):
     """A server calls the model again and again on the same adapters: without autograd each LoRA layer packs
     them once and reuses the packing; an in-place change of an adapter makes a new one (the rows then get the
-    changed adapter, exactly as alone), and a call that records autograd packs again every time."""
+    changed adapter, exactly as alone), so does a `.to()`, and a call that records autograd packs every time."""
     pm = _model(("a", LORA), ("b", LORA))
     packs = []
     pack = kernels.pack_adapters
@@ -169,10 +197,13 @@ def test_without_autograd_the_packing_is_kept_until_an_adapter_changes(monkeypat
         assert not torch.allclose(changed[1], first[1]) and torch.equal(changed[0], first[0])
         for row, name in enumerate(names):
             assert_close(changed[row], _alone(pm, idx[row:row + 1], name)[0])
+        pm.float()  # .to() and friends may move storage without a version change: the packing is dropped
+        pm(idx, adapter_names=names)
+        assert len(packs) == 3 * lora_layers
     pm.set_adapter(["a", "b"])  # trainable: with autograd recording, the packing carries the gradients
     for _ in range(2):
         pm(idx, adapter_names=names)
-    assert len(packs) == 4 * lora_layers
+    assert len(packs) == 5 * lora_layers
 
 
 def test_the_active_adapters_are_left_as_they_were():

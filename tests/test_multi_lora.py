@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from tolerances import assert_close, rel_error
 
 from minipeft import kernels
-from minipeft.kernels import multi_lora_triton, reference
+from minipeft.kernels import multi_lora_routes, multi_lora_triton, reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -529,6 +529,119 @@ def test_index_range_check_is_skipped_while_compiling(spy, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# One adapter per sequence: the index (B,) for x (B, L, in), and the gathered route ("auto" on CUDA, inference)
+# ----------------------------------------------------------------------------------------------------------
+@st.composite
+def sequences(draw, max_dim=MAX_DIM):
+    """A batch of B sequences of L tokens (or 2-D x: B rows), each sequence on one adapter or none (-1); ranks
+    1..16 that differ; returns the case of ``batches`` (index per row) and the index per sequence."""
+    n = draw(st.integers(1, 4))
+    B, L = draw(st.integers(1, 6)), draw(st.integers(1, 5))
+    per_sequence = draw(st.lists(st.integers(-1, n - 1), min_size=B, max_size=B))
+    two_d = draw(st.booleans())
+    case = dict(index=[i for i in per_sequence for _ in range(1 if two_d else L)], lead=(B,) if two_d else (B, L),
+                ranks=draw(st.lists(st.integers(1, 16), min_size=n, max_size=n)), K=draw(st.integers(1, max_dim)),
+                N=draw(st.integers(1, max_dim)), bias=draw(st.booleans()),
+                scalings=draw(st.lists(st.sampled_from([0.5, 2.0, -1.0, 0.25]), min_size=n, max_size=n)))
+    return case, per_sequence
+
+
+def _packed_args(inputs):
+    """multi_lora_linear_packed's arguments from multi_lora_linear's."""
+    adapters = kernels.pack_adapters(inputs["lora_As"], inputs["lora_Bs"], inputs["scalings"])
+    return dict(x=inputs["x"], weight=inputs["weight"], bias=inputs["bias"], adapters=adapters)
+
+
+@settings(max_examples=30)
+@given(drawn=sequences(), dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_gathered_route_is_each_adapter_alone(drawn, dtype):
+    """Each sequence's adapter padded to the largest rank and gathered, two batched GEMMs: every row gets its own
+    adapter's output (zero-rank padding adds nothing, a -1 sequence gets the base), in float64 and float32."""
+    case, per_sequence = drawn
+    inputs, dy = _inputs(case, dtype, "cpu")
+    seq = torch.tensor(per_sequence)
+    y = multi_lora_routes.multi_lora_linear_gathered(**_packed_args(inputs), adapter_index=seq)
+    assert y.dtype == dtype and y.shape == (*case["lead"], case["N"])
+    _check(y, _each_adapter_alone(inputs, dy)[0], dtype)
+
+
+@settings(max_examples=12)
+@given(drawn=sequences(), backend=st.sampled_from(["reference", "triton", "auto"]))
+def test_an_index_per_sequence_is_that_index_on_every_row(drawn, backend):
+    """adapter_index (B,) for x (B, L, in) means adapter_index[b] on every row of sequence b, on every backend,
+    packed or not, with and without autograd."""
+    case, per_sequence = drawn
+    inputs, dy = _inputs(case)
+    seq = torch.tensor(per_sequence, device=DEVICE)
+    per_row = _run(inputs, dy, backend)
+    _check_all(_run(dict(inputs, adapter_index=seq), dy, backend), per_row, torch.float32)
+
+    def packed(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index):
+        adapters = kernels.pack_adapters(lora_As, lora_Bs, scalings)
+        return kernels.multi_lora_linear_packed(x, weight, bias, adapters, adapter_index, backend)
+
+    _check_all(_run(dict(inputs, adapter_index=seq), dy, packed), per_row, torch.float32)
+    with torch.no_grad():
+        _check(kernels.multi_lora_linear_packed(**_packed_args(inputs), adapter_index=seq, backend=backend),
+               per_row[0], torch.float32)
+
+
+def test_the_stack_is_made_once_per_packing_and_gathered_copies_serve_many_calls(monkeypatch):
+    """The padded stack is kept per packing and made again after an in-place change of the adapters (their
+    version counters); ``gather_adapters`` made once serves later calls, and the output follows the adapters."""
+    made = []
+    real = multi_lora_routes.stack_adapters
+    monkeypatch.setattr(multi_lora_routes, "stack_adapters", lambda a: made.append("stack") or real(a))
+    inputs, _ = _make([0, 0, -1, -1, 1, 1], 6, 5, [2, 3], lead=(3, 2), dtype=torch.float64, device="cpu")
+    args, seq = _packed_args(inputs), torch.tensor([0, -1, 1])
+
+    def check(gathered=None):
+        want = reference.multi_lora_linear_packed(**args, adapter_index=seq[:, None].expand(3, 2))
+        got = multi_lora_routes.multi_lora_linear_gathered(**args, adapter_index=seq, gathered=gathered)
+        assert_close(got, want, dtype=torch.float64)
+
+    check()
+    gathered = kernels.gather_adapters(args["adapters"], seq)
+    check(gathered)
+    check(gathered)
+    assert made == ["stack"]                                               # one stack for all five gathers
+    with torch.no_grad():
+        args["adapters"].a_cat.mul_(2)                                     # an optimizer step would do this
+    check()
+    assert made == ["stack", "stack"]
+    with pytest.raises(TypeError, match="adapter_index must be a 1-D int64 tensor"):
+        kernels.gather_adapters(args["adapters"], seq.float())
+
+
+def test_auto_gathers_for_inference_with_one_adapter_per_sequence(monkeypatch):
+    """choose_route: "gathered" without autograd for an index per sequence within the byte budget; the Triton
+    kernels for training, an index per token, a batch past the budget, and while torch.compile traces."""
+    inputs, _ = _make([0, 0, 1, 1, -1, -1], 6, 5, [2, 3], lead=(3, 2), device="cpu")
+    adapters = _packed_args(inputs)["adapters"]
+    x, seq, per_token = inputs["x"], torch.tensor([0, 1, -1]), inputs["adapter_index"]
+    assert multi_lora_routes.choose_route(x, seq, adapters, needs_grad=False) == "gathered"
+    assert multi_lora_routes.choose_route(x.reshape(6, 6), per_token.reshape(6), adapters, False) == "gathered"
+    assert multi_lora_routes.choose_route(x, seq, adapters, needs_grad=True) == "triton"
+    assert multi_lora_routes.choose_route(x, per_token, adapters, needs_grad=False) == "triton"
+    monkeypatch.setattr(multi_lora_routes, "GATHER_MAX_BYTES", 3 * 3 * (6 + 5) * 4 - 1)  # B·R·(K+N)·4 bytes, less 1
+    assert multi_lora_routes.choose_route(x, seq, adapters, needs_grad=False) == "triton"
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert multi_lora_routes.choose_route(x, seq, adapters, needs_grad=False) == "triton"
+
+
+def test_multi_lora_route_says_which_route_runs():
+    inputs, _ = _make([0, 1, -1], 6, 5, [2, 3], device="cpu")
+    adapters, index = _packed_args(inputs)["adapters"], inputs["adapter_index"]
+    assert kernels.multi_lora_route(inputs["x"], index, adapters) == "reference"   # auto on the CPU
+    assert kernels.multi_lora_route(inputs["x"], index, adapters, backend="reference") == "reference"
+    if multi_lora_triton.INTERPRETING:
+        assert kernels.multi_lora_route(inputs["x"], index, adapters, backend="triton") == "triton"
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
+        kernels.multi_lora_route(inputs["x"], index, adapters, backend="cuda")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # On a GPU: a serving batch, no host sync, and a CUDA graph replayed with new adapter indices
 # ----------------------------------------------------------------------------------------------------------
 # ‖error‖ / ‖expected‖. fp32: "ieee" dots, unless torch allows tf32 matmuls (the kernels then follow it).
@@ -593,4 +706,52 @@ def test_cuda_graph_replays_with_new_adapter_indices():
         graph.replay()
         torch.cuda.synchronize()
         want = reference.multi_lora_linear(**_leaves(static, torch.float64, wants=())[0])
+        assert rel_error(y_static, want) < GPU_TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_auto_gathers_a_serving_batch_on_gpu(dtype):
+    """64 sequences of 8 tokens over 16 adapters of mixed ranks at GPT-2's c_attn shape, inference: "auto" takes
+    the gathered route, and it matches the reference loop."""
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(-1, 16, (64,), generator=g)
+    ranks = [16, 8, 4, 16] * 4
+    inputs, _ = _make(seq.repeat_interleave(8).tolist(), 768, 2304, ranks, lead=(64, 8), dtype=dtype)
+    args, seq = _packed_args(inputs), seq.cuda()
+    assert kernels.multi_lora_route(args["x"], seq, args["adapters"]) == "gathered"
+    with torch.no_grad():
+        y = kernels.multi_lora_linear_packed(**args, adapter_index=seq)
+    want = reference.multi_lora_linear(**_leaves(inputs, torch.float64, wants=())[0])
+    assert rel_error(y, want) < GPU_TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gathered_route_in_a_cuda_graph_follows_a_new_index():
+    """Captured on "auto" (the gathered route), replayed after new sequence indices are copied into the same
+    tensor: the gather is in the graph, so the output follows the new index (a kept copy would not)."""
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(-1, 8, (32,), generator=g)
+    inputs, _ = _make(seq.repeat_interleave(4).tolist(), 768, 2304, [16] * 8, lead=(32, 4), dtype=torch.bfloat16)
+    args, static_seq = _packed_args(inputs), seq.cuda()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for _ in range(2):
+            kernels.multi_lora_linear_packed(**args, adapter_index=static_seq)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        y_static = kernels.multi_lora_linear_packed(**args, adapter_index=static_seq)
+    for new in (torch.randint(-1, 8, (32,), generator=g), torch.full((32,), 5), torch.full((32,), -1)):
+        static_seq.copy_(new)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = reference.multi_lora_linear_packed(**{k: v.double() for k, v in args.items() if k != "adapters"},
+                                                  adapters=kernels.pack_adapters(
+                                                      [a.double() for a in inputs["lora_As"]],
+                                                      [b.double() for b in inputs["lora_Bs"]], inputs["scalings"]),
+                                                  adapter_index=static_seq[:, None].expand(32, 4))
         assert rel_error(y_static, want) < GPU_TOL[torch.bfloat16]

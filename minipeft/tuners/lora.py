@@ -75,7 +75,7 @@ _VERSION = operator.attrgetter("_version")  # a tensor's version counter: +1 at 
 class _Packing(NamedTuple):
     """A LoRA layer's adapters packed for mixed batches, and what they were packed from (`LoraLinear._packed`)."""
 
-    state: tuple                # (names, dtype, scalings, weight versions, weight data pointers)
+    state: tuple                # (names, dtype, scalings, the sum of the weights' version counters)
     weights: list[torch.Tensor]  # the A's, then the B's
     packed: kernels.PackedAdapters
 
@@ -161,6 +161,12 @@ class LoraLinear(AdapterLayer):
             nn.init.kaiming_uniform_(B, a=math.sqrt(5))
         else:
             nn.init.zeros_(B)
+
+    def _apply(self, fn, *args, **kwargs):
+        """nn.Module's hook for `.to()`, `.cuda()`, `.half()` …: they may give the adapters new storage under the
+        same parameter objects, with no version change, so the kept mixed-batch packing is dropped first."""
+        self._packed_cache = None
+        return super()._apply(fn, *args, **kwargs)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter (unmerging it first if it is merged)."""
@@ -327,24 +333,27 @@ class LoraLinear(AdapterLayer):
         """A mixed-adapter batch (mixed_batch.py): row b of x (B, L, in) gets its own adapter's low-rank term,
         all rows in one `kernels.multi_lora_linear_packed` call; rows whose adapter this layer lacks get the base.
 
-        What does not depend on x's values (this layer's adapters packed, the rows' index and its grouping) is
-        made once per call and row shape (`RowRoute.memo`), so a decode step looks it up: a few launches per
-        layer, whatever the number of adapters."""
+        What does not depend on x's values (this layer's adapters packed, the rows' index, and what the route
+        prepares from it: the rows grouped, or each sequence's adapter gathered) is made once per call and row
+        shape (`RowRoute.memo`), so a decode step looks it up: three launches per layer on the gathered route
+        ("auto" on CUDA, inference), whatever the number of adapters."""
         dtype = _compute_dtype(x)
         plan = self.row_route.memo(("lora", id(self), dtype, x.shape[:-1]), lambda: self._mixed_plan(x, dtype))
         if plan is None:  # no row of the batch uses an adapter of this layer
             return self.base_layer(x)
-        packed, index, groups = plan
+        packed, index, prepared = plan
         bias = self.base_layer.bias
         return kernels.multi_lora_linear_packed(
-            x.to(dtype), self.base_layer.weight.to(dtype), None if bias is None else bias.to(dtype), packed, index,
-            groups=groups,
+            x.to(dtype), self.base_layer.weight.to(dtype), None if bias is None else bias.to(dtype), packed,
+            index,  # (B,): one adapter per sequence
             check_index=False,  # made by RowRoute from names the PeftModel checked: no host sync per layer
+            **prepared,  # the rows grouped (Triton kernels) or each sequence's adapter gathered (gathered route)
         )  # (B, L, out)
 
     def _mixed_plan(self, x: torch.Tensor, dtype: torch.dtype):
-        """(packed adapters, (B, L) adapter index, rows grouped) for this layer and x's row shape; None when no
-        row uses an adapter of this layer. Checks, once per call, that a mixed batch can run here."""
+        """(packed adapters, (B,) adapter index per sequence, the keyword arguments of what the route prepares:
+        ``groups`` or ``gathered``) for this layer and x's row shape; None when no row uses an adapter of this
+        layer. Checks, once per call, that a mixed batch can run here."""
         names, batch_index = self.row_route.for_layer(self.lora_A)  # (B,) index into names, -1: none
         if not names:
             return None
@@ -361,12 +370,17 @@ class LoraLinear(AdapterLayer):
         route, key, rows = self.row_route, tuple(names), x.shape[:-1]
         # Packed once per call (a generate: the prompt and every new token) and, without autograd, kept between
         # calls while the adapters do not change (`_packed`); the index and its grouping are shared by every
-        # layer that holds the same adapters.
+        # layer that holds the same adapters. The index is one per sequence (B,); only the segmented Triton
+        # kernels need the rows grouped, per token.
         packed = route.memo(("lora packed", id(self), dtype), lambda: self._packed(names, dtype))
-        index = route.memo(("lora index", key, rows),
-                           lambda: batch_index.view(-1, *[1] * (x.dim() - 2)).expand(rows))  # (B, L)
-        groups = route.memo(("lora groups", key, rows), lambda: kernels.group_rows(index, len(names)))
-        return packed, index, groups
+        kind = kernels.multi_lora_route(x.to(dtype), batch_index, packed)
+        if kind == "gathered":  # each sequence's adapter copied once per call (a generate), whatever the shape
+            return packed, batch_index, {"gathered": route.memo(
+                ("lora gathered", id(self), dtype), lambda: kernels.gather_adapters(packed, batch_index))}
+        if kind == "reference":
+            return packed, batch_index, {}
+        return packed, batch_index, {"groups": route.memo(("lora groups", key, rows), lambda: kernels.group_rows(
+            batch_index.view(-1, *[1] * (x.dim() - 2)).expand(rows), len(names)))}  # of the (B, L) index
 
     def _packed(self, names: list[str], dtype: torch.dtype) -> kernels.PackedAdapters:
         """The adapters ``names`` packed for `kernels.multi_lora_linear_packed`, in ``dtype``.
@@ -374,8 +388,9 @@ class LoraLinear(AdapterLayer):
         With autograd recording, packed again on every call (the concatenation is what carries the gradients
         back to each adapter). Without it (inference, a server), the packing is kept and reused while it is
         still what packing would give: the same names, dtype and scalings, and the very same weight tensors,
-        at the same storage, not modified in place since (their version counters) — an optimizer step, a
-        `load_state_dict` or a `.to()` all make a new packing. It costs one packed copy of the adapters.
+        not modified in place since (their version counters) — an optimizer step or a `load_state_dict` make a
+        new packing, and a `.to()` drops it (`_apply`). It costs one packed copy of the adapters. (Storage
+        swapped under a parameter by hand, ``p.data = t``, bumps no counter: call the model's `.to()` after.)
         """
         # nn.Module's attribute lookup costs ~1 µs a call, and 64 adapters need 256 of them per layer: read the
         # same modules and parameters from the dicts behind it instead.
@@ -390,8 +405,9 @@ class LoraLinear(AdapterLayer):
 
         if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
             return pack()
-        # map() runs these per-weight reads at C speed: this check is what each later call costs.
-        state = (names, dtype, scalings, list(map(_VERSION, weights)), list(map(torch.Tensor.data_ptr, weights)))
+        # map() runs these per-weight reads at C speed: this check is what each later call costs (~45 µs for 64
+        # adapters on a 2-core CPU). Version counters only grow, so their sum changes exactly when one does.
+        state = (names, dtype, scalings, sum(map(_VERSION, weights)))
         cached = self._packed_cache
         if cached is None or cached.state != state or not all(map(operator.is_, cached.weights, weights)):
             with torch.no_grad():

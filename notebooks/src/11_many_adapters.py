@@ -42,7 +42,7 @@ from checks.ch11 import (
 from minipeft import kernels
 from minipeft.data import load_task, task_batch, task_loss
 from minipeft.evaluate import evaluate
-from minipeft.kernels import multi_lora_triton
+from minipeft.kernels import multi_lora_routes, multi_lora_triton
 from minipeft.methods import method_config
 from minipeft.pretrain import load_base
 from minipeft.stats import compare_verdict, fmt_interval, interval, wilson
@@ -260,7 +260,7 @@ course.claim(mixed_answers == alone_answers,
 # the base's — get index −1 and no low-rank term.
 # (Inference of a few rows — a decode step — runs the two as one launch, `segment_shrink_expand`: at that size,
 # starting a kernel costs the host more than the GPU spends on the whole layer.)
-#
+
 # Here is the index the LoRA layers see for the batch of section 2, and its segments
 # (`multi_lora_triton.segments`, the function the kernel calls):
 
@@ -329,11 +329,34 @@ course.claim((batched - one_by_one).abs().max().item() <= fp32_tolerance(one_by_
              f"{BM_PICTURE}, within the bound ⌈M/BM⌉ + n − 1 = {bound}")
 
 # %% [markdown]
+# For inference there is a second way, which backend "auto" takes on a GPU when every sequence of the batch uses
+# one adapter (as `adapter_names=` gives it): copy each **sequence's** adapter out of a stack of all of them,
+# padded to one rank R with zero rows (`kernels/multi_lora_routes.py`), and run the whole batch's low-rank terms
+# as two batched matrix products, S = bmm(x, A_bᵀ) (B, L, R) and y += bmm(S, B_b) (B, L, out). Three launches a
+# layer, as many as one adapter's, however many adapters; the price is one copy of the adapter per sequence
+# (B·R·(in + out) values a layer), gathered once per call and reused by every new token of a generate. The zero
+# rows add nothing, so it must equal the loop (here 12 sequences of 3 tokens, the index one per sequence):
+
+# %%
+x_seq = torch.randn(len(names), 3, layer.in_features)  # (12, 3, C)
+packed = kernels.pack_adapters(As, Bs, scalings)
+gathered = kernels.gather_adapters(packed, adapter_index)  # A_b (12, R, C), B_b (12, R, 3C)
+with torch.no_grad():
+    by_gather = multi_lora_routes.multi_lora_linear_gathered(x_seq, W, bias, packed, adapter_index, gathered)
+    by_loop = kernels.multi_lora_linear(x_seq, W, bias, As, Bs, scalings, adapter_index)  # (12, 3, 3C)
+print("ranks", packed.ranks, "→ gathered A_b", tuple(gathered.a.shape), "and B_b", tuple(gathered.b.shape))
+gap = (by_gather - by_loop).abs().max().item()
+course.claim(gap <= fp32_tolerance(by_loop),
+             f"the gathered route (two batched GEMMs over {len(names)} sequences) equals the loop over adapters: "
+             f"max |Δ| {gap:.1e}")
+
+# %% [markdown]
 # ### What it measured on a GPU
 #
-# On the CPU the reference runs (its loop over adapters is the oracle, not the fast path). The kernel was
-# timed on a GPU by `benchmarks/multi_adapter.py` (GPT-2-small shape, bf16, 64 rows, row b on adapter b mod N)
-# against HF peft's mixed batch and against the same batch on one adapter. The cell reads the committed
+# On the CPU the reference runs (its loop over adapters is the oracle, not the fast path). The mixed batch was
+# timed on a GPU by `benchmarks/multi_adapter.py` (GPT-2-small shape, bf16, 64 rows, row b on adapter b mod N),
+# on backend "auto" (the gathered route for this inference) and on "triton" (the segmented kernels), against
+# HF peft's mixed batch and against the same batch on one adapter, unmerged. The cell reads the committed
 # numbers from `benchmarks/RESULTS.md`, with the device, date and the caveats written there:
 
 # %%
@@ -378,7 +401,7 @@ if gpu:
     for target in results_table(section, 1):
         measured, verdict = list(target.values())[1:3]
         print(f"  {target['target']}: {measured} — {verdict}")
-    print("\nWhat RESULTS.md lists as changed since the first measurement, and found by profiling:")
+    print("\nWhat RESULTS.md lists about the runs on the way, and what profiling found before them:")
     print("\n".join(line for line in section.splitlines() if line.startswith(("- ", "  "))))
 else:
     print("benchmarks/RESULTS.md has no section on many adapters in one batch: run benchmarks/multi_adapter.py "
@@ -682,6 +705,8 @@ print(f"notebook ran in {time.perf_counter() - NOTEBOOK_START:.0f} s")
 #   pass, and every row's logits and answers are those of its adapter alone.
 # - The batched LoRA kernel sorts the rows by adapter on the device and cuts them into segments; one shrink and
 #   one expand launch serve all adapters, each tile holding one adapter's rows, and the result equals the loop.
+#   For inference with one adapter per sequence, "auto" gathers each sequence's adapter and runs two batched
+#   GEMMs instead: as many launches as one adapter, which is what a decode step's host time asks for.
 # - `Parallel` answers one batch with every adapter (B rows in, n·B out); `Average` adds the weighted updates
 #   o + Σᵢ wᵢ·δᵢ(o), and its end points are the adapters alone.
 # - AdapterFusion trains an attention over frozen adapters, 3·d² + 2·d parameters per sublayer, far more than the
