@@ -30,11 +30,11 @@ Which backend runs, first match wins:
 
 The same switch, names and precedence serve ``multi_lora_linear``, a batch whose rows each use their own adapter
 (punica's SGMV, https://arxiv.org/abs/2310.18547): kernels/reference.py's loop over adapters, or the segmented
-kernels of kernels/multi_lora_triton.py; "auto" takes, on CUDA, the Triton kernels or, for inference with one
-adapter per sequence, the gathered route of kernels/multi_lora_routes.py (``multi_lora_route`` says which), and
-the reference elsewhere. ``multi_lora_linear_packed`` is the same with the adapters packed once
-(``pack_adapters``) and the rows grouped once (``group_rows``), for callers that run many batches, or many
-layers, on the same adapters or rows.
+kernels of kernels/multi_lora_triton.py; "auto" takes the Triton kernels on CUDA, the reference elsewhere.
+``multi_lora_linear_packed`` is the same with the adapters packed once (``pack_adapters``) and the rows grouped
+once (``group_rows``), for callers that run many batches, or many layers, on the same adapters or rows; on it,
+"auto" on CUDA takes for inference with one adapter per sequence the gathered route of
+kernels/multi_lora_routes.py instead (``multi_lora_route`` says which route a call takes).
 
 This package imports only torch and triton, and triton only if it is there: without it ``from minipeft import kernels``
 still works and ``available_backends()["triton"]`` says why Triton cannot run.
@@ -316,11 +316,11 @@ def lora_linear(
 #   "triton":    kernels/multi_lora_triton.py on every call (cuBLAS for the shared base GEMM, the segmented
 #                Triton kernels for every adapter's branch, forward and backward), or a ValueError saying why
 #                it cannot run (the reasons of ``lora_linear``'s "triton").
-#   "auto":      on CUDA, inference with one adapter per sequence (adapter_index (B,) for x (B, L, in)) takes the
-#                "gathered" route of kernels/multi_lora_routes.py (each sequence's adapter gathered once, then
-#                two batched cuBLAS GEMMs: 3 launches a layer, as one adapter's); everything else the Triton
-#                kernels (no host sync: the rows are grouped on the device). The reference elsewhere, the CPU
-#                included. ``multi_lora_route`` says which route a call takes.
+#   "auto":      on CUDA the Triton kernels (no host sync: the rows are grouped on the device); and, for
+#                ``multi_lora_linear_packed``, inference with one adapter per sequence (adapter_index (B,) for x
+#                (B, L, in)) takes the "gathered" route of kernels/multi_lora_routes.py instead (each sequence's
+#                adapter gathered once, then two batched cuBLAS GEMMs: 3 launches a layer, as one adapter's).
+#                The reference elsewhere, the CPU included. ``multi_lora_route`` says which route a call takes.
 # adapter_index is one adapter per row (shaped x.shape[:-1]) or, for x (B, ..., in), one per sequence ((B,)).
 # --------------------------------------------------------------------------------------------------------
 def _capturing(x: torch.Tensor) -> bool:
@@ -526,13 +526,36 @@ def gather_adapters(adapters: PackedAdapters, adapter_index: torch.Tensor):
     It depends only on the packing and the index, so a caller that runs several calls on one batch (the layers'
     decode steps of a generate) gathers once and passes it to each (``multi_lora_linear_packed(..., gathered=)``).
     """
-    if not isinstance(adapters, PackedAdapters):
-        raise TypeError(f"adapters must be the PackedAdapters that kernels.pack_adapters returns, got "
-                        f"{_describe(adapters)}")
+    _check_packed(adapters)
     if not isinstance(adapter_index, torch.Tensor) or adapter_index.dtype != torch.int64 or adapter_index.dim() != 1:
         raise TypeError(f"adapter_index must be a 1-D int64 tensor (one adapter per sequence), got "
                         f"{_describe(adapter_index)}")
+    if adapter_index.device != adapters.a_cat.device:
+        raise ValueError(f"adapter_index is on {adapter_index.device} but the adapters are on "
+                         f"{adapters.a_cat.device}; move it to their device")
     return multi_lora_routes.gather_adapters(adapters, adapter_index)
+
+
+def _check_packed(adapters: object) -> None:
+    if not isinstance(adapters, PackedAdapters):
+        raise TypeError(f"adapters must be the PackedAdapters that kernels.pack_adapters returns, got "
+                        f"{_describe(adapters)}")
+
+
+def _check_gathered(gathered: object, x: torch.Tensor, adapters: PackedAdapters, in_features: int,
+                    out_features: int) -> None:
+    """gathered: ``gather_adapters(adapters, index)`` for x's B sequences — its shapes, dtype and device (what can
+    be checked without reading values; that it was gathered from this very index is the caller's word)."""
+    B, R = x.shape[0], max(adapters.ranks)
+    want = ((B, R, in_features), (B, R, out_features))
+    if (not isinstance(gathered, multi_lora_routes.GatheredAdapters)
+            or (tuple(gathered.a.shape), tuple(gathered.b.shape)) != want
+            or gathered.a.dtype != x.dtype or gathered.a.device != x.device):
+        got = gathered if not isinstance(gathered, multi_lora_routes.GatheredAdapters) else \
+            f"GatheredAdapters of shapes {tuple(gathered.a.shape)} and {tuple(gathered.b.shape)}, " \
+            f"{gathered.a.dtype} on {gathered.a.device}"
+        raise ValueError(f"gathered must be kernels.gather_adapters(adapters, adapter_index) for this batch: "
+                         f"shapes {want[0]} and {want[1]}, {x.dtype} on {x.device}; got {got}")
 
 
 def multi_lora_linear_packed(
@@ -560,9 +583,7 @@ def multi_lora_linear_packed(
     """
     name = get_backend() if backend is None else _check_name(backend, "multi_lora_linear_packed(backend=...)")
     _check_tensors(x, weight, bias, adapter_index)
-    if not isinstance(adapters, PackedAdapters):
-        raise TypeError(f"adapters must be the PackedAdapters that kernels.pack_adapters returns, got "
-                        f"{_describe(adapters)}")
+    _check_packed(adapters)
     out_features, in_features = _check_x_and_weight(x, weight, [("weight", weight), ("bias", bias),
                                                                 ("adapters.a_cat", adapters.a_cat),
                                                                 ("adapters.b_cat", adapters.b_cat)])
@@ -582,6 +603,8 @@ def multi_lora_linear_packed(
                          f"of x, got {_describe(groups)}")
     route = _multi_route(name, x, adapter_index, adapters, _needs_grad(x, bias, adapters.a_cat, adapters.b_cat))
     if route == "gathered":
+        if gathered is not None:
+            _check_gathered(gathered, x, adapters, in_features, out_features)
         return multi_lora_routes.multi_lora_linear_gathered(x, weight, bias, adapters, adapter_index, gathered)
     adapter_index = _per_row(x, adapter_index)
     if route == "triton":
@@ -590,12 +613,18 @@ def multi_lora_linear_packed(
 
 
 def multi_lora_route(x: torch.Tensor, adapter_index: torch.Tensor, adapters: PackedAdapters,
-                     backend: str | None = None) -> str:
+                     bias: torch.Tensor | None = None, backend: str | None = None) -> str:
     """The route ``multi_lora_linear_packed`` takes for these arguments now: "reference", "triton" (the segmented
     kernels of kernels/multi_lora_triton.py) or "gathered" (kernels/multi_lora_routes.py; "auto" only). Whether
-    a gradient is wanted counts, as in the call (the grad mode in force, and which tensors require grad)."""
+    a gradient is wanted counts, as in the call (the grad mode in force, and which tensors require grad, the
+    bias among them). Checks what the choice reads: the types, and adapter_index's dtype, shape and device."""
     name = get_backend() if backend is None else _check_name(backend, "multi_lora_route(backend=...)")
-    return _multi_route(name, x, adapter_index, adapters, _needs_grad(x, adapters.a_cat, adapters.b_cat))
+    for arg, t in (("x", x), ("adapter_index", adapter_index), ("bias", bias)):
+        if not isinstance(t, torch.Tensor) and not (arg == "bias" and t is None):
+            raise TypeError(f"{arg} must be a torch.Tensor, got {_describe(t)}")
+    _check_packed(adapters)
+    _check_index(x, adapter_index, len(adapters.ranks), check_index=False)
+    return _multi_route(name, x, adapter_index, adapters, _needs_grad(x, bias, adapters.a_cat, adapters.b_cat))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
-"""The "auto" backend on CUDA for a mixed-adapter batch: the route that measured fastest, and the one route that is
-not a Triton kernel — every sequence's adapter gathered, then two batched GEMMs (punica's BGMV idea,
+"""The "auto" backend on CUDA for a mixed-adapter batch: which route runs, and the one route that is not a Triton
+kernel — every sequence's adapter gathered, then two batched GEMMs (punica's BGMV idea,
 https://arxiv.org/abs/2310.18547, on cuBLAS).
 
-When every sequence of a batch x (B, L, K) uses one adapter (a server's requests; ``PeftModel(idx,
+When every sequence of a batch x (B, L, K) uses one adapter (a server's requests; ``pm(idx,
 adapter_names=[...])`` names one adapter per row of idx), each sequence can get its own copy of its adapter's
 factors, and the low-rank terms of the whole batch become two batched matrix products, whatever the number of
 adapters:
@@ -24,17 +24,23 @@ mixed batch then costs the host what a single-adapter step does, where the segme
 step's 64 rows. The price is memory: the gathered factors hold B·R·(K + N) values per layer (64 sequences of
 r = 16 at 768 → 2304: 6.3 MB in bf16), one copy per sequence instead of one per adapter. A caller that runs
 several calls on one batch gathers once (``gather_adapters``) and passes the copies in: ``PeftModel.generate``
-gathers once per layer for its whole call, and each new token runs the three launches alone.
+gathers once per layer for its whole call, and each new token runs the three launches alone — so a call holds
+every layer's copies at once (GPT-2 small, 64 sequences, r = 16: 302 MB), and so does the stack each packing
+keeps (n+2 slots a layer).
+
+CUDA graphs: a captured call reads the stack the warm-up made. Warm up before capturing (the stack is made on a
+first call, with a host→device copy a capture cannot hold), and capture again after changing the adapters.
 
 What "auto" runs for CUDA tensors (``choose_route``; benchmarks/RESULTS.md, "Many adapters in one batch"):
 
-| the call                                                          | route      | why                           |
-|-------------------------------------------------------------------|------------|-------------------------------|
-| no gradient wanted, one adapter per sequence (index (B,) for x    | "gathered" | 3 launches per layer, like    |
-| (B, L, K), or (M,) for x (M, K)), gathered factors ≤              |            | one adapter                   |
-| GATHER_MAX_BYTES, not while torch.compile traces                  |            |                               |
-| otherwise: training, an index per token, a batch too large to     | "triton"   | the segmented kernels: one    |
-| gather                                                            |            | launch per step for all       |
+| the call                                                    | route      | measured (H200, GPT-2 small, 64 rows)  |
+|-------------------------------------------------------------|------------|----------------------------------------|
+| no gradient wanted, one adapter per sequence (index (B,)    | "gathered" | decode faster than the Triton kernels  |
+| for x (B, L, K), or (M,) for x (M, K)), gathered factors ≤  |            | in every run (N=64: 0.94-1.11× one     |
+| GATHER_MAX_BYTES, not while torch.compile traces            |            | adapter against 1.05-1.31×); prefill   |
+|                                                             |            | within the runs' spread of them        |
+| otherwise: training, an index per token, a batch too large  | "triton"   | the segmented kernels: one or two      |
+| to gather                                                   |            | launches a layer for all adapters      |
 
 CPU tensors never reach this module (the switch sends them to the reference); the functions below are plain
 torch and run on any device, which is how the CPU tests check them against the reference.
@@ -51,14 +57,14 @@ import torch.utils.weak
 
 from .reference import PackedAdapters
 
-__all__ = ["DTYPES", "GATHER_MAX_BYTES", "ROUTES", "AdapterStack", "GatheredAdapters", "choose_route",
+__all__ = ["DTYPES", "GATHER_MAX_BYTES", "AdapterStack", "GatheredAdapters", "choose_route",
            "stack_adapters", "gather_adapters", "multi_lora_linear_gathered", "clear_cache"]
 
-ROUTES = ("gathered", "triton")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # "auto" on CUDA; float64 goes to the reference
 
-# A budget, not a measurement: the gathered factors of one layer call, B·R·(K + N) values. 256 MiB holds
-# 1024 sequences of r = 64 at 4096 → 4096 in bf16. MINIPEFT_GATHER_MAX_MB=0 sends every call to the Triton kernels.
+# A budget, not a measurement: the gathered factors of one layer, B·R·(K + N) values. 256 MiB holds 256 sequences
+# of r = 64 at 4096 → 4096 in bf16 (a generate keeps one such copy per layer for the whole call).
+# MINIPEFT_GATHER_MAX_MB=0 sends every call to the Triton kernels.
 GATHER_MAX_BYTES = int(float(os.environ.get("MINIPEFT_GATHER_MAX_MB", "256")) * 2**20)
 
 
@@ -163,11 +169,21 @@ def clear_cache() -> None:
     _STACKS.clear()
 
 
+def _version(t: torch.Tensor) -> int:
+    """t's version counter; -1 for a tensor made under torch.inference_mode, which keeps none (and which no code
+    outside that mode can change in place)."""
+    return -1 if t.is_inference() else t._version
+
+
 def _stack(adapters: PackedAdapters) -> AdapterStack:
     a_cat, b_cat = adapters.a_cat, adapters.b_cat
-    state = (a_cat._version, b_cat._version, adapters.ranks, adapters.scalings)
+    state = (_version(a_cat), _version(b_cat), adapters.ranks, adapters.scalings)
     entry = _STACKS.get(a_cat)
     if entry is None or entry.state != state or entry.b_ref() is not b_cat:
+        if a_cat.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the gathered route makes its stack of adapters on a first call, which a CUDA graph "
+                               "capture cannot hold (a host→device copy): run the call once before capturing, "
+                               "and capture again after changing the adapters")
         with torch.no_grad():
             entry = _Entry(torch.utils.weak.WeakIdRef(b_cat), state, stack_adapters(adapters))
         _STACKS[a_cat] = entry

@@ -98,6 +98,11 @@ def cli_usage_error(argv):
     raise ValueError("usage error, rc 2")  # so the row reads like every other
 
 
+def packed_pair():
+    """Two LoRA adapters (ranks 1 and 2) of a 4 → 3 layer, packed."""
+    return kernels.pack_adapters([torch.ones(1, 4), torch.ones(2, 4)], [torch.ones(3, 1), torch.ones(3, 2)], [1.0, 2.0])
+
+
 # (id, call, exception, word). `t` is a fresh temporary directory.
 CASES = [
     # ---- configs (every field: tests/test_config.py)
@@ -160,6 +165,13 @@ CASES = [
     ("scaling nan", lambda t: kernels.lora_linear(torch.randn(2, 4), torch.randn(3, 4), None, torch.randn(1, 4),
                                                   torch.randn(3, 1), math.nan), ValueError, "scaling"),
     ("backend unknown", lambda t: kernels.set_backend("cuda"), ValueError, "backend"),
+    ("gather_adapters list", lambda t: kernels.gather_adapters([torch.ones(1, 4)], torch.zeros(2, dtype=torch.long)),
+     TypeError, "adapters"),
+    ("gather_adapters float index", lambda t: kernels.gather_adapters(packed_pair(), torch.zeros(2)), TypeError,
+     "adapter_index"),
+    ("multi_lora_route index shape", lambda t: kernels.multi_lora_route(torch.randn(3, 2, 4),
+                                                                        torch.zeros(2, dtype=torch.long),
+                                                                        packed_pair()), ValueError, "adapter_index"),
     ("quantize NaN weight", lambda t: quantize_nf4(torch.tensor([1.0, math.nan] * 32)), ValueError, "NaN"),
     ("quantize_model inf", lambda t: quantize_model(
         (lambda m: (m.transformer.h[0].mlp.c_fc.weight.data.fill_(math.inf), m)[1])(gpt())), ValueError, "c_fc"),

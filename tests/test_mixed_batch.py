@@ -150,12 +150,13 @@ def test_generate_with_one_adapter_per_row_matches_each_row_alone(route, monkeyp
         assert torch.equal(out[row], alone[0]), (row, name)
 
 
-@pytest.mark.parametrize("backend,groupings", [("triton", 2), ("reference", 0)])
+@pytest.mark.parametrize("backend,groupings", [("triton", 2), ("reference", 0), ("gathered", 0)])
 def test_generate_packs_each_layer_once_and_groups_the_rows_once_per_row_shape(backend, groupings, monkeypatch):
     """The work that does not depend on the token is done once per generate call, not per layer and token: each
     LoRA layer packs its adapters once, and for the Triton kernels the rows are grouped once for the prompt and
     once for the one-token steps (every layer holds the same adapters here), however many tokens are generated;
     the reference's loop (and the gathered route) group nothing."""
+    gathers = _force_gathered(monkeypatch) if backend == "gathered" else []
     pm = _model(("a", LORA), ("b", LORA))
     counts = {"pack": 0, "group": 0}
     pack, group = kernels.pack_adapters, kernels.group_rows
@@ -169,10 +170,11 @@ def test_generate_packs_each_layer_once_and_groups_the_rows_once_per_row_shape(b
     monkeypatch.setattr(kernels, "pack_adapters", counted("pack", pack))
     monkeypatch.setattr(kernels, "group_rows", counted("group", group))
     names = ["b", "a", "__base__", "a"]
-    with kernels.use_backend(backend):
+    with kernels.use_backend("auto" if backend == "gathered" else backend):
         pm.generate(_batch(B=4, T=5, seed=7), max_new_tokens=5, adapter_names=names)
     lora_layers = sum(1 for m in pm.modules() if type(m).__name__ == "LoraLinear")
     assert lora_layers == 4 * CFG.n_layer and counts == {"pack": lora_layers, "group": groupings}
+    assert len(gathers) == (lora_layers if backend == "gathered" else 0)  # once per layer, for all 6 tokens
 
 
 def test_without_autograd_the_packing_is_kept_until_an_adapter_changes(monkeypatch):

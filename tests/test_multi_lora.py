@@ -604,13 +604,47 @@ def test_the_stack_is_made_once_per_packing_and_gathered_copies_serve_many_calls
     gathered = kernels.gather_adapters(args["adapters"], seq)
     check(gathered)
     check(gathered)
-    assert made == ["stack"]                                               # one stack for all five gathers
+    assert made == ["stack"]                                   # one stack for both gathers, and three calls
     with torch.no_grad():
-        args["adapters"].a_cat.mul_(2)                                     # an optimizer step would do this
+        args["adapters"].a_cat.mul_(2)                         # in place, as an optimizer step on the packing
     check()
     assert made == ["stack", "stack"]
-    with pytest.raises(TypeError, match="adapter_index must be a 1-D int64 tensor"):
-        kernels.gather_adapters(args["adapters"], seq.float())
+    with torch.no_grad():
+        args["adapters"].b_cat.mul_(-1)
+    check()
+    assert made == ["stack", "stack", "stack"]
+
+
+@pytest.mark.parametrize("lead,index,K,N", [((0, 3), [], 6, 5), ((3, 0), [0, -1, 1], 6, 5), ((3, 2), [0, -1, 1], 0, 5),
+                                           ((3, 2), [0, -1, 1], 6, 0), ((0,), [], 6, 5)])
+def test_gathered_route_with_empty_dimensions(lead, index, K, N):
+    """No sequences, empty sequences, K = 0 (an empty sum: the base's bias alone) or N = 0: the reference's shapes
+    and values."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*lead, K, generator=g, dtype=torch.float64)
+    weight, bias = torch.randn(N, K, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)
+    adapters = kernels.pack_adapters([torch.randn(r, K, generator=g, dtype=torch.float64) for r in (2, 3)],
+                                     [torch.randn(N, r, generator=g, dtype=torch.float64) for r in (2, 3)], [0.5, 2.0])
+    seq = torch.tensor(index, dtype=torch.long)
+    y = multi_lora_routes.multi_lora_linear_gathered(x, weight, bias, adapters, seq)
+    per_row = seq.view(-1, *[1] * (x.dim() - 2)).expand(lead)
+    want = reference.multi_lora_linear_packed(x, weight, bias, adapters, per_row)
+    assert y.shape == want.shape == (*lead, N)
+    assert_close(y, want, dtype=torch.float64)
+
+
+def test_gathered_route_under_inference_mode():
+    """Tensors made under torch.inference_mode keep no version counter: the stack is kept by identity for them."""
+    inputs, _ = _make([0, 0, -1, -1, 1, 1], 6, 5, [2, 3], lead=(3, 2), dtype=torch.float64, device="cpu")
+    seq = torch.tensor([0, -1, 1])
+    with torch.inference_mode():
+        args = _packed_args(inputs)
+        got = multi_lora_routes.multi_lora_linear_gathered(**args, adapter_index=seq,
+                                                           gathered=kernels.gather_adapters(args["adapters"], seq))
+        again = multi_lora_routes.multi_lora_linear_gathered(**args, adapter_index=seq)
+    want = reference.multi_lora_linear_packed(**_packed_args(inputs), adapter_index=seq[:, None].expand(3, 2))
+    assert_close(got, want, dtype=torch.float64)
+    assert torch.equal(got, again)
 
 
 def test_auto_gathers_for_inference_with_one_adapter_per_sequence(monkeypatch):
@@ -639,6 +673,27 @@ def test_multi_lora_route_says_which_route_runs():
         assert kernels.multi_lora_route(inputs["x"], index, adapters, backend="triton") == "triton"
     with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
         kernels.multi_lora_route(inputs["x"], index, adapters, backend="cuda")
+    with pytest.raises(TypeError, match="adapters must be the PackedAdapters"):
+        kernels.multi_lora_route(inputs["x"], index, [inputs["lora_As"], inputs["lora_Bs"]])
+    with pytest.raises(ValueError, match="adapter_index has shape"):
+        kernels.multi_lora_route(inputs["x"], index[:2], adapters)
+
+
+def test_gathered_copies_that_do_not_fit_are_named():
+    """gathered= is checked where the gathered route uses it: copies of another batch size or rank are a
+    ValueError naming gathered (checked on the route itself: on the CPU "auto" is the reference)."""
+    inputs, _ = _make([0, 1, -1], 6, 5, [2, 3], device="cpu")
+    adapters, seq = _packed_args(inputs)["adapters"], torch.tensor([0, 1, -1])
+    other = kernels.gather_adapters(adapters, seq[:2])
+    for wrong in (other, (other.a, other.b), None):
+        args = dict(x=inputs["x"], weight=inputs["weight"], bias=inputs["bias"], adapters=adapters,
+                    adapter_index=seq, gathered=wrong)
+        if wrong is None:
+            kernels._check_gathered(kernels.gather_adapters(adapters, seq), inputs["x"], adapters, 6, 5)  # fits
+            continue
+        with pytest.raises(ValueError, match="gathered must be kernels.gather_adapters"):
+            kernels._check_gathered(wrong, inputs["x"], adapters, 6, 5)
+        kernels.multi_lora_linear_packed(**args)  # the reference route ignores it, as it ignores groups
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -736,6 +791,8 @@ def test_gathered_route_in_a_cuda_graph_follows_a_new_index():
     seq = torch.randint(-1, 8, (32,), generator=g)
     inputs, _ = _make(seq.repeat_interleave(4).tolist(), 768, 2304, [16] * 8, lead=(32, 4), dtype=torch.bfloat16)
     args, static_seq = _packed_args(inputs), seq.cuda()
+    with torch.no_grad():
+        assert kernels.multi_lora_route(args["x"], static_seq, args["adapters"]) == "gathered"
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.no_grad(), torch.cuda.stream(stream):

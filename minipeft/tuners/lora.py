@@ -72,6 +72,14 @@ def _weight_device(base_layer: nn.Module) -> torch.device:
 _VERSION = operator.attrgetter("_version")  # a tensor's version counter: +1 at every in-place change
 
 
+class _MixedPlan(NamedTuple):
+    """What a LoRA layer prepares once per mixed-batch call and row shape (`LoraLinear._mixed_plan`)."""
+
+    packed: kernels.PackedAdapters  # this layer's adapters of the batch, packed
+    index: torch.Tensor             # (B,) each sequence's adapter among them, -1 for none
+    prepared: dict                  # the route's keyword: {"groups": …} (Triton kernels), {"gathered": …} or {}
+
+
 class _Packing(NamedTuple):
     """A LoRA layer's adapters packed for mixed batches, and what they were packed from (`LoraLinear._packed`)."""
 
@@ -350,10 +358,9 @@ class LoraLinear(AdapterLayer):
             **prepared,  # the rows grouped (Triton kernels) or each sequence's adapter gathered (gathered route)
         )  # (B, L, out)
 
-    def _mixed_plan(self, x: torch.Tensor, dtype: torch.dtype):
-        """(packed adapters, (B,) adapter index per sequence, the keyword arguments of what the route prepares:
-        ``groups`` or ``gathered``) for this layer and x's row shape; None when no row uses an adapter of this
-        layer. Checks, once per call, that a mixed batch can run here."""
+    def _mixed_plan(self, x: torch.Tensor, dtype: torch.dtype) -> _MixedPlan | None:
+        """This layer's `_MixedPlan` for x's row shape; None when no row uses an adapter of this layer. Checks, once
+        per call, that a mixed batch can run here."""
         names, batch_index = self.row_route.for_layer(self.lora_A)  # (B,) index into names, -1: none
         if not names:
             return None
@@ -373,14 +380,15 @@ class LoraLinear(AdapterLayer):
         # layer that holds the same adapters. The index is one per sequence (B,); only the segmented Triton
         # kernels need the rows grouped, per token.
         packed = route.memo(("lora packed", id(self), dtype), lambda: self._packed(names, dtype))
-        kind = kernels.multi_lora_route(x.to(dtype), batch_index, packed)
+        bias = self.base_layer.bias
+        kind = kernels.multi_lora_route(x.to(dtype), batch_index, packed, None if bias is None else bias.to(dtype))
         if kind == "gathered":  # each sequence's adapter copied once per call (a generate), whatever the shape
-            return packed, batch_index, {"gathered": route.memo(
-                ("lora gathered", id(self), dtype), lambda: kernels.gather_adapters(packed, batch_index))}
-        if kind == "reference":
-            return packed, batch_index, {}
-        return packed, batch_index, {"groups": route.memo(("lora groups", key, rows), lambda: kernels.group_rows(
-            batch_index.view(-1, *[1] * (x.dim() - 2)).expand(rows), len(names)))}  # of the (B, L) index
+            return _MixedPlan(packed, batch_index, {"gathered": route.memo(
+                ("lora gathered", id(self), dtype), lambda: kernels.gather_adapters(packed, batch_index))})
+        if kind == "triton":  # the rows grouped by adapter, per token: once per call and row shape
+            return _MixedPlan(packed, batch_index, {"groups": route.memo(("lora groups", key, rows), lambda: (
+                kernels.group_rows(batch_index.view(-1, *[1] * (x.dim() - 2)).expand(rows), len(names))))})
+        return _MixedPlan(packed, batch_index, {})  # the reference's loop finds each adapter's rows itself
 
     def _packed(self, names: list[str], dtype: torch.dtype) -> kernels.PackedAdapters:
         """The adapters ``names`` packed for `kernels.multi_lora_linear_packed`, in ``dtype``.
@@ -389,8 +397,9 @@ class LoraLinear(AdapterLayer):
         back to each adapter). Without it (inference, a server), the packing is kept and reused while it is
         still what packing would give: the same names, dtype and scalings, and the very same weight tensors,
         not modified in place since (their version counters) — an optimizer step or a `load_state_dict` make a
-        new packing, and a `.to()` drops it (`_apply`). It costs one packed copy of the adapters. (Storage
-        swapped under a parameter by hand, ``p.data = t``, bumps no counter: call the model's `.to()` after.)
+        new packing, and a `.to()` of the model or of this layer drops it (`_apply`). It costs one packed copy of
+        the adapters. (Storage swapped under a parameter without passing through this layer — ``p.data = t``, or
+        ``.to()`` on one adapter's own submodule — bumps no counter: call the layer's or the model's `.to()` after.)
         """
         # nn.Module's attribute lookup costs ~1 µs a call, and 64 adapters need 256 of them per layer: read the
         # same modules and parameters from the dicts behind it instead.
@@ -405,7 +414,7 @@ class LoraLinear(AdapterLayer):
 
         if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
             return pack()
-        # map() runs these per-weight reads at C speed: this check is what each later call costs (~45 µs for 64
+        # map() runs these per-weight reads at C speed: this check is what each later call costs (~60 µs for 64
         # adapters on a 2-core CPU). Version counters only grow, so their sum changes exactly when one does.
         state = (names, dtype, scalings, sum(map(_VERSION, weights)))
         cached = self._packed_cache
