@@ -19,7 +19,13 @@ merged` ("auto" as it comes, which serves one adapter at inference from a cached
 cost). Each figure is the median over `--rounds` interleaved rounds of the median of `--repeats` calls; the
 spread is the rounds' min–max.
 
-    python benchmarks/multi_adapter.py [--ns 1 4 16 64] [--rounds 3]        # CUDA GPU
+On CUDA the prefill of `mp one` and `mp mixed` is also timed captured in a CUDA graph and replayed
+(`minipeft.measure.cuda_graph`: the host's time gone), and the prefill target's ratio takes each side in its
+best mode, round by round. Training also times 4 quarter-batch steps as a user writes them (`set_adapter`, then a
+plain forward), and with `--train-graphs` both training sides as CUDA graphs (forward, backward and AdamW with
+capturable=True, which the eager rows then use too).
+
+    python benchmarks/multi_adapter.py [--ns 1 4 16 64] [--rounds 3] [--train-graphs]   # CUDA GPU
     python benchmarks/multi_adapter.py --quick --device cpu                   # smoke test, tiny shape
 """
 
@@ -36,7 +42,7 @@ import torch
 
 from minipeft import GPT, GPTConfig, LoraConfig, get_peft_model, kernels
 from minipeft.checkpoint import save_json
-from minipeft.measure import median_ms
+from minipeft.measure import cuda_graph, median_ms
 
 
 def build(config: GPTConfig, n: int, device: torch.device, dtype: torch.dtype):
@@ -115,6 +121,11 @@ def time_rows(pm, hf, n: int, B: int, T: int, new: int, repeats: int, device: to
         if device.type == "cuda":
             with kernels.use_backend("triton"):
                 _prefill_and_decode(out, "mp mixed/triton", pm, idx, new, repeats, adapter_names=names)
+            # The prefill in its other mode: captured once in a CUDA graph and replayed (host time gone).
+            with merged_cache_off():
+                out["mp one graph prefill"] = median_ms(cuda_graph(lambda: pm(idx)), repeats)
+            out["mp mixed graph prefill"] = median_ms(cuda_graph(lambda: pm(idx, adapter_names=names)), repeats)
+            torch.cuda.empty_cache()  # the graphs' pools (their logits: B·T·vocab values each) go with them
         if hf is not None:
             out["hf mixed prefill"] = median_ms(lambda: hf(input_ids=idx, adapter_names=names), repeats)
             kw = dict(do_sample=False, pad_token_id=0, adapter_names=names)
@@ -125,13 +136,16 @@ def time_rows(pm, hf, n: int, B: int, T: int, new: int, repeats: int, device: to
     return out
 
 
-def time_training(pm, B: int, T: int, repeats: int, device: torch.device) -> dict[str, float]:
-    """One AdamW step on 4 adapters: a mixed batch of B rows against 4 steps of B/4 rows, one adapter each."""
+def time_training(pm, B: int, T: int, repeats: int, device: torch.device, graphs: bool = False
+                  ) -> dict[str, float]:
+    """One AdamW step on 4 adapters: a mixed batch of B rows against 4 steps of B/4 rows, one adapter each.
+    With `graphs` (CUDA), also each side's whole step captured in a CUDA graph and replayed (its best mode
+    where host time dominates)."""
     names4 = ["a0", "a1", "a2", "a3"]
     pm.train()
     pm.set_adapter(names4)  # makes the four trainable
     params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-4, capturable=graphs)  # capturable: its step count on the device
     vocab = pm.base_model.config.vocab_size
     idx = torch.randint(0, vocab, (B, T), device=device, generator=torch.Generator(device).manual_seed(2))
     names = [names4[b % 4] for b in range(B)]
@@ -155,8 +169,24 @@ def time_training(pm, B: int, T: int, repeats: int, device: torch.device) -> dic
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+    def separate_active():  # the same steps as a user would write them: set_adapter, then a plain forward
+        for i, name in enumerate(names4):
+            pm.set_adapter(name)
+            rows = slice(i, B, 4)
+            with autocast:
+                loss = pm(idx[rows], targets=targets[rows], return_logits=False)[1]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        pm.set_adapter(names4)
+
     out = {"mp train mixed (4 adapters)": median_ms(mixed, repeats),
-           "mp train 4 separate steps": median_ms(separate, repeats)}
+           "mp train 4 separate steps": median_ms(separate, repeats),
+           "mp train 4 separate steps, set_adapter": median_ms(separate_active, repeats)}
+    if graphs:  # the steps above as CUDA graphs: forward, backward and the optimizer's step, replayed as one
+        out["mp train mixed (4 adapters), CUDA graph"] = median_ms(cuda_graph(mixed), repeats)
+        out["mp train 4 separate steps, set_adapter, CUDA graph"] = median_ms(cuda_graph(separate_active), repeats)
+        torch.cuda.empty_cache()
     pm.eval()
     return out
 
@@ -176,6 +206,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=16, help="D: decode steps timed per generate call")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers + peft side")
+    ap.add_argument("--train-graphs", action="store_true", help="also time the training steps as CUDA graphs")
     ap.add_argument("--quick", action="store_true", help="tiny shape (2 × 64, vocab 512), batch 8 × 32")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "runs"), "multi_adapter.json"))
     args = ap.parse_args()
@@ -202,7 +233,8 @@ def main() -> None:
                 print(f"  N={n} {k}: {v:.2f} ms", flush=True)
         pm4 = next((pm for n, (pm, _) in models.items() if n >= 4), None)
         if pm4 is not None:
-            for k, v in time_training(pm4, train_B, T, args.repeats, device).items():
+            graphs = args.train_graphs and device.type == "cuda"
+            for k, v in time_training(pm4, train_B, T, args.repeats, device, graphs).items():
                 per_round.setdefault(k, []).append(v)
                 print(f"  {k}: {v:.2f} ms", flush=True)
     med = {k: statistics.median(v) for k, v in per_round.items()}
@@ -220,9 +252,25 @@ def main() -> None:
                 ratios[f"N={n} {phase} mixed/triton / one adapter"] = _ratio(per_round, med, tri, one)
             if hf in med:
                 ratios[f"N={n} {phase} hf mixed / mp mixed"] = _ratio(per_round, med, hf, mp)
-    if "mp train mixed (4 adapters)" in med:
-        ratios["training: 4 separate steps / one mixed step"] = _ratio(
-            per_round, med, "mp train 4 separate steps", "mp train mixed (4 adapters)")
+    for n in args.ns:  # each side in its best mode (eager or CUDA graph), round by round
+        for side in ("mp mixed", "mp one"):
+            eager, graph = per_round[f"N={n} {side} prefill"], per_round.get(f"N={n} {side} graph prefill")
+            if graph is not None:
+                per_round[f"N={n} {side} best prefill"] = [min(e, g) for e, g in zip(eager, graph, strict=True)]
+                med[f"N={n} {side} best prefill"] = statistics.median(per_round[f"N={n} {side} best prefill"])
+        if f"N={n} mp mixed best prefill" in med:
+            ratios[f"N={n} prefill mixed / one adapter, each in its best mode"] = _ratio(
+                per_round, med, f"N={n} mp mixed best prefill", f"N={n} mp one best prefill")
+            ratios[f"N={n} prefill mixed / one adapter, both in CUDA graphs"] = _ratio(
+                per_round, med, f"N={n} mp mixed graph prefill", f"N={n} mp one graph prefill")
+    for baseline in ("mp train 4 separate steps", "mp train 4 separate steps, set_adapter"):
+        if baseline in med:
+            ratios[f"training: {baseline[9:]} / one mixed step"] = _ratio(
+                per_round, med, baseline, "mp train mixed (4 adapters)")
+    graph = ", CUDA graph"
+    if f"mp train mixed (4 adapters){graph}" in med:
+        ratios["training, both in CUDA graphs: 4 separate steps, set_adapter / one mixed step"] = _ratio(
+            per_round, med, f"mp train 4 separate steps, set_adapter{graph}", f"mp train mixed (4 adapters){graph}")
     for name, (r, lo, hi) in ratios.items():
         print(f"  {name}: {r:.2f}× [{lo:.2f}–{hi:.2f}]")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

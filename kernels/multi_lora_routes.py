@@ -162,6 +162,7 @@ class _Entry(NamedTuple):
 
 
 _STACKS: torch.utils.weak.WeakIdKeyDictionary = torch.utils.weak.WeakIdKeyDictionary()  # a_cat → _Entry
+_HELD_BY_GRAPHS: list[AdapterStack] = []  # stacks a captured CUDA graph reads: a graph keeps addresses, not references
 
 
 def clear_cache() -> None:
@@ -187,4 +188,6 @@ def _stack(adapters: PackedAdapters) -> AdapterStack:
         with torch.no_grad():
             entry = _Entry(torch.utils.weak.WeakIdRef(b_cat), state, stack_adapters(adapters))
         _STACKS[a_cat] = entry
+    elif a_cat.is_cuda and torch.cuda.is_current_stream_capturing():
+        _HELD_BY_GRAPHS.append(entry.stack)  # never freed: the graph gathers from it at every replay
     return entry.stack

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from tolerances import assert_close
 
 from minipeft import kernels
-from minipeft.model import GPT, GPTConfig, chunked_cross_entropy
+from minipeft.model import GPT, GPTConfig, chunked_cross_entropy, head_logits
 from minipeft.tuners import LoraConfig, PromptTuningConfig, get_peft_model
 
 CFG = GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=50, block_size=32)
@@ -39,6 +39,37 @@ def test_chunked_cross_entropy_equals_the_whole_one(rows, chunk_rows, ignored, s
     assert_close(loss, expected)
     for got, want in zip(grads, torch.autograd.grad(expected, [x, head.weight, head.bias]), strict=True):
         assert_close(got, want)
+
+
+@given(vocab=st.integers(1, 70), align=st.sampled_from([1, 8, 64]), lead=st.sampled_from([(), (5,), (2, 3)]),
+       bf16_autocast=st.booleans(), seed=st.integers(0, 9))
+def test_head_logits_with_the_vocabulary_padded_equal_the_head(vocab, align, lead, bf16_autocast, seed):
+    """head_logits pads the weight's vocabulary rows to a multiple of `align` (on CUDA, for cuBLAS's aligned
+    GEMMs) and cuts the logits back: the head's own logits, and the same gradients to x and to the weight, in
+    fp32 and under bf16 autocast (where the padded weight is made in bf16, as F.linear would cast it)."""
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(16, vocab, bias=False)
+    x = torch.randn(*lead, 16, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
+        got, want = head_logits(head, x, align), head(x)
+    assert got.shape == want.shape == (*lead, vocab) and got.dtype == want.dtype
+    assert_close(got, want, dtype=got.dtype)
+    probe = torch.randn(want.shape, generator=g)
+    for a, b in zip(torch.autograd.grad((got.float() * probe).sum(), [x, head.weight]),
+                    torch.autograd.grad((want.float() * probe).sum(), [x, head.weight]), strict=True):
+        assert_close(a, b, dtype=got.dtype)
+
+
+def test_head_logits_leave_other_heads_as_they_are():
+    """A head with a bias, or one wrapped by an adapter (LoRA on lm_head), runs as it is."""
+    x = torch.randn(4, 16)
+    for head in (torch.nn.Linear(16, 50, bias=True),
+                 get_peft_model(GPT(CFG), LoraConfig(r=2, target_modules=["lm_head"])).base_model.lm_head):
+        calls: list[int] = []
+        hook = head.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        assert_close(head_logits(head, x, align=64), head(x))
+        hook.remove()
+        assert len(calls) == 2, type(head).__name__
 
 
 def saved_shapes(run) -> list[tuple[int, ...]]:
@@ -90,3 +121,25 @@ def test_model_loss_matches_and_whole_logits_are_never_saved(method, monkeypatch
 def test_return_logits_false_needs_targets():
     with pytest.raises(ValueError, match="return_logits=False needs targets"):
         GPT(CFG)(torch.zeros(1, 4, dtype=torch.long), return_logits=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_gpt2s_vocabulary_is_padded_and_gives_the_same_loss():
+    """GPT-2's 50,257 logits a row under bf16 autocast on CUDA: head_logits computes them against the weight
+    padded to 50,304 rows (rows of the result keep that stride), and they, the chunked loss and its gradients
+    equal the unpadded head's."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    head = torch.nn.Linear(768, 50257, bias=False).cuda()
+    x = torch.randn(700, 768, device="cuda", generator=g, requires_grad=True)
+    targets = torch.randint(0, 50257, (700,), device="cuda", generator=g)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got, want = head_logits(head, x), head(x)
+        assert got.stride() == (50304, 1) and got.shape == want.shape
+        assert_close(got, want)
+        loss = chunked_cross_entropy(head, x, targets, chunk_rows=300)
+        expected = F.cross_entropy(head(x).float(), targets)
+    assert_close(loss, expected, dtype=torch.bfloat16)
+    for a, b in zip(torch.autograd.grad(loss, [x, head.weight]), torch.autograd.grad(expected, [x, head.weight]),
+                    strict=True):
+        assert_close(a, b, dtype=torch.bfloat16)

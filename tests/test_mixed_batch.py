@@ -22,6 +22,7 @@ from minipeft import (
     kernels,
 )
 from minipeft.kernels import multi_lora_routes
+from minipeft.tuners import mixed_batch
 
 CFG = GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=48)
 
@@ -257,6 +258,110 @@ def test_parallel_runs_the_batch_once_per_adapter():
     for i, name in enumerate(("a", "h", "p")):
         assert_close(logits[2 * i:2 * i + 2], alone[name])
         assert torch.equal(out[2 * i:2 * i + 2], generated[name]), name
+
+
+def test_a_repeated_batch_copies_no_index_from_the_host():
+    """The index tensors made from names (the rows' adapters, each layer's table, the soft prompts' mask) are made
+    once per distinct list and then found again, so a repeated call copies nothing from the host: what lets a
+    server capture a mixed batch's forward in a CUDA graph. Another list gets its own tensors."""
+    from minipeft.tuners.mixed_batch import RowRoute, prompt_for_rows
+
+    names = ["a", "__base__", "b", "a"]
+    first, again = RowRoute.from_names(names, torch.device("cpu")), RowRoute.from_names(list(names), "cpu")
+    assert again.rows is first.rows and first.rows.tolist() == [0, -1, 1, 0]
+    assert torch.equal(first._index(["b"]), again._index(["b"])) and first._index(["b"]).tolist() == [-1, -1, 0, -1]
+    other = RowRoute.from_names(["b", "a", "a", "a"], "cpu")
+    assert other.rows is not first.rows and other.rows.tolist() == [0, 1, 1, 1]
+    prompts = {"p": torch.ones(2, 3), "q": torch.ones(3, 3)}
+    mask = prompt_for_rows(prompts, ["p", "q", "a"])[1]
+    assert prompt_for_rows(prompts, ["p", "q", "a"])[1] is mask
+    assert mask.tolist() == [[False, True, True], [True, True, True], [False, False, False]]
+    pm = _model(("a", LORA), ("b", LORA_2), ("p", PromptTuningConfig(num_virtual_tokens=3)))
+    idx, names = _batch(B=4), ["b", "p", "a", "__base__"]
+    pm(idx, adapter_names=names)  # the first call makes its tensors
+    made = dict(mixed_batch._CONSTANTS)
+    pm(idx, adapter_names=names)  # a repeated call finds every one of them
+    assert mixed_batch._CONSTANTS.keys() == made.keys()
+    assert all(mixed_batch._CONSTANTS[k] is t for k, t in made.items())
+
+
+def test_what_a_captured_graph_reads_is_held_for_it(monkeypatch):
+    """While a CUDA graph is captured (simulated here: the capture check answers yes), the index tensors and the
+    packed adapters a mixed batch reads are also held in HELD_BY_GRAPHS: a graph keeps raw addresses, and eager
+    calls with other batches recycle the caches that would otherwise be their only owners."""
+    pm = _model(("a", LORA), ("b", LORA_2))
+    n_lora = sum(1 for m in pm.modules() if type(m).__name__ == "LoraLinear")
+    n_with_b = sum(1 for m in pm.modules() if type(m).__name__ == "LoraLinear" and "b" in m.lora_A)
+    before = len(mixed_batch.HELD_BY_GRAPHS)
+    monkeypatch.setattr(mixed_batch, "capturing", lambda device: True)
+    try:
+        with torch.no_grad():
+            pm(_batch(B=3), adapter_names=["b", "a", "__base__"])
+        held = mixed_batch.HELD_BY_GRAPHS[before:]
+        assert sum(isinstance(h, kernels.PackedAdapters) for h in held) == n_lora
+        assert any(isinstance(h, torch.Tensor) and h.tolist() == [0, 1, -1] for h in held)  # the rows' adapters
+        assert n_with_b < n_lora  # layers with a only, and with both: their tables are held too
+        assert any(isinstance(h, torch.Tensor) and h.tolist() == [-1, 0, -1] for h in held)  # table of a-only layers
+    finally:
+        del mixed_batch.HELD_BY_GRAPHS[before:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed batch", "one adapter"])
+def test_a_forward_captured_in_a_cuda_graph_follows_new_tokens(mixed):
+    """A mixed batch (the gathered route, "auto" on CUDA) and a one-adapter batch, captured once in a CUDA graph
+    after a warm-up (measure.cuda_graph, as benchmarks/multi_adapter.py times it): the capture needs no host sync
+    (the model's value checks are skipped while capturing), and a replay after new token ids are copied into the same
+    tensor gives the eager forward's logits for them."""
+    from minipeft.measure import cuda_graph
+
+    pm = _model(("a", LORA), ("b", LORA_2), ("c", LORA)).cuda()
+    names = ["a", "b", "__base__", "c", "a", "b"]
+    kw = {"adapter_names": names} if mixed else {}
+    idx = _batch(B=len(names)).cuda()
+    with torch.no_grad():
+        replay = cuda_graph(lambda: pm(idx, **kw)[0])
+        for seed in (1, 2, 3):
+            idx.copy_(_batch(B=len(names), seed=seed))
+            logits = replay()
+            torch.cuda.synchronize()
+            assert_close(logits, pm(idx, **kw)[0], dtype="tf32")
+            if mixed:
+                for row in (0, 2, 3):
+                    assert_close(logits[row], _alone(pm, idx[row:row + 1], names[row])[0], dtype="tf32")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_mixed_training_step_captured_in_a_cuda_graph_trains_as_the_eager_step():
+    """A whole training step of a mixed batch (forward, backward on the segmented Triton kernels, AdamW with
+    capturable=True), captured once and replayed: each adapter ends where the same eager steps take it."""
+    from minipeft.measure import cuda_graph
+
+    names = ["a", "b", "__base__", "a", "b", "b"]
+    idx = _batch(B=len(names), seed=4).cuda()
+    targets = idx.roll(-1, 1)
+    runs = {}
+    for mode in ("eager", "graph"):
+        pm = _model(("a", LORA), ("b", LORA_2)).cuda().train()
+        pm.set_adapter(["a", "b"])
+        params = [p for p in pm.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-2, capturable=True)
+
+        def step(pm=pm, opt=opt):
+            pm(idx, targets=targets, return_logits=False, adapter_names=names)[1].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        replay = cuda_graph(step, warmup=2) if mode == "graph" else step
+        for _ in range(3 if mode == "graph" else 5):  # the capture's warm-up made two steps
+            replay()
+        torch.cuda.synchronize()
+        runs[mode] = {n: p.detach().clone() for n, p in pm.named_parameters() if "lora_" in n}
+    assert runs["eager"].keys() == runs["graph"].keys()
+    for name, eager in runs["eager"].items():
+        assert_close(runs["graph"][name], eager, dtype="tf32")
 
 
 def test_the_benchmark_runs_on_the_cpu(tmp_path):

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from minipeft import kernels
 from minipeft.targets import is_linear_like
+from minipeft.tuners import mixed_batch
 from minipeft.tuners.composition import Average
 from minipeft.tuners.layer import AdapterLayer
 
@@ -380,6 +381,8 @@ class LoraLinear(AdapterLayer):
         # layer that holds the same adapters. The index is one per sequence (B,); only the segmented Triton
         # kernels need the rows grouped, per token.
         packed = route.memo(("lora packed", id(self), dtype), lambda: self._packed(names, dtype))
+        if mixed_batch.capturing(x.device):  # a CUDA graph reads the packing at every replay: never free it
+            mixed_batch.HELD_BY_GRAPHS.append(packed)
         bias = self.base_layer.bias
         kind = kernels.multi_lora_route(x.to(dtype), batch_index, packed, None if bias is None else bias.to(dtype))
         if kind == "gathered":  # each sequence's adapter copied once per call (a generate), whatever the shape

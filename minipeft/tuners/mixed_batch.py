@@ -16,21 +16,59 @@ exactly as separate batches of their rows would (the losses add up). A row named
 gets the frozen model.
 
 `RowRoute` is what `PeftModel.forward(..., adapter_names=[...])` hands to every adapter layer for the length
-of one call (`layer.row_route`); `prompt_for_rows` builds the padded soft prompts.
+of one call (`layer.row_route`); `prompt_for_rows` builds the padded soft prompts. The small index tensors they
+make from names are made once per distinct list and device and reused (`_constant`): a call then copies nothing
+from the host, so a serving loop can capture a mixed batch's forward in a CUDA graph after warm-up calls (one
+graph per batch composition: the adapters of the rows are part of what it recorded; `HELD_BY_GRAPHS`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BASE", "RowRoute", "prompt_for_rows"]
+__all__ = ["BASE", "HELD_BY_GRAPHS", "RowRoute", "prompt_for_rows"]
 
 BASE = "__base__"  # the row runs the base model, no adapter
+
+_CONSTANTS: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_CONSTANTS_KEPT = 256  # distinct (values, dtype, device) kept, least recently used dropped first
+
+# What a CUDA graph captured on a mixed batch reads. A graph keeps raw addresses, not references: a tensor it reads
+# must outlive it, so what a capture uses (index tensors, packed adapters, their stack) is also held here, for the
+# life of the process. A graph serves the adapters as they were when it was captured: capture again after
+# changing or adding adapters.
+HELD_BY_GRAPHS: list = []
+
+
+def capturing(device: torch.device) -> bool:
+    """True while a CUDA graph is being captured on ``device``'s current stream."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _constant(values: tuple, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """torch.tensor(values, dtype, device), made once and then reused; callers never write to it.
+
+    A host-to-device copy cannot be recorded in a CUDA graph (it waits for the host), so a call that makes its
+    index tensors afresh cannot be captured; one that finds them here copies nothing."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one key
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (values, dtype, device)
+    t = _CONSTANTS.pop(key, None)  # popped and put back: now the most recently used
+    if t is None:
+        t = torch.tensor(values, dtype=dtype, device=device)
+        if len(_CONSTANTS) >= _CONSTANTS_KEPT:
+            _CONSTANTS.popitem(last=False)
+    _CONSTANTS[key] = t
+    if capturing(device):
+        HELD_BY_GRAPHS.append(t)
+    return t
 
 
 @dataclasses.dataclass
@@ -53,8 +91,7 @@ class RowRoute:
     def from_names(cls, adapter_names: Sequence[str], device: torch.device) -> RowRoute:
         names = tuple(dict.fromkeys(n for n in adapter_names if n != BASE))
         position = {n: i for i, n in enumerate(names)}
-        rows = torch.tensor([position.get(n, -1) for n in adapter_names], dtype=torch.long, device=device)
-        return cls(names, rows)
+        return cls(names, _constant(tuple(position.get(n, -1) for n in adapter_names), torch.long, device))
 
     def memo(self, key: Hashable, make: Callable[[], Any]) -> Any:
         """make(), computed the first time ``key`` is asked for in this call and kept until the call ends."""
@@ -71,8 +108,8 @@ class RowRoute:
         return local, self.memo(("index", tuple(local)), lambda: self._index(local))
 
     def _index(self, local: list[str]) -> torch.Tensor:
-        table = [local.index(n) if n in local else -1 for n in self.names] + [-1]  # rows == -1 → the last
-        return torch.tensor(table, dtype=torch.long, device=self.rows.device)[self.rows]  # (B,)
+        table = tuple(local.index(n) if n in local else -1 for n in self.names) + (-1,)  # rows == -1 → the last
+        return _constant(table, torch.long, self.rows.device)[self.rows]  # (B,)
 
     def row_mask(self, name: str) -> torch.Tensor:
         """(B,) bool: the rows that use adapter ``name``."""
@@ -96,5 +133,5 @@ def prompt_for_rows(prompts: Mapping[str, torch.Tensor], adapter_names: Sequence
         p = prompts.get(name)
         n = 0 if p is None else p.shape[0]
         embeds.append(empty if p is None else F.pad(p, (0, 0, n_max - n, 0)))  # (n_max, C), padding first
-        mask.append([False] * (n_max - n) + [True] * n)
-    return torch.stack(embeds), torch.tensor(mask, dtype=torch.bool, device=any_prompt.device)
+        mask.append((False,) * (n_max - n) + (True,) * n)
+    return torch.stack(embeds), _constant(tuple(mask), torch.bool, any_prompt.device)

@@ -321,6 +321,10 @@ check_kv_cache_bytes(kv_cache_bytes)
 #    cheaper, and which part still grows with T?
 # 3. Prefix tuning (chapter 5) starts the KV cache with learned keys and values. Using your answer to Exercise 3,
 #    what shape must a prefix of n virtual tokens have in each layer?
+# 4. GPT-2's vocabulary has 50,257 words. On a GPU, `minipeft.model.head_logits` multiplies by the embedding
+#    padded with zero rows to 50,304 and cuts the extra logits off again (nanoGPT rounds its vocab_size up to
+#    50,304 for the same reason). How can a larger matrix product be faster? Think of where each row of 50,257
+#    bf16 logits starts in memory, and of a GPU that moves tiles in 16-byte units.
 
 # %%
 course.claims_report()

@@ -368,18 +368,21 @@ def results_sections(heading):
     return [s for s in RESULTS_MD.split("\n## ") if s.lstrip("# ").startswith(heading)]
 
 
-def results_table(section, n=0):
-    """The n-th markdown table of a section as a list of dicts {column header: cell text}."""
-    block = re.findall(r"(?:^\|.*\n)+", section, flags=re.MULTILINE)[n]
-    head, _rule, *body = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block.splitlines()]
-    return [dict(zip(head, cells, strict=True)) for cells in body]
+def results_table(section, first_column):
+    """The markdown table of a section whose first column is `first_column`, as a list of dicts {column header:
+    cell text}."""
+    for block in re.findall(r"(?:^\|.*\n)+", section, flags=re.MULTILINE):
+        head, _rule, *body = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block.splitlines()]
+        if head[0] == first_column:
+            return [dict(zip(head, cells, strict=True)) for cells in body]
+    raise ValueError(f"no table with a first column {first_column!r} in RESULTS.md's section")
 
 
 gpu = results_sections("Many adapters in one batch")
 if gpu:
     section = gpu[0]
     print("benchmarks/RESULTS.md —", section.splitlines()[0].lstrip("# "))
-    table = results_table(section)  # one row per measurement, a column of ms (and its spread) per N
+    table = results_table(section, "row")  # one row per measurement, a column of ms (and its spread) per N
     by_name = {row["row"].split(" (")[0].replace(",", ""): row for row in table}
     print(f"\n{'N adapters':>10} {'prefill ms: mixed':>18} {'one adapter':>12} {'HF peft mixed':>14} "
           f"{'decode ms/token: mixed':>23} {'one adapter':>12} {'HF peft mixed':>14}")
@@ -395,10 +398,11 @@ if gpu:
               f"HF peft's in prefill and {v['hf mixed decode'] / v['mp mixed decode ms/token']:.1f}× in decode, and "
               f"costs {v['mp mixed prefill'] / v['mp one adapter prefill']:.1f}× (prefill) and "
               f"{v['mp mixed decode ms/token'] / v['mp one adapter decode']:.1f}× (decode) the same batch on one "
-              f"adapter.")
+              f"adapter; with both prefills captured in a CUDA graph (the host's time gone) "
+              f"{v['mp mixed prefill CUDA graph'] / v['mp one adapter prefill CUDA graph']:.2f}×.")
     print("\nThe targets the run was measured against (medians of its rounds; in parentheses the least and "
           "greatest of the rounds' own ratios):")
-    for target in results_table(section, 1):
+    for target in results_table(section, "target"):
         measured, verdict = list(target.values())[1:3]
         print(f"  {target['target']}: {measured} — {verdict}")
     print("\nWhat RESULTS.md lists about the runs on the way, and what profiling found before them:")
@@ -646,7 +650,7 @@ if not multi:
 section = multi[0]
 print("benchmarks/RESULTS.md —", section.splitlines()[0].lstrip("# "))
 print(textwrap.fill(section.splitlines()[2], 116), "\n")  # the run: date, machine, command, recipe
-score_rows = results_table(section, 0)
+score_rows = results_table(section, "model")
 task_columns = [c for c in score_rows[0] if c != "model"]  # 'sentiment: accuracy (chance 0.500, n=200)', …
 
 
@@ -794,9 +798,10 @@ check_mixed_batch_by_loop(mixed_batch_by_loop)
 # 1. In section 6, fusion combines two adapters trained separately, and the joint adapter sees both tasks from
 #    the start. When would you still choose adapters plus fusion over one joint adapter? Think of a third task
 #    arriving later, of who trains which adapter, and of what each approach must retrain.
-# 2. The GPU measurement of section 3 found the mixed batch far slower than the same batch on one adapter at
-#    decode time, and the run's notes say why (host work per layer). Which of that work depends on the adapters
-#    of the batch, and which could be done once per batch instead of once per layer?
+# 2. Section 3's GPU printout gives the mixed prefill against one adapter twice: run eagerly, and captured in a
+#    CUDA graph (replayed without the host). What does the difference between the two ratios measure? Of the
+#    work a mixed batch adds in every layer (finding its adapters, checking their packing, gathering, choosing a
+#    route), which depends on the batch's adapters, and which could be done once per batch instead of per layer?
 
 # %%
 course.claims_report()
