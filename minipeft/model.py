@@ -223,6 +223,7 @@ class GPT(nn.Module):
         prompt_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         return_logits: bool = True,
+        logits_to_keep: int = 0,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, vocab) and the loss (or None). See the class docstring for the contract.
 
@@ -238,9 +239,17 @@ class GPT(nn.Module):
         return_logits=False (with targets; the trainer's call): logits is None and the loss is computed a
             chunk of rows at a time (`chunked_cross_entropy`), so the (B·T, vocab) fp32 logits never exist
             whole, in the forward or the backward.
+        logits_to_keep=k > 0 (without targets): the logits of the last k positions only, (B, k, vocab) — what
+            generation needs from its prompt (k = 1), without the (B, T, vocab) that the output layer would
+            otherwise compute and hold (GPT-2's vocabulary: 50,257 numbers a position). As transformers' argument.
         """
         if not return_logits and targets is None:
             raise ValueError("return_logits=False needs targets: without them the logits are the only output")
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0: every position), got {logits_to_keep!r}")
+        if logits_to_keep and targets is not None:
+            raise ValueError("logits_to_keep > 0 with targets: the loss needs the logits of every position; "
+                             "leave logits_to_keep at 0 (or use return_logits=False for the loss alone)")
         if (idx is None) == (inputs_embeds is None):
             raise ValueError("GPT.forward needs exactly one of idx or inputs_embeds")
         if inputs_embeds is None:
@@ -285,7 +294,9 @@ class GPT(nn.Module):
 
         if not return_logits:
             return None, chunked_cross_entropy(self.lm_head, x.reshape(B * T, -1), targets.reshape(B * T))
-        logits = head_logits(self.lm_head, x)  # (B, T, vocab)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]  # (B, k, C)
+        logits = head_logits(self.lm_head, x)  # (B, T or k, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(B * T, -1), targets.reshape(B * T), ignore_index=-100)
@@ -436,7 +447,7 @@ class GPT(nn.Module):
         cache = kv_cache if kv_cache is not None else KVCache(self.config.n_layer, B, device=idx.device)
         mask = attention_mask if attention_mask is not None else torch.ones_like(idx)
         logits, _ = self(idx, attention_mask=mask, kv_cache=cache, prompt_embeds=prompt_embeds,
-                         prompt_mask=prompt_mask)
+                         prompt_mask=prompt_mask, logits_to_keep=1)  # (B, 1, vocab): the prompt's last position
 
         out = idx
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)

@@ -126,6 +126,30 @@ def test_padded_batch_matches_each_sequence_alone(side):
     assert not torch.isnan(batched).any()
 
 
+@given(T=st.integers(1, 12), k=st.integers(1, 14), n_virtual=st.integers(0, 3), seed=st.integers(0, 5))
+def test_logits_to_keep_gives_the_last_positions_logits(T, k, n_virtual, seed):
+    """forward(logits_to_keep=k): the logits of the last k positions (all of them when k >= T), the same values
+    as the whole forward's, with or without virtual tokens in front (generate's prompt pass keeps 1)."""
+    torch.manual_seed(seed)
+    model = GPT(small_config()).eval()
+    idx = torch.randint(0, 97, (2, T))
+    kw = {"prompt_embeds": torch.randn(n_virtual, 32)} if n_virtual else {}
+    with torch.no_grad():
+        whole, _ = model(idx, **kw)
+        kept, _ = model(idx, logits_to_keep=k, **kw)
+    assert kept.shape == (2, min(k, T), 97)
+    assert_close(kept, whole[:, -k:])
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "1"])
+def test_logits_to_keep_must_be_a_count(bad):
+    with pytest.raises(ValueError, match="logits_to_keep must be an int >= 0"):
+        GPT(small_config())(torch.zeros(1, 3, dtype=torch.long), logits_to_keep=bad)
+    with pytest.raises(ValueError, match="logits_to_keep > 0 with targets"):
+        GPT(small_config())(torch.zeros(1, 3, dtype=torch.long), targets=torch.zeros(1, 3, dtype=torch.long),
+                            logits_to_keep=1)
+
+
 def test_left_padded_generation_matches_each_prompt_alone():
     torch.manual_seed(5)
     model = GPT(small_config()).eval()
