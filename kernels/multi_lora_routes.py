@@ -180,14 +180,15 @@ def _stack(adapters: PackedAdapters) -> AdapterStack:
     a_cat, b_cat = adapters.a_cat, adapters.b_cat
     state = (_version(a_cat), _version(b_cat), adapters.ranks, adapters.scalings)
     entry = _STACKS.get(a_cat)
+    capturing = a_cat.is_cuda and torch.cuda.is_current_stream_capturing()
     if entry is None or entry.state != state or entry.b_ref() is not b_cat:
-        if a_cat.is_cuda and torch.cuda.is_current_stream_capturing():
+        if capturing:
             raise RuntimeError("the gathered route makes its stack of adapters on a first call, which a CUDA graph "
                                "capture cannot hold (a host→device copy): run the call once before capturing, "
                                "and capture again after changing the adapters")
         with torch.no_grad():
             entry = _Entry(torch.utils.weak.WeakIdRef(b_cat), state, stack_adapters(adapters))
         _STACKS[a_cat] = entry
-    elif a_cat.is_cuda and torch.cuda.is_current_stream_capturing():
+    elif capturing:
         _HELD_BY_GRAPHS.append(entry.stack)  # never freed: the graph gathers from it at every replay
     return entry.stack
