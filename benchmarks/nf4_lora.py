@@ -3,8 +3,10 @@
 Rows, for x (M, K) bf16, an NF4 weight (N, K) with double quantization (blocksize 64), r = 16, no bias:
     bf16 linear       F.linear(x, W) on the dense bf16 weight (what the fused kernel is measured against)
     bf16 + LoRA       the reference LoRA layer on the dense bf16 weight
-    dequant + GEMM    "auto" on an NF4 base: the Triton dequantization to bf16, F.linear, the low-rank term
+    dequant + GEMM    the Triton dequantization to bf16, F.linear, the low-rank term as torch ops
     fused             "triton": kernels/nf4_lora_triton.py, the 4-bit codes dequantized inside the GEMM
+    auto              what "auto" runs (nothing here needs a gradient: the fused kernels up to
+                      kernels.NF4_FUSED_MAX_ROWS rows, dequant + GEMM above)
     bnb matmul_4bit   bitsandbytes' 4-bit matmul (no LoRA term), when bitsandbytes is installed
 Times are medians of ``triton.testing.do_bench_cudagraph`` (GPU time: the call replayed from a CUDA graph) over
 ``--rounds`` interleaved rounds; the table gives each row as a multiple of the bf16 linear, with the spread of
@@ -42,11 +44,16 @@ def rows_for(M: int, K: int, N: int, r: int = 16) -> dict:
         return lambda: kernels.nf4_lora_linear(x, *state, None, N, K, 64, q.dq_blocksize, a, b, 2.0,
                                                backend=backend)
 
+    def dequant_gemm():
+        y = kernels.nf4_linear(x, *state, None, N, K, 64, q.dq_blocksize, backend="triton")
+        return y + 2.0 * F.linear(F.linear(x, a), b)
+
     fns = {
         "bf16 linear": lambda: F.linear(x, w),
         "bf16 + LoRA": lambda: kernels.lora_linear(x, w, None, a, b, 2.0, backend="reference"),
-        "dequant + GEMM": qlora("auto"),
+        "dequant + GEMM": dequant_gemm,
         "fused": qlora("triton"),
+        "auto": qlora("auto"),
     }
     try:
         import bitsandbytes as bnb

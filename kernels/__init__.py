@@ -799,6 +799,20 @@ def nf4_linear(
                                       out_features, in_features, blocksize, dq_blocksize, route)  # fmt: skip
 
 
+# "auto" runs the fused NF4 + LoRA kernels for calls of at most this many rows that need no gradient (H200,
+# K = N = 4096: the fused forward beat dequantize-then-cuBLAS at 1 and 16 rows and lost at 256; RESULTS.md).
+NF4_FUSED_MAX_ROWS = 16
+
+
+def _nf4_fused_pays(x, bias, lora_A, lora_B, in_features: int, blocksize: int) -> bool:
+    """Whether "auto" takes the fused NF4 + LoRA kernels for this call (see ``NF4_FUSED_MAX_ROWS``). Whether
+    the codes' storage can be read as words is the op's question (``nf4_lora_triton.forward_fits``): it asks
+    ``data_ptr()``, which torch.compile cannot trace here."""
+    return (x.device.type == "cuda" and x.numel() <= NF4_FUSED_MAX_ROWS * in_features
+            and not _needs_grad(x, bias, lora_A, lora_B) and in_features % blocksize == 0
+            and _triton_unavailable(x.device, x.dtype) is None and _nf4_triton_unavailable(x.device, x.dtype) is None)
+
+
 def nf4_lora_linear(
     x: torch.Tensor,
     codes: torch.Tensor,
@@ -823,12 +837,17 @@ def nf4_lora_linear(
     The arguments of ``nf4_linear`` then those of ``lora_linear`` (lora_A (r, in), lora_B (out, r), scaling,
     dropout_mask shaped like x). What each backend runs:
       "reference": ``nf4_linear`` on the reference dequantization, plus the reference's low-rank term.
-      "triton":    kernels/nf4_lora_triton.py on every call: one Triton GEMM for y and one for dX, each reading
-                   the 4-bit codes and dequantizing in registers, with the low-rank term in its epilogue; the
-                   LoRA kernels for S, G, dA and dB. A ValueError says why where it cannot run.
-      "auto":      on CUDA, ``nf4_linear`` with the Triton dequantization and a cuBLAS GEMM, plus the low-rank
-                   term as torch ops (measured faster than the fused kernel at every M from 1 to 4096 on an
-                   H200: benchmarks/RESULTS.md); the reference elsewhere.
+      "triton":    kernels/nf4_lora_triton.py on every call: Triton GEMMs for y and for dX that read the 4-bit
+                   codes and dequantize in registers, with the low-rank term in the same launch or, when the
+                   forward splits K across programs, in the launch that adds the partial sums; the LoRA kernels
+                   for G, dA and dB (and S, unless the forward's programs make it). A ValueError says why where
+                   it cannot run.
+      "auto":      on CUDA, the fused kernels for a call without gradients on at most ``NF4_FUSED_MAX_ROWS``
+                   rows (a decode step: the forward kernel reads the 4-bit codes once, where dequantizing
+                   first writes and reads a 16-bit copy of Ŵ); otherwise ``nf4_linear`` with the Triton
+                   dequantization and a cuBLAS GEMM, plus the low-rank term as torch ops (faster from a few
+                   hundred rows on, as in training: benchmarks/RESULTS.md has both on an H200); the reference
+                   elsewhere.
     Gradients reach x, lora_A, lora_B and a bias that requires one; backward keeps the 4-bit state, never Ŵ.
     """
     name = get_backend() if backend is None else _check_name(backend, "nf4_lora_linear(backend=...)")
@@ -840,6 +859,7 @@ def nf4_lora_linear(
         why_not = _triton_unavailable(x.device, x.dtype) or _nf4_triton_unavailable(x.device, x.dtype)
         if why_not:
             raise ValueError(f"the triton kernel backend cannot run here: {why_not}")
+    if name == "triton" or (name == "auto" and _nf4_fused_pays(x, bias, lora_A, lora_B, in_features, blocksize)):
         state = (codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values)
         return nf4_lora_triton.nf4_lora_linear(x, state, bias, lora_A, lora_B, float(scaling), dropout_mask,
                                                out_features, in_features, blocksize, dq_blocksize)

@@ -12,7 +12,8 @@ Dequantize-then-GEMM writes Ŵ in 16 bits and reads it back (2 + 2 bytes per wei
 codes); here the GEMM reads the half byte of codes and its block statistics (4.13 bits per weight with double
 quantization) and makes each weight where it is used. Everything else is the LoRA kernels' plan
 (kernels/lora_triton.py), with its kernels reused: the "shrink" pass for S = (x ⊙ mask)·Aᵀ, one pass over
-dY for G = dY·B, dB and dbias, the low-rank epilogue, and the dA pass. Only the GEMM is new:
+dY for G = dY·B, dB and dbias, the low-rank epilogue, and the dA pass. The GEMMs are new; the first, for
+every shape and for dX:
 
     # kernel 2 here: out = P·Q + scaling · mask ⊙ (L·R) + bias, with Q made from the NF4 state
     #   forward: P = x (M, in),   Q = Ŵᵀ: Q[k, n] = Ŵ[n, k],  flat index i = n·in + k,  L = S, R = Bᵀ, bias
@@ -33,8 +34,14 @@ Two ways to make a tile of Ŵ, chosen per launch:
   tile reads rows·cols/2 bytes and rows·max(1, cols/blocksize) statistics;
 - per weight (``_nf4_tile``), for every other shape (an odd in_features: a byte then straddles two rows):
   each weight loads its own byte and its block's statistics, which L1 serves to its neighbours. Correct
-  for every shape; about 10× slower than the packed path on an H200 (benchmarks/RESULTS.md has both, and
-  what still keeps the packed one behind a bf16 GEMM).
+  for every shape; about 10× slower than the packed path on an H200.
+
+The forward has a kernel of its own, ``_nf4_forward_kernel``, wherever whole rows of Ŵ start on a 32-bit
+word (in_features a multiple of the blocksize, the codes 4-byte aligned): the GEMM above with Ŵ's rows on
+the MMA's M side, the codes read as words, the codebook in registers, K split across programs for a batch of
+a few rows (with S made by the same launch) — 2.0-2.6× faster than the packed path on an H200, and what
+"auto" runs for a decode step. The section above the kernel says what each change removed, and
+benchmarks/RESULTS.md what still keeps it behind a bf16 GEMM.
 
 Registered as ``minipeft::nf4_lora_linear_triton`` (forward) and ``minipeft::nf4_lora_linear_triton_backward``,
 with an autograd.Function twin for eager mode, as kernels/lora_triton.py does and for the same reasons.
@@ -64,7 +71,7 @@ from .lora_triton import (
 )
 from .triton_interpreter import interpreter_lock
 
-__all__ = ["nf4_gemm", "nf4_lora_linear"]
+__all__ = ["nf4_gemm", "nf4_forward", "forward_fits", "nf4_lora_linear"]
 
 
 @triton.jit
@@ -220,7 +227,7 @@ def nf4_gemm(
     """out = P·Q + scaling·mask⊙(low·up) + bias, in P's dtype, Q made from the NF4 weight Ŵ (out, in).
 
     ``state`` = (codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values), as
-    ``minipeft.quant.nf4.kernel_arguments`` gives it. ``q_is_w`` False: Q = Ŵᵀ and p is (M, in) (the forward);
+    ``minipeft.quant.nf4.kernel_arguments`` gives it. ``q_is_w`` False: Q = Ŵᵀ and p is (M, in) (the forward where ``nf4_forward`` cannot run);
     True: Q = Ŵ and p is (M, out) (dX). low (M, ≥r) and up (r, N), mask (M, N), bias (N,): each optional.
     """
     codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values = state
@@ -255,7 +262,310 @@ def nf4_gemm(
 
 
 # --------------------------------------------------------------------------------------------------------
-# The autograd op: lora_triton's forward and backward with this GEMM in place of the dense one.
+# The forward on whole rows of Ŵ (in_features a multiple of the blocksize). What the GEMM above does per
+# weight, and what this kernel does instead (each measured on an H200: benchmarks/RESULTS.md):
+#   - Ŵ's rows go on the MMA's M side ("swap AB"): a program makes outᵀ[n-block, m-block] = Ŵ[n-block, :] ·
+#     xᵀ[:, m-block], so the dequantized tile is the MMA's first operand as it comes out of registers (no
+#     transpose), and a batch of one row of x still fills the tile (16 rows of x, 15 of them masked);
+#   - the codes are read as 32-bit words (8 weights each): vector loads the pipeliner can prefetch
+#     (asynchronous copies need 4 bytes or more; a byte per load was neither vectorized nor prefetched);
+#   - the 16-entry codebook sits in registers and each code is looked up with ``tl.gather`` (warp shuffles):
+#     as a load from memory, the pipeliner turned every lookup into an asynchronous copy through shared
+#     memory, 7× slower;
+#   - K is split across programs when the (n, m) tiles are too few to fill the GPU (a batch of a few rows):
+#     each of the SPLIT_K programs of a tile writes its fp32 partial sum, and a second kernel adds them in a
+#     fixed order (the same result on every run; no atomics).
+#
+#     for each (BN, BM) tile of outᵀ and each split [k_lo, k_hi) of K:
+#         acc = zeros(BN, BM)
+#         for k in range(k_lo, k_hi, BK):
+#             word = codes32[(n·K + k) / 8 + w]                  (BN, BK/8): weights 8w .. 8w+7, two per byte
+#             Ŵ[n, k:k+BK] = codebook[nibbles of word] · absmax  (low byte first, high nibble first in a byte)
+#             acc += Ŵ[n, k:k+BK] @ x[m, k:k+BK]ᵀ
+#         one split: acc += scaling·B[n]·S[m]ᵀ + bias[n], store;  more: store acc as a partial sum, and
+#         _finish_splits_kernel adds the partials, scaling·S·Bᵀ and the bias
+# --------------------------------------------------------------------------------------------------------
+def _forward_configs():
+    """(BN, BM, BK) tiles: BM = 16 for a few rows (a decode step), larger for prefill and training."""
+    if not lora_triton.AUTOTUNE:
+        if lora_triton.INTERPRETING:  # BK = 64 puts two blocks of 32 in a chunk
+            return [triton.Config({"BN": 32, "BM": 16, "BK": 64, "GROUP_N": 4}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BN": 128, "BM": 64, "BK": 64, "GROUP_N": 8}, num_warps=8, num_stages=3)]
+    shapes = [  # (BN, BM, BK, warps, stages)
+        (128, 16, 64, 4, 3), (64, 16, 64, 4, 3), (128, 16, 128, 4, 3), (256, 16, 64, 8, 3),
+        (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+    ]
+    return [triton.Config({"BN": bn, "BM": bm, "BK": bk, "GROUP_N": 8}, num_warps=w, num_stages=st)
+            for bn, bm, bk, w, st in shapes]
+
+
+FORWARD_BK_MAX = max(c.kwargs["BK"] for c in _forward_configs())  # a split of K is a multiple of every BK
+
+
+def _prune_forward(configs, named_args, **_):
+    """No row tile wider than the rows (a 256-row tile for one row of x is 255 rows of zeros)."""
+    rows = max(16, named_args["M_BUCKET"])
+    return [c for c in configs if c.kwargs["BM"] <= rows] or configs[:1]
+
+
+@triton.jit
+def _lookup(word, shift: tl.constexpr, book, absmax):
+    """The weights held by bits shift..shift+3 of each word: codebook value × absmax, fp32."""
+    return tl.gather(book, (word >> shift) & 0x0F, 1) * absmax
+
+
+@triton.jit
+def _s_part(x_ptr, a_ptr, s_part_ptr, m_block, pid_k, k_lo, k_hi, M, R, stride_xm, stride_xk, stride_ar, stride_ak,
+            R_PAD: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """s_part[pid_k, m-block] = x[m-block, k_lo:k_hi] · A[:, k_lo:k_hi]ᵀ, (BM, R_PAD) in fp32."""
+    offs_m = m_block * BM + tl.arange(0, BM)
+    offs_r = tl.arange(0, R_PAD)
+    offs_k = tl.arange(0, BK)
+    s_acc = tl.zeros((BM, R_PAD), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BK):
+        in_k = (k0 + offs_k) < k_hi
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
+                    mask=(offs_m < M)[:, None] & in_k[None, :], other=0.0)                 # (BM, BK)
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + (k0 + offs_k)[None, :] * stride_ak,
+                    mask=(offs_r < R)[:, None] & in_k[None, :], other=0.0)                 # (R_PAD, BK)
+        s_acc = tl.dot(x, tl.trans(a), s_acc, input_precision=PRECISION)
+    tl.store(s_part_ptr + (pid_k * M + offs_m[:, None]) * R_PAD + offs_r[None, :], s_acc, mask=(offs_m < M)[:, None])
+
+
+@triton.jit
+def _forward_tile(
+    pid, pid_k, k_lo, k_hi,
+    x_ptr, words_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr,
+    s_ptr, b_ptr, bias_ptr, out_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_sm, stride_sr, stride_bn, stride_br, stride_os, stride_om, stride_on,
+    scaling,
+    BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    """Tile ``pid`` of yᵀ = Ŵ·xᵀ over the columns [k_lo, k_hi); with SPLIT_K = 1 plus scaling·B·Sᵀ + bias."""
+    offs_k = tl.arange(0, BK)
+    pid_n, pid_m = _tile_coords(pid, tl.cdiv(N, BN), tl.cdiv(M, BM), GROUP_N)
+    offs_n = pid_n * BN + tl.arange(0, BN)                       # rows of Ŵ: columns of y
+    offs_m = pid_m * BM + tl.arange(0, BM)                       # rows of x
+    offs_w = tl.arange(0, BK // 8)                               # words of a chunk: weights 8w .. 8w+7
+    in_n = offs_n < N
+    in_m = offs_m < M
+    row_word = offs_n * (K // 8)                                 # K % 8 == 0: every row starts on a word
+    row_block = offs_n * (K // BLOCKSIZE)                        # and on a block: the row's first block
+    book = tl.broadcast_to(tl.load(nf4_ptr + tl.arange(0, 16))[None, :], (BN, 16))   # the codebook, registers
+    # a chunk lies in one quantization block per row when BK <= BLOCKSIZE (k is a multiple of BK): its absmax
+    # is loaded one chunk ahead, by hand (a byte load cannot be an asynchronous copy, so the pipeliner would not)
+    am_next = _absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr, row_block + k_lo // BLOCKSIZE,
+                         in_n, DQ_BLOCKSIZE, DOUBLE_QUANT)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BK):
+        in_kw = (k0 + 8 * offs_w) < k_hi
+        word = tl.load(words_ptr + row_word[:, None] + (k0 // 8 + offs_w)[None, :],
+                       mask=in_n[:, None] & in_kw[None, :], other=0)                       # (BN, BK/8) int32
+        if BLOCKSIZE >= BK:
+            am = am_next[:, None]                                                          # (BN, 1)
+            am_next = _absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr,
+                                 row_block + (k0 + BK) // BLOCKSIZE, in_n & (offs_n * 0 + k0 + BK < k_hi),
+                                 DQ_BLOCKSIZE, DOUBLE_QUANT)
+        else:                # BK / BLOCKSIZE blocks per row of the chunk: each word's own block
+            am = _absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr,
+                            (row_block + k0 // BLOCKSIZE)[:, None] + (8 * offs_w // BLOCKSIZE)[None, :],
+                            in_n[:, None] & in_kw[None, :], DQ_BLOCKSIZE, DOUBLE_QUANT)    # (BN, BK/8)
+        # the word's bytes are b0 (bits 0-7) .. b3; weight 2j is byte j's high nibble, 2j+1 its low one.
+        # Joined from the most significant index bit down, so that the reshape puts weight f at 8w + f.
+        w4 = tl.join(tl.join(_lookup(word, 4, book, am), _lookup(word, 20, book, am)),   # weights 0, 4
+                     tl.join(_lookup(word, 12, book, am), _lookup(word, 28, book, am)))  # weights 2, 6
+        w5 = tl.join(tl.join(_lookup(word, 0, book, am), _lookup(word, 16, book, am)),   # weights 1, 5
+                     tl.join(_lookup(word, 8, book, am), _lookup(word, 24, book, am)))   # weights 3, 7
+        w = tl.reshape(tl.join(w4, w5), (BN, BK))                                        # (BN, BK) fp32
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
+                    mask=in_m[:, None] & ((k0 + offs_k) < k_hi)[None, :], other=0.0)      # (BM, BK)
+        acc = tl.dot(w.to(x.dtype), tl.trans(x), acc, input_precision=PRECISION)         # Ŵ rounded to x's dtype
+    if SPLIT_K == 1:         # the low-rank term and the bias (with splits, _finish_splits adds them)
+        if HAS_LORA:
+            offs_r = tl.arange(0, R_PAD)
+            in_r = offs_r < R
+            up = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                         mask=in_n[:, None] & in_r[None, :], other=0.0)                    # (BN, R_PAD) = B
+            low = tl.load(s_ptr + offs_m[None, :] * stride_sm + offs_r[:, None] * stride_sr,
+                          mask=in_m[None, :] & in_r[:, None], other=0.0)                   # (R_PAD, BM) = Sᵀ
+            acc = tl.dot(up, (low * scaling).to(up.dtype), acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[:, None]
+    out_ptrs = out_ptr + pid_k * stride_os + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_n[:, None] & in_m[None, :])
+
+
+
+
+@_autotune(_forward_configs(), ["M_BUCKET", "N", "K", "SPLIT_K", "BLOCKSIZE", "DOUBLE_QUANT", "HAS_LORA",
+                                "HAS_BIAS", "R_PAD", "PRECISION"],
+           prune_configs_by={"early_config_prune": _prune_forward})
+@triton.jit
+def _nf4_forward_kernel(
+    # pointers (codes as int32 words; out: y (M, N), or the partial sums (SPLIT_K, M, N) in fp32;
+    # s_part: the partial sums of S (SPLIT_K, M, R_PAD) in fp32 when SHRINK_HERE)
+    x_ptr, words_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr,
+    s_ptr, a_ptr, b_ptr, bias_ptr, out_ptr, s_part_ptr,
+    # sizes (M_BUCKET only keys the autotuner; K_SPLIT: columns of K per split, a multiple of BK)
+    M, N, K, R, M_BUCKET, K_SPLIT,
+    # strides
+    stride_xm, stride_xk, stride_sm, stride_sr, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_os, stride_om, stride_on,
+    scaling,
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_LORA: tl.constexpr, SHRINK_HERE: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    """One (BN, BM) tile of yᵀ = Ŵ·xᵀ over one split of K; with SPLIT_K = 1 plus scaling·B·Sᵀ + bias.
+
+    With SHRINK_HERE, one more program per block of rows and split computes that split's part of S = x·Aᵀ
+    (the "shrink" kernel's work, spread over the splits instead of one serial pass over K)."""
+    num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(K, k_lo + K_SPLIT)
+    if SHRINK_HERE and pid >= num_tiles:  # programs past the tiles: S of one block of rows over this split
+        _s_part(x_ptr, a_ptr, s_part_ptr, pid - num_tiles, pid_k, k_lo, k_hi, M, R, stride_xm, stride_xk,
+                stride_ar, stride_ak, R_PAD, PRECISION, BM, BK)
+    else:
+        _forward_tile(pid, pid_k, k_lo, k_hi, x_ptr, words_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr,
+                      nf4_ptr, dq_ptr, s_ptr, b_ptr, bias_ptr, out_ptr, M, N, K, R, stride_xm, stride_xk,
+                      stride_sm, stride_sr, stride_bn, stride_br, stride_os, stride_om, stride_on, scaling,
+                      BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT, SPLIT_K, HAS_LORA, HAS_BIAS, R_PAD, PRECISION,
+                      BN, BM, BK, GROUP_N)
+
+
+@triton.jit
+def _finish_splits_kernel(
+    part_ptr, s_part_ptr, s_ptr, b_ptr, bias_ptr, y_ptr,
+    M, N, R,
+    stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn,
+    scaling,
+    SPLIT_K: tl.constexpr, HAS_LORA: tl.constexpr, SHRINK_HERE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    R_PAD: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):
+    """y = Σ_s part[s] + scaling·S·Bᵀ + bias for one (BM, BN) tile; with SHRINK_HERE, S = Σ_s s_part[s] too,
+    stored (in y's dtype) by the first column of tiles. The partial sums are loaded at once, as one
+    (splits, BM, BN) block, and summed by ``tl.sum`` in a fixed order: the same result on every run."""
+    SPLITS: tl.constexpr = triton.next_power_of_2(SPLIT_K)
+    offs_s = tl.arange(0, SPLITS)[:, None, None]                                          # (SPLITS, 1, 1)
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    in_m = offs_m < M
+    ok = in_m[:, None] & (offs_n < N)[None, :]
+    part = tl.load(part_ptr + (offs_s * M + offs_m[None, :, None]) * N + offs_n[None, None, :],
+                   mask=(offs_s < SPLIT_K) & ok[None, :, :], other=0.0)                   # (SPLITS, BM, BN)
+    acc = tl.sum(part, axis=0)
+    if HAS_LORA:
+        offs_r = tl.arange(0, R_PAD)
+        in_r = offs_r < R
+        if SHRINK_HERE:
+            s_part = tl.load(s_part_ptr + (offs_s * M + offs_m[None, :, None]) * R_PAD + offs_r[None, None, :],
+                             mask=(offs_s < SPLIT_K) & in_m[None, :, None], other=0.0)   # (SPLITS, BM, R_PAD)
+            s = tl.sum(s_part, axis=0).to(s_ptr.dtype.element_ty)   # S in x's dtype, as the shrink kernel makes it
+            if tl.program_id(1) == 0:
+                tl.store(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr, s,
+                         mask=in_m[:, None] & in_r[None, :])
+        else:
+            s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                        mask=in_m[:, None] & in_r[None, :], other=0.0)
+        up = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                     mask=(offs_n < N)[None, :] & in_r[:, None], other=0.0)               # (R_PAD, BN) = Bᵀ
+        acc = tl.dot((s * scaling).to(up.dtype), up, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=ok)
+
+
+def _split_k(M: int, N: int, K: int, device: torch.device) -> int:
+    """How many programs share a tile's sum over K: about two programs per SM counting 128 × 64 tiles, with
+    at least 256 columns of K per program. On an H200 at K = N = 4096: 8 for 1 and 16 rows of x (8 was the
+    fastest of 8, 16 and 32 there), 1 from 256 rows on."""
+    tiles = triton.cdiv(M, 64) * triton.cdiv(N, 128)
+    return max(1, min(2 * lora_triton._num_sms(device) // tiles, K // 256))
+
+
+def forward_fits(in_features: int, blocksize: int, codes: torch.Tensor) -> bool:
+    """Whether ``nf4_forward`` can read these codes as 32-bit words: whole rows of Ŵ start on a word and a
+    block (in_features a multiple of the blocksize, 32 or more), and the codes are contiguous and 4-byte
+    aligned."""
+    return in_features % blocksize == 0 and codes.is_contiguous() and codes.data_ptr() % 4 == 0
+
+
+def nf4_forward(
+    x2d: torch.Tensor, state: tuple, out_features: int, in_features: int, blocksize: int, dq_blocksize: int,
+    lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, scaling: float, mask2d: torch.Tensor | None,
+    bias: torch.Tensor | None, split_k: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(y, S): y = x·Ŵᵀ + scaling·S·Bᵀ + bias (M, out) and S = (x ⊙ mask)·Aᵀ (M, r), in x's dtype, where
+    ``forward_fits``.
+
+    x2d (M, in), lora_A (r, in) and lora_B (out, r) together or neither (then S is None), mask2d (M, in) or
+    None, bias (out,) or None. ``split_k``: programs per tile along K (default: ``_split_k``'s choice). With K
+    split and no mask, S is made by the forward's own programs; otherwise by the shrink kernel first.
+    """
+    M, K = x2d.shape
+    N = out_features
+    codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values = state
+    if K != in_features or not forward_fits(in_features, blocksize, codes):
+        raise ValueError(f"nf4_forward: x {tuple(x2d.shape)}, in_features={in_features}, blocksize {blocksize}: "
+                         f"needs x (M, in_features), in_features a multiple of the blocksize, 4-byte aligned codes")
+    rank = 0 if lora_A is None else lora_A.shape[0]
+    y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
+    if y.numel() == 0:
+        return y, None if lora_A is None else shrink(x2d, mask2d, lora_A)
+    split = split_k or _split_k(M, N, K, x2d.device)
+    k_split = triton.cdiv(triton.cdiv(K, split), FORWARD_BK_MAX) * FORWARD_BK_MAX
+    split = triton.cdiv(K, k_split)                               # no split left without columns
+    shrink_here = lora_A is not None and split > 1 and mask2d is None
+    if lora_A is None:
+        s = None
+    elif shrink_here:
+        s = torch.empty((M, rank), device=x2d.device, dtype=x2d.dtype)
+    else:
+        s = shrink(x2d, mask2d, lora_A)                                              # (M, r)
+    r_pad = _pad_rank(max(rank, 1))
+    part = y if split == 1 else torch.empty((split, M, N), device=x2d.device, dtype=torch.float32)
+    s_part = torch.empty((split, M, r_pad), device=x2d.device, dtype=torch.float32) if shrink_here else y
+    double_quant = absmax_scale is not None
+    s_arg, a_arg, b_arg, bias_arg = lora_triton._operands(y, s, lora_A, lora_B, bias)
+    scale_arg, offset_arg, dq_arg = (absmax_scale, absmax_offset, dq_values) if double_quant else (absmax,) * 3
+    flags = dict(SPLIT_K=split, HAS_LORA=lora_A is not None, SHRINK_HERE=shrink_here, HAS_BIAS=bias is not None,
+                 R_PAD=r_pad, PRECISION=_precision(x2d.dtype))
+
+    def grid(META):  # the (n, m) tiles, plus with SHRINK_HERE one program per block of rows for S
+        m_blocks = triton.cdiv(M, META["BM"])
+        return (m_blocks * triton.cdiv(N, META["BN"]) + (m_blocks if shrink_here else 0), split)
+
+    with interpreter_lock():
+        _nf4_forward_kernel[grid](
+            x2d, codes.view(torch.int32), absmax, scale_arg, offset_arg, nf4_values, dq_arg,
+            s_arg, a_arg, b_arg, bias_arg, part, s_part,
+            M, N, K, rank, _m_bucket(M), k_split,
+            x2d.stride(0), x2d.stride(1), s_arg.stride(0), s_arg.stride(-1), a_arg.stride(0), a_arg.stride(-1),
+            b_arg.stride(0), b_arg.stride(-1), part.stride(0) if split > 1 else 0, part.stride(-2), part.stride(-1),
+            scaling,
+            BLOCKSIZE=blocksize, DQ_BLOCKSIZE=dq_blocksize, DOUBLE_QUANT=double_quant, **flags,
+        )
+        if split > 1:
+            bm, bn = 16, 32
+            _finish_splits_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+                part, s_part, s_arg, b_arg, bias_arg, y, M, N, rank,
+                s_arg.stride(0), s_arg.stride(-1), b_arg.stride(0), b_arg.stride(-1), y.stride(0), y.stride(1),
+                scaling, BM=bm, BN=bn, num_warps=4, **flags,
+            )
+    return y, s
+
+
+# --------------------------------------------------------------------------------------------------------
+# The autograd op: lora_triton's forward and backward with these GEMMs in place of the dense one.
 # --------------------------------------------------------------------------------------------------------
 def _forward(x, state, bias, lora_A, lora_B, scaling, dropout_mask, sizes):
     """(Y (..., out), S (M, r)); sizes = (out_features, in_features, blocksize, dq_blocksize)."""
@@ -263,8 +573,11 @@ def _forward(x, state, bias, lora_A, lora_B, scaling, dropout_mask, sizes):
     M = math.prod(x.shape[:-1])
     x2d = x.reshape(M, in_features)                                                  # (M, in)
     mask2d = None if dropout_mask is None else dropout_mask.reshape(M, in_features)
-    s = shrink(x2d, mask2d, lora_A)                                                  # (M, r)
-    y2d = nf4_gemm(x2d, state, *sizes, False, s, lora_B.t(), scaling, None, bias)    # (M, out)
+    if forward_fits(in_features, sizes[2], state[0]):  # whole rows of Ŵ on words and blocks
+        y2d, s = nf4_forward(x2d, state, *sizes, lora_A, lora_B, scaling, mask2d, bias)  # (M, out), (M, r)
+    else:
+        s = shrink(x2d, mask2d, lora_A)                                              # (M, r)
+        y2d = nf4_gemm(x2d, state, *sizes, False, s, lora_B.t(), scaling, None, bias)
     return y2d.view(*x.shape[:-1], out_features), s
 
 

@@ -9,6 +9,8 @@ without double quantization.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -16,7 +18,8 @@ from hypothesis import strategies as st
 from tolerances import assert_close
 
 from minipeft import GPT, GPTConfig, LoraConfig, get_peft_model, kernels
-from minipeft.quant import quantize_model
+from minipeft.kernels import nf4_lora_triton
+from minipeft.quant import dequantize_nf4, quantize_model
 from minipeft.quant.nf4 import kernel_arguments, quantize_nf4
 
 CUDA = torch.cuda.is_available()
@@ -91,6 +94,74 @@ def test_packed_rows_match_the_reference(out_f, blocks_per_row, r, blocksize, do
     _compare(q, t, dy, dtype)
 
 
+@settings(max_examples=12)
+@given(out_f=st.integers(1, 40), blocks_per_row=st.integers(1, 4), rows=st.integers(1, 20),
+       r=st.sampled_from([1, 4]), blocksize=st.sampled_from([32, 64, 128]), double_quant=st.booleans(),
+       split=st.integers(1, 4), lora=st.booleans(), bias=st.booleans(), mask=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_forward_kernel_against_the_dequantized_weight(out_f, blocks_per_row, rows, r, blocksize, double_quant,
+                                                       split, lora, bias, mask, dtype):
+    """``nf4_forward`` (codes read as words, Ŵ's rows on the MMA's M side, K split across programs, S made by
+    the same launch when there is no mask, and the partial sums added by a second kernel) against
+    S = (x ⊙ mask)·Aᵀ and x·Ŵᵀ + scaling·S·Bᵀ + bias in float64, for every split."""
+    in_f = blocksize * blocks_per_row
+    g = torch.Generator().manual_seed(out_f * in_f + rows)
+    q = quantize_nf4(torch.randn(out_f, in_f, generator=g).to(DEVICE), blocksize, double_quant)
+    x, a, b, bias_t, drop = (torch.randn(*shape, generator=g).to(DEVICE, dtype)
+                             for shape in [(rows, in_f), (r, in_f), (out_f, r), (out_f,), (rows, in_f)])
+    a, b = (a / in_f ** 0.5, b) if lora else (None, None)
+    bias_t = bias_t if bias else None
+    drop = (drop > 0).to(dtype) * 2 if mask and lora else None
+    y, s = nf4_lora_triton.nf4_forward(x, kernel_arguments(q), out_f, in_f, blocksize, q.dq_blocksize, a, b, 2.0,
+                                       drop, bias_t, split_k=split)
+    w = dequantize_nf4(q, torch.float64)
+    expected = x.double() @ w.to(dtype).double().t()                 # Ŵ rounded to x's dtype, as the kernel does
+    if lora:
+        s_expected = (x.double() if drop is None else x.double() * drop.double()) @ a.double().t()
+        assert s.dtype == dtype and s.shape == (rows, r)
+        _check(s, s_expected, dtype)
+        expected += 2.0 * s_expected @ b.double().t()
+    else:
+        assert s is None
+    if bias:
+        expected += bias_t.double()
+    assert y.dtype == dtype and y.shape == (rows, out_f)
+    _check(y, expected, dtype)
+
+
+def test_s_made_by_the_forward_launch_reaches_backward():
+    """No mask and K split: S comes from the forward kernel's own programs (not the shrink kernel), and the
+    gradients built on it (dA, dB) match the reference."""
+    q, t, dy = _layer(12, 512, 4, 64, True, torch.float32, seed=7, lead=(3,), mask=False)
+    assert nf4_lora_triton._split_k(3, 12, 512, torch.device(DEVICE)) > 1
+    _compare(q, t, dy, torch.float32)
+
+
+def test_an_empty_batch():
+    """No rows: an empty y, zero gradients for the adapter and the bias (nothing to split or divide by)."""
+    q, t, dy = _layer(12, 64, 2, 32, True, torch.float32, seed=1, lead=(0,))
+    y, grads = _run(q, t, dy, "triton")
+    assert y.shape == (0, 12)
+    for name in LEAVES:
+        assert grads[name].shape == t[name].shape and not grads[name].any(), name
+
+
+def test_codes_that_are_not_word_aligned_take_the_byte_kernel():
+    """Codes whose storage does not start on 4 bytes cannot be read as words: the op falls back to the
+    byte-wise GEMM, with the same results."""
+    q, t, dy = _layer(12, 64, 2, 32, True, torch.float32, seed=5, lead=(3,))
+    buf = torch.empty(q.codes.numel() + 1, dtype=torch.uint8, device=DEVICE)
+    buf[1:] = q.codes
+    shifted = dataclasses.replace(q, codes=buf[1:])
+    assert not nf4_lora_triton.forward_fits(64, 32, shifted.codes)
+    assert nf4_lora_triton.forward_fits(64, 32, q.codes)
+    y, grads = _run(shifted, t, dy, "triton")
+    y_ref, grads_ref = _run(q, t, dy, "reference", dtype=torch.float64)
+    _check(y, y_ref, torch.float32)
+    for name in LEAVES:
+        _check(grads[name], grads_ref[name], torch.float32)
+
+
 def test_a_byte_straddling_two_rows():
     """in_features odd: the byte after row 0's last weight holds row 1's first, in its low nibble."""
     q, t, dy = _layer(5, 7, 2, 32, False, torch.float32, seed=3, lead=(4,))
@@ -147,3 +218,43 @@ def test_a_qlora_model_under_triton_runs_the_fused_op_and_matches_the_reference(
 def test_fused_nf4_lora_on_gpu(dtype, out_f, in_f, blocksize, double_quant):
     q, t, dy = _layer(out_f, in_f, 16, blocksize, double_quant, dtype, seed=in_f, lead=(4, 300))
     _compare(q, t, dy, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("rows", [1, 16, 300])
+@pytest.mark.parametrize("split", [None, 3])
+@pytest.mark.parametrize("blocksize,double_quant", [(64, True), (32, False), (256, True), (4096, False)])
+def test_forward_kernel_on_gpu(dtype, rows, split, blocksize, double_quant):
+    """The word-wise forward kernel, autotuned, with K split or not, against the dequantized weight."""
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    q = quantize_nf4(torch.randn(2304, 4096, device="cuda", generator=g), blocksize, double_quant)
+    x = torch.randn(rows, 4096, device="cuda", generator=g).to(dtype)
+    a = torch.randn(16, 4096, device="cuda", generator=g).to(dtype) / 64
+    b = torch.randn(2304, 16, device="cuda", generator=g).to(dtype) / 4
+    bias = torch.randn(2304, device="cuda", generator=g).to(dtype)
+    y, s = nf4_lora_triton.nf4_forward(x, kernel_arguments(q), 2304, 4096, blocksize, q.dq_blocksize, a, b, 2.0,
+                                       None, bias, split_k=split)
+    w = dequantize_nf4(q, dtype).double()
+    s_expected = x.double() @ a.double().t()
+    _check(s, s_expected, dtype)
+    _check(y, x.double() @ w.t() + 2.0 * s_expected @ b.double().t() + bias.double(), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("rows,grad", [(1, False), (16, False), (17, False), (1, True)])
+def test_auto_takes_the_fused_kernels_for_a_few_rows_without_gradients(rows, grad, monkeypatch):
+    calls = []
+    fused = nf4_lora_triton.nf4_lora_linear
+    monkeypatch.setattr(nf4_lora_triton, "nf4_lora_linear", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    q, t, dy = _layer(2304, 768, 16, 64, True, torch.bfloat16, seed=rows, lead=(rows,), mask=False)
+    if grad:
+        t["x"].requires_grad_()
+    out_f, in_f = q.shape
+    y = kernels.nf4_lora_linear(t["x"], *kernel_arguments(q), t["bias"], out_f, in_f, q.blocksize, q.dq_blocksize,
+                                t["lora_A"], t["lora_B"], 2.0, backend="auto")
+    assert bool(calls) == (rows <= kernels.NF4_FUSED_MAX_ROWS and not grad)
+    y_ref, _ = _run(q, t, dy, "reference", dtype=torch.float64, wants=("x",))
+    _check(y.detach(), y_ref.detach(), torch.bfloat16)
