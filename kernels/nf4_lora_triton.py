@@ -39,8 +39,8 @@ Two ways to make a tile of Ŵ, chosen per launch:
 The forward has a kernel of its own, ``_nf4_forward_kernel``, wherever whole rows of Ŵ start on a 32-bit
 word (in_features a multiple of the blocksize, the codes 4-byte aligned): the GEMM above with Ŵ's rows on
 the MMA's M side, the codes read as words, the codebook in registers, K split across programs for a batch of
-a few rows (with S made by the same launch) — 2.0-2.6× faster than the packed path on an H200, and what
-"auto" runs for a decode step. The section above the kernel says what each change removed, and
+a few rows (with S made by the same launch) — 1.6× (4096 rows) to 3.3× (1 row) faster than the packed path
+on an H200, and what "auto" runs for a decode step. The section above the kernel says what each change removed, and
 benchmarks/RESULTS.md what still keeps it behind a bf16 GEMM.
 
 Registered as ``minipeft::nf4_lora_linear_triton`` (forward) and ``minipeft::nf4_lora_linear_triton_backward``,
@@ -227,8 +227,9 @@ def nf4_gemm(
     """out = P·Q + scaling·mask⊙(low·up) + bias, in P's dtype, Q made from the NF4 weight Ŵ (out, in).
 
     ``state`` = (codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values), as
-    ``minipeft.quant.nf4.kernel_arguments`` gives it. ``q_is_w`` False: Q = Ŵᵀ and p is (M, in) (the forward where ``nf4_forward`` cannot run);
-    True: Q = Ŵ and p is (M, out) (dX). low (M, ≥r) and up (r, N), mask (M, N), bias (N,): each optional.
+    ``minipeft.quant.nf4.kernel_arguments`` gives it. ``q_is_w`` False: Q = Ŵᵀ and p is (M, in) (the forward
+    where ``nf4_forward`` cannot run); True: Q = Ŵ and p is (M, out) (dX). low (M, ≥r) and up (r, N), mask
+    (M, N), bias (N,): each optional.
     """
     codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values = state
     K, N = (out_features, in_features) if q_is_w else (in_features, out_features)
@@ -262,8 +263,9 @@ def nf4_gemm(
 
 
 # --------------------------------------------------------------------------------------------------------
-# The forward on whole rows of Ŵ (in_features a multiple of the blocksize). What the GEMM above does per
-# weight, and what this kernel does instead (each measured on an H200: benchmarks/RESULTS.md):
+# The forward on whole rows of Ŵ (in_features a multiple of the blocksize, the codes contiguous and 4-byte
+# aligned: ``forward_fits``). What the GEMM above does per weight, and what this kernel does instead (each
+# measured on an H200: benchmarks/RESULTS.md):
 #   - Ŵ's rows go on the MMA's M side ("swap AB"): a program makes outᵀ[n-block, m-block] = Ŵ[n-block, :] ·
 #     xᵀ[:, m-block], so the dequantized tile is the MMA's first operand as it comes out of registers (no
 #     transpose), and a batch of one row of x still fills the tile (16 rows of x, 15 of them masked);
@@ -271,10 +273,11 @@ def nf4_gemm(
 #     (asynchronous copies need 4 bytes or more; a byte per load was neither vectorized nor prefetched);
 #   - the 16-entry codebook sits in registers and each code is looked up with ``tl.gather`` (warp shuffles):
 #     as a load from memory, the pipeliner turned every lookup into an asynchronous copy through shared
-#     memory, 7× slower;
+#     memory, 3× slower;
 #   - K is split across programs when the (n, m) tiles are too few to fill the GPU (a batch of a few rows):
-#     each of the SPLIT_K programs of a tile writes its fp32 partial sum, and a second kernel adds them in a
-#     fixed order (the same result on every run; no atomics).
+#     each of the SPLIT_K programs of a tile writes its fp32 partial sum, one more program per split makes
+#     that split's part of S = x·Aᵀ (the shrink kernel would loop over all of K in one program), and a second
+#     kernel adds the partials in a fixed order (the same result on every run; no atomics).
 #
 #     for each (BN, BM) tile of outᵀ and each split [k_lo, k_hi) of K:
 #         acc = zeros(BN, BM)
@@ -486,8 +489,8 @@ def _finish_splits_kernel(
 
 def _split_k(M: int, N: int, K: int, device: torch.device) -> int:
     """How many programs share a tile's sum over K: about two programs per SM counting 128 × 64 tiles, with
-    at least 256 columns of K per program. On an H200 at K = N = 4096: 8 for 1 and 16 rows of x (8 was the
-    fastest of 8, 16 and 32 there), 1 from 256 rows on."""
+    at least 256 columns of K per program. On an H200 (132 SMs) at K = N = 4096: 8 for 1 and 16 rows of x (as
+    fast as 16 and faster than 4 and 32, measured), 2 at 256 rows, 1 from 512 rows on."""
     tiles = triton.cdiv(M, 64) * triton.cdiv(N, 128)
     return max(1, min(2 * lora_triton._num_sms(device) // tiles, K // 256))
 
