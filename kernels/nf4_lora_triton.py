@@ -369,9 +369,9 @@ def _forward_tile(
                        mask=in_n[:, None] & in_kw[None, :], other=0)                       # (BN, BK/8) int32
         if BLOCKSIZE >= BK:
             am = am_next[:, None]                                                          # (BN, 1)
+            next_ok = in_n & (offs_n * 0 + k0 + BK < k_hi)  # a tensor: the interpreter takes no scalar mask
             am_next = _absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr,
-                                 row_block + (k0 + BK) // BLOCKSIZE, in_n & (offs_n * 0 + k0 + BK < k_hi),
-                                 DQ_BLOCKSIZE, DOUBLE_QUANT)
+                                 row_block + (k0 + BK) // BLOCKSIZE, next_ok, DQ_BLOCKSIZE, DOUBLE_QUANT)
         else:                # BK / BLOCKSIZE blocks per row of the chunk: each word's own block
             am = _absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr,
                             (row_block + k0 // BLOCKSIZE)[:, None] + (8 * offs_w // BLOCKSIZE)[None, :],
@@ -386,7 +386,7 @@ def _forward_tile(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
                     mask=in_m[:, None] & ((k0 + offs_k) < k_hi)[None, :], other=0.0)      # (BM, BK)
         acc = tl.dot(w.to(x.dtype), tl.trans(x), acc, input_precision=PRECISION)         # Ŵ rounded to x's dtype
-    if SPLIT_K == 1:         # the low-rank term and the bias (with splits, _finish_splits adds them)
+    if SPLIT_K == 1:         # the low-rank term and the bias (with splits, _finish_splits_kernel adds them)
         if HAS_LORA:
             offs_r = tl.arange(0, R_PAD)
             in_r = offs_r < R
@@ -399,8 +399,6 @@ def _forward_tile(
             acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[:, None]
     out_ptrs = out_ptr + pid_k * stride_os + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_n[:, None] & in_m[None, :])
-
-
 
 
 @_autotune(_forward_configs(), ["M_BUCKET", "N", "K", "SPLIT_K", "BLOCKSIZE", "DOUBLE_QUANT", "HAS_LORA",
