@@ -4,7 +4,8 @@ Rows, for x (M, K) bf16, an NF4 weight (N, K) with double quantization (blocksiz
     bf16 linear       F.linear(x, W) on the dense bf16 weight (what the fused kernel is measured against)
     bf16 + LoRA       the reference LoRA layer on the dense bf16 weight
     dequant + GEMM    the Triton dequantization to bf16, F.linear, the low-rank term as torch ops
-    fused             "triton": kernels/nf4_lora_triton.py, the 4-bit codes dequantized inside the GEMM
+    fused             "triton": kernels/nf4_lora_triton.py, the 4-bit codes dequantized inside the GEMM (for at
+                      most 4 rows, kernels/nf4_decode_triton.py: matrix-vector products on CUDA cores)
     auto              what "auto" runs (nothing here needs a gradient: the fused kernels up to
                       kernels.NF4_FUSED_MAX_ROWS rows, dequant + GEMM above)
     bnb matmul_4bit   bitsandbytes' 4-bit matmul (no LoRA term), when bitsandbytes is installed
@@ -12,7 +13,7 @@ Times are medians of ``triton.testing.do_bench_cudagraph`` (GPU time: the call r
 ``--rounds`` interleaved rounds; the table gives each row as a multiple of the bf16 linear, with the spread of
 that ratio between rounds.
 
-    python benchmarks/nf4_lora.py [--ms 1 16 256 4096] [--k 4096] [--n 4096] [--rounds 2]
+    python benchmarks/nf4_lora.py [--ms 1 4 16 256 4096] [--k 4096] [--n 4096] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def rows_for(M: int, K: int, N: int, r: int = 16) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ms", type=int, nargs="+", default=[1, 16, 256, 4096])
+    ap.add_argument("--ms", type=int, nargs="+", default=[1, 4, 16, 256, 4096])
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=2)

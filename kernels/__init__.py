@@ -839,9 +839,11 @@ def nf4_lora_linear(
       "reference": ``nf4_linear`` on the reference dequantization, plus the reference's low-rank term.
       "triton":    kernels/nf4_lora_triton.py on every call: Triton GEMMs for y and for dX that read the 4-bit
                    codes and dequantize in registers, with the low-rank term in the same launch or, when the
-                   forward splits K across programs, in the launch that adds the partial sums; the LoRA kernels
-                   for G, dA and dB (and S, unless the forward's programs make it). A ValueError says why where
-                   it cannot run.
+                   forward splits K across programs, in the launch that adds the partial sums; for a forward of
+                   at most ``nf4_decode_triton.MAX_ROWS`` rows without dropout, kernels/nf4_decode_triton.py
+                   (matrix-vector products on CUDA cores, the low-rank term in the same launch); the LoRA
+                   kernels for G, dA and dB (and S,
+                   unless the forward's programs make it). A ValueError says why where it cannot run.
       "auto":      on CUDA, the fused kernels for a call without gradients on at most ``NF4_FUSED_MAX_ROWS``
                    rows (a decode step: the forward kernel reads the 4-bit codes once, where dequantizing
                    first writes and reads a 16-bit copy of Ŵ); otherwise ``nf4_linear`` with the Triton

@@ -40,8 +40,10 @@ The forward has a kernel of its own, ``_nf4_forward_kernel``, wherever whole row
 word (in_features a multiple of the blocksize, the codes 4-byte aligned): the GEMM above with Ŵ's rows on
 the MMA's M side, the codes read as words, the codebook in registers, K split across programs for a batch of
 a few rows (with S made by the same launch) — 1.6× (4096 rows) to 3.3× (1 row) faster than the packed path
-on an H200, and what "auto" runs for a decode step. The section above the kernel says what each change removed, and
-benchmarks/RESULTS.md what still keeps it behind a bf16 GEMM.
+on an H200. The section above the kernel says what each change removed, and benchmarks/RESULTS.md what still
+keeps it behind a bf16 GEMM. A forward of at most ``nf4_decode_triton.MAX_ROWS`` rows without dropout (a decode
+step) skips the tensor cores: kernels/nf4_decode_triton.py, matrix-vector products on CUDA cores, 2.6× faster
+than this GEMM for one row on an H200.
 
 Registered as ``minipeft::nf4_lora_linear_triton`` (forward) and ``minipeft::nf4_lora_linear_triton_backward``,
 with an autograd.Function twin for eager mode, as kernels/lora_triton.py does and for the same reasons.
@@ -69,6 +71,9 @@ from .lora_triton import (
     dsdb,
     shrink,
 )
+from .nf4_decode_triton import MAX_ROWS as DECODE_MAX_ROWS
+from .nf4_decode_triton import nf4_decode
+from .nf4_triton import absmax_at
 from .triton_interpreter import interpreter_lock
 
 __all__ = ["nf4_gemm", "nf4_forward", "forward_fits", "nf4_lora_linear"]
@@ -94,20 +99,6 @@ def _nf4_tile(codes_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_pt
 
 
 @triton.jit
-def _absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr, block, ok,
-               DQ_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
-    """The fp32 absmax of quantization blocks ``block`` (any shape); 0 where not ``ok``."""
-    # one return statement: Triton compiles a function's every return, the ones a constexpr branch skips too
-    if DOUBLE_QUANT:
-        code = tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)
-        scale = tl.load(absmax_scale_ptr + block // DQ_BLOCKSIZE, mask=ok, other=0.0)
-        absmax = tl.where(ok, tl.load(dq_ptr + code) * scale + tl.load(absmax_offset_ptr), 0.0)
-    else:
-        absmax = tl.load(absmax_ptr + block, mask=ok, other=0.0)
-    return absmax
-
-
-@triton.jit
 def _nf4_rows(codes_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr,
               rows, col0, n_rows, in_features,
               COLS: tl.constexpr, BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
@@ -125,13 +116,13 @@ def _nf4_rows(codes_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_pt
     w = tl.join(tl.load(nf4_ptr + (byte >> 4)), tl.load(nf4_ptr + (byte & 0x0F)))   # (ROWS, COLS/2, 2)
     w = tl.reshape(w, (ROWS, COLS))                                                  # back in column order
     if BLOCKSIZE >= COLS:  # the tile's part of a row lies in one block (col0 is a multiple of COLS)
-        absmax = _absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr, first // BLOCKSIZE,
+        absmax = absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr, first // BLOCKSIZE,
                             in_rows, DQ_BLOCKSIZE, DOUBLE_QUANT)                     # (ROWS,)
         w = w * absmax[:, None]
     else:  # COLS / BLOCKSIZE blocks per row of the tile
         NB: tl.constexpr = COLS // BLOCKSIZE
         block = first[:, None] // BLOCKSIZE + tl.arange(0, NB)[None, :]             # (ROWS, NB)
-        absmax = _absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr, block,
+        absmax = absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr, block,
                             in_rows[:, None] & (block < tl.cdiv(n_rows * in_features, BLOCKSIZE)),
                             DQ_BLOCKSIZE, DOUBLE_QUANT)
         w = tl.reshape(tl.reshape(w, (ROWS, NB, BLOCKSIZE)) * absmax[:, :, None], (ROWS, COLS))
@@ -360,7 +351,7 @@ def _forward_tile(
     book = tl.broadcast_to(tl.load(nf4_ptr + tl.arange(0, 16))[None, :], (BN, 16))   # the codebook, registers
     # a chunk lies in one quantization block per row when BK <= BLOCKSIZE (k is a multiple of BK): its absmax
     # is loaded one chunk ahead, by hand (a byte load cannot be an asynchronous copy, so the pipeliner would not)
-    am_next = _absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr, row_block + k_lo // BLOCKSIZE,
+    am_next = absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr, row_block + k_lo // BLOCKSIZE,
                          in_n, DQ_BLOCKSIZE, DOUBLE_QUANT)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BK):
@@ -370,10 +361,10 @@ def _forward_tile(
         if BLOCKSIZE >= BK:
             am = am_next[:, None]                                                          # (BN, 1)
             next_ok = in_n & (offs_n * 0 + k0 + BK < k_hi)  # a tensor: the interpreter takes no scalar mask
-            am_next = _absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr,
+            am_next = absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr,
                                  row_block + (k0 + BK) // BLOCKSIZE, next_ok, DQ_BLOCKSIZE, DOUBLE_QUANT)
         else:                # BK / BLOCKSIZE blocks per row of the chunk: each word's own block
-            am = _absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr,
+            am = absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr,
                             (row_block + k0 // BLOCKSIZE)[:, None] + (8 * offs_w // BLOCKSIZE)[None, :],
                             in_n[:, None] & in_kw[None, :], DQ_BLOCKSIZE, DOUBLE_QUANT)    # (BN, BK/8)
         # the word's bytes are b0 (bits 0-7) .. b3; weight 2j is byte j's high nibble, 2j+1 its low one.
@@ -511,6 +502,8 @@ def nf4_forward(
     x2d (M, in), lora_A (r, in) and lora_B (out, r) together or neither (then S is None), mask2d (M, in) or
     None, bias (out,) or None. ``split_k``: programs per tile along K (default: ``_split_k``'s choice). With K
     split and no mask, S is made by the forward's own programs; otherwise by the shrink kernel first.
+    At most ``nf4_decode_triton.MAX_ROWS`` rows without a mask and without ``split_k`` go to the decode kernel
+    (kernels/nf4_decode_triton.py: matrix-vector products on CUDA cores, 2.6× faster for one row on an H200).
     """
     M, K = x2d.shape
     N = out_features
@@ -518,6 +511,8 @@ def nf4_forward(
     if K != in_features or not forward_fits(in_features, blocksize, codes):
         raise ValueError(f"nf4_forward: x {tuple(x2d.shape)}, in_features={in_features}, blocksize {blocksize}: "
                          f"needs x (M, in_features), in_features a multiple of the blocksize, 4-byte aligned codes")
+    if M <= DECODE_MAX_ROWS and mask2d is None and split_k is None:  # a decode step: no tensor cores
+        return nf4_decode(x2d, state, N, in_features, blocksize, dq_blocksize, lora_A, lora_B, scaling, bias)
     rank = 0 if lora_A is None else lora_A.shape[0]
     y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
     if y.numel() == 0:

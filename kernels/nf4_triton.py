@@ -32,6 +32,22 @@ from .triton_interpreter import interpreter_lock
 
 
 @triton.jit
+def absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr, block, ok,
+              DQ_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """The fp32 absmax of quantization blocks ``block`` (any shape); 0 where not ``ok``. With double
+    quantization: dq_values[8-bit code] · absmax_scale[block // DQ_BLOCKSIZE] + absmax_offset (three small
+    loads, which L1 serves to neighbouring blocks). Every NF4 kernel here decodes the absmax with it."""
+    # one return statement: Triton compiles a function's every return, the ones a constexpr branch skips too
+    if DOUBLE_QUANT:
+        code = tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)
+        scale = tl.load(absmax_scale_ptr + block // DQ_BLOCKSIZE, mask=ok, other=0.0)
+        absmax = tl.where(ok, tl.load(dq_ptr + code) * scale + tl.load(absmax_offset_ptr), 0.0)
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=ok, other=0.0)
+    return absmax
+
+
+@triton.jit
 def _nf4_dequantize_kernel(
     # pointers (out_words: the output viewed as one 2·element-size word per byte of codes)
     codes_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr, out_words_ptr,
@@ -45,12 +61,8 @@ def _nf4_dequantize_kernel(
     pid = tl.program_id(0)
     blocks = pid * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)  # (P,) quantization blocks
     block_ok = blocks < n_blocks
-    if DOUBLE_QUANT:
-        q = tl.load(absmax_ptr + blocks, mask=block_ok, other=0).to(tl.int32)  # (P,) 8-bit codes
-        scale = tl.load(absmax_scale_ptr + blocks // DQ_BLOCKSIZE, mask=block_ok, other=0.0)
-        absmax = tl.load(dq_ptr + q) * scale + tl.load(absmax_offset_ptr)  # (P,) fp32
-    else:
-        absmax = tl.load(absmax_ptr + blocks, mask=block_ok, other=0.0)  # (P,) fp32
+    absmax = absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr, blocks, block_ok,
+                       DQ_BLOCKSIZE, DOUBLE_QUANT)  # (P,) fp32
 
     # byte j of block b holds elements 2j (high nibble) and 2j+1 (low nibble)
     j = blocks[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]  # (P, BLOCKSIZE/2)

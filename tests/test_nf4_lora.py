@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from tolerances import assert_close
 
 from minipeft import GPT, GPTConfig, LoraConfig, get_peft_model, kernels
-from minipeft.kernels import nf4_lora_triton
+from minipeft.kernels import nf4_decode_triton, nf4_lora_triton
 from minipeft.quant import dequantize_nf4, quantize_model
 from minipeft.quant.nf4 import kernel_arguments, quantize_nf4
 
@@ -129,11 +129,15 @@ def test_forward_kernel_against_the_dequantized_weight(out_f, blocks_per_row, ro
     _check(y, expected, dtype)
 
 
-def test_s_made_by_the_forward_launch_reaches_backward():
-    """No mask and K split: S comes from the forward kernel's own programs (not the shrink kernel), and the
-    gradients built on it (dA, dB) match the reference."""
-    q, t, dy = _layer(12, 512, 4, 64, True, torch.float32, seed=7, lead=(3,), mask=False)
-    assert nf4_lora_triton._split_k(3, 12, 512, torch.device(DEVICE)) > 1
+@pytest.mark.parametrize("rows", [nf4_decode_triton.MAX_ROWS, nf4_decode_triton.MAX_ROWS + 1])
+def test_s_made_by_the_forward_launch_reaches_backward(rows):
+    """No mask and K split: S comes from the forward's own programs (not the shrink kernel) — the decode
+    kernel's for a few rows, the GEMM's for more — and the gradients built on it (dA, dB) match the reference."""
+    q, t, dy = _layer(12, 512, 4, 64, True, torch.float32, seed=7, lead=(rows,), mask=False)
+    if rows <= nf4_decode_triton.MAX_ROWS:
+        assert nf4_decode_triton._config(rows, 12, 512, torch.device(DEVICE))["SPLIT_K"] > 1
+    else:
+        assert nf4_lora_triton._split_k(rows, 12, 512, torch.device(DEVICE)) > 1
     _compare(q, t, dy, torch.float32)
 
 
