@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tolerances import assert_close
 
@@ -54,14 +54,16 @@ def _counters_are_zero() -> bool:
 
 @settings(max_examples=12)
 @given(rows=st.integers(1, nf4_decode_triton.MAX_ROWS), out_f=st.integers(1, 40), blocks_per_row=st.integers(1, 4),
-       blocksize=st.sampled_from([32, 64, 128, 256]), double_quant=st.booleans(), r=st.sampled_from([0, 1, 4, 16]),
+       blocksize=st.sampled_from([32, 64, 128, 256]), double_quant=st.booleans(), r=st.sampled_from([0, 1, 4, 16, 64]),
        bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]),
        words=st.sampled_from([8, 16]), split=st.integers(1, 4))
+@example(rows=2, out_f=33, blocks_per_row=2, blocksize=64, double_quant=True, r=64, bias=True, dtype=torch.float32,
+         words=8, split=3)
 def test_decode_against_the_dequantized_weight(rows, out_f, blocks_per_row, blocksize, double_quant, r, bias, dtype,
                                                words, split):
     """Every tiling the interpreter can afford: 16 rows of Ŵ per program, 8 or 16 words per chunk (so a
     chunk may hold several quantization blocks or part of one), K split 1-4 ways (the last slice may end
-    inside a chunk), with and without an adapter (r = 0) and a bias."""
+    inside a chunk), with and without an adapter (r = 0; r = 64 narrows the steps that make S) and a bias."""
     in_f = blocksize * blocks_per_row
     q = quantize_nf4(torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(in_f + out_f)).to(DEVICE),
                      blocksize, double_quant)
