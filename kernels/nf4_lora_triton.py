@@ -117,14 +117,14 @@ def _nf4_rows(codes_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_pt
     w = tl.reshape(w, (ROWS, COLS))                                                  # back in column order
     if BLOCKSIZE >= COLS:  # the tile's part of a row lies in one block (col0 is a multiple of COLS)
         absmax = absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr, first // BLOCKSIZE,
-                            in_rows, DQ_BLOCKSIZE, DOUBLE_QUANT)                     # (ROWS,)
+                           in_rows, DQ_BLOCKSIZE, DOUBLE_QUANT)                      # (ROWS,)
         w = w * absmax[:, None]
     else:  # COLS / BLOCKSIZE blocks per row of the tile
         NB: tl.constexpr = COLS // BLOCKSIZE
         block = first[:, None] // BLOCKSIZE + tl.arange(0, NB)[None, :]             # (ROWS, NB)
         absmax = absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr, block,
-                            in_rows[:, None] & (block < tl.cdiv(n_rows * in_features, BLOCKSIZE)),
-                            DQ_BLOCKSIZE, DOUBLE_QUANT)
+                           in_rows[:, None] & (block < tl.cdiv(n_rows * in_features, BLOCKSIZE)),
+                           DQ_BLOCKSIZE, DOUBLE_QUANT)
         w = tl.reshape(tl.reshape(w, (ROWS, NB, BLOCKSIZE)) * absmax[:, :, None], (ROWS, COLS))
     return w
 
@@ -352,7 +352,7 @@ def _forward_tile(
     # a chunk lies in one quantization block per row when BK <= BLOCKSIZE (k is a multiple of BK): its absmax
     # is loaded one chunk ahead, by hand (a byte load cannot be an asynchronous copy, so the pipeliner would not)
     am_next = absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr, row_block + k_lo // BLOCKSIZE,
-                         in_n, DQ_BLOCKSIZE, DOUBLE_QUANT)
+                        in_n, DQ_BLOCKSIZE, DOUBLE_QUANT)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BK):
         in_kw = (k0 + 8 * offs_w) < k_hi
@@ -362,11 +362,11 @@ def _forward_tile(
             am = am_next[:, None]                                                          # (BN, 1)
             next_ok = in_n & (offs_n * 0 + k0 + BK < k_hi)  # a tensor: the interpreter takes no scalar mask
             am_next = absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr,
-                                 row_block + (k0 + BK) // BLOCKSIZE, next_ok, DQ_BLOCKSIZE, DOUBLE_QUANT)
+                                row_block + (k0 + BK) // BLOCKSIZE, next_ok, DQ_BLOCKSIZE, DOUBLE_QUANT)
         else:                # BK / BLOCKSIZE blocks per row of the chunk: each word's own block
             am = absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr,
-                            (row_block + k0 // BLOCKSIZE)[:, None] + (8 * offs_w // BLOCKSIZE)[None, :],
-                            in_n[:, None] & in_kw[None, :], DQ_BLOCKSIZE, DOUBLE_QUANT)    # (BN, BK/8)
+                           (row_block + k0 // BLOCKSIZE)[:, None] + (8 * offs_w // BLOCKSIZE)[None, :],
+                           in_n[:, None] & in_kw[None, :], DQ_BLOCKSIZE, DOUBLE_QUANT)     # (BN, BK/8)
         # the word's bytes are b0 (bits 0-7) .. b3; weight 2j is byte j's high nibble, 2j+1 its low one.
         # Joined from the most significant index bit down, so that the reshape puts weight f at 8w + f.
         w4 = tl.join(tl.join(_lookup(word, 4, book, am), _lookup(word, 20, book, am)),   # weights 0, 4
