@@ -53,25 +53,25 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from . import multi_lora_routes, nf4_autograd, reference
+from . import int8_autograd, multi_lora_routes, nf4_autograd, reference
 from .nf4_reference import nf4_dequantize_reference
 from .reference import PackedAdapters
 from .triton_interpreter import INTERPRETING as _INTERPRETING  # TRITON_INTERPRET, read once for the package
 
 try:  # Triton is optional: the reference backend needs torch alone.
-    from . import lora_routes, lora_triton, multi_lora_triton, nf4_lora_triton
+    from . import int8_triton, lora_routes, lora_triton, multi_lora_triton, nf4_lora_triton
     from .nf4_triton import nf4_dequantize_triton
 
     _TRITON_IMPORT_ERROR: str | None = None
 except Exception as e:  # ImportError, or a Triton that fails at import on this platform
-    lora_triton = lora_routes = nf4_lora_triton = multi_lora_triton = None  # type: ignore[assignment]
+    lora_triton = lora_routes = nf4_lora_triton = multi_lora_triton = int8_triton = None  # type: ignore[assignment]
     nf4_dequantize_triton = None  # type: ignore[assignment]
     _TRITON_IMPORT_ERROR = f"triton cannot be imported ({type(e).__name__}: {e})"
 
 __all__ = ["lora_linear", "set_backend", "use_backend", "get_backend", "available_backends", "BACKENDS",
            "nf4_dequantize_reference", "nf4_dequantize_triton", "nf4_dequantize", "nf4_linear", "nf4_lora_linear",
            "multi_lora_linear", "multi_lora_linear_packed", "multi_lora_route", "pack_adapters", "group_rows",
-           "gather_adapters", "PackedAdapters"]
+           "gather_adapters", "PackedAdapters", "int8_linear", "int8_dequantize"]
 
 BACKENDS = ("auto", "reference", "triton")
 ENV_VAR = "MINIPEFT_KERNEL"
@@ -869,3 +869,112 @@ def nf4_lora_linear(
                    in_features, blocksize, dq_blocksize, backend=name)  # fmt: skip
     x_lora = x if dropout_mask is None else x * dropout_mask
     return y + scaling * torch.nn.functional.linear(torch.nn.functional.linear(x_lora, lora_A), lora_B)
+
+
+# --------------------------------------------------------------------------------------------------------
+# LLM.int8() (https://arxiv.org/abs/2208.07339) on the same switch: the linear layer on a row-wise int8 weight
+# with the outlier columns of x in 16 bits (kernels/int8_reference.py has the math), and the dequantization
+# that its backward uses. Same names, same precedence, the same promises:
+#   "reference": kernels/int8_reference.py, always: torch ops, bit-identical with bitsandbytes.
+#   "triton":    the kernels of kernels/int8_triton.py on every call (x scanned and quantized, the int8 GEMM
+#                with the rescale, bias and outlier columns in its epilogue; backward's Ŵ), or a ValueError that
+#                says why they cannot run (no Triton; CPU tensors without TRITON_INTERPRET=1; a dtype other
+#                than fp32/fp16/bf16; bf16 in the interpreter, whose bf16 tl.dot is wrong).
+#   "auto":      those kernels on CUDA wherever they can run, the reference everywhere else (the CPU included).
+#                On an H200 (2026-12-04) the reference's dozen passes over (M, in) and (M, out) tensors, the
+#                int32 GEMM output among them, took 10.6x the bf16 linear's GPU time at c_attn's shape
+#                (7936 x 768 -> 2304) against the kernels' 2.7x (1.2x without outlier columns), and an 8-bit
+#                LoRA training step ran 172k against 315k tokens/s (benchmarks/RESULTS.md, "Quantized bases").
+# --------------------------------------------------------------------------------------------------------
+INT8_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _int8_route(backend: str | None, where: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend name in force, resolved against the tensors: "reference" or "triton"."""
+    name = get_backend() if backend is None else _check_name(backend, where)
+    why_not = _triton_unavailable(device, None)
+    if why_not is None and dtype not in INT8_TRITON_DTYPES:
+        why_not = f"dtype {dtype} is not supported by the int8 Triton kernels (supported: float32, float16, bfloat16)"
+    if why_not is None and _INTERPRETING and dtype == torch.bfloat16:
+        why_not = "bf16 tl.dot gives wrong results in the Triton interpreter (TRITON_INTERPRET=1); use fp16/fp32"
+    if name == "triton":
+        if why_not:
+            raise ValueError(f"the triton kernel backend cannot run here: {why_not}")
+        return "triton"
+    return "triton" if name == "auto" and device.type == "cuda" and why_not is None else "reference"
+
+
+def _check_int8_state(codes, absmax) -> None:
+    """codes (out, in) int8 and absmax (out,) fp32 on one device; metadata only, no host sync."""
+    for name, t in (("codes", codes), ("absmax", absmax)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {_describe(t)}")
+    if codes.dtype != torch.int8 or codes.dim() != 2:
+        raise ValueError(f"codes must be a 2-D int8 tensor (out, in), got {codes.dtype} of shape {tuple(codes.shape)}")
+    if absmax.dtype != torch.float32 or absmax.shape != codes.shape[:1]:
+        raise ValueError(f"absmax must be float32 of shape ({codes.shape[0]},), one per row of the codes, got "
+                         f"{absmax.dtype} of shape {tuple(absmax.shape)}")  # fmt: skip
+    if absmax.device != codes.device:
+        raise ValueError(f"absmax is on {absmax.device} but codes is on {codes.device}; keep them together")
+
+
+def int8_dequantize(codes: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype,
+                    backend: str | None = None) -> torch.Tensor:  # fmt: skip
+    """Ŵ = code · absmax / 127 as ``(out, in)`` in ``dtype`` on the chosen backend (``minipeft.quant.dequantize_int8``
+    is the friendly form, on an ``Int8Weight``).
+
+    Raises:
+        TypeError: codes or absmax is not a tensor; dtype is not a torch.dtype.
+        ValueError: codes/absmax of the wrong dtype, shape or device; an output dtype other than
+            float32/bfloat16/float16/float64; an unknown backend, or an explicit "triton" that cannot run here.
+    """
+    _check_int8_state(codes, absmax)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype such as torch.bfloat16, got {_describe(dtype)}")
+    if dtype not in _NF4_OUT_DTYPES:
+        raise ValueError(f"dtype must be float32, bfloat16, float16 or float64, got {dtype}")
+    route = _int8_route(backend, "int8_dequantize(backend=...)", codes.device, dtype)
+    return int8_autograd.dequantize(route, codes.contiguous(), absmax, dtype)
+
+
+def int8_linear(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, bias: torch.Tensor | None,
+                threshold: float, backend: str | None = None) -> torch.Tensor:  # fmt: skip
+    """y = x·Ŵᵀ + bias by LLM.int8()'s decomposition: the input columns holding any |x| ≥ threshold in x's
+    dtype, the rest as int8 × int8 with row-wise scales (kernels/int8_reference.py); threshold 0: all in int8.
+
+    Args:
+        x: (..., in), floating. codes: (out, in) int8. absmax: (out,) fp32 (``quantize_int8``'s fields).
+        bias: (out,) in x's dtype, or None. threshold: a finite number ≥ 0.
+        backend: "reference" | "triton" | "auto" | None (see this section's comment).
+    Returns:
+        (..., out) in x's dtype. Gradients reach x and a bias that requires one; backward dequantizes Ŵ again
+        from the codes (kernels/int8_autograd.py), so the step keeps 8 bits per weight, never Ŵ.
+    Raises:
+        TypeError: a non-tensor, a non-floating x, a bias not in x's dtype.
+        ValueError: shapes or devices that do not fit; a negative, NaN or infinite threshold; an unknown backend,
+            or an explicit "triton" that cannot run here.
+    """
+    _check_int8_state(codes, absmax)
+    out_features, in_features = codes.shape
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {_describe(x)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x has dtype {x.dtype}; expected a floating dtype (float16, bfloat16, float32, float64)")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x has shape {tuple(x.shape)}; expected (..., {in_features})")
+    if x.device != codes.device:
+        raise ValueError(f"x is on {x.device} but the int8 codes are on {codes.device}; move them together")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be None or a torch.Tensor, got {_describe(bias)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but x has {x.dtype}; pass bias.to(x.dtype)")
+        if bias.shape != (out_features,) or bias.device != x.device:
+            raise ValueError(f"bias must have shape ({out_features},) on {x.device}, got {tuple(bias.shape)} on "
+                             f"{bias.device}")  # fmt: skip
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold) \
+            or threshold < 0:  # fmt: skip
+        raise ValueError(f"threshold must be a finite number ≥ 0 (6.0 in LLM.int8(); 0 turns the outlier "
+                         f"decomposition off), got {_describe(threshold)}")  # fmt: skip
+    route = _int8_route(backend, "int8_linear(backend=...)", x.device, x.dtype)
+    return int8_autograd.int8_linear_op(x, codes.contiguous(), absmax, bias, float(threshold), route)

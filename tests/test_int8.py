@@ -22,7 +22,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tolerances import assert_close, rel_error
 
-from minipeft import kernels
+from minipeft import kernels, measure
+from minipeft.kernels.int8_reference import int8_matmul
 from minipeft.quant import (
     Int8Linear,
     Int8Weight,
@@ -32,7 +33,6 @@ from minipeft.quant import (
     quantize_model,
     weight_bytes_report,
 )
-from minipeft.quant.int8_linear import int8_matmul
 from minipeft.tuners import LoraConfig, LoraLinear, get_peft_model
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -173,7 +173,7 @@ def test_outlier_columns_go_through_16_bits():
 def test_the_capture_safe_outlier_product_equals_the_gathered_one(n_outliers):
     """Under CUDA graph capture the outlier columns sit in fixed slots (nonzero_static); the sum must be the
     one the gathered columns give, for no outliers, some, and exactly as many as there are slots."""
-    from minipeft.quant.int8_linear import _add_outlier_columns_static, _dequantize_int8
+    from minipeft.kernels.int8_reference import _add_outlier_columns_static, int8_dequantize_reference
 
     torch.manual_seed(n_outliers)
     linear = nn.Linear(40, 24)
@@ -183,7 +183,7 @@ def test_the_capture_safe_outlier_product_equals_the_gathered_one(n_outliers):
     columns[torch.randperm(40)[:n_outliers]] = True
     y = torch.randn(9, 24)
     index = columns.nonzero().squeeze(1)
-    expected = y + x2d[:, index] @ _dequantize_int8(layer.codes[:, index], layer.absmax, x2d.dtype).t()
+    expected = y + x2d[:, index] @ int8_dequantize_reference(layer.codes[:, index], layer.absmax, x2d.dtype).t()
     assert_close(_add_outlier_columns_static(y, x2d, columns, layer.codes, layer.absmax, slots=12), expected)
 
 
@@ -193,6 +193,114 @@ def test_int8_matmul_is_exact():
     b = torch.randint(-127, 128, (7, 1100), generator=g, dtype=torch.int8)
     exact = (a.long() @ b.long().t()).to(torch.int32)
     assert torch.equal(int8_matmul(a, b), exact)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Triton kernels (kernels/int8_triton.py) against the reference, in the interpreter on the CPU
+# ----------------------------------------------------------------------------------------------------------
+def _int8_case(M, K, N, dtype, seed, n_outliers, zero_row=False, nan_row=False, strided=False):
+    """codes/absmax of a random (N, K) weight, x (M, K) with planted outliers (some columns several times), a bias."""
+    g = torch.Generator().manual_seed(seed)
+    q = quantize_int8(torch.randn(N, K, generator=g).to(dtype))
+    x = torch.randn(M, 2 * K if strided else K, generator=g).clamp(-2.5, 2.5) * 2  # |x| < 6 but where planted
+    x = x[:, ::2] if strided else x  # (M, K), stride (2K, 2)
+    for k in range(n_outliers):
+        x[(3 * k) % M, (7 * k + 1) % K] = (-1) ** k * (6 + k)
+    if zero_row:
+        x[M // 2] = 0  # a_x = 0: codes 0
+    if nan_row:
+        x[M - 1, K // 2] = float("nan")
+    bias = torch.randn(N, generator=g).to(dtype)
+    return x.to(dtype), q.codes, q.absmax, bias
+
+
+def _close_to_scale(got, want):
+    """Equal up to a few roundings of the largest output: the outlier columns' products (up to ±200 here) are
+    summed in another order, and where they cancel the 8-bit part the result is small but its error is not."""
+    norm = want.abs().nan_to_num(0).max().clamp_min(1.0)
+    assert_close(got / norm, want / norm, scale=4)
+
+
+@given(M=st.integers(1, 40), K=st.integers(1, 300), N=st.integers(1, 70), dtype=st.sampled_from(DTYPES[:2]),
+       threshold=st.sampled_from([0.0, 6.0, 2.5]), n_outliers=st.sampled_from([0, 1, 5, 45]), bias=st.booleans(),
+       zero_row=st.booleans(), strided=st.booleans())  # fmt: skip
+def test_triton_int8_linear_equals_the_reference(M, K, N, dtype, threshold, n_outliers, bias, zero_row, strided):
+    """Sizes that are not multiples of any block (the interpreter's 16 × 32 tiles, 32 per outlier step), strided
+    x, a zero row, more outlier columns than one step of the outlier loop: the 8-bit part gives the reference's
+    bits; the outlier columns' 16-bit products may be summed in another order."""
+    x, codes, absmax, b = _int8_case(M, K, N, dtype, M * 1000 + K, n_outliers, zero_row, strided=strided)
+    b = b if bias else None
+    want = kernels.int8_linear(x, codes, absmax, b, threshold, backend="reference")
+    got = kernels.int8_linear(x, codes, absmax, b, threshold, backend="triton")
+    assert got.shape == want.shape and got.dtype == dtype
+    if threshold == 0 or not (x.abs() >= threshold).any():
+        assert torch.equal(got, want), (got - want).abs().max()
+    else:
+        _close_to_scale(got, want)
+
+
+def test_triton_int8_keeps_nan_and_zero_rows():
+    """A NaN in a row makes that row's output NaN, as torch's amax makes it in the reference (the hardware's max
+    would drop it); a zero row's codes are 0; the other rows are unharmed."""
+    x, codes, absmax, bias = _int8_case(6, 40, 9, torch.float32, 0, 2, zero_row=True, nan_row=True)
+    for threshold in (0.0, 6.0):
+        want = kernels.int8_linear(x, codes, absmax, bias, threshold, backend="reference")
+        got = kernels.int8_linear(x, codes, absmax, bias, threshold, backend="triton")
+        assert got[-1].isnan().all() and want[-1].isnan().all()
+        assert_close(got[:-1], want[:-1], scale=4)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_triton_int8_gradients_equal_the_reference(threshold):
+    x, codes, absmax, bias = _int8_case(7, 45, 20, torch.float32, 1, 3)
+    grads = []
+    for backend in ("reference", "triton"):
+        xi, bi = x.clone().requires_grad_(), bias.clone().requires_grad_()
+        y = kernels.int8_linear(xi.view(7, 1, 45), codes, absmax, bi, threshold, backend=backend)
+        (y * torch.linspace(-1, 1, 20)).sum().backward()
+        grads.append((xi.grad, bi.grad))
+    assert_close(grads[1][0], grads[0][0])
+    assert_close(grads[1][1], grads[0][1])
+    assert torch.equal(kernels.int8_dequantize(codes, absmax, torch.float16, backend="triton"),
+                       kernels.int8_dequantize(codes, absmax, torch.float16, backend="reference"))
+
+
+def test_the_int8_backend_names_keep_their_promise(monkeypatch):
+    """"triton" runs the Triton kernels (the GEMM is launched), "reference" and "auto" on the CPU do not;
+    what "triton" cannot run is a ValueError that says why."""
+    from minipeft.kernels import int8_triton
+
+    calls = []
+    real = int8_triton._matmul_kernel.run  # the GEMM's launch: an autotuner, or the kernel itself in the interpreter
+    monkeypatch.setattr(int8_triton._matmul_kernel, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layer = Int8Linear.from_linear(nn.Linear(24, 8), threshold=6.0)
+    x = torch.randn(3, 24)
+    for backend, runs_triton in (("reference", False), ("auto", False), ("triton", True)):
+        calls.clear()
+        with kernels.use_backend(backend), torch.no_grad():
+            layer(x)
+        assert bool(calls) == runs_triton, backend
+    with pytest.raises(ValueError, match="bf16 tl.dot"):
+        kernels.int8_linear(x.bfloat16(), layer.codes, layer.absmax, None, 6.0, backend="triton")
+    with pytest.raises(ValueError, match="float64 is not supported by the int8 Triton"):
+        kernels.int8_linear(x.double(), layer.codes, layer.absmax, None, 6.0, backend="triton")
+
+
+@pytest.mark.parametrize("call,error,words", [
+    (lambda c, a, x: kernels.int8_linear(x, c.float(), a, None, 6.0), ValueError, "codes must be a 2-D int8"),
+    (lambda c, a, x: kernels.int8_linear(x, c, a[:-1], None, 6.0), ValueError, "absmax must be float32 of shape"),
+    (lambda c, a, x: kernels.int8_linear(x[:, :-1], c, a, None, 6.0), ValueError, "x has shape"),
+    (lambda c, a, x: kernels.int8_linear(x.long(), c, a, None, 6.0), TypeError, "floating"),
+    (lambda c, a, x: kernels.int8_linear(x, c, a, torch.zeros(8).half(), 6.0), TypeError, "bias has dtype"),
+    (lambda c, a, x: kernels.int8_linear(x, c, a, None, -1.0), ValueError, "threshold must be a finite"),
+    (lambda c, a, x: kernels.int8_linear(x, c, a, None, float("nan")), ValueError, "threshold must be a finite"),
+    (lambda c, a, x: kernels.int8_linear(x, c, a, None, 6.0, backend="fast"), ValueError, "unknown kernel backend"),
+    (lambda c, a, x: kernels.int8_dequantize(c, a, torch.int32), ValueError, "dtype must be float32"),
+])  # fmt: skip
+def test_the_int8_switch_rejects_bad_arguments(call, error, words):
+    layer = Int8Linear.from_linear(nn.Linear(24, 8), threshold=6.0)
+    with pytest.raises(error, match=words):
+        call(layer.codes, layer.absmax, torch.randn(3, 24))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -386,3 +494,38 @@ def test_int8_linear_on_gpu_equals_cpu(dtype, threshold):
     x = activations((8, 64), 768, dtype, 0, 3)
     with torch.no_grad():
         assert_close(copy.deepcopy(layer).cuda()(x.cuda()).cpu(), layer(x), scale=10)  # GEMM order differs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,K,N", [(7936, 768, 2304), (7936, 3072, 768), (300, 1000, 77), (1, 768, 768)])
+@pytest.mark.parametrize("n_outliers", [0, 3, 200])
+def test_triton_int8_linear_on_gpu_equals_the_reference(dtype, M, K, N, n_outliers):
+    """GPT-2's c_attn and MLP c_proj at a training step's rows, odd sizes, one row; no outliers, a few, and more
+    than the reference's capture slots: the Triton kernels against the reference's torch ops on the same GPU."""
+    x, codes, absmax, bias = (t.cuda() for t in _int8_case(M, K, N, dtype, 0, n_outliers))
+    want = kernels.int8_linear(x, codes, absmax, bias, 6.0, backend="reference")
+    got = kernels.int8_linear(x, codes, absmax, bias, 6.0, backend="triton")
+    if n_outliers == 0:  # the 8-bit part alone: the same operations in the same order
+        assert torch.equal(got, want), (got - want).abs().max()
+    else:  # the outlier columns' 16-bit products, summed in another order than cuBLAS's
+        _close_to_scale(got, want)
+    want0 = kernels.int8_linear(x, codes, absmax, bias, 0.0, backend="reference")
+    assert torch.equal(kernels.int8_linear(x, codes, absmax, bias, 0.0, backend="triton"), want0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_int8_linear_in_a_cuda_graph_follows_the_outliers_of_each_batch():
+    """Captured once, replayed on batches with 0, 2 and 300 outlier columns (more than the reference's capture
+    slots): the kernels read the number of outlier columns on the GPU, so each replay equals an eager call."""
+    x, codes, absmax, bias = (t.cuda() for t in _int8_case(512, 768, 2304, torch.bfloat16, 0, 0))
+    static_x = x.clone()
+    call = lambda: kernels.int8_linear(static_x, codes, absmax, bias, 6.0, backend="triton")
+    replay = measure.cuda_graph(call)
+    for n_outliers in (0, 2, 300):
+        new_x = _int8_case(512, 768, 2304, torch.bfloat16, n_outliers + 1, n_outliers)[0].cuda()
+        static_x.copy_(new_x)
+        got = replay().clone()
+        assert torch.equal(got, kernels.int8_linear(new_x, codes, absmax, bias, 6.0, backend="triton")), n_outliers

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from minipeft import kernels
+from minipeft.kernels.int8_reference import rowwise_int8
+
 from .nf4 import _FLOAT_DTYPES, _check_out_dtype, _check_statistics, _check_weight
 
 __all__ = ["Int8Weight", "quantize_int8", "dequantize_int8", "int8_nbytes", "rowwise_int8"]
@@ -53,19 +56,6 @@ class Int8Weight:
 def int8_nbytes(out_features: int, in_features: int) -> int:
     """Bytes ``quantize_int8`` produces for an ``(out_features, in_features)`` weight, without building it."""
     return out_features * in_features + 4 * out_features
-
-
-def rowwise_int8(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The quantizer, unchecked: a 2-D ``(rows, cols)`` float tensor → codes ``(rows, cols)`` int8, absmax
-    ``(rows,)`` fp32. The arithmetic of bitsandbytes' CPU path, step for step, so the bits agree:
-    the absmax is taken in ``a``'s dtype (exact: a maximum rounds nothing) and widened to fp32, and the product
-    ``a · (127 / absmax)`` is formed in fp32 (a 16-bit tensor times an fp32 one promotes to fp32).
-    A row with NaN or ±inf gets a NaN or inf absmax, so anything computed from it is not finite either.
-    """
-    absmax = a.abs().amax(dim=1).float()  # (rows,)
-    scaled = a * (127.0 / absmax[:, None])  # (rows, cols) fp32; 0·(127/0) = NaN for an all-zero row
-    codes = torch.round(scaled).nan_to_num_(0.0).to(torch.int8)  # that row's codes: 0, explicitly
-    return codes, absmax
 
 
 def quantize_int8(w: torch.Tensor, *, name: str = "w") -> Int8Weight:
@@ -129,9 +119,4 @@ def dequantize_int8(q: Int8Weight, dtype: torch.dtype | None = None) -> torch.Te
     _check_int8_weight(q)
     if dtype is not None:
         _check_out_dtype(dtype)
-    return _dequantize_int8(q.codes, q.absmax, q.dtype if dtype is None else dtype)
-
-
-def _dequantize_int8(codes: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """dequantize_int8 without the checks: codes (out, in) int8, absmax (out,) fp32 → (out, in) in dtype."""
-    return (codes * absmax[:, None] * 7.874015718698502e-3).to(dtype)  # 1/127 in fp32, as bitsandbytes
+    return kernels.int8_dequantize(q.codes, q.absmax, q.dtype if dtype is None else dtype)
