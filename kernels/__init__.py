@@ -877,22 +877,37 @@ def nf4_lora_linear(
 # that its backward uses. Same names, same precedence, the same promises:
 #   "reference": kernels/int8_reference.py, always: torch ops, bit-identical with bitsandbytes.
 #   "triton":    the kernels of kernels/int8_triton.py on every call (x scanned and quantized, the int8 GEMM
-#                with the rescale, bias and outlier columns in its epilogue; backward's Ŵ), or a ValueError that
-#                says why they cannot run (no Triton; CPU tensors without TRITON_INTERPRET=1; a dtype other
-#                than fp32/fp16/bf16; bf16 in the interpreter, whose bf16 tl.dot is wrong).
+#                with the rescale and bias in its epilogue, the outlier columns added by a kernel of their
+#                own; backward's Ŵ), or a ValueError that says why they cannot run (no Triton; CPU tensors
+#                without TRITON_INTERPRET=1; a dtype other than fp32/fp16/bf16; bf16 in the interpreter, whose
+#                bf16 tl.dot is wrong; a tensor of 2**31 or more elements, past the kernels' 32-bit offsets).
 #   "auto":      those kernels on CUDA wherever they can run, the reference everywhere else (the CPU included).
 #                On an H200 (2026-12-04) the reference's dozen passes over (M, in) and (M, out) tensors, the
 #                int32 GEMM output among them, took 10.6x the bf16 linear's GPU time at c_attn's shape
-#                (7936 x 768 -> 2304) against the kernels' 2.7x (1.2x without outlier columns), and an 8-bit
-#                LoRA training step ran 172k against 315k tokens/s (benchmarks/RESULTS.md, "Quantized bases").
+#                (7936 x 768 -> 2304, two outlier columns) against the kernels' 1.9x (1.2x with threshold 0),
+#                and an 8-bit LoRA training step ran at 0.42x against 0.84x a bf16-base LoRA step
+#                (benchmarks/RESULTS.md, "Quantized bases").
 # --------------------------------------------------------------------------------------------------------
 INT8_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _int8_route(backend: str | None, where: str, device: torch.device, dtype: torch.dtype) -> str:
+def _int8_offsets_fit(x: torch.Tensor | None, codes: torch.Tensor) -> bool:
+    """Whether every element offset the int8 kernels compute fits in 32 bits (they index with int32): x's span
+    in memory, x (M, in), y (M, out) and the codes (out, in) all below 2³¹ elements."""
+    n, k = codes.shape
+    m = 0 if x is None or k == 0 else x.numel() // k
+    x_span = 0  # the largest offset into x's storage, plus one
+    if x is not None and x.numel():
+        x_span = 1 + sum((d - 1) * abs(s) for d, s in zip(x.shape, x.stride(), strict=True))
+    return max(x_span, m * k, m * n, n * k) < 2**31
+
+
+def _int8_route(backend: str | None, where: str, device: torch.device, dtype: torch.dtype, fits: bool = True) -> str:
     """The backend name in force, resolved against the tensors: "reference" or "triton"."""
     name = get_backend() if backend is None else _check_name(backend, where)
     why_not = _triton_unavailable(device, None)
+    if why_not is None and not fits:
+        why_not = "a tensor of 2**31 or more elements: the int8 kernels index with 32-bit offsets"
     if why_not is None and dtype not in INT8_TRITON_DTYPES:
         why_not = f"dtype {dtype} is not supported by the int8 Triton kernels (supported: float32, float16, bfloat16)"
     if why_not is None and _INTERPRETING and dtype == torch.bfloat16:
@@ -933,8 +948,8 @@ def int8_dequantize(codes: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtyp
         raise TypeError(f"dtype must be a torch.dtype such as torch.bfloat16, got {_describe(dtype)}")
     if dtype not in _NF4_OUT_DTYPES:
         raise ValueError(f"dtype must be float32, bfloat16, float16 or float64, got {dtype}")
-    route = _int8_route(backend, "int8_dequantize(backend=...)", codes.device, dtype)
-    return int8_autograd.dequantize(route, codes.contiguous(), absmax, dtype)
+    route = _int8_route(backend, "int8_dequantize(backend=...)", codes.device, dtype, _int8_offsets_fit(None, codes))
+    return int8_autograd.dequantize(route, codes.contiguous(), absmax.contiguous(), dtype)
 
 
 def int8_linear(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, bias: torch.Tensor | None,
@@ -976,5 +991,6 @@ def int8_linear(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, bias
             or threshold < 0:  # fmt: skip
         raise ValueError(f"threshold must be a finite number ≥ 0 (6.0 in LLM.int8(); 0 turns the outlier "
                          f"decomposition off), got {_describe(threshold)}")  # fmt: skip
-    route = _int8_route(backend, "int8_linear(backend=...)", x.device, x.dtype)
-    return int8_autograd.int8_linear_op(x, codes.contiguous(), absmax, bias, float(threshold), route)
+    route = _int8_route(backend, "int8_linear(backend=...)", x.device, x.dtype, _int8_offsets_fit(x, codes))
+    bias = None if bias is None else bias.contiguous()
+    return int8_autograd.int8_linear_op(x, codes.contiguous(), absmax.contiguous(), bias, float(threshold), route)

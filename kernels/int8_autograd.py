@@ -6,7 +6,8 @@
                dbias = Σ dy over the leading dims (out,), only if the bias requires a gradient
                no dW: the base weight is frozen
 
-as bitsandbytes' ``MatMul8bitLt`` does: nothing saves a dense weight, or x (there is no dW). ``route`` says
+as bitsandbytes' ``MatMul8bitLt`` does (LLM.int8(), https://arxiv.org/abs/2208.07339): nothing saves a dense
+weight, or x (there is no dW). ``route`` says
 which implementation runs, already resolved by the switch (``kernels.int8_linear``): "reference"
 (kernels/int8_reference.py) or "triton" (kernels/int8_triton.py). It is resolved *before* the op, not inside
 it: the backward runs on autograd's thread, where the forward's ``use_backend`` block is not on the stack.

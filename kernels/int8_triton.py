@@ -1,4 +1,4 @@
-"""LLM.int8()'s matmul in Triton: four kernels with the arguments and results of kernels/int8_reference.py.
+"""LLM.int8()'s matmul in Triton: five kernels with the arguments and results of kernels/int8_reference.py.
 
 The math is the reference's (Dettmers et al. 2022, https://arxiv.org/abs/2208.07339):
 
@@ -10,22 +10,24 @@ column reduction, the masked copy, the row absmax, the scaled and rounded codes,
 (4 bytes per element), its rescale by an (M, out) fp32 outer product, the bias, the cast. On GPT-2's c_fc
 (M = 7936, out = 3072) the int32 product alone is 97 MB written and read again. Here:
 
-    1. _scan_kernel       one pass over x: each row's absmax over the values below the threshold, and a flag
-                          per column that holds an outlier (atomic max into an int32 vector)
-       (torch)            the flagged columns' indices and their number, on the GPU (nonzero_static: no host
+    1. _scan_kernel       one pass over x: each row's absmax over the values below the threshold, and a 1
+                          stored in flags[j] for each outlier's column j
+    2. _compact_kernel    the flagged columns' numbers in order, and how many there are, on the GPU (no host
                           sync, so a CUDA graph can capture the call whatever the data)
-    2. _quantize_kernel   a second pass: X₈ = round(x · 127/a_x), 0 for outliers and flagged columns
-    3. _matmul_kernel     X₈·W₈ᵀ on the int8 tensor cores into an int32 accumulator, then in registers
+    3. _quantize_kernel   a second pass: X₈ = round(x · 127/a_x), 0 for outliers and flagged columns
+    4. _matmul_kernel     X₈·W₈ᵀ on the int8 tensor cores into an int32 accumulator, then in registers
                           · a_x · a_w / 127² + bias, rounded to x's dtype: y
-    4. _outlier_kernel    y += x[:, O]·Ŵ[:, O]ᵀ in 16 bits, Ŵ's columns dequantized from the codes as they load;
+    5. _outlier_kernel    y += x[:, O]·Ŵ[:, O]ᵀ in 16 bits, Ŵ's columns dequantized from the codes as they load;
                           it reads the number of outlier columns on the GPU and loops that many (no work when
-                          there are none). Kept out of the GEMM: in its epilogue the same loop made the GEMM
-                          2x slower on an H200 (a second (BM, BN) tile live beside the accumulator)
+                          there are none). Kept out of the GEMM: the same loop in the GEMM's epilogue made the
+                          GEMM 2x slower on an H200, with a second accumulator tile or without one
 
-The 8-bit part gives the reference's bits (same operations in the same order: the int32 sum is exact, then
-fp32 products, the bias, one rounding); only the outlier columns' 16-bit sum can differ in its order.
+The 8-bit part gives the reference's bits: the same operations in the same order (the int32 sum is exact, then
+fp32 products, the bias, one rounding), with the compiler's fusing of a multiply and an add into one FMA turned
+off where it would skip a rounding torch makes. Only the outlier columns' 16-bit sum can differ in its order.
 ``int8_dequantize_triton`` makes Ŵ for backward's dX = dy·Ŵ (then a cuBLAS GEMM, as the NF4 backward does).
 
+Limits: every tensor below 2**31 elements (32-bit offsets; ``kernels.int8_linear`` checks); fp16, bf16 and fp32.
 This module imports only torch, triton and the LoRA kernels' shared helpers (tile order, autotuning).
 """
 
@@ -55,7 +57,7 @@ def _scan_kernel(
     HAS_THRESHOLD: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     """Rows [pid·BM, pid·BM + BM): a_x = max |x| over the values below the threshold (NaN if a row has a NaN,
-    as torch's amax gives); flags[j] = 1 where column j holds a value ≥ the threshold."""
+    as torch's amax gives); flags[j] = 1 where column j holds a value ≥ the threshold (flags start at 0)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     in_m = rows < M
     amax = tl.zeros((BM,), tl.float32)
@@ -66,13 +68,28 @@ def _scan_kernel(
         a = tl.abs(tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                            mask=in_m[:, None] & in_k[None, :], other=0.0).to(tl.float32))  # (BM, BK) |x|
         if HAS_THRESHOLD:
-            big = a >= threshold
-            hit = tl.max(big.to(tl.int32), axis=0)  # (BK,) 1 where this tile's column holds an outlier
-            tl.atomic_max(flags_ptr + cols, hit, mask=in_k & (hit > 0))  # only those: no contention on the rest
+            big = a >= threshold  # (BM, BK)
+            # flags[j] = 1 for each outlier's column: a store only where there is one (every writer writes the
+            # same 1, so no atomics, and no reduction across the tile's rows)
+            tl.store(flags_ptr + (cols[None, :] + 0 * rows[:, None]), tl.full((BM, BK), 1, tl.int32), mask=big)
             a = tl.where(big, 0.0, a)
         nans += tl.sum((a != a).to(tl.int32), axis=1)  # the hardware's max drops NaN; torch's keeps it
         amax = tl.maximum(amax, tl.max(a, axis=1))
     tl.store(absmax_ptr + rows, tl.where(nans > 0, float("nan"), amax), mask=in_m)
+
+
+@triton.jit
+def _compact_kernel(flags_ptr, index_ptr, count_ptr, K, BLOCK: tl.constexpr):
+    """One program: the flagged columns' numbers in order, index[0:count], and count (a stream compaction: each
+    flagged column's slot is the number of flagged columns before it, an exclusive prefix sum)."""
+    count = tl.full((), 0, tl.int32)
+    for k0 in range(0, K, BLOCK):
+        cols = k0 + tl.arange(0, BLOCK)
+        f = tl.load(flags_ptr + cols, mask=cols < K, other=0)  # (BLOCK,) 0 or 1
+        slot = count + tl.cumsum(f, 0) - f
+        tl.store(index_ptr + slot, cols, mask=f > 0)
+        count += tl.sum(f, 0)
+    tl.store(count_ptr, count)
 
 
 @triton.jit
@@ -205,6 +222,7 @@ def int8_linear_triton(x2d: torch.Tensor, codes: torch.Tensor, absmax: torch.Ten
     if M == 0:
         return y
     has_threshold = threshold > 0
+    threshold = torch.tensor(threshold, dtype=x2d.dtype).item()  # torch compares |x| ≥ it in x's dtype: round it
     x_absmax = torch.empty(M, dtype=torch.float32, device=dev)
     flags = torch.zeros(K if has_threshold else 1, dtype=torch.int32, device=dev)
     x_codes = torch.empty(M, K, dtype=torch.int8, device=dev)
@@ -218,8 +236,10 @@ def int8_linear_triton(x2d: torch.Tensor, codes: torch.Tensor, absmax: torch.Ten
             x2d, x_absmax, flags, x_codes, M, K, *strides, float(threshold), HAS_THRESHOLD=has_threshold, BM=bm, BK=bk,
             enable_fp_fusion=False)  # x·scale rounded before the rounding to an integer, as torch rounds it
     if has_threshold:  # the outlier columns in order, and how many there are: on the GPU, no host sync
-        index = torch.nonzero_static(flags, size=K, fill_value=0).squeeze(1).to(torch.int32)  # (K,)
-        count = flags.sum(dtype=torch.int32)  # 0-d
+        index = torch.empty(K, dtype=torch.int32, device=dev)  # (K,), the first `count` entries written
+        count = torch.empty((), dtype=torch.int32, device=dev)
+        with interpreter_lock():
+            _compact_kernel[(1,)](flags, index, count, K, BLOCK=1024)
     grid = lambda META: (triton.cdiv(M, META["BM"]) * triton.cdiv(N, META["BN"]),)
     with interpreter_lock():
         _matmul_kernel[grid](x_codes, codes, x_absmax, absmax, bias if bias is not None else absmax, y,

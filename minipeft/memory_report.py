@@ -4,7 +4,7 @@ LoRA on a frozen base trains a few adapter matrices; the rest of training memory
 what autograd keeps for backward. Quantizing the base's Linear layers shrinks the weights (16 → 8 → ~4.13
 bits each, LLM.int8(): https://arxiv.org/abs/2208.07339, QLoRA: https://arxiv.org/abs/2305.14314); it must
 not grow what backward keeps, which is why the quantized layers save their codes and dequantize again in
-backward (kernels/nf4_autograd.py, int8_linear.py) instead of keeping a dense copy of every weight:
+backward (kernels/nf4_autograd.py, kernels/int8_autograd.py) instead of keeping a dense copy of every weight:
 
     base     weights   adapter   gradients   optimizer   kept for backward   peak in training
     16-bit   W₁₆       A         A           2A (AdamW)  activations         measured

@@ -203,15 +203,16 @@ def _int8_case(M, K, N, dtype, seed, n_outliers, zero_row=False, nan_row=False, 
     g = torch.Generator().manual_seed(seed)
     q = quantize_int8(torch.randn(N, K, generator=g).to(dtype))
     x = torch.randn(M, 2 * K if strided else K, generator=g).clamp(-2.5, 2.5) * 2  # |x| < 6 but where planted
-    x = x[:, ::2] if strided else x  # (M, K), stride (2K, 2)
-    for k in range(n_outliers):
-        x[(3 * k) % M, (7 * k + 1) % K] = (-1) ** k * (6 + k)
     if zero_row:
         x[M // 2] = 0  # a_x = 0: codes 0
+    for k in range(n_outliers):
+        x[(3 * k) % M, ((7 * k + 1) % K) * (2 if strided else 1)] = (-1) ** k * (6 + k)  # column (7k+1) mod K
     if nan_row:
         x[M - 1, K // 2] = float("nan")
+    x = x.to(dtype)
+    x = x[:, ::2] if strided else x  # (M, K), stride (2K, 2), in x's dtype
     bias = torch.randn(N, generator=g).to(dtype)
-    return x.to(dtype), q.codes, q.absmax, bias
+    return x, q.codes, q.absmax, bias
 
 
 def _close_to_scale(got, want):
@@ -239,6 +240,37 @@ def test_triton_int8_linear_equals_the_reference(M, K, N, dtype, threshold, n_ou
         _close_to_scale(got, want)
 
 
+def test_triton_int8_takes_empty_batches_3d_x_and_strided_statistics():
+    """M = 0; x (2, 3, in) in fp16; absmax and bias handed over as strided views (the switch makes them contiguous)."""
+    x, codes, absmax, bias = _int8_case(6, 40, 9, torch.float16, 3, 2)
+    empty = kernels.int8_linear(x[:0], codes, absmax, bias, 6.0, backend="triton")
+    assert empty.shape == (0, 9) and empty.dtype == torch.float16
+    wide_absmax, wide_bias = absmax.repeat_interleave(2), bias.repeat_interleave(2)
+    got = kernels.int8_linear(x.view(2, 3, 40), codes, wide_absmax[::2], wide_bias[::2], 6.0, backend="triton")
+    want = kernels.int8_linear(x.view(2, 3, 40), codes, absmax, bias, 6.0, backend="reference")
+    assert got.shape == (2, 3, 9)
+    _close_to_scale(got, want)
+
+
+def test_triton_int8_compares_with_the_threshold_rounded_to_x_dtype():
+    """torch compares |x| ≥ threshold in x's dtype: 6.001 is 6.0 in fp16, so a value of exactly 6 is an outlier.
+    With one outlier column and one row the two backends add the same single product: the same bits."""
+    x, codes, absmax, bias = _int8_case(1, 40, 9, torch.float16, 4, 0)
+    x[0, 5] = 6.0
+    want = kernels.int8_linear(x, codes, absmax, bias, 6.001, backend="reference")
+    assert torch.equal(kernels.int8_linear(x, codes, absmax, bias, 6.001, backend="triton"), want)
+
+
+def test_triton_int8_finds_outlier_columns_across_the_compaction_blocks():
+    """in = 2100: the outlier columns (one in each 1024-column block of the compaction, and two at its ends) are
+    listed in order across blocks, so each is multiplied once, in 16 bits."""
+    x, codes, absmax, bias = _int8_case(3, 2100, 5, torch.float32, 2, 0)
+    for row, col in ((0, 0), (1, 1023), (2, 1024), (0, 2047), (1, 2099)):
+        x[row, col] = 50.0
+    want = kernels.int8_linear(x, codes, absmax, bias, 6.0, backend="reference")
+    _close_to_scale(kernels.int8_linear(x, codes, absmax, bias, 6.0, backend="triton"), want)
+
+
 def test_triton_int8_keeps_nan_and_zero_rows():
     """A NaN in a row makes that row's output NaN, as torch's amax makes it in the reference (the hardware's max
     would drop it); a zero row's codes are 0; the other rows are unharmed."""
@@ -251,7 +283,13 @@ def test_triton_int8_keeps_nan_and_zero_rows():
 
 
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
-def test_triton_int8_gradients_equal_the_reference(threshold):
+def test_triton_int8_gradients_equal_the_reference(threshold, monkeypatch):
+    """dx and dbias on "triton" (its backward dequantizes Ŵ with the Triton kernel) against the reference."""
+    from minipeft.kernels import int8_triton
+
+    launches = []
+    real = int8_triton._dequantize_kernel.run
+    monkeypatch.setattr(int8_triton._dequantize_kernel, "run", lambda *a, **k: launches.append(1) or real(*a, **k))
     x, codes, absmax, bias = _int8_case(7, 45, 20, torch.float32, 1, 3)
     grads = []
     for backend in ("reference", "triton"):
@@ -259,6 +297,7 @@ def test_triton_int8_gradients_equal_the_reference(threshold):
         y = kernels.int8_linear(xi.view(7, 1, 45), codes, absmax, bi, threshold, backend=backend)
         (y * torch.linspace(-1, 1, 20)).sum().backward()
         grads.append((xi.grad, bi.grad))
+    assert launches == [1]  # one dequantization, in the "triton" backward
     assert_close(grads[1][0], grads[0][0])
     assert_close(grads[1][1], grads[0][1])
     assert torch.equal(kernels.int8_dequantize(codes, absmax, torch.float16, backend="triton"),
@@ -284,6 +323,9 @@ def test_the_int8_backend_names_keep_their_promise(monkeypatch):
         kernels.int8_linear(x.bfloat16(), layer.codes, layer.absmax, None, 6.0, backend="triton")
     with pytest.raises(ValueError, match="float64 is not supported by the int8 Triton"):
         kernels.int8_linear(x.double(), layer.codes, layer.absmax, None, 6.0, backend="triton")
+    huge = x[:1].expand(2**31 // 24 + 1, 24)  # M·in ≥ 2³¹ (a stride-0 view: no memory)
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        kernels.int8_linear(huge, layer.codes, layer.absmax, None, 6.0, backend="triton")
 
 
 @pytest.mark.parametrize("call,error,words", [

@@ -3,10 +3,10 @@
 QLoRA (https://arxiv.org/abs/2305.14314): store the frozen base weights as NF4 codes (~4.13 bits per
 parameter) and train LoRA adapters in 16 bits on top. LLM.int8() (https://arxiv.org/abs/2208.07339): 8 bits
 per weight, with the few outlier input columns multiplied in 16 bits. ``nf4.py`` and ``int8.py`` have the
-formats and their math, ``linear.py`` NF4Linear and ``quantize_model``, ``int8_linear.py`` Int8Linear and
-the LLM.int8() matmul, ``quantized_linear.py`` what both layers share, ``requantize.py`` merging LoRA into a
-quantized base and what that costs, ``nf4_blocks.py`` the layout in which FSDP2 shards an NF4 weight (whole
-quantization blocks per rank).
+formats and their math, ``linear.py`` NF4Linear and ``quantize_model``, ``int8_linear.py`` Int8Linear (the
+LLM.int8() matmul it calls is in kernels/, on the kernel switch), ``quantized_linear.py`` what both layers
+share, ``requantize.py`` merging LoRA into a quantized base and what that costs, ``nf4_blocks.py`` the
+layout in which FSDP2 shards an NF4 weight (whole quantization blocks per rank).
 """
 
 from .int8 import Int8Weight, dequantize_int8, int8_nbytes, quantize_int8

@@ -8,8 +8,8 @@ Each row of a 2-D weight (one output feature of a Linear) is divided by its abso
 
 (``round`` is round-half-to-even; an all-zero row gets absmax 0 and codes 0.) Storage: 8 bits per weight plus
 32 per row, 8.01 bits per parameter for a 4096-wide row. The same quantizer, applied row-wise to activations,
-is the first step of LLM.int8()'s matmul (``int8_linear.py``). Dettmers et al. 2022, LLM.int8():
-https://arxiv.org/abs/2208.07339.
+is the first step of LLM.int8()'s matmul (kernels/int8_reference.py, which holds ``rowwise_int8``).
+Dettmers et al. 2022, LLM.int8(): https://arxiv.org/abs/2208.07339.
 """
 
 from __future__ import annotations
