@@ -895,7 +895,7 @@ def _int8_offsets_fit(x: torch.Tensor | None, codes: torch.Tensor) -> bool:
     """Whether every element offset the int8 kernels compute fits in 32 bits (they index with int32): x's span
     in memory, x (M, in), y (M, out) and the codes (out, in) all below 2³¹ elements."""
     n, k = codes.shape
-    m = 0 if x is None or k == 0 else x.numel() // k
+    m = 0 if x is None else math.prod(x.shape[:-1])
     x_span = 0  # the largest offset into x's storage, plus one
     if x is not None and x.numel():
         x_span = 1 + sum((d - 1) * abs(s) for d, s in zip(x.shape, x.stride(), strict=True))
@@ -907,7 +907,8 @@ def _int8_route(backend: str | None, where: str, device: torch.device, dtype: to
     name = get_backend() if backend is None else _check_name(backend, where)
     why_not = _triton_unavailable(device, None)
     if why_not is None and not fits:
-        why_not = "a tensor of 2**31 or more elements: the int8 kernels index with 32-bit offsets"
+        why_not = ("a tensor of 2**31 or more elements, or a view spanning as many: the int8 kernels index with "
+                   "32-bit offsets")
     if why_not is None and dtype not in INT8_TRITON_DTYPES:
         why_not = f"dtype {dtype} is not supported by the int8 Triton kernels (supported: float32, float16, bfloat16)"
     if why_not is None and _INTERPRETING and dtype == torch.bfloat16:

@@ -44,7 +44,9 @@ __all__ = ["MAX_OUTLIER_COLUMNS", "rowwise_int8", "int8_matmul", "int8_dequantiz
 # per layer up to 13B parameters (|x| >= 6); 128 leaves room, and costs a (M, 128) x (128, out) 16-bit GEMM.
 MAX_OUTLIER_COLUMNS = 128
 INV_127 = 7.874015718698502e-3  # 1/127 rounded to fp32, as bitsandbytes writes it
-INV_127_SQUARED = 6.200124e-05  # bitsandbytes' constant for 1/127² (= 6.2000124e-05; kept for its bits)
+# bitsandbytes' default-backend (CPU) constant for 1/127², which is 6.2000124e-05 (its CUDA kernel uses
+# 6.200012e-05); kept for bit-identity with that path
+INV_127_SQUARED = 6.200124e-05
 
 
 def rowwise_int8(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

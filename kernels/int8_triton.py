@@ -27,11 +27,14 @@ fp32 products, the bias, one rounding), with the compiler's fusing of a multiply
 off where it would skip a rounding torch makes. Only the outlier columns' 16-bit sum can differ in its order.
 ``int8_dequantize_triton`` makes Ŵ for backward's dX = dy·Ŵ (then a cuBLAS GEMM, as the NF4 backward does).
 
-Limits: every tensor below 2**31 elements (32-bit offsets; ``kernels.int8_linear`` checks); fp16, bf16 and fp32.
+Limits: every tensor (and x's span in memory) below 2**31 elements, for 32-bit offsets (the switch checks); fp16,
+bf16 and fp32.
 This module imports only torch, triton and the LoRA kernels' shared helpers (tile order, autotuning).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -64,11 +67,11 @@ def _scan_kernel(
     nans = tl.zeros((BM,), tl.int32)
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
-        in_k = cols < K
+        ok = in_m[:, None] & (cols < K)[None, :]
         a = tl.abs(tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                           mask=in_m[:, None] & in_k[None, :], other=0.0).to(tl.float32))  # (BM, BK) |x|
+                           mask=ok, other=0.0).to(tl.float32))  # (BM, BK) |x|
         if HAS_THRESHOLD:
-            big = a >= threshold  # (BM, BK)
+            big = (a >= threshold) & ok  # (BM, BK); never the padding (its 0 would pass a threshold of 0)
             # flags[j] = 1 for each outlier's column: a store only where there is one (every writer writes the
             # same 1, so no atomics, and no reduction across the tile's rows)
             tl.store(flags_ptr + (cols[None, :] + 0 * rows[:, None]), tl.full((BM, BK), 1, tl.int32), mask=big)
@@ -207,6 +210,12 @@ def _dequantize_kernel(codes_ptr, absmax_ptr, out_ptr, N, K, BN: tl.constexpr, B
              mask=ok)
 
 
+@functools.lru_cache(maxsize=64)
+def _in_dtype(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype`` (and back to a Python float), once per pair."""
+    return torch.tensor(value, dtype=dtype).item()
+
+
 def int8_linear_triton(x2d: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, bias: torch.Tensor | None,
                        threshold: float) -> torch.Tensor:  # fmt: skip
     """``int8_linear_reference`` on the Triton kernels: x2d (M, in) → (M, out) in x's dtype.
@@ -222,7 +231,7 @@ def int8_linear_triton(x2d: torch.Tensor, codes: torch.Tensor, absmax: torch.Ten
     if M == 0:
         return y
     has_threshold = threshold > 0
-    threshold = torch.tensor(threshold, dtype=x2d.dtype).item()  # torch compares |x| ≥ it in x's dtype: round it
+    threshold = _in_dtype(threshold, x2d.dtype)  # torch compares |x| ≥ it in x's dtype: round it the same way
     x_absmax = torch.empty(M, dtype=torch.float32, device=dev)
     flags = torch.zeros(K if has_threshold else 1, dtype=torch.int32, device=dev)
     x_codes = torch.empty(M, K, dtype=torch.int8, device=dev)

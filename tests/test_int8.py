@@ -252,6 +252,29 @@ def test_triton_int8_takes_empty_batches_3d_x_and_strided_statistics():
     _close_to_scale(got, want)
 
 
+def test_the_32_bit_offset_guard_counts_every_tensor_and_the_span_of_x():
+    """On meta tensors (no memory): x's rows · in, x's span in memory, rows · out and the codes, each < 2³¹."""
+    fits = kernels._int8_offsets_fit
+    codes = torch.empty(2**16, 2**14, dtype=torch.int8, device="meta")  # 2³⁰ codes
+    x = torch.empty(8, 2**14, device="meta")
+    assert fits(x, codes) and fits(None, codes)
+    assert not fits(x.as_strided((8, 2**14), (2**29, 1)), codes)  # 8 rows 2²⁹ apart: a span of 7·2²⁹ + 2¹⁴
+    assert not fits(torch.empty(2**15, 2**14, device="meta"), codes)  # y: 2¹⁵ · 2¹⁶ = 2³¹
+    assert not fits(None, torch.empty(2**17, 2**14, dtype=torch.int8, device="meta"))  # the codes: 2³¹
+
+
+def test_the_scan_flags_no_column_past_the_end():
+    """A threshold of 0 with the decomposition on (1e-8 rounds to 0 in fp16): the padding lanes of the last block
+    load 0, which passes the comparison; they must not flag a column past in_features."""
+    from minipeft.kernels import int8_triton
+
+    x = torch.randn(5, 40).half()
+    buf = torch.zeros(64 + 64, dtype=torch.int32)  # flags for 40 columns, then a guard region
+    absmax = torch.empty(5)
+    int8_triton._scan_kernel[(1,)](x, absmax, buf[:40], 5, 40, 40, 1, 0.0, HAS_THRESHOLD=True, BM=16, BK=32)
+    assert buf[:40].eq(1).all() and not buf[40:].any()
+
+
 def test_triton_int8_compares_with_the_threshold_rounded_to_x_dtype():
     """torch compares |x| ≥ threshold in x's dtype: 6.001 is 6.0 in fp16, so a value of exactly 6 is an outlier.
     With one outlier column and one row the two backends add the same single product: the same bits."""
