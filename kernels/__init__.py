@@ -743,20 +743,26 @@ def nf4_dequantize(
 def _check_nf4_layer(x, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, bias, out_features,
                      in_features, blocksize, dq_blocksize) -> None:  # fmt: skip
     """The checks of ``nf4_linear``'s arguments (``nf4_lora_linear`` makes them too)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {_describe(x)}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"x has dtype {x.dtype}; expected a floating dtype (float16, bfloat16, float32, float64)")
     for name, v in (("out_features", out_features), ("in_features", in_features)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name} must be a positive int, got {_describe(v)}")
     _check_nf4_state(codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, out_features * in_features,
                      blocksize, dq_blocksize)  # fmt: skip
+    _check_layer_input(x, bias, out_features, in_features, codes.device, "NF4")
+
+
+def _check_layer_input(x, bias, out_features: int, in_features: int, device: torch.device, kind: str) -> None:
+    """A quantized layer's input: x (..., in) floating, on the codes' device; bias None or (out,) in x's dtype
+    on the same device. ``kind`` names the codes in the messages ("NF4", "int8")."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {_describe(x)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x has dtype {x.dtype}; expected a floating dtype (float16, bfloat16, float32, float64)")
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x has shape {tuple(x.shape)}; expected (..., {in_features}) to match the weight "
                          f"(out, in) = ({out_features}, {in_features})")  # fmt: skip
-    if x.device != codes.device:
-        raise ValueError(f"x is on {x.device} but the NF4 codes are on {codes.device}; move them together")
+    if x.device != device:
+        raise ValueError(f"x is on {x.device} but the {kind} codes are on {device}; move them together")
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"bias must be None or a torch.Tensor, got {_describe(bias)}")
@@ -972,22 +978,7 @@ def int8_linear(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, bias
     """
     _check_int8_state(codes, absmax)
     out_features, in_features = codes.shape
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {_describe(x)}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"x has dtype {x.dtype}; expected a floating dtype (float16, bfloat16, float32, float64)")
-    if x.dim() < 1 or x.shape[-1] != in_features:
-        raise ValueError(f"x has shape {tuple(x.shape)}; expected (..., {in_features})")
-    if x.device != codes.device:
-        raise ValueError(f"x is on {x.device} but the int8 codes are on {codes.device}; move them together")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be None or a torch.Tensor, got {_describe(bias)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias has dtype {bias.dtype} but x has {x.dtype}; pass bias.to(x.dtype)")
-        if bias.shape != (out_features,) or bias.device != x.device:
-            raise ValueError(f"bias must have shape ({out_features},) on {x.device}, got {tuple(bias.shape)} on "
-                             f"{bias.device}")  # fmt: skip
+    _check_layer_input(x, bias, out_features, in_features, codes.device, "int8")
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold) \
             or threshold < 0:  # fmt: skip
         raise ValueError(f"threshold must be a finite number ≥ 0 (6.0 in LLM.int8(); 0 turns the outlier "
