@@ -183,10 +183,12 @@ def test_nf4_model_merge_and_unload():
 
 
 # ---------------------------------------------------------------------------------------- learning a task
+# 200 steps: on a machine with AVX-512 (2026-12-04; the base's last bits depend on the CPU's float kernels) 120 steps
+# gave 0.77 / 0.74 / 0.67 over seeds 0 / 1 / 2 against the bar 0.75, and 200 steps 0.93 / 0.88 / 0.94.
 @pytest.mark.slow
 def test_lora_learns_sentiment(pretrained_model, tokenizer):
     pm = get_peft_model(pretrained_model, LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"]))
-    chance, acc = learn_task(pm, tokenizer, "sentiment", steps=120, lr=3e-3)
+    chance, acc = learn_task(pm, tokenizer, "sentiment", steps=200, lr=3e-3)
     assert acc >= halfway(chance), acc
 
 

@@ -236,6 +236,8 @@ def test_peft_model_logits_loss_generate_and_gradients(tiny_model):
 # Measured on the default base (150 steps of 16, validation exact match on `facts`, chance 0.135): prefix lr
 # 3e-3 → 0.00, 1e-2 → 0.04, 3e-2 → 0.67. On `sentiment` input-only methods stay near chance at this budget (0.5);
 # prefix tuning needs ~1500 steps there (0.91). The knowledge task suits them: the facts are in the base already.
+# The base's last bits depend on the CPU's float kernels (one machine with AVX-512, 2026-12-04: 150 steps, seeds
+# 0 / 1 / 2 → 0.46 / 0.10 / 0.12 on the test split, under the bar 0.568), so 300 steps: 0.83 / 0.73 there.
 @pytest.mark.slow
 def test_prefix_tuning_learns_the_facts_task(pretrained_model, tokenizer):
     from learning import halfway, learn_task
@@ -244,5 +246,5 @@ def test_prefix_tuning_learns_the_facts_task(pretrained_model, tokenizer):
 
     torch.manual_seed(0)
     pm = get_peft_model(pretrained_model, PrefixTuningConfig(num_virtual_tokens=10))
-    chance, score = learn_task(pm, tokenizer, "facts", steps=150, lr=3e-2)
+    chance, score = learn_task(pm, tokenizer, "facts", steps=300, lr=3e-2)
     assert score >= halfway(chance), f"prefix tuning reached {score:.3f} < {halfway(chance):.3f}"

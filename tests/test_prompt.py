@@ -218,6 +218,9 @@ def test_peft_model_logits_loss_generate_and_gradients(tiny_model, config):
 # steps; 2026-12-02), seed 0: 300 steps → 0.562, 450 steps → 0.698 (the bar: 0.568), so 450 steps.
 # On `sentiment` both stay near chance (0.41-0.62) at every rate and length tried, as the prompt-tuning notes say
 # of small models ("prompt tuning doesn't perform as well as full fine-tuning for smaller LLMs").
+# The base's last bits depend on the CPU's float kernels. On a machine with AVX-512 (2026-12-04), prompt tuning,
+# seeds 0 / 1 / 2, 200 steps → 0.22 / 0.30 / 0.49 (the bar: 0.568); 400 steps → 0.51 / 0.62 (seeds 0 / 1); 600 steps
+# → 0.60 / 0.71. So 600 steps.
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["prompt", "ptuning"])
 def test_soft_prompt_learns_the_facts_task(pretrained_model, tokenizer, method):
@@ -230,7 +233,7 @@ def test_soft_prompt_learns_the_facts_task(pretrained_model, tokenizer, method):
     if method == "prompt":  # "higher learning rates often work better" (the prompt- and prefix-tuning guide)
         config = PromptTuningConfig(num_virtual_tokens=20, prompt_tuning_init="TEXT",
                                     prompt_tuning_init_text=load_task("facts").discrete_prompt)
-        lr, steps = 1e-1, 200
+        lr, steps = 1e-1, 600
     else:
         config, lr, steps = PTuningConfig(num_virtual_tokens=20, encoder_hidden_size=128), 3e-3, 450
     pm = get_peft_model(pretrained_model, config, tokenizer=tokenizer)
