@@ -28,7 +28,7 @@ benchmarks/RESULTS.md: H200 2026-12-02 at GPT-2 widths, H100 2026-11-24 at K = N
 | M ≥ COMPILED_FUSED_MIN_ROWS                                | (the op)    | fwd+bwd 1.44-2.17× floor at GPT-2 widths |
 |                                                            |             | against reference 2.0-2.7×, cublas       |
 |                                                            |             | 1.75-1.96× (M 4096-16384); a GPT-2-small |
-|                                                            |             | step 1.07× the reference's (H200)        |
+|                                                            |             | step 1.11× the reference's (H200)        |
 | torch.compile tracing, otherwise                           | "unfused"   | Inductor fuses the reference's ops       |
 
 CPU tensors, float64 and a missing Triton never reach this module: ``kernels.lora_linear`` sends them to the

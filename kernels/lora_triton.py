@@ -58,6 +58,7 @@ import functools
 import inspect
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -65,8 +66,8 @@ import triton.language as tl
 
 from .triton_interpreter import INTERPRETING, interpreter_lock
 
-__all__ = ["SUPPORTED_DTYPES", "shrink", "fused_gemm", "fused_gemm_tma", "dsdb", "da", "lora_linear_op",
-           "lora_linear_backward_op", "lora_linear"]
+__all__ = ["SUPPORTED_DTYPES", "shrink", "fused_gemm", "fused_gemm_tma", "Workspace", "workspace", "dsdb", "da",
+           "lora_linear_op", "lora_linear_backward_op", "lora_linear"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TMA_DTYPES = (torch.float16, torch.bfloat16)  # the TMA kernel's configs are sized for 2-byte operands
@@ -111,10 +112,10 @@ def _num_sms(device: torch.device) -> int:
     return _device_info(device.index if device.index is not None else torch.cuda.current_device())[0]
 
 
-def _splits(rows: int, row_block: int, other_blocks: int, device: torch.device) -> tuple[int, int]:
-    """Split the rows so that the grid has about 4 programs per SM: (number of splits, rows per split)."""
+def _splits(rows: int, row_block: int, other_blocks: int, device: torch.device, per_sm: int = 4) -> tuple[int, int]:
+    """Split the rows so that the grid has about ``per_sm`` programs per SM: (number of splits, rows per split)."""
     row_blocks = triton.cdiv(rows, row_block)
-    want = max(1, triton.cdiv(4 * _num_sms(device), max(other_blocks, 1)))
+    want = max(1, triton.cdiv(per_sm * _num_sms(device), max(other_blocks, 1)))
     n_split = min(row_blocks, want)
     per_split = triton.cdiv(row_blocks, n_split) * row_block
     return triton.cdiv(rows, per_split), per_split
@@ -167,10 +168,16 @@ def shrink(x2d: torch.Tensor, mask2d: torch.Tensor | None, lora_A: torch.Tensor)
         return torch.zeros((M, r), device=x2d.device, dtype=x2d.dtype)
     s = torch.empty((M, r), device=x2d.device, dtype=x2d.dtype)
     if INTERPRETING:
-        bm, bk, warps = 16, 32, 4
-    else:  # the loop over K is serial: keep about two programs per SM busy
+        bm, bk, warps, stages = 16, 32, 4, 1
+    elif x2d.element_size() == 2 and _device_info(x2d.get_device())[1] >= 9:
+        # 16-bit x on Hopper: about one program of up to 64 rows per SM, its loop over K pipelined 3-4 deep:
+        # the best of 108 tilings on an H200 at M = 7936 (2026-12-04): 4.3 → 3.4 µs at K = 768, 14.5 → 11.4 µs
+        # at K = 3072 against the tiling below.
+        bm = min(64, max(16, triton.next_power_of_2(triton.cdiv(M, _num_sms(x2d.device)))))
+        bk, warps, stages = (256, 4, 3) if K >= 2048 else (128, 4, 4)
+    else:  # fp32 x (a stage takes twice the shared memory: 4 stages of 64 × 128 ask for 254 KB), older GPUs
         bm = min(64, max(16, triton.next_power_of_2(triton.cdiv(M, 2 * _num_sms(x2d.device)))))
-        bk, warps = 128, 4
+        bk, warps, stages = 128, 4, 3
     mask_arg = mask2d if mask2d is not None else x2d  # any valid pointer: HAS_MASK=False never reads it
     with interpreter_lock():
         _shrink_kernel[(triton.cdiv(M, bm),)](
@@ -179,7 +186,7 @@ def shrink(x2d: torch.Tensor, mask2d: torch.Tensor | None, lora_A: torch.Tensor)
             x2d.stride(0), x2d.stride(1), mask_arg.stride(0), mask_arg.stride(1),
             lora_A.stride(0), lora_A.stride(1), s.stride(0), s.stride(1),
             HAS_MASK=mask2d is not None, R_PAD=_pad_rank(r), PRECISION=_precision(x2d.dtype),
-            BM=bm, BK=bk, num_warps=warps,
+            BM=bm, BK=bk, num_warps=warps, num_stages=stages,
         )
     return s
 
@@ -458,17 +465,20 @@ def fused_gemm_tma(
 
 
 # --------------------------------------------------------------------------------------------------------
-# Kernel 3 ("dS/dB"): one pass over dY → G = dY·B (M, R_PAD) fp32, dB = scaling·dYᵀ·S (N, r) fp32, dbias (N,).
-# Grid (N-blocks, M-splits); sums across programs go through fp32 atomics into zeroed buffers.
+# Kernel 3 ("dS/dB"): one pass over dY → G = dY·B (M, R_PAD) fp32, dB = scaling·dYᵀ·S (N, r), dbias (N,).
+# Grid (N-blocks, M-splits). Sums across programs go through fp32 atomics into a zeroed workspace; the last
+# program of a column block to finish (a counter, incremented once per program) rounds that block's dB and
+# dbias to their dtypes. So a backward pays one zero fill and no cast kernel: in a CUDA-graph training step
+# each of those is one more kernel per LoRA layer, ~1-2 µs of the GPU's time (RESULTS.md, H200 2026-12-04).
 # --------------------------------------------------------------------------------------------------------
 @triton.jit
 def _dsdb_kernel(
-    # pointers
-    dy_ptr, b_ptr, s_ptr, g_ptr, db_ptr, dbias_ptr,
+    # pointers (g, db_acc, dbias_acc and count: the zeroed workspace; db and dbias: the outputs)
+    dy_ptr, b_ptr, s_ptr, g_ptr, db_acc_ptr, dbias_acc_ptr, count_ptr, db_ptr, dbias_ptr,
     # sizes
-    M, N, R, ROWS_PER_SPLIT,
-    # strides (G and dB are this wrapper's contiguous buffers: (M, R_PAD) and (N, R))
-    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
+    M, N, R, ROWS_PER_SPLIT, N_SPLIT,
+    # strides (G and the accumulators are contiguous: (M, R_PAD), (N, R_PAD), (N,))
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dbn, stride_dbr,
     scaling,
     # meta-parameters
     HAS_BIAS_GRAD: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
@@ -497,50 +507,95 @@ def _dsdb_kernel(
         db_acc = tl.dot(tl.trans(dy), s, db_acc, input_precision=PRECISION)              # (BN, R_PAD)
         if HAS_BIAS_GRAD:
             dbias_acc += tl.sum(dy.to(tl.float32), axis=0)
-    tl.atomic_add(db_ptr + offs_n[:, None] * R + offs_r[None, :], db_acc * scaling,
-                  mask=in_n[:, None] & in_r[None, :], sem="relaxed")
+    db_offs = offs_n[:, None] * R_PAD + offs_r[None, :]
+    tl.atomic_add(db_acc_ptr + db_offs, db_acc, mask=in_n[:, None], sem="relaxed")
     if HAS_BIAS_GRAD:
-        tl.atomic_add(dbias_ptr + offs_n, dbias_acc, mask=in_n, sem="relaxed")
+        tl.atomic_add(dbias_acc_ptr + offs_n, dbias_acc, mask=in_n, sem="relaxed")
+    tl.debug_barrier()                                # every thread's adds before the release below
+    # acq_rel: the last split of this column block to arrive sees every other split's adds
+    if tl.atomic_add(count_ptr + tl.program_id(0), 1) == N_SPLIT - 1:
+        # ".cg": read L2, where the atomics landed, not this SM's L1
+        db_sum = tl.load(db_acc_ptr + db_offs, mask=in_n[:, None], other=0.0, cache_modifier=".cg")
+        tl.store(db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
+                 (db_sum * scaling).to(db_ptr.dtype.element_ty), mask=in_n[:, None] & in_r[None, :])
+        if HAS_BIAS_GRAD:
+            dbias_sum = tl.load(dbias_acc_ptr + offs_n, mask=in_n, other=0.0, cache_modifier=".cg")
+            tl.store(dbias_ptr + offs_n, dbias_sum.to(dbias_ptr.dtype.element_ty), mask=in_n)
 
 
-def dsdb(dy2d: torch.Tensor, lora_B: torch.Tensor, s: torch.Tensor, scaling: float, need_dbias: bool):
+class Workspace(NamedTuple):
+    """The zeroed fp32 buffers the backward's atomics add into, carved from one allocation (one fill).
+
+    g (M, R_PAD) is G = dY·B; db (N, R_PAD), dbias (N,) and da (R_PAD, K) are the partial sums of dB, dbias
+    and dA before their last program rounds them; count holds one int32 counter per column block of dY and
+    of x (dsdb's, then da's)."""
+
+    g: torch.Tensor
+    db: torch.Tensor
+    dbias: torch.Tensor
+    da: torch.Tensor
+    count: torch.Tensor
+
+
+def workspace(M: int, N: int, K: int, r: int, device: torch.device) -> Workspace:
+    """Zeroed buffers for one backward of a LoRA layer with x (M, K), dY (M, N) and rank r."""
+    r_pad = _pad_rank(r)
+    sizes = [M * r_pad, N * r_pad, N, r_pad * K, triton.cdiv(N, DSDB_BN) + triton.cdiv(K, DA_BK)]
+    g, db, dbias, d_a, count = torch.zeros(sum(sizes), device=device, dtype=torch.float32).split(sizes)
+    # zero bits are 0 in either dtype
+    return Workspace(g.view(M, r_pad), db.view(N, r_pad), dbias, d_a.view(r_pad, K), count.view(torch.int32))
+
+
+# Tiles of kernels 3 and 4 (the interpreter takes small ones, so that the tests' shapes span several blocks).
+# dS/dB: 64 rows × 128 columns of dY, 4 warps, 3 stages, about 2 programs per SM: the best of 72 tilings on an
+# H200 at M = 7936 (2026-12-04): 12.9 / 18.5 / 8.1 µs at N = 2304 / 3072 / 768, against 16.2 / 22.9 / 8.2 for
+# the 8-warp, 4-per-SM tiling before it.
+DSDB_BM, DSDB_BN, DSDB_WARPS, DSDB_STAGES, DSDB_PER_SM = (16, 32, 4, 1, 4) if INTERPRETING else (64, 128, 4, 3, 2)
+DA_BM, DA_BK, DA_WARPS, DA_PER_SM = (16, 32, 4, 4) if INTERPRETING else (64, 128, 4, 4)
+
+
+def dsdb(dy2d: torch.Tensor, lora_B: torch.Tensor, s: torch.Tensor, scaling: float, need_dbias: bool,
+         ws: Workspace | None = None):
     """One pass over dY (M, N): G = dY·B (M, R_PAD) fp32 with zero padding columns, dB = scaling·dYᵀ·S (N, r)
-    fp32, and dbias = dY.sum(0) (N,) fp32 when ``need_dbias`` (else None)."""
+    in B's dtype, and dbias = dY.sum(0) (N,) in dY's dtype when ``need_dbias`` (else None).
+
+    ``ws``: the backward's zeroed workspace (``workspace``), shared with ``da``; None allocates one."""
     M, N = dy2d.shape
     r = lora_B.shape[1]
     if lora_B.shape[0] != N or s.shape != (M, r):
         raise ValueError(f"dsdb: dY {tuple(dy2d.shape)}, B {tuple(lora_B.shape)} and S {tuple(s.shape)} "
                          "do not fit (M, N), (N, r), (M, r)")
-    r_pad = _pad_rank(r)
-    g = torch.zeros((M, r_pad), device=dy2d.device, dtype=torch.float32)
-    db = torch.zeros((N, r), device=dy2d.device, dtype=torch.float32)
-    dbias = torch.zeros((N,), device=dy2d.device, dtype=torch.float32) if need_dbias else None
-    if M == 0 or N == 0:  # every sum is empty: the zeros are the answer
-        return g, db, dbias
-    bm, bn, warps = (16, 32, 4) if INTERPRETING else (64, 128, 8)
-    n_split, per_split = _splits(M, bm, triton.cdiv(N, bn), dy2d.device)
+    if ws is None:
+        ws = workspace(M, N, 0, r, dy2d.device)
+    if M == 0 or N == 0:  # every sum is empty: zeros are the answer
+        return ws.g, lora_B.new_zeros((N, r)), dy2d.new_zeros((N,)) if need_dbias else None
+    db = torch.empty((N, r), device=dy2d.device, dtype=lora_B.dtype)
+    dbias = torch.empty((N,), device=dy2d.device, dtype=dy2d.dtype) if need_dbias else None
+    n_split, per_split = _splits(M, DSDB_BM, triton.cdiv(N, DSDB_BN), dy2d.device, DSDB_PER_SM)
     with interpreter_lock():
-        _dsdb_kernel[(triton.cdiv(N, bn), n_split)](
-            dy2d, lora_B, s, g, db, dbias if need_dbias else g,
-            M, N, r, per_split,
+        _dsdb_kernel[(triton.cdiv(N, DSDB_BN), n_split)](
+            dy2d, lora_B, s, ws.g, ws.db, ws.dbias, ws.count, db, dbias if need_dbias else db,
+            M, N, r, per_split, n_split,
             dy2d.stride(0), dy2d.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0), s.stride(1),
-            scaling,
-            HAS_BIAS_GRAD=need_dbias, R_PAD=r_pad, PRECISION=_precision(dy2d.dtype), BM=bm, BN=bn, num_warps=warps,
+            db.stride(0), db.stride(1), scaling,
+            HAS_BIAS_GRAD=need_dbias, R_PAD=ws.g.shape[1], PRECISION=_precision(dy2d.dtype),
+            BM=DSDB_BM, BN=DSDB_BN, num_warps=DSDB_WARPS, num_stages=DSDB_STAGES,
         )
-    return g, db, dbias
+    return ws.g, db, dbias
 
 
 # --------------------------------------------------------------------------------------------------------
-# Kernel 4 ("dA"): dA = scaling·Gᵀ·(x ⊙ mask), (r, K) fp32. Grid (K-blocks, M-splits), fp32 atomics.
+# Kernel 4 ("dA"): dA = scaling·Gᵀ·(x ⊙ mask), (r, K). Grid (K-blocks, M-splits); fp32 atomics into the
+# workspace, and the last split of a column block rounds it to dA's dtype, as in kernel 3.
 # --------------------------------------------------------------------------------------------------------
 @triton.jit
 def _da_kernel(
-    # pointers
-    g_ptr, x_ptr, mask_ptr, da_ptr,
+    # pointers (g, da_acc and count: the workspace; da: the output)
+    g_ptr, x_ptr, mask_ptr, da_acc_ptr, count_ptr, da_ptr,
     # sizes
-    M, K, R, ROWS_PER_SPLIT,
-    # strides (G and dA are contiguous buffers: (M, R_PAD) and (R, K))
-    stride_xm, stride_xk, stride_mm, stride_mk,
+    M, K, R, ROWS_PER_SPLIT, N_SPLIT,
+    # strides (G and the accumulator are contiguous: (M, R_PAD) and (R_PAD, K))
+    stride_xm, stride_xk, stride_mm, stride_mk, stride_dar, stride_dak,
     scaling,
     # meta-parameters
     HAS_MASK: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
@@ -563,29 +618,40 @@ def _da_kernel(
         g_t = tl.load(g_ptr + offs_r[:, None] + offs_m[None, :] * R_PAD,
                       mask=in_m[None, :], other=0.0)                                     # (R_PAD, BM) = Gᵀ
         acc = tl.dot(g_t.to(x.dtype), x, acc, input_precision=PRECISION)
-    tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], acc * scaling,
-                  mask=(offs_r < R)[:, None] & in_k[None, :], sem="relaxed")
+    acc_offs = offs_r[:, None] * K + offs_k[None, :]
+    tl.atomic_add(da_acc_ptr + acc_offs, acc, mask=in_k[None, :], sem="relaxed")
+    tl.debug_barrier()                                # every thread's adds before the release below
+    if tl.atomic_add(count_ptr + tl.program_id(0), 1) == N_SPLIT - 1:                    # the last split
+        total = tl.load(da_acc_ptr + acc_offs, mask=in_k[None, :], other=0.0, cache_modifier=".cg")
+        tl.store(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak,
+                 (total * scaling).to(da_ptr.dtype.element_ty), mask=(offs_r < R)[:, None] & in_k[None, :])
 
 
-def da(g: torch.Tensor, x2d: torch.Tensor, mask2d: torch.Tensor | None, rank: int, scaling: float) -> torch.Tensor:
-    """dA = scaling·Gᵀ·(x ⊙ mask) as an (r, K) fp32 tensor; g (M, R_PAD) is ``dsdb``'s padded buffer."""
+def da(g: torch.Tensor, x2d: torch.Tensor, mask2d: torch.Tensor | None, rank: int, scaling: float,
+       dtype: torch.dtype, ws: Workspace | None = None) -> torch.Tensor:
+    """dA = scaling·Gᵀ·(x ⊙ mask) as an (r, K) tensor of ``dtype``; g (M, R_PAD) is ``dsdb``'s padded buffer.
+
+    ``ws``: the workspace ``dsdb`` used (its dA part and counters are still zero); None allocates one."""
     M, K = x2d.shape
     r_pad = g.shape[1]
     if g.shape[0] != M or rank > r_pad or (mask2d is not None and mask2d.shape != x2d.shape):
         raise ValueError(f"da: G {tuple(g.shape)} and x {tuple(x2d.shape)} do not fit (M, R_PAD), (M, K)")
-    d_a = torch.zeros((rank, K), device=x2d.device, dtype=torch.float32)
+    if ws is None:
+        ws = workspace(0, 0, K, rank, x2d.device)
     if M == 0 or K == 0:
-        return d_a
-    bm, bk, warps = (16, 32, 4) if INTERPRETING else (64, 128, 4)
-    n_split, per_split = _splits(M, bm, triton.cdiv(K, bk), x2d.device)
+        return torch.zeros((rank, K), device=x2d.device, dtype=dtype)
+    d_a = torch.empty((rank, K), device=x2d.device, dtype=dtype)
+    k_blocks = triton.cdiv(K, DA_BK)
+    n_split, per_split = _splits(M, DA_BM, k_blocks, x2d.device, DA_PER_SM)
     mask_arg = mask2d if mask2d is not None else x2d
     with interpreter_lock():
-        _da_kernel[(triton.cdiv(K, bk), n_split)](
-            g, x2d, mask_arg, d_a,
-            M, K, rank, per_split,
-            x2d.stride(0), x2d.stride(1), mask_arg.stride(0), mask_arg.stride(1),
+        _da_kernel[(k_blocks, n_split)](
+            g, x2d, mask_arg, ws.da, ws.count[ws.count.numel() - k_blocks:], d_a,
+            M, K, rank, per_split, n_split,
+            x2d.stride(0), x2d.stride(1), mask_arg.stride(0), mask_arg.stride(1), d_a.stride(0), d_a.stride(1),
             scaling,
-            HAS_MASK=mask2d is not None, R_PAD=r_pad, PRECISION=_precision(x2d.dtype), BM=bm, BK=bk, num_warps=warps,
+            HAS_MASK=mask2d is not None, R_PAD=r_pad, PRECISION=_precision(x2d.dtype), BM=DA_BM, BK=DA_BK,
+            num_warps=DA_WARPS,
         )
     return d_a
 
@@ -655,15 +721,16 @@ def _backward_kernels(
     x2d = x.reshape(M, K)
     mask2d = None if dropout_mask is None else dropout_mask.reshape(M, K)
     dy2d = dy.reshape(M, N)                                                          # (M, N)
-    g, d_b, d_bias = dsdb(dy2d, lora_B, s, scaling, need_bias)                      # kernel 3: G, dB, dbias
+    ws = workspace(M, N, K if need_A else 0, lora_A.shape[0], dy.device)             # one zero fill
+    g, d_b, d_bias = dsdb(dy2d, lora_B, s, scaling, need_bias, ws)                  # kernel 3: G, dB, dbias
     empty = lambda: dy.new_empty(0)  # noqa: E731  (a fresh tensor each: outputs may not alias each other)
     d_x = dA = None
     if need_x:  # kernel 2 again: dX = dY·W + mask ⊙ (scaling·G·A)
         d_x = _gemm(_use_tma(tma, dy2d, weight), dy2d, weight, False, g, lora_A, scaling, mask2d, None).view(x.shape)
     if need_A:
-        dA = da(g, x2d, mask2d, lora_A.shape[0], scaling).to(lora_A.dtype)           # kernel 4
-    return (d_x if need_x else empty(), dA if need_A else empty(), d_b.to(lora_B.dtype) if need_B else empty(),
-            d_bias.to(dy.dtype) if need_bias else empty())
+        dA = da(g, x2d, mask2d, lora_A.shape[0], scaling, lora_A.dtype, ws)          # kernel 4
+    return (d_x if need_x else empty(), dA if need_A else empty(), d_b if need_B else empty(),
+            d_bias if need_bias else empty())
 
 
 @torch.library.custom_op("minipeft::lora_linear_triton_backward", mutates_args=())

@@ -70,6 +70,7 @@ from .lora_triton import (
     da,
     dsdb,
     shrink,
+    workspace,
 )
 from .nf4_decode_triton import MAX_ROWS as DECODE_MAX_ROWS
 from .nf4_decode_triton import nf4_decode
@@ -585,11 +586,12 @@ def _backward_kernels(dy, x, state, lora_A, lora_B, s, scaling, dropout_mask, si
     x2d = x.reshape(M, in_features)
     mask2d = None if dropout_mask is None else dropout_mask.reshape(M, in_features)
     dy2d = dy.reshape(M, out_features)                                               # (M, out)
-    g, d_b, d_bias = dsdb(dy2d, lora_B, s, scaling, need_bias)                       # G, dB, dbias
+    ws = workspace(M, out_features, in_features if need_A else 0, lora_A.shape[0], dy.device)  # one zero fill
+    g, d_b, d_bias = dsdb(dy2d, lora_B, s, scaling, need_bias, ws)                   # G, dB, dbias
     empty = lambda: dy.new_empty(0)  # noqa: E731  (a fresh tensor each: outputs may not alias each other)
     d_x = nf4_gemm(dy2d, state, *sizes, True, g, lora_A, scaling, mask2d, None).view(x.shape) if need_x else empty()
-    d_a = da(g, x2d, mask2d, lora_A.shape[0], scaling).to(lora_A.dtype) if need_A else empty()
-    return (d_x, d_a, d_b.to(lora_B.dtype) if need_B else empty(), d_bias.to(dy.dtype) if need_bias else empty())
+    d_a = da(g, x2d, mask2d, lora_A.shape[0], scaling, lora_A.dtype, ws) if need_A else empty()
+    return (d_x, d_a, d_b if need_B else empty(), d_bias if need_bias else empty())
 
 
 @torch.library.custom_op("minipeft::nf4_lora_linear_triton", mutates_args=())

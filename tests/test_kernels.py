@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch._dynamo as dynamo
+import triton
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tolerances import assert_close, rel_error
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from minipeft import kernels
 from minipeft.kernels import lora_routes, lora_triton, reference
@@ -373,6 +375,56 @@ def test_backend_runs_what_its_name_promises(backend, mode, M, ran):
         assert ran == TRITON_FORWARD + (TRITON_BACKWARD if mode == "train" else []), ran
     else:
         assert ran == ["reference"], ran
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)   # bf16: wrong in the interpreter
+def test_backward_sums_reach_every_split(dtype):
+    """G, dB, dbias and dA against torch at a shape of several column blocks and row splits: the program that
+    rounds a block's sum must come after every split's atomics (an early one leaves torch.empty's garbage),
+    and the results come in the parameters' dtypes with no cast afterwards."""
+    M, N, K, r = 300, 70, 45, 3
+    dev = torch.device(DEVICE)
+    g = torch.Generator().manual_seed(0)
+    randn = lambda *shape: torch.randn(*shape, generator=g).to(dev, dtype)  # noqa: E731
+    dy, lora_B, s, x = randn(M, N), randn(N, r), randn(M, r), randn(M, K)
+    mask = (torch.rand(M, K, generator=g) > 0.3).to(dev, dtype) * 2
+    splits = lora_triton._splits(M, lora_triton.DSDB_BM, triton.cdiv(N, lora_triton.DSDB_BN), dev,
+                                 lora_triton.DSDB_PER_SM)[0]
+    assert splits > 1 and triton.cdiv(N, lora_triton.DSDB_BN) > 1 and triton.cdiv(K, lora_triton.DA_BK) > 1
+    ws = lora_triton.workspace(M, N, K, r, dev)
+    G, d_b, d_bias = lora_triton.dsdb(dy, lora_B, s, 0.5, True, ws)
+    d_a = lora_triton.da(G, x, mask, r, 0.5, dtype, ws)
+    assert (d_b.dtype, d_bias.dtype, d_a.dtype) == (dtype,) * 3
+    f = lambda t: t.double()  # noqa: E731
+    assert_close(G[:, :r], (f(dy) @ f(lora_B)).float(), torch.float32, scale=math.sqrt(N * r))
+    assert (G[:, r:] == 0).all()                                            # the padded rank columns
+    assert_close(d_b, (0.5 * f(dy).T @ f(s)).to(dtype), scale=math.sqrt(M))
+    assert_close(d_bias, f(dy).sum(0).to(dtype), scale=math.sqrt(M))
+    # dA from the kernel's G, rounded to x's dtype as the kernel's tensor-core product takes it
+    assert_close(d_a, (0.5 * f(G[:, :r].to(dtype)).T @ (f(x) * f(mask))).to(dtype), scale=M)
+
+
+def test_triton_backward_fills_once_and_casts_nothing():
+    """In a CUDA-graph training step every small op is one more kernel per LoRA layer: the Triton backward
+    makes one zero fill (the workspace its atomics add into) and returns its gradients in their dtypes."""
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    inputs, dy = _make_inputs(20, 8, 8, 2, torch.float16, bias=True, seed=1)
+    for name in ("x", "lora_A", "lora_B", "bias"):
+        inputs[name].requires_grad_()
+    y = kernels.lora_linear(**inputs, scaling=2.0, backend="triton")
+    with Ops() as ops:
+        y.backward(dy)
+    fills = [n for n in ops.names if n.split(".")[0] in ("zeros", "zero_", "fill_", "new_zeros", "zeros_like")]
+    casts = [n for n in ops.names if n.split(".")[0] == "_to_copy"]  # (the interpreter's own copy_ calls aside)
+    assert len(fills) == 1 and not casts, ops.names
 
 
 def _hopper() -> bool:
