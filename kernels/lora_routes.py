@@ -24,11 +24,15 @@ benchmarks/RESULTS.md: H200 2026-12-02 at GPT-2 widths, H100 2026-11-24 at K = N
 | TMA-ready (Hopper, unit last stride, 16-byte rows)         |             | 1.45× at 768 → 2304 (reference 2.27×)    |
 | eager, gradient wanted, M ≥ FUSED_MIN_ROWS, otherwise      | "cublas"    | fwd+bwd 1.24× floor at M = 16384 (H100)  |
 | (fp32, before Hopper, other strides)                       |             |                                          |
-| torch.compile tracing, gradient wanted,                    | "triton"    | GPU time (graphs replay the launches):   |
-| M ≥ COMPILED_FUSED_MIN_ROWS                                | (the op)    | fwd+bwd 1.44-2.17× floor at GPT-2 widths |
-|                                                            |             | against reference 2.0-2.7×, cublas       |
-|                                                            |             | 1.75-1.96× (M 4096-16384); a GPT-2-small |
-|                                                            |             | step 1.11× the reference's (H200)        |
+| torch.compile tracing, gradient wanted,                    | "merged_    | GPU time (graphs replay the launches):   |
+| M ≥ COMPILED_FUSED_MIN_ROWS, fp16/bf16, no mask, in and    | train"      | fwd+bwd 1.36-1.46× floor at M = 7936     |
+| out features ≤ MERGED_TRAIN_MAX_WIDTH                      |             | (Triton op 1.44-1.55×), 768 → 768 even;  |
+|                                                            |             | a GPT-2-small step 0.95× the floor (H200)|
+| torch.compile tracing, gradient wanted,                    | "triton"    | fwd+bwd 1.44-2.17× floor at GPT-2 widths |
+| M ≥ COMPILED_FUSED_MIN_ROWS, otherwise (a mask, fp32,      | (the op)    | against reference 2.0-2.7×, cublas       |
+| wider layers)                                              |             | 1.75-1.96× (M 4096-16384); 1.09-1.11× at |
+|                                                            |             | 4096² (merged_train 1.13-1.15×); a step  |
+|                                                            |             | 1.11× the reference's (H200)             |
 | torch.compile tracing, otherwise                           | "unfused"   | Inductor fuses the reference's ops       |
 
 CPU tensors, float64 and a missing Triton never reach this module: ``kernels.lora_linear`` sends them to the
@@ -42,10 +46,13 @@ The routes, as plain-Python sketches:
                  backward in one autograd.Function, 5 GEMMs:
                  dS = scaling·dY·B;  dX = dY·W + mask ⊙ (dS·A);  dA = dSᵀ·(x ⊙ mask);  dB = scaling·dYᵀ·S
     "merged":    W' = W + scaling·B·A (cached);  Y = x·W'ᵀ + bias                          # 1 GEMM
+    "merged_train": S = x·Aᵀ (Triton);  W' = W + scaling·B·A (rebuilt per call);  Y = x·W'ᵀ + bias
+                 backward: G, dB, dbias in one pass over dY and dA (Triton);  dX = dY·W' (W' rebuilt)
     "fused", "fused_tma": the Triton kernels of kernels/lora_triton.py (pointer / TMA GEMM).
 
-"merged" rounds W + scaling·B·A to the dtype once (fp32 inside cuBLAS), so its output differs from the
-unmerged routes by about one rounding of the weight.
+"merged" and "merged_train" round W + scaling·B·A to the dtype once (fp32 inside cuBLAS), so their outputs differ
+from the unmerged routes by about one rounding of the weight; "merged_train"'s gradients of A and B are the
+unmerged routes' (its G and S are exact products of dY and x).
 """
 
 from __future__ import annotations
@@ -58,8 +65,8 @@ import torch.utils.weak
 from . import lora_triton, reference
 from .triton_interpreter import INTERPRETING
 
-__all__ = ["FUSED_MIN_ROWS", "COMPILED_FUSED_MIN_ROWS", "MERGED_CACHE_BYTES", "PATHS", "choose_path", "clear_cache",
-           "lora_linear"]
+__all__ = ["FUSED_MIN_ROWS", "COMPILED_FUSED_MIN_ROWS", "MERGED_TRAIN_MAX_WIDTH", "MERGED_CACHE_BYTES", "PATHS",
+           "choose_path", "clear_cache", "merged_train_op", "lora_linear"]
 
 # From this many rows on, a training call runs the persistent TMA kernels. Below it a training step is
 # host-bound: H100, bf16 K = N = 4096, r = 16 (benchmarks/RESULTS.md): at M = 4096 forward+backward costs
@@ -76,12 +83,20 @@ FUSED_MIN_ROWS = 8192
 # the floor at 768 → 2304); 1024 sits between the measured rows.
 COMPILED_FUSED_MIN_ROWS = 1024
 
+# Under torch.compile a 16-bit training call without a dropout mask trains on the merged weight rebuilt per call
+# ("merged_train": both base GEMMs on cuBLAS) for layers up to this width, the Triton op above it. Measured on
+# the H200 (2026-12-04, M = 7936, bf16, r = 16; forward + backward GPU time × the frozen floor, merged_train vs
+# the Triton op, two rounds): 768 → 2304 1.45-1.46 vs 1.55; 768 → 3072 1.36-1.37 vs 1.44-1.47; 3072 → 768 1.42
+# vs 1.46-1.47; 768 → 768 1.93-1.97 vs 1.92-1.95 (even); 4096 → 4096 1.13-1.15 vs 1.09-1.11: there Triton's
+# GEMM runs at cuBLAS speed and the merge reads and writes W (32 MB) twice per step.
+MERGED_TRAIN_MAX_WIDTH = 3072
+
 # The merged-weight cache (inference): one (N, K) copy of W per cached layer, at most this many bytes in all.
 # A budget, not a measurement: 2048 MiB holds a merged copy of every linear weight of a ~1B-parameter bf16
 # model. MINIPEFT_MERGED_CACHE_MB=0 turns "merged" off for path=None (inference then takes "cublas").
 MERGED_CACHE_BYTES = int(float(os.environ.get("MINIPEFT_MERGED_CACHE_MB", "2048")) * 2**20)
 
-PATHS = ("fused", "fused_tma", "cublas", "merged", "unfused")
+PATHS = ("fused", "fused_tma", "cublas", "merged", "merged_train", "unfused")
 
 
 def choose_path(M: int, N: int, K: int, x: torch.Tensor, weight: torch.Tensor,
@@ -91,12 +106,17 @@ def choose_path(M: int, N: int, K: int, x: torch.Tensor, weight: torch.Tensor,
     Eager, no gradient wanted: "merged" ("cublas" with a dropout mask; ``lora_linear`` also falls back to
     "cublas" before the merged weight is cached). Eager, gradients wanted: "unfused" below FUSED_MIN_ROWS rows,
     then "fused_tma" where TMA applies, else "cublas". While torch.compile traces (``compiling``), the choice
-    can use shapes only (no data pointers, no cache): "triton" (the custom op; it picks its GEMM kernel
-    when it runs) for training calls from COMPILED_FUSED_MIN_ROWS rows on, else "unfused", whose ops Inductor
-    fuses. The interpreter never runs here by choice: it is for tests that ask for "triton" by name.
+    can use shapes only (no data pointers, no cache): for training calls from COMPILED_FUSED_MIN_ROWS rows on,
+    "merged_train" for 16-bit layers without a mask up to MERGED_TRAIN_MAX_WIDTH features, else "triton" (the
+    custom op; it picks its GEMM kernel when it runs); below, or without a gradient, "unfused", whose ops
+    Inductor fuses. The interpreter never runs here by choice: it is for tests that ask for "triton" by name.
     """
     if compiling:
-        return "triton" if needs_grad and M >= COMPILED_FUSED_MIN_ROWS else "unfused"
+        if not needs_grad or M < COMPILED_FUSED_MIN_ROWS:
+            return "unfused"
+        if has_mask or x.dtype not in lora_triton.TMA_DTYPES or max(N, K) > MERGED_TRAIN_MAX_WIDTH:
+            return "triton"
+        return "merged_train"
     if not needs_grad:
         return "cublas" if has_mask else "merged"
     if M < FUSED_MIN_ROWS:
@@ -214,6 +234,87 @@ class _CublasLoRAFunction(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------------------
+# "merged_train": training on W' = W + scaling·B·A, rebuilt on every call (never cached: A and B change every
+# step), so both base GEMMs are cuBLAS's own; the LoRA gradients come from the Triton thin passes.
+#
+#     forward:   S = x·Aᵀ (Triton shrink);  W' = W + scaling·B·A (one cuBLAS addmm);  Y = x·W'ᵀ + bias
+#     backward:  G, dB, dbias from one pass over dY (Triton);  dX = dY·W' (W' rebuilt, cuBLAS);
+#                dA = scaling·Gᵀ·x (Triton)
+#
+# Exact algebra, dY·W' = dY·W + scaling·(dY·B)·A; the only difference from the fused kernels is where W' is
+# rounded: once to the weight's dtype, as the "merged" inference route rounds it (one rounding of each
+# weight, an error of the size of the GEMM's own rounding of Y). No dropout mask: with one, x ⊙ mask feeds the
+# low-rank branch only and the weights cannot be merged. Why it exists: at GPT-2's widths Triton's GEMM runs
+# 1.1-1.3× cuBLAS's and a fused step loses that twice per layer (RESULTS.md, "A LoRA training step, kernel by
+# kernel"); rebuilding W' costs a read and a write of W (3.5 MB at 768 × 2304), twice per step.
+# --------------------------------------------------------------------------------------------------------
+def _merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + scaling·B·A (N, K): fp32 accumulation inside one cuBLAS call, one rounding to W's dtype."""
+    return torch.addmm(weight, lora_B, lora_A, alpha=scaling)
+
+
+@torch.library.custom_op("minipeft::lora_linear_merged_train", mutates_args=())
+def merged_train_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y (..., N), S (M, r)): S is kept for the backward's dB = scaling·dYᵀ·S."""
+    s = lora_triton.shrink(x.reshape(-1, x.shape[-1]), None, lora_A)                  # (M, r)
+    return torch.nn.functional.linear(x, _merge(weight, lora_A, lora_B, scaling), bias), s
+
+
+@merged_train_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling):
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((x.numel() // x.shape[-1], lora_A.shape[0]))
+
+
+@torch.library.custom_op("minipeft::lora_linear_merged_train_backward", mutates_args=())
+def merged_train_backward_op(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    s: torch.Tensor, scaling: float, need_x: bool, need_A: bool, need_B: bool, need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dA, dB, dbias); each one not asked for comes back empty (an op cannot return None)."""
+    N, K = weight.shape
+    x2d, dy2d = x.reshape(-1, K), dy.reshape(-1, N)                                   # (M, K), (M, N)
+    empty = lambda: dy.new_empty(0)  # noqa: E731  (a fresh tensor each: outputs may not alias each other)
+    d_x = torch.mm(dy2d, _merge(weight, lora_A, lora_B, scaling)).view(x.shape) if need_x else empty()
+    d_a, d_b, d_bias = empty(), empty(), empty()
+    if need_A or need_B or need_bias:
+        ws = lora_triton.workspace(x2d.shape[0], N, K if need_A else 0, lora_A.shape[0], dy.device)  # one fill
+        g, d_b, d_bias = lora_triton.dsdb(dy2d, lora_B, s, scaling, need_bias, ws)     # G, dB, dbias
+        if need_A:
+            d_a = lora_triton.da(g, x2d, None, lora_A.shape[0], scaling, lora_A.dtype, ws)
+    return d_x, d_a, d_b if need_B else empty(), d_bias if need_bias else empty()
+
+
+@merged_train_backward_op.register_fake
+def _(dy, x, weight, lora_A, lora_B, s, scaling, need_x, need_A, need_B, need_bias):
+    empty = lambda: dy.new_empty(0)  # noqa: E731
+    return (dy.new_empty(x.shape) if need_x else empty(), lora_A.new_empty(lora_A.shape) if need_A else empty(),
+            lora_B.new_empty(lora_B.shape) if need_B else empty(),
+            dy.new_empty((weight.shape[0],)) if need_bias else empty())
+
+
+def _merged_train_setup(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1])        # x, W, A, B and S; never W'
+    ctx.scaling = scaling
+    ctx.mark_non_differentiable(output[1])
+
+
+def _merged_train_grads(ctx, dy, _ds):
+    x, weight, lora_A, lora_B, s = ctx.saved_tensors
+    need_x, _, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
+    d_x, d_a, d_b, d_bias = torch.ops.minipeft.lora_linear_merged_train_backward(
+        dy, x, weight, lora_A, lora_B, s, ctx.scaling, need_x, need_A, need_B, need_bias)
+    keep = lambda t, wanted: t if wanted else None  # noqa: E731
+    return keep(d_x, need_x), None, keep(d_bias, need_bias), keep(d_a, need_A), keep(d_b, need_B), None
+
+
+merged_train_op.register_autograd(_merged_train_grads, setup_context=_merged_train_setup)
+
+
+# --------------------------------------------------------------------------------------------------------
 # The route runner.
 # --------------------------------------------------------------------------------------------------------
 def lora_linear(
@@ -230,9 +331,10 @@ def lora_linear(
 
     ``path``: None picks per call (``choose_path``); "fused" (Triton, pointer GEMM), "fused_tma" (Triton, TMA
     GEMM; Hopper), "cublas" (3 cuBLAS GEMMs forward, 5 backward), "merged" (one GEMM on a cached
-    W + scaling·B·A; only without a mask and when no gradient is wanted) or "unfused" (the reference's torch
-    ops, autograd backward). "cublas", "merged" and "unfused" also run on CPU tensors; "fused" runs wherever
-    the Triton backend does (the interpreter included).
+    W + scaling·B·A; only without a mask and when no gradient is wanted), "merged_train" (training on W'
+    rebuilt per call, the LoRA gradients by the Triton passes; no mask) or "unfused" (the reference's torch
+    ops, autograd backward). "cublas", "merged" and "unfused" also run on CPU tensors; "fused" and
+    "merged_train" run wherever the Triton backend does (the interpreter included).
     """
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
@@ -245,6 +347,8 @@ def lora_linear(
                            torch.compiler.is_compiling())
         if path == "triton":
             return lora_triton.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
+        if path == "merged_train":
+            return torch.ops.minipeft.lora_linear_merged_train(x, weight, bias, lora_A, lora_B, float(scaling))[0]
         if path == "merged":
             merged = None if MERGED_CACHE_BYTES <= 0 else _merged_weight(weight, lora_A, lora_B, scaling, False)
             if merged is not None:
@@ -252,6 +356,10 @@ def lora_linear(
             path = "cublas"
     elif path not in PATHS:
         raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
+    elif path == "merged_train":
+        if dropout_mask is not None:
+            raise ValueError("path 'merged_train' takes no dropout mask: x ⊙ mask feeds the low-rank branch only")
+        return torch.ops.minipeft.lora_linear_merged_train(x, weight, bias, lora_A, lora_B, float(scaling))[0]
     elif path == "merged":
         if needs_grad or dropout_mask is not None:
             raise ValueError("path 'merged' is for inference: no dropout mask and no gradient wanted")

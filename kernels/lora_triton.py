@@ -100,10 +100,12 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 @functools.cache
-def _device_info(index: int) -> tuple[int, int]:
-    """(multiprocessor count, major compute capability) of CUDA device ``index``; read once per device."""
+def _device_info(index: int) -> tuple[int, int, int]:
+    """(multiprocessor count, major compute capability, shared memory bytes a program may use) of CUDA device
+    ``index``; read once per device."""
     props = torch.cuda.get_device_properties(index)
-    return props.multi_processor_count, props.major
+    smem = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return props.multi_processor_count, props.major, smem
 
 
 def _num_sms(device: torch.device) -> int:
@@ -157,6 +159,29 @@ def _shrink_kernel(
              mask=in_m[:, None] & in_r[None, :])
 
 
+def _shrink_tiles(x2d: torch.Tensor, has_mask: bool, r_pad: int) -> tuple[int, int, int, int]:
+    """(BM, BK, warps, stages) of the shrink kernel for x2d (M, K).
+
+    16-bit x: about one program of up to 64 rows per SM, its loop over K pipelined 3-4 deep, the best of 108
+    tilings on an H200 at M = 7936, r = 16 (2026-12-04): 4.3 → 3.4 µs at K = 768, 14.5 → 11.4 µs at K = 3072
+    against the tiling before it, kept for the rest: half the rows, 128 columns, 3 stages. The pipelined tiles
+    hold x, the mask and Aᵀ for every stage in shared memory; they are taken only where those bytes fit with
+    room to spare (the compiler's own buffers: 4 stages of fp32 64 × 128 tiles, 164 KB of operands, asked
+    for 254 KB), so a large rank, a mask or a GPU with less shared memory keeps the smaller tiling.
+    """
+    if INTERPRETING:
+        return 16, 32, 4, 1
+    M, K = x2d.shape
+    sms, _, smem = _device_info(x2d.get_device())
+    if x2d.element_size() == 2:
+        bm = min(64, max(16, triton.next_power_of_2(triton.cdiv(M, sms))))
+        bk, stages = (256, 3) if K >= 2048 else (128, 4)
+        operand_bytes = stages * (bm * bk * (2 if has_mask else 1) + bk * r_pad) * 2
+        if 1.6 * operand_bytes <= smem:
+            return bm, bk, 4, stages
+    return min(64, max(16, triton.next_power_of_2(triton.cdiv(M, 2 * sms)))), 128, 4, 3
+
+
 def shrink(x2d: torch.Tensor, mask2d: torch.Tensor | None, lora_A: torch.Tensor) -> torch.Tensor:
     """S = (x ⊙ mask)·Aᵀ: x2d (M, K), mask2d (M, K) or None, lora_A (r, K) → S (M, r) in x's dtype."""
     M, K = x2d.shape
@@ -167,17 +192,7 @@ def shrink(x2d: torch.Tensor, mask2d: torch.Tensor | None, lora_A: torch.Tensor)
     if M == 0 or K == 0:  # no rows, or an empty sum over K: nothing to launch
         return torch.zeros((M, r), device=x2d.device, dtype=x2d.dtype)
     s = torch.empty((M, r), device=x2d.device, dtype=x2d.dtype)
-    if INTERPRETING:
-        bm, bk, warps, stages = 16, 32, 4, 1
-    elif x2d.element_size() == 2 and _device_info(x2d.get_device())[1] >= 9:
-        # 16-bit x on Hopper: about one program of up to 64 rows per SM, its loop over K pipelined 3-4 deep:
-        # the best of 108 tilings on an H200 at M = 7936 (2026-12-04): 4.3 → 3.4 µs at K = 768, 14.5 → 11.4 µs
-        # at K = 3072 against the tiling below.
-        bm = min(64, max(16, triton.next_power_of_2(triton.cdiv(M, _num_sms(x2d.device)))))
-        bk, warps, stages = (256, 4, 3) if K >= 2048 else (128, 4, 4)
-    else:  # fp32 x (a stage takes twice the shared memory: 4 stages of 64 × 128 ask for 254 KB), older GPUs
-        bm = min(64, max(16, triton.next_power_of_2(triton.cdiv(M, 2 * _num_sms(x2d.device)))))
-        bk, warps, stages = 128, 4, 3
+    bm, bk, warps, stages = _shrink_tiles(x2d, mask2d is not None, _pad_rank(r))
     mask_arg = mask2d if mask2d is not None else x2d  # any valid pointer: HAS_MASK=False never reads it
     with interpreter_lock():
         _shrink_kernel[(triton.cdiv(M, bm),)](
@@ -508,14 +523,14 @@ def _dsdb_kernel(
         if HAS_BIAS_GRAD:
             dbias_acc += tl.sum(dy.to(tl.float32), axis=0)
     db_offs = offs_n[:, None] * R_PAD + offs_r[None, :]
-    tl.atomic_add(db_acc_ptr + db_offs, db_acc, mask=in_n[:, None], sem="relaxed")
+    tl.atomic_add(db_acc_ptr + db_offs, db_acc, mask=in_n[:, None] & in_r[None, :], sem="relaxed")
     if HAS_BIAS_GRAD:
         tl.atomic_add(dbias_acc_ptr + offs_n, dbias_acc, mask=in_n, sem="relaxed")
     tl.debug_barrier()                                # every thread's adds before the release below
     # acq_rel: the last split of this column block to arrive sees every other split's adds
     if tl.atomic_add(count_ptr + tl.program_id(0), 1) == N_SPLIT - 1:
         # ".cg": read L2, where the atomics landed, not this SM's L1
-        db_sum = tl.load(db_acc_ptr + db_offs, mask=in_n[:, None], other=0.0, cache_modifier=".cg")
+        db_sum = tl.load(db_acc_ptr + db_offs, mask=in_n[:, None] & in_r[None, :], other=0.0, cache_modifier=".cg")
         tl.store(db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
                  (db_sum * scaling).to(db_ptr.dtype.element_ty), mask=in_n[:, None] & in_r[None, :])
         if HAS_BIAS_GRAD:
@@ -526,32 +541,48 @@ def _dsdb_kernel(
 class Workspace(NamedTuple):
     """The zeroed fp32 buffers the backward's atomics add into, carved from one allocation (one fill).
 
-    g (M, R_PAD) is G = dY·B; db (N, R_PAD), dbias (N,) and da (R_PAD, K) are the partial sums of dB, dbias
-    and dA before their last program rounds them; count holds one int32 counter per column block of dY and
-    of x (dsdb's, then da's)."""
+    g (M, R_PAD) is G = dY·B; db (N, R_PAD), da (R_PAD, K) and dbias (N,) are the partial sums of dB, dA and
+    dbias before their last program rounds them; count holds one int32 counter per column block of dY and of x
+    (dsdb's, then da's). Single use: the counters and sums are not zero again after the kernels ran."""
 
     g: torch.Tensor
     db: torch.Tensor
-    dbias: torch.Tensor
     da: torch.Tensor
+    dbias: torch.Tensor
     count: torch.Tensor
-
-
-def workspace(M: int, N: int, K: int, r: int, device: torch.device) -> Workspace:
-    """Zeroed buffers for one backward of a LoRA layer with x (M, K), dY (M, N) and rank r."""
-    r_pad = _pad_rank(r)
-    sizes = [M * r_pad, N * r_pad, N, r_pad * K, triton.cdiv(N, DSDB_BN) + triton.cdiv(K, DA_BK)]
-    g, db, dbias, d_a, count = torch.zeros(sum(sizes), device=device, dtype=torch.float32).split(sizes)
-    # zero bits are 0 in either dtype
-    return Workspace(g.view(M, r_pad), db.view(N, r_pad), dbias, d_a.view(r_pad, K), count.view(torch.int32))
 
 
 # Tiles of kernels 3 and 4 (the interpreter takes small ones, so that the tests' shapes span several blocks).
 # dS/dB: 64 rows × 128 columns of dY, 4 warps, 3 stages, about 2 programs per SM: the best of 72 tilings on an
-# H200 at M = 7936 (2026-12-04): 12.9 / 18.5 / 8.1 µs at N = 2304 / 3072 / 768, against 16.2 / 22.9 / 8.2 for
-# the 8-warp, 4-per-SM tiling before it.
+# H200 at M = 7936, r = 16 (2026-12-04): 12.9 / 18.5 / 8.1 µs at N = 2304 / 3072 / 768, against 16.2 / 22.9 /
+# 8.2 for the 8-warp, 4-per-SM tiling before it (8 warps stay for ranks above 64: a (128, R_PAD) fp32 sum).
 DSDB_BM, DSDB_BN, DSDB_WARPS, DSDB_STAGES, DSDB_PER_SM = (16, 32, 4, 1, 4) if INTERPRETING else (64, 128, 4, 3, 2)
 DA_BM, DA_BK, DA_WARPS, DA_PER_SM = (16, 32, 4, 4) if INTERPRETING else (64, 128, 4, 4)
+
+
+def workspace(M: int, N: int, K: int, r: int, device: torch.device) -> Workspace:
+    """Zeroed buffers for one backward of a LoRA layer with x (M, K), dY (M, N) and rank r (K = 0: no dA)."""
+    r_pad = _pad_rank(r)
+    # dbias after the blocks of 16-float rows, so that every block but the counters starts 64-byte aligned
+    sizes = [M * r_pad, N * r_pad, r_pad * K, N, triton.cdiv(N, DSDB_BN) + triton.cdiv(K, DA_BK)]
+    g, db, d_a, dbias, count = torch.zeros(sum(sizes), device=device, dtype=torch.float32).split(sizes)
+    # zero bits are 0 in either dtype
+    return Workspace(g.view(M, r_pad), db.view(N, r_pad), d_a.view(r_pad, K), dbias, count.view(torch.int32))
+
+
+def _check_workspace(ws: Workspace, M: int | None, N: int | None, K: int | None, r_pad: int) -> None:
+    """A workspace handed in must be the one ``workspace`` makes for this call's sizes (None: a part not used)."""
+    counters = (0 if N is None else triton.cdiv(N, DSDB_BN)) + (0 if K is None else triton.cdiv(K, DA_BK))
+    fits = ws.count.numel() >= counters
+    if M is not None:
+        fits = fits and ws.g.shape == (M, r_pad)
+    if N is not None:
+        fits = fits and ws.db.shape == (N, r_pad) and ws.dbias.shape == (N,)
+    if K is not None:
+        fits = fits and ws.da.shape == (r_pad, K)
+    if not fits:
+        raise ValueError(f"workspace: G {tuple(ws.g.shape)}, dB {tuple(ws.db.shape)}, dA {tuple(ws.da.shape)} do "
+                         f"not fit M={M}, N={N}, K={K}, R_PAD={r_pad}: make it with workspace(M, N, K, r)")
 
 
 def dsdb(dy2d: torch.Tensor, lora_B: torch.Tensor, s: torch.Tensor, scaling: float, need_dbias: bool,
@@ -567,6 +598,7 @@ def dsdb(dy2d: torch.Tensor, lora_B: torch.Tensor, s: torch.Tensor, scaling: flo
                          "do not fit (M, N), (N, r), (M, r)")
     if ws is None:
         ws = workspace(M, N, 0, r, dy2d.device)
+    _check_workspace(ws, M, N, None, _pad_rank(r))
     if M == 0 or N == 0:  # every sum is empty: zeros are the answer
         return ws.g, lora_B.new_zeros((N, r)), dy2d.new_zeros((N,)) if need_dbias else None
     db = torch.empty((N, r), device=dy2d.device, dtype=lora_B.dtype)
@@ -579,7 +611,7 @@ def dsdb(dy2d: torch.Tensor, lora_B: torch.Tensor, s: torch.Tensor, scaling: flo
             dy2d.stride(0), dy2d.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0), s.stride(1),
             db.stride(0), db.stride(1), scaling,
             HAS_BIAS_GRAD=need_dbias, R_PAD=ws.g.shape[1], PRECISION=_precision(dy2d.dtype),
-            BM=DSDB_BM, BN=DSDB_BN, num_warps=DSDB_WARPS, num_stages=DSDB_STAGES,
+            BM=DSDB_BM, BN=DSDB_BN, num_warps=DSDB_WARPS if ws.g.shape[1] <= 64 else 8, num_stages=DSDB_STAGES,
         )
     return ws.g, db, dbias
 
@@ -619,12 +651,13 @@ def _da_kernel(
                       mask=in_m[None, :], other=0.0)                                     # (R_PAD, BM) = Gᵀ
         acc = tl.dot(g_t.to(x.dtype), x, acc, input_precision=PRECISION)
     acc_offs = offs_r[:, None] * K + offs_k[None, :]
-    tl.atomic_add(da_acc_ptr + acc_offs, acc, mask=in_k[None, :], sem="relaxed")
+    in_rk = (offs_r < R)[:, None] & in_k[None, :]                                       # the r real rows
+    tl.atomic_add(da_acc_ptr + acc_offs, acc, mask=in_rk, sem="relaxed")
     tl.debug_barrier()                                # every thread's adds before the release below
     if tl.atomic_add(count_ptr + tl.program_id(0), 1) == N_SPLIT - 1:                    # the last split
-        total = tl.load(da_acc_ptr + acc_offs, mask=in_k[None, :], other=0.0, cache_modifier=".cg")
+        total = tl.load(da_acc_ptr + acc_offs, mask=in_rk, other=0.0, cache_modifier=".cg")
         tl.store(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak,
-                 (total * scaling).to(da_ptr.dtype.element_ty), mask=(offs_r < R)[:, None] & in_k[None, :])
+                 (total * scaling).to(da_ptr.dtype.element_ty), mask=in_rk)
 
 
 def da(g: torch.Tensor, x2d: torch.Tensor, mask2d: torch.Tensor | None, rank: int, scaling: float,
@@ -637,7 +670,8 @@ def da(g: torch.Tensor, x2d: torch.Tensor, mask2d: torch.Tensor | None, rank: in
     if g.shape[0] != M or rank > r_pad or (mask2d is not None and mask2d.shape != x2d.shape):
         raise ValueError(f"da: G {tuple(g.shape)} and x {tuple(x2d.shape)} do not fit (M, R_PAD), (M, K)")
     if ws is None:
-        ws = workspace(0, 0, K, rank, x2d.device)
+        ws = workspace(0, 0, K, r_pad, x2d.device)
+    _check_workspace(ws, None, None, K, r_pad)
     if M == 0 or K == 0:
         return torch.zeros((rank, K), device=x2d.device, dtype=dtype)
     d_a = torch.empty((rank, K), device=x2d.device, dtype=dtype)

@@ -98,9 +98,8 @@ def test_the_trainers_chunked_loss_compiles_without_graph_breaks(name):
     assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]
 
 
-def _lora_ops_in(graphs) -> int:
-    """How many calls of the Triton LoRA op the traced graphs hold."""
-    op = torch.ops.minipeft.lora_linear_triton
+def _lora_ops_in(graphs, op) -> int:
+    """How many calls of the LoRA op ``op`` the traced graphs hold."""
     return sum(node.target in (op, op.default) for g in graphs for node in g.graph.nodes)
 
 
@@ -108,8 +107,9 @@ def _lora_ops_in(graphs) -> int:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 def test_lora_on_cuda_compiles_to_the_triton_op_and_matches_the_reference(backend):
-    """On CUDA, "triton" and (from COMPILED_FUSED_MIN_ROWS rows on) "auto" put the Triton op in the graph,
-    one node per LoRA layer and no graph break; Inductor's compiled loss and gradients equal the reference's."""
+    """On CUDA, "triton" puts the Triton op in the graph and (from COMPILED_FUSED_MIN_ROWS rows on, bf16, no
+    dropout) "auto" the merged-weight training op, one node per LoRA layer and no graph break; Inductor's compiled
+    loss and gradients equal the reference's."""
     from minipeft.kernels import lora_routes
 
     torch.manual_seed(0)
@@ -127,7 +127,9 @@ def test_lora_on_cuda_compiles_to_the_triton_op_and_matches_the_reference(backen
     with kernels.use_backend(backend):
         explanation = dynamo.explain(loss_of(model))(idx, targets)
         assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]
-        assert _lora_ops_in(explanation.graphs) == 4 * cfg.n_layer   # c_attn, c_proj, c_fc, mlp c_proj
+        op = {"triton": torch.ops.minipeft.lora_linear_triton,
+              "auto": torch.ops.minipeft.lora_linear_merged_train}[backend]
+        assert _lora_ops_in(explanation.graphs, op) == 4 * cfg.n_layer   # c_attn, c_proj, c_fc, mlp c_proj
         dynamo.reset()
         loss = torch.compile(loss_of(model), fullgraph=True)(idx, targets)
         loss.backward()

@@ -185,6 +185,60 @@ def test_path_every_case(M, N, K, r, dtype, path):
             _compare(inputs, dy, 2.0, dtype, path=path)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,N,K,r", [(1, 33, 47, 1), (67, 96, 80, 64), (50, 17, 96, 16)])
+def test_merged_train_route(M, N, K, r, dtype):
+    """Training on W' = W + s·B·A rebuilt per call: the reference's output and gradients to one rounding of W'
+    more (the inference route's tolerance), with and without bias, 3-D x; a dropout mask is refused."""
+    for bias in (False, True):
+        inputs, dy = _make_inputs(M, N, K, r, dtype, layout="3d", bias=bias, seed=M + r)
+        _compare(inputs, dy, 2.0, dtype, path="merged_train")
+    inputs, _ = _make_inputs(M, N, K, r, dtype, mask=True)
+    with pytest.raises(ValueError, match="dropout mask"):
+        lora_routes.lora_linear(**inputs, scaling=2.0, path="merged_train")
+
+
+@pytest.mark.parametrize("wants", [("x",), ("lora_A",), ("lora_B", "bias"), ("x", "lora_B")])
+def test_merged_train_route_for_a_subset_of_gradients(wants):
+    """Only what is asked for is computed and returned (x frozen: a model's first layer; A frozen, ...)."""
+    inputs, dy = _make_inputs(30, 20, 24, 3, torch.float32, bias=True, seed=7)
+    _, grads = _run(inputs, dy, 2.0, "route", wants=wants, path="merged_train")
+    _, grads_ref = _run(inputs, dy, 2.0, "reference", dtype=torch.float64, wants=wants)
+    assert set(grads) == set(wants)
+    for name in wants:
+        _check(grads[name], grads_ref[name], torch.float32)
+
+
+def test_merged_train_route_compiles_to_one_op():
+    """Under torch.compile the route is one opaque node (its fake and autograd registrations), no graph break,
+    and the compiled gradients are the eager ones."""
+    inputs, dy = _make_inputs(12, 10, 8, 2, torch.float32, bias=True, seed=5)
+    leaves = {k: inputs[k].clone().requires_grad_() for k in ("x", "lora_A", "lora_B", "bias")}
+    args = {**inputs, **leaves}
+
+    def f(x, lora_A, lora_B, bias):
+        return lora_routes.lora_linear(x, args["weight"], bias, lora_A, lora_B, 2.0, path="merged_train")
+
+    explanation = dynamo.explain(f)(*leaves.values())
+    assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]
+    op = torch.ops.minipeft.lora_linear_merged_train
+    assert sum(n.target in (op, op.default) for g in explanation.graphs for n in g.graph.nodes) == 1
+    dynamo.reset()
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves.values())
+    got = torch.autograd.grad(y, list(leaves.values()), dy)
+    want = torch.autograd.grad(f(*leaves.values()), list(leaves.values()), dy)
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w)
+
+
+def test_merged_train_leaves_a_fresh_adapter_exact():
+    """B = 0: W' = W + 0 bit for bit, so the output is the base layer's exactly."""
+    inputs, _ = _make_inputs(9, 16, 12, 4, torch.float16, bias=True)
+    inputs["lora_B"] = torch.zeros_like(inputs["lora_B"])
+    y = lora_routes.lora_linear(**inputs, scaling=2.0, path="merged_train")
+    assert torch.equal(y, torch.nn.functional.linear(inputs["x"], inputs["weight"], inputs["bias"]))
+
+
 def test_choose_path_per_call():
     """The "auto" backend's table (lora_routes' docstring, from benchmarks/RESULTS.md), asked directly."""
     big = lora_routes.FUSED_MIN_ROWS
@@ -197,7 +251,12 @@ def test_choose_path_per_call():
     assert lora_routes.choose_path(big, 8, 8, half, half, needs_grad=True) == "cublas"  # CPU: no TMA
     # while torch.compile traces: shapes only; the Triton op for training from COMPILED_FUSED_MIN_ROWS rows
     rows = lora_routes.COMPILED_FUSED_MIN_ROWS
-    assert lora_routes.choose_path(rows, 8, 8, half, half, needs_grad=True, compiling=True) == "triton"
+    # 16-bit without a mask: the merged weight rebuilt per call (cuBLAS GEMMs); with a mask or in fp32: the op
+    assert lora_routes.choose_path(rows, 8, 8, half, half, needs_grad=True, compiling=True) == "merged_train"
+    assert lora_routes.choose_path(rows, 8, 8, half, half, needs_grad=True, has_mask=True, compiling=True) == "triton"
+    assert lora_routes.choose_path(rows, 8, 8, x, w, needs_grad=True, compiling=True) == "triton"
+    wide = lora_routes.MERGED_TRAIN_MAX_WIDTH + 1                    # Triton's GEMM is at cuBLAS speed there
+    assert lora_routes.choose_path(rows, wide, 8, half, half, needs_grad=True, compiling=True) == "triton"
     assert lora_routes.choose_path(rows - 1, 8, 8, half, half, needs_grad=True, compiling=True) == "unfused"
     assert lora_routes.choose_path(rows, 8, 8, half, half, needs_grad=False, compiling=True) == "unfused"
 
@@ -382,19 +441,24 @@ def test_backward_sums_reach_every_split(dtype):
     """G, dB, dbias and dA against torch at a shape of several column blocks and row splits: the program that
     rounds a block's sum must come after every split's atomics (an early one leaves torch.empty's garbage),
     and the results come in the parameters' dtypes with no cast afterwards."""
-    M, N, K, r = 300, 70, 45, 3
+    lt = lora_triton
+    M, N, K, r = 300, 2 * lt.DSDB_BN + 5, 2 * lt.DA_BK + 3, 3     # 3 column blocks of dY and of x, 5+ splits
     dev = torch.device(DEVICE)
     g = torch.Generator().manual_seed(0)
     randn = lambda *shape: torch.randn(*shape, generator=g).to(dev, dtype)  # noqa: E731
     dy, lora_B, s, x = randn(M, N), randn(N, r), randn(M, r), randn(M, K)
     mask = (torch.rand(M, K, generator=g) > 0.3).to(dev, dtype) * 2
-    splits = lora_triton._splits(M, lora_triton.DSDB_BM, triton.cdiv(N, lora_triton.DSDB_BN), dev,
-                                 lora_triton.DSDB_PER_SM)[0]
-    assert splits > 1 and triton.cdiv(N, lora_triton.DSDB_BN) > 1 and triton.cdiv(K, lora_triton.DA_BK) > 1
-    ws = lora_triton.workspace(M, N, K, r, dev)
-    G, d_b, d_bias = lora_triton.dsdb(dy, lora_B, s, 0.5, True, ws)
-    d_a = lora_triton.da(G, x, mask, r, 0.5, dtype, ws)
+    n_blocks, k_blocks = triton.cdiv(N, lt.DSDB_BN), triton.cdiv(K, lt.DA_BK)
+    dsdb_splits = lt._splits(M, lt.DSDB_BM, n_blocks, dev, lt.DSDB_PER_SM)[0]
+    da_splits = lt._splits(M, lt.DA_BM, k_blocks, dev, lt.DA_PER_SM)[0]
+    assert min(dsdb_splits, da_splits) > 1 and min(n_blocks, k_blocks) > 1
+    ws = lt.workspace(M, N, K, r, dev)
+    G, d_b, d_bias = lt.dsdb(dy, lora_B, s, 0.5, True, ws)
+    d_a = lt.da(G, x, mask, r, 0.5, dtype, ws)
     assert (d_b.dtype, d_bias.dtype, d_a.dtype) == (dtype,) * 3
+    # every program counted once into its own block's counter: dsdb's first, then da's
+    counts = ws.count.tolist()
+    assert counts == [dsdb_splits] * n_blocks + [da_splits] * k_blocks, counts
     f = lambda t: t.double()  # noqa: E731
     assert_close(G[:, :r], (f(dy) @ f(lora_B)).float(), torch.float32, scale=math.sqrt(N * r))
     assert (G[:, r:] == 0).all()                                            # the padded rank columns
@@ -402,6 +466,17 @@ def test_backward_sums_reach_every_split(dtype):
     assert_close(d_bias, f(dy).sum(0).to(dtype), scale=math.sqrt(M))
     # dA from the kernel's G, rounded to x's dtype as the kernel's tensor-core product takes it
     assert_close(d_a, (0.5 * f(G[:, :r].to(dtype)).T @ (f(x) * f(mask))).to(dtype), scale=M)
+
+
+def test_a_workspace_of_other_sizes_is_refused():
+    dev = torch.device(DEVICE)
+    dy, lora_B, s = torch.ones(8, 6, device=dev), torch.ones(6, 2, device=dev), torch.ones(8, 2, device=dev)
+    with pytest.raises(ValueError, match="workspace"):
+        lora_triton.dsdb(dy, lora_B, s, 1.0, False, lora_triton.workspace(8, 5, 0, 2, dev))   # N = 5, not 6
+    g = torch.zeros(8, 16, device=dev)
+    with pytest.raises(ValueError, match="workspace"):                                      # made without dA
+        lora_triton.da(g, torch.ones(8, 4, device=dev), None, 2, 1.0, torch.float32,
+                       lora_triton.workspace(8, 6, 0, 2, dev))
 
 
 def test_triton_backward_fills_once_and_casts_nothing():
@@ -419,6 +494,7 @@ def test_triton_backward_fills_once_and_casts_nothing():
     inputs, dy = _make_inputs(20, 8, 8, 2, torch.float16, bias=True, seed=1)
     for name in ("x", "lora_A", "lora_B", "bias"):
         inputs[name].requires_grad_()
+    kernels.lora_linear(**inputs, scaling=2.0, backend="triton").backward(dy)  # (an autotuner's runs come first)
     y = kernels.lora_linear(**inputs, scaling=2.0, backend="triton")
     with Ops() as ops:
         y.backward(dy)
