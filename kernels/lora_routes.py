@@ -9,7 +9,7 @@ cache (LoRA: https://arxiv.org/abs/2106.09685).
     y = x·Wᵀ + bias + scaling·((x ⊙ mask)·Aᵀ)·Bᵀ
 
 What "auto" runs for CUDA tensors (``choose_path``; "floor" = a frozen layer's forward + dX GEMM; bf16, r = 16;
-benchmarks/RESULTS.md: H200 2026-12-02 at GPT-2 widths, H100 2026-11-24 at K = N = 4096):
+benchmarks/RESULTS.md: H200 2026-12-02 and 2026-12-04 at GPT-2 widths, H100 2026-11-24 at K = N = 4096):
 
 | the call                                                   | route       | measured                                 |
 |------------------------------------------------------------|-------------|------------------------------------------|
@@ -25,12 +25,12 @@ benchmarks/RESULTS.md: H200 2026-12-02 at GPT-2 widths, H100 2026-11-24 at K = N
 | eager, gradient wanted, M ≥ FUSED_MIN_ROWS, otherwise      | "cublas"    | fwd+bwd 1.24× floor at M = 16384 (H100)  |
 | (fp32, before Hopper, other strides)                       |             |                                          |
 | torch.compile tracing, gradient wanted,                    | "merged_    | GPU time (graphs replay the launches):   |
-| M ≥ COMPILED_FUSED_MIN_ROWS, fp16/bf16, no mask, in and    | train"      | fwd+bwd 1.36-1.46× floor at M = 7936     |
-| out features ≤ MERGED_TRAIN_MAX_WIDTH                      |             | (Triton op 1.44-1.55×), 768 → 768 even;  |
+| M ≥ MERGED_TRAIN_MIN_ROWS, fp16/bf16, no mask, in and out  | train"      | fwd+bwd 1.36-1.46× floor at M = 7936     |
+| features ≤ MERGED_TRAIN_MAX_WIDTH                          |             | (Triton op 1.44-1.55×), 768 → 768 even;  |
 |                                                            |             | a GPT-2-small step 0.95× the floor (H200)|
 | torch.compile tracing, gradient wanted,                    | "triton"    | fwd+bwd 1.44-2.17× floor at GPT-2 widths |
 | M ≥ COMPILED_FUSED_MIN_ROWS, otherwise (a mask, fp32,      | (the op)    | against reference 2.0-2.7×, cublas       |
-| wider layers)                                              |             | 1.75-1.96× (M 4096-16384); 1.09-1.11× at |
+| wider layers, fewer rows)                                  |             | 1.75-1.96× (M 4096-16384); 1.09-1.11× at |
 |                                                            |             | 4096² (merged_train 1.13-1.15×); a step  |
 |                                                            |             | 1.11× the reference's (H200)             |
 | torch.compile tracing, otherwise                           | "unfused"   | Inductor fuses the reference's ops       |
@@ -57,6 +57,7 @@ unmerged routes' (its G and S are exact products of dY and x).
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -65,7 +66,8 @@ import torch.utils.weak
 from . import lora_triton, reference
 from .triton_interpreter import INTERPRETING
 
-__all__ = ["FUSED_MIN_ROWS", "COMPILED_FUSED_MIN_ROWS", "MERGED_TRAIN_MAX_WIDTH", "MERGED_CACHE_BYTES", "PATHS",
+__all__ = ["FUSED_MIN_ROWS", "COMPILED_FUSED_MIN_ROWS", "MERGED_TRAIN_MAX_WIDTH", "MERGED_TRAIN_MIN_ROWS",
+           "MERGED_CACHE_BYTES", "PATHS",
            "choose_path", "clear_cache", "merged_train_op", "lora_linear"]
 
 # From this many rows on, a training call runs the persistent TMA kernels. Below it a training step is
@@ -90,6 +92,10 @@ COMPILED_FUSED_MIN_ROWS = 1024
 # vs 1.46-1.47; 768 → 768 1.93-1.97 vs 1.92-1.95 (even); 4096 → 4096 1.13-1.15 vs 1.09-1.11: there Triton's
 # GEMM runs at cuBLAS speed and the merge reads and writes W (32 MB) twice per step.
 MERGED_TRAIN_MAX_WIDTH = 3072
+# ... and from this many rows on: rebuilding W' costs the same at every M, the GEMM time it saves shrinks with M.
+# An estimate from the times above (not a measurement at small M): at 768 → 2304 the merges cost ~5 µs a step
+# and Triton's GEMM gap is ~20 µs at 7936 rows, so they break even near 2,000 rows; 4096 keeps a margin.
+MERGED_TRAIN_MIN_ROWS = 4096
 
 # The merged-weight cache (inference): one (N, K) copy of W per cached layer, at most this many bytes in all.
 # A budget, not a measurement: 2048 MiB holds a merged copy of every linear weight of a ~1B-parameter bf16
@@ -107,14 +113,16 @@ def choose_path(M: int, N: int, K: int, x: torch.Tensor, weight: torch.Tensor,
     "cublas" before the merged weight is cached). Eager, gradients wanted: "unfused" below FUSED_MIN_ROWS rows,
     then "fused_tma" where TMA applies, else "cublas". While torch.compile traces (``compiling``), the choice
     can use shapes only (no data pointers, no cache): for training calls from COMPILED_FUSED_MIN_ROWS rows on,
-    "merged_train" for 16-bit layers without a mask up to MERGED_TRAIN_MAX_WIDTH features, else "triton" (the
-    custom op; it picks its GEMM kernel when it runs); below, or without a gradient, "unfused", whose ops
-    Inductor fuses. The interpreter never runs here by choice: it is for tests that ask for "triton" by name.
+    "merged_train" for 16-bit layers without a mask up to MERGED_TRAIN_MAX_WIDTH features and from
+    MERGED_TRAIN_MIN_ROWS rows, else "triton" (the custom op; it picks its GEMM kernel when it runs); below,
+    or without a gradient, "unfused", whose ops Inductor fuses. The interpreter never runs here by choice: it
+    is for tests that ask for "triton" by name.
     """
     if compiling:
         if not needs_grad or M < COMPILED_FUSED_MIN_ROWS:
             return "unfused"
-        if has_mask or x.dtype not in lora_triton.TMA_DTYPES or max(N, K) > MERGED_TRAIN_MAX_WIDTH:
+        if (has_mask or x.dtype not in lora_triton.TMA_DTYPES or max(N, K) > MERGED_TRAIN_MAX_WIDTH
+                or M < MERGED_TRAIN_MIN_ROWS):
             return "triton"
         return "merged_train"
     if not needs_grad:
@@ -258,14 +266,16 @@ def merged_train_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
     scaling: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Y (..., N), S (M, r)): S is kept for the backward's dB = scaling·dYᵀ·S."""
-    s = lora_triton.shrink(x.reshape(-1, x.shape[-1]), None, lora_A)                  # (M, r)
-    return torch.nn.functional.linear(x, _merge(weight, lora_A, lora_B, scaling), bias), s
+    """(Y (..., N), S (M, r)): S is kept for the backward's dB = scaling·dYᵀ·S. The inputs share one dtype
+    (``kernels.lora_linear`` checks it), and an enclosing autocast does not recast them in here."""
+    with torch.autocast(x.device.type, enabled=False):
+        s = lora_triton.shrink(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), None, lora_A)     # (M, r)
+        return torch.nn.functional.linear(x, _merge(weight, lora_A, lora_B, scaling), bias), s
 
 
 @merged_train_op.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling):
-    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((x.numel() // x.shape[-1], lora_A.shape[0]))
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((math.prod(x.shape[:-1]), lora_A.shape[0]))
 
 
 @torch.library.custom_op("minipeft::lora_linear_merged_train_backward", mutates_args=())
@@ -275,15 +285,20 @@ def merged_train_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dA, dB, dbias); each one not asked for comes back empty (an op cannot return None)."""
     N, K = weight.shape
-    x2d, dy2d = x.reshape(-1, K), dy.reshape(-1, N)                                   # (M, K), (M, N)
+    M = math.prod(x.shape[:-1])
+    x2d, dy2d = x.reshape(M, K), dy.reshape(M, N)                                     # (M, K), (M, N)
     empty = lambda: dy.new_empty(0)  # noqa: E731  (a fresh tensor each: outputs may not alias each other)
-    d_x = torch.mm(dy2d, _merge(weight, lora_A, lora_B, scaling)).view(x.shape) if need_x else empty()
-    d_a, d_b, d_bias = empty(), empty(), empty()
-    if need_A or need_B or need_bias:
-        ws = lora_triton.workspace(x2d.shape[0], N, K if need_A else 0, lora_A.shape[0], dy.device)  # one fill
-        g, d_b, d_bias = lora_triton.dsdb(dy2d, lora_B, s, scaling, need_bias, ws)     # G, dB, dbias
-        if need_A:
-            d_a = lora_triton.da(g, x2d, None, lora_A.shape[0], scaling, lora_A.dtype, ws)
+    d_x, d_a, d_b, d_bias = empty(), empty(), empty(), empty()
+    with torch.autocast(dy.device.type, enabled=False):
+        if need_x:
+            d_x = torch.mm(dy2d, _merge(weight, lora_A, lora_B, scaling)).view(x.shape)
+        if need_A or need_B:
+            ws = lora_triton.workspace(M, N, K if need_A else 0, lora_A.shape[0], dy.device)  # one zero fill
+            g, d_b, d_bias = lora_triton.dsdb(dy2d, lora_B, s, scaling, need_bias, ws)  # G, dB, dbias
+            if need_A:
+                d_a = lora_triton.da(g, x2d, None, lora_A.shape[0], scaling, lora_A.dtype, ws)
+        elif need_bias:  # only the bias learns: no pass for G
+            d_bias = dy2d.sum(0)
     return d_x, d_a, d_b if need_B else empty(), d_bias if need_bias else empty()
 
 

@@ -160,26 +160,27 @@ def _shrink_kernel(
 
 
 def _shrink_tiles(x2d: torch.Tensor, has_mask: bool, r_pad: int) -> tuple[int, int, int, int]:
-    """(BM, BK, warps, stages) of the shrink kernel for x2d (M, K).
+    """(BM, BK, warps, stages) of the shrink kernel for x2d (M, K): the first tiling whose shared memory fits.
 
-    16-bit x: about one program of up to 64 rows per SM, its loop over K pipelined 3-4 deep, the best of 108
-    tilings on an H200 at M = 7936, r = 16 (2026-12-04): 4.3 → 3.4 µs at K = 768, 14.5 → 11.4 µs at K = 3072
-    against the tiling before it, kept for the rest: half the rows, 128 columns, 3 stages. The pipelined tiles
-    hold x, the mask and Aᵀ for every stage in shared memory; they are taken only where those bytes fit with
-    room to spare (the compiler's own buffers: 4 stages of fp32 64 × 128 tiles, 164 KB of operands, asked
-    for 254 KB), so a large rank, a mask or a GPU with less shared memory keeps the smaller tiling.
+    16-bit x first tries about one program of up to 64 rows per SM, its loop over K pipelined 3-4 deep, the
+    best of 108 tilings on an H200 at M = 7936, r = 16 (2026-12-04): 4.3 → 3.4 µs at K = 768, 14.5 → 11.4 µs
+    at K = 3072 against the next one, the tiling used before (half the rows, 128 columns, 3 stages). Each stage
+    holds x's tile, the mask's and Aᵀ's in shared memory; a tiling is taken where 1.6× those bytes fit (the
+    compiler's own buffers on top: 4 stages of fp32 64 × 128 tiles, 164 KB of operands, asked for 254 KB), so
+    a large rank, a mask or a GPU with less shared memory steps down to smaller tiles.
     """
     if INTERPRETING:
         return 16, 32, 4, 1
     M, K = x2d.shape
     sms, _, smem = _device_info(x2d.get_device())
-    if x2d.element_size() == 2:
-        bm = min(64, max(16, triton.next_power_of_2(triton.cdiv(M, sms))))
-        bk, stages = (256, 3) if K >= 2048 else (128, 4)
-        operand_bytes = stages * (bm * bk * (2 if has_mask else 1) + bk * r_pad) * 2
+    rows = lambda per_sm: min(64, max(16, triton.next_power_of_2(triton.cdiv(M, per_sm * sms))))  # noqa: E731
+    tilings = [(rows(1), 256, 3) if K >= 2048 else (rows(1), 128, 4)] if x2d.element_size() == 2 else []
+    tilings += [(rows(2), 128, 3), (rows(2), 128, 2), (16, 64, 2), (16, 32, 1)]
+    for bm, bk, stages in tilings:
+        operand_bytes = stages * (bm * bk * (2 if has_mask else 1) + bk * r_pad) * x2d.element_size()
         if 1.6 * operand_bytes <= smem:
             return bm, bk, 4, stages
-    return min(64, max(16, triton.next_power_of_2(triton.cdiv(M, 2 * sms)))), 128, 4, 3
+    return 16, 32, 4, 1
 
 
 def shrink(x2d: torch.Tensor, mask2d: torch.Tensor | None, lora_A: torch.Tensor) -> torch.Tensor:

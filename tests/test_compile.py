@@ -105,20 +105,25 @@ def _lora_ops_in(graphs, op) -> int:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["auto", "triton"])
-def test_lora_on_cuda_compiles_to_the_triton_op_and_matches_the_reference(backend):
-    """On CUDA, "triton" puts the Triton op in the graph and (from COMPILED_FUSED_MIN_ROWS rows on, bf16, no
-    dropout) "auto" the merged-weight training op, one node per LoRA layer and no graph break; Inductor's compiled
-    loss and gradients equal the reference's."""
+@pytest.mark.parametrize("backend,rows,op_name", [
+    ("triton", "COMPILED_FUSED_MIN_ROWS", "lora_linear_triton"),
+    ("auto", "COMPILED_FUSED_MIN_ROWS", "lora_linear_triton"),
+    ("auto", "MERGED_TRAIN_MIN_ROWS", "lora_linear_merged_train"),
+])
+def test_lora_on_cuda_compiles_to_one_op_per_layer_and_matches_the_reference(backend, rows, op_name):
+    """On CUDA, "triton" puts the Triton op in the graph; "auto" the Triton op from COMPILED_FUSED_MIN_ROWS rows
+    and the merged-weight training op from MERGED_TRAIN_MIN_ROWS (bf16, no dropout): one node per LoRA layer and
+    no graph break; Inductor's compiled loss and gradients equal the reference's."""
     from minipeft.kernels import lora_routes
 
     torch.manual_seed(0)
-    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, vocab_size=128, block_size=640)
+    rows = getattr(lora_routes, rows)
+    T = rows // 2 + 8                                        # 2 sequences: just over the row count
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, vocab_size=128, block_size=T)
     model = get_peft_model(GPT(cfg).cuda().to(torch.bfloat16),
                            LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).train()
     reference = copy.deepcopy(model)
-    rows = lora_routes.COMPILED_FUSED_MIN_ROWS
-    idx = torch.randint(0, 128, (2, max(rows // 2 + 8, 8)), device="cuda")
+    idx = torch.randint(0, 128, (2, T), device="cuda")
     targets = idx.roll(-1, 1)
 
     def loss_of(m):
@@ -127,8 +132,7 @@ def test_lora_on_cuda_compiles_to_the_triton_op_and_matches_the_reference(backen
     with kernels.use_backend(backend):
         explanation = dynamo.explain(loss_of(model))(idx, targets)
         assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]
-        op = {"triton": torch.ops.minipeft.lora_linear_triton,
-              "auto": torch.ops.minipeft.lora_linear_merged_train}[backend]
+        op = getattr(torch.ops.minipeft, op_name)
         assert _lora_ops_in(explanation.graphs, op) == 4 * cfg.n_layer   # c_attn, c_proj, c_fc, mlp c_proj
         dynamo.reset()
         loss = torch.compile(loss_of(model), fullgraph=True)(idx, targets)

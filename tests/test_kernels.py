@@ -189,9 +189,9 @@ def test_path_every_case(M, N, K, r, dtype, path):
 @pytest.mark.parametrize("M,N,K,r", [(1, 33, 47, 1), (67, 96, 80, 64), (50, 17, 96, 16)])
 def test_merged_train_route(M, N, K, r, dtype):
     """Training on W' = W + s·B·A rebuilt per call: the reference's output and gradients to one rounding of W'
-    more (the inference route's tolerance), with and without bias, 3-D x; a dropout mask is refused."""
-    for bias in (False, True):
-        inputs, dy = _make_inputs(M, N, K, r, dtype, layout="3d", bias=bias, seed=M + r)
+    more (the inference route's tolerance), with and without bias, 3-D and strided x; a mask is refused."""
+    for bias, layout in ((False, "3d"), (True, "3d"), (True, "noncontig")):
+        inputs, dy = _make_inputs(M, N, K, r, dtype, layout=layout, bias=bias, seed=M + r)
         _compare(inputs, dy, 2.0, dtype, path="merged_train")
     inputs, _ = _make_inputs(M, N, K, r, dtype, mask=True)
     with pytest.raises(ValueError, match="dropout mask"):
@@ -249,16 +249,18 @@ def test_choose_path_per_call():
     assert lora_routes.choose_path(big, 8, 8, x, w, needs_grad=True) == "cublas"      # fp32 / no TMA (CPU)
     half = torch.ones(3, 8, dtype=torch.float16)
     assert lora_routes.choose_path(big, 8, 8, half, half, needs_grad=True) == "cublas"  # CPU: no TMA
-    # while torch.compile traces: shapes only; the Triton op for training from COMPILED_FUSED_MIN_ROWS rows
-    rows = lora_routes.COMPILED_FUSED_MIN_ROWS
-    # 16-bit without a mask: the merged weight rebuilt per call (cuBLAS GEMMs); with a mask or in fp32: the op
-    assert lora_routes.choose_path(rows, 8, 8, half, half, needs_grad=True, compiling=True) == "merged_train"
-    assert lora_routes.choose_path(rows, 8, 8, half, half, needs_grad=True, has_mask=True, compiling=True) == "triton"
-    assert lora_routes.choose_path(rows, 8, 8, x, w, needs_grad=True, compiling=True) == "triton"
+    # while torch.compile traces: shapes only. Training from COMPILED_FUSED_MIN_ROWS rows: the Triton op; from
+    # MERGED_TRAIN_MIN_ROWS, 16-bit, no mask, not wider than MERGED_TRAIN_MAX_WIDTH: the merged weight per call
+    rows, many = lora_routes.COMPILED_FUSED_MIN_ROWS, lora_routes.MERGED_TRAIN_MIN_ROWS
+    assert lora_routes.choose_path(rows, 8, 8, half, half, needs_grad=True, compiling=True) == "triton"
+    assert lora_routes.choose_path(many, 8, 8, half, half, needs_grad=True, compiling=True) == "merged_train"
+    assert lora_routes.choose_path(many, 8, 8, half, half, needs_grad=True, has_mask=True, compiling=True) == "triton"
+    assert lora_routes.choose_path(many, 8, 8, x, w, needs_grad=True, compiling=True) == "triton"        # fp32
     wide = lora_routes.MERGED_TRAIN_MAX_WIDTH + 1                    # Triton's GEMM is at cuBLAS speed there
-    assert lora_routes.choose_path(rows, wide, 8, half, half, needs_grad=True, compiling=True) == "triton"
+    assert lora_routes.choose_path(many, wide, 8, half, half, needs_grad=True, compiling=True) == "triton"
+    assert lora_routes.choose_path(many, 8, wide, half, half, needs_grad=True, compiling=True) == "triton"
     assert lora_routes.choose_path(rows - 1, 8, 8, half, half, needs_grad=True, compiling=True) == "unfused"
-    assert lora_routes.choose_path(rows, 8, 8, half, half, needs_grad=False, compiling=True) == "unfused"
+    assert lora_routes.choose_path(many, 8, 8, half, half, needs_grad=False, compiling=True) == "unfused"
 
 
 def _forward_ref(inputs):
@@ -468,6 +470,22 @@ def test_backward_sums_reach_every_split(dtype):
     assert_close(d_a, (0.5 * f(G[:, :r].to(dtype)).T @ (f(x) * f(mask))).to(dtype), scale=M)
 
 
+@pytest.mark.parametrize("dtype,K,r_pad,mask", [(torch.bfloat16, 768, 16, False), (torch.bfloat16, 3072, 16, False),
+                                                (torch.bfloat16, 4096, 128, True), (torch.float32, 768, 16, False),
+                                                (torch.float32, 4096, 256, True)])
+def test_shrink_tiles_fit_shared_memory(monkeypatch, dtype, K, r_pad, mask):
+    """The shrink's tiling on an H200 (as the GPU reports it): the tuned tiles for GPT-2's 16-bit layers, and for
+    any rank, mask and dtype a tiling whose operands fit the shared memory with the margin the docstring gives."""
+    smem = 232448
+    monkeypatch.setattr(lora_triton, "INTERPRETING", False)
+    monkeypatch.setattr(lora_triton, "_device_info", lambda index: (132, 9, smem))
+    x2d = torch.empty(7936, K, dtype=dtype, device="meta")
+    bm, bk, warps, stages = lora_triton._shrink_tiles(x2d, mask, r_pad)
+    assert 1.6 * stages * (bm * bk * (2 if mask else 1) + bk * r_pad) * x2d.element_size() <= smem
+    if dtype == torch.bfloat16 and r_pad == 16:                 # the measured winners
+        assert (bm, bk, stages) == ((64, 128, 4) if K < 2048 else (64, 256, 3))
+
+
 def test_a_workspace_of_other_sizes_is_refused():
     dev = torch.device(DEVICE)
     dy, lora_B, s = torch.ones(8, 6, device=dev), torch.ones(6, 2, device=dev), torch.ones(8, 2, device=dev)
@@ -567,6 +585,33 @@ def test_backward_op_passes_opcheck(needs):
     torch.library.opcheck(BACKWARD_OP, args)
     outs = BACKWARD_OP(*args)
     assert [t.numel() > 0 for t in outs] == list(needs)          # a gradient not asked for comes back empty
+
+
+MERGED_OP = torch.ops.minipeft.lora_linear_merged_train.default
+MERGED_BACKWARD_OP = torch.ops.minipeft.lora_linear_merged_train_backward.default
+
+
+@pytest.mark.parametrize("layout,bias", [("3d", True), ("noncontig", False), ("2d", True)])
+def test_merged_train_op_passes_opcheck(layout, bias):
+    """The merged-weight training op: schema, fake, autograd registration and an AOT trace agree with it."""
+    inputs, _ = _make_inputs(7, 9, 11, 3, torch.float32, layout=layout, bias=bias, seed=4)
+    for name in ("x", "lora_A", "lora_B", "bias"):
+        if inputs[name] is not None:
+            inputs[name].requires_grad_()
+    torch.library.opcheck(MERGED_OP, tuple(inputs[k] for k in ("x", "weight", "bias", "lora_A", "lora_B")) + (2.0,))
+
+
+@pytest.mark.parametrize("needs", [(True, True, True, True), (False, True, False, False), (True, False, True, False),
+                                   (False, False, False, True)], ids=["all", "A-only", "x-and-B", "bias-only"])
+def test_merged_train_backward_op_passes_opcheck(needs):
+    inputs, dy = _make_inputs(7, 9, 11, 3, torch.float32, layout="3d", bias=True, seed=2)
+    _, s = MERGED_OP(*(inputs[k] for k in ("x", "weight", "bias", "lora_A", "lora_B")), 2.0)
+    args = (dy, inputs["x"], inputs["weight"], inputs["lora_A"], inputs["lora_B"], s, 2.0, *needs)
+    torch.library.opcheck(MERGED_BACKWARD_OP, args)
+    outs = MERGED_BACKWARD_OP(*args)
+    assert [t.numel() > 0 for t in outs] == list(needs)          # a gradient not asked for comes back empty
+    if needs[3]:
+        assert_close(outs[3], dy.reshape(-1, 9).sum(0))
 
 
 def _lora_call(x, weight, bias, lora_A, lora_B):

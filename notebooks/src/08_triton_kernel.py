@@ -327,9 +327,10 @@ course.claim(runs["triton"]["fused"] == n_lora and runs["reference"]["fused"] ==
 # call (`lora_routes.choose_path`): on a GPU, inference multiplies by a cached merged weight W' = W + s·B·A (the
 # LoRA chapter's merge, done automatically); an eager training call takes the reference's ops below
 # `lora_routes.FUSED_MIN_ROWS` rows and the Triton kernels above; under `torch.compile`, from
-# `lora_routes.COMPILED_FUSED_MIN_ROWS` rows on, a 16-bit layer without dropout and at most
-# `lora_routes.MERGED_TRAIN_MAX_WIDTH` features wide trains on the merged weight rebuilt on every call (cuBLAS for
-# the two big products, the Triton passes for the LoRA gradients: section 5.4), any other layer on the Triton op.
+# `lora_routes.COMPILED_FUSED_MIN_ROWS` rows on, the Triton op, except that from `lora_routes.MERGED_TRAIN_MIN_ROWS`
+# rows a 16-bit layer without dropout and at most `lora_routes.MERGED_TRAIN_MAX_WIDTH` features wide trains on the
+# merged weight rebuilt on every call (cuBLAS for the two big products, the Triton passes for the LoRA gradients:
+# section 5.4).
 # Those thresholds come from the measurements below. On the CPU "auto" always runs the reference.
 #
 # ## 5. Is it fast? What was measured on GPUs
@@ -681,9 +682,11 @@ plt.show()
 # x·(W + s·B·A)ᵀ = x·Wᵀ + s·(x·Aᵀ)·Bᵀ and dY·(W + s·B·A) = dY·W + s·(dY·B)·A, a layer can rebuild
 # W' = W + s·B·A on every call (one small cuBLAS call: it reads and writes W), run the forward and dX with cuBLAS
 # on W', and take the gradients of A and B from the Triton passes as before (they need S = x·Aᵀ and G = dY·B,
-# not W'). W' is rounded to bf16 once: the output moves by one rounding of the weight, the gradients not at all.
+# not W'). W' is rounded to bf16 once: the output and dX move by one rounding of the weight, while dA and dB come
+# from S and G exactly as before.
 # It is the "merged_train" route of `lora_routes`, which "auto" takes under `torch.compile` where it measured
-# faster. The numbers, from a later run:
+# faster (16-bit layers without dropout, at most `MERGED_TRAIN_MAX_WIDTH` features wide, from
+# `MERGED_TRAIN_MIN_ROWS` rows). The numbers, from a later run:
 
 # %%
 merged_md = results_section("LoRA trained on the merged weight")
@@ -710,8 +713,10 @@ noise = ("every pairing clears the target" if lo_pair >= TARGET_E2E_FLOOR else
          "so whether one round clears the target depends on the round: the margin is inside the run's noise")
 print(f"\nEnd to end, graphs mode, 'auto' on the merged weight: {tps_m:,.0f} tokens/s = {vs_floor_m:.3f}× the "
       f"floor's {floor_tps:,.0f} (target ≥ {TARGET_E2E_FLOOR}×: {verdict(vs_floor_m, TARGET_E2E_FLOOR, False)} by the "
-      f"medians); any round of one against any round of the other gives {lo_pair:.2f}–{hi_pair:.2f}×, {noise}. "
-      f"Peak {num(lora_m['peak GiB']):.2f} GiB.")
+      f"medians); any round of one against any round of the other gives {lo_pair:.2f}–{hi_pair:.2f}×, {noise}.")
+peak_m = float(re.search(r"\((\d\.\d+)\)", lora_m["peak GiB"]).group(1))   # the unrounded peak in (…)
+print(f"Peak {peak_m:.4f} GiB against ≤ {TARGET_E2E_PEAK_GIB} GiB: {verdict(peak_m, TARGET_E2E_PEAK_GIB)}"
+      + (f", by {(peak_m - TARGET_E2E_PEAK_GIB) * 1024:.0f} MiB." if peak_m > TARGET_E2E_PEAK_GIB else "."))
 
 # %% [markdown]
 # Fusing removes bytes, not FLOPs; it pays only where the layer waits on memory and the host is out of the way.
