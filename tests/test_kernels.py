@@ -319,6 +319,31 @@ def test_every_path_on_gpu(path, dtype, M, N, K, r):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("M,N,K,r", [(2052, 2304, 768, 16), (2052, 768, 3072, 64), (150, 520, 264, 16)])
+def test_merged_train_on_gpu(M, N, K, r):
+    """The merged-weight training route at GPT-2's widths (4104 rows: "auto"'s compiled choice from
+    MERGED_TRAIN_MIN_ROWS) in every dtype, against the float64 reference."""
+    for dtype in DTYPES:
+        inputs, dy = _make_inputs(M, N, K, r, dtype, layout="3d", bias=True, seed=K)
+        _compare(inputs, dy, 2.0, dtype, path="merged_train")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K,r", [(4096, 128), (768, 256)])
+def test_shrink_with_a_large_rank_and_a_mask_on_gpu(dtype, K, r):
+    """Ranks and masks whose tiles take the most shared memory: _shrink_tiles steps down to a tiling that fits."""
+    g = torch.Generator(device="cuda").manual_seed(r)
+    x = torch.randn(8192, K, device="cuda", generator=g).to(dtype)
+    mask = (torch.rand(8192, K, device="cuda", generator=g) > 0.3).to(dtype) * 2
+    lora_A = (torch.randn(r, K, device="cuda", generator=g) / math.sqrt(K)).to(dtype)
+    s = lora_triton.shrink(x, mask, lora_A)
+    _check(s, (x.double() * mask.double()) @ lora_A.double().T, dtype, scale=2.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_long_reduction_bf16_on_gpu():
     """K = 4096, the benchmark's shape: errors stay at bf16's level over a long reduction."""
     inputs, dy = _make_inputs(512, 4096, 4096, 16, torch.bfloat16, bias=True, mask=True, seed=1)
