@@ -93,8 +93,14 @@ COMPILED_FUSED_MIN_ROWS = 1024
 # GEMM runs at cuBLAS speed and the merge reads and writes W (32 MB) twice per step.
 MERGED_TRAIN_MAX_WIDTH = 3072
 # ... and from this many rows on: rebuilding W' costs the same at every M, the GEMM time it saves shrinks with M.
-# An estimate from the times above (not a measurement at small M): at 768 → 2304 the merges cost ~5 µs a step
-# and Triton's GEMM gap is ~20 µs at 7936 rows, so they break even near 2,000 rows; 4096 keeps a margin.
+# Measured on the H200 (2026-12-04 21:45, same setup, two rounds; the four widths of a GPT-2 block, 768 → 2304,
+# 768 → 768, 768 → 3072, 3072 → 768), merged_train vs the Triton op:
+#   M = 1024: 2.70-2.77 vs 2.33-2.34, 3.54-3.55 vs 2.86-2.90, 2.46-2.58 vs 2.09-2.18, 2.97-2.99 vs 2.48-2.50
+#   M = 2048: 2.22-2.24 vs 2.14-2.17, 2.98-3.01 vs 2.55-2.59, 2.15 vs 1.87-1.91, 2.26-2.29 vs 2.01-2.03
+#   M = 4096: 1.77-1.83 vs 1.82-1.91, 2.47-2.48 vs 2.40, 1.66-1.68 vs 1.63-1.64, 1.79-1.82 vs 1.81-1.84
+#   M = 7936: 1.44-1.47 vs 1.48-1.52, 2.00-2.01 vs 1.97-1.99, 1.37-1.38 vs 1.41-1.42, 1.45-1.49 vs 1.48-1.51
+# Weighted by the floor's µs, a block's four layers tie at 4096 rows (345 vs 346 µs) and merged_train is 2%
+# faster at 7936 (540 vs 551 µs); below 4096 it loses at every width.
 MERGED_TRAIN_MIN_ROWS = 4096
 
 # The merged-weight cache (inference): one (N, K) copy of W per cached layer, at most this many bytes in all.

@@ -118,6 +118,35 @@ def test_model_loss_matches_and_whole_logits_are_never_saved(method, monkeypatch
     assert not any(s and s[-1] == 50 for s in chunked), chunked
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_compiled_chunked_loss_equals_the_whole_one(bias):
+    """Compiled, a chunk's loss is written out as logsumexp − the target's logit (no fp32 log-softmax for
+    Inductor to keep alive): the loss and the gradients of F.cross_entropy, ignored and int32 targets included."""
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias)
+    x = torch.randn(23, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (23,), generator=g, dtype=torch.int32)
+    targets[::4] = -100
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: chunked_cross_entropy(head, x, targets, 5), backend="aot_eager",
+                             fullgraph=True)
+    loss = compiled(x)
+    expected = F.cross_entropy(head(x), targets.long(), ignore_index=-100)
+    assert_close(loss, expected)
+    params = [x, head.weight] + ([head.bias] if bias else [])
+    for got, want in zip(torch.autograd.grad(loss, params), torch.autograd.grad(expected, params), strict=True):
+        assert_close(got, want)
+
+
+def test_int32_targets_give_the_int64_loss_on_both_paths():
+    """targets may be int32 (GPT.forward accepts them); both the whole-logits and the chunked loss use them."""
+    model = GPT(CFG)
+    idx = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(2))
+    want = model(idx, targets=idx)[1]
+    for return_logits in (True, False):
+        assert_close(model(idx, targets=idx.int(), return_logits=return_logits)[1], want)
+
+
 def test_return_logits_false_needs_targets():
     with pytest.raises(ValueError, match="return_logits=False needs targets"):
         GPT(CFG)(torch.zeros(1, 4, dtype=torch.long), return_logits=False)
