@@ -99,8 +99,9 @@ MERGED_TRAIN_MAX_WIDTH = 3072
 #   M = 2048: 2.22-2.24 vs 2.14-2.17, 2.98-3.01 vs 2.55-2.59, 2.15 vs 1.87-1.91, 2.26-2.29 vs 2.01-2.03
 #   M = 4096: 1.77-1.83 vs 1.82-1.91, 2.47-2.48 vs 2.40, 1.66-1.68 vs 1.63-1.64, 1.79-1.82 vs 1.81-1.84
 #   M = 7936: 1.44-1.47 vs 1.48-1.52, 2.00-2.01 vs 1.97-1.99, 1.37-1.38 vs 1.41-1.42, 1.45-1.49 vs 1.48-1.51
-# Weighted by the floor's µs, a block's four layers tie at 4096 rows (345 vs 346 µs) and merged_train is 2%
-# faster at 7936 (540 vs 551 µs); below 4096 it loses at every width.
+# Weighted by the floor's µs (4096 rows: 46.2-48.2, 19.0-19.2, 60.9-62.1, 59.8-61.1; 7936 rows: 92.0-93.5,
+# 33.9-34.2, 118.8-119.4, 116.5-119.4), a block's four layers tie at 4096 rows (345 vs 346 µs) and merged_train
+# is 2% faster at 7936 (540 vs 551 µs); below 4096 it loses at every width.
 MERGED_TRAIN_MIN_ROWS = 4096
 
 # The merged-weight cache (inference): one (N, K) copy of W per cached layer, at most this many bytes in all.

@@ -661,11 +661,12 @@ def _summed_cross_entropy(head: nn.Module, x: torch.Tensor, targets: torch.Tenso
     """Σ over targets ≠ −100 of logsumexp(z) − z[target], z = head(x) (n, vocab): F.cross_entropy's sum.
 
     Eagerly, F.cross_entropy itself: its fused kernels beat the written-out sum on the CPU (2.2 against 2.7 s
-    for a chunk of 1,335 GPT-2 rows, fp32, forward and backward). Compiled, the written-out sum: with
-    F.cross_entropy, Inductor kept five chunks' fp32 (rows, vocab) buffers (256 MiB each at LOSS_CHUNK_BYTES)
-    and their 16-bit logits alive at once in the forward of a GPT-2-small step on an H200, 1.9 GB of its
-    4.5 GiB peak. Written out, the cast to fp32 fuses into the logsumexp and the gather, which read the 16-bit
-    logits, and the step's peak fell to 3.1 GiB, one chunk's logits at a time (benchmarks/RESULTS.md)."""
+    for a chunk of 1,335 GPT-2 rows, fp32, forward and backward, the head's GEMMs included). Compiled, the
+    written-out sum: with F.cross_entropy, Inductor kept five chunks' fp32 (rows, vocab) buffers (256 MiB each
+    at LOSS_CHUNK_BYTES) and their 16-bit logits alive at once in the forward of a GPT-2-small step on an H200,
+    1.9 GiB of its 4.5 GiB peak. Written out, the cast to fp32 fuses into the logsumexp and the gather, which
+    read the 16-bit logits, and the step's peak fell to 3.1 GiB, one chunk's logits at a time
+    (benchmarks/RESULTS.md)."""
     # head_logits pads the weight inside the checkpoint: backward makes the padded copy again instead of keeping it.
     logits = head_logits(head, x).float()  # (n, vocab)
     if not torch.compiler.is_compiling():

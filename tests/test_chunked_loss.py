@@ -118,19 +118,26 @@ def test_model_loss_matches_and_whole_logits_are_never_saved(method, monkeypatch
     assert not any(s and s[-1] == 50 for s in chunked), chunked
 
 
+@pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd")  # torch's own recording backend
 @pytest.mark.parametrize("bias", [False, True])
 def test_compiled_chunked_loss_equals_the_whole_one(bias):
-    """Compiled, a chunk's loss is written out as logsumexp − the target's logit (no fp32 log-softmax for
-    Inductor to keep alive): the loss and the gradients of F.cross_entropy, ignored and int32 targets included."""
+    """Compiled, a chunk's loss is written out as logsumexp − the target's logit, with no log-softmax for Inductor
+    to keep alive: the traced forward holds logsumexp and no log_softmax or nll_loss, and the loss and gradients
+    are F.cross_entropy's — ignored and int32 targets included, and a chunk whose targets are all ignored."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
     g = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=bias)
     x = torch.randn(23, 16, generator=g, requires_grad=True)
     targets = torch.randint(0, 50, (23,), generator=g, dtype=torch.int32)
     targets[::4] = -100
+    targets[5:10] = -100  # the second chunk of 5 rows: nothing to learn from
     torch._dynamo.reset()
-    compiled = torch.compile(lambda x: chunked_cross_entropy(head, x, targets, 5), backend="aot_eager",
-                             fullgraph=True)
+    backend = AotEagerAndRecordGraphs()
+    compiled = torch.compile(lambda x: chunked_cross_entropy(head, x, targets, 5), backend=backend, fullgraph=True)
     loss = compiled(x)
+    ops = {str(node.target) for graph in backend.fw_graphs for node in graph.graph.nodes}
+    assert "aten.logsumexp.default" in ops and not any("log_softmax" in op or "nll_loss" in op for op in ops), ops
     expected = F.cross_entropy(head(x), targets.long(), ignore_index=-100)
     assert_close(loss, expected)
     params = [x, head.weight] + ([head.bias] if bias else [])
