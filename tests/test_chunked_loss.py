@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from tolerances import assert_close
+from torch._dynamo.testing import AotEagerAndRecordGraphs
 
 from minipeft import kernels
 from minipeft.model import GPT, GPTConfig, chunked_cross_entropy, head_logits
@@ -124,8 +125,6 @@ def test_compiled_chunked_loss_equals_the_whole_one(bias):
     """Compiled, a chunk's loss is written out as logsumexp − the target's logit, with no log-softmax for Inductor
     to keep alive: the traced forward holds logsumexp and no log_softmax or nll_loss, and the loss and gradients
     are F.cross_entropy's — ignored and int32 targets included, and a chunk whose targets are all ignored."""
-    from torch._dynamo.testing import AotEagerAndRecordGraphs
-
     g = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=bias)
     x = torch.randn(23, 16, generator=g, requires_grad=True)
