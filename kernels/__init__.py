@@ -638,8 +638,8 @@ def multi_lora_route(x: torch.Tensor, adapter_index: torch.Tensor, adapters: Pac
 #                call, or a ValueError that says why it cannot run (no Triton; CPU tensors without
 #                TRITON_INTERPRET=1; an output dtype other than fp32/fp16/bf16; bf16 in the interpreter, which
 #                rounds it wrongly).
-#   "auto":      that Triton kernel on CUDA wherever it can run (2.9 TB/s against ~150 GB/s for the eager
-#                reference on an H200: benchmarks/RESULTS.md); the reference everywhere else, the CPU included.
+#   "auto":      that Triton kernel on CUDA wherever it can run (2.8-2.9 TB/s against 129-133 GB/s for the eager
+#                reference on an H100: benchmarks/RESULTS.md); the reference everywhere else, the CPU included.
 # ``nf4_linear`` is the layer: y = x·dequantize(W_q)ᵀ + bias through the autograd op of kernels/nf4_autograd.py,
 # which saves the 4-bit codes for backward, never the dense weight.
 # --------------------------------------------------------------------------------------------------------

@@ -36,12 +36,14 @@ benchmarks/RESULTS.md: H200 2026-12-02 and 2026-12-04 at GPT-2 widths, H100 2026
 | torch.compile tracing, otherwise                           | "unfused"   | Inductor fuses the reference's ops       |
 
 CPU tensors, float64 and a missing Triton never reach this module: ``kernels.lora_linear`` sends them to the
-reference. The pointer-load Triton route ("fused") is never chosen (1.37-1.45× the floor at M = 16384 on the
-H200 in a measurement of 2026-12-02, against "cublas" 1.13-1.22×); ``path="fused"`` still reaches it.
+reference. The pointer-load Triton route ("fused") is never chosen on CUDA: the persistent TMA kernel does the same
+work, and no run in benchmarks/RESULTS.md has the pointer kernel ahead; ``path="fused"`` still reaches it (it is
+the kernel the CPU interpreter runs).
 
 The routes, as plain-Python sketches:
 
-    "unfused":   the reference's four torch ops (kernels/reference.py); autograd runs their backward in C++.
+    "unfused":   the reference's torch ops (kernels/reference.py: three GEMMs, a scale, an add); autograd runs their
+                 backward in C++.
     "cublas":    S = (x ⊙ mask)·Aᵀ;  Y = x·Wᵀ + bias;  Y += scaling·S·Bᵀ                # 3 GEMMs, in place
                  backward in one autograd.Function, 5 GEMMs:
                  dS = scaling·dY·B;  dX = dY·W + mask ⊙ (dS·A);  dA = dSᵀ·(x ⊙ mask);  dB = scaling·dYᵀ·S
@@ -74,15 +76,16 @@ __all__ = ["FUSED_MIN_ROWS", "COMPILED_FUSED_MIN_ROWS", "MERGED_TRAIN_MAX_WIDTH"
 # host-bound: H100, bf16 K = N = 4096, r = 16 (benchmarks/RESULTS.md): at M = 4096 forward+backward costs
 # 1.60× the frozen floor on the reference's ops, 2.20× on "cublas" (its Python backward: 640 µs of host time
 # against the floor's 200 µs) and 3.99× on fused_tma; at M = 16384, 1.42×, 1.24× and 1.17×. 8192 sits between
-# the two measured rows. An H200 run of 2026-12-02 ties fused_tma with "cublas" at
-# 4096 → 4096, M = 16384 (1.23× vs 1.22× eager) and has every Triton route losing in eager mode at GPT-2 widths
-# (768 → 2304: fused_tma 7.76× vs unfused 3.39× at M = 16384): re-measure before trusting this at small widths.
+# the two measured rows. An eager H200 run of 2026-12-02 (its Triton columns were not kept in RESULTS.md) tied
+# fused_tma with "cublas" at 4096 → 4096, M = 16384, and had every Triton route losing at GPT-2 widths, where the
+# floor itself is host-bound (RESULTS.md, "LoRA layer at GPT-2 widths"): re-measure before trusting this there.
 FUSED_MIN_ROWS = 8192
 
 # Under torch.compile with CUDA graphs the host cost of a launch is paid once, at recording, so the GPU time
 # decides: from this many rows on, training calls run the Triton op. Measured on the H200 (2026-12-02, GPU time):
-# the Triton op beats the reference at M = 4096-16384 at every GPT-2 width, and ties it at M = 256 (3.72× vs 3.73×
-# the floor at 768 → 2304); 1024 sits between the measured rows.
+# the Triton op beats the reference at M = 4096-16384 at every GPT-2 width (RESULTS.md, "LoRA layer at GPT-2
+# widths"), and tied it at M = 256 (3.72× vs 3.73× the floor at 768 → 2304; RESULTS.md keeps the reference's
+# 3.73×); 1024 sits between the measured rows.
 COMPILED_FUSED_MIN_ROWS = 1024
 
 # Under torch.compile a 16-bit training call without a dropout mask trains on the merged weight rebuilt per call

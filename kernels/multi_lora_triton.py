@@ -45,10 +45,11 @@ The plan:
          dbias = dY.sum(0)                     (torch; the base weight is frozen: no dW)
      S is saved for the backward, not recomputed: it is M×max(r) values (32 KB for M = 1000, r = 16 in bf16)
      where recomputing it would read x (M×K) again with one more launch.
-  5. Inference (no autograd) of at most ``FUSED_MAX_ROWS`` rows — a decode step — runs shrink and expand as ONE
-     kernel (``segment_shrink_expand``): every (row tile, column tile) program computes its tile's S itself. At
-     those sizes the host's cost of a launch exceeds the GPU work of the whole layer, so one launch fewer is
-     what counts; S is computed cdiv(N, BN) times per tile, which costs the GPU little while so few rows are read.
+  5. Inference (no autograd) of at most ``FUSED_MAX_ROWS`` = 4096 rows — a decode step, or a prefill of that
+     size — runs shrink and expand as ONE kernel (``segment_shrink_expand``): every (row tile, column tile)
+     program computes its tile's S itself. For a decode step the host's cost of a launch exceeds the GPU work of
+     the whole layer, so one launch fewer is what counts; S is computed cdiv(N, BN) times per tile, which costs
+     the GPU little while few rows are read, and more as the rows grow (the constant's comment has the times).
 
 How a program of shrink or expand finds its work: the rows are cut into tiles of BM = ``ROW_BLOCK`` rows, each
 tile inside one segment, and a tile map, made on the device with a few torch ops (``tile_map``), says for every
@@ -115,11 +116,14 @@ else:
     SHRINK_BLOCKS = dict(BK=64, num_warps=4)
     EXPAND_BLOCKS = dict(BN=128, num_warps=4)
     REDUCE_BLOCKS = dict(BM=64, BT=64, num_warps=4)
-# Inference calls of at most this many rows take the one-launch shrink-expand kernel (a decode step: 64 rows);
-# more rows take shrink + expand, which compute each tile's S once instead of once per column tile. Measured on
-# an H200 (64 adapters of rank 16, K→N = 768→2304, bf16; benchmarks/RESULTS.md): one launch costs the host
-# ~72 µs against ~118 µs for two, and the GPU 27 µs against 16 µs at 64 rows, 51 against 43 at 4096 rows and
-# 204 against 155 at 16384 rows, where the GPU, no longer the host, sets the pace.
+# Inference calls of at most this many rows (a decode step of 64 rows, or a prefill of up to 4096) take the
+# one-launch shrink-expand kernel; more rows take shrink + expand, which compute each tile's S once instead of
+# once per column tile. Measured on an H200 (64 adapters of rank 16, K→N = 768→2304, bf16), in a one-off run whose
+# table was not kept: one launch cost the host ~72 µs against ~118 µs for two, and the GPU 27 µs against 16 µs
+# at 64 rows, 51 against 43 at 4096 rows and 204 against 155 at 16384 rows. So up to 4096 rows the launch the
+# host saves outweighs the GPU time the one launch adds (in eager serving; in a CUDA graph the GPU alone counts,
+# and two launches would win); beyond it the GPU sets the pace. benchmarks/RESULTS.md ("Many adapters in one
+# batch") has the one-launch kernel at 64 rows: 26.4 µs of GPU time, 85.2 µs host-included.
 FUSED_MAX_ROWS = 4096
 
 

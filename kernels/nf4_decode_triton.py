@@ -57,7 +57,8 @@ from .nf4_triton import absmax_at
 from .triton_interpreter import interpreter_lock
 
 __all__ = ["MAX_ROWS", "nf4_decode"]
-# more rows go to the tensor-core forward. H200, K = N = 4096, × the bf16 linear: 0.95 / 1.48 / 2.36 / 2.49 for 1-4
+# The most rows of x a call may have to run here (a decode step without dropout: ``nf4_forward`` checks); more rows
+# go to the tensor-core forward. H200, K = N = 4096, × the bf16 linear: 0.95 / 1.48 / 2.36 / 2.49 for 1-4
 # rows here, 2.51 / 2.44 / 2.39 / 2.43 for the GEMM (RESULTS.md): a program serves one row, so the lookups repeat
 # for every row, and from 3 rows on the two kernels are even.
 MAX_ROWS = 2

@@ -1,8 +1,8 @@
-"""The main job: the seeds' comparison table of fine-tuning methods, measured instead of asserted.
+"""The main job: the PEFT overview's comparison table of fine-tuning methods, measured instead of asserted.
 
-Seed 000 compares full fine-tuning, prefix tuning / soft prompts and adapters with claims such as "~0.1% of
-LLM parameters", "Storage cost: Low", "Training speed: Fast" and "Inference latency: slightly increased";
-seeds 001-004 add LoRA, QLoRA (and LoRA on an 8-bit base) and P-tuning. `minipeft compare` fine-tunes each
+The PEFT overview compares full fine-tuning, prefix tuning / soft prompts and adapters with claims such as "~0.1%
+of LLM parameters", "Storage cost: Low", "Training speed: Fast" and "Inference latency: slightly increased";
+the other course texts add LoRA, QLoRA (and LoRA on an 8-bit base) and P-tuning. `minipeft compare` fine-tunes each
 method on one built-in task with the same step budget and measures, in the same run:
 
     trainable parameters (count and % of the base) · adapter file size beside the full checkpoint ·
@@ -19,7 +19,7 @@ The methods and their learning rates (each the best of a small sweep) are the re
 minipeft/methods.py; how latency and memory are measured (one statistic: the median after a warm-up) is in
 minipeft/measure.py.
 
-The default task is `facts` because it asks what the seeds' table is about: adapting a model without
+The default task is `facts` because it asks what the overview's table is about: adapting a model without
 losing what it knows. Its answers come from pretraining (test people never appear in fine-tuning), so a
 method that overwrites the base forgets them. `--task sentiment` runs the classification task instead.
 """

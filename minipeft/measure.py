@@ -1,4 +1,4 @@
-"""Measuring what the seeds' table claims: wall-clock latency, peak memory, and the bytes a training step holds.
+"""Measuring what the PEFT overview's table claims: wall-clock latency, peak memory, the bytes a training step holds.
 
 Every latency in minipeft (the `compare` table, the chapters, the CPU timings of the benchmarks) is one
 statistic: the MEDIAN of `repeats` timed calls, taken after `warmup` untimed ones,

@@ -585,7 +585,7 @@ print(f"validation accuracy: QLoRA {runs['QLoRA, NF4 base'][1]:.2f}, merged into
 # Two measurements. First, quantize the trained LoRA matrices themselves to NF4 and see what the model
 # loses. Second, the training argument: an optimizer step changes a weight by about the learning rate
 # (Adam's steps are ≈ lr per entry). Stored in NF4, a change smaller than half the gap between two levels
-# (the gaps are absmax × 0.08 … 0.28) is rounded away, so most updates would simply vanish.
+# (the gaps are absmax × 0.08 … 0.30) is rounded away, so most updates would simply vanish.
 
 # %%
 lora = models["LoRA, dense base"]

@@ -6,13 +6,13 @@
 # $$Y = xW^\top + b + s\,\big((x \odot m)A^\top\big)B^\top,\qquad x\in\mathbb{R}^{M\times K},\;
 # W\in\mathbb{R}^{N\times K},\; A\in\mathbb{R}^{r\times K},\; B\in\mathbb{R}^{N\times r},$$
 #
-# with s = α/r and m an optional dropout mask. Two backends implement it with one signature:
-# `kernels/reference.py` (four torch ops) and `kernels/lora_triton.py` (Triton kernels that fold the low-rank
-# term into the base matrix multiply). This chapter shows the blocked matmul, the fused-LoRA idea and its
-# byte count, runs the real kernel (in the Triton interpreter when there is no GPU), swaps the backend under
-# a whole model, and then reads what was measured on GPUs: one layer on an H100, where a layer's GPU time goes
-# on an H200, and what the kernel changes in a whole GPT-2-small training run on the H200 — each against its
-# target, met or not.
+# with s = α/r and m an optional dropout mask. Two backends implement it with one signature: `kernels/reference.py`
+# (three GEMMs, a scale and an add, as torch ops) and `kernels/lora_triton.py` (Triton kernels that fold the
+# low-rank term into the base matrix multiply). This chapter shows the blocked matmul, the fused-LoRA idea and its
+# byte count, runs the real kernel (in the Triton interpreter when there is no GPU), swaps the backend under a whole
+# model, and then reads what was measured on GPUs: one layer on an H100, where a layer's GPU time goes on an H200,
+# and what the kernel changes in a whole GPT-2-small training run on the H200 — each against its target, met or not
+# — and last compiles the kernel for an H100/H200 to read the instructions a GPU would run.
 #
 # Sources: LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685); the split S = x·Aᵀ first, then the
 # low-rank term in the GEMM, follows LoRAFusion (https://arxiv.org/abs/2510.00206); the blocked matmul follows
@@ -335,11 +335,12 @@ course.claim(runs["triton"]["fused"] == n_lora and runs["reference"]["fused"] ==
 #
 # ## 5. Is it fast? What was measured on GPUs
 #
-# This machine has no GPU, so the chapter reads the numbers committed in `benchmarks/RESULTS.md`, where each
-# run has its own section with the device, versions, date and the command that produced it (run that command
-# on a GPU to measure your own). Two small helpers read it: `results_section` finds a section by the start of
-# its heading, `results_table` turns one markdown table into a list of rows, each a dict from column header to
-# cell text, and `num` takes the first number out of a cell.
+# The chapter reads the numbers committed in `benchmarks/RESULTS.md` (on a CPU there is nothing to time; on a GPU
+# you can rerun them), where each run has its own section with the device, versions, date and the command that
+# produced it. A script may have changed since an older section's run: that section then gives today's command. Two
+# small helpers read it: `results_section` finds a section by the start of its heading, `results_table` turns one
+# markdown table into a list of rows, each a dict from column header to cell text, and `num` takes the first number
+# out of a cell.
 
 # %%
 RESULTS_MD = (REPO / "benchmarks" / "RESULTS.md").read_text()
@@ -387,7 +388,8 @@ def verdict(value, limit, at_most=True):
 # against the frozen floor. "backend, inference" is the merged-weight route "auto" takes without gradients;
 # "backend, final dispatch" is the route "auto" takes for training today (the reference's ops below
 # `FUSED_MIN_ROWS`, the fused Triton kernels above). The forward of a training call takes the same route, so its
-# column at small M is "unfused (reference)". The targets the kernel was built to reach:
+# column at small M is "unfused (reference)". The targets its first version was built to reach (the runs at
+# GPT-2's widths in RESULTS.md ask ≤ 1.05× of the forward at M ≥ 4096):
 #
 # - forward ≤ 1.15× the base at M ≤ 256 and ≤ 1.03× at M ≥ 4096;
 # - forward + backward ≤ 1.10× the frozen floor.
@@ -468,7 +470,8 @@ show(["target", "worst measured", "verdict"], [[name, f"{v:.2f}×", verdict(v, l
 gpu_small = [fwd[M]["base µs"] for M in small]
 print(f"\nHost-bound at small M: the GPU needs {span(gpu_small, '.1f', ' µs')} for the base GEMM at M ≤ 256, while "
       f"one F.linear costs {span([host[M]['base `F.linear`'] for M in host], '.0f', ' µs')} of host time "
-      f"and the reference's forward (3 ops) {span([host[M]['reference fwd'] for M in host], '.0f', ' µs')}; "
+      f"and the reference's forward (five ops: three GEMMs, a scale, an add) "
+      f"{span([host[M]['reference fwd'] for M in host], '.0f', ' µs')}; "
       f"the fused Triton forward, launched from Python, "
       f"{span([host[M]['fused_tma fwd'] for M in host], '.0f', ' µs')}. With the GPU waiting on the host, "
       f"a route with more launches loses whatever its GPU work: at M ≤ 256 the training forward measured "
@@ -677,8 +680,27 @@ plt.show()
 # %% [markdown]
 # ### 5.4 Keep cuBLAS for the big products: the merged weight in training
 #
-# Profiled kernel by kernel, the step above spends its whole gap to the floor in the two base GEMMs of each layer:
-# Triton's run 1.1-1.3× cuBLAS's at these widths. The LoRA chapter's merge gives another way to train. Since
+# §5.2 profiled single layers, before the LoRA passes were retuned into fewer kernels. A later profile counts every
+# kernel of a whole CUDA-graph step, the floor's and LoRA's, after that retune:
+
+# %%
+step_md = results_section("A LoRA training step, kernel by kernel")
+step = {r[""]: r for r in results_table(step_md)}
+gpu_floor, gpu_lora = (num(step["GPU kernel time, ms"][c]) for c in ("floor, after", "LoRA, after"))
+gemms = next(r for k, r in step.items() if k.startswith("the 95 base GEMMs"))
+cublas_ms, triton_ms = num(gemms["floor, before"]), num(gemms["LoRA, after"])   # cuBLAS: counted in the first run only
+passes_ms = sum(float(v) for v in next(r for k, r in step.items() if k.startswith("dS/dB"))["LoRA, after"].split(","))
+print("source: benchmarks/RESULTS.md —", step_md.splitlines()[0], "\n")
+print(f"GPU kernel time per step: floor {gpu_floor:.2f} ms, LoRA {gpu_lora:.2f} ms: {gpu_lora - gpu_floor:+.2f} ms.")
+print(f"The 95 base GEMMs: cuBLAS {cublas_ms:.2f} ms, Triton {triton_ms:.2f} ms: {triton_ms - cublas_ms:+.2f} ms "
+      f"({triton_ms / cublas_ms:.2f}×). LoRA's passes (dS/dB, dA, shrink): {passes_ms:.2f} ms.")
+covered = triton_ms - cublas_ms >= gpu_lora - gpu_floor
+print("So the slower GEMMs account for " + ("the whole gap: the passes cost no more than the work a LoRA step "
+      "skips (the embedding's gradient, which the floor computes)." if covered else
+      f"{(triton_ms - cublas_ms) / (gpu_lora - gpu_floor):.0%} of the gap; LoRA's passes for the rest."))
+
+# %% [markdown]
+# The LoRA chapter's merge gives another way to train, with cuBLAS for both big products. Since
 # x·(W + s·B·A)ᵀ = x·Wᵀ + s·(x·Aᵀ)·Bᵀ and dY·(W + s·B·A) = dY·W + s·(dY·B)·A, a layer can rebuild
 # W' = W + s·B·A on every call (one small cuBLAS call: it reads and writes W), run the forward and dX with cuBLAS
 # on W', and take the gradients of A and B from the Triton passes as before (they need S = x·Aᵀ and G = dY·B,
@@ -745,6 +767,47 @@ print(f"\nThe LoRA step's peak {peak_of[('before', 'lora')]:.2f} → {peak_of[('
 # In a whole step the order is: first remove the host cost (CUDA graphs), then the GPU time decides, and only
 # then does a fused kernel show its gain — which the measurements, not the idea, decide, per call, in the
 # "auto" backend.
+#
+# ## 6. What a GPU would run: the kernel compiled for an H100/H200, on this machine
+#
+# Triton can compile for a GPU it is not running on: the same passes that run at a launch turn the kernel into
+# PTX, and the ptxas and cuobjdump shipped with Triton turn that into the GPU's own instructions (SASS).
+# `benchmarks/compiled.py` does it for sm_90a (H100, H200), with the arguments specialized as a launch at
+# c_attn's shape would (7936 × 768 → 2304), and finds the loop over K that every tile repeats. It runs in a
+# process of its own: the interpreter this chapter uses replaces each kernel with Python, which has nothing to
+# compile.
+
+# %%
+import subprocess
+import sys
+
+env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+compiled = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compiled.py"), "--kernels", "lora_forward",
+                           "--sass"], capture_output=True, text=True, env=env, check=True).stdout
+print(compiled.split("\n\n")[0])                      # the version line and the table
+table_lines = [line for line in compiled.splitlines() if line.startswith("|")]
+head, row = ([c.strip() for c in line.strip("|").split("|")] for line in (table_lines[0], table_lines[2]))
+row = dict(zip(head, row, strict=True))
+loop = compiled.strip().splitlines()[-1].split()       # the loop's opcodes, in order
+count = lambda prefix: sum(op.startswith(prefix) for op in loop)  # noqa: E731
+print(f"\nOne step of K: {len(loop)} instructions. {count('HGMMA')} HGMMA (the warpgroup MMAs of a 128 × 128 × 64 "
+      f"tile), {count('UTMALDG')} TMA copies (x's tile and W's, issued by one elected thread), "
+      f"{count('SYNCS.PHASECHK')} wait for a copy to land, {count('SYNCS.ARRIVE')} arrival that announces the next "
+      f"one's bytes, {count('BAR')} barriers that every warp of the program meets, and "
+      f"{sum(op.startswith('U') and op != 'UTMALDG' for op in loop)} instructions of the uniform "
+      f"datapath (scalar bookkeeping: addresses, stage indices). MMA groups in flight at a wait: {row['in flight']}. "
+      f"Warp-specialized: {row['warp-spec.']}. §5.2 measured Triton's two GEMMs at "
+      f"{span([p['triton_gemms'] / p['cublas_gemms'] for p in profile])} cuBLAS's.")
+
+# %% [markdown]
+# The tensor cores are busy for those HGMMAs; everything else is issue slots and waits. Hopper's MMA is
+# asynchronous, so the table's "in flight" says how many MMA groups may still run while the program issues the next
+# copies. What the loop also shows: every warp takes part in every step — the same warps wait for the copies, meet
+# at the barriers and issue the MMAs. cuBLAS's Hopper kernels are *warp-specialized*: a producer warp only issues
+# TMA copies, the other warps only compute, and the two meet at barriers in shared memory, so the copies, the MMAs
+# and a tile's epilogue overlap. That is the gap §5.2 measured between the two GEMMs; `benchmarks/RESULTS.md` ("What
+# the compiler makes of the kernels") records what it takes for Triton to warp-specialize this loop. Static counts
+# are not times, but they say where a kernel's instructions go without a GPU in reach.
 #
 # ## Summary
 #

@@ -258,8 +258,9 @@ course.claim(mixed_answers == alone_answers,
 # adapter; each program of the kernel takes a tile of BM rows inside one segment, so one adapter's A_i and B_i
 # serve the whole tile. Rows whose adapter this layer does not hold — a bottleneck adapter's, a soft prompt's,
 # the base's — get index −1 and no low-rank term.
-# (Inference of a few rows — a decode step — runs the two as one launch, `segment_shrink_expand`: at that size,
-# starting a kernel costs the host more than the GPU spends on the whole layer.)
+# (Inference of up to `FUSED_MAX_ROWS` = 4096 rows — a decode step, or a prefill of that size — runs the two as one
+# launch, `segment_shrink_expand`: for a decode step, starting a kernel costs the host more than the GPU spends on
+# the whole layer.)
 
 # Here is the index the LoRA layers see for the batch of section 2, and its segments
 # (`multi_lora_triton.segments`, the function the kernel calls):
@@ -610,8 +611,8 @@ for t, own in (("sentiment", "sentiment"), ("facts", "facts")):
 
 # %% [markdown]
 # These are one short run's numbers, so they show what the mechanism does here, not whether fusion is better:
-# the intervals printed are those of the test sample only, and a second training seed moves the scores by more
-# than the differences between the methods. Section 6 has a measurement that can answer that question.
+# the intervals printed are those of the test sample only, and a second training seed can move a score by as much
+# as some differences between the methods. Section 6 has a measurement that can answer that question.
 #
 # ### Saving and loading a composition
 #

@@ -1,0 +1,279 @@
+"""What Triton compiles minipeft's kernels to for an H100/H200 (sm_90a), on any machine: no GPU needed.
+
+Triton can compile for a GPU it is not running on: ``triton.compile(ASTSource(kernel, signature, ...),
+target=GPUTarget("cuda", 90, 32))`` runs the same passes a launch runs (TTIR → TTGIR → LLVM IR → PTX) and
+Triton's own ptxas makes the cubin; the cuobjdump shipped with Triton disassembles it to SASS, the instructions
+the GPU executes. Each kernel below is compiled as a launch at the stated shape would specialize it (pointers
+16-byte aligned, integer arguments equal to 1 made constants, multiples of 16 marked divisible), and the table
+says, per kernel:
+
+    regs        registers per thread (ptxas): with the shared memory, how many programs fit on one SM
+    smem KiB    shared memory per program: the pipeline's stages of tiles, plus the layout conversions
+    MMA         the matrix instruction in the hottest loop: HGMMA is Hopper's asynchronous warpgroup MMA
+                (wgmma), HMMA the older synchronous mma.sync, "-" none (CUDA cores only)
+    in flight   the largest ``pendings`` of a ``warp_group_dot_wait`` in the TTGIR: how many MMA groups may
+                still run when a wait returns, so that the next loads or the next tile's dequantization overlap
+                them (0: every MMA is waited for before anything else happens)
+    warp-spec.  whether the loop was warp-specialized (``ttg.warp_specialize``): a producer warp issues the TMA
+                copies while the others compute, as cuBLAS's Hopper kernels do
+    loop        SASS instructions in the loop that does the work (the innermost with an MMA in it, else the
+                longest) — one iteration, as one thread executes it
+    per weight  for the NF4 kernels: the loop's instructions per weight that one thread dequantizes
+    top         the loop's most frequent opcodes
+
+Static counts are not times: a loop of fewer instructions can still wait on memory. They say where a
+kernel's instructions go and what the compiler did with the code as written; benchmarks/RESULTS.md has the
+measured times (and uses this script's output as the profile of a design that compiles but cannot be timed here).
+
+    python benchmarks/compiled.py                              # every kernel below (~30 s on 2 CPU cores)
+    python benchmarks/compiled.py --kernels lora_forward --sass  # and the hottest loop's SASS, opcode by opcode
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.setdefault("MINIPEFT_KERNEL_AUTOTUNE", "0")  # the kernels' fixed default tiles, no autotuner
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("benchmarks/compiled.py compiles for a GPU: run it without TRITON_INTERPRET (the interpreter replaces "
+             "every @triton.jit kernel with a Python one, which has nothing to compile)")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from minipeft.kernels import lora_triton, nf4_decode_triton, nf4_lora_triton  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)  # sm_90a (H100, H200), 32 threads a warp
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+@dataclasses.dataclass
+class Launch:
+    """One kernel as a launch compiles it: example arguments by name (a pointer as its Triton type, "*bf16";
+    an int or float as its value), the meta-parameters, and how many weights one loop iteration dequantizes."""
+
+    name: str
+    shape: str
+    kernel: object  # a @triton.jit function, or an autotuner around one
+    args: dict
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    weights_per_iteration: int = 0  # per program; 0 where "per weight" means nothing (a bf16 GEMM)
+
+    @property
+    def tile(self) -> str:
+        dims = [f"{k}={v}" for k, v in self.constexprs.items() if k in ("BM", "BN", "BK", "BW", "SPLIT_K")]
+        return " ".join(dims) + f", {self.num_warps} warps, {self.num_stages} stages"
+
+
+def specialize(launch: Launch) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) for ``ASTSource``, as Triton specializes a launch with these arguments."""
+    fn = launch.kernel
+    if not isinstance(fn, triton.runtime.JITFunction):  # an autotuner keeps the jit function in .fn
+        fn = fn.fn
+    constexprs = dict(launch.constexprs)
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        value = launch.args.get(name)
+        if name in constexprs or (type(value) is int and value == 1):
+            constexprs.setdefault(name, value)
+            signature[name] = "constexpr"
+        elif isinstance(value, str):  # a pointer: 16-byte aligned, as torch allocates
+            signature[name] = value
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif type(value) is float:
+            signature[name] = "fp32"
+        elif type(value) is int:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            raise ValueError(f"{launch.name}: argument {name!r} needs an example value (a pointer type such as "
+                             f"'*bf16', an int or a float), got {value!r}")
+    return signature, constexprs, attrs
+
+
+def compile_for_hopper(launch: Launch):
+    """The CompiledKernel (TTGIR, PTX and cubin in ``.asm``) that a launch of ``launch`` on sm_90a builds."""
+    fn = launch.kernel if isinstance(launch.kernel, triton.runtime.JITFunction) else launch.kernel.fn
+    signature, constexprs, attrs = specialize(launch)
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=HOPPER, options={"num_warps": launch.num_warps,
+                                                          "num_stages": launch.num_stages})
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    tool = os.path.join(_BIN, "cuobjdump")
+    if not os.path.exists(tool):
+        raise RuntimeError(f"{tool} not found: this Triton does not ship NVIDIA's binary tools")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run([tool, flag, path], capture_output=True, text=True, check=True).stdout
+
+
+def hottest_loop(sass: str) -> list[str]:
+    """The opcodes (with modifiers) of the loop that does the work: the innermost loop with a warpgroup MMA in
+    it, else the innermost with an MMA, else the longest loop. A loop runs from a backward branch's target to
+    the branch."""
+    addresses, opcodes = [], []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)(.*)", line)
+        if m:
+            addresses.append(int(m.group(1), 16))
+            opcodes.append((m.group(2), m.group(3)))
+    index = {a: i for i, a in enumerate(addresses)}
+    loops = []
+    for i, (op, rest) in enumerate(opcodes):
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) < addresses[i] and int(target.group(1), 16) in index:
+            loops.append([o for o, _ in opcodes[index[int(target.group(1), 16)]:i + 1]])
+    for mma in ("HGMMA", "HMMA"):  # a kernel's small side loops (S = x·Aᵀ, say) may use the older MMA
+        with_mma = [body for body in loops if any(o.startswith(mma) for o in body)]
+        if with_mma:
+            return min(with_mma, key=len)
+    return max(loops, key=len, default=[])
+
+
+@dataclasses.dataclass
+class Report:
+    launch: Launch
+    regs: int
+    smem: int
+    mma: str
+    in_flight: int | None
+    warp_specialized: bool
+    loop: list[str]
+
+    @property
+    def per_weight(self) -> float | None:
+        if not self.launch.weights_per_iteration:
+            return None
+        threads = 32 * self.launch.num_warps
+        return len(self.loop) / (self.launch.weights_per_iteration / threads)
+
+    def top(self, n: int = 6) -> str:
+        counts = collections.Counter(op.split(".")[0] for op in self.loop)
+        return ", ".join(f"{op} {c}" for op, c in counts.most_common(n))
+
+
+def report(launch: Launch) -> Report:
+    compiled = compile_for_hopper(launch)
+    ttgir = compiled.asm["ttgir"]
+    regs = re.search(r"REG:(\d+)", _cuobjdump(compiled.asm["cubin"], "-res-usage"))
+    loop = hottest_loop(_cuobjdump(compiled.asm["cubin"], "-sass"))
+    bases = {op.split(".")[0] for op in loop}
+    waits = [int(p) for p in re.findall(r"warp_group_dot_wait [^\n]*pendings = (\d+)", ttgir)]
+    return Report(launch, int(regs.group(1)) if regs else -1, compiled.metadata.shared,
+                  "HGMMA" if "HGMMA" in bases else "HMMA" if "HMMA" in bases else "-",
+                  max(waits) if waits else None, "ttg.warp_specialize" in ttgir, loop)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The kernels, each at a shape where it does its real work.
+# --------------------------------------------------------------------------------------------------------
+def _lora_gemm(forward: bool) -> Launch:
+    """The persistent TMA GEMM with the low-rank term in its epilogue, at GPT-2's c_attn (768 → 2304), 7936 rows:
+    forward Y = x·Wᵀ + s·S·Bᵀ + bias, or dX = dY·W + s·G·A."""
+    M, K, N, r = 7936, 768, 2304, 16
+    if not forward:
+        K, N = N, K  # dX: dY (M, 2304) · W (2304, 768)
+    args = dict(p_ptr="*bf16", q_ptr="*bf16", l_ptr="*bf16" if forward else "*fp32", r_ptr="*bf16",
+                mask_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16", M=M, N=N, K=K, R=r, M_BUCKET=M,
+                stride_pm=K, stride_qrow=K if forward else N, stride_lm=r, stride_lr=1,
+                stride_rr=1 if forward else N, stride_rn=r if forward else 1, stride_mm=0, stride_mn=0,
+                stride_om=N, stride_on=1, scaling=2.0)
+    config = lora_triton._tma_configs()[0]
+    constexprs = dict(Q_NK=forward, HAS_LORA=True, HAS_MASK=False, HAS_BIAS=forward, R_PAD=r, PRECISION="ieee",
+                      NUM_SMS=132, GROUP_M=8, **{k: v for k, v in config.kwargs.items() if k != "GROUP_M"})
+    return Launch("lora_forward" if forward else "lora_dx",
+                  f"{M} x {K} -> {N}, r {r}, bf16" + ("" if forward else " (dX)"),
+                  lora_triton._fused_gemm_tma_kernel, args, constexprs, config.num_warps, config.num_stages)
+
+
+def _nf4_forward(M: int) -> Launch:
+    """QLoRA's tensor-core forward at K = N = 4096, r = 16, bf16, blocksize 64 with double quantization: the
+    kernel's tile for a batch of a few rows (K split over 8 programs) or for many rows."""
+    K = N = 4096
+    r = 16
+    few = M <= 16
+    split = 8 if few else 1
+    bn, bm, bk, warps, stages = (128, 16, 64, 4, 3) if few else (128, 64, 64, 8, 3)
+    args = dict(x_ptr="*bf16", words_ptr="*i32", absmax_ptr="*u8", absmax_scale_ptr="*fp32",
+                absmax_offset_ptr="*fp32", nf4_ptr="*fp32", dq_ptr="*fp32", s_ptr="*bf16", a_ptr="*bf16",
+                b_ptr="*bf16", bias_ptr="*bf16", out_ptr="*fp32" if split > 1 else "*bf16", s_part_ptr="*fp32",
+                M=M, N=N, K=K, R=r, M_BUCKET=M, K_SPLIT=K // split, stride_xm=K, stride_xk=1, stride_sm=r,
+                stride_sr=1, stride_ar=K, stride_ak=1, stride_bn=r, stride_br=1,
+                stride_os=M * N if split > 1 else 0, stride_om=N, stride_on=1, scaling=2.0)
+    constexprs = dict(BLOCKSIZE=64, DQ_BLOCKSIZE=256, DOUBLE_QUANT=True, SPLIT_K=split, HAS_LORA=True,
+                      SHRINK_HERE=split > 1, HAS_BIAS=False, R_PAD=r, PRECISION="ieee", BN=bn, BM=bm, BK=bk,
+                      GROUP_N=8)
+    return Launch(f"nf4_forward_{M}", f"{M} x {K} -> {N}, NF4 + LoRA r {r}, bf16", nf4_lora_triton._nf4_forward_kernel,
+                  args, constexprs, warps, stages, weights_per_iteration=bn * bk)
+
+
+def _nf4_decode() -> Launch:
+    """The decode kernel for one row of x at K = N = 4096 (matrix-vector products on CUDA cores)."""
+    M, K, N, r, bn, bw, split = 1, 4096, 4096, 16, 16, 32, 4
+    args = dict(x_ptr="*bf16", words_ptr="*i32", absmax_ptr="*u8", absmax_scale_ptr="*fp32",
+                absmax_offset_ptr="*fp32", nf4_ptr="*fp32", dq_ptr="*fp32", a_ptr="*bf16", b_ptr="*bf16",
+                bias_ptr="*bf16", y_ptr="*bf16", s_ptr="*bf16", part_ptr="*fp32", s_part_ptr="*fp32",
+                count_ptr="*i32", M=M, N=N, K=K, KW=K // 8, R=r, K_SPLIT=K // split, stride_xm=K, stride_xk=1,
+                stride_ar=K, stride_ak=1, stride_bn=r, stride_br=1, stride_ym=N, stride_yn=1, stride_sm=r,
+                stride_sr=1, scaling=2.0)
+    constexprs = dict(BLOCKSIZE=64, DQ_BLOCKSIZE=256, DOUBLE_QUANT=True, SPLIT_K=split, HAS_LORA=True,
+                      HAS_BIAS=False, R_PAD=r, BN=bn, BW=bw, EVEN_K=True)
+    return Launch("nf4_decode_1", f"{M} x {K} -> {N}, NF4 + LoRA r {r}, bf16", nf4_decode_triton._nf4_decode_kernel,
+                  args, constexprs, 1, 1, weights_per_iteration=bn * bw * 8)
+
+
+LAUNCHES = {
+    "lora_forward": lambda: _lora_gemm(True),
+    "lora_dx": lambda: _lora_gemm(False),
+    "nf4_forward_4096": lambda: _nf4_forward(4096),
+    "nf4_forward_16": lambda: _nf4_forward(16),
+    "nf4_decode_1": _nf4_decode,
+}
+
+
+def table(reports: list[Report]) -> str:
+    rows = ["| kernel | shape | tile | regs | smem KiB | MMA | in flight | warp-spec. | loop | per weight | top |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in reports:
+        per_weight = "" if r.per_weight is None else f"{r.per_weight:.1f}"
+        in_flight = "-" if r.in_flight is None else str(r.in_flight)
+        rows.append(f"| {r.launch.name} | {r.launch.shape} | {r.launch.tile} | {r.regs} | {r.smem / 1024:.0f} | "
+                    f"{r.mma} | {in_flight} | {'yes' if r.warp_specialized else 'no'} | {len(r.loop)} | "
+                    f"{per_weight} | {r.top()} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kernels", default=",".join(LAUNCHES), help=f"comma-separated, from {', '.join(LAUNCHES)}")
+    parser.add_argument("--sass", action="store_true", help="print each hottest loop's opcodes too")
+    args = parser.parse_args(argv)
+    names = args.kernels.split(",")
+    unknown = [n for n in names if n not in LAUNCHES]
+    if unknown:
+        parser.error(f"--kernels: unknown {unknown}; choose from {', '.join(LAUNCHES)}")
+    print(f"triton {triton.__version__}, compiled for sm_90a on this machine (no GPU used)", flush=True)
+    reports = [report(LAUNCHES[n]()) for n in names]
+    print(table(reports))
+    if args.sass:
+        for r in reports:
+            print(f"\n{r.launch.name}: {len(r.loop)} instructions\n  " + " ".join(r.loop))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
