@@ -9,24 +9,29 @@ says, per kernel:
 
     regs        registers per thread (ptxas): with the shared memory, how many programs fit on one SM
     smem KiB    shared memory per program: the pipeline's stages of tiles, plus the layout conversions
-    MMA         the matrix instruction in the hottest loop: HGMMA is Hopper's asynchronous warpgroup MMA
-                (wgmma), HMMA the older synchronous mma.sync, "-" none (CUDA cores only)
-    in flight   the largest ``pendings`` of a ``warp_group_dot_wait`` in the TTGIR: how many MMA groups may
-                still run when a wait returns, so that the next loads or the next tile's dequantization overlap
-                them (0: every MMA is waited for before anything else happens)
-    warp-spec.  whether the loop was warp-specialized (``ttg.warp_specialize``): a producer warp issues the TMA
-                copies while the others compute, as cuBLAS's Hopper kernels do
-    loop        SASS instructions in the loop that does the work (the innermost with an MMA in it, else the
-                longest) — one iteration, as one thread executes it
+    MMA         the matrix instruction in the work loop: HGMMA is Hopper's asynchronous warpgroup MMA (wgmma),
+                HMMA the older synchronous mma.sync, "-" none (CUDA cores only)
+    in flight   how many HGMMA groups the loop leaves running while it goes on: the smallest N of its SASS waits
+                ``WARPGROUP.DEPBAR.LE gsb0, N`` (0: each MMA is waited for before the next instruction)
+    serialized  whether ptxas reports C7515, "wgmma.mma_async instructions are serialized" (it then inserts
+                those waits itself; the reason it gives is printed under the table)
+    warp-spec.  whether the loop was warp-specialized (``ttg.warp_specialize`` in the TTGIR): a producer warp
+                issues the TMA copies while the others compute, as cuBLAS's Hopper kernels do
+    loop        SASS instructions in the loop that does the work (the innermost with a warpgroup MMA in it,
+                else the longest) — one iteration, as one thread executes it
     per weight  for the NF4 kernels: the loop's instructions per weight that one thread dequantizes
     top         the loop's most frequent opcodes
+
+The tile is the kernel's own without autotuning (``MINIPEFT_KERNEL_AUTOTUNE=0``), or the autotune candidate
+named beside it: a GPU's autotuner may pick another, whose code differs. The compiler's output depends on the
+Triton version (this script prints it): benchmarks/RESULTS.md records a run with the version the H200 runs.
 
 Static counts are not times: a loop of fewer instructions can still wait on memory. They say where a
 kernel's instructions go and what the compiler did with the code as written; benchmarks/RESULTS.md has the
 measured times (and uses this script's output as the profile of a design that compiles but cannot be timed here).
 
     python benchmarks/compiled.py                              # every kernel below (~30 s on 2 CPU cores)
-    python benchmarks/compiled.py --kernels lora_forward --sass  # and the hottest loop's SASS, opcode by opcode
+    python benchmarks/compiled.py --kernels lora_forward --sass  # and the work loop's SASS, opcode by opcode
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import inspect
 import os
 import re
 import subprocess
@@ -68,43 +74,78 @@ class Launch:
     num_warps: int
     num_stages: int
     weights_per_iteration: int = 0  # per program; 0 where "per weight" means nothing (a bf16 GEMM)
+    tile_note: str = ""             # where the tile comes from: the kernel's untuned default, or an autotune candidate
 
     @property
     def tile(self) -> str:
         dims = [f"{k}={v}" for k, v in self.constexprs.items() if k in ("BM", "BN", "BK", "BW", "SPLIT_K")]
-        return " ".join(dims) + f", {self.num_warps} warps, {self.num_stages} stages"
+        note = f" ({self.tile_note})" if self.tile_note else ""
+        return " ".join(dims) + f", {self.num_warps} warps, {self.num_stages} stages{note}"
+
+
+def _scalar_type(value) -> tuple[str, bool]:
+    """(Triton type or "constexpr", divisible by 16) for an int, float or bool argument, as Triton's launcher
+    specializes it (its own function where this Triton has it; the same rules otherwise)."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+
+        kind, key = native_specialize_impl(BaseBackend, value, False, True, True)
+        return kind, key == "D"
+    except ImportError:
+        if type(value) is bool:
+            return "u1", False
+        if type(value) is float:
+            return "fp32", False
+        if value == 1:
+            return "constexpr", False
+        kind = "i32" if -2**31 <= value < 2**31 else "i64" if -2**63 <= value < 2**63 else "u64"
+        return kind, value % 16 == 0
 
 
 def specialize(launch: Launch) -> tuple[dict, dict, dict]:
-    """(signature, constexprs, attrs) for ``ASTSource``, as Triton specializes a launch with these arguments."""
-    fn = launch.kernel
-    if not isinstance(fn, triton.runtime.JITFunction):  # an autotuner keeps the jit function in .fn
-        fn = fn.fn
+    """(signature, constexprs, attrs) for ``ASTSource``, as Triton specializes a launch with these arguments:
+    a pointer 16-byte aligned (torch's allocations are), an int equal to 1 a constant, a multiple of 16 marked
+    divisible."""
     constexprs = dict(launch.constexprs)
     signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
+    for i, name in enumerate(inspect.signature(_python_function(launch.kernel)).parameters):
         value = launch.args.get(name)
-        if name in constexprs or (type(value) is int and value == 1):
-            constexprs.setdefault(name, value)
+        if name in constexprs:
             signature[name] = "constexpr"
-        elif isinstance(value, str):  # a pointer: 16-byte aligned, as torch allocates
+        elif isinstance(value, str):  # a pointer, as its Triton type
             signature[name] = value
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif type(value) is float:
-            signature[name] = "fp32"
-        elif type(value) is int:
-            signature[name] = "i32"
-            if value % 16 == 0:
+        elif type(value) in (int, float, bool):
+            kind, divisible = _scalar_type(value)
+            signature[name] = kind
+            if kind == "constexpr":
+                constexprs[name] = value
+            elif divisible:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             raise ValueError(f"{launch.name}: argument {name!r} needs an example value (a pointer type such as "
-                             f"'*bf16', an int or a float), got {value!r}")
+                             f"'*bf16', an int, a float or a bool), got {value!r}")
     return signature, constexprs, attrs
+
+
+def _jit_function(kernel):
+    """The @triton.jit function inside an autotuner (which keeps it in ``.fn``)."""
+    while not isinstance(kernel, triton.runtime.JITFunction) and hasattr(kernel, "fn"):
+        kernel = kernel.fn
+    return kernel
+
+
+def _python_function(kernel):
+    """The kernel's Python function, whatever wraps it (a jit function, an autotuner, the interpreter)."""
+    while hasattr(kernel, "fn"):
+        kernel = kernel.fn
+    return kernel
 
 
 def compile_for_hopper(launch: Launch):
     """The CompiledKernel (TTGIR, PTX and cubin in ``.asm``) that a launch of ``launch`` on sm_90a builds."""
-    fn = launch.kernel if isinstance(launch.kernel, triton.runtime.JITFunction) else launch.kernel.fn
+    fn = _jit_function(launch.kernel)
     signature, constexprs, attrs = specialize(launch)
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=HOPPER, options={"num_warps": launch.num_warps,
@@ -122,27 +163,65 @@ def _cuobjdump(cubin: bytes, flag: str) -> str:
         return subprocess.run([tool, flag, path], capture_output=True, text=True, check=True).stdout
 
 
-def hottest_loop(sass: str) -> list[str]:
-    """The opcodes (with modifiers) of the loop that does the work: the innermost loop with a warpgroup MMA in
-    it, else the innermost with an MMA, else the longest loop. A loop runs from a backward branch's target to
-    the branch."""
-    addresses, opcodes = [], []
+@dataclasses.dataclass
+class Instruction:
+    address: int
+    opcode: str    # with its modifiers: "HGMMA.64x128x16.F32.BF16"
+    operands: str
+
+
+def instructions(sass: str) -> list[Instruction]:
+    """The SASS lines of cuobjdump's listing, in address order."""
+    found = []
     for line in sass.splitlines():
-        m = re.match(r"\s+/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)(.*)", line)
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)(.*)", line)
         if m:
-            addresses.append(int(m.group(1), 16))
-            opcodes.append((m.group(2), m.group(3)))
-    index = {a: i for i, a in enumerate(addresses)}
+            found.append(Instruction(int(m.group(1), 16), m.group(2), m.group(3)))
+    return found
+
+
+def work_loop(code: list[Instruction]) -> list[Instruction]:
+    """The loop that does the work: the innermost loop with a warpgroup MMA in it, else the innermost with an
+    MMA, else the longest loop. A loop runs from a backward branch's target to the branch; branches after the
+    last EXIT are left out (ptxas puts out-of-line code there, such as the retry of a barrier wait, which jumps
+    back into the loop it came from)."""
+    index = {ins.address: i for i, ins in enumerate(code)}
+    last_exit = max((i for i, ins in enumerate(code) if ins.opcode == "EXIT"), default=len(code))
     loops = []
-    for i, (op, rest) in enumerate(opcodes):
-        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
-        if target and int(target.group(1), 16) < addresses[i] and int(target.group(1), 16) in index:
-            loops.append([o for o, _ in opcodes[index[int(target.group(1), 16)]:i + 1]])
+    for i, ins in enumerate(code[:last_exit]):
+        target = re.search(r"0x([0-9a-f]+)", ins.operands) if ins.opcode.startswith("BRA") else None
+        if target and int(target.group(1), 16) < ins.address and int(target.group(1), 16) in index:
+            loops.append(code[index[int(target.group(1), 16)]:i + 1])
     for mma in ("HGMMA", "HMMA"):  # a kernel's small side loops (S = x·Aᵀ, say) may use the older MMA
-        with_mma = [body for body in loops if any(o.startswith(mma) for o in body)]
+        with_mma = [body for body in loops if any(ins.opcode.startswith(mma) for ins in body)]
         if with_mma:
             return min(with_mma, key=len)
     return max(loops, key=len, default=[])
+
+
+def mma_in_flight(loop: list[Instruction]) -> int | None:
+    """How many warpgroup MMA groups the loop lets run on while it goes on: the smallest N of its waits,
+    ``WARPGROUP.DEPBAR.LE gsb0, N`` ("wait until at most N groups are pending"). 0: each MMA is waited for."""
+    waits = [int(n, 16) for ins in loop if ins.opcode.startswith("WARPGROUP.DEPBAR")
+             for n in re.findall(r"gsb0,\s*0x([0-9a-f]+)", ins.operands)]
+    return min(waits) if waits else None
+
+
+def ptxas_notes(ptx: str) -> list[str]:
+    """What ptxas says about the kernel's performance (``ptxas -v``), e.g. C7515: wgmma serialized, and why."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        ptxas = get_ptxas(90).path
+    except Exception:  # an older Triton: its own ptxas
+        ptxas = os.path.join(_BIN, "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        run = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "kernel.cubin")],
+                             capture_output=True, text=True, check=True)
+    return [line.split("info    : ", 1)[-1].strip() for line in (run.stdout + run.stderr).splitlines()
+            if "Performance" in line or "spill" in line and " 0 bytes spill" not in line]
 
 
 @dataclasses.dataclass
@@ -153,7 +232,12 @@ class Report:
     mma: str
     in_flight: int | None
     warp_specialized: bool
-    loop: list[str]
+    loop: list[Instruction]
+    notes: list[str]
+
+    @property
+    def serialized(self) -> bool:
+        return any("C7515" in note for note in self.notes)
 
     @property
     def per_weight(self) -> float | None:
@@ -163,20 +247,19 @@ class Report:
         return len(self.loop) / (self.launch.weights_per_iteration / threads)
 
     def top(self, n: int = 6) -> str:
-        counts = collections.Counter(op.split(".")[0] for op in self.loop)
+        counts = collections.Counter(ins.opcode.split(".")[0] for ins in self.loop)
         return ", ".join(f"{op} {c}" for op, c in counts.most_common(n))
 
 
 def report(launch: Launch) -> Report:
     compiled = compile_for_hopper(launch)
-    ttgir = compiled.asm["ttgir"]
     regs = re.search(r"REG:(\d+)", _cuobjdump(compiled.asm["cubin"], "-res-usage"))
-    loop = hottest_loop(_cuobjdump(compiled.asm["cubin"], "-sass"))
-    bases = {op.split(".")[0] for op in loop}
-    waits = [int(p) for p in re.findall(r"warp_group_dot_wait [^\n]*pendings = (\d+)", ttgir)]
+    loop = work_loop(instructions(_cuobjdump(compiled.asm["cubin"], "-sass")))
+    bases = {ins.opcode.split(".")[0] for ins in loop}
     return Report(launch, int(regs.group(1)) if regs else -1, compiled.metadata.shared,
                   "HGMMA" if "HGMMA" in bases else "HMMA" if "HMMA" in bases else "-",
-                  max(waits) if waits else None, "ttg.warp_specialize" in ttgir, loop)
+                  mma_in_flight(loop), "ttg.warp_specialize" in compiled.asm["ttgir"], loop,
+                  ptxas_notes(compiled.asm["ptx"]))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -188,22 +271,26 @@ def _lora_gemm(forward: bool) -> Launch:
     M, K, N, r = 7936, 768, 2304, 16
     if not forward:
         K, N = N, K  # dX: dY (M, 2304) · W (2304, 768)
+    # as fused_gemm_tma passes them: S (M, r) and lora_B.t() forward, G (M, R_PAD) fp32 and lora_A for dX; the
+    # absent mask's pointer and strides are the output's (lora_triton._operands)
     args = dict(p_ptr="*bf16", q_ptr="*bf16", l_ptr="*bf16" if forward else "*fp32", r_ptr="*bf16",
-                mask_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16", M=M, N=N, K=K, R=r, M_BUCKET=M,
-                stride_pm=K, stride_qrow=K if forward else N, stride_lm=r, stride_lr=1,
-                stride_rr=1 if forward else N, stride_rn=r if forward else 1, stride_mm=0, stride_mn=0,
-                stride_om=N, stride_on=1, scaling=2.0)
-    config = lora_triton._tma_configs()[0]
+                mask_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16", M=M, N=N, K=K, R=r,
+                M_BUCKET=lora_triton._m_bucket(M), stride_pm=K, stride_qrow=K if forward else N, stride_lm=r,
+                stride_lr=1, stride_rr=1 if forward else N, stride_rn=r if forward else 1, stride_mm=N,
+                stride_mn=1, stride_om=N, stride_on=1, scaling=2.0)
+    config = lora_triton._tma_configs()[0]  # the kernel's tile without autotuning; the autotuner may pick another
     constexprs = dict(Q_NK=forward, HAS_LORA=True, HAS_MASK=False, HAS_BIAS=forward, R_PAD=r, PRECISION="ieee",
                       NUM_SMS=132, GROUP_M=8, **{k: v for k, v in config.kwargs.items() if k != "GROUP_M"})
     return Launch("lora_forward" if forward else "lora_dx",
                   f"{M} x {K} -> {N}, r {r}, bf16" + ("" if forward else " (dX)"),
-                  lora_triton._fused_gemm_tma_kernel, args, constexprs, config.num_warps, config.num_stages)
+                  lora_triton._fused_gemm_tma_kernel, args, constexprs, config.num_warps, config.num_stages,
+                  tile_note="the untuned tile")
 
 
 def _nf4_forward(M: int) -> Launch:
-    """QLoRA's tensor-core forward at K = N = 4096, r = 16, bf16, blocksize 64 with double quantization: the
-    kernel's tile for a batch of a few rows (K split over 8 programs) or for many rows."""
+    """QLoRA's tensor-core forward at K = N = 4096, r = 16, bf16, blocksize 64 with double quantization: for
+    many rows the kernel's untuned tile, for a few rows the first of the autotuner's 16-row candidates (K split
+    over 8 programs, as ``_split_k`` chooses on an H200 at 16 rows)."""
     K = N = 4096
     r = 16
     few = M <= 16
@@ -211,15 +298,17 @@ def _nf4_forward(M: int) -> Launch:
     bn, bm, bk, warps, stages = (128, 16, 64, 4, 3) if few else (128, 64, 64, 8, 3)
     args = dict(x_ptr="*bf16", words_ptr="*i32", absmax_ptr="*u8", absmax_scale_ptr="*fp32",
                 absmax_offset_ptr="*fp32", nf4_ptr="*fp32", dq_ptr="*fp32", s_ptr="*bf16", a_ptr="*bf16",
-                b_ptr="*bf16", bias_ptr="*bf16", out_ptr="*fp32" if split > 1 else "*bf16", s_part_ptr="*fp32",
-                M=M, N=N, K=K, R=r, M_BUCKET=M, K_SPLIT=K // split, stride_xm=K, stride_xk=1, stride_sm=r,
-                stride_sr=1, stride_ar=K, stride_ak=1, stride_bn=r, stride_br=1,
+                b_ptr="*bf16", bias_ptr="*bf16", out_ptr="*fp32" if split > 1 else "*bf16",
+                s_part_ptr="*fp32" if split > 1 else "*bf16",  # unsplit, nf4_forward passes y there
+                M=M, N=N, K=K, R=r, M_BUCKET=nf4_lora_triton._m_bucket(M), K_SPLIT=K // split, stride_xm=K,
+                stride_xk=1, stride_sm=r, stride_sr=1, stride_ar=K, stride_ak=1, stride_bn=r, stride_br=1,
                 stride_os=M * N if split > 1 else 0, stride_om=N, stride_on=1, scaling=2.0)
     constexprs = dict(BLOCKSIZE=64, DQ_BLOCKSIZE=256, DOUBLE_QUANT=True, SPLIT_K=split, HAS_LORA=True,
                       SHRINK_HERE=split > 1, HAS_BIAS=False, R_PAD=r, PRECISION="ieee", BN=bn, BM=bm, BK=bk,
                       GROUP_N=8)
     return Launch(f"nf4_forward_{M}", f"{M} x {K} -> {N}, NF4 + LoRA r {r}, bf16", nf4_lora_triton._nf4_forward_kernel,
-                  args, constexprs, warps, stages, weights_per_iteration=bn * bk)
+                  args, constexprs, warps, stages, weights_per_iteration=bn * bk,
+                  tile_note="a few-row autotune candidate" if few else "the untuned tile")
 
 
 def _nf4_decode() -> Launch:
@@ -247,21 +336,21 @@ LAUNCHES = {
 
 
 def table(reports: list[Report]) -> str:
-    rows = ["| kernel | shape | tile | regs | smem KiB | MMA | in flight | warp-spec. | loop | per weight | top |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| kernel | shape | tile | regs | smem KiB | MMA | in flight | serialized | warp-spec. | loop | per weight "
+            "| top |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         per_weight = "" if r.per_weight is None else f"{r.per_weight:.1f}"
         in_flight = "-" if r.in_flight is None else str(r.in_flight)
         rows.append(f"| {r.launch.name} | {r.launch.shape} | {r.launch.tile} | {r.regs} | {r.smem / 1024:.0f} | "
-                    f"{r.mma} | {in_flight} | {'yes' if r.warp_specialized else 'no'} | {len(r.loop)} | "
-                    f"{per_weight} | {r.top()} |")
+                    f"{r.mma} | {in_flight} | {'yes' if r.serialized else 'no'} | "
+                    f"{'yes' if r.warp_specialized else 'no'} | {len(r.loop)} | {per_weight} | {r.top()} |")
     return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernels", default=",".join(LAUNCHES), help=f"comma-separated, from {', '.join(LAUNCHES)}")
-    parser.add_argument("--sass", action="store_true", help="print each hottest loop's opcodes too")
+    parser.add_argument("--sass", action="store_true", help="print each work loop's opcodes too")
     args = parser.parse_args(argv)
     names = args.kernels.split(",")
     unknown = [n for n in names if n not in LAUNCHES]
@@ -270,9 +359,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"triton {triton.__version__}, compiled for sm_90a on this machine (no GPU used)", flush=True)
     reports = [report(LAUNCHES[n]()) for n in names]
     print(table(reports))
+    for r in reports:
+        for note in r.notes:
+            print(f"{r.launch.name}: ptxas: {note}")
     if args.sass:
         for r in reports:
-            print(f"\n{r.launch.name}: {len(r.loop)} instructions\n  " + " ".join(r.loop))
+            print(f"\n{r.launch.name}: {len(r.loop)} instructions\n  " + " ".join(ins.opcode for ins in r.loop))
 
 
 if __name__ == "__main__":

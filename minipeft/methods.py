@@ -1,4 +1,4 @@
-"""The fine-tuning methods the seeds compare, each as a builder and a learning rate: the registry `METHODS`.
+"""The fine-tuning methods the course texts compare, each as a builder and a learning rate: the registry `METHODS`.
 
 A method is a function `build(base, task, tokenizer) -> model to train` (the base is consumed: wrapped in
 place or quantized) and the rate it trains best at. Its configuration is `method_config(key, options)`: the

@@ -1,11 +1,13 @@
 """benchmarks/compiled.py: the kernels compiled for an H100/H200 (sm_90a) on a machine without a GPU.
 
-The script runs in a subprocess without TRITON_INTERPRET: the interpreter, which the rest of the suite runs
-under on a CPU, replaces every kernel with a Python function that has nothing to compile.
+The parsing is checked on hand-written SASS; the whole script runs in a subprocess without TRITON_INTERPRET (the
+interpreter, which the rest of the suite runs under on a CPU, replaces every kernel with a Python function that
+has nothing to compile).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -16,37 +18,89 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compiled.py"
 
 
-def _loops_module():
-    """The script's pure-text helpers, loaded from its file without its kernels (benchmarks/ is not a package)."""
-    source = SCRIPT.read_text()
-    start = source.index("def hottest_loop(")
-    end = source.index("\n\n\n", start)
-    namespace: dict = {}
-    exec("import re\n" + source[start:end], namespace)  # noqa: S102  (the project's own file)
-    return namespace["hottest_loop"]
+@pytest.fixture(scope="module")
+def compiled():
+    """The script as a module (benchmarks/ is not a package). It refuses to load under the interpreter, so the
+    variable is lifted for the import only; nothing here compiles a kernel."""
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        spec = importlib.util.spec_from_file_location("compiled_script", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["compiled_script"] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
-def _sass(lines: list[str]) -> str:
-    """cuobjdump-like text: one instruction per 16 bytes, from address 0."""
-    return "\n".join(f"        /*{16 * i:04x}*/                   {op} ;" for i, op in enumerate(lines))
+def _sass(lines: list[str], start: int = 0) -> str:
+    """cuobjdump-like text: one instruction per 16 bytes, from address ``start``."""
+    return "\n".join(f"        /*{start + 16 * i:04x}*/                   {op} ;" for i, op in enumerate(lines))
 
 
-def test_hottest_loop_takes_the_innermost_loop_with_a_warpgroup_mma():
-    hottest_loop = _loops_module()
-    code = ["MOV R1, R2", "HMMA.16816.F32 R4, R8, R12, R4", "BRA 0x10",        # a side loop (0x10 → 0x20)
-            "IADD3 R1, R1, 1",                                                   # 0x30: outer loop starts
-            "LDS R5, [R6]", "HGMMA.64x128x16.F32 R24, gdesc[UR4], R24", "BRA 0x40",  # inner loop 0x40 → 0x60
-            "ISETP.GE.AND P0, PT, R1, 8, PT", "BRA 0x30"]                      # outer loop back-edge
-    loop = hottest_loop(_sass(code))
-    assert loop == ["LDS", "HGMMA.64x128x16.F32", "BRA"]
+def test_the_work_loop_is_the_innermost_with_a_warpgroup_mma(compiled):
+    """Not the side loop with the older MMA, not the outer loop, and not the shorter range that the retry stub
+    after EXIT makes by jumping back to the HGMMA."""
+    code = ["MOV R1, R2", "HMMA.16816.F32 R4, R8, R12, R4", "BRA 0x10",          # a side loop (0x10 → 0x20)
+            "IADD3 R1, R1, 1",                                                     # 0x30: outer loop starts
+            *["LDS R5, [R6]"] * 6,                                                 # 0x40: inner loop starts
+            "HGMMA.64x128x16.F32 R24, gdesc[UR4], R24", "WARPGROUP.DEPBAR.LE gsb0, 0x1", "BRA 0x40",  # 0xc0
+            "ISETP.GE.AND P0, PT, R1, 8, PT", "BRA 0x30", "EXIT",                  # outer back-edge at 0xe0
+            "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R0", "BRA 0xa0"]            # a retry stub after EXIT
+    loop = compiled.work_loop(compiled.instructions(_sass(code)))
+    assert [ins.opcode for ins in loop] == ["LDS"] * 6 + ["HGMMA.64x128x16.F32", "WARPGROUP.DEPBAR.LE", "BRA"]
+    assert compiled.mma_in_flight(loop) == 1
 
 
-def test_hottest_loop_without_an_mma_is_the_longest():
-    hottest_loop = _loops_module()
+def test_without_an_mma_the_work_loop_is_the_longest_and_nothing_is_in_flight(compiled):
     code = ["FFMA R1, R2, R3, R1", "BRA 0x0", "SHFL.IDX R4, R5, R6, R7", "FFMA R1, R4, R3, R1",
             "LOP3.LUT R5, R5, 0xf, RZ, 0xc0, !PT", "BRA 0x20", "EXIT"]
-    assert hottest_loop(_sass(code)) == ["SHFL.IDX", "FFMA", "LOP3.LUT", "BRA"]
-    assert hottest_loop(_sass(["MOV R1, R2", "EXIT"])) == []
+    loop = compiled.work_loop(compiled.instructions(_sass(code)))
+    assert [ins.opcode for ins in loop] == ["SHFL.IDX", "FFMA", "LOP3.LUT", "BRA"]
+    assert compiled.mma_in_flight(loop) is None
+    assert compiled.work_loop(compiled.instructions(_sass(["MOV R1, R2", "EXIT"]))) == []
+
+
+def test_addresses_past_64k_are_read(compiled):
+    """cuobjdump prints five hex digits from 0x10000 on; a long kernel's loop lies there."""
+    code = compiled.instructions(_sass(["HGMMA.64x64x16.F32 R24, gdesc[UR4], R24", "WARPGROUP.DEPBAR.LE gsb0, 0x0",
+                                        "BRA 0x10000", "EXIT"], start=0x10000))
+    assert [ins.address for ins in code] == [0x10000, 0x10010, 0x10020, 0x10030]
+    assert compiled.mma_in_flight(compiled.work_loop(code)) == 0
+
+
+def test_arguments_are_specialized_as_a_launch_would(compiled):
+    """Pointers aligned, 1 a constant, multiples of 16 divisible, bools u1, ints past 2**31 i64; a missing
+    example value is named."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(x_ptr, n, stride, odd, big, scale, flag, BLOCK: tl.constexpr):
+        pass
+
+    launch = compiled.Launch("k", "", kernel, dict(x_ptr="*bf16", n=48, stride=1, odd=7, big=2**31, scale=0.5,
+                                                   flag=True), dict(BLOCK=64), 4, 1)
+    signature, constexprs, attrs = compiled.specialize(launch)
+    assert signature == {"x_ptr": "*bf16", "n": "i32", "stride": "constexpr", "odd": "i32", "big": "i64",
+                         "scale": "fp32", "flag": "u1", "BLOCK": "constexpr"}
+    assert constexprs == {"BLOCK": 64, "stride": 1}
+    assert set(attrs) == {(0,), (1,), (4,)}
+    launch.args.pop("odd")
+    with pytest.raises(ValueError, match="'odd' needs an example value"):
+        compiled.specialize(launch)
+
+
+def test_per_weight_divides_the_loop_by_the_weights_a_thread_makes(compiled):
+    """A loop of 256 instructions, 2 warps (64 threads), 512 weights per iteration: 8 weights a thread, 32
+    instructions each."""
+    launch = compiled.Launch("k", "", None, {}, {}, 2, 1, weights_per_iteration=512)
+    loop = [compiled.Instruction(16 * i, "FFMA", "") for i in range(256)]
+    report = compiled.Report(launch, 64, 0, "-", None, False, loop, [])
+    assert report.per_weight == 32
+    assert compiled.Report(compiled.Launch("k", "", None, {}, {}, 2, 1), 64, 0, "-", None, False, loop,
+                           []).per_weight is None
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -62,21 +116,25 @@ def _rows(stdout: str) -> dict[str, dict[str, str]]:
             for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
 
 
-def test_the_lora_gemm_and_the_decode_kernel_compile_for_hopper():
-    """The persistent TMA GEMM must become Hopper's asynchronous warpgroup MMA (HGMMA), pipelined (an MMA
-    still in flight at its wait); the decode kernel has no MMA, and its loop's instructions per weight are
-    counted."""
-    run = _run("--kernels", "lora_forward,nf4_decode_1")
+def test_real_kernels_compile_for_hopper_and_the_two_readings_of_serialization_agree():
+    """The persistent TMA GEMM becomes Hopper's warpgroup MMA (HGMMA); the NF4 forward too; the decode kernel
+    has none. Where ptxas says it serialized the MMAs (C7515), the SASS must wait for every one (0 in flight),
+    and where it does not, the TMA GEMM's pipeline leaves at least one running."""
+    run = _run("--kernels", "lora_forward,nf4_forward_4096,nf4_decode_1")
     assert run.returncode == 0, run.stderr[-2000:]
     rows = _rows(run.stdout)
-    assert set(rows) == {"lora_forward", "nf4_decode_1"}
-    gemm, decode = rows["lora_forward"], rows["nf4_decode_1"]
-    assert gemm["MMA"] == "HGMMA" and int(gemm["in flight"]) >= 1
-    assert 0 < int(gemm["regs"]) <= 255 and int(gemm["smem KiB"]) > 0
-    assert int(gemm["loop"]) > 0
-    assert gemm["warp-spec."] in ("yes", "no") and gemm["per weight"] == ""
-    assert decode["MMA"] == "-" and decode["in flight"] == "-"
-    assert float(decode["per weight"]) == pytest.approx(int(decode["loop"]) / (16 * 32 * 8 / 32), rel=0.01)
+    assert set(rows) == {"lora_forward", "nf4_forward_4096", "nf4_decode_1"}
+    for name in ("lora_forward", "nf4_forward_4096"):
+        row = rows[name]
+        assert row["MMA"] == "HGMMA" and 0 < int(row["regs"]) <= 255 and int(row["smem KiB"]) > 0
+        assert int(row["loop"]) > 0
+        if row["serialized"] == "yes":
+            assert int(row["in flight"]) == 0 and f"{name}: ptxas: (C7515)" in run.stdout
+    assert rows["lora_forward"]["serialized"] == "no" and int(rows["lora_forward"]["in flight"]) >= 1
+    assert float(rows["nf4_forward_4096"]["per weight"]) == pytest.approx(int(rows["nf4_forward_4096"]["loop"]) / 32,
+                                                                          abs=0.06)  # 128 × 64 weights, 256 threads
+    decode = rows["nf4_decode_1"]
+    assert decode["MMA"] == "-" and decode["in flight"] == "-" and decode["serialized"] == "no"
 
 
 def test_an_unknown_kernel_is_named():
