@@ -355,6 +355,10 @@ def _forward_tile(
     am_next = absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr, row_block + k_lo // BLOCKSIZE,
                         in_n, DQ_BLOCKSIZE, DOUBLE_QUANT)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
+    # Every split has columns (nf4_forward sizes them so). Said to the compiler, it drops the path around the loop,
+    # whose zeros would otherwise meet the MMAs' results in the accumulator: ptxas then serializes the MMAs
+    # (C7515), each one waited for before the next chunk's dequantization starts (benchmarks/compiled.py).
+    tl.assume(k_hi > k_lo)
     for k0 in range(k_lo, k_hi, BK):
         in_kw = (k0 + 8 * offs_w) < k_hi
         word = tl.load(words_ptr + row_word[:, None] + (k0 // 8 + offs_w)[None, :],
