@@ -11,10 +11,11 @@ says, per kernel:
     smem KiB    shared memory per program: the pipeline's stages of tiles, plus the layout conversions
     MMA         the matrix instruction in the work loop: HGMMA is Hopper's asynchronous warpgroup MMA (wgmma),
                 HMMA the older synchronous mma.sync, "-" none (CUDA cores only)
-    in flight   how many HGMMA groups the loop leaves running while it goes on: the smallest N of its SASS waits
-                ``WARPGROUP.DEPBAR.LE gsb0, N`` (0: each MMA is waited for before the next instruction)
-    serialized  whether ptxas reports C7515, "wgmma.mma_async instructions are serialized" (it then inserts
-                those waits itself; the reason it gives is printed under the table)
+    in flight   how many HGMMA groups the loop leaves running at its strictest wait: the smallest N of its SASS
+                waits ``WARPGROUP.DEPBAR.LE gsb0, N`` (0: every iteration waits until all its MMAs are done;
+                "no wait": the loop has HGMMA but waits for them elsewhere)
+    serialized  whether ptxas says "wgmma.mma_async instructions are serialized" (C7515, C7511, ...: it then waits
+                for each MMA before the next instruction; the reason it gives is printed under the table)
     warp-spec.  whether the loop was warp-specialized (``ttg.warp_specialize`` in the TTGIR): a producer warp
                 issues the TMA copies while the others compute, as cuBLAS's Hopper kernels do
     loop        SASS instructions in the loop that does the work (the innermost with a warpgroup MMA in it,
@@ -38,8 +39,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import inspect
+import io
 import os
 import re
 import subprocess
@@ -144,12 +147,22 @@ def _python_function(kernel):
 
 
 def compile_for_hopper(launch: Launch):
-    """The CompiledKernel (TTGIR, PTX and cubin in ``.asm``) that a launch of ``launch`` on sm_90a builds."""
+    """(CompiledKernel, ptxas's log): the kernel (TTGIR, PTX and cubin in ``.asm``) that a launch of ``launch``
+    on sm_90a builds, and what ptxas said while it made that cubin (``ptxas -v`` with Triton's own flags)."""
     fn = _jit_function(launch.kernel)
     signature, constexprs, attrs = specialize(launch)
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=HOPPER, options={"num_warps": launch.num_warps,
-                                                          "num_stages": launch.num_stages})
+    knobs = triton.knobs
+    saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
+    log = io.StringIO()
+    try:  # compiled afresh (a cached cubin would skip ptxas), its log printed by Triton and captured here
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(source, target=HOPPER, options={"num_warps": launch.num_warps,
+                                                                      "num_stages": launch.num_stages})
+    finally:
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
+    return compiled, log.getvalue()
 
 
 def _cuobjdump(cubin: bytes, flag: str) -> str:
@@ -168,25 +181,27 @@ class Instruction:
     address: int
     opcode: str    # with its modifiers: "HGMMA.64x128x16.F32.BF16"
     operands: str
+    predicate: str = ""  # "@P0", "@!P1", ... or "" when it always runs
 
 
 def instructions(sass: str) -> list[Instruction]:
     """The SASS lines of cuobjdump's listing, in address order."""
     found = []
     for line in sass.splitlines():
-        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)(.*)", line)
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)(.*)", line)
         if m:
-            found.append(Instruction(int(m.group(1), 16), m.group(2), m.group(3)))
+            found.append(Instruction(int(m.group(1), 16), m.group(3), m.group(4), (m.group(2) or "").strip()))
     return found
 
 
 def work_loop(code: list[Instruction]) -> list[Instruction]:
     """The loop that does the work: the innermost loop with a warpgroup MMA in it, else the innermost with an
     MMA, else the longest loop. A loop runs from a backward branch's target to the branch; branches after the
-    last EXIT are left out (ptxas puts out-of-line code there, such as the retry of a barrier wait, which jumps
-    back into the loop it came from)."""
+    last EXIT that always runs are left out (ptxas puts out-of-line code there, such as the retry of a barrier
+    wait, which jumps back into the loop it came from)."""
     index = {ins.address: i for i, ins in enumerate(code)}
-    last_exit = max((i for i, ins in enumerate(code) if ins.opcode == "EXIT"), default=len(code))
+    last_exit = max((i for i, ins in enumerate(code) if ins.opcode == "EXIT" and not ins.predicate),
+                    default=len(code))
     loops = []
     for i, ins in enumerate(code[:last_exit]):
         target = re.search(r"0x([0-9a-f]+)", ins.operands) if ins.opcode.startswith("BRA") else None
@@ -200,28 +215,18 @@ def work_loop(code: list[Instruction]) -> list[Instruction]:
 
 
 def mma_in_flight(loop: list[Instruction]) -> int | None:
-    """How many warpgroup MMA groups the loop lets run on while it goes on: the smallest N of its waits,
-    ``WARPGROUP.DEPBAR.LE gsb0, N`` ("wait until at most N groups are pending"). 0: each MMA is waited for."""
+    """How many warpgroup MMA groups the loop leaves running at its strictest wait: the smallest N of its waits
+    ``WARPGROUP.DEPBAR.LE gsb0, N`` ("wait until at most N groups are pending"); None without a wait."""
     waits = [int(n, 16) for ins in loop if ins.opcode.startswith("WARPGROUP.DEPBAR")
              for n in re.findall(r"gsb0,\s*0x([0-9a-f]+)", ins.operands)]
     return min(waits) if waits else None
 
 
-def ptxas_notes(ptx: str) -> list[str]:
-    """What ptxas says about the kernel's performance (``ptxas -v``), e.g. C7515: wgmma serialized, and why."""
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-        ptxas = get_ptxas(90).path
-    except Exception:  # an older Triton: its own ptxas
-        ptxas = os.path.join(_BIN, "ptxas")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        run = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "kernel.cubin")],
-                             capture_output=True, text=True, check=True)
-    return [line.split("info    : ", 1)[-1].strip() for line in (run.stdout + run.stderr).splitlines()
-            if "Performance" in line or "spill" in line and " 0 bytes spill" not in line]
+def ptxas_notes(log: str) -> list[str]:
+    """ptxas's remarks on performance in its log: "Potential Performance Loss" (C7515 and its kin: wgmma
+    serialized, and why) and spills of registers to local memory."""
+    return [line.split("info    : ", 1)[-1].strip() for line in log.splitlines()
+            if "Performance" in line or re.search(r"\b[1-9]\d* bytes spill", line)]
 
 
 @dataclasses.dataclass
@@ -237,7 +242,9 @@ class Report:
 
     @property
     def serialized(self) -> bool:
-        return any("C7515" in note for note in self.notes)
+        """ptxas serialized the warpgroup MMAs (C7515 for accumulators written between them, C7511 for too few
+        registers, ...): it then waits for each one itself."""
+        return any("wgmma.mma_async instructions are serialized" in note for note in self.notes)
 
     @property
     def per_weight(self) -> float | None:
@@ -252,14 +259,13 @@ class Report:
 
 
 def report(launch: Launch) -> Report:
-    compiled = compile_for_hopper(launch)
+    compiled, log = compile_for_hopper(launch)
     regs = re.search(r"REG:(\d+)", _cuobjdump(compiled.asm["cubin"], "-res-usage"))
     loop = work_loop(instructions(_cuobjdump(compiled.asm["cubin"], "-sass")))
     bases = {ins.opcode.split(".")[0] for ins in loop}
     return Report(launch, int(regs.group(1)) if regs else -1, compiled.metadata.shared,
                   "HGMMA" if "HGMMA" in bases else "HMMA" if "HMMA" in bases else "-",
-                  mma_in_flight(loop), "ttg.warp_specialize" in compiled.asm["ttgir"], loop,
-                  ptxas_notes(compiled.asm["ptx"]))
+                  mma_in_flight(loop), "ttg.warp_specialize" in compiled.asm["ttgir"], loop, ptxas_notes(log))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -287,6 +293,17 @@ def _lora_gemm(forward: bool) -> Launch:
                   tile_note="the untuned tile")
 
 
+def _nf4_tiles():
+    """(the NF4 forward's tile without autotuning, the first of the autotuner's candidates with 16-row tiles)."""
+    untuned = nf4_lora_triton._forward_configs()[0]
+    saved, lora_triton.AUTOTUNE = lora_triton.AUTOTUNE, True  # the candidate list, as a GPU's autotuner sees it
+    try:
+        candidates = nf4_lora_triton._forward_configs()
+    finally:
+        lora_triton.AUTOTUNE = saved
+    return untuned, next(c for c in candidates if c.kwargs["BM"] == 16)
+
+
 def _nf4_forward(M: int) -> Launch:
     """QLoRA's tensor-core forward at K = N = 4096, r = 16, bf16, blocksize 64 with double quantization: for
     many rows the kernel's untuned tile, for a few rows the first of the autotuner's 16-row candidates (K split
@@ -295,7 +312,9 @@ def _nf4_forward(M: int) -> Launch:
     r = 16
     few = M <= 16
     split = 8 if few else 1
-    bn, bm, bk, warps, stages = (128, 16, 64, 4, 3) if few else (128, 64, 64, 8, 3)
+    config = _nf4_tiles()[1 if few else 0]
+    bn, bm, bk = (config.kwargs[k] for k in ("BN", "BM", "BK"))
+    warps, stages = config.num_warps, config.num_stages
     args = dict(x_ptr="*bf16", words_ptr="*i32", absmax_ptr="*u8", absmax_scale_ptr="*fp32",
                 absmax_offset_ptr="*fp32", nf4_ptr="*fp32", dq_ptr="*fp32", s_ptr="*bf16", a_ptr="*bf16",
                 b_ptr="*bf16", bias_ptr="*bf16", out_ptr="*fp32" if split > 1 else "*bf16",
@@ -305,7 +324,7 @@ def _nf4_forward(M: int) -> Launch:
                 stride_os=M * N if split > 1 else 0, stride_om=N, stride_on=1, scaling=2.0)
     constexprs = dict(BLOCKSIZE=64, DQ_BLOCKSIZE=256, DOUBLE_QUANT=True, SPLIT_K=split, HAS_LORA=True,
                       SHRINK_HERE=split > 1, HAS_BIAS=False, R_PAD=r, PRECISION="ieee", BN=bn, BM=bm, BK=bk,
-                      GROUP_N=8)
+                      GROUP_N=config.kwargs["GROUP_N"])
     return Launch(f"nf4_forward_{M}", f"{M} x {K} -> {N}, NF4 + LoRA r {r}, bf16", nf4_lora_triton._nf4_forward_kernel,
                   args, constexprs, warps, stages, weights_per_iteration=bn * bk,
                   tile_note="a few-row autotune candidate" if few else "the untuned tile")
@@ -340,7 +359,7 @@ def table(reports: list[Report]) -> str:
             "| top |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         per_weight = "" if r.per_weight is None else f"{r.per_weight:.1f}"
-        in_flight = "-" if r.in_flight is None else str(r.in_flight)
+        in_flight = str(r.in_flight) if r.in_flight is not None else "no wait" if r.mma == "HGMMA" else "-"
         rows.append(f"| {r.launch.name} | {r.launch.shape} | {r.launch.tile} | {r.regs} | {r.smem / 1024:.0f} | "
                     f"{r.mma} | {in_flight} | {'yes' if r.serialized else 'no'} | "
                     f"{'yes' if r.warp_specialized else 'no'} | {len(r.loop)} | {per_weight} | {r.top()} |")

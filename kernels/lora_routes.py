@@ -83,9 +83,9 @@ FUSED_MIN_ROWS = 8192
 
 # Under torch.compile with CUDA graphs the host cost of a launch is paid once, at recording, so the GPU time
 # decides: from this many rows on, training calls run the Triton op. Measured on the H200 (2026-12-02, GPU time):
-# the Triton op beats the reference at M = 4096-16384 at 768 → 2304 and 3072 → 768, the widths RESULTS.md ("LoRA
-# layer at GPT-2 widths") has the reference's column for, and tied it at M = 256 (3.72× vs 3.73× the floor at
-# 768 → 2304; RESULTS.md keeps the reference's 3.73×); 1024 sits between the measured rows.
+# the Triton op beats the reference at M = 4096-16384 at 768 → 2304, 3072 → 768 and 4096 → 4096, the widths
+# RESULTS.md ("LoRA layer at GPT-2 widths") has the reference's column for, and tied it at M = 256 (3.72× vs 3.73×
+# the floor at 768 → 2304; RESULTS.md keeps the reference's 3.73×); 1024 sits between the measured rows.
 COMPILED_FUSED_MIN_ROWS = 1024
 
 # Under torch.compile a 16-bit training call without a dropout mask trains on the merged weight rebuilt per call

@@ -682,7 +682,7 @@ plt.show()
 #
 # §5.2 profiled single layers. A later profile counts every kernel of a whole CUDA-graph step, the floor's and
 # LoRA's, in two runs on two starts of the machine: one before the LoRA passes were retuned into fewer kernels, one
-# after (the second counted LoRA's kernels only). Within the first run:
+# after (the second did not break out the floor's GEMMs). Within the first run:
 
 # %%
 step_md = results_section("A LoRA training step, kernel by kernel")
@@ -692,13 +692,14 @@ gpu, gemms, passes = row_of("GPU kernel time"), row_of("the 95 base GEMMs"), row
 gap = num(gpu["LoRA, before"]) - num(gpu["floor, before"])
 gemm_gap = num(gemms["LoRA, before"]) - num(gemms["floor, before"])
 passes_ms = {run: sum(float(v) for v in passes[f"LoRA, {run}"].split(",")) for run in ("before", "after")}
+embedding_ms = re.search(r"embedding gradient, ~([\d.]+) ms", step_md).group(1)
 print("source: benchmarks/RESULTS.md —", step_md.splitlines()[0], "\n")
 print(f"GPU kernel time per step: floor {num(gpu['floor, before']):.2f} ms, LoRA {num(gpu['LoRA, before']):.2f} ms: "
       f"{gap:+.2f} ms. The 95 base GEMMs: cuBLAS {num(gemms['floor, before']):.2f} ms, Triton "
       f"{num(gemms['LoRA, before']):.2f} ms: {gemm_gap:+.2f} ms, {gemm_gap / gap:.0%} of the gap. LoRA's passes "
       f"(dS/dB, dA, shrink) take {passes_ms['before']:.2f} ms, yet everything outside the GEMMs adds only "
-      f"{gap - gemm_gap:+.2f} ms: the floor spends about as much on work a LoRA step skips (the embedding's "
-      f"gradient).")
+      f"{gap - gemm_gap:+.2f} ms: the floor spends {passes_ms['before'] - (gap - gemm_gap):.2f} ms on work a LoRA "
+      f"step skips (the embedding's gradient: the profile counts ~{embedding_ms} ms of its kernels).")
 print(f"After the retune (the other run): LoRA's GEMMs {num(gemms['LoRA, after']):.2f} ms, its passes "
       f"{passes_ms['after']:.2f} ms, the step {num(gpu['LoRA, after']) - num(gpu['floor, after']):+.2f} ms over that "
       f"run's floor — runs on two starts of the machine, so not subtracted from the first.")
