@@ -153,15 +153,16 @@ def compile_for_hopper(launch: Launch):
     signature, constexprs, attrs = specialize(launch)
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     knobs = triton.knobs
-    saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
     log = io.StringIO()
-    try:  # compiled afresh (a cached cubin would skip ptxas), its log printed by Triton and captured here
-        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
-        with contextlib.redirect_stdout(log):
-            compiled = triton.compile(source, target=HOPPER, options={"num_warps": launch.num_warps,
-                                                                      "num_stages": launch.num_stages})
-    finally:
-        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
+    # compiled afresh (a cached cubin would skip ptxas), its log printed by Triton and captured here; the scopes
+    # put the knobs (and the environment variables behind them) back afterwards
+    with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
+        knobs.nvidia.dump_ptxas_log = knobs.compilation.always_compile = True
+        compiled = triton.compile(source, target=HOPPER, options={"num_warps": launch.num_warps,
+                                                                  "num_stages": launch.num_stages})
+    if not re.search(r"Used \d+ registers", log.getvalue()):
+        raise RuntimeError(f"{launch.name}: no ptxas log was captured (this Triton may print it elsewhere); "
+                           f"got {log.getvalue()[:200]!r}")
     return compiled, log.getvalue()
 
 
@@ -284,7 +285,8 @@ def _lora_gemm(forward: bool) -> Launch:
                 M_BUCKET=lora_triton._m_bucket(M), stride_pm=K, stride_qrow=K if forward else N, stride_lm=r,
                 stride_lr=1, stride_rr=1 if forward else N, stride_rn=r if forward else 1, stride_mm=N,
                 stride_mn=1, stride_om=N, stride_on=1, scaling=2.0)
-    config = lora_triton._tma_configs()[0]  # the kernel's tile without autotuning; the autotuner may pick another
+    with _autotuning(False):  # the kernel's tile without autotuning; the autotuner may pick another
+        config = lora_triton._tma_configs()[0]
     constexprs = dict(Q_NK=forward, HAS_LORA=True, HAS_MASK=False, HAS_BIAS=forward, R_PAD=r, PRECISION="ieee",
                       NUM_SMS=132, GROUP_M=8, **{k: v for k, v in config.kwargs.items() if k != "GROUP_M"})
     return Launch("lora_forward" if forward else "lora_dx",
@@ -293,14 +295,23 @@ def _lora_gemm(forward: bool) -> Launch:
                   tile_note="the untuned tile")
 
 
-def _nf4_tiles():
-    """(the NF4 forward's tile without autotuning, the first of the autotuner's candidates with 16-row tiles)."""
-    untuned = nf4_lora_triton._forward_configs()[0]
-    saved, lora_triton.AUTOTUNE = lora_triton.AUTOTUNE, True  # the candidate list, as a GPU's autotuner sees it
+@contextlib.contextmanager
+def _autotuning(on: bool):
+    """The kernels' config lists as they are with autotuning on (the candidates) or off (the one untuned tile),
+    whatever MINIPEFT_KERNEL_AUTOTUNE says: the lists read ``lora_triton.AUTOTUNE`` when called."""
+    saved, lora_triton.AUTOTUNE = lora_triton.AUTOTUNE, on
     try:
-        candidates = nf4_lora_triton._forward_configs()
+        yield
     finally:
         lora_triton.AUTOTUNE = saved
+
+
+def _nf4_tiles():
+    """(the NF4 forward's tile without autotuning, the first of the autotuner's candidates with 16-row tiles)."""
+    with _autotuning(False):
+        untuned = nf4_lora_triton._forward_configs()[0]
+    with _autotuning(True):
+        candidates = nf4_lora_triton._forward_configs()
     return untuned, next(c for c in candidates if c.kwargs["BM"] == 16)
 
 

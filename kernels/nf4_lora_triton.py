@@ -36,14 +36,14 @@ Two ways to make a tile of Ŵ, chosen per launch:
   each weight loads its own byte and its block's statistics, which L1 serves to its neighbours. Correct
   for every shape; about 10× slower than the packed path on an H200.
 
-The forward has a kernel of its own, ``_nf4_forward_kernel``, wherever whole rows of Ŵ start on a 32-bit
-word (in_features a multiple of the blocksize, the codes 4-byte aligned): the GEMM above with Ŵ's rows on
-the MMA's M side, the codes read as words, the codebook in registers, K split across programs for a batch of
-a few rows (with S made by the same launch) — 1.6× (4096 rows) to 3.3× (1 row) faster than the packed path
-on an H200. The section above the kernel says what each change removed, and benchmarks/RESULTS.md what still
-keeps it behind a bf16 GEMM. A forward of at most ``nf4_decode_triton.MAX_ROWS`` rows without dropout (a decode
-step) skips the tensor cores: kernels/nf4_decode_triton.py, matrix-vector products on CUDA cores, 2.6× faster
-than this GEMM for one row on an H200.
+The forward has a kernel of its own, ``_nf4_forward_kernel``, wherever whole rows of Ŵ start on a 32-bit word
+(in_features a multiple of the blocksize, the codes 4-byte aligned): the GEMM above with Ŵ's rows on the MMA's M
+side, the codes read as words, the codebook in registers, K split across programs for a batch of a few rows (with S
+made by the same launch) — 1.6× (4096 rows) to 3.3× (1 row) faster than the packed path on an H200 (timed before the
+``tl.assume`` below was added). The section above the kernel says what each change removed, and
+benchmarks/RESULTS.md what still keeps it behind a bf16 GEMM. A forward of at most ``nf4_decode_triton.MAX_ROWS``
+rows without dropout (a decode step) skips the tensor cores: kernels/nf4_decode_triton.py, matrix-vector products on
+CUDA cores, 2.6× faster than this GEMM for one row on an H200.
 
 Registered as ``minipeft::nf4_lora_linear_triton`` (forward) and ``minipeft::nf4_lora_linear_triton_backward``,
 with an autograd.Function twin for eager mode, as kernels/lora_triton.py does and for the same reasons.
@@ -355,9 +355,10 @@ def _forward_tile(
     am_next = absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr, row_block + k_lo // BLOCKSIZE,
                         in_n, DQ_BLOCKSIZE, DOUBLE_QUANT)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
-    # Every split has columns (nf4_forward sizes them so). Said to the compiler, it drops the path around the loop,
-    # whose zeros would otherwise meet the MMAs' results in the accumulator: ptxas then serializes the MMAs
-    # (C7515), each one waited for before the next chunk's dequantization starts (benchmarks/compiled.py).
+    # Every split has columns: k_lo < K, since nf4_forward makes split = cdiv(K, k_split) (the interpreter checks
+    # it). Without this line the compiler keeps a path around the loop whose zeros meet the MMAs' results in the
+    # accumulator, and ptxas serializes the MMAs (C7515): each waited for before the next chunk's dequantization
+    # (benchmarks/compiled.py shows both).
     tl.assume(k_hi > k_lo)
     for k0 in range(k_lo, k_hi, BK):
         in_kw = (k0 + 8 * offs_w) < k_hi

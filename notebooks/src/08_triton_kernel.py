@@ -698,8 +698,9 @@ print(f"GPU kernel time per step: floor {num(gpu['floor, before']):.2f} ms, LoRA
       f"{gap:+.2f} ms. The 95 base GEMMs: cuBLAS {num(gemms['floor, before']):.2f} ms, Triton "
       f"{num(gemms['LoRA, before']):.2f} ms: {gemm_gap:+.2f} ms, {gemm_gap / gap:.0%} of the gap. LoRA's passes "
       f"(dS/dB, dA, shrink) take {passes_ms['before']:.2f} ms, yet everything outside the GEMMs adds only "
-      f"{gap - gemm_gap:+.2f} ms: the floor spends {passes_ms['before'] - (gap - gemm_gap):.2f} ms on work a LoRA "
-      f"step skips (the embedding's gradient: the profile counts ~{embedding_ms} ms of its kernels).")
+      f"{gap - gemm_gap:+.2f} ms: the floor's own extra work, which a LoRA step skips (the embedding's gradient: the "
+      f"profile counts ~{embedding_ms} ms of its kernels), pays for them, less LoRA's other small kernels "
+      f"({passes_ms['before'] - (gap - gemm_gap):.2f} ms net).")
 print(f"After the retune (the other run): LoRA's GEMMs {num(gemms['LoRA, after']):.2f} ms, its passes "
       f"{passes_ms['after']:.2f} ms, the step {num(gpu['LoRA, after']) - num(gpu['floor, after']):+.2f} ms over that "
       f"run's floor — runs on two starts of the machine, so not subtracted from the first.")
