@@ -796,9 +796,9 @@ head, row = ([c.strip() for c in line.strip("|").split("|")] for line in (table_
 row = dict(zip(head, row, strict=True))
 loop = compiled.strip().splitlines()[-1].split()       # the loop's opcodes, in order
 count = lambda prefix: sum(op.startswith(prefix) for op in loop)  # noqa: E731
-print(f"\nOne step of K: {len(loop)} instructions. {count('HGMMA')} HGMMA (what one warpgroup issues for its "
+print(f"\nOne step of K: {len(loop)} instructions. {count('HGMMA')} HGMMA (what one warpgroup runs for its "
       f"64 × 128 half of the 128 × 128 tile, 16 columns of K each), {count('UTMALDG')} TMA copies (x's tile and "
-      f"W's, issued by one elected thread), "
+      f"W's, started by one elected thread), "
       f"{count('SYNCS.PHASECHK')} wait for a copy to land, {count('SYNCS.ARRIVE')} arrival that announces the next "
       f"one's bytes, {count('BAR')} barriers that every warp of the program meets, and "
       f"{sum(op.startswith('U') and not op.startswith('UTMALDG') for op in loop)} instructions of the uniform "
@@ -807,11 +807,11 @@ print(f"\nOne step of K: {len(loop)} instructions. {count('HGMMA')} HGMMA (what 
       f"{span([p['triton_gemms'] / p['cublas_gemms'] for p in profile])} cuBLAS's.")
 
 # %% [markdown]
-# The tensor cores are busy for those HGMMAs; everything else is issue slots and waits. Hopper's MMA is
-# asynchronous, so the table's "in flight" says how many MMA groups keep running while the program issues the next
+# The tensor cores are busy for those HGMMAs; everything else is instruction slots and waits. Hopper's MMA is
+# asynchronous, so the table's "in flight" says how many MMA groups keep running while the program starts the next
 # copies, and "serialized" whether ptxas had to give that up. What the loop also shows: every warp takes part in
-# every step — the same warps wait for the copies, meet at the barriers and issue the MMAs. cuBLAS's Hopper kernels
-# are *warp-specialized*: a producer warp only issues TMA copies, the other warps only compute, and the two meet at
+# every step — the same warps wait for the copies, meet at the barriers and start the MMAs. cuBLAS's Hopper kernels
+# are *warp-specialized*: a producer warp only starts TMA copies, the other warps only compute, and the two meet at
 # barriers in shared memory, so the copies, the MMAs and a tile's epilogue overlap. Whether that is what the gap of
 # §5.2 comes from is the next GPU measurement: `benchmarks/RESULTS.md` ("What the compiler makes of the kernels")
 # records what it takes for Triton to warp-specialize this loop, while the same kernel without the low-rank term
