@@ -15,13 +15,15 @@ A backend name is a promise:
   - "triton": the Triton kernels of kernels/lora_triton.py on every call, forward and backward, training and
     inference, every shape, fp32/fp16/bf16; never a torch route. Where Triton cannot run on the given tensors
     (no Triton, CPU tensors without ``TRITON_INTERPRET=1`` set before ``import minipeft``, float64, bf16 in
-    the interpreter) it raises a ValueError that says why.
+    the interpreter, a tensor too large for the kernels' 32-bit offsets: kernels/limits.py) it raises a
+    ValueError that says why.
   - "auto": on CUDA, the route that measured fastest for the shape and device (kernels/lora_routes.py: the
     reference's ops, cuBLAS routes, a merged-weight cache or the Triton kernels; its docstring has the table;
     while torch.compile traces, the choice uses shapes only: a training call of at least 1024 rows takes the
     Triton op, or from 4096 rows, in fp16/bf16 without dropout and at most 3072 features wide, the merged weight
     rebuilt per call, with cuBLAS GEMMs and the Triton passes for the LoRA gradients).
-    Everywhere else (CPU tensors, interpreter or not; float64; no Triton) the reference.
+    Everywhere else (CPU tensors, interpreter or not; float64; no Triton; a call with a tensor that spans, or
+    an output or workspace that holds, 2**31 elements or more, past the kernels' 32-bit offsets) the reference.
 
 Which backend runs, first match wins:
   1. the call's ``backend=``;
@@ -56,6 +58,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from . import int8_autograd, multi_lora_routes, nf4_autograd, reference
+from .limits import NF4_BLOCKSIZES, OFFSET_LIMIT, too_large
 from .nf4_reference import nf4_dequantize_reference
 from .reference import PackedAdapters
 from .triton_interpreter import INTERPRETING as _INTERPRETING  # TRITON_INTERPRET, read once for the package
@@ -300,16 +303,55 @@ def lora_linear(
     name = get_backend() if backend is None else _check_name(backend, "lora_linear(backend=...)")
     if not _looks_valid(x, weight, bias, lora_A, lora_B, scaling, dropout_mask):
         _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
-    if name == "triton":
-        why_not = _triton_unavailable(x.device, x.dtype)
-        if why_not:
-            raise ValueError(f"the triton kernel backend cannot run here: {why_not}")
-        return lora_triton.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask)
-    if name == "auto" and x.is_cuda and _triton_unavailable(x.device, x.dtype) is None:
-        return lora_routes.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask)
+    if name == "triton" or (name == "auto" and x.is_cuda):
+        route = _lora_route(name, x.device, x.dtype, _lora_too_large(x, weight, bias, lora_A, lora_B, dropout_mask))
+        if route == "triton":
+            return lora_triton.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask)
+        if route == "routes":
+            return lora_routes.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask)
     # "reference", and "auto" off CUDA: the interpreter is for tests that ask for "triton" by name (one LoRA
     # call the size of the default model's c_attn takes ~15 s there).
     return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
+
+
+def _offsets_reason(what: str | None) -> str | None:
+    """Why the Triton kernels cannot take a call that ``limits.too_large`` found ``what`` in; None for None."""
+    if what is None:
+        return None
+    return (f"{what}, too large for the Triton kernels' 32-bit offsets (every tensor must span, and every buffer "
+            "hold, fewer than 2**31 elements; the reference backend has no such limit)")
+
+
+def _lora_too_large(x, weight, bias, lora_A, lora_B, dropout_mask) -> str | None:
+    """What of a LoRA call the kernels of kernels/lora_triton.py (the Triton passes of the "auto" routes among
+    them) could not reach with 32-bit offsets; None if they reach everything (kernels/limits.py). ``weight``
+    None: an NF4 base, whose codes ``_nf4_too_large`` counts."""
+    N, K = lora_B.shape[0], x.shape[-1]
+    M = math.prod(x.shape[:-1])
+    r_pad = max(16, 2 * lora_A.shape[0])  # ≥ the rank the kernels pad to (a power of two ≥ 16)
+    # The common case in a few reads: every size below is at most this product, and a contiguous tensor spans
+    # its numel, itself one of those sizes (or, for A, B and bias, smaller)
+    if (max(M, N, r_pad) * max(K, N, r_pad) < OFFSET_LIMIT and x.is_contiguous()
+            and (weight is None or weight.is_contiguous()) and lora_A.is_contiguous() and lora_B.is_contiguous()
+            and (bias is None or bias.is_contiguous()) and (dropout_mask is None or dropout_mask.is_contiguous())):
+        return None
+    return too_large((("x", x), ("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B),
+                      ("dropout_mask", dropout_mask)),
+                     (("x or dX as (rows, in)", M * K), ("y or dY (rows, out)", M * N),
+                      ("G (rows, padded rank)", M * r_pad), ("the sum of dB (out, padded rank)", N * r_pad),
+                      ("the sum of dA (padded rank, in)", r_pad * K)))
+
+
+def _lora_route(name: str, device: torch.device, dtype: torch.dtype, too_big: str | None) -> str:
+    """Where a call of backend ``name`` on tensors of this device and dtype goes: "triton" (the kernels),
+    "routes" ("auto" on CUDA: kernels/lora_routes.py picks) or "reference"; ``too_big`` is ``_lora_too_large``'s
+    answer. An explicit "triton" that cannot run raises a ValueError that says why."""
+    why_not = _triton_unavailable(device, dtype) or _offsets_reason(too_big)
+    if name == "triton":
+        if why_not:
+            raise ValueError(f"the triton kernel backend cannot run here: {why_not}")
+        return "triton"
+    return "routes" if name == "auto" and device.type == "cuda" and why_not is None else "reference"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -637,9 +679,11 @@ def multi_lora_route(x: torch.Tensor, adapter_index: torch.Tensor, adapters: Pac
 #   "triton":    the Triton kernel of kernels/nf4_triton.py (the op minipeft::nf4_dequantize_triton) on every
 #                call, or a ValueError that says why it cannot run (no Triton; CPU tensors without
 #                TRITON_INTERPRET=1; an output dtype other than fp32/fp16/bf16; bf16 in the interpreter, which
-#                rounds it wrongly).
+#                rounds it wrongly; a weight of 2**31 or more elements, past the kernel's 32-bit offsets).
 #   "auto":      that Triton kernel on CUDA wherever it can run (2.8-2.9 TB/s against 129-133 GB/s for the eager
 #                reference on an H100: benchmarks/RESULTS.md); the reference everywhere else, the CPU included.
+# Every backend takes the state as the kernels index it: flat, contiguous tensors (a strided view is copied, as
+# int8_linear copies its codes) and a blocksize that is a power of two from 32 to 4096 (kernels/limits.py).
 # ``nf4_linear`` is the layer: y = x·dequantize(W_q)ᵀ + bias through the autograd op of kernels/nf4_autograd.py,
 # which saves the 4-bit codes for backward, never the dense weight.
 # --------------------------------------------------------------------------------------------------------
@@ -660,22 +704,35 @@ def _nf4_triton_unavailable(device: torch.device, dtype: torch.dtype) -> str | N
     return None
 
 
-def _nf4_route(backend: str | None, where: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend name in force, resolved against the tensors: "reference" or "triton"."""
+def _nf4_route(backend: str | None, where: str, device: torch.device, dtype: torch.dtype, numel: int) -> str:
+    """The backend name in force, resolved against the tensors of a weight of ``numel`` elements: "reference" or
+    "triton"."""
     name = get_backend() if backend is None else _check_name(backend, where)
+    why_not = _nf4_triton_unavailable(device, dtype) or _offsets_reason(_nf4_too_large(numel))
     if name == "triton":
-        why_not = _nf4_triton_unavailable(device, dtype)
         if why_not:
             raise ValueError(f"the triton kernel backend cannot run here: {why_not}")
         return "triton"
-    if name == "auto" and device.type == "cuda" and _nf4_triton_unavailable(device, dtype) is None:
+    if name == "auto" and device.type == "cuda" and why_not is None:
         return "triton"
     return "reference"
 
 
+def _nf4_too_large(numel: int) -> str | None:
+    """What the NF4 kernels could not reach with 32-bit offsets: the weight's flat index i (kernels/limits.py)."""
+    return too_large((), (("the NF4 weight (out · in)", numel),))
+
+
+def _contiguous(*state: torch.Tensor | None) -> tuple:
+    """The NF4 state as every kernel indexes it, flat and contiguous: ``.contiguous()`` returns the tensors
+    ``quantize_nf4`` makes as they are, and copies a strided view (``codes[::2]`` read as flat would be wrong)."""
+    return tuple(None if t is None else t.contiguous() for t in state)
+
+
 def _check_nf4_state(codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, numel, blocksize,
                      dq_blocksize) -> None:  # fmt: skip
-    """The packed state's layout (types, dtypes, lengths, one device); metadata only, no host sync.
+    """The packed state's layout (types, dtypes, lengths, one device) and a blocksize the kernels can tile;
+    metadata only, no host sync.
 
     Its values (finite, ≥ 0 statistics) were checked where the state was made: ``minipeft.quant.quantize_nf4``,
     ``NF4Weight.to`` and ``NF4Linear``'s ``load_state_dict``.
@@ -684,6 +741,9 @@ def _check_nf4_state(codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_
     for name, v in sizes.items():
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name} must be a positive int, got {_describe(v)}")
+    if blocksize not in NF4_BLOCKSIZES:  # the kernels tile whole blocks: tl.arange(0, blocksize // 2)
+        raise ValueError(f"blocksize must be a power of two from 32 to 4096 (as quantize_nf4 makes it), got "
+                         f"{_describe(blocksize)}")
     double_quant = absmax_scale is not None
     n_blocks = -(-numel // blocksize)
     expected = {"codes": (codes, torch.uint8, ((numel + 1) // 2,)),
@@ -737,9 +797,9 @@ def nf4_dequantize(
         raise TypeError(f"dtype must be a torch.dtype such as torch.bfloat16, got {_describe(dtype)}")
     if dtype not in _NF4_OUT_DTYPES:
         raise ValueError(f"dtype must be float32, bfloat16, float16 or float64, got {dtype}")
-    route = _nf4_route(backend, "nf4_dequantize(backend=...)", codes.device, dtype)
-    return nf4_autograd.dequantize(route, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values,
-                                   numel, blocksize, dq_blocksize, dtype)  # fmt: skip
+    route = _nf4_route(backend, "nf4_dequantize(backend=...)", codes.device, dtype, numel)
+    state = _contiguous(codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values)
+    return nf4_autograd.dequantize(route, *state, numel, blocksize, dq_blocksize, dtype)
 
 
 def _check_nf4_layer(x, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, bias, out_features,
@@ -802,9 +862,9 @@ def nf4_linear(
     """
     _check_nf4_layer(x, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, bias, out_features,
                      in_features, blocksize, dq_blocksize)  # fmt: skip
-    route = _nf4_route(backend, "nf4_linear(backend=...)", x.device, x.dtype)
-    return nf4_autograd.nf4_linear_op(x, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, bias,
-                                      out_features, in_features, blocksize, dq_blocksize, route)  # fmt: skip
+    route = _nf4_route(backend, "nf4_linear(backend=...)", x.device, x.dtype, out_features * in_features)
+    state = _contiguous(codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values)
+    return nf4_autograd.nf4_linear_op(x, *state, bias, out_features, in_features, blocksize, dq_blocksize, route)
 
 
 # "auto" runs the fused NF4 + LoRA kernels for calls of at most this many rows that need no gradient (H200,
@@ -857,7 +917,7 @@ def nf4_lora_linear(
                    first writes and reads a 16-bit copy of Ŵ); otherwise ``nf4_linear`` with the Triton
                    dequantization and a cuBLAS GEMM, plus the low-rank term as torch ops (faster from a few
                    hundred rows on, as in training: benchmarks/RESULTS.md has both on an H200); the reference
-                   elsewhere.
+                   elsewhere, and for a weight of 2**31 elements or more (past the kernels' 32-bit offsets).
     Gradients reach x, lora_A, lora_B and a bias that requires one; backward keeps the 4-bit state, never Ŵ.
     """
     name = get_backend() if backend is None else _check_name(backend, "nf4_lora_linear(backend=...)")
@@ -865,16 +925,21 @@ def nf4_lora_linear(
                      in_features, blocksize, dq_blocksize)  # fmt: skip
     # lora_linear's checks of the adapter, against a stand-in for Ŵ's shape (a stride-0 view: no memory)
     _validate(x, x.new_empty(()).expand(out_features, in_features), bias, lora_A, lora_B, scaling, dropout_mask)
-    if name == "triton":
-        why_not = _triton_unavailable(x.device, x.dtype) or _nf4_triton_unavailable(x.device, x.dtype)
-        if why_not:
-            raise ValueError(f"the triton kernel backend cannot run here: {why_not}")
-    if name == "triton" or (name == "auto" and _nf4_fused_pays(x, bias, lora_A, lora_B, in_features, blocksize)):
-        state = (codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values)
+    fused = name == "triton" or (name == "auto" and _nf4_fused_pays(x, bias, lora_A, lora_B, in_features, blocksize))
+    if fused:  # what the fused kernels cannot reach with 32-bit offsets: Ŵ's flat index, the LoRA kernels' tensors
+        too_big = _nf4_too_large(out_features * in_features) or _lora_too_large(x, None, bias, lora_A, lora_B,
+                                                                                dropout_mask)
+        if name == "triton":
+            why_not = (_triton_unavailable(x.device, x.dtype) or _nf4_triton_unavailable(x.device, x.dtype)
+                       or _offsets_reason(too_big))
+            if why_not:
+                raise ValueError(f"the triton kernel backend cannot run here: {why_not}")
+        fused = too_big is None
+    state = _contiguous(codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values)
+    if fused:
         return nf4_lora_triton.nf4_lora_linear(x, state, bias, lora_A, lora_B, float(scaling), dropout_mask,
                                                out_features, in_features, blocksize, dq_blocksize)
-    y = nf4_linear(x, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, bias, out_features,
-                   in_features, blocksize, dq_blocksize, backend=name)  # fmt: skip
+    y = nf4_linear(x, *state, bias, out_features, in_features, blocksize, dq_blocksize, backend=name)
     x_lora = x if dropout_mask is None else x * dropout_mask
     return y + scaling * torch.nn.functional.linear(torch.nn.functional.linear(x_lora, lora_A), lora_B)
 
@@ -899,24 +964,26 @@ def nf4_lora_linear(
 INT8_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _int8_offsets_fit(x: torch.Tensor | None, codes: torch.Tensor) -> bool:
-    """Whether every element offset the int8 kernels compute fits in 32 bits (they index with int32): x's span
-    in memory, x (M, in), y (M, out) and the codes (out, in) all below 2³¹ elements."""
+def _int8_too_large(x: torch.Tensor | None, codes: torch.Tensor) -> str | None:
+    """What the int8 kernels could not reach with 32-bit offsets (kernels/limits.py): x's span in memory, x
+    (M, in) and its int8 copy, y (M, out) and the codes (out, in), made contiguous."""
     n, k = codes.shape
     m = 0 if x is None else math.prod(x.shape[:-1])
-    x_span = 0  # the largest offset into x's storage, plus one
-    if x is not None and x.numel():
-        x_span = 1 + sum((d - 1) * abs(s) for d, s in zip(x.shape, x.stride(), strict=True))
-    return max(x_span, m * k, m * n, n * k) < 2**31
+    return too_large((("x", x),),
+                     (("x as (rows, in)", m * k), ("y (rows, out)", m * n), ("the codes (out, in)", n * k)))
 
 
-def _int8_route(backend: str | None, where: str, device: torch.device, dtype: torch.dtype, fits: bool = True) -> str:
-    """The backend name in force, resolved against the tensors: "reference" or "triton"."""
+def _int8_offsets_fit(x: torch.Tensor | None, codes: torch.Tensor) -> bool:
+    """Whether every element offset the int8 kernels compute fits in 32 bits (``_int8_too_large`` finds nothing)."""
+    return _int8_too_large(x, codes) is None
+
+
+def _int8_route(backend: str | None, where: str, device: torch.device, dtype: torch.dtype,
+                too_big: str | None = None) -> str:
+    """The backend name in force, resolved against the tensors: "reference" or "triton"; ``too_big`` is
+    ``_int8_too_large``'s answer."""
     name = get_backend() if backend is None else _check_name(backend, where)
-    why_not = _triton_unavailable(device, None)
-    if why_not is None and not fits:
-        why_not = ("a tensor of 2**31 or more elements, or a view spanning as many: the int8 kernels index with "
-                   "32-bit offsets")
+    why_not = _triton_unavailable(device, None) or _offsets_reason(too_big)
     if why_not is None and dtype not in INT8_TRITON_DTYPES:
         why_not = f"dtype {dtype} is not supported by the int8 Triton kernels (supported: float32, float16, bfloat16)"
     if why_not is None and _INTERPRETING and dtype == torch.bfloat16:
@@ -957,7 +1024,7 @@ def int8_dequantize(codes: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtyp
         raise TypeError(f"dtype must be a torch.dtype such as torch.bfloat16, got {_describe(dtype)}")
     if dtype not in _NF4_OUT_DTYPES:
         raise ValueError(f"dtype must be float32, bfloat16, float16 or float64, got {dtype}")
-    route = _int8_route(backend, "int8_dequantize(backend=...)", codes.device, dtype, _int8_offsets_fit(None, codes))
+    route = _int8_route(backend, "int8_dequantize(backend=...)", codes.device, dtype, _int8_too_large(None, codes))
     return int8_autograd.dequantize(route, codes.contiguous(), absmax.contiguous(), dtype)
 
 
@@ -981,10 +1048,10 @@ def int8_linear(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, bias
     _check_int8_state(codes, absmax)
     out_features, in_features = codes.shape
     _check_layer_input(x, bias, out_features, in_features, codes.device, "int8")
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold) \
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not _finite(threshold) \
             or threshold < 0:  # fmt: skip
         raise ValueError(f"threshold must be a finite number ≥ 0 (6.0 in LLM.int8(); 0 turns the outlier "
                          f"decomposition off), got {_describe(threshold)}")  # fmt: skip
-    route = _int8_route(backend, "int8_linear(backend=...)", x.device, x.dtype, _int8_offsets_fit(x, codes))
+    route = _int8_route(backend, "int8_linear(backend=...)", x.device, x.dtype, _int8_too_large(x, codes))
     bias = None if bias is None else bias.contiguous()
     return int8_autograd.int8_linear_op(x, codes.contiguous(), absmax.contiguous(), bias, float(threshold), route)

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from . import int8_reference
-from .lora_triton import AUTOTUNE, _autotune, _tile_coords
+from .lora_triton import AUTOTUNE, _autotune, _m_bucket, _tile_coords
 from .triton_interpreter import INTERPRETING, interpreter_lock
 
 __all__ = ["SUPPORTED_DTYPES", "int8_linear_triton", "int8_dequantize_triton"]
@@ -252,7 +252,7 @@ def int8_linear_triton(x2d: torch.Tensor, codes: torch.Tensor, absmax: torch.Ten
     grid = lambda META: (triton.cdiv(M, META["BM"]) * triton.cdiv(N, META["BN"]),)
     with interpreter_lock():
         _matmul_kernel[grid](x_codes, codes, x_absmax, absmax, bias if bias is not None else absmax, y,
-                             M, N, K, triton.next_power_of_2(M), HAS_BIAS=bias is not None,
+                             M, N, K, _m_bucket(M), HAS_BIAS=bias is not None,
                              enable_fp_fusion=False)  # the rescale's product rounded before the bias, as in torch
         if has_threshold:
             bm, bn, bj = (16, 32, 32) if INTERPRETING else (64, 128, 32)
@@ -282,8 +282,10 @@ def int8_dequantize_triton(codes: torch.Tensor, absmax: torch.Tensor, dtype: tor
 @torch.library.custom_op("minipeft::int8_linear_triton", mutates_args=())
 def int8_linear_triton_op(x2d: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, bias: torch.Tensor | None,
                           threshold: float) -> torch.Tensor:  # fmt: skip
-    """``int8_linear_triton`` as the op ``minipeft::int8_linear_triton``."""
-    return int8_linear_triton(x2d, codes, absmax, bias, threshold)
+    """``int8_linear_triton`` as the op ``minipeft::int8_linear_triton``, on x's GPU (Triton launches on the current
+    one; ``device_of`` is a no-op off CUDA)."""
+    with torch.cuda.device_of(x2d):
+        return int8_linear_triton(x2d, codes, absmax, bias, threshold)
 
 
 @int8_linear_triton_op.register_fake
@@ -293,8 +295,9 @@ def _(x2d, codes, absmax, bias, threshold):
 
 @torch.library.custom_op("minipeft::int8_dequantize_triton", mutates_args=())
 def int8_dequantize_triton_op(codes: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``int8_dequantize_triton`` as the op ``minipeft::int8_dequantize_triton``."""
-    return int8_dequantize_triton(codes, absmax, dtype)
+    """``int8_dequantize_triton`` as the op ``minipeft::int8_dequantize_triton``, on the codes' GPU."""
+    with torch.cuda.device_of(codes):
+        return int8_dequantize_triton(codes, absmax, dtype)
 
 
 @int8_dequantize_triton_op.register_fake

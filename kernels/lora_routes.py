@@ -21,7 +21,8 @@ benchmarks/RESULTS.md: H200 2026-12-02 and 2026-12-04 at GPT-2 widths, H100 2026
 |                                                            |             | 4096 (cublas 2.20×, fused_tma 3.99×;     |
 |                                                            |             | H100, host included)                     |
 | eager, gradient wanted, M ≥ FUSED_MIN_ROWS, fp16/bf16,     | "fused_tma" | fwd+bwd 1.17× floor at 4096², M = 16384; |
-| TMA-ready (Hopper, unit last stride, 16-byte rows)         |             | 1.45× at 768 → 2304 (reference 2.27×)    |
+| TMA-ready (``lora_triton.tma_ready``: Hopper, unit last    |             | 1.45× at 768 → 2304 (reference 2.27×)    |
+| stride, 16-byte rows of x, W and dY)                       |             |                                          |
 | eager, gradient wanted, M ≥ FUSED_MIN_ROWS, otherwise      | "cublas"    | fwd+bwd 1.24× floor at M = 16384 (H100)  |
 | (fp32, before Hopper, other strides)                       |             |                                          |
 | torch.compile tracing, gradient wanted,                    | "merged_    | GPU time (graphs replay the launches):   |
@@ -35,10 +36,11 @@ benchmarks/RESULTS.md: H200 2026-12-02 and 2026-12-04 at GPT-2 widths, H100 2026
 |                                                            |             | 1.11× the reference's (H200)             |
 | torch.compile tracing, otherwise                           | "unfused"   | Inductor fuses the reference's ops       |
 
-CPU tensors, float64 and a missing Triton never reach this module: ``kernels.lora_linear`` sends them to the
-reference. The pointer-load Triton route ("fused") is never chosen on CUDA: the persistent TMA kernel does the same
-work, and no run in benchmarks/RESULTS.md has the pointer kernel ahead; ``path="fused"`` still reaches it (it is
-the kernel the CPU interpreter runs).
+CPU tensors, float64, a missing Triton and a call with a tensor past the kernels' 32-bit offsets (kernels/limits.py)
+never reach this module: ``kernels.lora_linear`` sends them to the reference. The pointer-load Triton route
+("fused") is never chosen on CUDA: the persistent TMA kernel does the same work, and no run in
+benchmarks/RESULTS.md has the pointer kernel ahead; ``path="fused"`` still reaches it (it is the kernel the CPU
+interpreter runs).
 
 The routes, as plain-Python sketches:
 
@@ -66,7 +68,9 @@ import torch
 import torch.utils.weak
 
 from . import lora_triton, reference
+from .limits import OFFSET_LIMIT, span
 from .triton_interpreter import INTERPRETING
+from .versions import version
 
 __all__ = ["FUSED_MIN_ROWS", "COMPILED_FUSED_MIN_ROWS", "MERGED_TRAIN_MAX_WIDTH", "MERGED_TRAIN_MIN_ROWS",
            "MERGED_CACHE_BYTES", "PATHS",
@@ -139,7 +143,7 @@ def choose_path(M: int, N: int, K: int, x: torch.Tensor, weight: torch.Tensor,
         return "cublas" if has_mask else "merged"
     if M < FUSED_MIN_ROWS:
         return "unfused"
-    if not INTERPRETING and x.dtype in lora_triton.TMA_DTYPES and lora_triton._tma_ok(x.reshape(-1, K), weight):
+    if not INTERPRETING and lora_triton.tma_ready(x.reshape(-1, K), weight):
         return "fused_tma"
     return "cublas"
 
@@ -154,7 +158,7 @@ class _Merged:
 
     def __init__(self):
         self.a_ref = self.b_ref = None
-        self.state = None          # (W._version, A._version, B._version, scaling, A.shape, B.shape)
+        self.state = None          # (W's, A's and B's versions, scaling, A.shape, B.shape)
         self.merged = None         # (N, K) tensor, or None until the state is seen a second time
 
 
@@ -171,10 +175,18 @@ def _merged_weight(weight, lora_A, lora_B, scaling: float, force: bool) -> torch
 
     A state is (the identities of A and B, the versions of W, A and B, scaling). Without ``force`` W' is built
     only on the second call in a row with one state, so a training step (A and B change every step) or an
-    autocast that hands new A/B copies each call never pays an (N, K) rebuild per call.
+    autocast that hands new A/B copies each call never pays an (N, K) rebuild per call. An inference tensor
+    (made under torch.inference_mode) has no version (kernels/versions.py): nothing would tell a stale W' from
+    a good one, so none is kept; ``force`` builds one for this call alone, else the cache declines.
     """
+    versions = (version(weight), version(lora_A), version(lora_B))
+    if None in versions:
+        if not force:
+            return None
+        with torch.no_grad():
+            return _merge(weight, lora_A, lora_B, scaling)
     entry = _MERGED.get(weight)
-    state = (weight._version, lora_A._version, lora_B._version, scaling, lora_A.shape, lora_B.shape)
+    state = (*versions, scaling, lora_A.shape, lora_B.shape)
     if entry is not None and entry.state == state and entry.a_ref() is lora_A and entry.b_ref() is lora_B:
         if entry.merged is not None:
             return entry.merged
@@ -278,7 +290,7 @@ def merged_train_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Y (..., N), S (M, r)): S is kept for the backward's dB = scaling·dYᵀ·S. The inputs share one dtype
     (``kernels.lora_linear`` checks it), and an enclosing autocast does not recast them in here."""
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False), torch.cuda.device_of(x):  # launch on x's GPU
         s = lora_triton.shrink(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), None, lora_A)     # (M, r)
         return torch.nn.functional.linear(x, _merge(weight, lora_A, lora_B, scaling), bias), s
 
@@ -297,9 +309,11 @@ def merged_train_backward_op(
     N, K = weight.shape
     M = math.prod(x.shape[:-1])
     x2d, dy2d = x.reshape(M, K), dy.reshape(M, N)                                     # (M, K), (M, N)
+    if span(dy2d) >= OFFSET_LIMIT:  # a slice of a larger gradient: the switch checked M·N (kernels/limits.py)
+        dy2d = dy2d.contiguous()
     empty = lambda: dy.new_empty(0)  # noqa: E731  (a fresh tensor each: outputs may not alias each other)
     d_x, d_a, d_b, d_bias = empty(), empty(), empty(), empty()
-    with torch.autocast(dy.device.type, enabled=False):
+    with torch.autocast(dy.device.type, enabled=False), torch.cuda.device_of(dy):  # launch on dY's GPU
         if need_x:
             d_x = torch.mm(dy2d, _merge(weight, lora_A, lora_B, scaling)).view(x.shape)
         if need_A or need_B:
@@ -398,6 +412,9 @@ def lora_linear(
         return _CublasLoRAFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
     if path == "unfused":
         return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
-    if path == "fused_tma" and not lora_triton._tma_ok(weight, lora_A):
-        raise ValueError("path 'fused_tma' needs Hopper CUDA tensors with unit last stride and 16-byte rows")
+    if path == "fused_tma" and not lora_triton.tma_ready(x.reshape(-1, x.shape[-1]), weight):
+        raise ValueError(f"path 'fused_tma' needs fp16/bf16 CUDA tensors on Hopper or newer, x and the weight with "
+                         f"unit last stride and 16-byte aligned rows, and out_features · {weight.element_size()} "
+                         f"bytes a multiple of 16 (dY's rows); got x {x.dtype} {tuple(x.shape)} on {x.device}, "
+                         f"weight {tuple(weight.shape)} with strides {weight.stride()}")
     return lora_triton.apply(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, path == "fused_tma")

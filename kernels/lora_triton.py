@@ -1,7 +1,7 @@
 """Fused LoRA linear layer in Triton: the low-rank update rides inside the base GEMM, forward and backward.
 
 The rank-r product S = (x ⊙ mask)·Aᵀ is tiny (M×r), so it is computed first; the base GEMM then adds
-S·(scaling·B)ᵀ to its accumulator before writing Y once, so the LoRA branch costs no extra pass over Y
+(scaling·S)·Bᵀ to its accumulator before writing Y once, so the LoRA branch costs no extra pass over Y
 (LoRA: https://arxiv.org/abs/2106.09685; the split follows LoRAFusion: https://arxiv.org/abs/2510.00206).
 
     Y = x·Wᵀ + bias + scaling·((x ⊙ mask)·Aᵀ)·Bᵀ
@@ -19,7 +19,7 @@ The blocked algorithm, in plain Python (R = r padded to a power of two >= 16 for
             acc = zeros(BM, BN)                                                              # fp32
             for k in range(0, K, BK):
                 acc += x[m:m+BM, k:k+BK] @ W[n:n+BN, k:k+BK].T
-            acc += scaling * S[m:m+BM, :] @ B[n:n+BN, :].T      # (BM, R) @ (R, BN): one more MMA step
+            acc += (scaling * S[m:m+BM, :]).to(B.dtype) @ B[n:n+BN, :].T   # (BM, R) @ (R, BN): one more MMA step
             Y[m:m+BM, n:n+BN] = (acc + bias[n:n+BN]).to(x.dtype)
 
     # backward, with G = dY·B (so dS = scaling·G):
@@ -44,12 +44,16 @@ tracing into Triton's Python launcher. Last, ``lora_linear``: the reference's si
 on these kernels. The only choice made in this file is which GEMM kernel runs (TMA where ``_tma_ok`` allows);
 whether Triton is worth running at all for a shape is the "auto" backend's question (kernels/lora_routes.py).
 
-Precision: fp16/bf16 operands, fp32 accumulation, output in x's dtype. fp32 operands follow torch's own
-setting for fp32 matmuls (``torch.backends.cuda.matmul.allow_tf32``, off by default), so the Triton backend
-and the reference round alike: "ieee" dots by default (exact fp32, tested to the fp32 tolerance), "tf32"
-when the caller allowed tf32. The dS/dB and dA kernels sum with fp32 atomics, so the last bits of G, dB,
-dA and dbias may differ from run to run.
-Limits: every tensor below 2**31 elements (32-bit offsets); fp16, bf16 and fp32 only.
+Precision: fp16/bf16 operands, fp32 accumulation, output in x's dtype. The low-rank term enters the accumulator
+as (scaling·S)·Bᵀ, scaling·S computed in fp32 and rounded to B's dtype (16 bits for fp16/bf16) before the MMA, and
+dX's as (scaling·G)·A likewise; with a dropout mask the epilogue scales the fp32 product S·Bᵀ (G·A) instead, then
+masks it. fp32 operands follow torch's own setting for fp32 matmuls (``torch.backends.cuda.matmul.allow_tf32``,
+off by default), so the Triton backend and the reference round alike: "ieee" dots by default (exact fp32, tested
+to the fp32 tolerance), "tf32" when the caller allowed tf32. The dS/dB and dA kernels sum with fp32 atomics, so
+the last bits of G, dB, dA and dbias may differ from run to run.
+Limits: offsets are 32-bit, so every tensor must span, and every buffer hold, fewer than 2**31 elements: the switch
+checks (kernels/limits.py; a dY that is a slice of a larger gradient is copied in backward); fp16, bf16 and fp32
+only. Each op runs on its tensors' GPU (``torch.cuda.device_of``): Triton launches on the current device.
 """
 
 from __future__ import annotations
@@ -64,10 +68,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .limits import OFFSET_LIMIT, span
 from .triton_interpreter import INTERPRETING, interpreter_lock
 
-__all__ = ["SUPPORTED_DTYPES", "shrink", "fused_gemm", "fused_gemm_tma", "Workspace", "workspace", "dsdb", "da",
-           "lora_linear_op", "lora_linear_backward_op", "lora_linear"]
+__all__ = ["SUPPORTED_DTYPES", "TMA_DTYPES", "tma_ready", "shrink", "fused_gemm", "fused_gemm_tma", "Workspace",
+           "workspace", "dsdb", "da", "lora_linear_op", "lora_linear_backward_op", "lora_linear"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TMA_DTYPES = (torch.float16, torch.bfloat16)  # the TMA kernel's configs are sized for 2-byte operands
@@ -446,9 +451,20 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def _tma_allocator(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    """Scratch memory Triton asks for to build tensor descriptors on the device."""
-    return torch.empty(size, device="cuda", dtype=torch.int8)
+def tma_ready(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the TMA GEMM can run a layer's forward and its dX: x2d (M, K) and weight (N, K) fp16/bf16 that TMA
+    can read (``_tma_ok``), and rows of N elements a multiple of 16 bytes, so that dY (M, N), or a contiguous copy
+    of it (``_gemm`` makes one where TMA cannot read dY itself), can be read too."""
+    return (x2d.dtype in TMA_DTYPES and weight.dtype == x2d.dtype
+            and (weight.shape[0] * weight.element_size()) % 16 == 0 and _tma_ok(x2d, weight))
+
+
+@functools.cache
+def _tma_allocator(device: torch.device):
+    """The allocator of scratch memory Triton asks for to build tensor descriptors, on ``device``."""
+    def allocate(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+        return torch.empty(size, device=device, dtype=torch.int8)
+    return allocate
 
 
 def fused_gemm_tma(
@@ -466,7 +482,7 @@ def fused_gemm_tma(
         return out
     low_arg, up_arg, mask_arg, bias_arg = _operands(out, low, up, mask, bias)
     # Every call: Triton keeps the allocator in a context variable, and backward runs on autograd's thread.
-    triton.set_allocator(_tma_allocator)
+    triton.set_allocator(_tma_allocator(p.device))
     num_sms = _num_sms(p.device)
     grid = lambda META: (min(num_sms, triton.cdiv(M, META["BM"]) * triton.cdiv(N, META["BN"])),)  # noqa: E731
     with interpreter_lock():
@@ -710,9 +726,10 @@ def _use_tma(tma: bool | None, p2d: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def _gemm(tma: bool, p2d: torch.Tensor, *args) -> torch.Tensor:
-    """fused_gemm or fused_gemm_tma; a TMA operand P with a non-unit last stride is copied first."""
+    """fused_gemm or fused_gemm_tma; a TMA operand P that TMA cannot read (a strided last dimension, a base or row
+    stride off 16 bytes: a dY sliced from a larger gradient) is copied first, to a fresh, aligned buffer."""
     if tma:
-        return fused_gemm_tma(p2d if p2d.stride(-1) == 1 else p2d.contiguous(), *args)
+        return fused_gemm_tma(p2d if _tma_ok(p2d) else p2d.clone(memory_format=torch.contiguous_format), *args)
     return fused_gemm(p2d, *args)
 
 
@@ -725,8 +742,9 @@ def _forward(
     M = math.prod(x.shape[:-1])
     x2d = x.reshape(M, K)                                   # (M, K), a view when x's strides allow
     mask2d = None if dropout_mask is None else dropout_mask.reshape(M, K)
-    s = shrink(x2d, mask2d, lora_A)                                                  # kernel 1: (M, r)
-    y2d = _gemm(_use_tma(tma, x2d, weight), x2d, weight, True, s, lora_B.t(), scaling, None, bias)  # kernel 2
+    with torch.cuda.device_of(x):                           # launch on x's GPU (a no-op off CUDA)
+        s = shrink(x2d, mask2d, lora_A)                                              # kernel 1: (M, r)
+        y2d = _gemm(_use_tma(tma, x2d, weight), x2d, weight, True, s, lora_B.t(), scaling, None, bias)  # kernel 2
     return y2d.view(*x.shape[:-1], N), s                                             # (..., N), (M, r)
 
 
@@ -756,14 +774,18 @@ def _backward_kernels(
     x2d = x.reshape(M, K)
     mask2d = None if dropout_mask is None else dropout_mask.reshape(M, K)
     dy2d = dy.reshape(M, N)                                                          # (M, N)
-    ws = workspace(M, N, K if need_A else 0, lora_A.shape[0], dy.device)             # one zero fill
-    g, d_b, d_bias = dsdb(dy2d, lora_B, s, scaling, need_bias, ws)                  # kernel 3: G, dB, dbias
+    if span(dy2d) >= OFFSET_LIMIT:  # a slice of a larger gradient (torch.cat's backward): the switch checked M·N
+        dy2d = dy2d.contiguous()
+    with torch.cuda.device_of(dy):                                                   # launch on dY's GPU
+        ws = workspace(M, N, K if need_A else 0, lora_A.shape[0], dy.device)         # one zero fill
+        g, d_b, d_bias = dsdb(dy2d, lora_B, s, scaling, need_bias, ws)              # kernel 3: G, dB, dbias
+        d_x = dA = None
+        if need_x:  # kernel 2 again: dX = dY·W + mask ⊙ (scaling·G·A)
+            d_x = _gemm(_use_tma(tma, dy2d, weight), dy2d, weight, False, g, lora_A, scaling, mask2d, None)
+            d_x = d_x.view(x.shape)
+        if need_A:
+            dA = da(g, x2d, mask2d, lora_A.shape[0], scaling, lora_A.dtype, ws)      # kernel 4
     empty = lambda: dy.new_empty(0)  # noqa: E731  (a fresh tensor each: outputs may not alias each other)
-    d_x = dA = None
-    if need_x:  # kernel 2 again: dX = dY·W + mask ⊙ (scaling·G·A)
-        d_x = _gemm(_use_tma(tma, dy2d, weight), dy2d, weight, False, g, lora_A, scaling, mask2d, None).view(x.shape)
-    if need_A:
-        dA = da(g, x2d, mask2d, lora_A.shape[0], scaling, lora_A.dtype, ws)          # kernel 4
     return (d_x if need_x else empty(), dA if need_A else empty(), d_b if need_B else empty(),
             d_bias if need_bias else empty())
 
@@ -790,7 +812,6 @@ def _(dy, x, weight, lora_A, lora_B, s, scaling, dropout_mask, tma, need_x, need
 def _save(ctx, x, weight, lora_A, lora_B, s, scaling, dropout_mask, tma) -> None:
     ctx.save_for_backward(x, weight, lora_A, lora_B, s, dropout_mask)
     ctx.scaling, ctx.tma = scaling, tma
-    ctx.mark_non_differentiable(s)  # S is the backward's, never the caller's
 
 
 def _grads(ctx, dy, backward) -> tuple:
@@ -806,6 +827,7 @@ def _grads(ctx, dy, backward) -> tuple:
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, dropout_mask, tma = inputs
     _save(ctx, x, weight, lora_A, lora_B, output[1], scaling, dropout_mask, tma)
+    ctx.mark_non_differentiable(output[1])  # the op returns S for its backward, never for the caller's graph
 
 
 lora_linear_op.register_autograd(lambda ctx, dy, _ds: _grads(ctx, dy, torch.ops.minipeft.lora_linear_triton_backward),

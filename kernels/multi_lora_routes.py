@@ -29,7 +29,8 @@ every layer's copies at once (GPT-2 small, 64 sequences, r = 16: 302 MB), and so
 keeps (n+2 slots a layer).
 
 CUDA graphs: a captured call reads the stack the warm-up made. Warm up before capturing (the stack is made on a
-first call, with a host→device copy a capture cannot hold), and capture again after changing the adapters.
+first call, with a host→device copy a capture cannot hold), and capture again after changing the adapters. A
+packing of inference tensors (made under torch.inference_mode) keeps no stack, so it cannot be captured.
 
 What "auto" runs for CUDA tensors (``choose_route``; benchmarks/RESULTS.md, "Many adapters in one batch"):
 
@@ -56,6 +57,7 @@ import torch
 import torch.utils.weak
 
 from .reference import PackedAdapters
+from .versions import version
 
 __all__ = ["DTYPES", "GATHER_MAX_BYTES", "AdapterStack", "GatheredAdapters", "choose_route",
            "stack_adapters", "gather_adapters", "multi_lora_linear_gathered", "clear_cache"]
@@ -153,16 +155,19 @@ def multi_lora_linear_gathered(
 # --------------------------------------------------------------------------------------------------------
 # The stack, kept per packing: a server (or PeftModel, between calls without autograd) reuses one packing for
 # many batches, and the stack is what each batch gathers from. Weak keys: an entry goes with its packed tensors;
-# versions catch an in-place change.
+# versions catch an in-place change. A packing of inference tensors (made under torch.inference_mode) has no
+# versions (kernels/versions.py): its stack is made on every call and never kept, so a capture cannot hold it.
 # --------------------------------------------------------------------------------------------------------
 class _Entry(NamedTuple):
     b_ref: torch.utils.weak.WeakIdRef  # the b_cat the stack was made from
-    state: tuple                       # (a_cat._version, b_cat._version, ranks, scalings)
+    state: tuple                       # (a_cat's version, b_cat's version, ranks, scalings)
     stack: AdapterStack
 
 
 _STACKS: torch.utils.weak.WeakIdKeyDictionary = torch.utils.weak.WeakIdKeyDictionary()  # a_cat → _Entry
-_HELD_BY_GRAPHS: list[AdapterStack] = []  # stacks a captured CUDA graph reads: a graph keeps addresses, not references
+# Stacks a captured CUDA graph reads, by id (each held once, however many captures read it): a graph keeps addresses,
+# not references, so these are never freed.
+_HELD_BY_GRAPHS: dict[int, AdapterStack] = {}
 
 
 def clear_cache() -> None:
@@ -170,25 +175,29 @@ def clear_cache() -> None:
     _STACKS.clear()
 
 
-def _version(t: torch.Tensor) -> int:
-    """t's version counter; -1 for a tensor made under torch.inference_mode, which keeps none (and which no code
-    outside that mode can change in place)."""
-    return -1 if t.is_inference() else t._version
+def _capturing(t: torch.Tensor) -> bool:
+    """True while a CUDA graph is being captured and t is a CUDA tensor."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _stack(adapters: PackedAdapters) -> AdapterStack:
     a_cat, b_cat = adapters.a_cat, adapters.b_cat
-    state = (_version(a_cat), _version(b_cat), adapters.ranks, adapters.scalings)
-    entry = _STACKS.get(a_cat)
-    capturing = a_cat.is_cuda and torch.cuda.is_current_stream_capturing()
+    state = (version(a_cat), version(b_cat), adapters.ranks, adapters.scalings)
+    keep = None not in state[:2]  # inference tensors: no versions, so nothing kept (see above)
+    entry = _STACKS.get(a_cat) if keep else None
+    capturing = _capturing(a_cat)
     if entry is None or entry.state != state or entry.b_ref() is not b_cat:
         if capturing:
-            raise RuntimeError("the gathered route makes its stack of adapters on a first call, which a CUDA graph "
-                               "capture cannot hold (a host→device copy): run the call once before capturing, "
-                               "and capture again after changing the adapters")
+            why = ("packed from inference tensors (made under torch.inference_mode), whose in-place changes cannot be "
+                   "seen, so it is made on every call: pack under torch.no_grad instead" if not keep else
+                   "made on a first call: run the call once before capturing, and capture again after changing "
+                   "the adapters")
+            raise RuntimeError(f"the gathered route's stack of adapters needs a host→device copy, which a CUDA graph "
+                               f"capture cannot hold; this one is {why}")
         with torch.no_grad():
             entry = _Entry(torch.utils.weak.WeakIdRef(b_cat), state, stack_adapters(adapters))
-        _STACKS[a_cat] = entry
+        if keep:
+            _STACKS[a_cat] = entry
     elif capturing:
-        _HELD_BY_GRAPHS.append(entry.stack)  # never freed: the graph gathers from it at every replay
+        _HELD_BY_GRAPHS[id(entry.stack)] = entry.stack  # never freed: the graph gathers from it at every replay
     return entry.stack

@@ -519,8 +519,9 @@ class _MultiLoraTriton(torch.autograd.Function):
         N, K = weight.shape
         x2d = x.reshape(math.prod(x.shape[:-1]), K)                       # (M, K), a view when strides allow
         y2d = F.linear(x2d, weight, bias)                                 # (M, N) the base, every row: cuBLAS
-        s = segment_shrink(x2d, a_cat, groups, table, apply_scale=False)  # (M, max r) S = x·A_iᵀ, sorted
-        segment_expand(y2d, s, b_cat.t(), groups, table, apply_scale=True)  # y += s_i·S·B_iᵀ, in place
+        with torch.cuda.device_of(x):  # launch on x's GPU (Triton launches on the current one)
+            s = segment_shrink(x2d, a_cat, groups, table, apply_scale=False)  # (M, max r) S = x·A_iᵀ, sorted
+            segment_expand(y2d, s, b_cat.t(), groups, table, apply_scale=True)  # y += s_i·S·B_iᵀ, in place
         segs, tiles = groups
         ctx.save_for_backward(x, weight, a_cat, b_cat, s, segs.order, segs.start, tiles.segment, tiles.first)
         ctx.table = table
@@ -535,17 +536,18 @@ class _MultiLoraTriton(torch.autograd.Function):
         M = s.shape[0]
         dy2d = dy.reshape(M, N)                                           # (M, N)
         d_x = d_a = d_b = d_bias = None
-        if need_x or need_a:
-            ds = segment_shrink(dy2d, b_cat.t(), groups, table, apply_scale=True)   # (M, max r) s_i·dY·B_i
-        if need_x:
-            d_x = torch.mm(dy2d, weight)                                  # (M, K) dY·W: cuBLAS
-            segment_expand(d_x, ds, a_cat, groups, table, apply_scale=False)  # dX += dS·A_i, in place
-            d_x = d_x.view(x.shape)
-        if need_a:
-            d_a = segment_reduce(x.reshape(M, K), ds, groups.segments, table, apply_scale=False,
-                                 rank_major=True).t()                     # (Σr, K)
-        if need_b:
-            d_b = segment_reduce(dy2d, s, groups.segments, table, apply_scale=True)  # (N, Σr)
+        with torch.cuda.device_of(dy):  # launch on dY's GPU
+            if need_x or need_a:
+                ds = segment_shrink(dy2d, b_cat.t(), groups, table, apply_scale=True)   # (M, max r) s_i·dY·B_i
+            if need_x:
+                d_x = torch.mm(dy2d, weight)                              # (M, K) dY·W: cuBLAS
+                segment_expand(d_x, ds, a_cat, groups, table, apply_scale=False)  # dX += dS·A_i, in place
+                d_x = d_x.view(x.shape)
+            if need_a:
+                d_a = segment_reduce(x.reshape(M, K), ds, groups.segments, table, apply_scale=False,
+                                     rank_major=True).t()                 # (Σr, K)
+            if need_b:
+                d_b = segment_reduce(dy2d, s, groups.segments, table, apply_scale=True)  # (N, Σr)
         if need_bias:
             d_bias = dy2d.sum(0)                                          # (N,)
         return d_x, None, d_bias, d_a, d_b, None, None, None, None       # never a gradient for the weight
@@ -578,11 +580,12 @@ def multi_lora_linear_packed(
     N, K = weight.shape
     x2d = x.reshape(math.prod(x.shape[:-1]), K)                           # (M, K)
     y2d = F.linear(x2d, weight, bias)                                     # (M, N) the base: cuBLAS
-    if x2d.shape[0] <= FUSED_MAX_ROWS:
-        segment_shrink_expand(y2d, x2d, adapters.a_cat, adapters.b_cat, groups, table)
-    else:
-        s = segment_shrink(x2d, adapters.a_cat, groups, table, apply_scale=False)
-        segment_expand(y2d, s, adapters.b_cat.t(), groups, table, apply_scale=True)
+    with torch.cuda.device_of(x):  # launch on x's GPU (Triton launches on the current one)
+        if x2d.shape[0] <= FUSED_MAX_ROWS:
+            segment_shrink_expand(y2d, x2d, adapters.a_cat, adapters.b_cat, groups, table)
+        else:
+            s = segment_shrink(x2d, adapters.a_cat, groups, table, apply_scale=False)
+            segment_expand(y2d, s, adapters.b_cat.t(), groups, table, apply_scale=True)
     return y2d.view(*x.shape[:-1], N)                                     # (..., N)
 
 

@@ -32,9 +32,10 @@ Two ways to make a tile of Ŵ, chosen per launch:
   byte and on a block): a tile of whole rows loads its bytes once, splits each into its two nibbles and
   interleaves them back into order (``tl.join``), and loads one absmax per row and block — a (rows, cols)
   tile reads rows·cols/2 bytes and rows·max(1, cols/blocksize) statistics;
-- per weight (``_nf4_tile``), for every other shape (an odd in_features: a byte then straddles two rows):
-  each weight loads its own byte and its block's statistics, which L1 serves to its neighbours. Correct
-  for every shape; about 10× slower than the packed path on an H200.
+- per weight (``_nf4_tile``), for every other shape (in_features not a multiple of the blocksize: a row then
+  starts inside a block, and for an odd in_features a byte straddles two rows): each weight loads its own byte
+  and its block's statistics, which L1 serves to its neighbours. Correct for every shape; about 10× slower than
+  the packed path on an H200.
 
 The forward has a kernel of its own, ``_nf4_forward_kernel``, wherever whole rows of Ŵ start on a 32-bit word
 (in_features a multiple of the blocksize, the codes 4-byte aligned): the GEMM above with Ŵ's rows on the MMA's M
@@ -47,6 +48,10 @@ CUDA cores, 2.6× faster than this GEMM for one row on an H200.
 
 Registered as ``minipeft::nf4_lora_linear_triton`` (forward) and ``minipeft::nf4_lora_linear_triton_backward``,
 with an autograd.Function twin for eager mode, as kernels/lora_triton.py does and for the same reasons.
+What the kernels take, the switch (``kernels.nf4_lora_linear``) checks or makes so: a state of flat, contiguous
+tensors (they index codes[i // 2] and absmax[i // blocksize]); a blocksize that is a power of two from 32 to 4096
+(whole blocks per tile: kernels/limits.py); 32-bit offsets, so fewer than 2**31 weights (i = o·in + c) and every
+tensor spanning fewer than 2**31 elements.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ import triton
 import triton.language as tl
 
 from . import lora_triton
+from .limits import OFFSET_LIMIT, span
 from .lora_triton import (
     _GEMM_KEY,
     _autotune,
@@ -575,11 +581,12 @@ def _forward(x, state, bias, lora_A, lora_B, scaling, dropout_mask, sizes):
     M = math.prod(x.shape[:-1])
     x2d = x.reshape(M, in_features)                                                  # (M, in)
     mask2d = None if dropout_mask is None else dropout_mask.reshape(M, in_features)
-    if forward_fits(in_features, sizes[2], state[0]):  # whole rows of Ŵ on words and blocks
-        y2d, s = nf4_forward(x2d, state, *sizes, lora_A, lora_B, scaling, mask2d, bias)  # (M, out), (M, r)
-    else:
-        s = shrink(x2d, mask2d, lora_A)                                              # (M, r)
-        y2d = nf4_gemm(x2d, state, *sizes, False, s, lora_B.t(), scaling, None, bias)
+    with torch.cuda.device_of(x):                                                    # launch on x's GPU
+        if forward_fits(in_features, sizes[2], state[0]):  # whole rows of Ŵ on words and blocks
+            y2d, s = nf4_forward(x2d, state, *sizes, lora_A, lora_B, scaling, mask2d, bias)  # (M, out), (M, r)
+        else:
+            s = shrink(x2d, mask2d, lora_A)                                          # (M, r)
+            y2d = nf4_gemm(x2d, state, *sizes, False, s, lora_B.t(), scaling, None, bias)
     return y2d.view(*x.shape[:-1], out_features), s
 
 
@@ -591,11 +598,15 @@ def _backward_kernels(dy, x, state, lora_A, lora_B, s, scaling, dropout_mask, si
     x2d = x.reshape(M, in_features)
     mask2d = None if dropout_mask is None else dropout_mask.reshape(M, in_features)
     dy2d = dy.reshape(M, out_features)                                               # (M, out)
-    ws = workspace(M, out_features, in_features if need_A else 0, lora_A.shape[0], dy.device)  # one zero fill
-    g, d_b, d_bias = dsdb(dy2d, lora_B, s, scaling, need_bias, ws)                   # G, dB, dbias
+    if span(dy2d) >= OFFSET_LIMIT:  # a slice of a larger gradient: the switch checked M·out (kernels/limits.py)
+        dy2d = dy2d.contiguous()
     empty = lambda: dy.new_empty(0)  # noqa: E731  (a fresh tensor each: outputs may not alias each other)
-    d_x = nf4_gemm(dy2d, state, *sizes, True, g, lora_A, scaling, mask2d, None).view(x.shape) if need_x else empty()
-    d_a = da(g, x2d, mask2d, lora_A.shape[0], scaling, lora_A.dtype, ws) if need_A else empty()
+    with torch.cuda.device_of(dy):                                                   # launch on dY's GPU
+        ws = workspace(M, out_features, in_features if need_A else 0, lora_A.shape[0], dy.device)  # one zero fill
+        g, d_b, d_bias = dsdb(dy2d, lora_B, s, scaling, need_bias, ws)               # G, dB, dbias
+        d_x = nf4_gemm(dy2d, state, *sizes, True, g, lora_A, scaling, mask2d, None).view(x.shape) if need_x \
+            else empty()
+        d_a = da(g, x2d, mask2d, lora_A.shape[0], scaling, lora_A.dtype, ws) if need_A else empty()
     return (d_x, d_a, d_b if need_B else empty(), d_bias if need_bias else empty())
 
 
@@ -645,7 +656,6 @@ def _(dy, x, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, 
 def _save(ctx, x, state, lora_A, lora_B, s, scaling, dropout_mask, sizes) -> None:
     ctx.save_for_backward(x, *state, lora_A, lora_B, s, dropout_mask)   # the 4-bit state, never Ŵ
     ctx.scaling, ctx.sizes = scaling, sizes
-    ctx.mark_non_differentiable(s)
 
 
 def _grads(ctx, dy, backward) -> tuple:
@@ -663,6 +673,7 @@ def _grads(ctx, dy, backward) -> tuple:
 def _setup_context(ctx, inputs, output):
     x, *rest = inputs
     _save(ctx, x, tuple(rest[:6]), rest[7], rest[8], output[1], rest[9], rest[10], tuple(rest[11:15]))
+    ctx.mark_non_differentiable(output[1])  # the op returns S for its backward, never for the caller's graph
 
 
 def _backward_from_state(dy, x, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, lora_A, lora_B,

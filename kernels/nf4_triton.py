@@ -127,7 +127,7 @@ def nf4_dequantize_triton(
     # 3. launch: one program per tile of blocks (one interpreted launch at a time: triton_interpreter.py)
     grid = lambda META: (triton.cdiv(n_blocks, META["BLOCKS_PER_PROGRAM"]),)
     dummy = absmax  # unused pointers without double quantization (the branch is compiled out)
-    with interpreter_lock():
+    with interpreter_lock(), torch.cuda.device_of(codes):  # on the codes' GPU (Triton launches on the current one)
         _nf4_dequantize_kernel[grid](
             codes, absmax,
             absmax_scale if double_quant else dummy, absmax_offset if double_quant else dummy,
@@ -145,7 +145,7 @@ def nf4_dequantize_triton(
 # The kernel as a registered custom op. Dynamo (torch.compile) cannot trace into Triton's Python launcher; a
 # custom op is one opaque node in the graph, whose output shape and dtype Dynamo reads from the "fake"
 # implementation below (no kernel runs while tracing). The switch (kernels.nf4_dequantize) and the NF4 linear
-# op (kernels/nf4_linear.py) call it as torch.ops.minipeft.nf4_dequantize_triton.
+# op (kernels/nf4_autograd.py) call it as torch.ops.minipeft.nf4_dequantize_triton.
 # --------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("minipeft::nf4_dequantize_triton", mutates_args=())
 def nf4_dequantize_op(

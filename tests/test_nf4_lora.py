@@ -172,6 +172,35 @@ def test_a_byte_straddling_two_rows():
     _compare(q, t, dy, torch.float32)
 
 
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """t's values as every other element of a buffer twice its size: a flat view with stride 2."""
+    buf = torch.zeros(2 * t.numel(), dtype=t.dtype, device=t.device)
+    buf[::2] = t.reshape(-1)
+    return buf[::2].view(t.shape)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_a_strided_state_reads_as_its_values_on_every_entry(double_quant):
+    """The kernels index the state as flat arrays; a strided view (codes[::2] of a larger buffer) is made
+    contiguous at the boundary, so nf4_lora_linear, nf4_linear and nf4_dequantize agree with the reference on
+    "triton" as on "reference" (before: nf4_lora_linear read the buffer's gaps, nf4_linear raised)."""
+    q, t, dy = _layer(12, 64, 2, 32, double_quant, torch.float32, seed=6, lead=(3,))
+    absmax_field = "absmax_codes" if double_quant else "absmax"
+    sq = dataclasses.replace(q, codes=_strided(q.codes), **{absmax_field: _strided(getattr(q, absmax_field))})
+    assert not sq.codes.is_contiguous()
+    y_ref, grads_ref = _run(q, t, dy, "reference", dtype=torch.float64)
+    for backend in ("triton", "reference"):
+        y, grads = _run(sq, t, dy, backend)
+        _check(y, y_ref, torch.float32)
+        for name in LEAVES:
+            _check(grads[name], grads_ref[name], torch.float32)
+        base = kernels.nf4_linear(t["x"], *kernel_arguments(sq), t["bias"], 12, 64, 32, q.dq_blocksize, backend=backend)
+        want = kernels.nf4_linear(t["x"], *kernel_arguments(q), t["bias"], 12, 64, 32, q.dq_blocksize,
+                                  backend="reference")
+        _check(base, want.double(), torch.float32)
+        assert torch.equal(dequantize_nf4(sq, backend=backend), dequantize_nf4(q, backend="reference"))
+
+
 def test_backward_saves_the_codes_not_the_dense_weight():
     """What the fused op keeps for backward: x, the 4-bit state, A, B, S and the mask; nothing the size of Ŵ."""
     q, t, dy = _layer(64, 96, 4, 64, True, torch.float32, seed=0, lead=(3,), mask=False)

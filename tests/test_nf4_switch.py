@@ -288,6 +288,10 @@ def test_triton_refusals_say_why():
     (lambda a: {**a, "bias": a["bias"].double()}, TypeError, "bias has dtype torch.float64"),
     (lambda a: {**a, "bias": a["bias"][:-1]}, ValueError, "bias must have shape \\(4,\\)"),
     (lambda a: {**a, "blocksize": 0}, ValueError, "blocksize must be a positive int"),
+    # the kernels tile whole blocks (tl.arange(0, blocksize // 2)): 4 and 96 gave wrong results on "triton"
+    (lambda a: {**a, "blocksize": 4, "absmax": a["absmax"].repeat(16)}, ValueError, "power of two from 32 to 4096"),
+    (lambda a: {**a, "blocksize": 96}, ValueError, "power of two from 32 to 4096.*got int 96"),
+    (lambda a: {**a, "blocksize": 8192}, ValueError, "power of two from 32 to 4096"),
     (lambda a: {**a, "nf4_values": None}, TypeError, "nf4_values must be a torch.Tensor"),
 ])  # fmt: skip
 def test_bad_arguments_are_named(change, error, words):
