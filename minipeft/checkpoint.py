@@ -88,6 +88,14 @@ def remove_orphan_temporaries(directory: str | Path, names: Iterable[str]) -> li
     return removed
 
 
+def _umask() -> int:
+    """The process's umask. There is no getter, so it is set and put straight back (a thread that creates a
+    file in between would get 0o022)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> WrittenFile:
     """Call write(tmp_path), then move tmp_path over `path` in one step; return the name, sha256 and size of
     the bytes written. Temporary files that killed earlier writes of `path` left are removed first."""
@@ -96,6 +104,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> WrittenFile:
     remove_orphan_temporaries(path.parent, [path.name])
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=_TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); the file gets a new file's usual mode
     try:
         write(tmp)
         # Hash the temporary file, in the one read that goes with its fsync, *before* the rename: os.replace

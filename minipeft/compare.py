@@ -19,6 +19,12 @@ The methods and their learning rates (each the best of a small sweep) are the re
 minipeft/methods.py; how latency and memory are measured (one statistic: the median after a warm-up) is in
 minipeft/measure.py.
 
+A score from one fine-tuning run is one draw: the adapter's random init and the order of the batches move it.
+`--train-seeds N` trains every method N times, with training seeds seed, seed+1, …, seed+N−1 (the base, the
+task's data and the baselines stay those of `--seed`), and keeps each run's metric in `metric_runs`; `metric`
+is their mean, and the table prints it ± the half-width of its 95% t-interval (minipeft/stats.py). The other
+columns (speed, memory, latency, file size) are the first run's.
+
 The default task is `facts` because it asks what the overview's table is about: adapting a model without
 losing what it knows. Its answers come from pretraining (test people never appear in fine-tuning), so a
 method that overwrites the base forgets them. `--task sentiment` runs the classification task instead.
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -45,12 +52,14 @@ from minipeft.evaluate import evaluate
 from minipeft.measure import dir_bytes, generation_ms_per_token, peak_memory_mb, reset_peak_memory
 from minipeft.methods import LORA_METHODS, METHODS
 from minipeft.pretrain import load_base
+from minipeft.stats import fmt_interval, interval
 from minipeft.tokenizer import ByteTokenizer
 from minipeft.train import TrainConfig, resolve_device, train
 
 BASELINES = ("zero-shot", "discrete-prompt")
 COLUMNS = ["method", "trainable", "trainable_pct", "file_bytes", "full_checkpoint_bytes", "train_tokens_per_s",
-           "train_peak_mb", "ms_per_token", "ms_per_token_merged", "metric", "metric_name", "chance"]
+           "train_peak_mb", "ms_per_token", "ms_per_token_merged", "metric", "metric_half_width", "metric_name",
+           "chance"]
 
 
 # ------------------------------------------------------------------------------------------ one method
@@ -63,8 +72,11 @@ def latency_ms_per_token(model, prompt_ids: list[int], device, new_tokens: int =
 
 
 def run_method(key: str, args: argparse.Namespace) -> dict:
-    """Fine-tune one method (or score one baseline) and measure it; meant to run in a fresh process."""
+    """Fine-tune one method (or score one baseline) and measure it; meant to run in a fresh process. The base
+    and the task come from `args.seed`, the adapter's init and the batches from `args.train_seed`."""
     device = resolve_device(args.device)
+    train_seed = getattr(args, "train_seed", None)
+    train_seed = args.seed if train_seed is None else train_seed
     kernels.set_backend("auto" if device.type == "cuda" else "reference")
     torch.manual_seed(args.seed)
     tok, task = ByteTokenizer(), load_task(args.task, seed=args.seed)
@@ -85,12 +97,12 @@ def run_method(key: str, args: argparse.Namespace) -> dict:
 
     method = METHODS[key]
     mem_before = reset_peak_memory(device)
-    torch.manual_seed(args.seed)  # the adapter's init depends on the seed alone, not on what loading the base drew
+    torch.manual_seed(train_seed)  # the adapter's init depends on the seed alone, not on what loading the base drew
     model = method.build(base, task, tok).to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     T = base.config.block_size
     cfg = TrainConfig(steps=args.steps, lr=method.lr, batch_size=16, warmup_steps=max(1, min(10, args.steps // 10)),
-                      seed=args.seed)
+                      seed=train_seed)
     result = train(model, lambda g: task_batch(task, tok, cfg.batch_size, T, g), cfg, loss_fn=task_loss(task, tok),
                    desc=f"{key:>9}")
     peak = peak_memory_mb(device) - mem_before
@@ -124,12 +136,17 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _fmt_metric(row: dict) -> str:
+    """The metric, ± the half-width of its 95% t-interval over training seeds when there are several."""
+    return fmt_interval(row["metric_runs"]) if len(row["metric_runs"]) > 1 else f"{row['metric']:.3f}"
+
+
 def format_table(rows: list[dict]) -> str:
     header = ["method", "trainable", "% base", "file", "train tok/s", "train MB", "ms/tok", "ms/tok merged",
               "metric"]
     lines = [[r["method"], f"{r['trainable']:,}", f"{r['trainable_pct']:.3f}%", _fmt_bytes(r["file_bytes"]),
               _fmt(r["train_tokens_per_s"], ",.0f"), _fmt(r["train_peak_mb"], ".0f"), _fmt(r["ms_per_token"], ".2f"),
-              _fmt(r["ms_per_token_merged"], ".2f"), f"{r['metric']:.3f}"] for r in rows]
+              _fmt(r["ms_per_token_merged"], ".2f"), _fmt_metric(r)] for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
 
     def join(cells: list[str]) -> str:  # the method name left-aligned, numbers right-aligned
@@ -235,23 +252,42 @@ def compare(args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         save_model(base, tmp)
         full_bytes = dir_bytes(tmp)
+    train_seeds = list(range(args.seed, args.seed + args.train_seeds))
+    runs: dict[str, list[dict]] = {}
+    # seed by seed, every method within a seed: a run cut short still has whole seeds
+    for i, train_seed in enumerate(train_seeds):
+        for key in [*BASELINES, *methods] if i == 0 else methods:  # the baselines train nothing: once
+            runs.setdefault(key, []).append(_run_worker(key, train_seed, args, device, out))
     rows = []
-    for key in [*BASELINES, *methods]:
-        row_file = out / "rows" / f"{key}.json"
-        cmd = [sys.executable, "-m", "minipeft.compare", "--worker", key, "--task", args.task, "--steps",
-               str(args.steps), "--seed", str(args.seed), "--device", str(device.type), "--preset", args.preset,
-               "--out", str(out)] + (["--quick"] if args.quick else [])
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr (the progress bars) passes through
-        if proc.returncode != 0 or not row_file.is_file():
-            raise RuntimeError(f"method {key!r} failed (exit code {proc.returncode}); see the output above")
-        row = json.loads(row_file.read_text())
+    for key, done in runs.items():
+        row = dict(done[0])
+        row["metric_runs"] = [r["metric"] for r in done]
+        row["metric"], half_width = interval(row["metric_runs"])
+        row["metric_half_width"] = None if math.isnan(half_width) else half_width
+        row["train_seeds"] = train_seeds[:len(done)] if key not in BASELINES else []
+        if "final_loss" in row:
+            row["final_loss_runs"] = [r["final_loss"] for r in done]
         row["full_checkpoint_bytes"] = full_bytes
         rows.append(row)
-    meta = {"task": args.task, "steps": args.steps, "seed": args.seed, "device": _device_name(device),
+    meta = {"task": args.task, "steps": args.steps, "seed": args.seed, "train_seeds": train_seeds,
+            "device": _device_name(device),
             "preset": args.preset, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "base_parameters": base.num_parameters(), "learning_rates": {k: METHODS[k].lr for k in methods}}
     write_outputs(rows, meta, out)
     return rows
+
+
+def _run_worker(key: str, train_seed: int, args: argparse.Namespace, device: torch.device, out: Path) -> dict:
+    """One method (or baseline) trained and measured in a fresh process; its row."""
+    row_file = out / "rows" / f"{key}.seed{train_seed}.json"
+    cmd = [sys.executable, "-m", "minipeft.compare", "--worker", key, "--task", args.task, "--steps",
+           str(args.steps), "--seed", str(args.seed), "--train-seed", str(train_seed), "--device", str(device.type),
+           "--preset", args.preset, "--out", str(out)] + (["--quick"] if args.quick else [])
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr (the progress bars) passes through
+    if proc.returncode != 0 or not row_file.is_file():
+        raise RuntimeError(f"method {key!r} (training seed {train_seed}) failed (exit code {proc.returncode}); see "
+                           "the output above")
+    return json.loads(row_file.read_text())
 
 
 def _device_name(device: torch.device) -> str:
@@ -265,7 +301,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ",".join(METHODS))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--steps", type=int, default=150, help="fine-tuning steps per method (batch 16)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the base model's and the task's seed")
+    p.add_argument("--train-seeds", type=int, default=1,
+                   help="train each method this many times (training seeds seed, seed+1, ...): metric ± interval")
     p.add_argument("--out", default="runs/compare", help="where results.json/.csv/.png go")
     p.add_argument("--preset", default="default", choices=["default", "tiny"], help="base model preset")
     p.add_argument("--quick", action="store_true", help="score on 100 test examples and 8-token latencies (for CI)")
@@ -276,6 +314,8 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--task: unknown task {args.task!r}; available: {', '.join(TASKS)}")
     if args.steps <= 0:
         raise ValueError(f"--steps must be a positive integer, got {args.steps}")
+    if args.train_seeds <= 0:
+        raise ValueError(f"--train-seeds must be a positive integer, got {args.train_seeds}")
     parse_methods(args.methods)
     resolve_device(args.device)
 
@@ -284,9 +324,10 @@ def _worker_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="minipeft.compare")
     add_arguments(p)
     p.add_argument("--worker", required=True)
+    p.add_argument("--train-seed", type=int, required=True)
     args = p.parse_args(argv)
     row = run_method(args.worker, args)
-    save_json(row, Path(args.out) / "rows" / f"{args.worker}.json")
+    save_json(row, Path(args.out) / "rows" / f"{args.worker}.seed{args.train_seed}.json")
     return 0
 
 

@@ -70,8 +70,10 @@ def evaluate(model, task: Task, tokenizer, split: str = "test", max_examples: in
         raise ValueError(f"split {split!r} of task {task.name!r} is empty")
     was_training = model.training
     model.eval()
-    preds = predict(model, task, tokenizer, examples, prefix, batch_size)
-    model.train(was_training)
+    try:
+        preds = predict(model, task, tokenizer, examples, prefix, batch_size)
+    finally:
+        model.train(was_training)
     return sum(p == ex.answer for p, ex in zip(preds, examples, strict=True)) / len(examples)
 
 
@@ -88,6 +90,19 @@ def evaluate_dataset(model, dataset: JsonlDataset, batch_size: int = 16) -> dict
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     was_training = model.training
     model.eval()
+    try:
+        nll, count, correct = _dataset_sums(model, dataset, batch_size)
+    finally:
+        model.train(was_training)
+    loss = nll / count
+    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}  # exp overflows a float past ~709
+    if dataset.format == "classification":
+        metrics["accuracy"] = correct / count
+    return metrics
+
+
+def _dataset_sums(model, dataset: JsonlDataset, batch_size: int) -> tuple[float, int, int]:
+    """(summed negative log-likelihood, its count, correct answers) over every row of `dataset`."""
     device = next(model.parameters()).device
     choice_ids = torch.tensor(dataset.choice_ids, dtype=torch.long, device=device)
     nll, count, correct = 0.0, 0, 0
@@ -106,9 +121,4 @@ def evaluate_dataset(model, dataset: JsonlDataset, batch_size: int = 16) -> dict
         nll += F.cross_entropy(scores, label, reduction="sum").item()
         correct += int((scores.argmax(dim=1) == label).sum())
         count += idx.shape[0]
-    model.train(was_training)
-    loss = nll / count
-    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}  # exp overflows a float past ~709
-    if dataset.format == "classification":
-        metrics["accuracy"] = correct / count
-    return metrics
+    return nll, count, correct

@@ -93,6 +93,24 @@ def copy_tokenizer_files(source: str | Path, target: str | Path) -> list[str]:
     return copied
 
 
+def save_whole_model(model: GPT, base: str | Path, out: str | Path) -> None:
+    """A whole GPT-2 in `out` that works alone: config.json + model.safetensors (`GPT.save_pretrained`), the
+    base's tokenizer files, and the base's special-token ids (bos/eos/pad, into config.json) and
+    generation_config.json, which GPT does not store: transformers would fall back to GPT-2's 50256, out of
+    range for another vocabulary."""
+    base, out = Path(base), Path(out)
+    model.save_pretrained(out)
+    base_config = json.loads((base / "config.json").read_text())
+    ids = {k: base_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in base_config}
+    if ids:
+        config = json.loads((out / "config.json").read_text())
+        save_json({**config, **ids}, out / "config.json")
+    generation = base / "generation_config.json"
+    if generation.is_file():
+        save_json(json.loads(generation.read_text()), out / "generation_config.json")
+    copy_tokenizer_files(base, out)
+
+
 def _check_run_dir(out: Path, resume: bool) -> None:
     check_output_dir(out, label="out")
     committed = latest_checkpoint(out)
@@ -234,8 +252,7 @@ def _tokenizer_source(base: Path, tokenizer: str | Path | None, tok: Any) -> str
 def _save_result(model: torch.nn.Module, config: Any, out: Path, base: Path, format: str) -> None:
     """An adapter in `format`, or (full fine-tuning) the whole GPT-2 with the base's tokenizer files."""
     if config is None:
-        model.save_pretrained(out)
-        copy_tokenizer_files(base, out)
+        save_whole_model(model, base, out)
         return
     peft_base = str(base.resolve()) if format == "peft" else None
     model.save_adapter(out, "default", format=format, base_model_name_or_path=peft_base)

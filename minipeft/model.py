@@ -480,8 +480,10 @@ class GPT(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         """Write config.json + model.safetensors in transformers' GPT-2 layout (atomically).
 
-        The files load back with `GPT.from_pretrained` and with transformers' `GPT2LMHeadModel`. The tied
-        lm_head is not stored; the Conv1D projections are stored (in, out), as GPT-2 does.
+        The files load back with `GPT.from_pretrained` and with transformers' `GPT2LMHeadModel`. A tied
+        lm_head is not stored (GPT-2's `tie_word_embeddings`); one that no longer shares the embedding's tensor
+        (`merge_and_unload` of a LoRA on lm_head unties it) is stored, with `tie_word_embeddings: false`. The
+        Conv1D projections are stored (in, out), as GPT-2 does.
         """
         if not self.config.bias:
             raise ValueError("save_pretrained writes GPT-2's format, which has biases; this model has bias=False")
@@ -495,9 +497,10 @@ class GPT(nn.Module):
                              f"{extra[:3]}; tensors it lacks: {missing[:3]}): adapters are injected or layers are "
                              "quantized. Save adapters with PeftModel.save_pretrained / save_adapter, or call "
                              "merge_and_unload() / unload() first")
+        tied = self.lm_head.weight is self.transformer.wte.weight
         tensors = {}
         for key, value in self.state_dict().items():
-            if key == "lm_head.weight":
+            if key == "lm_head.weight" and tied:
                 continue
             tensors[key] = value.t() if key.endswith(self._CONV1D) else value
         directory = Path(directory)
@@ -506,15 +509,17 @@ class GPT(nn.Module):
                    "n_ctx": c.block_size, "vocab_size": c.vocab_size, "n_layer": c.n_layer, "n_head": c.n_head,
                    "n_embd": c.n_embd, "layer_norm_epsilon": c.layer_norm_epsilon,
                    "activation_function": "gelu_new", "resid_pdrop": c.dropout, "embd_pdrop": c.dropout,
-                   "attn_pdrop": c.dropout, "tie_word_embeddings": True}, directory / "config.json")
+                   "attn_pdrop": c.dropout, "tie_word_embeddings": tied}, directory / "config.json")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> GPT:
         """Load a local GPT-2 directory written by transformers' `GPT2LMHeadModel.save_pretrained`.
 
-        Reads config.json and model.safetensors (or a sharded safetensors index); never a pickle. GPT-2
-        stores its projections as Conv1D with weight (in, out), so those four are transposed into
-        nn.Linear's (out, in); every shape is checked before copying.
+        Reads config.json and model.safetensors (or, for a sharded checkpoint, the files that
+        model.safetensors.index.json lists); never a pickle. GPT-2 stores its projections as Conv1D with weight
+        (in, out), so those four are transposed into nn.Linear's (out, in); every shape is checked before
+        copying. With `tie_word_embeddings: false` the checkpoint's own lm_head.weight is loaded into an untied
+        head; otherwise the head is the token embedding.
         """
         directory = Path(directory)
         if not directory.is_dir():
@@ -545,21 +550,21 @@ class GPT(nn.Module):
             n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True, dropout=float(hf.get("resid_pdrop", 0.0)),
             layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
         )
-        files = sorted(directory.glob("*.safetensors"))
-        if not files:
-            raise ValueError(
-                f"from_pretrained found no *.safetensors in {str(directory)!r}; minipeft never unpickles "
-                f"pytorch_model.bin (save with safe_serialization=True)"
-            )
+        tied = hf.get("tie_word_embeddings", True)
+        if not isinstance(tied, bool):
+            raise ValueError(f"from_pretrained: tie_word_embeddings must be true or false, got {tied!r} in "
+                             f"{config_path}")
         sd_hf: dict[str, torch.Tensor] = {}
-        for f in files:
+        for f in _safetensors_files(directory):
             sd_hf.update(load_file(str(f)))
         sd_hf = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v for k, v in sd_hf.items()}
 
         model = cls(config)
+        if not tied:  # a head of its own, filled from the checkpoint below
+            model.lm_head.weight = nn.Parameter(torch.empty_like(model.transformer.wte.weight))
         sd = model.state_dict()
         for key, target in sd.items():
-            if key == "lm_head.weight":
+            if key == "lm_head.weight" and tied:
                 continue  # tied to transformer.wte.weight
             if key not in sd_hf:
                 raise ValueError(f"from_pretrained: checkpoint in {str(directory)!r} is missing tensor {key!r}")
@@ -572,6 +577,27 @@ class GPT(nn.Module):
             with torch.no_grad():
                 target.copy_(src)
         return model
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    """The weight files of a checkpoint directory: those a sharded checkpoint's index lists, else
+    model.safetensors. Other *.safetensors files beside them (an older save's shards) are never read."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"from_pretrained: {index} has no weight_map")
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ValueError(f"from_pretrained: {index} lists files that are not in {str(directory)!r}: {missing}")
+        return files
+    single = directory / "model.safetensors"
+    if not single.is_file():
+        raise ValueError(f"from_pretrained found neither model.safetensors nor model.safetensors.index.json in "
+                         f"{str(directory)!r}; minipeft never unpickles pytorch_model.bin (save with "
+                         "safe_serialization=True)")
+    return [single]
 
 
 def _may_read_values(t: torch.Tensor) -> bool:
@@ -598,8 +624,10 @@ def _check_generate_args(max_new_tokens, do_sample, temperature, top_k, eos_toke
         raise TypeError(f"top_k must be a positive int or None, got {type(top_k).__name__} {top_k!r}")
     if top_k is not None and top_k <= 0:
         raise ValueError(f"top_k must be a positive int or None, got {top_k}")
-    if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)
-                                     or not 0 <= eos_token_id < vocab_size):
+    if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)):
+        raise TypeError(f"eos_token_id must be None or an int token id, got {type(eos_token_id).__name__} "
+                        f"{eos_token_id!r}")
+    if eos_token_id is not None and not 0 <= eos_token_id < vocab_size:
         raise ValueError(f"eos_token_id must be None or a token id in 0 … {vocab_size - 1}, got {eos_token_id!r}")
 
 

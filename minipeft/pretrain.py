@@ -79,7 +79,9 @@ def load_base(preset: str = "default", seed: int = 0, device: str = "cpu", train
     """The cached base model, pretraining (and caching) it first if there is none."""
     _check_preset(preset)
     directory = base_dir(preset, seed)
-    if not (directory / "model.safetensors").is_file():
+    # pretrain.json is the cache's last file (pretrain_and_cache writes it after the model): a save that was
+    # killed before it leaves a cache that is made again, not one that fails to load
+    if not (directory / "pretrain.json").is_file():
         if not train_if_missing:
             raise ValueError(f"no cached base model at {directory}; run `minipeft pretrain --preset {preset}`")
         pretrain_and_cache(preset, seed, device="auto", progress=progress)

@@ -3,11 +3,11 @@
 AdamW updates only the parameters that require gradients (for a PEFT model, the adapter), with a linear
 warmup then a cosine decay of the learning rate,
 
-    lr(t) = lr · t / warmup                                             for t < warmup
+    lr(t) = lr · (t + 1) / warmup                                       for t < warmup (t counts from 0)
     lr(t) = lr · (m + (1 − m) · ½(1 + cos(π · (t − warmup) / (T − warmup))))   afterwards, m = min_lr_ratio
 
-and the global gradient norm clipped to `grad_clip`. On CUDA the forward runs under bf16 autocast. Under
-`torchrun` (torch.distributed initialised) the model is wrapped in DistributedDataParallel, which
+and the global gradient norm clipped to `grad_clip` (0: not clipped). On CUDA the forward runs under bf16
+autocast. Under `torchrun` (torch.distributed initialised) the model is wrapped in DistributedDataParallel, which
 all-reduces only the gradients of parameters that require them, so a frozen base is never synchronised;
 a model already sharded with FSDP2 (minipeft.finetune) is trained as it is.
 
@@ -56,7 +56,7 @@ class TrainConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # the largest global gradient norm; 0 turns clipping off
     eval_every: int = 0  # 0: evaluate once, at the end (when an eval_fn is given)
     seed: int = 0
     # torch.compile the model's forward and loss (the backward follows through AOTAutograd). None: on when the
@@ -64,8 +64,9 @@ class TrainConfig:
     compile: bool | None = None
     compile_backend: str = "inductor"  # torch.compile's backend; tests use "aot_eager" (no C++ compiler needed)
     # Inductor's mode. "reduce-overhead" replays the forward and backward as CUDA graphs, so the host leaves
-    # the loop: on the H200 a GPT-2-small LoRA step ran 3.0× faster than eager, and 3.0× faster than compiled
-    # without graphs, which stays host-bound on the Triton op's Python launch (benchmarks/RESULTS.md). Batches
+    # the loop: on the H200 a GPT-2-small LoRA step ran 3.08× faster than eager, and about as much faster than
+    # compiled without graphs (1.01× eager), which stays host-bound on the Triton op's Python launch
+    # (benchmarks/RESULTS.md, "End to end", 2026-12-02). Batches
     # are then padded to a multiple of `pad_multiple` tokens, so a few shapes are recorded, not one per batch.
     compile_mode: str | None = "reduce-overhead"
     pad_multiple: int = 64
@@ -91,8 +92,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.grad_accum must be > 0, got {self.grad_accum!r}")
         if self.lr <= 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
-        if self.warmup_steps < 0 or self.eval_every < 0 or self.weight_decay < 0 or self.grad_clip <= 0:
-            raise ValueError(f"TrainConfig.warmup_steps, eval_every and weight_decay must be >= 0 and grad_clip > 0, "
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(f"TrainConfig.warmup_steps, eval_every, weight_decay and grad_clip must be >= 0, "
                              f"got {self.warmup_steps!r}, {self.eval_every!r}, {self.weight_decay!r}, "
                              f"{self.grad_clip!r}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -246,6 +247,8 @@ def train(
     `save_every` = N > 0, a training checkpoint every N steps in run_dir/checkpoints (minipeft/train_state.py);
     `resume=True` loads the last one (same config, same model and method) and continues from it, with the same
     result as a run that never stopped. Without resume, a run_dir's metrics.jsonl is started afresh.
+
+    The model trains in train mode and is left in eval mode, ready to be evaluated or sampled.
     """
     if getattr(model, "merged_adapters", None):  # a PeftModel's LoRA folded into the base: nothing would learn
         raise ValueError(f"train: adapters {model.merged_adapters} are merged into the base weights; call "
@@ -304,10 +307,12 @@ def train(
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss = 0.0
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: one sync a step
         for micro in range(config.grad_accum):
             batch = get_batch(generator)
-            idx, targets, mask = (t[rank::world].to(device) if t is not None else None for t in batch)  # this rank's
+            idx, targets, mask = (t[rank::world] if t is not None else None for t in batch)  # this rank's rows
+            result.tokens += int(mask.sum()) if mask is not None else idx.numel()  # counted before the copy
+            idx, targets, mask = (t.to(device) if t is not None else None for t in (idx, targets, mask))
             idx, targets, mask = pad_batch(idx, targets, mask, _padded_length(model, idx.shape[1], pad_to))
             last_micro = micro + 1 == config.grad_accum
             with contextlib.nullcontext() if ddp is None or last_micro else ddp.no_sync():  # all-reduce on the last
@@ -317,12 +322,12 @@ def train(
                     else:
                         loss = loss_fn(net, idx, targets, mask)
                 (loss / config.grad_accum if config.grad_accum > 1 else loss).backward()
-            step_loss += loss.item() / config.grad_accum
-            result.tokens += int(mask.sum()) if mask is not None else idx.numel()
+            step_loss += loss.detach().double() / config.grad_accum
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        step_loss = step_loss.item()
         result.losses.append(step_loss)
         tokens_per_second = result.tokens / max(time.perf_counter() - start, 1e-9)
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_per_second:,.0f}")

@@ -142,6 +142,8 @@ CASES = [
         torch.zeros(1, 30, dtype=torch.long)), ValueError, "num_virtual_tokens"),
     ("max_new_tokens float", lambda t: gpt().generate(IDX, max_new_tokens=2.0), TypeError, "max_new_tokens"),
     ("top_k float", lambda t: gpt().generate(IDX, 2, do_sample=True, top_k=2.0), TypeError, "top_k"),
+    ("eos_token_id float", lambda t: gpt().generate(IDX, 2, eos_token_id=3.0), TypeError, "eos_token_id"),
+    ("eos_token_id out of range", lambda t: gpt().generate(IDX, 2, eos_token_id=10**6), ValueError, "eos_token_id"),
     ("temperature nan", lambda t: gpt().generate(IDX, 2, do_sample=True, temperature=math.nan), ValueError,
      "temperature"),
     ("right-padded generate", lambda t: gpt().generate(IDX, 2, attention_mask=torch.tensor([[1] * 4 + [0] * 2] * 2)),
@@ -172,6 +174,8 @@ CASES = [
     ("multi_lora_route index shape", lambda t: kernels.multi_lora_route(torch.randn(3, 2, 4),
                                                                         torch.zeros(2, dtype=torch.long),
                                                                         packed_pair()), ValueError, "adapter_index"),
+    ("int8 threshold 10**400", lambda t: kernels.int8_linear(torch.randn(2, 4), torch.ones(3, 4, dtype=torch.int8),
+                                                             torch.ones(3), None, 10**400), ValueError, "threshold"),
     ("quantize NaN weight", lambda t: quantize_nf4(torch.tensor([1.0, math.nan] * 32)), ValueError, "NaN"),
     ("quantize_model inf", lambda t: quantize_model(
         (lambda m: (m.transformer.h[0].mlp.c_fc.weight.data.fill_(math.inf), m)[1])(gpt())), ValueError, "c_fc"),

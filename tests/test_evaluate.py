@@ -30,3 +30,16 @@ def test_generation_is_capped_by_the_context_left_after_virtual_tokens(tiny_mode
 def test_classification_predicts_one_of_the_choices(tiny_model, tokenizer):
     task = load_task("sentiment")
     assert set(predict(tiny_model, task, tokenizer, task.test[:8])) <= set(task.choices)
+
+
+def test_evaluate_puts_the_mode_back_when_it_fails(tiny_model, tokenizer, monkeypatch):
+    import minipeft.evaluate as ev
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(ev, "predict", broken)
+    tiny_model.train()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        evaluate(tiny_model, load_task("sentiment"), tokenizer, max_examples=2)
+    assert tiny_model.training

@@ -13,8 +13,10 @@ from tolerances import assert_close
 
 from minipeft import kernels
 from minipeft.model import GPT, GPTConfig
+from minipeft.quant import quantize_model
 from minipeft.targets import find_target_modules
-from minipeft.tuners import AdapterConfig, LoraConfig, LoraLinear, PeftModel, get_peft_model
+from minipeft.tuners import AdapterConfig, Average, LoraConfig, LoraLinear, PeftModel, get_peft_model
+from minipeft.tuners.layer import AdapterLayer
 
 CFG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
 
@@ -169,6 +171,11 @@ def test_names_and_aliases():
     (lambda pm: pm.add_weighted_adapter(["default"], [1.0], "default"), "already exists"),
     (lambda pm: pm.add_weighted_adapter(["default"], [1.0, 2.0], "x"), "same length"),
     (lambda pm: pm.add_weighted_adapter(["default"], [1.0], "x", combination_type="svd"), "combination_type"),
+    (lambda pm: pm.add_weighted_adapter(["default"], [float("nan")], "x"), r"weights\[0\] must be finite"),
+    (lambda pm: pm.add_weighted_adapter(["default"], [float("inf")], "x"), r"weights\[0\] must be finite"),
+    (lambda pm: pm.add_weighted_adapter(["default"], [1.0], "x.y"), "without '.'"),
+    (lambda pm: pm.add_weighted_adapter(["default"], [1.0], "__base__"), "reserved"),
+    (lambda pm: pm.add_adapter("__base__", LoraConfig()), "reserved"),
     (lambda pm: pm.add_adapter("bn", AdapterConfig(reduction_factor=64)), "reduction_factor"),
     (lambda pm: get_peft_model(pm, LoraConfig()), "already a PeftModel"),
 ])
@@ -274,6 +281,61 @@ def test_merge_and_unload_refuses_other_methods_and_unload_restores():
     assert torch.equal(plain(idx)[0], ref)
     assert type(plain.transformer.h[0].mlp) is not PeftModel and isinstance(plain.transformer.h[0].attn.c_attn,
                                                                              nn.Linear)
+
+
+def test_add_weighted_adapter_weights_must_be_numbers():
+    pm = get_peft_model(small_gpt(), LoraConfig(r=2, target_modules=["c_attn"]))
+    with pytest.raises(TypeError, match=r"weights\[1\] must be a real number, got str"):
+        pm.add_weighted_adapter(["default", "default"], [1.0, "2"], "x")
+    assert list(pm.peft_config) == ["default"]
+
+
+def test_unload_of_lora_inside_a_houlsby_wrapped_block():
+    """A LoRA layer inside an attention block that a Houlsby adapter wraps: unload unwraps both (inner first)."""
+    m = small_gpt()
+    idx = idx_batch()
+    ref, _ = m(idx)
+    pm = get_peft_model(m, AdapterConfig.load("houlsby", reduction_factor=4))
+    pm.add_adapter("lora", LoraConfig(r=2, target_modules=["c_attn", "c_fc"], init_lora_weights=False))
+    pm.set_adapter(["default", "lora"])
+    plain = pm.unload()
+    assert type(plain) is GPT and not any(isinstance(mod, AdapterLayer) for mod in plain.modules())
+    assert set(dict(plain.named_parameters())) == set(dict(small_gpt().named_parameters()))
+    assert torch.equal(plain(idx)[0], ref)
+
+
+def test_merge_and_unload_refuses_an_average():
+    pm = get_peft_model(small_gpt(), LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
+    pm.add_adapter("b", LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
+    pm.set_adapter(Average("default", "b", weights=[0.5, 0.5]))
+    with pytest.raises(ValueError, match="merge_and_unload with Average"):
+        pm.merge_and_unload()
+    assert isinstance(pm.base_model.transformer.h[0].attn.c_attn, LoraLinear)  # nothing was unloaded
+
+
+def test_merge_adapter_merges_no_layer_when_one_cannot_merge():
+    """An NF4 layer among dense ones: merge_adapter refuses before it changes any weight."""
+    m = quantize_model(small_gpt(), ["c_fc"])
+    pm = get_peft_model(m, LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    before = base_hashes(m)
+    with pytest.raises(ValueError, match=r"cannot merge into transformer\.h\.0\.mlp\.c_fc: merge\(\) needs a dense"):
+        pm.merge_adapter()
+    assert pm.merged_adapters == [] and base_hashes(m) == before
+    assert not any(layer.merged_adapters for layer in m.modules() if isinstance(layer, LoraLinear))
+
+
+def test_merge_and_unload_of_one_adapter_after_merging_two():
+    """merge_and_unload(["a"]) returns W₀ + ΔW_a even when b was merged before: the others are dropped."""
+    torch.manual_seed(0)
+    pm = get_peft_model(small_gpt(), LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    pm.add_adapter("b", LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    idx = idx_batch()
+    pm.set_adapter("default")
+    only_a, _ = pm(idx)
+    pm.set_adapter(["default", "b"])
+    pm.merge_adapter()
+    plain = pm.merge_and_unload(["default"])
+    assert_close(plain(idx)[0], only_a)
 
 
 def test_lm_head_lora_merge_unties_instead_of_changing_the_embedding():

@@ -798,3 +798,72 @@ def test_gpt_save_pretrained_removes_the_temporaries_of_killed_saves(base, tmp_p
         (tmp_path / name).write_bytes(b"half a checkpoint")
     checkpoint.save_model(fresh(base), tmp_path)
     assert sorted(os.listdir(tmp_path)) == [".adapter_config.json.k3j9x_2a.tmp", "config.json", "model.safetensors"]
+
+
+def test_atomic_write_gives_the_mode_a_new_file_gets(tmp_path):
+    """mkstemp makes its file private (0600); the saved file has the umask's usual mode, as open() would give."""
+    old = os.umask(0o027)
+    try:
+        checkpoint.save_json({"a": 1}, tmp_path / "x.json")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o640
+
+
+# ---------------------------------------------------------------------------------------- whole GPT-2 files
+def test_untied_head_is_saved_and_loads_back_in_minipeft_and_transformers(base, tmp_path):
+    """LoRA on lm_head, merged: the head no longer shares the embedding's tensor, so it is written (with
+    tie_word_embeddings false) and both loaders give the merged model's logits."""
+    transformers = pytest.importorskip("transformers")
+    pm = get_peft_model(fresh(base), LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False))
+    idx = torch.randint(0, base.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        adapted, _ = pm(idx)
+    merged = pm.merge_and_unload()
+    assert merged.lm_head.weight is not merged.transformer.wte.weight
+    merged.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is False
+    assert "lm_head.weight" in load_file(str(tmp_path / "model.safetensors"))
+    again = GPT.from_pretrained(tmp_path).eval()
+    assert again.lm_head.weight is not again.transformer.wte.weight
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert_close(again(idx)[0], adapted)
+        assert_close(hf(idx).logits, adapted)
+    fresh(base).save_pretrained(tmp_path / "tied")  # a tied head is still left out, as GPT-2 does
+    assert json.loads((tmp_path / "tied" / "config.json").read_text())["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in load_file(str(tmp_path / "tied" / "model.safetensors"))
+
+
+def test_from_pretrained_reads_a_sharded_index_and_no_stale_file(base, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = fresh(base)
+    model.save_pretrained(tmp_path / "plain")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "plain")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB", safe_serialization=True)
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    stale = {k: torch.full_like(v, 7.0) for k, v in load_file(str(tmp_path / "plain" / "model.safetensors")).items()}
+    save_file(stale, str(tmp_path / "sharded" / "zz-old-shard.safetensors"))  # sorts last: it used to win
+    idx = torch.randint(0, base.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(GPT.from_pretrained(tmp_path / "sharded").eval()(idx)[0], model.eval()(idx)[0])
+    (tmp_path / "sharded" / shards[0]).unlink()
+    with pytest.raises(ValueError, match=f"lists files that are not in.*{shards[0]}"):
+        GPT.from_pretrained(tmp_path / "sharded")
+
+
+def test_save_whole_model_keeps_the_base_special_token_ids(base, tmp_path):
+    from minipeft.finetune_jsonl import save_whole_model
+
+    base_dir = tmp_path / "base"
+    fresh(base).save_pretrained(base_dir)
+    config = json.loads((base_dir / "config.json").read_text())
+    checkpoint.save_json({**config, "bos_token_id": 3, "eos_token_id": 4, "pad_token_id": 5}, base_dir / "config.json")
+    checkpoint.save_json({"eos_token_id": 4}, base_dir / "generation_config.json")
+    (base_dir / "tokenizer.json").write_text("{}")
+    save_whole_model(fresh(base), base_dir, tmp_path / "out")
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (out["bos_token_id"], out["eos_token_id"], out["pad_token_id"]) == (3, 4, 5)
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text()) == {"eos_token_id": 4}
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == "{}"

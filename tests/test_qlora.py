@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from learning import halfway, learn_task
+from tolerances import TOLERANCES, assert_close, rel_error
 
 from minipeft.quant import NF4Linear, quantize_model
 from minipeft.tuners import LoraConfig, LoraLinear, get_peft_model
@@ -14,8 +17,6 @@ LORA = dict(r=8, lora_alpha=16, target_modules="all-linear")
 
 @pytest.mark.slow
 def test_qlora_learns_like_lora_on_the_16_bit_base(pretrained_base, tokenizer):
-    import copy
-
     torch.manual_seed(0)  # LoRA's A is drawn from the global generator: the same A for both, whatever ran before
     lora = get_peft_model(copy.deepcopy(pretrained_base), LoraConfig(**LORA))
     torch.manual_seed(0)
@@ -44,20 +45,44 @@ def test_merge_and_unload_gives_a_dense_16_bit_model(tiny_model):
         merged = pm.merge_and_unload()
         after, _ = merged(idx)
     assert not any(isinstance(m, NF4Linear | LoraLinear) for m in merged.modules())
-    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    assert_close(after, before, "merge")
 
 
 def test_merge_and_requantize_is_4_bit_again_and_reports_its_error(tiny_model):
-    pm = _trained_qlora(tiny_model)
+    pm = _trained_qlora(tiny_model).eval()
     idx = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # the report's three logits, computed here on their own
+        adapted, _ = pm(idx)
+        dense, _ = copy.deepcopy(pm).merge_and_unload()(idx)
     model, report = pm.merge_and_requantize(idx)
     n_nf4 = sum(isinstance(m, NF4Linear) for m in model.modules())
     assert n_nf4 == 4 * tiny_model.config.n_layer and not any(isinstance(m, LoraLinear) for m in model.modules())
-    assert report["dense_max_abs"] < 1e-4  # merging into 16 bits is exact up to rounding
-    assert report["requantized_max_abs"] > 10 * report["dense_max_abs"]  # requantizing is not
     with torch.no_grad():
         requantized, _ = model(idx)
-    assert report["requantized_rel"] > 0 and torch.isfinite(requantized).all()
+    expected = {"dense_max_abs": (dense - adapted).abs().max().item(),
+                "requantized_max_abs": (requantized - adapted).abs().max().item(),
+                "requantized_rel": rel_error(requantized, adapted)}
+    assert report.keys() == expected.keys()
+    for key, value in expected.items():  # the same fp32 logits, their differences taken in another order
+        assert report[key] == pytest.approx(value, rel=TOLERANCES[torch.float32][0]), key
+    assert_close(dense, adapted, "merge")  # merging into 16 bits is exact up to rounding
+    assert expected["requantized_max_abs"] > 10 * TOLERANCES["merge"][1]  # requantizing is not
+
+
+def test_merge_and_requantize_measures_without_dropout_and_keeps_the_mode(tiny_model):
+    """Called in train mode with LoRA dropout: the report is the eval-mode one, not a draw of
+    the dropout masks, and the returned model is in the mode the PeftModel was in."""
+    lora = dict(LORA, lora_dropout=0.5)
+    reports = []
+    for mode in ("train", "eval"):
+        torch.manual_seed(0)  # the same adapter both times
+        pm = get_peft_model(quantize_model(copy.deepcopy(tiny_model)), LoraConfig(**lora, init_lora_weights=False))
+        getattr(pm, mode)()
+        idx = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+        plain, report = pm.merge_and_requantize(idx)
+        assert plain.training == (mode == "train")
+        reports.append(report)
+    assert reports[0] == reports[1]
 
 
 def test_merge_and_requantize_needs_a_quantized_base(tiny_model):

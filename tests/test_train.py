@@ -155,7 +155,32 @@ def test_fully_frozen_model_is_a_clear_error():
         train(model, sentiment_batches(), TrainConfig(steps=1), progress=False)
 
 
-@pytest.mark.parametrize("bad", [dict(steps=0), dict(lr=0.0), dict(batch_size=0)])
+def test_grad_clip_zero_turns_clipping_off(monkeypatch):
+    clipped = []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, norm: clipped.append(norm))
+    train(tiny_gpt(), sentiment_batches(), TrainConfig(steps=2, grad_clip=0.0), progress=False)
+    assert clipped == []
+    train(tiny_gpt(), sentiment_batches(), TrainConfig(steps=2, grad_clip=0.5), progress=False)
+    assert clipped == [0.5, 0.5]
+
+
+def test_step_loss_is_the_mean_of_the_micro_batch_losses(monkeypatch):
+    """The loss a step reports (summed on the device, read once a step) against the micro-batches' own losses."""
+    seen = []
+    forward = GPT.forward
+
+    def spy(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        seen.append(out[1].item())
+        return out
+
+    monkeypatch.setattr(GPT, "forward", spy)
+    result = train(tiny_gpt(), sentiment_batches(), TrainConfig(steps=2, grad_accum=3), progress=False)
+    mean = [sum(x / 3 for x in seen[:3]), sum(x / 3 for x in seen[3:])]  # float64, summed in the same order
+    assert result.losses == mean
+
+
+@pytest.mark.parametrize("bad", [dict(steps=0), dict(lr=0.0), dict(batch_size=0), dict(grad_clip=-1.0)])
 def test_bad_train_config(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         TrainConfig(**bad)
@@ -185,3 +210,14 @@ def test_padding_for_static_shapes_leaves_the_loss_and_gradients_unchanged():
     assert _padded_length(model, 70, 1) == 70
     with pytest.raises(ValueError, match="compile_mode"):
         TrainConfig(compile_mode="fast")
+
+
+def test_a_base_cache_without_its_last_file_is_not_taken_as_complete(tmp_path, monkeypatch):
+    """pretrain_and_cache writes pretrain.json after the model: a save killed in between leaves a cache that is
+    made again (here: refused, as train_if_missing=False asks), never one that is loaded half-written."""
+    from minipeft.pretrain import base_dir, load_base
+
+    monkeypatch.setenv("MINIPEFT_CACHE", str(tmp_path))
+    tiny_gpt().save_pretrained(base_dir("tiny"))  # the model, but no pretrain.json
+    with pytest.raises(ValueError, match="no cached base model"):
+        load_base("tiny", train_if_missing=False, progress=False)

@@ -61,12 +61,17 @@ def merge_and_requantize(
     if not requantize:
         raise ValueError("merge_and_requantize needs LoRA on a quantized base (NF4 as in QLoRA, or int8); use "
                          "merge_and_unload")
-    adapted, _ = peft_model(sample_idx)
+    was_training = peft_model.training
+    peft_model.eval()  # measured without dropout, so the three logits differ by the merge alone
+    with torch.no_grad():
+        adapted, _ = peft_model(sample_idx)
     model = peft_model.merge_and_unload(adapter_names)
-    dense, _ = model(sample_idx)
-    for name, from_linear in requantize.items():
-        set_submodule(model, name, from_linear(model.get_submodule(name)))
-    requantized, _ = model(sample_idx)
+    with torch.no_grad():
+        dense, _ = model(sample_idx)
+        for name, from_linear in requantize.items():
+            set_submodule(model, name, from_linear(model.get_submodule(name)))
+        requantized, _ = model(sample_idx)
+    model.train(was_training)
     report = {"dense_max_abs": (dense - adapted).abs().max().item(),
               "requantized_max_abs": (requantized - adapted).abs().max().item(),
               "requantized_rel": ((requantized - adapted).norm() / adapted.norm()).item()}

@@ -275,7 +275,7 @@ class PromptTuningConfig(PeftConfig):
     prompt_tuning_init: str = "RANDOM"
     prompt_tuning_init_text: str | None = None  # required by "TEXT", ignored (and kept) by the others, as in peft
     # anything with .encode(str) -> token ids; used at init, never saved
-    tokenizer: Any = field(default=None, repr=False, metadata={"save": False})
+    tokenizer: Any = field(default=None, repr=False, compare=False, metadata={"save": False})
     base_model: dict | None = None
 
     def validate(self) -> None:

@@ -35,12 +35,17 @@ Parallel, the `adapters` library's). The PeftModel checks that it can be compute
 `active_composition` (and its names, flat, as `active_adapters`) and hands it to every wrapper as
 `layer.composition`; the wrappers compute it (bottleneck.py). AdapterFusion layers (fusion.py) live inside the
 bottleneck wrappers, which are their one record; the PeftModel adds, activates, saves and loads them.
+
+One PeftModel serves one caller at a time, as a torch module does: which adapters run (`set_adapter`,
+`disable_adapter`, a mixed batch's per-row routes) is state held by the shared layers for the call, so two
+threads calling one model with different adapters would see each other's choice. Serve threads from copies.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -159,11 +164,7 @@ class PeftModel(nn.Module):
     # ------------------------------------------------------------------ adding and removing adapters
     def add_adapter(self, adapter_name: str, config: PeftConfig, tokenizer: Any = None) -> None:
         """Inject a new adapter `adapter_name` described by `config`; it is not activated (use set_adapter)."""
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
-        if adapter_name in self.peft_config:
-            raise ValueError(f"adapter_name {adapter_name!r} already exists; existing adapters: "
-                             f"{list(self.peft_config)}. Delete it first or pick another name")
+        self._check_new_name(adapter_name)
         if not isinstance(config, PeftConfig):
             raise ValueError(f"config must be a PeftConfig (LoraConfig, AdapterConfig, ...), got "
                              f"{type(config).__name__}")
@@ -212,6 +213,18 @@ class PeftModel(nn.Module):
         self.base_model.check_length(n + 1, detail=f"{n} virtual tokens + at least 1 real token")
         tokenizer = tokenizer if tokenizer is not None else getattr(config, "tokenizer", None)
         return _INPUT_ADAPTERS[type(config)](config, self.base_model, tokenizer)
+
+    def _check_new_name(self, adapter_name: str) -> None:
+        """A name for a new adapter: a non-empty string, no '.' (it becomes a module key), not taken, and not
+        the mixed-batch marker for rows that run the bare base."""
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
+        if adapter_name == mixed_batch.BASE:
+            raise ValueError(f"adapter_name {adapter_name!r} is reserved: in a mixed batch it names the rows that "
+                             "run the base model without an adapter")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter_name {adapter_name!r} already exists; existing adapters: "
+                             f"{list(self.peft_config)}. Delete it first or pick another name")
 
     def _check_name(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -769,7 +782,13 @@ class PeftModel(nn.Module):
         separately and adds cross terms; `lora.combine_lora` has the maths."""
         if combination_type not in COMBINATION_TYPES:
             raise ValueError(f"combination_type must be one of {COMBINATION_TYPES}, got {combination_type!r}")
-        adapters, weights = list(adapters), [float(w) for w in weights]
+        adapters, weights = list(adapters), list(weights)
+        for i, w in enumerate(weights):
+            if isinstance(w, bool) or not isinstance(w, (int, float)):
+                raise TypeError(f"weights[{i}] must be a real number, got {type(w).__name__} {w!r}")
+            if not math.isfinite(w):
+                raise ValueError(f"weights[{i}] must be finite, got {w!r}")
+        weights = [float(w) for w in weights]
         if not adapters:
             raise ValueError("adapters must name at least one LoRA adapter")
         if len(adapters) != len(weights):
@@ -779,9 +798,7 @@ class PeftModel(nn.Module):
             if not isinstance(self.peft_config[a], LoraConfig):
                 raise ValueError(f"add_weighted_adapter combines LoRA adapters only; {a!r} is "
                                  f"{self.peft_config[a].method!r}")
-        if not isinstance(adapter_name, str) or adapter_name in self.peft_config:
-            raise ValueError(f"adapter_name {adapter_name!r} already exists (or is not a string); existing "
-                             f"adapters: {list(self.peft_config)}")
+        self._check_new_name(adapter_name)
         ranks = [self.peft_config[a].r for a in adapters]
         if combination_type == "linear" and len(set(ranks)) != 1:
             raise ValueError(f"combination_type='linear' needs adapters of equal rank, got ranks "
@@ -848,10 +865,16 @@ class PeftModel(nn.Module):
         if not names:
             raise ValueError(f"merge_adapter: no LoRA adapter is active, so there is nothing to merge (active: "
                              f"{self._active})")
+        # every layer is checked before any merges, so that a refusal leaves no layer merged
         shared = tied_parameter_ids(self.base_model)
         for clean, _raw, layer in self._lora_layers():
-            mine = [n for n in names if n in layer.adapter_names]
-            if mine and isinstance(layer.base_layer, nn.Linear) and id(layer.base_layer.weight) in shared:
+            if not any(n in layer.adapter_names for n in names):
+                continue
+            try:
+                layer._check_mergeable()
+            except ValueError as e:
+                raise ValueError(f"cannot merge into {clean}: {e}") from None
+            if id(layer.base_layer.weight) in shared:
                 raise ValueError(f"cannot merge into {clean}: its weight is tied to another parameter (the "
                                  "token embedding); use merge_and_unload(), which unties it")
         for _clean, _raw, layer in self._lora_layers():
@@ -876,12 +899,18 @@ class PeftModel(nn.Module):
         """Merge the given LoRA adapters (default: the active ones) and return the plain base model.
 
         Every LoraLinear is replaced by its base layer with ΔW added (an NF4 base becomes a dense nn.Linear);
-        the other LoRA adapters are dropped. The PeftModel holds no adapter afterwards.
+        the other LoRA adapters are dropped, merged ones included (they are unmerged first). The PeftModel
+        holds no adapter afterwards.
         """
         self._check_only_lora("merge_and_unload")
+        if adapter_names is None and isinstance(self.active_composition, Average):
+            raise ValueError(f"merge_and_unload with {self.active_composition!r} active would fold each adapter "
+                             "in whole; make the average one adapter first (add_weighted_adapter(names, weights, "
+                             "name, combination_type='cat') gives Σ wᵢ·ΔWᵢ exactly), activate and merge that")
         names = self._active if adapter_names is None else list(adapter_names)
         for n in names:
             self._check_name(n)
+        self.unmerge_adapter()  # the base weights W₀ again: only `names` go into the returned model
         for _clean, raw, layer in self._lora_layers():
             mine = [n for n in names if n in layer.adapter_names]
             set_submodule(self.base_model, raw, layer.merged_base_layer(mine))
@@ -897,7 +926,9 @@ class PeftModel(nn.Module):
         """Remove every adapter without merging and return the plain base model (its weights untouched)."""
         if any(layer.merged_adapters for _c, _r, layer in self._lora_layers()):
             raise ValueError("some LoRA adapters are merged; call unmerge_adapter() first or merge_and_unload()")
-        for _clean, raw, layer in self._wrappers():
+        # innermost wrappers first: a wrapper's path runs through the wrappers around it (a LoRA layer inside
+        # an attention block that carries a Houlsby adapter), so those must still be in place
+        for _clean, raw, layer in reversed(self._wrappers()):
             set_submodule(self.base_model, raw, layer.base_layer)
         return self._forget_adapters()
 

@@ -244,9 +244,9 @@ class LoraLinear(AdapterLayer):
     @torch.no_grad()
     def merged_base_layer(self, adapter_names: list[str] | None = None) -> nn.Module:
         """A plain layer computing base(x) + Σ ΔW·x for the given adapters (default: active and merged):
-        the base nn.Linear itself with ΔW added in place (a new weight tensor when the weight is shared
-        with another parameter, so a tied embedding is never changed), or, for an NF4 base, a new dense
-        nn.Linear in the base's original dtype holding dequantize(W₀) + ΔW."""
+        the base nn.Linear itself holding a new weight tensor W₀ + ΔW (W₀'s tensor is never written, so a
+        weight tied to the token embedding, or held elsewhere, stays as it was; the new one is untied), or,
+        for a quantized base, a new dense nn.Linear in the base's original dtype holding dequantize(W₀) + ΔW."""
         names = list(self.active_adapters) if adapter_names is None else list(adapter_names)
         names = [n for n in names if n not in self.merged_adapters]
         base = self.base_layer

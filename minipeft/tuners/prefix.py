@@ -161,7 +161,7 @@ class PrefixEncoder(nn.Module):
 def real_token_init(model: GPT, num_virtual_tokens: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """A prefix (n, L·2·C) made of the frozen model's own keys and values for n random vocabulary tokens.
 
-    Li & Liang (§7.2) found that initialising the prefix with the activations of real words works much
+    Li & Liang (§7.4) found that initialising the prefix with the activations of real words works much
     better than random init. It also puts every key and value at the scale the attention was trained on:
     peft's N(0, 1) keys are far larger than a small model's real keys, so its softmax starts saturated on
     the prefix and the gradients to the queries are tiny.
