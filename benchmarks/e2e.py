@@ -47,13 +47,19 @@ its time per step is the MEDIAN of those steps, each timed with the device synch
 
     tokens/s (round) = B·T / median step time.
 
+Every time here is wall-clock with the host included (Python, launches, the optimizer's host work): an
+end-to-end step is by definition what the user waits for, so there is no GPU-only column. (The `graphs`
+rows replay CUDA graphs inside that wall-clock step: the host's share shrinks, but is not taken out.)
+
 The table gives the median of the rounds' tokens/s and their min–max spread; with 2 rounds the median is the
 mean of the two. Peak memory is `torch.cuda.max_memory_allocated` since a reset made before the row's model is
 built (weights, gradients, optimizer state and activations), the max over rounds. Each row's model and
 optimizer are freed, and the CUDA cache emptied, before the next row. Compiled rows are rebuilt and
 recompiled every round (`torch._dynamo.reset()` first, so the recompile limit can never turn a row eager):
-round 2 compiles faster from inductor's on-disk caches. The ratio columns divide a row's tokens/s by the
-`hf lora` and `mp floor` rows of the same run (> 1: faster than that baseline).
+round 2 compiles faster from inductor's on-disk caches. The ratio columns pair rounds: in each round a row's
+tokens/s is divided by the baseline's of the SAME round (`hf lora`, `mp floor` in that round's fastest mode,
+...; > 1: faster than that baseline), and a cell gives the median of those per-round ratios with their
+min–max, so a ratio's spread is the spread of the rounds' own ratios.
 
     python benchmarks/e2e.py                                    # the full run on a CUDA GPU (aim: < 8 min, H200)
     python benchmarks/e2e.py --rows "mp lora,hf lora"           # a subset: comma-separated name prefixes
@@ -304,18 +310,44 @@ def summarise(rounds: list[dict]) -> dict:
     return out
 
 
-def print_table(results: dict[str, dict]) -> None:
-    """One line per row; ratios are of tokens/s against rows of the same run: `hf lora`, `mp floor` (in its
-    best mode), the transformers row of the same method (`hf qlora` for `mp qlora/…`), and minipeft's LoRA on
-    a bf16 base with the same backend and mode (for the quantized rows)."""
-    def tps(name: str) -> float | None:
-        return results.get(name, {}).get("tokens_per_s")
+BASELINES = ("hf lora", "mp floor (best mode)", "hf same method", "mp lora, same backend")  # the × columns
 
-    floors = [t for n in results if n.startswith("mp floor") and (t := tps(n))]
-    baselines = {"hf lora": lambda n: tps("hf lora"), "mp floor (best)": lambda n: max(floors, default=None),
-                 "hf same method": lambda n: tps("hf " + n.split()[1].split("/")[0]),
-                 "mp lora, same backend": lambda n: tps(n.replace("qlora/", "lora/").replace("lora8/", "lora/"))
-                 if n.startswith(("mp qlora", "mp lora8")) else None}
+
+def paired_ratios(per_round: dict[str, list[dict]]) -> dict[str, dict[str, list[float]]]:
+    """row name → baseline → the row's tokens/s over the baseline's, one ratio per round both ran.
+
+    Baselines: `hf lora`; `mp floor` in that round's fastest mode; the transformers row of the same method
+    (`hf qlora` for `mp qlora/…`); and, for the quantized rows, minipeft's LoRA on a bf16 base with the same
+    backend and mode."""
+    def tps(name: str) -> dict[int, float]:  # round → tokens/s of that round, rounds that failed left out
+        return {r["round"]: r["tokens_per_s"] for r in per_round.get(name, []) if "tokens_per_s" in r}
+
+    floors: dict[int, float] = {}
+    for name in per_round:
+        if name.startswith("mp floor"):
+            for rnd, v in tps(name).items():
+                floors[rnd] = max(floors.get(rnd, 0.0), v)
+    baselines = dict(zip(BASELINES, (
+        lambda n: tps("hf lora"),
+        lambda n: floors,
+        lambda n: tps("hf " + n.split()[1].split("/")[0]),
+        lambda n: tps(n.replace("qlora/", "lora/").replace("lora8/", "lora/")) if n.startswith(("mp qlora", "mp lora8"))
+        else {},
+    ), strict=True))
+    out: dict[str, dict[str, list[float]]] = {}
+    for name in per_round:
+        row = tps(name)
+        out[name] = {b: [row[k] / base[k] for k in sorted(row) if k in base]
+                     for b, of in baselines.items() if (base := of(name))}
+    return out
+
+
+def print_table(results: dict[str, dict], ratios: dict[str, dict[str, list[float]]]) -> None:
+    """One line per row; each ratio cell is the median of the per-round ratios [their min–max] (paired_ratios)."""
+    baselines = BASELINES
+
+    def cell(rs: list[float] | None) -> str:
+        return f"{statistics.median(rs):.2f} [{min(rs):.2f}–{max(rs):.2f}]" if rs else ""
 
     width = max(len(n) for n in results)
     print(f"\n| {'row':<{width}} | tokens/s (median) | spread (min–max) | peak GiB | "
@@ -326,9 +358,9 @@ def print_table(results: dict[str, dict]) -> None:
             print(f"| {name:<{width}} | {s['error']} | | |" + " |" * len(baselines))
             continue
         note = f" ({s['rounds_ok']} round(s) ok; {s['error']})" if "error" in s else ""
-        ratios = [(b := of(name)) and f"{s['tokens_per_s'] / b:.2f}" or "" for of in baselines.values()]
+        cells = [cell(ratios.get(name, {}).get(b)) for b in baselines]
         print(f"| {name:<{width}} | {s['tokens_per_s']:,.0f}{note} | {s['min']:,.0f}–{s['max']:,.0f} | "
-              f"{s['peak_gib']:.2f} | " + " | ".join(ratios) + " |")
+              f"{s['peak_gib']:.2f} | " + " | ".join(cells) + " |")
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -371,7 +403,8 @@ def main() -> None:
     print(" | ".join(f"{k} {v}" for k, v in header.items()), flush=True)
     print(f"shape: {shape.n_layer} layers × {shape.n_embd} wide, {shape.n_head} heads, vocab {shape.vocab_size}, "
           f"block {shape.block_size}; batch {shape.batch} × {shape.seq} tokens; bf16 autocast, fused AdamW; "
-          f"{args.warmup} warm-up + {args.steps} timed steps per row, {args.rounds} rounds", flush=True)
+          f"{args.warmup} warm-up + {args.steps} timed steps per row, {args.rounds} rounds; "
+          "step time wall-clock (host included)", flush=True)
     for name, why in skipped.items():
         print(f"{name}: {why}", flush=True)
 
@@ -390,6 +423,7 @@ def main() -> None:
             except Exception as e:  # a failing row (triton raising, compile failing, OOM) must not stop the run
                 result = {"error": failure(e)}
             free(device)
+            result["round"] = rnd  # ratios pair a row's round with the baseline's same round
             result["seconds"] = time.perf_counter() - t0
             per_round[row.name].append(result)
             cell = result.get("error") or f"{result['tokens_per_s']:,.0f} tok/s, {result['peak_gib']:.2f} GiB"
@@ -399,17 +433,18 @@ def main() -> None:
 
     results = {r.name: ({"error": skipped[r.name]} if r.name in skipped else summarise(per_round[r.name]))
                for r in rows}
+    ratios = paired_ratios(per_round)
     print("\n" + " | ".join(f"{k} {v}" for k, v in header.items()))
-    print(f"tokens/s: median over {args.rounds} rounds of B·T / (median step); × columns: tokens/s as a multiple of "
-          f"that row's in this run; peak: {'max_memory_allocated' if device.type == 'cuda' else 'RSS growth'}, "
-          "max over rounds")
-    print_table(results)
+    print(f"step time: wall-clock, host included; tokens/s: median over {args.rounds} rounds of B·T / (median step); "
+          "× columns: the median [min–max] of the per-round ratios of tokens/s to that baseline's in the same round; "
+          f"peak: {'max_memory_allocated' if device.type == 'cuda' else 'RSS growth'}, max over rounds")
+    print_table(results, ratios)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
     written = save_json({"header": header, "shape": dataclasses.asdict(shape),
                          "settings": {"steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
                                       "lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "num_virtual_tokens": N_VIRTUAL},
-                         "rows": results, "rounds": per_round}, args.out)
+                         "rows": results, "ratios_per_round": ratios, "rounds": per_round}, args.out)
     print(f"wrote {args.out} ({written.size} bytes)")
 
 

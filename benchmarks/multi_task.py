@@ -13,7 +13,7 @@ per seed:
                1e-3, was the best of {3e-4, 1e-3, 3e-3} on the validation splits for one seed (sentiment / facts
                0.54 / 0.83, 0.64 / 0.79, 0.62 / 0.79); the test splits were not used to choose it
 
-and measures, on the test splits (200 sentiment reviews, 24 facts questions):
+and measures, on the test splits (200 sentiment reviews, 96 facts questions: 4 about each of the 24 test people):
 
 (a) one mixed batch serving both tasks. Every test example of both tasks, plus `--base-rows` of each task named
     "__base__", in ONE batch: `pm(idx, adapter_names=[...])` (one name per row) and `pm.generate(...,
@@ -32,7 +32,7 @@ Claims that depend on that noise are paired differences over the seeds, reported
 a 95% t-interval; a verdict says "beats" only when the whole interval is above zero.
 
 Budget: the default (3 seeds, 150 steps per adapter, 150 fusion steps) trains 3 × (4·150 + 300 + 150) = 3,150
-steps of 16 rows and scores ~40 evaluations. It ran in 5.1 minutes on an otherwise idle 2-core CPU (~100 s a seed;
+steps of 16 rows and scores ~40 evaluations. It ran in 7.1 minutes on a 2-core CPU (~140 s a seed;
 benchmarks/RESULTS.md, "Many tasks on one base"). Small models on few cores suffer badly from a concurrent job: the
 same run beside a CI run took over 40 minutes, so time it alone.
 

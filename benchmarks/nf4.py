@@ -5,9 +5,14 @@ counts the bytes the job must move, the same for every method: the packed codes 
 (n/64), the fp32 scales (4·n/16384) read, and the bf16 weight (2n) written. Times are medians of
 ``triton.testing.do_bench_cudagraph`` (the calls captured in a CUDA graph, so the time is the GPU's and not the
 Python launch overhead, which at 4096² is as long as the kernel), rotating over several weights so that no
-run is served from L2; the plain ``do_bench`` time, launch overhead included, is printed beside it.
+run is served from L2; the plain ``do_bench`` time, launch overhead included, is printed beside it. A method
+that cannot be captured in a CUDA graph falls back to ``do_bench`` in the GPU column too, marked † (not GPU time).
+Every (size, method) cell is timed in each of ``--rounds`` interleaved rounds (default 2); the table gives the
+median time [min–max] and each ratio to bitsandbytes as the median of the per-round ratios (± their spread).
 The first part checks correctness on the GPU: minipeft's codes against bitsandbytes' CUDA quantizer, and
-both dequantizers on one state. Run: ``python benchmarks/nf4.py [--json out.json]``.
+both dequantizers on one state; the error column is each fast path's max |Δ| against the eager dequantization
+("n/a" for bitsandbytes, which is checked in that first part instead).
+Run: ``python benchmarks/nf4.py [--sizes 4096 8192] [--rounds 2] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import datetime
 import itertools
 import json
 import math
+import statistics
 
 import torch
 import triton
@@ -85,13 +91,51 @@ def check_against_bnb(F_bnb, sizes) -> list[dict]:
     return rows
 
 
-def bench(F_bnb, sizes, n_rotate: int = 4) -> tuple[list[dict], list[dict]]:
-    """Median µs and GB/s per method and size; also the Triton tuning sweep."""
+def bench(F_bnb, sizes, rounds: int, n_rotate: int = 4) -> tuple[list[dict], list[dict]]:
+    """Per size and method, one GPU time and one launch-included time per round (µs); also the Triton sweep.
+
+    The Triton tiling sweep runs once, before the rounds, and picks the "best" row's tiling. Then every
+    (size, method) cell is timed once per round, round after round, so a slow moment of the machine lands on
+    all methods alike. A method whose CUDA-graph capture fails is timed by plain ``do_bench`` in its GPU
+    column too, and its row says so (``gpu_timer``)."""
     nf4_values, dq_values = NF4_CODEBOOK.cuda(), SIGNED_DYNAMIC_MAP.cuda()
     # dynamic=False: one static kernel per shape (after a second size, the default recompiles with a symbolic
     # numel, which made the 8192² kernels several times slower)
     compiled = torch.compile(dequantize_nf4, fullgraph=True, dynamic=False)
-    rows, sweep = [], []
+
+    def triton_fn(q, bpp=None, warps=4):
+        return nf4_dequantize_triton(
+            q.codes,
+            q.absmax_codes,
+            q.absmax_scale,
+            q.absmax_offset,
+            nf4_values,
+            dq_values,
+            q.numel,
+            q.blocksize,
+            q.dq_blocksize,
+            torch.bfloat16,
+            blocks_per_program=bpp,
+            num_warps=warps,
+        ).view(q.shape)
+
+    def rotating(fn, items):
+        it = itertools.cycle(items)
+        return lambda: fn(next(it))
+
+    def timed(fn) -> tuple[float, bool]:
+        """(µs of one call, whether it is GPU time): the median over CUDA-graph replays, or, when the method
+        cannot be captured, the launch-included ``do_bench`` time, flagged False."""
+        try:
+            return do_bench_cudagraph(fn, rep=200, return_mode="median") * 1e3, True
+        except Exception as e:  # a method that cannot be captured: say so, keep going
+            print(f"cudagraph timing failed ({type(e).__name__}: {e}); using plain do_bench, marked in the table")
+            return timed_launch(fn), False
+
+    def timed_launch(fn):  # µs per call when called from Python in a loop, launch overhead included
+        return do_bench(fn, warmup=50, rep=200, return_mode="median") * 1e3
+
+    sweep, cells = [], {}  # cells[n] = (bytes moved, {method: fn}, {method: max abs error vs eager or None})
     for n in sizes:
         numel = n * n
         nbytes = numel // 2 + numel // 64 + 4 * math.ceil(numel / 64 / 256) + 4 + 2 * numel
@@ -100,70 +144,47 @@ def bench(F_bnb, sizes, n_rotate: int = 4) -> tuple[list[dict], list[dict]]:
         bnb = [F_bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True) for w in ws]
         del ws
 
-        def triton_fn(q, bpp=None, warps=4):
-            return nf4_dequantize_triton(
-                q.codes,
-                q.absmax_codes,
-                q.absmax_scale,
-                q.absmax_offset,
-                nf4_values,
-                dq_values,
-                q.numel,
-                q.blocksize,
-                q.dq_blocksize,
-                torch.bfloat16,
-                blocks_per_program=bpp,
-                num_warps=warps,
-            ).view(q.shape)
-
-        # correctness of the fast paths against the eager reference, on the GPU
-        ref = dequantize_nf4(qs[0])
-        err_compiled = float((compiled(qs[0]).float() - ref.float()).abs().max())
-        err_triton = float((triton_fn(qs[0]).float() - ref.float()).abs().max())
-
-        def rotating(fn, items):
-            it = itertools.cycle(items)
-            return lambda: fn(next(it))
-
-        def timed(fn):  # GPU time of one call, µs (median over CUDA-graph replays)
-            try:
-                return do_bench_cudagraph(fn, rep=200, return_mode="median") * 1e3
-            except Exception as e:  # a method that cannot be captured: say so, keep going
-                print(f"cudagraph timing failed ({type(e).__name__}: {e}); using plain do_bench")
-                return timed_launch(fn)
-
-        def timed_launch(fn):  # µs per call when called from Python in a loop, launch overhead included
-            return do_bench(fn, warmup=50, rep=200, return_mode="median") * 1e3
-
         best = None
         for elems, warps in itertools.product((1024, 2048, 4096, 8192, 16384), (4, 8)):
-            t = timed(rotating(lambda q, e=elems, nw=warps: triton_fn(q, e // 64, nw), qs))
+            t, _ = timed(rotating(lambda q, e=elems, nw=warps: triton_fn(q, e // 64, nw), qs))
             sweep.append({"n": n, "elements_per_program": elems, "num_warps": warps, "us": t})
             if best is None or t < best[0]:
                 best = (t, elems, warps)
         best_fn = lambda q, e=best[1], nw=best[2]: triton_fn(q, e // 64, nw)  # noqa: E731
+        best_name = f"minipeft Triton (best: {best[1]} el/prog, {best[2]} warps)"
+
+        # correctness of the fast paths against the eager reference, on the GPU (bitsandbytes: not measured here,
+        # its dequantizer is checked against minipeft's on one state in check_against_bnb)
+        ref = dequantize_nf4(qs[0]).float()
+        fast = {"minipeft torch.compile": compiled, "minipeft Triton (default config)": triton_fn, best_name: best_fn}
+        errors = {"bitsandbytes dequantize_4bit": None, "minipeft eager": 0.0,
+                  **{name: float((fn(qs[0]).float() - ref).abs().max()) for name, fn in fast.items()}}
         fns = {
             "bitsandbytes dequantize_4bit": rotating(lambda b: F_bnb.dequantize_4bit(b[0], b[1]), bnb),
             "minipeft eager": rotating(dequantize_nf4, qs),
             "minipeft torch.compile": rotating(compiled, qs),
             "minipeft Triton (default config)": rotating(triton_fn, qs),
-            f"minipeft Triton (best: {best[1]} el/prog, {best[2]} warps)": rotating(best_fn, qs),
+            best_name: rotating(best_fn, qs),
         }
-        methods = {name: (timed(fn), timed_launch(fn)) for name, fn in fns.items()}
-        errors = {"minipeft torch.compile": err_compiled}
-        for name, (us, us_launch) in methods.items():
-            rows.append(
-                {
-                    "n": n,
-                    "method": name,
-                    "us": us,
-                    "us_launch": us_launch,
-                    "GB/s": nbytes / us / 1e3,
-                    "max_abs_err_vs_eager": errors.get(name, err_triton if "Triton" in name else 0.0),
-                }
-            )
-        del qs, bnb
-        torch.cuda.empty_cache()
+        cells[n] = (nbytes, fns, errors)
+
+    samples: dict[tuple[int, str], dict[str, list]] = {}
+    for rnd in range(rounds):
+        for n, (_, fns, _) in cells.items():
+            for name, fn in fns.items():
+                us, is_gpu = timed(fn)
+                got = samples.setdefault((n, name), {"us": [], "graph": [], "us_launch": []})
+                got["us"].append(us)
+                got["graph"].append(is_gpu)
+                got["us_launch"].append(timed_launch(fn))
+            print(f"round {rnd + 1}: {n}² done", flush=True)
+    rows = []
+    for (n, name), got in samples.items():
+        nbytes, _, errors = cells[n]
+        rows.append({"n": n, "method": name, "us": got["us"], "us_launch": got["us_launch"],
+                     "gpu_timer": "cudagraph" if all(got["graph"]) else "do_bench (graph capture failed)",
+                     "GB/s": nbytes / statistics.median(got["us"]) / 1e3, "max_abs_err_vs_eager": errors[name]})
+    torch.cuda.empty_cache()
     return rows, sweep
 
 
@@ -175,11 +196,48 @@ def copy_ceiling() -> float:
     return 2 * x.numel() / us / 1e3
 
 
+def print_table(meta: dict, ceiling: float, rows: list[dict], rounds: int) -> None:
+    """One line per (size, method); ratios to bitsandbytes are medians of per-round ratios (± their spread)."""
+    def ratio(base: list[float], mine: list[float]) -> str:  # throughput ratio = bnb time / this time, per round
+        ratios = [b / m for b, m in zip(base, mine, strict=True)]
+        return f"{statistics.median(ratios):.2f}× ±{(max(ratios) / min(ratios) - 1) * 100:.0f}%"
+
+    print(f"\n## NF4 dequantization, bf16 out, double quant, blocksize 64 — {meta}")
+    print(f"copy ceiling (read + write): {ceiling:.0f} GB/s; times: median over {rounds} interleaved rounds "
+          "[min–max]; × bitsandbytes: the median of the per-round ratios (± their spread, max/min − 1)")
+    print(
+        "| weight | method | GPU µs (graph) | GB/s | × bitsandbytes throughput | µs with launch "
+        "(do_bench) | × bnb with launch | max abs err vs eager |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    fallback = False
+    for n in dict.fromkeys(r["n"] for r in rows):
+        base = next(r for r in rows if r["n"] == n and r["method"].startswith("bitsandbytes"))
+        for r in (r for r in rows if r["n"] == n):
+            mark = "" if r["gpu_timer"] == "cudagraph" else " †"
+            ratio_mark = " †" if mark or base["gpu_timer"] != "cudagraph" else ""  # a ratio with a fallback time
+            fallback |= bool(ratio_mark)
+            us, launch = r["us"], r["us_launch"]
+            err = "n/a" if r["max_abs_err_vs_eager"] is None else (
+                "(the reference)" if r["method"] == "minipeft eager" else f"{r['max_abs_err_vs_eager']:.2g}")
+            print(
+                f"| {n}² | {r['method']} | {statistics.median(us):.1f} [{min(us):.1f}–{max(us):.1f}]{mark} | "
+                f"{r['GB/s']:.0f}{mark} | {ratio(base['us'], us)}{ratio_mark} | {statistics.median(launch):.1f} "
+                f"[{min(launch):.1f}–{max(launch):.1f}] | {ratio(base['us_launch'], launch)} | {err} |"
+            )
+    if fallback:
+        print("† CUDA-graph capture failed for this method (or, in a ratio, for bitsandbytes) in at least one round: "
+              "its GPU column holds plain do_bench time there, launch overhead included, not GPU time")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (≥ 2: the spread needs two)")
     parser.add_argument("--json", default=None, help="write all numbers here")
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2: the spread needs two rounds")
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/nf4.py needs a CUDA device")
     # here, after the CUDA check: bitsandbytes is an optional (dev) dependency that needs a GPU
@@ -192,10 +250,11 @@ def main() -> None:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "bitsandbytes": bitsandbytes.__version__,
+        "rounds": args.rounds,
     }
     checks = check_against_bnb(F_bnb, args.sizes)
     ceiling = copy_ceiling()
-    rows, sweep = bench(F_bnb, args.sizes)
+    rows, sweep = bench(F_bnb, args.sizes, args.rounds)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
@@ -212,20 +271,7 @@ def main() -> None:
             f"offset equal: {c['offset_equal']}; |mine - bnb dequant(same state)| max "
             f"{c['dequant_max_abs_diff_same_state']:.3g} (|w| max {c['dequant_max_abs']:.3g})"
         )
-    print(f"\n## NF4 dequantization, bf16 out, double quant, blocksize 64 — {meta}")
-    print(f"copy ceiling (read + write): {ceiling:.0f} GB/s")
-    print(
-        "| weight | method | GPU µs (graph, median) | GB/s | × bitsandbytes throughput | µs with launch "
-        "(do_bench) | × bnb with launch | max abs err vs eager |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for n in args.sizes:
-        base = next(r for r in rows if r["n"] == n and r["method"].startswith("bitsandbytes"))
-        for r in (r for r in rows if r["n"] == n):
-            print(
-                f"| {n}² | {r['method']} | {r['us']:.1f} | {r['GB/s']:.0f} | {base['us'] / r['us']:.2f}× | "
-                f"{r['us_launch']:.1f} | {base['us_launch'] / r['us_launch']:.2f}× | {r['max_abs_err_vs_eager']:.2g} |"
-            )
+    print_table(meta, ceiling, rows, args.rounds)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""A LoRA layer on an NF4 base, forward, GPU time: the fused kernel against dequantize-then-GEMM and bf16.
+"""A LoRA layer on an NF4 base, forward, GPU and host-included time: the fused kernel against dequant + GEMM and bf16.
 
 Rows, for x (M, K) bf16, an NF4 weight (N, K) with double quantization (blocksize 64), r = 16, no bias:
     bf16 linear       F.linear(x, W) on the dense bf16 weight (what the fused kernel is measured against)
@@ -9,9 +9,12 @@ Rows, for x (M, K) bf16, an NF4 weight (N, K) with double quantization (blocksiz
     auto              what "auto" runs (nothing here needs a gradient: the fused kernels up to
                       kernels.NF4_FUSED_MAX_ROWS rows, dequant + GEMM above)
     bnb matmul_4bit   bitsandbytes' 4-bit matmul (no LoRA term), when bitsandbytes is installed
-Times are medians of ``triton.testing.do_bench_cudagraph`` (GPU time: the call replayed from a CUDA graph) over
-``--rounds`` interleaved rounds; the table gives each row as a multiple of the bf16 linear, with the spread of
-that ratio between rounds.
+Two timers, side by side (the ones of benchmarks/lora_kernel.py):
+    GPU   ``triton.testing.do_bench_cudagraph``: the call replayed from a CUDA graph, the host out of the picture
+    host  eager wall time per call, host included: 20 calls back to back, one synchronize, divided by 20 (the
+          median of 5 such runs; ``lora_kernel.host_us``)
+Every cell is measured in each of ``--rounds`` interleaved rounds; the table gives each row as a multiple of the
+bf16 linear of the same round and timer, the median over rounds with the spread (max/min − 1) of that ratio.
 
     python benchmarks/nf4_lora.py [--ms 1 4 16 256 4096] [--k 4096] [--n 4096] [--rounds 2]
 """
@@ -25,6 +28,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 import triton
+from lora_kernel import host_us  # benchmarks/ is not a package: run as a script, its own folder is on sys.path
 from triton.testing import do_bench_cudagraph
 
 from minipeft import kernels
@@ -80,26 +84,36 @@ def main() -> None:
     header = (f"{datetime.date.today()} | {torch.cuda.get_device_name()} | torch {torch.__version__} | "
               f"triton {triton.__version__} | bf16, K={args.k}, N={args.n}, r=16, NF4 blocksize 64 + double quant")
     print(header, flush=True)
-    times: dict[int, dict[str, list[float]]] = {}
+    if args.rounds < 2:
+        ap.error("--rounds must be at least 2: the spread needs two rounds")
+    # times[M][timer][row]: one value per round; timer "gpu" (CUDA-graph replay) or "host" (eager, host included)
+    times: dict[int, dict[str, dict[str, list[float]]]] = {}
     errors = {}
     for _ in range(args.rounds):
         for M in args.ms:
             fns, errors[M] = rows_for(M, args.k, args.n)
+            t = times.setdefault(M, {"gpu": {}, "host": {}})
             for name, fn in fns.items():
                 fn()
-                times.setdefault(M, {}).setdefault(name, []).append(
-                    do_bench_cudagraph(fn, rep=args.rep, return_mode="median") * 1e3)
-    names = list(next(iter(times.values())))
-    print(f"\n{header}\nforward, GPU time; each row × the bf16 linear (± spread between rounds)")
-    print("| M | bf16 linear µs | " + " | ".join(n for n in names[1:]) + " | fused rel. error |")
+                t["gpu"].setdefault(name, []).append(do_bench_cudagraph(fn, rep=args.rep, return_mode="median") * 1e3)
+                t["host"].setdefault(name, []).append(host_us(fn))
+
+    def ratio_cell(values: list[float], base: list[float]) -> str:
+        ratios = [v / b for v, b in zip(values, base, strict=True)]
+        return f"{statistics.median(ratios):.2f} ±{(max(ratios) / min(ratios) - 1) * 100:.0f}%"
+
+    names = list(next(iter(times.values()))["gpu"])
+    print(f"\n{header}\nforward; each row × the bf16 linear of the same round and timer, median over {args.rounds} "
+          "rounds (± spread of the ratio between rounds); GPU = CUDA-graph replay, host = eager with the host included")
+    print("| M | bf16 linear µs GPU / host | " + " | ".join(f"{n} GPU / host" for n in names[1:])
+          + " | fused rel. error |")
     print("|---|---|" + "---|" * len(names))
     for M, t in times.items():
-        base = t["bf16 linear"]
-        cells = []
-        for n in names[1:]:
-            ratios = [v / b for v, b in zip(t[n], base, strict=True)]
-            cells.append(f"{statistics.median(ratios):.2f} ±{(max(ratios) / min(ratios) - 1) * 100:.0f}%")
-        print(f"| {M} | {statistics.median(base):.1f} | " + " | ".join(cells) + f" | {errors[M]:.1e} |")
+        gpu, host = t["gpu"], t["host"]
+        cells = [f"{ratio_cell(gpu[n], gpu['bf16 linear'])} / {ratio_cell(host[n], host['bf16 linear'])}"
+                 for n in names[1:]]
+        print(f"| {M} | {statistics.median(gpu['bf16 linear']):.1f} / {statistics.median(host['bf16 linear']):.1f} | "
+              + " | ".join(cells) + f" | {errors[M]:.1e} |")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import pytest
 import torch
 from own_model import MODEL_VOCAB, completion_rows, review_rows, save_gpt2, text_rows, train_bpe, write_jsonl
 from safetensors.torch import load_file
+from tolerances import assert_close
 
 from minipeft import kernels
 from minipeft.cli import main
@@ -26,7 +27,6 @@ from minipeft.jsonl import EpochBatches
 from minipeft.model import GPT
 from minipeft.tuners import PeftModel
 
-ATOL = 1e-4  # the issue's bar for fp32 logits between minipeft and transformers / peft
 IDX = torch.randint(0, MODEL_VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
 
 
@@ -95,7 +95,7 @@ def test_lora_on_prompt_completion_rows_hands_off_to_peft_and_transformers(hf, f
     with torch.no_grad():
         theirs = peft.PeftModel.from_pretrained(hf_gpt2(hf, files["base"]), str(out)).eval()(input_ids=IDX).logits
         base = hf_gpt2(hf, files["base"])(input_ids=IDX).logits
-    assert (ours - theirs).abs().max() <= ATOL
+    assert_close(ours, theirs, "interop")
     assert (ours - base).abs().max() > 1e-3  # the adapter learned something: the check could fail
 
     merged = tmp_path / "merged"
@@ -105,7 +105,7 @@ def test_lora_on_prompt_completion_rows_hands_off_to_peft_and_transformers(hf, f
     for key in ("bos_token_id", "eos_token_id"):  # the base's, not transformers' GPT-2 default 50256
         assert merged_config[key] == base_config[key], key
     with torch.no_grad():
-        assert (hf_gpt2(hf, merged)(input_ids=IDX).logits - ours).abs().max() <= ATOL
+        assert_close(hf_gpt2(hf, merged)(input_ids=IDX).logits, ours, "interop")
 
     assert main(["generate", "--base", str(files["base"]), "--adapter", str(out), "Record: name=Tobar",
                  "--max-new-tokens", "5", "--device", "cpu"]) == 0
@@ -123,7 +123,7 @@ def test_prompt_tuning_on_text_rows_loads_in_peft(hf, files, tmp_path):
     ours = minipeft_logits(files, out)
     with torch.no_grad():
         theirs = hf[0].PeftModel.from_pretrained(hf_gpt2(hf, files["base"]), str(out)).eval()(input_ids=IDX).logits
-    assert (ours - theirs[:, -IDX.shape[1]:]).abs().max() <= ATOL  # peft returns the virtual tokens' logits too
+    assert_close(ours, theirs[:, -IDX.shape[1]:], "interop")  # peft returns the virtual tokens' logits too
 
 
 def test_pfeiffer_trains_and_evaluates_but_has_no_peft_format(files, tmp_path, capsys):

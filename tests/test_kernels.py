@@ -20,9 +20,9 @@ import pytest
 import torch
 import torch._dynamo as dynamo
 import triton
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from tolerances import assert_close, rel_error
+from tolerances import assert_close, assert_rel_error
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from minipeft import kernels
@@ -32,7 +32,10 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 MAX_DIM = 320 if CUDA else 80      # the interpreter is slow: keep CPU shapes small
-RANKS = [1, 2, 4, 8, 16, 64]
+# R_PAD = max(16, next power of 2): ranks below 16, at 16, padded above it (12 → 16, 33 → 64), and 64; the
+# non-powers leave part of a tile's rank columns masked off. Nothing above 64: the interpreter is slow. 25 draws
+# need not reach 33, so test_triton_matches_reference names it in an @example.
+RANKS = [1, 2, 3, 5, 8, 12, 16, 33, 64]
 
 
 def _fresh_switch(monkeypatch):
@@ -154,6 +157,7 @@ def test_reference_never_grads_the_weight():
 @given(M=st.one_of(st.just(1), st.integers(1, MAX_DIM)), N=st.integers(1, MAX_DIM), K=st.integers(1, MAX_DIM),
        r=st.sampled_from(RANKS), dtype=st.sampled_from(DTYPES), bias=st.booleans(), mask=st.booleans(),
        layout=st.sampled_from(["2d", "3d", "noncontig"]), scaling=st.sampled_from([0.5, 2.0]))
+@example(M=37, N=45, K=29, r=33, dtype=torch.float16, bias=True, mask=True, layout="3d", scaling=2.0)  # see RANKS
 def test_triton_matches_reference(M, N, K, r, dtype, bias, mask, layout, scaling):
     inputs, dy = _make_inputs(M, N, K, r, dtype, layout=layout, bias=bias, mask=mask)
     _compare(inputs, dy, scaling, dtype)
@@ -349,9 +353,9 @@ def test_long_reduction_bf16_on_gpu():
     inputs, dy = _make_inputs(512, 4096, 4096, 16, torch.bfloat16, bias=True, mask=True, seed=1)
     y, grads = _run(inputs, dy, 2.0, "triton")
     y_ref, grads_ref = _run(inputs, dy, 2.0, "reference", dtype=torch.float64)
-    assert rel_error(y, y_ref) < 1e-2
+    assert_rel_error(y, y_ref)
     for name in grads_ref:
-        assert rel_error(grads[name], grads_ref[name]) < 1e-2, name
+        assert_rel_error(grads[name], grads_ref[name], msg=name)
 
 
 def test_weight_is_frozen_and_bias_grad_optional():
@@ -491,8 +495,10 @@ def test_backward_sums_reach_every_split(dtype):
     assert (G[:, r:] == 0).all()                                            # the padded rank columns
     assert_close(d_b, (0.5 * f(dy).T @ f(s)).to(dtype), scale=math.sqrt(M))
     assert_close(d_bias, f(dy).sum(0).to(dtype), scale=math.sqrt(M))
-    # dA from the kernel's G, rounded to x's dtype as the kernel's tensor-core product takes it
-    assert_close(d_a, (0.5 * f(G[:, :r].to(dtype)).T @ (f(x) * f(mask))).to(dtype), scale=M)
+    # dA from the kernel's G, rounded to x's dtype as the kernel's tensor-core product takes it: the same products
+    # on both sides, summed in fp32 over the splits in another order, then rounded to the dtype once (one unit in
+    # the last place at most; scale 2 for margin). A split left out is off by its whole share of the sum.
+    assert_close(d_a, (0.5 * f(G[:, :r].to(dtype)).T @ (f(x) * f(mask))).to(dtype), scale=2.0)
 
 
 @pytest.mark.parametrize("dtype,K,r_pad,mask", [(torch.bfloat16, 768, 16, False), (torch.bfloat16, 3072, 16, False),
@@ -919,7 +925,8 @@ def _launch_from_threads(threads: int = THREADS, calls: int = CALLS) -> list[str
                     if i == threads - 1:
                         assert_close(kernels.nf4_dequantize_triton(*nf4_args, blocks_per_program=2), nf4_expected)
                 except Exception as e:  # every failure is reported; none may end the thread early
-                    failures.append(f"{where}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                    first_line = str(e).partition("\n")[0]  # "" for some (BrokenBarrierError)
+                    failures.append(f"{where}: {type(e).__name__}: {first_line[:200]}")
 
     workers = [threading.Thread(target=work, args=(i,), name=f"lora-{i}") for i in range(threads)]
     for t in workers:
@@ -945,34 +952,81 @@ needs_interpreter = pytest.mark.skipif(not lora_triton.INTERPRETING,
 def test_threads_launch_interpreted_kernels_safely():
     """4 threads × 2 forward+backward passes (and NF4 dequantizations) at once: all succeed and match.
 
-    Without the lock every round fails (see the next test): the threads overwrite each other's program index
-    (errors such as "x >= grid_dim[0]", or worse, tiles computed for the wrong rows and no error at all) and
-    unpatch each other's triton.language ("Did you forget to add @triton.jit ?").
+    Without the lock, launches that overlap overwrite each other's program index (errors such as "x >= grid_dim[0]",
+    or worse, tiles computed for the wrong rows and no error at all) and unpatch each other's triton.language ("Did
+    you forget to add @triton.jit ?"); the next test holds them in such an overlap and watches the second happen.
+    (Unlocked and left to the scheduler, every one of 70 rounds on 2 shared CPU cores had such failures.)
     """
     failures = _launch_from_threads()
     assert not failures, "\n".join(failures)
+
+
+def _step_first_launches_into_a_collision(threads: int = THREADS, timeout: float = 60.0) -> None:
+    """Hold the threads' first interpreted launches in the overlap that the launch lock forbids, every time.
+
+    Each thread's first launch, once it has patched triton.language (``interpreter._patch_lang``), waits at a
+    barrier until every thread's first launch has: all are inside at once. The thread that patched first then
+    runs its programs and restores triton.language to Triton's own functions while the others wait; they run
+    theirs after, and their ``tl.*`` calls reach the unpatched builtins ("Did you forget to add @triton.jit ?").
+    No thread patches again until all of them are done (the first waits after its restore for the others'), so
+    every other thread fails, whatever the scheduler does. Under the lock one launch is inside at a time: the
+    barrier never fills and times out instead. For a fresh interpreter only: it leaves triton.language patched.
+    """
+    from triton.runtime import interpreter
+
+    patch_lang = interpreter._patch_lang
+    order: list[str] = []                              # threads, in the order their first launch patched
+    order_lock = threading.Lock()
+    all_inside, all_out = threading.Barrier(threads, timeout=timeout), threading.Barrier(threads, timeout=timeout)
+    first_restored = threading.Event()
+
+    def stepped_patch_lang(fn):
+        me = threading.current_thread().name
+        with order_lock:
+            scope = patch_lang(fn)
+            if me in order:                            # a later launch (or a device function's call) runs freely
+                return scope
+            order.append(me)
+        all_inside.wait()
+        restore = scope.restore
+        if order[0] == me:
+            def restore_then_release() -> None:
+                restore()
+                first_restored.set()
+                all_out.wait()
+        else:
+            if not first_restored.wait(timeout):
+                raise TimeoutError(f"{order[0]} did not finish its launch")
+
+            def restore_then_release() -> None:
+                all_out.wait()
+                restore()
+        scope.restore = restore_then_release
+        return scope
+
+    interpreter._patch_lang = stepped_patch_lang
 
 
 @needs_interpreter
 def test_without_the_lock_threads_collide():
     """The same threads with the lock swapped for a no-op fail: it is the lock that makes the test above pass.
 
-    It runs in a fresh interpreter because a collision can leave triton.language patched for good (a thread
-    records the other thread's patches as the originals it restores), which must not leak into this session.
-    One call per thread, up to 3 rounds: on 2 shared CPU cores every one of 70 unlocked rounds (40 of one call
-    per thread, 30 of two) had failures, 3 to 7 per round, and many were wrong numbers without any error.
+    The threads' first launches are held inside together (``_step_first_launches_into_a_collision``), so the
+    collision does not depend on how the scheduler interleaves them. It runs in a fresh interpreter because a
+    collision leaves triton.language patched for good (a thread records the other thread's patches as the
+    originals it restores), which must not leak into this session.
     """
     code = ("import contextlib, json\n"
             "import test_kernels\n"
             "from minipeft.kernels import triton_interpreter\n"
             "triton_interpreter._LAUNCH_LOCK = contextlib.nullcontext()\n"
-            "rounds = []\n"
-            "while len(rounds) < 3 and not any(rounds):\n"
-            "    rounds.append(test_kernels._launch_from_threads(calls=1))\n"
-            "print(json.dumps(rounds))\n")
+            "test_kernels._step_first_launches_into_a_collision()\n"
+            "print(json.dumps(test_kernels._launch_from_threads(calls=1)))\n")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
                           capture_output=True, text=True, timeout=540)
     assert done.returncode == 0, done.stderr[-3000:]
-    rounds = json.loads(done.stdout.strip().splitlines()[-1])
-    assert any(rounds), f"{len(rounds)} rounds of unlocked launches from {THREADS} threads and no collision"
+    failures = json.loads(done.stdout.strip().splitlines()[-1])
+    unpatched = {f.split(":")[0] for f in failures if "Did you forget to add @triton.jit" in f}
+    # every thread but the one whose launch went first, on its one call: "thread i call 0"
+    assert len(unpatched) >= THREADS - 1, "\n".join(failures)

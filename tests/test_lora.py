@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from learning import halfway, learn_task
 from tolerances import assert_close
 
-from minipeft import kernels
+from minipeft import kernels, quant
 from minipeft.model import GPT, GPTConfig
 from minipeft.tuners import LoraConfig, LoraLinear, get_peft_model
 
@@ -150,7 +150,6 @@ def test_backends_see_the_same_dropout_mask():
 
 
 def test_nf4_base_layer():
-    quant = pytest.importorskip("minipeft.quant")
     torch.manual_seed(0)
     dense = nn.Linear(64, 32)
     nf4 = quant.NF4Linear.from_linear(dense)
@@ -171,7 +170,6 @@ def test_nf4_base_layer():
 
 
 def test_nf4_model_merge_and_unload():
-    quant = pytest.importorskip("minipeft.quant")
     torch.manual_seed(0)
     model = quant.quantize_model(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)))
     pm = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))

@@ -12,13 +12,13 @@ import json
 
 import pytest
 import torch
+from tolerances import assert_close
 
 from minipeft import kernels
 from minipeft.model import GPT
 from minipeft.tuners import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, PTuningConfig
 from minipeft.tuners import get_peft_model as minipeft_get_peft_model
 
-ATOL = 1e-4  # the bar for fp32 logits: two implementations of the same math, no padding
 T = 7
 
 
@@ -108,12 +108,12 @@ def test_peft_file_loads_into_minipeft(hf, gpt2_dir, minipeft_base, tmp_path, me
     model.save_pretrained(str(tmp_path))
 
     pm = PeftModel.from_pretrained(copy.deepcopy(minipeft_base), str(tmp_path)).eval()
-    assert max_diff(minipeft_logits(pm), expected) <= ATOL
+    assert_close(minipeft_logits(pm), expected, "interop")
 
     # and back: minipeft writes peft's format, peft reads it to the same logits
     pm.save_adapter(str(tmp_path / "back"), format="peft", base_model_name_or_path=gpt2_dir)
     again = peft.PeftModel.from_pretrained(hf_base(hf, gpt2_dir), str(tmp_path / "back")).eval()
-    assert max_diff(peft_logits(again), expected) <= ATOL
+    assert_close(peft_logits(again), expected, "interop")
 
 
 MINIPEFT_CONFIGS = {
@@ -140,12 +140,12 @@ def test_minipeft_peft_format_loads_into_peft(hf, gpt2_dir, minipeft_base, tmp_p
     pm.save_adapter(str(tmp_path), format="peft", base_model_name_or_path=gpt2_dir)
 
     model = peft.PeftModel.from_pretrained(hf_base(hf, gpt2_dir), str(tmp_path)).eval()
-    assert max_diff(peft_logits(model), expected) <= ATOL
+    assert_close(peft_logits(model), expected, "interop")
     assert max_diff(expected, minipeft_logits_base(minipeft_base)) > 1e-2
 
     # minipeft reads its own peft-format file back (and checks the base fingerprint kept in its metadata)
     back = PeftModel.from_pretrained(copy.deepcopy(minipeft_base), str(tmp_path)).eval()
-    assert max_diff(minipeft_logits(back), expected) <= ATOL
+    assert_close(minipeft_logits(back), expected, "interop")
 
 
 @torch.no_grad()

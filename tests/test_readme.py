@@ -1,9 +1,13 @@
-"""README's quickstart is what CI runs: exactly two command lines, the second verbatim in .ci/run."""
+"""README's quickstart is what CI runs: exactly two command lines, the second verbatim in .ci/run; README's
+comparison table is the committed run's."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+
+from minipeft.compare import format_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,3 +33,11 @@ def test_ci_runs_the_readme_test_line_verbatim():
 
 def test_ci_fails_on_any_error():
     assert "set -euo pipefail" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_comparison_table_is_the_committed_runs():
+    """The table under "The comparison, measured" is `format_table` of benchmarks/compare/results.json, which
+    chapter 9 reads: the README cannot show other numbers than the chapter's verdicts rest on."""
+    rows = json.loads((ROOT / "benchmarks" / "compare" / "results.json").read_text())["rows"]
+    section = (ROOT / "README.md").read_text().split("## The comparison, measured", 1)[1]
+    assert format_table(rows) in section

@@ -1,4 +1,4 @@
-"""minipeft.stats against explicit formulas and scipy-free known values."""
+"""minipeft.stats against explicit formulas, known values and scipy's Student's t."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 import statistics
 
 import pytest
+import scipy.stats
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -25,11 +26,15 @@ def test_one_value_has_no_interval_and_empty_is_refused():
         interval([])
 
 
-@given(st.lists(st.floats(-1, 1), min_size=2, max_size=12))
-def test_interval_contains_the_mean_and_is_symmetric(values):
+# 2-40 values: 1-39 degrees of freedom, through stats' printed table of t and past it. The table gives t to 3 decimals
+# (t >= 2.04 there: at most 0.0005 / 2.04 = 2.5e-4 relative), its expansion beyond to 1e-4.
+@given(st.integers(2, 40).flatmap(lambda n: st.lists(st.floats(-1, 1), min_size=n, max_size=n)))
+def test_interval_is_the_mean_plus_minus_students_t_times_the_standard_error(values):
     mean, h = interval(values)
+    n = len(values)
     assert mean == pytest.approx(statistics.fmean(values))
-    assert h >= 0
+    expected = scipy.stats.t.ppf(0.975, n - 1) * statistics.stdev(values) / math.sqrt(n)
+    assert h == pytest.approx(expected, rel=2.5e-4, abs=1e-12)  # abs: all values equal gives s = 0
 
 
 def test_compare_verdict_needs_an_interval_that_excludes_zero():

@@ -108,7 +108,7 @@ def check_adapter_param_count(fn) -> None:
 
 def check_identity_init(fn) -> None:
     """Exercise 3: fn(adapter) sets a BottleneckAdapter's parameters in place so that it is the identity and can
-    still learn (a gradient reaches its parameters from the first step)."""
+    still learn (its up-projection's weight W_up gets a nonzero gradient from the first step)."""
     g = torch.Generator().manual_seed(7)
     for d, rf in FORWARD_CASES:
         adapter = _random_adapter(d, rf, g)

@@ -232,7 +232,10 @@ course.claim(all(agree), f"the formula N = L(12d² + 13d) + Vd + Pd + 2d counts 
 #
 # Mixed precision does not shrink these model states: it keeps an fp32 master copy for the update, so both
 # rows come to 16 bytes per parameter (ZeRO, Rajbhandari et al. 2019, https://arxiv.org/abs/1910.02054,
-# section 3.1). Activations come on top and grow with batch and sequence length; they are left out here.
+# section 3.1). Without the master copy (16-bit weights updated in place, AdamW's moments still in fp32) it is
+# 2 + 2 + 8 = 12 bytes: that is the accounting behind the QLoRA paper's "more than 780 GB" for a 65B model,
+# and chapter 7 prints both figures side by side. Activations come on top and grow with batch and sequence
+# length; they are left out here.
 #
 # **Storage.** A fine-tuned copy saved in fp16 takes 2 bytes per parameter, for every task.
 
@@ -272,8 +275,10 @@ plt.show()
 # %% [markdown]
 # **Compute.** Training costs about 6·N floating-point operations per token (forward 2N, backward 4N;
 # Kaplan et al. 2020, https://arxiv.org/abs/2001.08361, section 2.1), whichever parameters are trained: the
-# backward pass must still carry gradients through the frozen layers. So PEFT saves the *weight-gradient*
-# third of the backward pass and the optimizer state, not the forward pass.
+# backward pass must still carry gradients through the frozen layers. The backward's 4N is two halves: 2N for
+# the gradients with respect to the activations (needed to reach earlier layers) and 2N for the gradients with
+# respect to the weights. So PEFT saves the *weight-gradient* half of the backward pass (2N of the 6N total,
+# about a third of the step) and the optimizer state, not the forward pass.
 #
 # **Deployment.** 100 tasks fully fine-tuned means 100 copies of the model (the last column of the table) and a
 # separate model to load for each task.
@@ -306,6 +311,9 @@ print(f"closed form: {c.n_layer} blocks × {per_block:,d} = {c.n_layer * per_blo
 idx = torch.tensor([tok.encode(sentiment.validation[0].prompt, add_bos=True)])  # (1, T)
 with torch.no_grad():
     diff = (pm(idx)[0] - base(idx)[0]).abs().max().item()
+print(f"two denominators: print_trainable_parameters divides by all parameters of the wrapped model, base and "
+      f"LoRA together ({trainable:,d} / {total:,d} = {trainable / total:.2%}); the line below divides by the "
+      f"base's own {base.num_parameters():,d} ({trainable / base.num_parameters():.2%})")
 course.claim(trainable == c.n_layer * per_block and diff == 0.0,
              f"LoRA r=8 on every Linear trains exactly L·Σ r(in + out) = {trainable:,d} parameters "
              f"({trainable / base.num_parameters():.1%} of the base), and at init it changes no logit "

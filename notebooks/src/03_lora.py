@@ -82,10 +82,14 @@ course.claim((ours - lib).abs().max() < 1e-5 and rank <= r,
 # %% [markdown]
 # ### Exercise 2.2 — why low rank is parameter-efficient
 #
-# The PEFT exercises write W as d × k, A as d × r and B as r × k; minipeft (like peft and `nn.Linear`) stores
-# A as (r, in) and B as (out, r). Either way the update has **r·(d + k)** numbers instead of **d·k**: linear
-# in r instead of quadratic in the width. For GPT-2 small's fused q/k/v projection (768 → 2304) at r = 8 that is
-# the fraction the cell prints. The closed form is checked against `LoraLinear`'s real tensors:
+# The PEFT exercises write ΔW = B·A with W as d × k, A as d × r and B as r × k. With those shapes B·A is not
+# defined (an r × k matrix times a d × r one); the product that is d × k would be A·B. For ΔW = B·A to have
+# W's shape d × k, B must be d × r and A r × k — the LoRA paper's B ∈ ℝ^{d×r}, A ∈ ℝ^{r×k} (Hu et al. 2021,
+# section 4.1). minipeft (like peft and `nn.Linear`) stores exactly that with d = out and k = in: A as (r, in)
+# and B as (out, r), so B·A is (out, in) like W₀, as the cell above printed. Either way the update has
+# **r·(d + k)** numbers instead of **d·k**: linear in r instead of quadratic in the width. For GPT-2 small's
+# fused q/k/v projection (768 → 2304) at r = 8 that is the fraction the cell prints. The closed form is checked
+# against `LoraLinear`'s real tensors:
 
 # %%
 def lora_params(r: int, d_in: int, d_out: int) -> int:

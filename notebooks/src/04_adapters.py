@@ -49,10 +49,11 @@ print(base.config)
 # ### Exercises 3.1 and 3.2 — the bottleneck, Pfeiffer vs Houlsby, and where each sits
 #
 # **Houlsby** puts one adapter after the attention sublayer and one after the feed-forward sublayer (2 per
-# block); **Pfeiffer** (Pfeiffer et al. 2020, AdapterFusion, https://arxiv.org/abs/2005.00247) keeps only the
-# one after the feed-forward sublayer (1 per block). The papers used post-LN BERT, where the adapter acts on
-# the sublayer's output before the residual add. minipeft's GPT is pre-LN (`x = x + Sublayer(LN(x))`), so
-# the adapter wraps the sublayer (`block.attn`, `block.mlp`) and acts on its output before the add:
+# block); **Pfeiffer** (the configuration from the AdapterFusion paper, Pfeiffer et al. 2021, EACL,
+# https://arxiv.org/abs/2005.00247) keeps only the one after the feed-forward sublayer (1 per block). The papers
+# used post-LN BERT, where the adapter acts on the sublayer's output before the residual add. minipeft's GPT is
+# pre-LN (`x = x + Sublayer(LN(x))`), so the adapter wraps the sublayer (`block.attn`, `block.mlp`) and acts on
+# its output before the add:
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(9.2, 9.0))
@@ -227,7 +228,7 @@ for i, name in enumerate(tasks):
 # Switching is one call and never touches the base (the claim above); the printout says how each adapter does on
 # its own task against the base. Stacking two adapters trained *separately* simply composes them: each was
 # trained to see the base's output, not the other adapter's, so the stacked rows show how much of each task
-# survives. The `adapters` library's AdapterFusion learns how to combine adapters instead (Pfeiffer et al. 2020,
+# survives. The `adapters` library's AdapterFusion learns how to combine adapters instead (Pfeiffer et al. 2021,
 # https://arxiv.org/abs/2005.00247), as minipeft's `Fuse` does (chapter 11).
 #
 # ### Exercise 3.4 — adapters vs LoRA, and the latency cost
@@ -441,8 +442,9 @@ check_adapter_param_count(adapter_param_count)
 # ### Exercise 3 — an adapter that starts as the identity, and can learn
 #
 # Write `identity_init(adapter)`: set the parameters of a `BottleneckAdapter` (its `adapter_down` and `adapter_up`
-# are `nn.Linear`s) in place, so that `adapter(h)` returns h exactly, yet a gradient reaches the adapter from the
-# first step. Zeroing everything passes the first test and fails the second: find out why. The check starts from
+# are `nn.Linear`s) in place, so that `adapter(h)` returns h exactly, yet the up-projection's weight W_up
+# (`adapter_up.weight`) gets a nonzero gradient from the first step. Zeroing everything passes the first test and
+# fails the second (b_up would still get a gradient, W_up none): find out why. The check starts from
 # random weights, calls your function, compares the output with h, then backpropagates a loss.
 
 # %%

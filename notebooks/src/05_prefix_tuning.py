@@ -27,7 +27,7 @@ from diagrams import draw_block
 from minipeft import kernels
 from minipeft.data import load_task, task_batch
 from minipeft.evaluate import evaluate
-from minipeft.measure import generation_ms_per_token
+from minipeft.measure import round_robin_ms
 from minipeft.model import KVCache
 from minipeft.pretrain import load_base
 from minipeft.stats import compare_verdict, fmt_interval, interval
@@ -65,8 +65,10 @@ draw_block("prefix")
 plt.show()
 
 # %% [markdown]
-# ### Exercise 4.1 — the prefix: one flat parameter, L key/value pairs per virtual token
+# ### Exercises 4.1 and 4.3 — the prefix: one flat parameter, L key/value pairs per virtual token
 #
+# Where are prefixes inserted (Exercise 4.3)? In every layer, as extra keys and values of the attention (the diagram
+# above), not only at the input as a soft prompt is.
 # minipeft stores the prefix the way HF peft's `PrefixEncoder` does: one matrix P of shape (n, L·2·C). Row i
 # is virtual token i; its columns are layer 0's key, layer 0's value, layer 1's key, … each C = n_h·h_s wide.
 # Reshaped, it is (L, 2, n_h, n, h_s): per layer a key and a value for every head and virtual token.
@@ -89,8 +91,8 @@ course.claim(pm.get_nb_trainable_parameters()[0] == L * 2 * n * C,
 
 # %% [markdown]
 # minipeft starts the plain prefix from the frozen model's own keys and values for n random tokens (Li &
-# Liang §7.2 found that initialising with real words' activations beats random init; it also puts the
-# prefix at the scale the attention was trained on). The prefix lives in the KV cache: before any real
+# Liang found, in their study of how to initialise the prefix, that real words' activations beat random init;
+# it also puts the prefix at the scale the attention was trained on). The prefix lives in the KV cache: before any real
 # token is seen the cache already holds n entries per layer, and the real tokens take positions n … n+T−1.
 
 # %%
@@ -147,7 +149,7 @@ print(f"the last token ({example.prompt[-1]!r}) in layer 0 puts {row[:, :n].sum(
       f"mass on the {n} prefix entries (mean over heads); each row sums to {row.sum(-1).mean():.3f}")
 
 # %% [markdown]
-# ### Exercise 4.3 and the reparametrisation — training the prefix, with and without an MLP
+# ### The reparametrisation — training the prefix, with and without an MLP
 #
 # Li & Liang (§4.3) found that optimising P directly was unstable and produced it with an MLP instead,
 # P = W₂·tanh(W₁·E + b₁) + b₂ from n smaller embeddings E; after training only P is kept. Parameter counts,
@@ -276,14 +278,25 @@ plt.show()
 #
 # With a KV cache, each new token costs one query against the cached keys. The prefix enters the cache once,
 # before the prompt, so per token the model attends to n more keys and nothing else changes. Measured:
-# greedy generation of 48 tokens, batch 1; the two models run in turn, 7 times each after a warm-up, and the
-# median run of each counts (`minipeft.measure`: the typical run, not moved by one disturbed by other work).
+# greedy generation of 48 tokens, batch 1, timed round-robin as in the LoRA and adapter chapters: each round
+# times both models once (so a slow moment of the machine hits both alike), the ratio is taken within each round,
+# and its mean over the rounds comes with a 95% interval.
 
 # %%
-ms = generation_ms_per_token({"base": base, "prefix": pm}, idx, new_tokens=48, repeats=7)
-t_base, t_prefix = ms["base"], ms["prefix"]
-print(f"ms/token: base {t_base:.2f}, prefix-tuned {t_prefix:.2f} → ratio {t_prefix / t_base:.2f}; the prefix adds "
-      f"{n} keys to the {idx.shape[1]}–{idx.shape[1] + 48} real ones each step attends to, and no layer")
+ROUNDS, NEW = 8, 48
+calls = {k: (lambda m=m: m.generate(idx, max_new_tokens=NEW)) for k, m in {"base": base, "prefix": pm}.items()}
+with torch.no_grad():
+    rounds = [round_robin_ms(calls, repeats=1, warmup=1 if i == 0 else 0) for i in range(ROUNDS)]
+ms_tok = {k: [r[k] / NEW for r in rounds] for k in calls}
+prefix_ratio = [p / b for p, b in zip(ms_tok["prefix"], ms_tok["base"], strict=True)]
+mean_ratio, half_ratio = interval(prefix_ratio)
+latency_word = ("no different from the base within the noise (the interval holds 1)"
+                if mean_ratio - half_ratio <= 1 <= mean_ratio + half_ratio
+                else f"{'slower' if mean_ratio > 1 else 'faster'} than the base (the interval excludes 1)")
+print(f"ms/token: base {fmt_interval(ms_tok['base'], '.2f')}, prefix-tuned {fmt_interval(ms_tok['prefix'], '.2f')}")
+print(f"prefix / base = {fmt_interval(prefix_ratio, '.2f')}× over {ROUNDS} rounds: the prefix-tuned model is "
+      f"{latency_word}; it adds {n} keys to the {idx.shape[1]}–{idx.shape[1] + NEW} real ones each step attends "
+      f"to, and no layer")
 
 print(f"\nquestion: {example.prompt!r}  (answer: {example.answer!r})")
 base_out = base.generate(idx, 12, eos_token_id=tok.eos_token_id)[0, idx.shape[1]:]
@@ -300,8 +313,8 @@ print(f"after {STEPS} steps (seed 0), {sum(a == ex.answer for a, ex in zip(answe
 
 # %% [markdown]
 # One generation step of the prefix-tuned model runs the same layers as the base's; the only extra work is
-# n more entries in each attention row, and the ratio above is what that costs here (timings on a shared
-# machine move from run to run). The generations show what training changed: at init the
+# n more entries in each attention row, and the ratio line above says whether that cost shows above this
+# machine's timing noise. The generations show what training changed: at init the
 # prefix leaves the base's story-like continuation; after training the model is asked to answer with the bare
 # fact and stop, and the count above says how often it does on these four.
 #

@@ -274,13 +274,13 @@ for lever, value in spread.items():
 lr_lever = next(lever for lever in spread if lever.startswith("learning rate"))
 runner_up = max(v for lever, v in spread.items() if lever != lr_lever)
 course.claim(spread[lr_lever] > 1.5 * runner_up,
-             f"at {STEPS} steps the learning rate is the lever that matters most: its spread, {spread[lr_lever]:.2f}, "
-             f"is more than 1.5× either other lever's (at most {runner_up:.2f})")
+             f"at {STEPS} steps, over the ranges swept here, the learning rate is the lever that matters most: its "
+             f"spread, {spread[lr_lever]:.2f}, is more than 1.5× either other lever's (at most {runner_up:.2f})")
 
 # %% [markdown]
-# ### The rest of the guide's list: memory per virtual token, the init text, model size
+# ### The rest of the notes' list: memory per virtual token, the init text, model size
 #
-# Three more items from the prompt- and prefix-tuning guide's troubleshooting list and next steps.
+# Three more items from the prompt- and prefix-tuning notes' troubleshooting list and next steps.
 #
 # **Memory ("optimize number of virtual tokens").** A virtual token costs C numbers of its own (plus their gradient
 # and two AdamW moments: 16 bytes each in fp32), but it also lengthens every sequence of every batch, and a training
@@ -448,10 +448,12 @@ print(f"the sentiment prompt: accuracy {acc_s:.3f} on {n_s} validation reviews, 
 
 # %% [markdown]
 # The switch is a dictionary lookup, and the base is bit-for-bit the same. The last line says where the sentiment
-# prompt got to in its few steps; the prompt-tuning notes warn that prompt tuning "doesn't perform as well as full
-# fine-tuning for smaller LLMs"; a plausible reason on this base is that a sentiment classifier has to be built from
-# the base's features rather than just asked for, a harder job for n input vectors than the answer format of
-# `facts`.
+# prompt got to, and with how many steps: a tiny budget, chosen to show the swap, not to train a classifier, so the
+# line says nothing about model size (the prompt-tuning notes' "doesn't perform as well as full fine-tuning for
+# smaller LLMs" would need the same budget on two sizes, as the model-size experiment above does for `facts`). With a
+# larger budget — 150 steps of batch 16, one seed per rate — `benchmarks/lr_sweep.py` found the soft-prompt methods
+# (prompt, P-tuning, prefix) still near chance on `sentiment` at every rate it tried (benchmarks/RESULTS.md,
+# "Learning rates for `minipeft compare`"); how many more steps a soft prompt would need there is not measured here.
 #
 # ### P-tuning: an encoder produces the prompt
 #
@@ -555,9 +557,9 @@ print(against_hand([r[1] for r in soft[ref_key]], hand[1], "the lenient score"))
 # - Prompt tuning learns n input vectors P (n·C numbers) put in front of the embedded input of a frozen model;
 #   the five-line forward is exactly what the library computes, and the layers reach P only through their own
 #   computation on it.
-# - Of the troubleshooting list's three levers, the learning rate mattered most at this short budget (a checked
-#   claim), and the sweep's intervals say which rates three seeds can tell apart. Text init and the prompt length
-#   get verdicts from the same seeds, stated only where the intervals allow.
+# - Of the troubleshooting list's three levers, the learning rate mattered most at this short budget, over the
+#   ranges swept here (a checked claim), and the sweep's intervals say which rates three seeds can tell apart.
+#   Text init and the prompt length get verdicts from the same seeds, stated only where the intervals allow.
 # - A TEXT prompt starts exactly on its init text's embeddings; after training its nearest tokens, and the
 #   cosines to them, show how far it left the vocabulary.
 # - One base serves several tasks: swapping prompts is a dictionary lookup and leaves the base bit-for-bit the same;

@@ -18,7 +18,10 @@
 #
 # Quantization stores a tensor as small integers plus a scale, w ≈ s·q: fewer bits per weight, so less
 # memory and less traffic when the weights are read (inference at batch 1 is bound by reading weights). The
-# price is rounding error, which the cells below measure.
+# price is rounding error, which the cells below measure — and time, unless a kernel reads the codes directly:
+# minipeft's `NF4Linear` dequantizes its weight on every call, so unmerged QLoRA pays for that on every generated
+# token. Chapter 9 times decoding with QLoRA against the base (round-robin, on this CPU) and prints the ratio with
+# its interval.
 
 # %%
 # %matplotlib inline
@@ -261,7 +264,8 @@ print(f"the outlier column in 16 bits cuts the error {int8_errors[0.0] / int8_er
 # - `python -m minipeft.memory_report`: LoRA (r = 8, every Linear) on the base in 16, 8 and 4 bits, one fresh
 #   process per row; the module's docstring says what each column counts.
 # - a training step of LoRA on the base at batch sizes 1 … 32, each measured three times: the peak above the
-#   memory in use before the step.
+#   memory in use before the step; and, in the same process, the bytes of the tensors the model keeps between
+#   steps (weights, buffers, AdamW's state).
 
 # %%
 BATCH_PROBE = textwrap.dedent("""
@@ -278,13 +282,17 @@ BATCH_PROBE = textwrap.dedent("""
         idx = torch.randint(0, 256, (batch, T + 1))  # (batch, T + 1) tokens: inputs and next-token targets
         model(idx[:, :-1], targets=idx[:, 1:])[1].backward(); opt.step(); opt.zero_grad(set_to_none=True)  # noqa: E702
     step(1)  # the first step creates AdamW's state and loads the math kernels: no batch size's cost
-    peaks = {}
+    tensors = [*model.parameters(), *model.buffers(),
+               *(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t))]
+    resident = sum(t.numel() * t.element_size() for t in tensors) / 2**20  # MiB kept between steps
+    peaks, in_use = {}, []
     for batch in map(int, sys.argv[1].split(",")):
         for _ in range(3):
             before = reset_peak_memory("cpu")  # MiB in use now; the peak starts here
+            in_use.append(before)
             step(batch)
             peaks.setdefault(batch, []).append(peak_memory_mb("cpu") - before)
-    print(json.dumps(peaks))
+    print(json.dumps({"peaks": peaks, "resident_mib": resident, "in_use_mib": in_use}))
 """)
 BATCHES = [1, 2, 4, 8, 16, 32]
 MEMORY_ARGS = ["--preset", "default", "--device", "cpu", "--batch", "8", "--seq", "128", "--r", "8", "--steps", "2"]
@@ -376,7 +384,7 @@ plt.show()
 #   format** (`nf4_nbytes`, the bytes `quantize_nf4` allocates, for each matrix's exact size); the embeddings,
 #   the output layer and the norms stay in bf16;
 # - adapter: LoRA r = 64 on every Linear of the blocks (QLoRA's setting), its weights and gradients in bf16
-#   and AdamW's two moments in fp32: 2 + 2 + 8 = 12 bytes per adapter parameter;
+#   and AdamW's two moments in fp32, no fp32 master copy: 2 + 2 + 8 = 12 bytes per adapter parameter;
 # - activations: batch 1 × 512 tokens, gradient checkpointing at every block's input (16-bit), plus one
 #   block recomputed in backward (Korthikanti et al. 2022's s·b·h·(34 + 5·a·s/h) bytes of one block) and
 #   the logits with their fp32 loss copy and gradient;
@@ -415,9 +423,13 @@ for bits, wb in base_bytes.items():
     totals[bits] = sum(parts)
     print(f"{bits:>2d}-bit  " + "".join(f"{v / GiB:16.1f} GiB" for v in [*parts, totals[bits]])
           + f"   {'yes' if totals[bits] < GPU * GiB else 'no'}")
-full_16 = (n_linear + n_other) * (2 + 2 + 8)  # bf16 weights and gradients, fp32 AdamW moments, every parameter
-print(f"full 16-bit fine-tuning, same accounting: {full_16 / 1e9:,.0f} GB ({full_16 / GiB:,.0f} GiB) of weights, "
-      f"gradients and AdamW before any activation (the QLoRA paper: 'more than 780 GB')")
+full_16 = (n_linear + n_other) * (2 + 2 + 8)  # bf16 weights and gradients, fp32 AdamW moments, no master copy
+full_master = (n_linear + n_other) * (2 + 2 + 8 + 4)  # the same plus an fp32 master copy (chapter 1's 16 B/param)
+print(f"full 16-bit fine-tuning, 12 bytes per parameter (bf16 weights and gradients, AdamW's moments in 32 bits, "
+      f"no fp32 master copy — the accounting of the QLoRA paper's 'more than 780 GB'): {full_16 / 1e9:,.0f} GB "
+      f"({full_16 / GiB:,.0f} GiB) before any activation")
+print(f"with chapter 1's fp32 master copy, 16 bytes per parameter: {full_master / 1e9:,.0f} GB "
+      f"({full_master / GiB:,.0f} GiB)")
 no_dq = L * sum(nf4_nbytes(o * i, 64, double_quant=False) for o, i in linears)
 print(f"double quantization saves {8 * (no_dq - base_bytes[4]) / n_linear:.3f} bits per weight here, "
       f"{(no_dq - base_bytes[4]) / GiB:.1f} GiB of the 4-bit total")
@@ -491,15 +503,21 @@ print(f"the rows' peaks span {max(peaks) - min(peaks):.1f} MiB, their weights "
 #
 # ### "Reduce batch size" — what it buys
 #
-# The LoRA/QLoRA guide's first advice when memory runs out is to reduce the batch size. What a smaller batch
-# shrinks is the activations: they scale with batch × tokens, while weights, adapter and optimizer state do
-# not move. The fresh process above measured the peak of one training step at each batch size (three times
-# each; 128 tokens a row); a straight line through them gives the verdict: the slope is what each example
-# costs, the intercept what no batch size removes. Beside it, the bytes autograd saves for backward per
-# example, counted in this process with `saved_tensors_hooks` at batch 1.
+# The prompt- and prefix-tuning notes list "Reduce batch size" among their fixes for memory trouble (second,
+# after "Use 8-bit training", which the rows above measure). What a smaller batch shrinks is the activations:
+# they scale with batch × tokens, while weights, adapter and optimizer state do not move. The fresh process
+# above measured the peak of one training step at each batch size (three times each; 128 tokens a row), above
+# the memory in use just before the step. A straight line through them gives the slope, what each example
+# costs. Its intercept is *not* what stays: the memory in use before the step already holds the weights and
+# AdamW's state, so subtracting it makes the intercept about zero by construction. What no batch size removes
+# is counted instead from the tensors the model keeps between steps, in the same process. Beside them, the
+# bytes autograd saves for backward per example, counted in this process with `saved_tensors_hooks` at batch 1.
 
 # %%
-batch_peaks = {int(b): v for b, v in fresh_result("batch").items()}  # batch -> [MiB, MiB, MiB]
+probe_result = fresh_result("batch")
+batch_peaks = {int(b): v for b, v in probe_result["peaks"].items()}  # batch -> [MiB, MiB, MiB]
+resident = probe_result["resident_mib"]  # weights, buffers and AdamW's state, kept between steps
+in_use = sorted(probe_result["in_use_mib"])[len(probe_result["in_use_mib"]) // 2]  # the process before a step
 xs = torch.tensor([b for b, v in batch_peaks.items() for _ in v], dtype=torch.float64)
 ys = torch.tensor([p for v in batch_peaks.values() for p in v], dtype=torch.float64)
 design = torch.stack([xs, torch.ones_like(xs)], 1)  # (n, 2): batch, 1
@@ -525,12 +543,22 @@ saved_per_example = sum(kept.values()) / 2**20
 print(f"{'batch':>5s} {'peak above the memory in use (MiB), 3 runs':>45s}")
 for b, v in batch_peaks.items():
     print(f"{b:>5d} {', '.join(f'{p:6.1f}' for p in v):>45s}")
-print(f"fit: peak ≈ {slope:.2f} MiB × batch + {intercept:.1f} MiB (R² = {r2:.4f}); autograd saves "
-      f"{saved_per_example:.2f} MiB per example")
+print(f"fit: peak above the memory in use ≈ {slope:.2f} MiB × batch {intercept:+.1f} MiB (R² = {r2:.4f}); the "
+      f"intercept is ~0 because the baseline already holds the model; autograd saves {saved_per_example:.2f} MiB "
+      f"per example")
+print(f"kept between steps (weights, buffers, AdamW state, from the tensors): {resident:.2f} MiB, inside the "
+      f"{in_use:.0f} MiB the process held before a step (mostly Python and PyTorch themselves)")
 b_max = max(BATCHES)
-print(f"verdict: halving the batch from {b_max} to {b_max // 2} saves {slope * b_max / 2:.0f} MiB of the step's "
-      f"{slope * b_max + intercept:.0f} MiB ({slope * b_max / 2 / (slope * b_max + intercept):.0%}); below batch "
-      f"{max(1, round(abs(intercept) / slope))} the batch-independent part is the larger")
+total_max = resident + slope * b_max + intercept
+print(f"verdict: halving the batch from {b_max} to {b_max // 2} saves {slope * b_max / 2:.0f} MiB of the "
+      f"{total_max:.0f} MiB that the model's tensors and one step at batch {b_max} need "
+      f"({slope * b_max / 2 / total_max:.0%}); the {resident:.2f} MiB kept between steps stay at every batch size")
+cross = next((b for b in range(1, b_max + 1) if slope * b + intercept > resident), None)
+where = ("the step is the larger part at every batch size" if cross == 1 else
+         f"the model's tensors stay the larger part up to batch {b_max}" if cross is None else
+         f"from batch {cross} on, the step is the larger part")
+print(f"one step's own memory is {(slope + intercept) / resident:.2f}× the model's tensors at batch 1 and "
+      f"{(slope * b_max + intercept) / resident:.0f}× at batch {b_max}: {where}")
 course.claim(slope > 0 and r2 > 0.95 and 0.5 < slope / saved_per_example < 2,
              f"a training step's peak grows linearly with the batch (R² {r2:.3f}), {slope:.2f} MiB per example, "
              f"within 2× of what autograd saves per example ({saved_per_example:.2f} MiB): reducing the batch "
@@ -539,9 +567,10 @@ course.claim(slope > 0 and r2 > 0.95 and 0.5 < slope / saved_per_example < 2,
 fig, ax = plt.subplots(figsize=(6.5, 3.6))
 ax.scatter(xs, ys, color="C0", zorder=3, label="measured peak, 3 runs per batch size")
 grid = torch.linspace(0, b_max, 50)
-ax.plot(grid, slope * grid + intercept, color="C1", label=f"fit: {slope:.2f} MiB/example + {intercept:.1f} MiB")
+ax.plot(grid, slope * grid + intercept, color="C1", label=f"fit: {slope:.2f} MiB/example {intercept:+.1f} MiB")
 ax.plot(grid, saved_per_example * grid, color="C2", ls="--",
         label=f"saved for backward: {saved_per_example:.2f} MiB/example")
+ax.axhline(resident, color="0.4", ls=":", label=f"kept between steps (weights, AdamW): {resident:.2f} MiB")
 ax.set_xlabel("batch size (rows of 128 tokens)")
 ax.set_ylabel("peak above memory in use (MiB)")
 ax.set_title("one LoRA training step on the default base (CPU, fresh process)")
@@ -585,7 +614,8 @@ print(f"validation accuracy: QLoRA {runs['QLoRA, NF4 base'][1]:.2f}, merged into
 # Two measurements. First, quantize the trained LoRA matrices themselves to NF4 and see what the model
 # loses. Second, the training argument: an optimizer step changes a weight by about the learning rate
 # (Adam's steps are ≈ lr per entry). Stored in NF4, a change smaller than half the gap between two levels
-# (the gaps are absmax × 0.08 … 0.30) is rounded away, so most updates would simply vanish.
+# (the gaps are absmax × 0.08 … 0.30) is rounded away. How many steps that loses depends on the step against
+# the gaps, so the cell measures it at the schedule's peak rate and at its final rate.
 
 # %%
 lora = models["LoRA, dense base"]
@@ -622,17 +652,19 @@ acc_16 = runs["LoRA, dense base"][1]
 lo, hi = wilson(acc_16, len(task.validation))  # the 95% interval of one accuracy on these reviews
 effect = "no change shown" if lo <= acc_q <= hi else "a loss" if acc_q < lo else "a gain"
 print(f"so: a finished adapter stored in NF4: accuracy {acc_16:.2f} → {acc_q:.2f}, {effect} on "
-      f"{len(task.validation)} reviews (95% interval [{lo:.2f}, {hi:.2f}]); during training, at the final rate "
-      f"NF4 keeps {took[LR / 10]['NF4']:.0%} of the steps and bf16 {took[LR / 10]['bf16']:.0%}")
+      f"{len(task.validation)} reviews (95% interval [{lo:.2f}, {hi:.2f}]); during training NF4 keeps "
+      f"{took[LR]['NF4']:.0%} of the steps at the peak rate and {took[LR / 10]['NF4']:.0%} at the final rate, "
+      f"bf16 {min(took[LR]['bf16'], took[LR / 10]['bf16']):.0%} at both")
 course.claim(took[LR / 10]["bf16"] > 0.99 and took[LR / 10]["NF4"] < 0.5,
-             "an adapter stored in NF4 could not train: at the schedule's final rate most of its updates round "
-             "to nothing, while bf16 keeps every one")
+             f"an adapter stored in NF4 loses its updates as the learning rate decays: at the schedule's final rate "
+             f"only {took[LR / 10]['NF4']:.0%} of its steps move a weight (at the peak rate "
+             f"{took[LR]['NF4']:.0%}), while bf16 keeps {took[LR / 10]['bf16']:.0%}")
 
 # %% [markdown]
 # Storing a *finished* adapter in NF4 costs the ΔW error printed above; the decisive problem is training:
 # the smaller the step against the gaps between NF4 levels, the more steps round to nothing (the shares
-# above), so a 4-bit adapter could not fine-tune.
-# QLoRA therefore keeps the adapter (and its gradients and optimizer state) in 16 bits, and only the
+# above, at two rates of the same schedule), so a 4-bit adapter would stop learning as its rate decays.
+# QLoRA therefore keeps the adapter and its gradients in 16 bits and AdamW's state in 32 bits, and only the
 # frozen base, which never receives an update, is stored in 4 bits (Dettmers et al. §3).
 #
 # ### Exercise 5.5 (challenge) — bitsandbytes and peft
@@ -660,12 +692,17 @@ if bnbF is not None:
     d1 = (bnbF.dequantize_4bit(flat_packed, flat_st) - dequantize_nf4(ours).flatten()).abs().max().item()
     d2 = (bnbF.dequantize_4bit(packed, st) - dequantize_nf4(ours)).abs().max().item()
     print(f"  dequantized (1-D): max |bnb − minipeft| = {d1:.1e}")
+    rounding = (dequantize_nf4(ours) - w).abs().max().item()
     print(f"  dequantized (2-D, 160 columns): max |bnb − minipeft| = {d2:.1e}; "
-          f"max |minipeft − w| = {(dequantize_nf4(ours) - w).abs().max():.3f} (the rounding error itself)")
+          f"max |minipeft − w| = {rounding:.3f} (NF4's own rounding error on this weight)")
     if d2 > 1e-6 and d1 < 1e-6:
+        times = d2 / rounding
+        size = (f"{times:.1f}× NF4's own largest rounding error of {rounding:.3f}" if times >= 1.5 else
+                f"about NF4's own largest rounding error of {rounding:.3f}" if times > 0.67 else
+                f"{times:.0%} of NF4's own largest rounding error of {rounding:.3f}")
         print(f"  finding: this bitsandbytes dequantizes the same bytes correctly as a 1-D tensor but not as the "
-              f"2-D weight (off by up to {d2:.3f}, about the rounding error itself): rows of 160 are not a "
-              f"multiple of the block size, so blocks of 64 cross rows")
+              f"2-D weight (off by up to {d2:.3f}, {size}): rows of 160 are not a multiple of the block size, so "
+              f"blocks of 64 cross rows")
     cb, scb, _ = bnbF.int8_vectorwise_quant(w)  # LLM.int8()'s weight format: codes (480, 160) int8, absmax (480,)
     q8 = quantize_int8(w)
     print(f"  int8 row-wise (int8_vectorwise_quant): codes identical {torch.equal(cb, q8.codes)}, "
@@ -719,8 +756,9 @@ else:
 #   weights column of the memory table, not the adapter, its gradients or its optimizer state.
 # - A smaller batch shrinks the activations, linearly (the slope per example measured above), and nothing else;
 #   when the weights do not fit, only fewer bits per weight help — which is how 65B fits one 48 GB GPU.
-# - The adapter stays in 16 bits because its small updates would round away in NF4; the frozen base, which
-#   never receives an update, is the part that can be 4-bit.
+# - The adapter stays in 16 bits (AdamW's state in 32) because its updates would round away in NF4 as the
+#   learning rate decays (the shares measured above); the frozen base, which never receives an update, is the
+#   part that can be 4-bit.
 #
 # ## Exercises
 #

@@ -855,7 +855,7 @@ def shrink_bytes(M, K, r, e=2):
 
 
 # %%
-check_shrink_bytes(shrink_bytes)
+passed = check_shrink_bytes(shrink_bytes)  # True when right
 
 # %% [markdown]
 # ### Exercise 2 — the FLOPs of the low-rank term
@@ -871,7 +871,7 @@ def lowrank_flops(M, K, N, r):
 
 
 # %%
-check_lowrank_flops(lowrank_flops)
+passed = check_lowrank_flops(lowrank_flops)  # True when right
 
 # %% [markdown]
 # ### Exercise 3 — the LoRA forward in plain torch
@@ -887,7 +887,7 @@ def lora_forward(x, W, bias, A, B, scaling, dropout_mask=None):
 
 
 # %%
-check_lora_forward(lora_forward)
+passed = check_lora_forward(lora_forward)  # True when right
 
 # %% [markdown]
 # ### Exercise 4 — what CUDA graphs take away from a step

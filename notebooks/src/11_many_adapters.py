@@ -740,7 +740,7 @@ def average_of_adapters(o, deltas, weights):
 
 
 # %%
-check_average_of_adapters(average_of_adapters)
+passed = check_average_of_adapters(average_of_adapters)  # True when right
 
 # %% [markdown]
 # ### Exercise 2 — group the rows as the kernel does
@@ -757,7 +757,7 @@ def group_rows(adapter_index, n_adapters):
 
 
 # %%
-check_group_rows(group_rows)
+passed = check_group_rows(group_rows)  # True when right
 
 # %% [markdown]
 # ### Exercise 3 — the size of a fusion
@@ -774,7 +774,7 @@ def fusion_parameters(d, n_sites, fusion_type="dynamic"):
 
 
 # %%
-check_fusion_parameters(fusion_parameters)
+passed = check_fusion_parameters(fusion_parameters)  # True when right
 
 # %% [markdown]
 # ### Exercise 4 — a mixed batch, the slow way
@@ -791,7 +791,7 @@ def mixed_batch_by_loop(pm, idx, adapter_names):
 
 
 # %%
-check_mixed_batch_by_loop(mixed_batch_by_loop)
+passed = check_mixed_batch_by_loop(mixed_batch_by_loop)  # True when right
 
 # %% [markdown]
 # ### Questions
