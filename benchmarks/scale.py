@@ -1,4 +1,4 @@
-"""Scale-out benchmark: LoRA / QLoRA fine-tuning across GPUs with DDP and FSDP2 (issue: scale out).
+"""Scale-out benchmark: LoRA / QLoRA fine-tuning across GPUs with DDP and FSDP2.
 
 Under torchrun, one launch per command:
 

@@ -973,11 +973,6 @@ def _int8_too_large(x: torch.Tensor | None, codes: torch.Tensor) -> str | None:
                      (("x as (rows, in)", m * k), ("y (rows, out)", m * n), ("the codes (out, in)", n * k)))
 
 
-def _int8_offsets_fit(x: torch.Tensor | None, codes: torch.Tensor) -> bool:
-    """Whether every element offset the int8 kernels compute fits in 32 bits (``_int8_too_large`` finds nothing)."""
-    return _int8_too_large(x, codes) is None
-
-
 def _int8_route(backend: str | None, where: str, device: torch.device, dtype: torch.dtype,
                 too_big: str | None = None) -> str:
     """The backend name in force, resolved against the tensors: "reference" or "triton"; ``too_big`` is

@@ -88,12 +88,15 @@ def remove_orphan_temporaries(directory: str | Path, names: Iterable[str]) -> li
     return removed
 
 
-def _umask() -> int:
-    """The process's umask. There is no getter, so it is set and put straight back (a thread that creates a
-    file in between would get 0o022)."""
+def _read_umask() -> int:
+    """The process's umask. There is no getter, so it is set and put straight back: done once, when this module
+    is imported, so that a save never changes it while other threads create files."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> WrittenFile:
@@ -104,8 +107,8 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> WrittenFile:
     remove_orphan_temporaries(path.parent, [path.name])
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=_TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); the file gets a new file's usual mode
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private (0600); the file gets a new file's usual mode
         write(tmp)
         # Hash the temporary file, in the one read that goes with its fsync, *before* the rename: os.replace
         # moves this very file (it copies nothing), so these are the bytes that `path` will hold. Hashing the

@@ -307,7 +307,8 @@ def train(
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: one sync a step
+        # summed on the device, so that a step syncs once; in float64 where the device has it (MPS does not)
+        step_loss = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
         for micro in range(config.grad_accum):
             batch = get_batch(generator)
             idx, targets, mask = (t[rank::world] if t is not None else None for t in batch)  # this rank's rows
@@ -322,7 +323,7 @@ def train(
                     else:
                         loss = loss_fn(net, idx, targets, mask)
                 (loss / config.grad_accum if config.grad_accum > 1 else loss).backward()
-            step_loss += loss.detach().double() / config.grad_accum
+            step_loss += loss.detach().to(step_loss.dtype) / config.grad_accum
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()

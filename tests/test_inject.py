@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -287,7 +288,11 @@ def test_add_weighted_adapter_weights_must_be_numbers():
     pm = get_peft_model(small_gpt(), LoraConfig(r=2, target_modules=["c_attn"]))
     with pytest.raises(TypeError, match=r"weights\[1\] must be a real number, got str"):
         pm.add_weighted_adapter(["default", "default"], [1.0, "2"], "x")
+    with pytest.raises(ValueError, match=r"weights\[0\] must be finite"):
+        pm.add_weighted_adapter(["default"], [10**400], "x")  # beyond a float: not an OverflowError
     assert list(pm.peft_config) == ["default"]
+    pm.add_weighted_adapter(["default", "default"], [np.float32(0.5), torch.tensor(0.5)], "x")  # scalars of any kind
+    assert "x" in pm.peft_config
 
 
 def test_unload_of_lora_inside_a_houlsby_wrapped_block():

@@ -254,7 +254,9 @@ def test_triton_int8_takes_empty_batches_3d_x_and_strided_statistics():
 
 def test_the_32_bit_offset_guard_counts_every_tensor_and_the_span_of_x():
     """On meta tensors (no memory): x's rows · in, x's span in memory, rows · out and the codes, each < 2³¹."""
-    fits = kernels._int8_offsets_fit
+    def fits(x, codes):
+        return kernels._int8_too_large(x, codes) is None
+
     codes = torch.empty(2**16, 2**14, dtype=torch.int8, device="meta")  # 2³⁰ codes
     x = torch.empty(8, 2**14, device="meta")
     assert fits(x, codes) and fits(None, codes)

@@ -800,14 +800,13 @@ def test_gpt_save_pretrained_removes_the_temporaries_of_killed_saves(base, tmp_p
     assert sorted(os.listdir(tmp_path)) == [".adapter_config.json.k3j9x_2a.tmp", "config.json", "model.safetensors"]
 
 
-def test_atomic_write_gives_the_mode_a_new_file_gets(tmp_path):
-    """mkstemp makes its file private (0600); the saved file has the umask's usual mode, as open() would give."""
-    old = os.umask(0o027)
-    try:
-        checkpoint.save_json({"a": 1}, tmp_path / "x.json")
-    finally:
-        os.umask(old)
+def test_atomic_write_gives_the_mode_a_new_file_gets(tmp_path, monkeypatch):
+    """mkstemp makes its file private (0600); the saved file has the mode open() would give under the umask
+    (read once, when minipeft.checkpoint is imported)."""
+    monkeypatch.setattr(checkpoint, "_UMASK", 0o027)
+    checkpoint.save_json({"a": 1}, tmp_path / "x.json")
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o640
+    assert checkpoint._read_umask() == checkpoint._read_umask()  # reading it leaves it as it was
 
 
 # ---------------------------------------------------------------------------------------- whole GPT-2 files

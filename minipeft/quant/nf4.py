@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from minipeft import kernels
+from minipeft.kernels.limits import NF4_BLOCKSIZES
 
 __all__ = [
     "NF4_CODEBOOK",
@@ -53,7 +54,7 @@ NF4_OFFSET: float = 0.9677083
 
 DQ_BLOCKSIZE: int = 256  # absmax values per double-quantization block (fixed in QLoRA and bitsandbytes)
 
-_VALID_BLOCKSIZES = tuple(2**k for k in range(5, 13))  # 32, 64, ..., 4096
+_VALID_BLOCKSIZES = NF4_BLOCKSIZES  # 32, 64, ..., 4096: what the kernels' tiles take (kernels/limits.py)
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

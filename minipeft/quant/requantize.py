@@ -63,15 +63,17 @@ def merge_and_requantize(
                          "merge_and_unload")
     was_training = peft_model.training
     peft_model.eval()  # measured without dropout, so the three logits differ by the merge alone
-    with torch.no_grad():
-        adapted, _ = peft_model(sample_idx)
-    model = peft_model.merge_and_unload(adapter_names)
-    with torch.no_grad():
-        dense, _ = model(sample_idx)
-        for name, from_linear in requantize.items():
-            set_submodule(model, name, from_linear(model.get_submodule(name)))
-        requantized, _ = model(sample_idx)
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            adapted, _ = peft_model(sample_idx)
+        model = peft_model.merge_and_unload(adapter_names)
+        with torch.no_grad():
+            dense, _ = model(sample_idx)
+            for name, from_linear in requantize.items():
+                set_submodule(model, name, from_linear(model.get_submodule(name)))
+            requantized, _ = model(sample_idx)
+    finally:
+        peft_model.train(was_training)  # the model returned shares its modules: it is put back too
     report = {"dense_max_abs": (dense - adapted).abs().max().item(),
               "requantized_max_abs": (requantized - adapted).abs().max().item(),
               "requantized_rel": ((requantized - adapted).norm() / adapted.norm()).item()}

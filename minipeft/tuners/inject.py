@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -782,13 +783,7 @@ class PeftModel(nn.Module):
         separately and adds cross terms; `lora.combine_lora` has the maths."""
         if combination_type not in COMBINATION_TYPES:
             raise ValueError(f"combination_type must be one of {COMBINATION_TYPES}, got {combination_type!r}")
-        adapters, weights = list(adapters), list(weights)
-        for i, w in enumerate(weights):
-            if isinstance(w, bool) or not isinstance(w, (int, float)):
-                raise TypeError(f"weights[{i}] must be a real number, got {type(w).__name__} {w!r}")
-            if not math.isfinite(w):
-                raise ValueError(f"weights[{i}] must be finite, got {w!r}")
-        weights = [float(w) for w in weights]
+        adapters, weights = list(adapters), [_finite_weight(i, w) for i, w in enumerate(weights)]
         if not adapters:
             raise ValueError("adapters must name at least one LoRA adapter")
         if len(adapters) != len(weights):
@@ -1127,6 +1122,21 @@ def _read_adapter_for(model: nn.Module, directory: str | Path) -> tuple[PeftConf
         except ValueError as e:
             raise ValueError(f"{source}: this LoRA adapter's modules are not all in the model: {e}") from e
     return config, tensors, source
+
+
+def _finite_weight(i: int, w: Any) -> float:
+    """weights[i] of add_weighted_adapter as a float: a real number (a Python or numpy scalar, a 0-d tensor), finite."""
+    if isinstance(w, torch.Tensor) and w.ndim == 0 and w.is_floating_point():
+        w = w.item()
+    if isinstance(w, bool) or not isinstance(w, numbers.Real):
+        raise TypeError(f"weights[{i}] must be a real number, got {type(w).__name__} {w!r}")
+    try:
+        value = float(w)
+    except OverflowError:  # an int beyond a float's range
+        value = math.inf
+    if not math.isfinite(value):
+        raise ValueError(f"weights[{i}] must be finite, got {w!r}")
+    return value
 
 
 def _creation_config(config: PeftConfig) -> PeftConfig:

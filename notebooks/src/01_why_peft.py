@@ -135,7 +135,7 @@ course.claim(by_hand == library, f"reading the two verbalizer logits by hand giv
 # says which happened and how long the pretraining took.
 
 # %%
-was_cached = (base_dir("default") / "model.safetensors").is_file()
+was_cached = (base_dir("default") / "pretrain.json").is_file()  # the cache's last file: written after the model
 start = time.perf_counter()
 base = load_base("default")
 seconds = time.perf_counter() - start

@@ -66,7 +66,7 @@ tok = ByteTokenizer()
 RESULTS = REPO / "benchmarks" / "compare" / "results.json"
 if not RESULTS.is_file():
     raise FileNotFoundError(f"{RESULTS} is missing: it is committed with the repository; to remake it, run "
-                            "`minipeft compare --out benchmarks/compare --train-seeds 3` (~15 minutes on 2 CPU "
+                            "`minipeft compare --out benchmarks/compare --train-seeds 3` (~10 minutes on 2 CPU "
                             "cores)")
 run = json.loads(RESULTS.read_text())
 meta, rows = run["meta"], run["rows"]
