@@ -456,13 +456,34 @@ def _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index, 
     _check_index(x, adapter_index, len(lora_As), check_index)
 
 
+def _multi_too_large(x, weight, bias, a_cat, b_cat) -> str | None:
+    """What of a mixed-adapter call the segmented kernels (kernels/multi_lora_triton.py) could not reach with 32-bit
+    offsets; None if they reach everything (kernels/limits.py). a_cat (Σr, in) and b_cat (out, Σr): the packed
+    adapters, or the lists of A's and B's (the packing the call makes of them is contiguous, and counted by its
+    size); ``weight`` None where the route is asked for without one."""
+    packed = isinstance(a_cat, torch.Tensor)
+    N, K = (b_cat if packed else b_cat[0]).shape[0], x.shape[-1]
+    M = math.prod(x.shape[:-1])
+    sum_r = a_cat.shape[0] if packed else sum(A.shape[0] for A in a_cat)
+    r_pad = max(16, 2 * sum_r)  # ≥ the widths the kernels' rank buffers take
+    tensors = (("x", x), ("weight", weight), ("bias", bias))
+    if packed:
+        tensors += (("adapters.a_cat", a_cat), ("adapters.b_cat", b_cat))
+    if (max(M, N, r_pad) * max(K, N, r_pad) < OFFSET_LIMIT
+            and all(t is None or t.is_contiguous() for _, t in tensors)):
+        return None  # the common case in a few reads, as in ``_lora_too_large``
+    return too_large(tensors, (("x or dX as (rows, in)", M * K), ("y or dY (rows, out)", M * N),
+                               ("S (rows, padded Σr)", M * r_pad), ("the packed A (Σr, in)", sum_r * K),
+                               ("the packed B (out, Σr)", N * sum_r)))
+
+
 def _multi_route(name: str, x: torch.Tensor, adapter_index: torch.Tensor, adapters: PackedAdapters | None,
-                 needs_grad: bool) -> str:
+                 needs_grad: bool, too_big: str | None) -> str:
     """"reference", "triton" or "gathered" for backend ``name`` on these tensors; an explicit "triton" that cannot
     run raises. ``adapters`` None (unpacked adapters): the gathered route, which gathers from a packing, is not
-    considered."""
+    considered. ``too_big``: ``_multi_too_large``'s answer (the gathered route, torch ops, has no such limit)."""
     if name == "triton":
-        why_not = _triton_unavailable(x.device, x.dtype)
+        why_not = _triton_unavailable(x.device, x.dtype) or _offsets_reason(too_big)
         if why_not:
             raise ValueError(f"the triton kernel backend cannot run here: {why_not}")
         return "triton"
@@ -470,7 +491,7 @@ def _multi_route(name: str, x: torch.Tensor, adapter_index: torch.Tensor, adapte
         return "reference"
     if adapters is not None and multi_lora_routes.choose_route(x, adapter_index, adapters, needs_grad) == "gathered":
         return "gathered"
-    return "triton" if _triton_unavailable(x.device, x.dtype) is None else "reference"
+    return "triton" if _triton_unavailable(x.device, x.dtype) is None and too_big is None else "reference"
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -524,7 +545,8 @@ def multi_lora_linear(
     name = get_backend() if backend is None else _check_name(backend, "multi_lora_linear(backend=...)")
     _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index, check_index)
     adapter_index = _per_row(x, adapter_index)
-    if _multi_route(name, x, adapter_index, None, needs_grad=True) == "triton":
+    too_big = _multi_too_large(x, weight, bias, lora_As, lora_Bs) if name != "reference" else None
+    if _multi_route(name, x, adapter_index, None, True, too_big) == "triton":
         return multi_lora_triton.multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index)
     return reference.multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index)
 
@@ -645,7 +667,9 @@ def multi_lora_linear_packed(
                                or groups[0].start.numel() != n + 1):
         raise ValueError(f"groups must be kernels.group_rows(index, {n}) for this adapter_index, one entry per row "
                          f"of x, got {_describe(groups)}")
-    route = _multi_route(name, x, adapter_index, adapters, _needs_grad(x, bias, adapters.a_cat, adapters.b_cat))
+    too_big = _multi_too_large(x, weight, bias, adapters.a_cat, adapters.b_cat) if name != "reference" else None
+    route = _multi_route(name, x, adapter_index, adapters, _needs_grad(x, bias, adapters.a_cat, adapters.b_cat),
+                         too_big)
     if route == "gathered":
         if gathered is not None:
             _check_gathered(gathered, x, adapters, in_features, out_features)
@@ -668,7 +692,9 @@ def multi_lora_route(x: torch.Tensor, adapter_index: torch.Tensor, adapters: Pac
             raise TypeError(f"{arg} must be a torch.Tensor, got {_describe(t)}")
     _check_packed(adapters)
     _check_index(x, adapter_index, len(adapters.ranks), check_index=False)
-    return _multi_route(name, x, adapter_index, adapters, _needs_grad(x, bias, adapters.a_cat, adapters.b_cat))
+    too_big = _multi_too_large(x, None, bias, adapters.a_cat, adapters.b_cat) if name != "reference" else None
+    return _multi_route(name, x, adapter_index, adapters, _needs_grad(x, bias, adapters.a_cat, adapters.b_cat),
+                        too_big)
 
 
 # --------------------------------------------------------------------------------------------------------

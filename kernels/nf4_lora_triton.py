@@ -40,11 +40,11 @@ Two ways to make a tile of Ŵ, chosen per launch:
 The forward has a kernel of its own, ``_nf4_forward_kernel``, wherever whole rows of Ŵ start on a 32-bit word
 (in_features a multiple of the blocksize, the codes 4-byte aligned): the GEMM above with Ŵ's rows on the MMA's M
 side, the codes read as words, the codebook in registers, K split across programs for a batch of a few rows (with S
-made by the same launch) — 1.6× (4096 rows) to 3.3× (1 row) faster than the packed path on an H200 (timed before the
-``tl.assume`` below was added). The section above the kernel says what each change removed, and
-benchmarks/RESULTS.md what still keeps it behind a bf16 GEMM. A forward of at most ``nf4_decode_triton.MAX_ROWS``
-rows without dropout (a decode step) skips the tensor cores: kernels/nf4_decode_triton.py, matrix-vector products on
-CUDA cores, 2.6× faster than this GEMM for one row on an H200.
+made by the same launch): on an H200, 1.78× the time of a bf16 linear layer at 16 rows and 2.44× at 4096 (K = N =
+4096, with a rank-16 adapter). The section above the kernel says what each change removed, and benchmarks/RESULTS.md
+what still keeps it behind a bf16 GEMM. A forward of at most ``nf4_decode_triton.MAX_ROWS`` rows without dropout (a
+decode step) skips the tensor cores: kernels/nf4_decode_triton.py, matrix-vector products on CUDA cores, 2.6× faster
+than this GEMM for one row on an H200.
 
 Registered as ``minipeft::nf4_lora_linear_triton`` (forward) and ``minipeft::nf4_lora_linear_triton_backward``,
 with an autograd.Function twin for eager mode, as kernels/lora_triton.py does and for the same reasons.
@@ -269,9 +269,11 @@ def nf4_gemm(
 #     transpose), and a batch of one row of x still fills the tile (16 rows of x, 15 of them masked);
 #   - the codes are read as 32-bit words (8 weights each): vector loads the pipeliner can prefetch
 #     (asynchronous copies need 4 bytes or more; a byte per load was neither vectorized nor prefetched);
-#   - the 16-entry codebook sits in registers and each code is looked up with ``tl.gather`` (warp shuffles):
-#     as a load from memory, the pipeliner turned every lookup into an asynchronous copy through shared
-#     memory, 3× slower;
+#   - the 16-entry codebook sits in registers, a (16,) tensor, and a chunk's codes are looked up by one
+#     ``tl.gather`` along it: one warp shuffle per weight. As a load from memory, the pipeliner turned every
+#     lookup into an asynchronous copy through shared memory, 3× slower; as eight gathers on a (rows, 16)
+#     codebook, one per nibble of the words, each weight took about five shuffles and selects (1.5× slower at
+#     16 rows, 1.7× at 4096);
 #   - K is split across programs when the (n, m) tiles are too few to fill the GPU (a batch of a few rows):
 #     each of the SPLIT_K programs of a tile writes its fp32 partial sum, one more program per split makes
 #     that split's part of S = x·Aᵀ (the shrink kernel would loop over all of K in one program), and a second
@@ -307,12 +309,6 @@ def _prune_forward(configs, named_args, **_):
     """No row tile wider than the rows (a 256-row tile for one row of x is 255 rows of zeros)."""
     rows = max(16, named_args["M_BUCKET"])
     return [c for c in configs if c.kwargs["BM"] <= rows] or configs[:1]
-
-
-@triton.jit
-def _lookup(word, shift: tl.constexpr, book, absmax):
-    """The weights held by bits shift..shift+3 of each word: codebook value × absmax, fp32."""
-    return tl.gather(book, (word >> shift) & 0x0F, 1) * absmax
 
 
 @triton.jit
@@ -355,7 +351,7 @@ def _forward_tile(
     in_m = offs_m < M
     row_word = offs_n * (K // 8)                                 # K % 8 == 0: every row starts on a word
     row_block = offs_n * (K // BLOCKSIZE)                        # and on a block: the row's first block
-    book = tl.broadcast_to(tl.load(nf4_ptr + tl.arange(0, 16))[None, :], (BN, 16))   # the codebook, registers
+    book = tl.load(nf4_ptr + tl.arange(0, 16))                                       # the codebook, registers
     # a chunk lies in one quantization block per row when BK <= BLOCKSIZE (k is a multiple of BK): its absmax
     # is loaded one chunk ahead, by hand (a byte load cannot be an asynchronous copy, so the pipeliner would not)
     am_next = absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr, row_block + k_lo // BLOCKSIZE,
@@ -379,13 +375,17 @@ def _forward_tile(
             am = absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr,
                            (row_block + k0 // BLOCKSIZE)[:, None] + (8 * offs_w // BLOCKSIZE)[None, :],
                            in_n[:, None] & in_kw[None, :], DQ_BLOCKSIZE, DOUBLE_QUANT)     # (BN, BK/8)
-        # the word's bytes are b0 (bits 0-7) .. b3; weight 2j is byte j's high nibble, 2j+1 its low one.
-        # Joined from the most significant index bit down, so that the reshape puts weight f at 8w + f.
-        w4 = tl.join(tl.join(_lookup(word, 4, book, am), _lookup(word, 20, book, am)),   # weights 0, 4
-                     tl.join(_lookup(word, 12, book, am), _lookup(word, 28, book, am)))  # weights 2, 6
-        w5 = tl.join(tl.join(_lookup(word, 0, book, am), _lookup(word, 16, book, am)),   # weights 1, 5
-                     tl.join(_lookup(word, 8, book, am), _lookup(word, 24, book, am)))   # weights 3, 7
-        w = tl.reshape(tl.join(w4, w5), (BN, BK))                                        # (BN, BK) fp32
+        # The word's bytes are b0 (bits 0-7) .. b3; weight 2j is byte j's high nibble, 2j+1 its low one. The
+        # nibbles are put in column order first (joined from the most significant index bit down, so that the
+        # reshape puts weight f at 8w + f; joins stay in registers), then looked up by one gather.
+        n4 = tl.join(tl.join(word >> 4, word >> 20), tl.join(word >> 12, word >> 28))     # weights 0, 4, 2, 6
+        n5 = tl.join(tl.join(word, word >> 16), tl.join(word >> 8, word >> 24))           # weights 1, 5, 3, 7
+        code = tl.reshape(tl.join(n4, n5), (BN * BK,)) & 0x0F                              # (BN·BK,)
+        value = tl.reshape(tl.gather(book, code, 0), (BN, BK))                             # (BN, BK) fp32
+        if BLOCKSIZE >= BK:
+            w = value * am
+        else:                # each word's absmax, repeated for its 8 weights
+            w = value * tl.reshape(tl.broadcast_to(am[:, :, None], (BN, BK // 8, 8)), (BN, BK))
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
                     mask=in_m[:, None] & ((k0 + offs_k) < k_hi)[None, :], other=0.0)      # (BM, BK)
         acc = tl.dot(w.to(x.dtype), tl.trans(x), acc, input_precision=PRECISION)         # Ŵ rounded to x's dtype

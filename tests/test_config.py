@@ -55,6 +55,7 @@ BAD = [
     (LoraConfig, {"lora_alpha": NAN}, ValueError, "lora_alpha"),
     (LoraConfig, {"lora_alpha": INF}, ValueError, "lora_alpha"),
     (LoraConfig, {"lora_alpha": -INF}, ValueError, "lora_alpha"),
+    (LoraConfig, {"lora_alpha": 10**400}, ValueError, "lora_alpha"),    # an int no float can hold
     (LoraConfig, {"lora_alpha": 0}, ValueError, "lora_alpha"),
     (LoraConfig, {"lora_alpha": 0.0}, ValueError, "lora_alpha"),
     # LoraConfig.lora_dropout: a finite probability in [0, 1)

@@ -72,6 +72,19 @@ def test_the_lora_guard_counts_every_tensor_and_buffer():
         .startswith("weight")
 
 
+def test_the_multi_lora_guard_counts_every_tensor_and_buffer():
+    """Mixed adapters: x's span, rows · in, rows · out, S (rows, padded Σr), the packed factors; lists of
+    unpacked adapters count as the packing the call makes of them."""
+    too_large = kernels._multi_too_large
+    As, Bs = [meta(2, 64), meta(3, 64)], [meta(32, 2), meta(32, 3)]
+    assert too_large(meta(8, 64), meta(32, 64), None, As, Bs) is None
+    assert too_large(meta(8, 64, stride=(2**29, 1)), meta(32, 64), None, As, Bs).startswith("x of shape (8, 64)")
+    assert too_large(meta(2**16, 16), None, None, meta(5, 16), meta(2**15, 5)).startswith("y or dY (rows, out)")
+    assert too_large(meta(2**27, 1), None, None, meta(5, 1), meta(1, 5)).startswith("S (rows, padded Σr)")
+    assert too_large(meta(2, 64), None, None, meta(5, 64), meta(8, 5, stride=(2**29, 1))) \
+        .startswith("adapters.b_cat")
+
+
 @needs_triton
 def test_triton_refuses_a_call_past_the_offsets():
     """Every Triton entry says why, before any memory is touched: the expanded views hold one element each."""
@@ -91,6 +104,17 @@ def test_triton_refuses_a_call_past_the_offsets():
     with pytest.raises(ValueError, match=words):
         kernels.nf4_lora_linear(broadcast(2, in_f), *state, None, out_f, in_f, 64, 256, broadcast(1, in_f),
                                 broadcast(out_f, 1), 1.0, backend="triton")
+    # mixed adapters: 2¹⁶ rows · 2¹⁵ outputs, packed or not
+    x, w, index = broadcast(2**16, 16), broadcast(2**15, 16), torch.zeros(2**16, dtype=torch.long, device=DEVICE)
+    words = r"y or dY \(rows, out\) has 2147483648 elements, too large for the Triton kernels' 32-bit offsets"
+    with pytest.raises(ValueError, match=words):
+        kernels.multi_lora_linear(x, w, None, [A], [broadcast(2**15, 2)], [1.0], index, backend="triton",
+                                  check_index=False)
+    packed = kernels.pack_adapters([A], [torch.zeros(2**15, 2, device=DEVICE)], [1.0])
+    with pytest.raises(ValueError, match=words):
+        kernels.multi_lora_linear_packed(x, w, None, packed, index, backend="triton", check_index=False)
+    with pytest.raises(ValueError, match=words):
+        kernels.multi_lora_route(x, index, packed, backend="triton")
 
 
 @needs_triton

@@ -96,7 +96,11 @@ def _check_real(config: PeftConfig, name: str, *, nonzero: bool = False) -> int 
     expected = "a finite, non-zero real number (int or float)" if nonzero else "a finite real number (int or float)"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{where} must be {expected}, {_got(value)}")
-    if not math.isfinite(value) or (nonzero and value == 0):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:                           # an int beyond the float range, like 10**400
+        finite = False
+    if not finite or (nonzero and value == 0):
         raise ValueError(f"{where} must be {expected}, got {value!r}")
     return int(value) if isinstance(value, numbers.Integral) else float(value)
 
