@@ -34,7 +34,8 @@ Which backend runs, first match wins:
 
 The same switch, names and precedence serve ``multi_lora_linear``, a batch whose rows each use their own adapter
 (punica's SGMV, https://arxiv.org/abs/2310.18547): kernels/reference.py's loop over adapters, or the segmented
-kernels of kernels/multi_lora_triton.py; "auto" takes the Triton kernels on CUDA, the reference elsewhere.
+kernels of kernels/multi_lora_triton.py; "auto" takes the Triton kernels on CUDA (where their 32-bit offsets reach
+every element), the reference elsewhere.
 ``multi_lora_linear_packed`` is the same with the adapters packed once (``pack_adapters``) and the rows grouped
 once (``group_rows``), for callers that run many batches, or many layers, on the same adapters or rows; on it,
 "auto" on CUDA takes for inference with one adapter per sequence the gathered route of
@@ -456,25 +457,27 @@ def _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index, 
     _check_index(x, adapter_index, len(lora_As), check_index)
 
 
-def _multi_too_large(x, weight, bias, a_cat, b_cat) -> str | None:
+def _multi_too_large(x, ranks, a_cat, b_cat) -> str | None:
     """What of a mixed-adapter call the segmented kernels (kernels/multi_lora_triton.py) could not reach with 32-bit
-    offsets; None if they reach everything (kernels/limits.py). a_cat (Σr, in) and b_cat (out, Σr): the packed
-    adapters, or the lists of A's and B's (the packing the call makes of them is contiguous, and counted by its
-    size); ``weight`` None where the route is asked for without one."""
+    offsets; None if they reach everything (kernels/limits.py). ``ranks``: the adapters' r_i; a_cat (Σr, in) and
+    b_cat (out, Σr): the packed adapters, or the lists of A's and B's (the call packs them contiguously: counted by
+    their sizes).
+
+    The kernels reach the rows of x, y, dY and dX through the sorted row index, in 64-bit offsets; what they index
+    in 32 bits is a row's columns, S and dS (rows, largest rank), the stacked factors and the sums of dA and dB
+    (Σr · in, out · Σr). The base GEMMs are cuBLAS's."""
     packed = isinstance(a_cat, torch.Tensor)
     N, K = (b_cat if packed else b_cat[0]).shape[0], x.shape[-1]
     M = math.prod(x.shape[:-1])
-    sum_r = a_cat.shape[0] if packed else sum(A.shape[0] for A in a_cat)
-    r_pad = max(16, 2 * sum_r)  # ≥ the widths the kernels' rank buffers take
-    tensors = (("x", x), ("weight", weight), ("bias", bias))
-    if packed:
-        tensors += (("adapters.a_cat", a_cat), ("adapters.b_cat", b_cat))
-    if (max(M, N, r_pad) * max(K, N, r_pad) < OFFSET_LIMIT
-            and all(t is None or t.is_contiguous() for _, t in tensors)):
+    sum_r, max_r = sum(ranks), max(ranks)
+    tensors = (("adapters.a_cat", a_cat), ("adapters.b_cat", b_cat)) if packed else ()
+    if (max(M, N, sum_r) * max(K, N, sum_r) < OFFSET_LIMIT and x.stride(-1) == 1
+            and all(t.is_contiguous() for _, t in tensors)):
         return None  # the common case in a few reads, as in ``_lora_too_large``
-    return too_large(tensors, (("x or dX as (rows, in)", M * K), ("y or dY (rows, out)", M * N),
-                               ("S (rows, padded Σr)", M * r_pad), ("the packed A (Σr, in)", sum_r * K),
-                               ("the packed B (out, Σr)", N * sum_r)))
+    return too_large(tensors, (("a row of x", 1 + (K - 1) * abs(x.stride(-1))),
+                               ("S or dS (rows, largest rank)", M * max_r),
+                               ("the stacked A or dA (Σr, in)", sum_r * K),
+                               ("the stacked B or dB (out, Σr)", N * sum_r)))
 
 
 def _multi_route(name: str, x: torch.Tensor, adapter_index: torch.Tensor, adapters: PackedAdapters | None,
@@ -545,7 +548,8 @@ def multi_lora_linear(
     name = get_backend() if backend is None else _check_name(backend, "multi_lora_linear(backend=...)")
     _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index, check_index)
     adapter_index = _per_row(x, adapter_index)
-    too_big = _multi_too_large(x, weight, bias, lora_As, lora_Bs) if name != "reference" else None
+    ranks = [A.shape[0] for A in lora_As]
+    too_big = _multi_too_large(x, ranks, lora_As, lora_Bs) if name != "reference" else None
     if _multi_route(name, x, adapter_index, None, True, too_big) == "triton":
         return multi_lora_triton.multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index)
     return reference.multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index)
@@ -667,7 +671,7 @@ def multi_lora_linear_packed(
                                or groups[0].start.numel() != n + 1):
         raise ValueError(f"groups must be kernels.group_rows(index, {n}) for this adapter_index, one entry per row "
                          f"of x, got {_describe(groups)}")
-    too_big = _multi_too_large(x, weight, bias, adapters.a_cat, adapters.b_cat) if name != "reference" else None
+    too_big = _multi_too_large(x, adapters.ranks, adapters.a_cat, adapters.b_cat) if name != "reference" else None
     route = _multi_route(name, x, adapter_index, adapters, _needs_grad(x, bias, adapters.a_cat, adapters.b_cat),
                          too_big)
     if route == "gathered":
@@ -692,7 +696,7 @@ def multi_lora_route(x: torch.Tensor, adapter_index: torch.Tensor, adapters: Pac
             raise TypeError(f"{arg} must be a torch.Tensor, got {_describe(t)}")
     _check_packed(adapters)
     _check_index(x, adapter_index, len(adapters.ranks), check_index=False)
-    too_big = _multi_too_large(x, None, bias, adapters.a_cat, adapters.b_cat) if name != "reference" else None
+    too_big = _multi_too_large(x, adapters.ranks, adapters.a_cat, adapters.b_cat) if name != "reference" else None
     return _multi_route(name, x, adapter_index, adapters, _needs_grad(x, bias, adapters.a_cat, adapters.b_cat),
                         too_big)
 

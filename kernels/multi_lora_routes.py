@@ -43,8 +43,10 @@ What "auto" runs for CUDA tensors (``choose_route``; benchmarks/RESULTS.md, "Man
 | otherwise: training, an index per token, a batch too large  | "triton"   | the segmented kernels: one or two      |
 | to gather                                                   |            | launches a layer for all adapters      |
 
-CPU tensors never reach this module (the switch sends them to the reference); the functions below are plain
-torch and run on any device, which is how the CPU tests check them against the reference.
+Where the table says "triton" but the kernels' 32-bit offsets cannot reach the call, "auto" takes the reference
+instead (the switch decides: kernels/__init__.py, ``_multi_too_large``). CPU tensors never reach this module (the
+switch sends them to the reference); the functions below are plain torch and run on any device, which is how the
+CPU tests check them against the reference.
 """
 
 from __future__ import annotations

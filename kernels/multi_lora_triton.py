@@ -79,7 +79,8 @@ is splitting a long segment of the reduce kernel over several programs (a single
 is one serial loop per output tile).
 CUDA graphs: the one host→device copy, the per-adapter table (rank_start, s_i), is made once per (ranks,
 scalings, device) and kept (``adapter_table``), so a warm-up call makes it and a captured call copies nothing.
-Limits: the gathered rows use 64-bit offsets; S and the weights must stay below 2**31 elements. fp16, bf16, fp32.
+Limits: the gathered rows use 64-bit offsets; a row's columns, S and the stacked factors must stay below 2**31
+elements (the switch checks it: kernels/__init__.py, ``_multi_too_large``). fp16, bf16, fp32.
 """
 
 from __future__ import annotations

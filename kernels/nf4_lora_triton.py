@@ -39,12 +39,12 @@ Two ways to make a tile of Ŵ, chosen per launch:
 
 The forward has a kernel of its own, ``_nf4_forward_kernel``, wherever whole rows of Ŵ start on a 32-bit word
 (in_features a multiple of the blocksize, the codes 4-byte aligned): the GEMM above with Ŵ's rows on the MMA's M
-side, the codes read as words, the codebook in registers, K split across programs for a batch of a few rows (with S
-made by the same launch): on an H200, 1.78× the time of a bf16 linear layer at 16 rows and 2.44× at 4096 (K = N =
-4096, with a rank-16 adapter). The section above the kernel says what each change removed, and benchmarks/RESULTS.md
-what still keeps it behind a bf16 GEMM. A forward of at most ``nf4_decode_triton.MAX_ROWS`` rows without dropout (a
-decode step) skips the tensor cores: kernels/nf4_decode_triton.py, matrix-vector products on CUDA cores, 2.6× faster
-than this GEMM for one row on an H200.
+side, the codes read as words and looked up by one gather per chunk, K split across programs for a batch of a few
+rows (with S made by the same launch): on an H200, 1.78× the time of a bf16 linear layer at 16 rows and 2.44× at 4096
+(K = N = 4096, with a rank-16 adapter). The section above the kernel says what each change removed, and
+benchmarks/RESULTS.md what still keeps it behind a bf16 GEMM. A forward of at most ``nf4_decode_triton.MAX_ROWS``
+rows without dropout (a decode step) skips the tensor cores: kernels/nf4_decode_triton.py, matrix-vector products on
+CUDA cores, 2.6× faster for one row on an H200 than this GEMM was with its earlier lookup.
 
 Registered as ``minipeft::nf4_lora_linear_triton`` (forward) and ``minipeft::nf4_lora_linear_triton_backward``,
 with an autograd.Function twin for eager mode, as kernels/lora_triton.py does and for the same reasons.
@@ -269,11 +269,11 @@ def nf4_gemm(
 #     transpose), and a batch of one row of x still fills the tile (16 rows of x, 15 of them masked);
 #   - the codes are read as 32-bit words (8 weights each): vector loads the pipeliner can prefetch
 #     (asynchronous copies need 4 bytes or more; a byte per load was neither vectorized nor prefetched);
-#   - the 16-entry codebook sits in registers, a (16,) tensor, and a chunk's codes are looked up by one
-#     ``tl.gather`` along it: one warp shuffle per weight. As a load from memory, the pipeliner turned every
-#     lookup into an asynchronous copy through shared memory, 3× slower; as eight gathers on a (rows, 16)
-#     codebook, one per nibble of the words, each weight took about five shuffles and selects (1.5× slower at
-#     16 rows, 1.7× at 4096);
+#   - the 16-entry codebook is loaded once, a (16,) tensor, and a chunk's codes are looked up by one
+#     ``tl.gather`` along it, which the compiler serves from shared memory (the 16 values in 16 banks: no
+#     conflicts). As a load from global memory in the loop, the pipeliner turned every lookup into an
+#     asynchronous copy, 3× slower; as eight gathers on a (rows, 16) codebook in registers, one per nibble of the
+#     words, each weight took two shuffles and the selects around them (1.5× slower at 16 rows, 1.7× at 4096);
 #   - K is split across programs when the (n, m) tiles are too few to fill the GPU (a batch of a few rows):
 #     each of the SPLIT_K programs of a tile writes its fp32 partial sum, one more program per split makes
 #     that split's part of S = x·Aᵀ (the shrink kernel would loop over all of K in one program), and a second
@@ -351,7 +351,7 @@ def _forward_tile(
     in_m = offs_m < M
     row_word = offs_n * (K // 8)                                 # K % 8 == 0: every row starts on a word
     row_block = offs_n * (K // BLOCKSIZE)                        # and on a block: the row's first block
-    book = tl.load(nf4_ptr + tl.arange(0, 16))                                       # the codebook, registers
+    book = tl.load(nf4_ptr + tl.arange(0, 16))                                       # the codebook (16,)
     # a chunk lies in one quantization block per row when BK <= BLOCKSIZE (k is a multiple of BK): its absmax
     # is loaded one chunk ahead, by hand (a byte load cannot be an asynchronous copy, so the pipeliner would not)
     am_next = absmax_at(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr, row_block + k_lo // BLOCKSIZE,
@@ -490,8 +490,9 @@ def _finish_splits_kernel(
 
 def _split_k(M: int, N: int, K: int, device: torch.device) -> int:
     """How many programs share a tile's sum over K: about two programs per SM counting 128 × 64 tiles, with
-    at least 256 columns of K per program. On an H200 (132 SMs) at K = N = 4096: 8 for 1 and 16 rows of x (as
-    fast as 16 and faster than 4 and 32, measured), 2 at 256 rows, 1 from 512 rows on."""
+    at least 256 columns of K per program. On an H200 (132 SMs) at K = N = 4096: 8 for 1 and 16 rows of x (faster
+    than 4 and 32, and as fast as 16, with the earlier lookup; 1.78× against 2.14× the bf16 linear for 16 with the
+    one-gather lookup), 2 at 256 rows, 1 from 512 rows on."""
     tiles = triton.cdiv(M, 64) * triton.cdiv(N, 128)
     return max(1, min(2 * lora_triton._num_sms(device) // tiles, K // 256))
 

@@ -152,6 +152,13 @@ def test_bad_values_raise_naming_the_class_and_field(cls, kwargs, error, word):
     assert cls.__name__ in message
 
 
+def test_an_int_past_repr_still_gets_a_message_naming_the_field():
+    """10**5000 has more digits than repr() will print (4300): the message gives its size in bits instead."""
+    with pytest.raises(ValueError, match=r"LoraConfig.lora_alpha must be a finite, non-zero real number .* got an int "
+                                         r"of 16610 bits"):
+        LoraConfig(lora_alpha=10**5000)
+
+
 @pytest.mark.parametrize("cls, kwargs, error, word", [c for c in BAD if c[2] is TypeError],
                          ids=[f"{c.__name__}-{k}" for c, k, e, _ in BAD if e is TypeError])
 def test_type_errors_show_what_was_given(cls, kwargs, error, word):

@@ -73,16 +73,36 @@ def test_the_lora_guard_counts_every_tensor_and_buffer():
 
 
 def test_the_multi_lora_guard_counts_every_tensor_and_buffer():
-    """Mixed adapters: x's span, rows · in, rows · out, S (rows, padded Σr), the packed factors; lists of
-    unpacked adapters count as the packing the call makes of them."""
+    """Mixed adapters: a row of x, S (rows, largest rank), the stacked factors (Σr · in, out · Σr) and the packed
+    tensors' spans; lists of unpacked adapters count as the packing the call makes of them (their ranks summed).
+    The rows themselves are reached in 64-bit offsets: 2²⁶ rows of 2⁶ columns pass."""
     too_large = kernels._multi_too_large
     As, Bs = [meta(2, 64), meta(3, 64)], [meta(32, 2), meta(32, 3)]
-    assert too_large(meta(8, 64), meta(32, 64), None, As, Bs) is None
-    assert too_large(meta(8, 64, stride=(2**29, 1)), meta(32, 64), None, As, Bs).startswith("x of shape (8, 64)")
-    assert too_large(meta(2**16, 16), None, None, meta(5, 16), meta(2**15, 5)).startswith("y or dY (rows, out)")
-    assert too_large(meta(2**27, 1), None, None, meta(5, 1), meta(1, 5)).startswith("S (rows, padded Σr)")
-    assert too_large(meta(2, 64), None, None, meta(5, 64), meta(8, 5, stride=(2**29, 1))) \
-        .startswith("adapters.b_cat")
+    assert too_large(meta(8, 64), [2, 3], As, Bs) is None
+    assert too_large(meta(2**26, 64), [2, 3], As, Bs) is None
+    assert too_large(meta(8, 64, stride=(1, 2**26)), [2, 3], As, Bs).startswith("a row of x")
+    assert too_large(meta(2**27, 64), [16, 3], [meta(16, 64), meta(3, 64)], [meta(32, 16), meta(32, 3)]) \
+        .startswith("S or dS (rows, largest rank)")                                    # 2²⁷ rows · 16
+    assert too_large(meta(2**27, 64), [15, 1], [meta(15, 64), meta(1, 64)], [meta(32, 15), meta(32, 1)]) is None
+    two = [meta(2**14, 2**16)] * 2                                                      # each A 2³⁰, stacked 2³¹
+    assert too_large(meta(2, 2**16), [2**14] * 2, two, [meta(8, 2**14)] * 2).startswith("the stacked A or dA")
+    assert too_large(meta(2, 2**16), [2**14], two[:1], [meta(8, 2**14)]) is None
+    assert too_large(meta(2, 8), [2**14] * 2, [meta(2**14, 8)] * 2, [meta(2**16, 2**14)] * 2) \
+        .startswith("the stacked B or dB")
+    assert too_large(meta(2, 64), [5], meta(5, 64, stride=(2**29, 1)), meta(8, 5)).startswith("adapters.a_cat")
+    assert too_large(meta(2, 64), [5], meta(5, 64), meta(8, 5, stride=(2**29, 1))).startswith("adapters.b_cat")
+
+
+def test_auto_takes_the_reference_for_mixed_adapters_past_the_offsets(monkeypatch):
+    """"auto" on CUDA sends a mixed-adapter call the kernels cannot reach to the reference (the gathered route, torch
+    ops, keeps no such limit); "triton" refuses it. A CPU-tensor stand-in for CUDA: the route reads x.is_cuda."""
+    x, index = torch.zeros(4, 8, dtype=torch.float16), torch.zeros(4, dtype=torch.long)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(kernels, "_triton_unavailable", lambda device, dtype: None)
+    assert kernels._multi_route("auto", x, index, None, True, None) == "triton"
+    assert kernels._multi_route("auto", x, index, None, True, "S or dS has 2147483648 elements") == "reference"
+    with pytest.raises(ValueError, match="S or dS has 2147483648 elements, too large for the Triton kernels' 32-bit"):
+        kernels._multi_route("triton", x, index, None, True, "S or dS has 2147483648 elements")
 
 
 @needs_triton
@@ -104,13 +124,14 @@ def test_triton_refuses_a_call_past_the_offsets():
     with pytest.raises(ValueError, match=words):
         kernels.nf4_lora_linear(broadcast(2, in_f), *state, None, out_f, in_f, 64, 256, broadcast(1, in_f),
                                 broadcast(out_f, 1), 1.0, backend="triton")
-    # mixed adapters: 2¹⁶ rows · 2¹⁵ outputs, packed or not
-    x, w, index = broadcast(2**16, 16), broadcast(2**15, 16), torch.zeros(2**16, dtype=torch.long, device=DEVICE)
-    words = r"y or dY \(rows, out\) has 2147483648 elements, too large for the Triton kernels' 32-bit offsets"
+    # mixed adapters: S of 2²⁷ rows · rank 16, packed or not
+    x, w = broadcast(2**27, 16), broadcast(8, 16)
+    index = torch.zeros((), dtype=torch.long, device=DEVICE).expand(2**27)
+    A16, B16 = torch.zeros(16, 16, device=DEVICE), torch.zeros(8, 16, device=DEVICE)
+    words = r"S or dS \(rows, largest rank\) has 2147483648 elements, too large for the Triton kernels' 32-bit"
     with pytest.raises(ValueError, match=words):
-        kernels.multi_lora_linear(x, w, None, [A], [broadcast(2**15, 2)], [1.0], index, backend="triton",
-                                  check_index=False)
-    packed = kernels.pack_adapters([A], [torch.zeros(2**15, 2, device=DEVICE)], [1.0])
+        kernels.multi_lora_linear(x, w, None, [A16], [B16], [1.0], index, backend="triton", check_index=False)
+    packed = kernels.pack_adapters([A16], [B16], [1.0])
     with pytest.raises(ValueError, match=words):
         kernels.multi_lora_linear_packed(x, w, None, packed, index, backend="triton", check_index=False)
     with pytest.raises(ValueError, match=words):

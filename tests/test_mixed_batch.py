@@ -63,10 +63,10 @@ def _force_gathered(monkeypatch) -> list[str]:
     returns the list of gathers made."""
     route, gather, gathers = kernels._multi_route, kernels.gather_adapters, []
 
-    def gathered_where_auto_would(name, x, index, adapters, needs_grad):
+    def gathered_where_auto_would(name, x, index, adapters, needs_grad, too_big):
         if adapters is not None and multi_lora_routes.choose_route(x, index, adapters, needs_grad) == "gathered":
             return "gathered"
-        return route(name, x, index, adapters, needs_grad)
+        return route(name, x, index, adapters, needs_grad, too_big)
 
     monkeypatch.setattr(kernels, "_multi_route", gathered_where_auto_would)
     monkeypatch.setattr(kernels, "gather_adapters", lambda *a: gathers.append("gather") or gather(*a))

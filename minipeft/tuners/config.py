@@ -101,7 +101,9 @@ def _check_real(config: PeftConfig, name: str, *, nonzero: bool = False) -> int 
     except OverflowError:                           # an int beyond the float range, like 10**400
         finite = False
     if not finite or (nonzero and value == 0):
-        raise ValueError(f"{where} must be {expected}, got {value!r}")
+        # an int past the float range may be past repr's 4300 digits too
+        shown = f"an int of {value.bit_length()} bits" if not finite and isinstance(value, int) else repr(value)
+        raise ValueError(f"{where} must be {expected}, got {shown}")
     return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 

@@ -835,8 +835,6 @@ print(f"\nThe warp-specialized kernel is faster in both rounds on {len(wins)} of
       f"cuBLAS's time, against {span([v for vs in committed.values() for v in vs])} for the committed kernel.")
 course.claim(min(all_special) > 1.0, f"no warp-specialized tiling reached cuBLAS's time on any row: the best was "
                                      f"{min(all_special):.2f}×")
-course.claim("wrong results" in ws_md and "not landed" in ws_md,
-             "RESULTS.md records wrong results of the warp-specialized kernel at one tiling, and that it was not kept")
 
 # %% [markdown]
 # So warp specialization alone does not bring Triton's GEMM to cuBLAS here, and the same run found a worse problem:
