@@ -465,19 +465,24 @@ def _multi_too_large(x, ranks, a_cat, b_cat) -> str | None:
 
     The kernels reach the rows of x, y, dY and dX through the sorted row index, in 64-bit offsets; what they index
     in 32 bits is a row's columns, S and dS (rows, largest rank), the stacked factors and the sums of dA and dB
-    (Σr · in, out · Σr). The base GEMMs are cuBLAS's."""
+    (Σr · in, out · Σr). The base GEMMs are cuBLAS's; dY's columns are made contiguous in backward, where a
+    transposed dY can arrive and nothing could be checked at the forward."""
     packed = isinstance(a_cat, torch.Tensor)
     N, K = (b_cat if packed else b_cat[0]).shape[0], x.shape[-1]
     M = math.prod(x.shape[:-1])
     sum_r, max_r = sum(ranks), max(ranks)
+    try:  # the kernels read x.reshape(M, K): a view keeps x's column stride, a copy has stride 1
+        x_col_stride = abs(x.view(M, K).stride(-1))
+    except RuntimeError:
+        x_col_stride = 1
     tensors = (("adapters.a_cat", a_cat), ("adapters.b_cat", b_cat)) if packed else ()
-    if (max(M, N, sum_r) * max(K, N, sum_r) < OFFSET_LIMIT and x.stride(-1) == 1
+    if (max(M, N, sum_r) * max(K, N, sum_r) < OFFSET_LIMIT and x_col_stride == 1
             and all(t.is_contiguous() for _, t in tensors)):
         return None  # the common case in a few reads, as in ``_lora_too_large``
-    return too_large(tensors, (("a row of x", 1 + (K - 1) * abs(x.stride(-1))),
-                               ("S or dS (rows, largest rank)", M * max_r),
-                               ("the stacked A or dA (Σr, in)", sum_r * K),
-                               ("the stacked B or dB (out, Σr)", N * sum_r)))
+    return too_large(tensors, (("a row of x", 1 + (K - 1) * x_col_stride),
+                               (f"S or dS (x's {M} rows × the largest rank, {max_r})", M * max_r),
+                               (f"the stacked A's or dA (Σr = {sum_r} × in = {K})", sum_r * K),
+                               (f"the stacked B's or dB (out = {N} × Σr = {sum_r})", N * sum_r)))
 
 
 def _multi_route(name: str, x: torch.Tensor, adapter_index: torch.Tensor, adapters: PackedAdapters | None,

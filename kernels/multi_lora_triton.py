@@ -536,6 +536,8 @@ class _MultiLoraTriton(torch.autograd.Function):
         N, K = weight.shape
         M = s.shape[0]
         dy2d = dy.reshape(M, N)                                           # (M, N)
+        if dy2d.stride(-1) != 1:  # a transposed dY: its column offsets could pass 2³¹, which the guard never saw
+            dy2d = dy2d.contiguous()
         d_x = d_a = d_b = d_bias = None
         with torch.cuda.device_of(dy):  # launch on dY's GPU
             if need_x or need_a:

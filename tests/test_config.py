@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -153,10 +154,14 @@ def test_bad_values_raise_naming_the_class_and_field(cls, kwargs, error, word):
 
 
 def test_an_int_past_repr_still_gets_a_message_naming_the_field():
-    """10**5000 has more digits than repr() will print (4300): the message gives its size in bits instead."""
+    """10**5000 has more digits than repr() will print (4300): the message gives its size in bits, or its type."""
     with pytest.raises(ValueError, match=r"LoraConfig.lora_alpha must be a finite, non-zero real number .* got an int "
                                          r"of 16610 bits"):
         LoraConfig(lora_alpha=10**5000)
+    with pytest.raises(ValueError, match=r"LoraConfig.r must be a positive int, got an int of 16610 bits"):
+        LoraConfig(r=-10**5000)
+    with pytest.raises(ValueError, match=r"LoraConfig.lora_alpha must be .* got a Fraction too long to print"):
+        LoraConfig(lora_alpha=Fraction(10**5000))  # past the float range: not finite
 
 
 @pytest.mark.parametrize("cls, kwargs, error, word", [c for c in BAD if c[2] is TypeError],

@@ -82,13 +82,17 @@ def test_the_multi_lora_guard_counts_every_tensor_and_buffer():
     assert too_large(meta(2**26, 64), [2, 3], As, Bs) is None
     assert too_large(meta(8, 64, stride=(1, 2**26)), [2, 3], As, Bs).startswith("a row of x")
     assert too_large(meta(2**27, 64), [16, 3], [meta(16, 64), meta(3, 64)], [meta(32, 16), meta(32, 3)]) \
-        .startswith("S or dS (rows, largest rank)")                                    # 2²⁷ rows · 16
+        .startswith("S or dS (x's 134217728 rows × the largest rank, 16)")             # 2²⁷ rows · 16
     assert too_large(meta(2**27, 64), [15, 1], [meta(15, 64), meta(1, 64)], [meta(32, 15), meta(32, 1)]) is None
     two = [meta(2**14, 2**16)] * 2                                                      # each A 2³⁰, stacked 2³¹
-    assert too_large(meta(2, 2**16), [2**14] * 2, two, [meta(8, 2**14)] * 2).startswith("the stacked A or dA")
+    assert too_large(meta(2, 2**16), [2**14] * 2, two, [meta(8, 2**14)] * 2) \
+        .startswith("the stacked A's or dA (Σr = 32768 × in = 65536)")
     assert too_large(meta(2, 2**16), [2**14], two[:1], [meta(8, 2**14)]) is None
     assert too_large(meta(2, 8), [2**14] * 2, [meta(2**14, 8)] * 2, [meta(2**16, 2**14)] * 2) \
-        .startswith("the stacked B or dB")
+        .startswith("the stacked B's or dB (out = 65536 × Σr = 32768)")
+    # x that no view flattens: the kernels read a contiguous copy, whose columns are adjacent (no false refusal)
+    unviewable = meta(2**29, 3, 2).permute(2, 1, 0)                                     # (2, 3, 2²⁹), strides (1, 2, 6)
+    assert too_large(unviewable, [1], [meta(1, 2**29)], [meta(2, 1)]) is None
     assert too_large(meta(2, 64), [5], meta(5, 64, stride=(2**29, 1)), meta(8, 5)).startswith("adapters.a_cat")
     assert too_large(meta(2, 64), [5], meta(5, 64), meta(8, 5, stride=(2**29, 1))).startswith("adapters.b_cat")
 
@@ -103,6 +107,11 @@ def test_auto_takes_the_reference_for_mixed_adapters_past_the_offsets(monkeypatc
     assert kernels._multi_route("auto", x, index, None, True, "S or dS has 2147483648 elements") == "reference"
     with pytest.raises(ValueError, match="S or dS has 2147483648 elements, too large for the Triton kernels' 32-bit"):
         kernels._multi_route("triton", x, index, None, True, "S or dS has 2147483648 elements")
+    # through the public entry: S of 2²⁷ rows · rank 16, past the gathered route's size, so only the guard stops it
+    big, big_index = broadcast(2**27, 16), torch.zeros((), dtype=torch.long).expand(2**27)
+    packed = kernels.pack_adapters([torch.zeros(16, 16)], [torch.zeros(8, 16)], [1.0])
+    assert multi_lora_routes.choose_route(big, big_index, packed, False) == "triton"
+    assert kernels.multi_lora_route(big, big_index, packed, backend="auto") == "reference"
 
 
 @needs_triton
@@ -128,7 +137,7 @@ def test_triton_refuses_a_call_past_the_offsets():
     x, w = broadcast(2**27, 16), broadcast(8, 16)
     index = torch.zeros((), dtype=torch.long, device=DEVICE).expand(2**27)
     A16, B16 = torch.zeros(16, 16, device=DEVICE), torch.zeros(8, 16, device=DEVICE)
-    words = r"S or dS \(rows, largest rank\) has 2147483648 elements, too large for the Triton kernels' 32-bit"
+    words = r"S or dS \(x's 134217728 rows × the largest rank, 16\) has 2147483648 elements, too large for the Triton"
     with pytest.raises(ValueError, match=words):
         kernels.multi_lora_linear(x, w, None, [A16], [B16], [1.0], index, backend="triton", check_index=False)
     packed = kernels.pack_adapters([A16], [B16], [1.0])

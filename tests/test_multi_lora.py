@@ -231,10 +231,12 @@ def test_empty_dimensions(index, lead, K, N):
 
 
 def test_strided_x_and_zero_scaling():
-    """x with transposed strides (rows gathered through any stride), and an adapter switched off by s = 0."""
+    """x and dY with transposed strides (rows gathered through any stride; the backward makes dY's columns
+    adjacent), and an adapter switched off by s = 0."""
     inputs, dy = _make([0, 1, -1, 1, 0, 0, 1, 1, -1, 0, 1], 21, 13, [3, 6], scalings=[0.0, 2.0], seed=5)
     inputs["x"] = inputs["x"].t().contiguous().t()                        # same values, strides (1, M)
-    assert inputs["x"].stride() == (1, 11)
+    dy = dy.t().contiguous().t()
+    assert inputs["x"].stride() == (1, 11) and dy.stride() == (1, 11)
     got = _run(inputs, dy, "triton")
     _check_all(got, _each_adapter_alone(inputs, dy), torch.float32)
     assert float(got[1]["lora_Bs[0]"].abs().max()) == 0.0                 # s = 0: no gradient for B_0

@@ -73,8 +73,18 @@ def _field(config: PeftConfig, name: str) -> tuple[str, Any]:
     return f"{type(config).__name__}.{name}", getattr(config, name)
 
 
+def _show(value: Any) -> str:
+    """repr(value), or what it is where repr refuses (an int past Python's 4300 digits, a Fraction of one)."""
+    try:
+        return repr(value)
+    except ValueError:
+        if isinstance(value, int):
+            return f"an int of {value.bit_length()} bits"
+        return f"a {type(value).__name__} too long to print"
+
+
 def _got(value: Any) -> str:
-    return f"got {value!r} ({type(value).__name__})"
+    return f"got {_show(value)} ({type(value).__name__})"
 
 
 def _check_positive_int(config: PeftConfig, name: str) -> int:
@@ -82,7 +92,7 @@ def _check_positive_int(config: PeftConfig, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # True is an int to Python, not here
         raise TypeError(f"{where} must be a positive int, {_got(value)}")
     if value <= 0:
-        raise ValueError(f"{where} must be a positive int, got {value!r}")
+        raise ValueError(f"{where} must be a positive int, got {_show(value)}")
     return int(value)
 
 
@@ -101,9 +111,7 @@ def _check_real(config: PeftConfig, name: str, *, nonzero: bool = False) -> int 
     except OverflowError:                           # an int beyond the float range, like 10**400
         finite = False
     if not finite or (nonzero and value == 0):
-        # an int past the float range may be past repr's 4300 digits too
-        shown = f"an int of {value.bit_length()} bits" if not finite and isinstance(value, int) else repr(value)
-        raise ValueError(f"{where} must be {expected}, got {shown}")
+        raise ValueError(f"{where} must be {expected}, got {_show(value)}")
     return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
