@@ -370,7 +370,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30, help="timed steps per row and round")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (they also compile)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (≥ 2)")
-    p.add_argument("--rows", default="", help='comma-separated row-name prefixes, e.g. "mp lora,hf lora"')
+    p.add_argument("--rows", default="", help='comma-separated row-name prefixes, each ending at a space or "/" '
+                   '(e.g. "mp lora,hf lora": "hf lora" is not "hf lora8")')
     p.add_argument("--quick", action="store_true",
                    help="tiny shape (2 layers, 64 wide, vocab 512, 2 × 64 tokens), 3 steps, 1 warm-up")
     default_out = os.path.join(os.environ["OUT"], "e2e.json") if os.environ.get("OUT") else "runs/e2e.json"
@@ -387,7 +388,9 @@ def main() -> None:
         torch.cuda.set_device(device)
 
     prefixes = [s.strip() for s in args.rows.split(",") if s.strip()]
-    rows = [r for r in ALL_ROWS if not prefixes or any(r.name.startswith(x) for x in prefixes)]
+    # a prefix ends at a word: "hf lora" is the row "hf lora", not "hf lora8"; "mp lora" is every "mp lora/…"
+    rows = [r for r in ALL_ROWS if not prefixes or any(r.name == x or (r.name.startswith(x) and r.name[len(x)] in " /")
+                                                       for x in prefixes)]
     if not rows:
         p.error(f"--rows {args.rows!r} matches no row; rows: {[r.name for r in ALL_ROWS]}")
     skipped: dict[str, str] = {}

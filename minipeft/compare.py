@@ -77,7 +77,6 @@ def run_method(key: str, args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     train_seed = getattr(args, "train_seed", None)
     train_seed = args.seed if train_seed is None else train_seed
-    kernels.set_backend("auto" if device.type == "cuda" else "reference")
     torch.manual_seed(args.seed)
     tok, task = ByteTokenizer(), load_task(args.task, seed=args.seed)
     base = load_base(args.preset, args.seed, device=str(device), train_if_missing=False)
@@ -239,6 +238,10 @@ def parse_methods(text: str) -> list[str]:
     unknown = [k for k in keys if k not in METHODS]
     if unknown or not keys:
         raise ValueError(f"--methods: unknown method(s) {unknown or [text]}; available: {', '.join(METHODS)}")
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:  # a method run twice on one seed would pass for two seeds in its interval
+        raise ValueError(f"--methods: {', '.join(twice)} listed more than once in {text!r}; name each method once "
+                         "(--train-seeds N trains each on N seeds)")
     return keys
 
 
@@ -248,6 +251,7 @@ def compare(args: argparse.Namespace) -> list[dict]:
     check_output_dir(out, label="--out")
     device = resolve_device(args.device)
     methods = parse_methods(args.methods)
+    backend = kernels.get_backend()  # "auto" unless MINIPEFT_KERNEL says otherwise; a typo stops here, not in a worker
     base = load_base(args.preset, args.seed, device="cpu")  # pretrains (and caches) if needed
     with tempfile.TemporaryDirectory() as tmp:
         save_model(base, tmp)
@@ -270,7 +274,7 @@ def compare(args: argparse.Namespace) -> list[dict]:
         row["full_checkpoint_bytes"] = full_bytes
         rows.append(row)
     meta = {"task": args.task, "steps": args.steps, "seed": args.seed, "train_seeds": train_seeds,
-            "device": _device_name(device),
+            "device": _device_name(device), "kernel_backend": backend,
             "preset": args.preset, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "base_parameters": base.num_parameters(), "learning_rates": {k: METHODS[k].lr for k in methods}}
     write_outputs(rows, meta, out)

@@ -18,6 +18,7 @@ atomically, after the weights were gathered; a file written by N ranks loads int
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +30,7 @@ from minipeft.checkpoint import check_output_dir, save_model
 from minipeft.data import load_task, task_batch, task_loss
 from minipeft.evaluate import evaluate
 from minipeft.methods import METHODS
-from minipeft.pretrain import load_base
+from minipeft.pretrain import _check_preset, base_dir, load_base
 from minipeft.quant import NF4Linear
 from minipeft.tokenizer import ByteTokenizer
 from minipeft.train import TrainConfig, resolve_device, train
@@ -86,15 +87,31 @@ def finetune(method: str, task_name: str = "sentiment", steps: int = 150, lr: fl
     losses, speed, the trained weights ("trainable", full tensors) and, on rank 0, the test metric.
 
     Under torchrun this joins the process group; rank 0 pretrains the base if none is cached while the
-    others wait. With `out` (checked before anything is trained), rank 0 writes the adapter (minipeft
-    format) or, for "full", the model, through minipeft.checkpoint.save_model.
+    others wait. With `out`, rank 0 writes the adapter (minipeft format) or, for "full", the model, through
+    minipeft.checkpoint.save_model.
+
+    Every argument is checked first, before the base is loaded (which may pretrain it for minutes):
+    ValueError or TypeError naming the argument. A run whose loss stops being finite raises
+    minipeft.train.TrainingDivergedError and writes nothing to `out`.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
-    if out is not None:
-        check_output_dir(out)
     spec = METHODS[method]
-    rank, world, dev = init_distributed(resolve_device(device))
+    _check_preset(preset)
+    # TrainConfig checks steps, lr, batch_size, seed and compile; the warmup is set once steps is a known int
+    cfg = TrainConfig(steps=steps, lr=spec.lr if lr is None else lr, batch_size=batch_size, warmup_steps=0,
+                      seed=seed, compile=compile)
+    cfg = dataclasses.replace(cfg, warmup_steps=max(1, min(10, steps // 10)))
+    for name, value in (("fsdp", fsdp), ("progress", progress)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    dev = resolve_device(device)
+    if out is not None:
+        check_output_dir(out, label="out")
+        if Path(out).resolve() == base_dir(preset, seed).resolve():
+            raise ValueError(f"out {str(out)!r} is the cached base model's directory; write the result elsewhere")
+    tok, task = ByteTokenizer(), load_task(task_name, seed=seed)  # checks task_name (its own RNG, not torch's)
+    rank, world, dev = init_distributed(dev)
     if fsdp and world == 1:
         raise ValueError("fsdp=True needs several processes: run under `torchrun --nproc_per_node N`")
     if rank == 0:
@@ -102,13 +119,10 @@ def finetune(method: str, task_name: str = "sentiment", steps: int = 150, lr: fl
     if world > 1:
         dist.barrier()
     torch.manual_seed(seed)
-    tok, task = ByteTokenizer(), load_task(task_name, seed=seed)
     base = load_base(preset, seed, device=str(dev), train_if_missing=False)
     model = spec.build(base, task, tok).to(dev)
     if fsdp:
         shard_fsdp(model)
-    cfg = TrainConfig(steps=steps, lr=spec.lr if lr is None else lr, batch_size=batch_size,
-                      warmup_steps=max(1, min(10, steps // 10)), seed=seed, compile=compile)
     result = train(model, lambda g: task_batch(task, tok, batch_size, base.config.block_size, g), cfg,
                    loss_fn=task_loss(task, tok), progress=progress, desc=f"{method} on {task_name}")
     record = {"method": method, "task": task_name, "steps": steps, "lr": cfg.lr, "world_size": world,

@@ -41,17 +41,21 @@ from minipeft.finetune import full_state_dict, init_distributed, shard_fsdp
 from minipeft.methods import METHODS, MethodOptions, apply_method, method_config
 from minipeft.model import GPT
 from minipeft.quant import quantize_model
+from minipeft.run_log import METRICS_NAME, PLOT_NAME
 from minipeft.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from minipeft.train import TrainConfig, resolve_device, train
 from minipeft.train_state import latest_checkpoint
 from minipeft.tuners import PeftModel
-from minipeft.tuners.io import WEIGHTS_NAME, check_format
+from minipeft.tuners.io import CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME, check_format
 
 logger = logging.getLogger(__name__)
 
 RUN_NAME = "run.json"
 # what transformers' GPT-2 tokenizers keep beside the weights; copied with a merged or fully fine-tuned model
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+# the files a run may write directly in OUT, whatever the method and format (an input file there would be lost)
+OUTPUT_FILES = (RUN_NAME, METRICS_NAME, PLOT_NAME, CONFIG_NAME, WEIGHTS_NAME, MANIFEST_NAME, "config.json",
+                "model.safetensors", "generation_config.json", *TOKENIZER_FILES)
 
 
 def steps_for_epochs(epochs: float, rows: int, batch_size: int, grad_accum: int = 1) -> int:
@@ -111,8 +115,17 @@ def save_whole_model(model: GPT, base: str | Path, out: str | Path) -> None:
     copy_tokenizer_files(base, out)
 
 
-def _check_run_dir(out: Path, resume: bool) -> None:
+def _check_run_dir(out: Path, resume: bool, base: Path, inputs: dict[str, str | Path | None]) -> None:
+    """`out` can hold this run without replacing what the run reads: it is not the base's directory (a full
+    fine-tune would overwrite the base's weights; any run would leave its run.json there), and no input file
+    (`inputs`: label → path) lies in it under the name of a file the run writes (OUTPUT_FILES)."""
     check_output_dir(out, label="out")
+    if out.resolve() == base.resolve():  # as minipeft.merge refuses it
+        raise ValueError(f"out {str(out)!r} is the base directory; write the fine-tuned result elsewhere")
+    for label, path in inputs.items():
+        if path is not None and Path(path).name in OUTPUT_FILES and Path(path).resolve().parent == out.resolve():
+            raise ValueError(f"{label} {str(path)!r} is in out {str(out)!r}, where the run writes its own "
+                             f"{Path(path).name}; move the file or choose another output directory")
     committed = latest_checkpoint(out)
     if resume and committed is None:
         raise ValueError(f"resume: there is no checkpoint in {str(out)!r} (no checkpoints/latest.json); a run writes "
@@ -171,6 +184,12 @@ def finetune_jsonl(
 
     Returns a record (on every rank): method, steps, lr, final_loss, eval (the last evaluation's metrics or
     None), tokens_per_second, trainable_parameters, world_size, out.
+
+    Raises:
+        ValueError: a bad argument (before anything is trained), among them an `out` that is the base's
+            directory or holds an input file under the name of one the run writes; and
+            minipeft.train.TrainingDivergedError (a ValueError) when the loss stops being finite: the adapter
+            (or model) and run.json are then not written, and those of an earlier run in `out` stay.
     """
     out, base = Path(out), Path(base)
     options = MethodOptions() if options is None else options
@@ -184,7 +203,8 @@ def finetune_jsonl(
     for name, value in (("batch_size", batch_size), ("grad_accum", grad_accum)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    _check_run_dir(out, resume)
+    dev = resolve_device(device)
+    _check_run_dir(out, resume, base, {"data": data, "eval_data": eval_data, "tokenizer": tokenizer})
     tok = load_tokenizer(base, tokenizer, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     config = method_config(method, options, tok)
     if config is None and format != "minipeft":
@@ -192,7 +212,7 @@ def finetune_jsonl(
                          "it as it is); the peft format is for adapters")
     if config is not None:
         check_format(config, format)  # before anything is trained: a bottleneck adapter has no peft format
-    rank, world, dev = init_distributed(resolve_device(device))
+    rank, world, dev = init_distributed(dev)
     if fsdp and world == 1:
         raise ValueError("fsdp=True needs several processes: run under `torchrun --nproc_per_node N`")
     gpt = GPT.from_pretrained(base)

@@ -41,7 +41,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from minipeft import kernels
 from minipeft.measure import peak_memory_mb, reset_peak_memory, state_bytes
 from minipeft.pretrain import load_base
 from minipeft.quant import quantize_model
@@ -154,7 +153,6 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
 def _row_from_args(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)  # fmt: skip
-    kernels.set_backend("auto" if device.type == "cuda" else "reference")
     base = load_base(args.preset, train_if_missing=False, progress=False)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, base.config.vocab_size, (args.batch, args.seq + 1), generator=g)

@@ -24,6 +24,7 @@ Either way the virtual tokens use up positions, so n + T ≤ block_size: `check_
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,10 +32,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 
 from minipeft.checkpoint import save_json, save_safetensors
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,17 +53,49 @@ class GPTConfig:
     layer_norm_epsilon: float = 1e-5
 
     def __post_init__(self) -> None:
+        """Check every field: a wrong type is a TypeError, a value out of range a ValueError, both naming the
+        field. Checked here once, so the modules built from a config trust it (a NaN epsilon would only show up
+        as NaN logits, a string one as a failure deep inside nn.LayerNorm)."""
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int):  # True is an int to Python, not here
+                raise TypeError(f"GPTConfig.{name} must be a positive int, got {type(value).__name__} {_show(value)}")
+            if value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {_show(value)}")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+            raise ValueError(f"GPTConfig.n_embd ({_show(self.n_embd)}) must be divisible by n_head "
+                             f"({_show(self.n_head)})")
+        for name in ("dropout", "layer_norm_epsilon"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"GPTConfig.{name} must be a real number (int or float), got "
+                                f"{type(value).__name__} {_show(value)}")
+        if not _is_finite(self.dropout) or not 0.0 <= self.dropout < 1.0:  # p = 1 would drop everything
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {_show(self.dropout)}")
+        if not _is_finite(self.layer_norm_epsilon) or self.layer_norm_epsilon <= 0:
+            raise ValueError(f"GPTConfig.layer_norm_epsilon must be a finite number > 0 (GPT-2's is 1e-5), got "
+                             f"{_show(self.layer_norm_epsilon)}")
+        if not isinstance(self.bias, bool):  # "no" would be truthy: the intent of a string or an int is unclear
+            raise TypeError(f"GPTConfig.bias must be True or False, got {type(self.bias).__name__} {_show(self.bias)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _show(value: object) -> str:
+    """repr(value), or what it is where repr refuses (an int past Python's 4300 digits)."""
+    try:
+        return repr(value)
+    except ValueError:
+        return f"an int of {value.bit_length()} bits" if isinstance(value, int) else f"a {type(value).__name__}"
+
+
+def _is_finite(value: int | float) -> bool:
+    """math.isfinite, where an int too large for a float (10**400) counts as not finite instead of raising."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 class KVCache:
@@ -483,7 +519,9 @@ class GPT(nn.Module):
         The files load back with `GPT.from_pretrained` and with transformers' `GPT2LMHeadModel`. A tied
         lm_head is not stored (GPT-2's `tie_word_embeddings`); one that no longer shares the embedding's tensor
         (`merge_and_unload` of a LoRA on lm_head unties it) is stored, with `tie_word_embeddings: false`. The
-        Conv1D projections are stored (in, out), as GPT-2 does.
+        Conv1D projections are stored (in, out), as GPT-2 does. An earlier sharded save in the same directory
+        (model.safetensors.index.json and the shards it lists) is removed once the new file is in place: the
+        index would otherwise win over the new file when the directory is loaded.
         """
         if not self.config.bias:
             raise ValueError("save_pretrained writes GPT-2's format, which has biases; this model has bias=False")
@@ -505,6 +543,7 @@ class GPT(nn.Module):
             tensors[key] = value.t() if key.endswith(self._CONV1D) else value
         directory = Path(directory)
         save_safetensors(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+        _remove_stale_shards(directory)
         save_json({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_positions": c.block_size,
                    "n_ctx": c.block_size, "vocab_size": c.vocab_size, "n_layer": c.n_layer, "n_head": c.n_head,
                    "n_embd": c.n_embd, "layer_norm_epsilon": c.layer_norm_epsilon,
@@ -520,6 +559,12 @@ class GPT(nn.Module):
         (in, out), so those four are transposed into nn.Linear's (out, in); every shape is checked before
         copying. With `tie_word_embeddings: false` the checkpoint's own lm_head.weight is loaded into an untied
         head; otherwise the head is the token embedding.
+
+        Raises ValueError, naming the file, for a checkpoint that cannot be loaded as it is: a config.json that
+        is not a JSON object, lacks one of `_GPT2_REQUIRED_KEYS` or holds a value GPTConfig refuses (a NaN
+        layer_norm_epsilon, a string n_embd); a weight file that is not valid safetensors (a truncated copy,
+        say); a tensor that is missing, of another shape, not floating point, or holding NaN or inf (loaded
+        silently, one NaN makes every logit NaN).
         """
         directory = Path(directory)
         if not directory.is_dir():
@@ -527,12 +572,16 @@ class GPT(nn.Module):
         config_path = directory / "config.json"
         if not config_path.is_file():
             raise ValueError(f"from_pretrained directory {str(directory)!r} has no config.json: not a GPT-2 checkpoint")
-        hf = json.loads(config_path.read_text())
+        hf = _read_json_object(config_path)
         if hf.get("model_type") != "gpt2":
             raise ValueError(
                 f"from_pretrained expects a GPT-2 checkpoint (model_type 'gpt2'), got model_type "
                 f"{hf.get('model_type')!r} in {config_path}"
             )
+        missing = [key for key in _GPT2_REQUIRED_KEYS if key not in hf]
+        if missing:
+            raise ValueError(f"from_pretrained: {config_path} lacks {missing}, which every GPT-2 config.json has "
+                             f"(required: {list(_GPT2_REQUIRED_KEYS)})")
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"from_pretrained supports GPT-2's tanh GELU, got activation_function {act!r}")
@@ -541,23 +590,37 @@ class GPT(nn.Module):
             if hf.get(key, supported) != supported:
                 raise ValueError(f"from_pretrained supports {key}={supported} (GPT-2's attention), got "
                                  f"{hf[key]!r} in {config_path}")
-        rates = {k: float(hf.get(k, hf.get("resid_pdrop", 0.0))) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+        rates = {k: hf.get(k, hf.get("resid_pdrop", 0.0)) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+        for key, rate in rates.items():  # JSON allows NaN; "0.1" is a string, not a rate
+            if isinstance(rate, bool) or not isinstance(rate, int | float) or not _is_finite(rate):
+                raise ValueError(f"from_pretrained: {key} must be a finite number, got {_show(rate)} in {config_path}")
         if len(set(rates.values())) > 1:
             raise ValueError(f"from_pretrained needs one dropout rate (minipeft's GPT has one), got {rates} in "
                              f"{config_path}")
-        config = GPTConfig(
-            block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-            n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True, dropout=float(hf.get("resid_pdrop", 0.0)),
-            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-        )
+        try:
+            config = GPTConfig(
+                block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True, dropout=float(rates["resid_pdrop"]),
+                layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+            )
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"from_pretrained: {config_path} does not describe a valid GPT: {e} (GPTConfig's "
+                             "block_size is n_positions there, dropout is resid_pdrop)") from None
         tied = hf.get("tie_word_embeddings", True)
         if not isinstance(tied, bool):
             raise ValueError(f"from_pretrained: tie_word_embeddings must be true or false, got {tied!r} in "
                              f"{config_path}")
         sd_hf: dict[str, torch.Tensor] = {}
+        source: dict[str, Path] = {}  # which file each tensor came from, for the messages
         for f in _safetensors_files(directory):
-            sd_hf.update(load_file(str(f)))
-        sd_hf = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v for k, v in sd_hf.items()}
+            try:
+                tensors = load_file(str(f))
+            except SafetensorError as e:
+                raise ValueError(f"from_pretrained: {f} is not a valid safetensors file (truncated or corrupted?): "
+                                 f"{e}") from None
+            for k, v in tensors.items():
+                k = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k
+                sd_hf[k], source[k] = v, f
 
         model = cls(config)
         if not tied:  # a head of its own, filled from the checkpoint below
@@ -572,32 +635,89 @@ class GPT(nn.Module):
             if key.endswith(cls._CONV1D):
                 src = src.t()
             if src.shape != target.shape:
-                raise ValueError(f"from_pretrained: tensor {key!r} has shape {tuple(src.shape)}, "
+                raise ValueError(f"from_pretrained: tensor {key!r} in {source[key]} has shape {tuple(src.shape)}, "
                                  f"expected {tuple(target.shape)}")
+            if not src.is_floating_point():  # copy_ would cast integer codes to floats without a word
+                raise ValueError(f"from_pretrained: tensor {key!r} in {source[key]} has dtype {src.dtype}, expected "
+                                 "a floating dtype")
+            if not torch.isfinite(src).all():
+                n_bad = int((~torch.isfinite(src)).sum())
+                raise ValueError(f"from_pretrained: tensor {key!r} in {source[key]} has {n_bad} NaN or inf values "
+                                 f"(of {src.numel()}); a checkpoint must hold finite weights")
             with torch.no_grad():
                 target.copy_(src)
         return model
 
 
+# The keys of a GPT-2 config.json that GPTConfig's sizes come from; transformers' GPT2Config writes them all.
+_GPT2_REQUIRED_KEYS = ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")
+_INDEX_NAME = "model.safetensors.index.json"  # a sharded checkpoint's list of files (transformers' name)
+
+
+def _read_json_object(path: Path) -> dict:
+    """The JSON object in `path`; a ValueError naming the file where it is not valid JSON or not an object."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"from_pretrained: {path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"from_pretrained: {path} must hold a JSON object, got a {type(value).__name__}")
+    return value
+
+
 def _safetensors_files(directory: Path) -> list[Path]:
     """The weight files of a checkpoint directory: those a sharded checkpoint's index lists, else
     model.safetensors. Other *.safetensors files beside them (an older save's shards) are never read."""
-    index = directory / "model.safetensors.index.json"
+    index = directory / _INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = _read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"from_pretrained: {index} has no weight_map")
-        files = [directory / name for name in sorted(set(weight_map.values()))]
+        names = set(weight_map.values())
+        odd = [name for name in names if not isinstance(name, str)]
+        if odd:
+            raise ValueError(f"from_pretrained: {index} maps tensors to {odd[:3]}; expected file names (str)")
+        files = [directory / name for name in sorted(names)]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise ValueError(f"from_pretrained: {index} lists files that are not in {str(directory)!r}: {missing}")
         return files
     single = directory / "model.safetensors"
     if not single.is_file():
-        raise ValueError(f"from_pretrained found neither model.safetensors nor model.safetensors.index.json in "
+        raise ValueError(f"from_pretrained found neither model.safetensors nor {_INDEX_NAME} in "
                          f"{str(directory)!r}; minipeft never unpickles pytorch_model.bin (save with "
                          "safe_serialization=True)")
     return [single]
+
+
+def _remove_stale_shards(directory: Path) -> None:
+    """Delete an earlier sharded save's index from `directory`, then the shards it lists; nothing else.
+
+    `save_pretrained` calls this after the new model.safetensors is in place. `from_pretrained` follows an
+    index where there is one, so a stale index would load the old shards instead of the new file. The index
+    goes first, in one step (an unlink): before it, readers see the old index with all of its shards; after it,
+    the new file, and a crash before the shards are gone leaves only files nothing reads. Only what the index
+    lists is deleted, and only plain file names ending in .safetensors (never model.safetensors itself, never a
+    path that leads out of `directory`). An index that cannot be read is removed all the same, its shards left
+    in place (which files they are is unknown).
+    """
+    index = directory / _INDEX_NAME
+    if not index.is_file():
+        return
+    try:
+        names = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, no weight_map, not a dict
+        names = set()
+        logger.info("save_pretrained: %s was unreadable; removed, the shards it may list are left in place", index)
+    index.unlink()
+    shards = [directory / name for name in sorted(n for n in names if isinstance(n, str))
+              if name == Path(name).name and name.endswith(".safetensors") and name != "model.safetensors"]
+    for shard in shards:
+        if shard.is_file() or shard.is_symlink():
+            shard.unlink(missing_ok=True)
+    if shards:
+        logger.info("save_pretrained: removed an earlier sharded save from %s: %s and %d shards", directory,
+                    _INDEX_NAME, len(shards))
 
 
 def _may_read_values(t: torch.Tensor) -> bool:

@@ -69,11 +69,21 @@ class TrainConfig:
     # (benchmarks/RESULTS.md, "End to end", 2026-12-02). Batches
     # are then padded to a multiple of `pad_multiple` tokens, so a few shapes are recorded, not one per batch.
     compile_mode: str | None = "reduce-overhead"
-    pad_multiple: int = 64
+    pad_multiple: int = 64  # >= 1; 1: batches are not padded (a compiled run then records a shape per length)
 
     def __post_init__(self) -> None:
         if self.compile is not None and not isinstance(self.compile, bool):
             raise TypeError(f"TrainConfig.compile must be True, False or None, got {self.compile!r}")
+        if not isinstance(self.compile_backend, str):  # torch.compile would fail on it only at the first step
+            raise TypeError(f"TrainConfig.compile_backend must be a str naming a torch.compile backend (e.g. "
+                            f"'inductor', 'aot_eager'), got {type(self.compile_backend).__name__} "
+                            f"{self.compile_backend!r}")
+        if not self.compile_backend:
+            raise ValueError("TrainConfig.compile_backend must name a torch.compile backend (e.g. 'inductor', "
+                             "'aot_eager'), got ''")
+        if self.compile_mode is not None and not isinstance(self.compile_mode, str):
+            raise TypeError(f"TrainConfig.compile_mode must be one of {COMPILE_MODES}, got "
+                            f"{type(self.compile_mode).__name__} {self.compile_mode!r}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"TrainConfig.compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         for name in ("steps", "batch_size", "grad_accum", "warmup_steps", "eval_every", "seed", "pad_multiple"):
@@ -84,8 +94,17 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"TrainConfig.{name} must be a real number, got {type(value).__name__} {value!r}")
-            if not math.isfinite(value):
+            try:
+                finite = math.isfinite(value)
+            except OverflowError:  # an int beyond the float range, like 10**400
+                finite = False
+            if not finite:
                 raise ValueError(f"TrainConfig.{name} must be finite, got {value!r}")
+        if not 0 <= self.seed < 2**63:  # torch.manual_seed(seed + rank) takes at most 64 bits
+            raise ValueError(f"TrainConfig.seed must be an int in [0, 2**63), got {self.seed!r}")
+        if self.pad_multiple < 1:  # one way to say "no padding": a multiple of 1
+            raise ValueError(f"TrainConfig.pad_multiple must be >= 1 (1: batches are not padded), got "
+                             f"{self.pad_multiple!r}")
         if self.steps <= 0 or self.batch_size <= 0:
             raise ValueError(f"TrainConfig.steps and batch_size must be > 0, got {self.steps!r}, {self.batch_size!r}")
         if self.grad_accum <= 0:
@@ -112,6 +131,15 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
+class TrainingDivergedError(ValueError):
+    """The loss, or a trained weight, stopped being finite (NaN or ±inf): the run diverged. `train` raises it at
+    the step where it was seen, before that step is logged or checkpointed and without saving the model."""
+
+    def __init__(self, message: str, step: int | None = None) -> None:  # step optional: pickling passes message
+        super().__init__(message)
+        self.step = step  # the 1-based step at which the loss or the weights were found not finite
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """The learning rate at `step` (0-based): linear warmup, then cosine decay to lr·min_lr_ratio."""
     if step < cfg.warmup_steps:
@@ -120,13 +148,39 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")  # what the training loop and the kernels are written for
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' is CUDA when available, else CPU."""
-    if str(device) == "auto":
+    """'auto' is CUDA when available, else CPU; otherwise a CPU, CUDA ('cuda', 'cuda:1') or MPS device that
+    this machine has.
+
+    Raises:
+        TypeError: `device` is neither a str nor a torch.device.
+        ValueError: `device` names no device of DEVICE_TYPES, or one this machine does not have.
+    """
+    if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available here")
-    return torch.device(device)
+    expected = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be {expected} (a str) or a torch.device, got {type(device).__name__} "
+                        f"{device!r}")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:  # torch's own message lists every device type it was built with
+        resolved = None
+    if resolved is None or resolved.type not in DEVICE_TYPES:
+        raise ValueError(f"device must be {expected}, got {str(device)!r}")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available here")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA device(s), cuda:0 to "
+                             f"cuda:{count - 1}")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for but MPS is not available here")
+    return resolved
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -201,6 +255,21 @@ def _padded_length(model: torch.nn.Module, T: int, multiple: int) -> int:
     return max(T, min(-(-T // multiple) * multiple, room))
 
 
+def _check_finite_parameters(model: torch.nn.Module, params: list[torch.nn.Parameter], step: int) -> None:
+    """TrainingDivergedError unless every trained parameter is finite. One device sync: it runs before a save,
+    which waits on the device anyway, not every step. A finite loss can still have overflowed gradients, and
+    the optimizer step after them leaves NaN weights that no loss has shown yet."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    shards = [p.to_local() if hasattr(p, "to_local") else p for p in params]  # FSDP2: this rank's shard
+    finite = torch.stack([torch.isfinite(t.detach()).all() for t in shards])
+    if bool(finite.all()):
+        return
+    bad = [names.get(id(p), "?") for p, ok in zip(params, finite.tolist(), strict=True) if not ok]
+    shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    raise TrainingDivergedError(f"train: after step {step} the trained weights {shown} are not finite (NaN or inf: "
+                                "a gradient overflowed); they were not saved. Lower lr or keep grad_clip on", step)
+
+
 def pad_batch(idx: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None,
               length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Right-pad a batch (idx, targets (B, T), attention_mask (B, T) or None) to `length` tokens: the new
@@ -249,6 +318,12 @@ def train(
     result as a run that never stopped. Without resume, a run_dir's metrics.jsonl is started afresh.
 
     The model trains in train mode and is left in eval mode, ready to be evaluated or sampled.
+
+    Raises:
+        TrainingDivergedError (a ValueError): a step's loss is NaN or infinite (checked every step), or a
+            trained weight is (checked before each training checkpoint and at the end). Nothing is saved after
+            it: neither that step's checkpoint nor `checkpoint_dir`, and callers that save the returned model
+            (minipeft.finetune) never get it.
     """
     if getattr(model, "merged_adapters", None):  # a PeftModel's LoRA folded into the base: nothing would learn
         raise ValueError(f"train: adapters {model.merged_adapters} are merged into the base weights; call "
@@ -329,6 +404,14 @@ def train(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_loss = step_loss.item()
+        # Checked on the value that the step's one sync just read, so it costs no extra wait; the optimizer
+        # step was already queued before that sync, so the weights have taken the non-finite gradients.
+        if not math.isfinite(step_loss):
+            raise TrainingDivergedError(
+                f"train: the loss at step {step + 1} of {config.steps} is {step_loss} (not finite): the run "
+                f"diverged. The optimizer had already stepped on its gradients, so the model's trained weights "
+                f"are not finite; they were not saved. Lower lr (it was {lr:.3g} at this step), keep grad_clip "
+                "on, or check the data and the loss_fn", step + 1)
         result.losses.append(step_loss)
         tokens_per_second = result.tokens / max(time.perf_counter() - start, 1e-9)
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_per_second:,.0f}")
@@ -351,6 +434,7 @@ def train(
         if save_every and (step + 1) % save_every == 0:
             random_state = _random_state(generator, world)  # a collective under DDP: every rank takes part
             if writes:
+                _check_finite_parameters(model, params, step + 1)  # a checkpoint of NaN weights would resume NaN
                 batches = getattr(get_batch, "state_dict", None)
                 result.seconds = paused - start
                 save_train_state(run_dir, step + 1, model, optimizer, random_state, asdict(config),
@@ -361,6 +445,9 @@ def train(
     if device.type == "cuda":
         torch.cuda.synchronize()
     result.seconds = time.perf_counter() - start
+    # on every rank: a caller saves the returned model (minipeft.finetune), and under DDP a NaN gradient of
+    # any rank reaches every rank's weights through the all-reduce
+    _check_finite_parameters(model, params, config.steps)
     model.eval()
     if writes:
         plot_losses(Path(run_dir) / PLOT_NAME, result.losses, result.evals, desc)

@@ -87,6 +87,13 @@ def nan_in_lora_B(tensors):
     tensors[key][0, 0] = float("nan")
 
 
+def nan_in_adapter(pm: PeftModel) -> PeftModel:
+    """`pm` with one NaN in the first LoRA B factor (a diverged adapter)."""
+    with torch.no_grad():
+        next(p for n, p in pm.named_parameters() if "lora_B" in n)[0, 0] = math.nan
+    return pm
+
+
 def set_field(key, value):
     return lambda raw: raw.__setitem__(key, value)
 
@@ -128,6 +135,10 @@ CASES = [
     ("pickle only", lambda t: (t / "adapter_model.bin").write_bytes(b"x") and lora().load_adapter(t, "x"),
      ValueError, "pickle"),
     ("no directory", lambda t: lora().load_adapter(t / "missing", "x"), ValueError, "does not exist"),
+    ("save a NaN adapter", lambda t: nan_in_adapter(lora()).save_adapter(t), ValueError, "nothing was written"),
+    ("save_pretrained a NaN adapter", lambda t: nan_in_adapter(lora()).save_pretrained(t), ValueError, "NaN"),
+    ("save_pretrained unloaded", lambda t: (lambda pm: (pm.unload(), pm.save_pretrained(t)))(lora()), ValueError,
+     "no adapters to save"),
     # ---- inputs to forward and generate
     ("1-D input, prompt", lambda t: get_peft_model(gpt(), PromptTuningConfig(num_virtual_tokens=2))(IDX[0]),
      ValueError, "(B, T)"),
@@ -157,6 +168,16 @@ CASES = [
     ("merge bottleneck", lambda t: with_bottleneck().merge_adapter(["b"]), ValueError, "LoRA adapters only"),
     ("merge nothing active", lambda t: (lambda pm: (pm.set_adapter("b"), pm.merge_adapter()))(with_bottleneck()),
      ValueError, "nothing to merge"),
+    ("merge a NaN adapter", lambda t: nan_in_adapter(lora()).merge_adapter(), ValueError, "lora_B holds NaN"),
+    ("merge_and_unload a NaN adapter", lambda t: nan_in_adapter(lora()).merge_and_unload(), ValueError,
+     "lora_B holds NaN"),
+    ("merge_adapter one str", lambda t: lora().merge_adapter("default"), TypeError, "['default']"),
+    ("merge_and_unload one str", lambda t: lora().merge_and_unload("default"), TypeError, "adapter_names"),
+    ("add_weighted_adapter one str", lambda t: lora().add_weighted_adapter("default", [1.0], "x"), TypeError,
+     "adapters must be a list"),
+    ("add_weighted_adapter one weight", lambda t: lora().add_weighted_adapter(["default"], 1.0, "x"), TypeError,
+     "weights"),
+    ("delete_adapter a list", lambda t: lora().delete_adapter(["default"]), TypeError, "adapter_name"),
     ("train while merged", lambda t: merged()(IDX, targets=IDX), ValueError, "unmerge_adapter"),
     ("trainer while merged", lambda t: train(merged(), lambda g: (IDX, IDX, None), TrainConfig(steps=1)),
      ValueError, "unmerge_adapter"),
@@ -239,3 +260,30 @@ def test_a_refused_first_adapter_leaves_the_model_free_and_unfrozen():
     assert refused.value is not None  # the traceback (and the half-built PeftModel in it) is still alive here
     assert all(p.requires_grad for p in model.parameters())
     assert get_peft_model(model, LoraConfig(r=1)).base_model is model
+
+
+def test_a_nan_adapter_is_neither_merged_nor_written(tmp_path):
+    """A refused merge leaves the base weights and the adapters as they were; a refused save writes no file."""
+    pm = nan_in_adapter(lora())
+    before = fingerprint(pm)
+    for call in (pm.merge_adapter, pm.merge_and_unload, lambda: pm.save_pretrained(tmp_path / "out")):
+        with pytest.raises(ValueError, match="NaN"):
+            call()
+        assert fingerprint(pm) == before
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_refused_save_pretrained_leaves_the_earlier_save_whole(tmp_path):
+    """Two LoRA adapters and their composition saved; then a save that cannot be written in the peft format
+    (a bottleneck adapter has none) is refused before it writes, so the directory still holds the first save."""
+    first = lora()
+    first.add_adapter("b", LoraConfig(r=1, target_modules=["c_attn"]))
+    first.set_adapter(["default", "b"])
+    first.save_pretrained(tmp_path, format="peft")
+    files = {p.relative_to(tmp_path): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    assert any(p.name == "adapter_composition.json" for p in files)
+    second = get_peft_model(gpt(), LoraConfig(r=4, target_modules=["c_attn"]))
+    second.add_adapter("b", AdapterConfig())
+    with pytest.raises(ValueError, match="HF peft has no format"):
+        second.save_pretrained(tmp_path, format="peft")
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == files

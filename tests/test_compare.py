@@ -67,7 +67,8 @@ def test_table_has_every_row_and_column(quick_run):
 
 def test_json_csv_and_plot_are_written(quick_run):
     _, results, out = quick_run
-    assert set(results["meta"]) >= {"task", "steps", "seed", "device", "date", "torch", "base_parameters"}
+    assert set(results["meta"]) >= {"task", "steps", "seed", "device", "date", "torch", "base_parameters",
+                                    "kernel_backend"}
     assert [r["method"] for r in results["rows"]] == [*BASELINES, *METHODS]
     for row in results["rows"]:
         assert set(COLUMNS) <= set(row)
@@ -117,6 +118,7 @@ def test_train_seeds_train_each_method_again_and_keep_every_run(tiny_base, tmp_p
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["meta"]["train_seeds"] == [0, 1]
+    assert results["meta"]["kernel_backend"] == os.environ.get(kernels.ENV_VAR, "auto")
     rows = {r["method"]: r for r in results["rows"]}
     lora = rows["lora"]
     assert lora["train_seeds"] == [0, 1] and len(lora["metric_runs"]) == 2
@@ -129,11 +131,17 @@ def test_train_seeds_train_each_method_again_and_keep_every_run(tiny_base, tmp_p
         assert rows[key]["metric_half_width"] is None
 
 
-@pytest.mark.parametrize("argv", [["--methods", "lora,dora"], ["--task", "translation"], ["--steps", "0"],
-                                  ["--train-seeds", "0"], ["--device", "tpu"]])
+@pytest.mark.parametrize("argv", [["--methods", "lora,dora"], ["--methods", "lora,prompt,lora"],
+                                  ["--task", "translation"], ["--steps", "0"], ["--train-seeds", "0"],
+                                  ["--device", "tpu"], ["MINIPEFT_KERNEL=cuda"]])
 def test_bad_input_is_one_line_and_exit_2(argv, tmp_path):
+    """A bad flag, or a MINIPEFT_KERNEL typo (which the workers would otherwise meet after the base is built)."""
+    env = dict(os.environ)
+    for arg in [a for a in argv if a.startswith(kernels.ENV_VAR + "=")]:
+        argv = [a for a in argv if a != arg]
+        env[kernels.ENV_VAR] = arg.split("=", 1)[1]
     proc = subprocess.run([sys.executable, "-m", "minipeft.cli", "compare", "--out", str(tmp_path), *argv],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -206,6 +206,55 @@ def test_option_of_another_method_and_a_too_long_max_length_fail_before_training
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
+def test_a_diverged_run_fails_and_leaves_the_adapter_already_in_out(files, tmp_path, capsys):
+    """lr 1e30 sends the weights past float32 by step 2: the loss is NaN there, the CLI says so and exits 2, and
+    the adapter and run.json that a good run left in OUT are still there, byte for byte."""
+    out = tmp_path / "lora"
+    assert finetune(files, "completion", out, "lora", "--steps", "2") == 0
+    kept = {p.name: p.read_bytes() for p in out.iterdir() if p.name.startswith("adapter_") or p.name == "run.json"}
+    assert {"adapter_model.safetensors", "run.json"} <= kept.keys()
+    capsys.readouterr()
+    assert finetune(files, "completion", out, "lora", "--steps", "4", "--lr", "1e30") == 2
+    shown = capsys.readouterr()
+    assert "wrote" not in shown.out and "final loss" not in shown.out
+    diverged = re.search(r"loss at step (\d) of 4 is nan \(not finite\).*they were not saved", shown.err)
+    assert diverged, shown.err
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(1, int(diverged[1]))) and 2 <= int(diverged[1]) < 4
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+    assert not (out / "checkpoints").exists()
+
+
+def test_out_may_not_be_the_base_nor_hold_an_input_under_an_output_name(files, tmp_path, capsys):
+    """A full fine-tune into the base's directory would replace its model.safetensors and config.json; a data
+    file in OUT named metrics.jsonl would be replaced by the run's log. Both are refused before anything runs."""
+    base = tmp_path / "base"
+    shutil.copytree(files["base"], base)
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+
+    def run(data, out, method="full"):
+        return main(["finetune", "--base", str(base), "--data", str(data), "--method", method, "--out", str(out),
+                     "--device", "cpu", "--batch-size", "4", "--steps", "1"])
+
+    for out in (base, tmp_path / "elsewhere" / ".." / "base"):  # the same directory, spelled another way
+        assert run(files["text"], out) == 2
+        assert "is the base directory" in capsys.readouterr().err
+    assert run(files["text"], base, "lora") == 2
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before  # nothing written, nothing replaced
+
+    mine = tmp_path / "run" / "metrics.jsonl"
+    mine.parent.mkdir()
+    shutil.copyfile(files["text"], mine)
+    assert run(mine, mine.parent, "lora") == 2
+    assert re.search(r"data .*metrics\.jsonl.* is in out .*where the run writes its own metrics\.jsonl",
+                     capsys.readouterr().err)
+    assert mine.read_bytes() == files["text"].read_bytes() and sorted(mine.parent.iterdir()) == [mine]
+    kept = tmp_path / "beside" / "train.jsonl"  # another name in OUT is not in the run's way
+    kept.parent.mkdir()
+    shutil.copyfile(files["text"], kept)
+    assert run(kept, kept.parent, "lora") == 0 and kept.read_bytes() == files["text"].read_bytes()
+
+
 def test_lora_learns_a_small_classification_file_well_above_chance(files, tmp_path):
     """The base is frozen and random, but each review's polar word is one token of the BPE: LoRA learns to carry
     it to the answer position. Measured on four random bases: 0.91–1.00 held-out accuracy after these 150 steps

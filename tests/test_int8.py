@@ -414,6 +414,9 @@ def test_state_dict_round_trip_and_casts_keep_the_format():
 @pytest.mark.parametrize("call, error, words", [
     (lambda: Int8Linear(8, 4, threshold=-1.0), ValueError, "threshold must be a finite number"),
     (lambda: Int8Linear(8, 4, threshold=float("nan")), ValueError, "threshold must be a finite number"),
+    (lambda: Int8Linear(8, 4, threshold=10**400), ValueError, "threshold must be a finite number"),  # past float
+    (lambda: Int8Linear(8, 4, threshold=-10**5000), ValueError, "got an int of 16610 bits"),  # past repr's digits
+    (lambda: Int8Linear(8, 4, threshold="6"), ValueError, "threshold must be a finite number.*got '6'"),
     (lambda: Int8Linear(8, 4)(torch.ones(2, 8, dtype=torch.long)), TypeError, "floating dtype"),
     (lambda: Int8Linear(8, 4)(torch.ones(2, 7)), ValueError, "expected \\(..., 8\\)"),
     (lambda: Int8Linear(0, 4), ValueError, "in_features must be a positive int"),
@@ -440,6 +443,36 @@ def test_quantize_model_bits_is_keyword_only_and_checked(tiny_model):
     assert weight_bytes_report(model) == report and report["nf4_dq"] < report["int8"] < report["bf16"]
     assert quantize_model(model, bits=4) is model  # already quantized: left as it is
     assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 4 * n_layers
+
+
+def _two_linears() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+def test_quantize_model_bits_8_takes_llm_int8s_threshold_unless_given():
+    model = quantize_model(_two_linears(), bits=8)
+    assert [m.threshold for m in model.modules() if isinstance(m, Int8Linear)] == [6.0, 6.0]
+    model = quantize_model(_two_linears(), bits=8, threshold=0.0)
+    assert [m.threshold for m in model.modules() if isinstance(m, Int8Linear)] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"blocksize": 128}, "blocksize and double_quant are options of bits=4 \\(NF4\\).*got blocksize=128"),
+    ({"blocksize": 64}, "got blocksize=64"),  # the 4-bit default, given: still not an 8-bit option
+    ({"double_quant": False}, "blocksize and double_quant are options of bits=4.*got double_quant=False"),
+    ({"blocksize": 32, "double_quant": True}, "got blocksize=32, double_quant=True"),
+    ({"threshold": -1.0}, "threshold must be a finite number"),
+    ({"threshold": float("nan")}, "threshold must be a finite number"),
+    ({"threshold": float("inf")}, "threshold must be a finite number"),
+    ({"threshold": 10**400}, "threshold must be a finite number"),
+])  # fmt: skip
+def test_quantize_model_bits_8_refuses_4_bit_options_and_bad_thresholds(kwargs, words):
+    model = _two_linears()
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=words):
+        quantize_model(model, bits=8, **kwargs)
+    assert [type(m) for m in model.modules()] == before  # nothing swapped
 
 
 def _lora_on_8_bit(model):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -264,3 +265,213 @@ def test_from_pretrained_refuses_gpt2_options_it_does_not_implement(tmp_path, ke
     (tmp_path / "config.json").write_text(json.dumps({**config, key: value}))
     with pytest.raises(ValueError, match=key if key != "attn_pdrop" else "one dropout rate"):
         GPT.from_pretrained(tmp_path)
+
+
+# fmt: off
+@pytest.mark.parametrize("kwargs, error, words", [
+    pytest.param({"layer_norm_epsilon": float("nan")}, ValueError, "layer_norm_epsilon must be a finite number > 0",
+                 id="eps-nan"),
+    pytest.param({"layer_norm_epsilon": float("inf")}, ValueError, "layer_norm_epsilon must be a finite", id="eps-inf"),
+    pytest.param({"layer_norm_epsilon": 0.0}, ValueError, "layer_norm_epsilon must be a finite number > 0",
+                 id="eps-zero"),
+    pytest.param({"layer_norm_epsilon": -1e-5}, ValueError, "layer_norm_epsilon", id="eps-negative"),
+    pytest.param({"layer_norm_epsilon": "1e-5"}, TypeError, "layer_norm_epsilon must be a real number.*str '1e-5'",
+                 id="eps-str"),
+    pytest.param({"layer_norm_epsilon": True}, TypeError, "layer_norm_epsilon must be a real number", id="eps-bool"),
+    pytest.param({"bias": "no"}, TypeError, "GPTConfig.bias must be True or False, got str 'no'", id="bias-str"),
+    pytest.param({"bias": 1}, TypeError, "GPTConfig.bias must be True or False, got int 1", id="bias-int"),
+    pytest.param({"bias": None}, TypeError, "GPTConfig.bias", id="bias-none"),
+    pytest.param({"dropout": "0.1"}, TypeError, "GPTConfig.dropout must be a real number.*str '0.1'",
+                 id="dropout-str"),
+    pytest.param({"dropout": float("nan")}, ValueError, r"GPTConfig.dropout must be in \[0, 1\), got nan",
+                 id="dropout-nan"),
+    pytest.param({"dropout": -0.1}, ValueError, r"GPTConfig.dropout must be in \[0, 1\)", id="dropout-negative"),
+    pytest.param({"dropout": 10**400}, ValueError, r"GPTConfig.dropout must be in \[0, 1\)", id="dropout-huge-int"),
+    pytest.param({"n_layer": True}, TypeError, "GPTConfig.n_layer must be a positive int, got bool True",
+                 id="n_layer-bool"),
+    pytest.param({"n_embd": 32.0}, TypeError, "GPTConfig.n_embd must be a positive int, got float", id="n_embd-float"),
+    pytest.param({"n_head": "4"}, TypeError, "GPTConfig.n_head must be a positive int, got str", id="n_head-str"),
+    pytest.param({"block_size": -10**5000}, ValueError, "GPTConfig.block_size must be a positive int, got an int of",
+                 id="block_size-past-repr"),
+])
+# fmt: on
+def test_every_config_field_is_checked_with_its_name(kwargs, error, words):
+    with pytest.raises(error, match=words):
+        small_config(**kwargs)
+
+
+def test_config_accepts_what_gpt2_configs_hold():
+    """Ints where a float is expected (a JSON 0 for a dropout rate) are numbers too; the defaults are valid."""
+    cfg = small_config(dropout=0, layer_norm_epsilon=1, bias=False)
+    assert (cfg.dropout, cfg.layer_norm_epsilon, cfg.bias) == (0, 1, False)
+    assert GPTConfig().to_dict() == {"block_size": 256, "vocab_size": 260, "n_layer": 4, "n_head": 4, "n_embd": 128,
+                                     "dropout": 0.0, "bias": True, "layer_norm_epsilon": 1e-5}
+
+
+# ------------------------------------------------------------------ checkpoints that cannot be loaded as they are
+def _saved(tmp_path, seed: int = 10) -> tuple[GPT, object]:
+    torch.manual_seed(seed)
+    model = GPT(small_config()).eval()
+    model.save_pretrained(tmp_path)
+    return model, tmp_path
+
+
+@pytest.mark.parametrize("values", [[float("nan")], [float("inf"), float("nan"), -float("inf")]])
+def test_from_pretrained_refuses_non_finite_weights_naming_file_tensor_and_count(tmp_path, values):
+    from safetensors.torch import load_file, save_file
+
+    _saved(tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(str(path))
+    w = tensors["transformer.h.1.mlp.c_fc.weight"]
+    w.view(-1)[torch.arange(len(values)) * 7] = torch.tensor(values)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(ValueError) as info:
+        GPT.from_pretrained(tmp_path)
+    message = str(info.value)
+    assert "'transformer.h.1.mlp.c_fc.weight'" in message and str(path) in message
+    assert f"has {len(values)} NaN or inf values (of {w.numel()})" in message
+
+
+def test_from_pretrained_refuses_integer_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _saved(tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors["transformer.ln_f.bias"] = tensors["transformer.ln_f.bias"].long()
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"'transformer.ln_f.bias' in .*model.safetensors has dtype torch.int64"):
+        GPT.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 4 / 10**6])
+def test_from_pretrained_truncated_weights_are_a_value_error_naming_the_file(tmp_path, keep):
+    _saved(tmp_path)
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: max(1, int(len(data) * keep))])
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))} is not a valid safetensors file"):
+        GPT.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("key", ["n_positions", "vocab_size", "n_layer", "n_head", "n_embd"])
+def test_from_pretrained_config_without_a_required_key(tmp_path, key):
+    _saved(tmp_path)
+    config_path = tmp_path / "config.json"
+    config = json.loads(config_path.read_text())
+    del config[key]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape(f"{config_path} lacks ['{key}']")):
+        GPT.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("{not json", "is not valid JSON"),
+    ('{"model_type": "gpt2"', "is not valid JSON"),
+    (b"\xff\xfe{}", "is not valid JSON"),  # not UTF-8
+    ("[1, 2]", "must hold a JSON object, got a list"),
+])  # fmt: skip
+def test_from_pretrained_corrupt_config_names_the_file(tmp_path, text, words):
+    _saved(tmp_path)
+    config_path = tmp_path / "config.json"
+    if isinstance(text, bytes):
+        config_path.write_bytes(text)
+    else:
+        config_path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(f"{config_path} {words}")):
+        GPT.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("layer_norm_epsilon", float("nan"), "GPTConfig.layer_norm_epsilon must be a finite number > 0"),
+    ("n_embd", "32", "GPTConfig.n_embd must be a positive int, got str"),
+    ("n_positions", 0, "GPTConfig.block_size must be a positive int, got 0"),
+    ("n_layer", True, "GPTConfig.n_layer must be a positive int, got bool"),
+    ("resid_pdrop", "0.1", "resid_pdrop must be a finite number, got '0.1'"),
+    ("attn_pdrop", float("nan"), "attn_pdrop must be a finite number, got nan"),
+    ("resid_pdrop", 1.0, r"GPTConfig.dropout must be in \[0, 1\)"),
+])  # fmt: skip
+def test_from_pretrained_config_values_are_checked_naming_the_file(tmp_path, key, value, words):
+    """json.dumps writes NaN, and Python's json reads it back: a config.json can hold one."""
+    _saved(tmp_path)
+    config_path = tmp_path / "config.json"
+    config = json.loads(config_path.read_text())
+    if key == "resid_pdrop" and not isinstance(value, str):  # one rate for all three, so only the range is wrong
+        config.update(resid_pdrop=value, embd_pdrop=value, attn_pdrop=value)
+    else:
+        config[key] = value
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=words) as info:
+        GPT.from_pretrained(tmp_path)
+    assert str(config_path) in str(info.value)
+
+
+def _write_sharded(directory, seed: int) -> tuple[GPT, list[str]]:
+    """A two-shard checkpoint of another model, laid out as transformers writes one (an index and its shards)."""
+    from safetensors.torch import load_file, save_file
+
+    other, _ = _saved(directory, seed=seed)
+    tensors = load_file(str(directory / "model.safetensors"))
+    (directory / "model.safetensors").unlink()
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    keys = sorted(tensors)
+    parts = {names[0]: keys[: len(keys) // 2], names[1]: keys[len(keys) // 2:]}
+    for name, part in parts.items():
+        save_file({k: tensors[k] for k in part}, str(directory / name), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: name for name, part in parts.items() for k in part}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    return other, names
+
+
+def test_save_pretrained_over_a_sharded_save_removes_its_index_and_shards_only(tmp_path):
+    other, shards = _write_sharded(tmp_path, seed=11)
+    idx = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(GPT.from_pretrained(tmp_path).eval()(idx)[0], other(idx)[0])  # the shards load
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "unlisted.safetensors").write_bytes(b"not listed by the index")
+    torch.manual_seed(12)
+    model = GPT(small_config()).eval()
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "notes.txt",
+                                                           "unlisted.safetensors"]
+    with torch.no_grad():
+        assert torch.equal(GPT.from_pretrained(tmp_path).eval()(idx)[0], model(idx)[0])  # the new weights, not shards
+        hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+        assert_close(hf(idx).logits, model(idx)[0], "interop")
+
+
+def test_save_pretrained_never_deletes_outside_the_directory_or_the_new_file(tmp_path):
+    """An index is data: a name that leads elsewhere, or model.safetensors itself, is never deleted."""
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    (tmp_path / "outside.safetensors").write_bytes(b"keep")
+    (directory / "sub").mkdir()
+    (directory / "sub" / "inner.safetensors").write_bytes(b"keep")
+    weight_map = {"a": "../outside.safetensors", "b": "sub/inner.safetensors", "c": "model.safetensors",
+                  "d": "shard.safetensors", "e": 7}
+    (directory / "shard.safetensors").write_bytes(b"listed: removed")
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    model, _ = _saved(directory)
+    assert not (directory / "model.safetensors.index.json").exists() and not (directory / "shard.safetensors").exists()
+    assert (tmp_path / "outside.safetensors").read_bytes() == b"keep"
+    assert (directory / "sub" / "inner.safetensors").read_bytes() == b"keep"
+    idx = torch.randint(0, 97, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(GPT.from_pretrained(directory).eval()(idx)[0], model(idx)[0])
+
+
+def test_save_pretrained_removes_an_unreadable_index_and_keeps_its_shards(tmp_path):
+    _saved(tmp_path / "elsewhere")
+    (tmp_path / "config.json").write_text((tmp_path / "elsewhere" / "config.json").read_text())
+    (tmp_path / "model.safetensors.index.json").write_text("{broken")
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"unknown to us")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'model.safetensors.index.json'} is not valid JSON")):
+        GPT.from_pretrained(tmp_path)
+    model, _ = _saved(tmp_path)
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+    assert (tmp_path / "model-00001-of-00002.safetensors").read_bytes() == b"unknown to us"
+    idx = torch.randint(0, 97, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(GPT.from_pretrained(tmp_path).eval()(idx)[0], model(idx)[0])

@@ -262,6 +262,15 @@ def test_from_linear_refuses_nan_and_names_the_weight():
                  id="dequantize-str"),
     pytest.param(lambda: NF4Linear(8, 4)(torch.ones(2, 8, dtype=torch.long)), TypeError, "expected a floating dtype",
                  id="forward-int64-input"),  # as kernels.lora_linear: an integer x is a TypeError
+    # double_quant is a bool: "no" would be truthy and turn double quantization on
+    pytest.param(lambda: NF4Linear(8, 4, double_quant="no"), TypeError,
+                 "double_quant must be True or False, got str 'no'", id="double-quant-str"),
+    pytest.param(lambda: NF4Linear.from_linear(nn.Linear(8, 4), double_quant=1), TypeError,
+                 "double_quant must be True or False, got int 1", id="from-linear-double-quant-int"),
+    pytest.param(lambda: quantize_nf4(torch.randn(64), double_quant="yes"), TypeError,
+                 "double_quant must be True or False, got str 'yes'", id="quantize-nf4-double-quant-str"),
+    pytest.param(lambda: nf4_nbytes(64, 64, double_quant=None), TypeError,
+                 "double_quant must be True or False, got NoneType None", id="nf4-nbytes-double-quant-none"),
 ])
 # fmt: on
 def test_nf4_linear_bad_arguments_raise(call, error, word):
@@ -376,3 +385,36 @@ def test_lora_attaches_to_block_layers_and_counts_them_as_weights(double_quant):
         pm = get_peft_model(gpt, LoraConfig(r=2, target_modules="all-linear"))
         counts.append(pm.get_nb_trainable_parameters())
     assert counts[0] == counts[1]
+
+
+# ---- options: each format's own, and none dropped silently -------------------------------------------------
+
+
+def test_quantize_model_defaults_are_qloras():
+    """Not given, blocksize and double_quant are QLoRA's 64 and True; given, they are used."""
+    model = quantize_model(tiny_lm())
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    assert len(layers) == 6 and all(m.blocksize == 64 and m.double_quant is True for m in layers)
+    model = quantize_model(tiny_lm(), blocksize=32, double_quant=False)
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    assert len(layers) == 6 and all(m.blocksize == 32 and m.double_quant is False for m in layers)
+
+
+# fmt: off
+@pytest.mark.parametrize("kwargs, error, words", [
+    pytest.param({"threshold": -1.0}, ValueError, "threshold is an option of bits=8", id="threshold-negative"),
+    pytest.param({"threshold": 6.0}, ValueError, "threshold is an option of bits=8", id="threshold-default-value"),
+    pytest.param({"threshold": 0.0, "bits": 4}, ValueError, "with bits=4 \\(NF4\\) leave it out, got threshold=0.0",
+                 id="threshold-zero"),
+    pytest.param({"double_quant": "no"}, TypeError, "double_quant must be True or False, got str 'no'",
+                 id="double-quant-str"),
+    pytest.param({"double_quant": 0}, TypeError, "double_quant must be True or False, got int 0",
+                 id="double-quant-int"),
+])
+# fmt: on
+def test_quantize_model_refuses_options_it_would_ignore_and_changes_nothing(kwargs, error, words):
+    model = tiny_lm()
+    snapshot = _snapshot(model)
+    with pytest.raises(error, match=words):
+        quantize_model(model, **kwargs)
+    _assert_unchanged(model, snapshot)

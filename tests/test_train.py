@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -14,7 +15,7 @@ from minipeft.checkpoint import check_output_dir
 from minipeft.data import load_task, task_batch
 from minipeft.model import GPT, GPTConfig
 from minipeft.tokenizer import ByteTokenizer
-from minipeft.train import TrainConfig, _padded_length, lr_at, pad_batch, train
+from minipeft.train import TrainConfig, TrainingDivergedError, _padded_length, lr_at, pad_batch, resolve_device, train
 from minipeft.tuners import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
 
 
@@ -184,6 +185,89 @@ def test_step_loss_is_the_mean_of_the_micro_batch_losses(monkeypatch):
 def test_bad_train_config(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         TrainConfig(**bad)
+
+
+@pytest.mark.parametrize("bad,error,message", [
+    (dict(pad_multiple=0), ValueError, r"pad_multiple must be >= 1 \(1: batches are not padded\), got 0"),
+    (dict(pad_multiple=-64), ValueError, r"pad_multiple must be >= 1 .*got -64"),
+    (dict(pad_multiple=None), TypeError, r"pad_multiple must be an int, got NoneType None"),
+    (dict(compile_backend=3), TypeError, r"compile_backend must be a str .*got int 3"),
+    (dict(compile_backend=""), ValueError, r"compile_backend must name a torch.compile backend"),
+    (dict(compile_mode=3), TypeError, r"compile_mode must be one of .*got int 3"),
+    (dict(lr=10**400), ValueError, r"lr must be finite"),  # an int past the float range: not an OverflowError
+    (dict(lr=math.nan), ValueError, r"lr must be finite, got nan"),
+    (dict(min_lr_ratio=math.inf), ValueError, r"min_lr_ratio must be finite, got inf"),
+    (dict(seed=-1), ValueError, r"seed must be an int in \[0, 2\*\*63\), got -1"),
+    (dict(seed=2**64), ValueError, r"seed must be an int in \[0, 2\*\*63\)"),
+    (dict(warmup_steps=-1), ValueError, r"warmup_steps.*>= 0"),
+    (dict(grad_accum=0), ValueError, r"grad_accum must be > 0, got 0"),
+])
+def test_each_train_config_field_is_checked_with_its_name_and_value(bad, error, message):
+    with pytest.raises(error, match=message):
+        TrainConfig(**bad)
+    assert TrainConfig(pad_multiple=1, compile_backend="aot_eager", seed=2**63 - 1).pad_multiple == 1  # the edges
+
+
+@pytest.mark.parametrize("device,error,message", [
+    ("gpu", ValueError, r"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'gpu'"),
+    ("meta", ValueError, r"device must be .*got 'meta'"),
+    ("cuda:99", ValueError, r"device 'cuda:99'"),  # no CUDA here, or fewer than 100 devices
+    (3, TypeError, r"device must be .* or a torch.device, got int 3"),
+    (None, TypeError, r"device must be .*got NoneType None"),
+])
+def test_resolve_device_names_the_device_it_cannot_use(device, error, message):
+    with pytest.raises(error, match=message):
+        resolve_device(device)
+    assert resolve_device("cpu") == resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+
+
+def nan_from_step(bad_step: int, value: float = math.nan):
+    """A loss_fn: the model's loss, times `value` from step `bad_step` (1-based) on, so its gradients follow."""
+    calls = []
+
+    def loss_fn(net, idx, targets, mask):
+        calls.append(1)
+        _, loss = net(idx, targets=targets, attention_mask=mask, return_logits=False)
+        return loss * value if len(calls) >= bad_step else loss
+
+    loss_fn.calls = calls
+    return loss_fn
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_non_finite_loss_stops_the_run_and_nothing_after_it_is_saved(tmp_path, value):
+    """Step 2's loss is not finite: train raises there, naming the step and the loss; the checkpoint of step 1
+    stays the last one, step 2 is not logged, and checkpoint_dir gets no model."""
+    loss_fn = nan_from_step(2, value)
+    with pytest.raises(TrainingDivergedError, match=rf"loss at step 2 of 5 is {value} \(not finite\).*trained "
+                                                    r"weights are not finite; they were not saved") as raised:
+        train(tiny_gpt(), sentiment_batches(4), TrainConfig(steps=5, warmup_steps=1), loss_fn=loss_fn,
+              checkpoint_dir=tmp_path / "model", run_dir=tmp_path / "run", save_every=1, progress=False)
+    assert isinstance(raised.value, ValueError) and raised.value.step == 2
+    assert len(loss_fn.calls) == 2  # no step after the one that diverged
+    assert not (tmp_path / "model").exists()
+    assert json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())["step"] == 1
+    assert [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_non_finite_gradients_under_a_finite_loss_are_caught_before_any_save(tmp_path):
+    """The loss is finite, but a gradient is NaN: the optimizer step leaves NaN weights that no loss has shown
+    yet. They are caught before a training checkpoint and before the final save."""
+    def poisoned():
+        model = tiny_gpt()
+        model.lm_head.weight.register_hook(lambda grad: torch.full_like(grad, math.nan))
+        return model
+
+    with pytest.raises(TrainingDivergedError, match=r"after step 1 the trained weights .*transformer\.wte\.weight"
+                                                    r".* are not finite .*not saved"):
+        train(poisoned(), sentiment_batches(4), TrainConfig(steps=1, warmup_steps=1),
+              checkpoint_dir=tmp_path / "model", progress=False)
+    assert not (tmp_path / "model").exists()
+    with pytest.raises(TrainingDivergedError, match=r"after step 1 the trained weights"):
+        train(poisoned(), sentiment_batches(4), TrainConfig(steps=3, warmup_steps=1), run_dir=tmp_path / "run",
+              save_every=1, progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_padding_for_static_shapes_leaves_the_loss_and_gradients_unchanged():

@@ -125,7 +125,16 @@ class Int8Linear(QuantizedLinear):
 
 
 def _check_threshold(threshold: object) -> None:
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold) \
-            or threshold < 0:  # fmt: skip
+    """A finite number ≥ 0, or a ValueError naming ``threshold`` (the rule ``kernels.int8_linear`` applies too)."""
+    try:  # math.isfinite raises OverflowError for an int beyond the float range (10**400): not finite either
+        ok = not isinstance(threshold, bool) and isinstance(threshold, int | float) and math.isfinite(threshold) \
+            and threshold >= 0  # fmt: skip
+    except OverflowError:
+        ok = False
+    if not ok:
+        try:
+            shown = repr(threshold)
+        except ValueError:  # an int past Python's 4300 digits
+            shown = f"an int of {threshold.bit_length()} bits"
         raise ValueError(f"threshold must be a finite number ≥ 0 (6.0 in LLM.int8(); 0 turns the outlier "
-                         f"decomposition off), got {threshold!r}")  # fmt: skip
+                         f"decomposition off), got {shown}")  # fmt: skip

@@ -27,6 +27,7 @@ from .nf4 import (
     DQ_BLOCKSIZE,
     NF4Weight,
     _check_blocksize,
+    _check_double_quant_flag,
     _check_out_dtype,
     _check_quantizable,
     _codebooks,
@@ -80,6 +81,7 @@ class NF4Linear(QuantizedLinear):
     ) -> None:
         super().__init__(in_features, out_features)
         _check_blocksize(blocksize)
+        _check_double_quant_flag(double_quant)
         if weight_dtype not in _FLOAT_DTYPES:
             raise ValueError(f"weight_dtype must be float32, bfloat16 or float16 (the dtype the weight had), "
                              f"got {weight_dtype!r}")  # fmt: skip
@@ -100,7 +102,8 @@ class NF4Linear(QuantizedLinear):
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> NF4Linear:
         """Quantize ``linear.weight`` (on its device) and keep a frozen copy of its bias.
 
-        Raises ValueError where ``quantize_nf4`` does (NaN/inf in the weight, ...), naming ``linear.weight``.
+        Raises ValueError where ``quantize_nf4`` does (NaN/inf in the weight, ...), naming ``linear.weight``;
+        TypeError for a ``double_quant`` that is not a bool.
         """
         w = linear.weight.detach()
         q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant, name="linear.weight")
@@ -227,11 +230,11 @@ class NF4Linear(QuantizedLinear):
 def quantize_model(
     model: nn.Module,
     target_modules: str | Sequence[str] = "all-linear",
-    blocksize: int = 64,
-    double_quant: bool = True,
+    blocksize: int | None = None,
+    double_quant: bool | None = None,
     *,
     bits: int = 4,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float | None = None,
 ) -> nn.Module:
     """Replace ``model``'s nn.Linear layers by ``NF4Linear`` (``bits=4``) or ``Int8Linear`` (``bits=8``),
     **in place**, and return the same model.
@@ -243,24 +246,42 @@ def quantize_model(
         target_modules: chosen exactly as LoRA's are (minipeft/targets.py): ``"all-linear"`` (every nn.Linear
             except ``lm_head``), a list of names (``name == t`` or ``name.endswith("." + t)``) or a regex
             string matched against the whole name. Layers already quantized (NF4 or int8) are left as they are.
-        blocksize, double_quant: as in ``quantize_nf4``; for ``bits=4`` only.
+        blocksize, double_quant: as in ``quantize_nf4``; for ``bits=4`` only. Not given (None): 64 and True,
+            QLoRA's choices.
         bits: 4 (NF4, QLoRA) or 8 (row-wise int8, LLM.int8()); keyword-only.
-        threshold: ``Int8Linear``'s outlier threshold (LLM.int8()'s 6.0; 0 turns the decomposition off); for
-            ``bits=8`` only.
+        threshold: ``Int8Linear``'s outlier threshold (0 turns the decomposition off); for ``bits=8`` only.
+            Not given (None): ``DEFAULT_THRESHOLD``, LLM.int8()'s 6.0.
+
+    An option of the other format is refused, never dropped: ``bits=8`` with ``blocksize`` or ``double_quant``
+    given, or ``bits=4`` with ``threshold`` given, raises ValueError (even where the value given is the default,
+    which would do nothing there either).
 
     A Linear whose weight is tied to another parameter (GPT-2's ``lm_head`` shares the token embedding) is
-    never quantized: "all-linear" skips it, naming it explicitly raises. Raises ValueError when ``bits`` is
-    not 4 or 8, a target matches no Linear, selects a layer that already carries adapters (quantize first,
-    then attach), or selects a weight that ``quantize_nf4`` / ``quantize_int8`` refuses (NaN/inf, absmax
-    values double quantization cannot hold; the message names the weight, e.g.
-    ``transformer.h.0.attn.c_attn.weight``). Every chosen weight is checked before the first layer is
-    swapped, so a refused call leaves the model exactly as it was.
+    never quantized: "all-linear" skips it, naming it explicitly raises. Raises TypeError when
+    ``double_quant`` is not a bool; ValueError when ``bits`` is not 4 or 8, an option of the other format is
+    given, ``blocksize`` or ``threshold`` is out of range, a target matches no Linear, selects a layer that
+    already carries adapters (quantize first, then attach), or selects a weight that ``quantize_nf4`` /
+    ``quantize_int8`` refuses (NaN/inf, absmax values double quantization cannot hold; the message names the
+    weight, e.g. ``transformer.h.0.attn.c_attn.weight``). Every chosen weight is checked before the first layer
+    is swapped, so a refused call leaves the model exactly as it was.
     """
     if isinstance(bits, bool) or bits not in (4, 8):
         raise ValueError(f"bits must be 4 (NF4) or 8 (int8), got {bits!r}")
+    # None means "not given": an option given for the other format is a mistake to report, not to drop.
     if bits == 4:
+        if threshold is not None:
+            raise ValueError(f"threshold is an option of bits=8 (Int8Linear's outlier threshold); with bits=4 (NF4) "
+                             f"leave it out, got threshold={threshold!r}")
+        blocksize = 64 if blocksize is None else blocksize
+        double_quant = True if double_quant is None else double_quant
         _check_blocksize(blocksize)
+        _check_double_quant_flag(double_quant)
     else:
+        given = {k: v for k, v in (("blocksize", blocksize), ("double_quant", double_quant)) if v is not None}
+        if given:
+            raise ValueError(f"blocksize and double_quant are options of bits=4 (NF4); with bits=8 (int8) leave "
+                             f"them out, got {', '.join(f'{k}={v!r}' for k, v in given.items())}")
+        threshold = DEFAULT_THRESHOLD if threshold is None else threshold
         _check_threshold(threshold)
     chosen = [t for t in find_target_modules(model, target_modules) if not isinstance(t.module, QuantizedLinear)]
     wrapped = [t.name for t in chosen if not isinstance(t.module, nn.Linear)]

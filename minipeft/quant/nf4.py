@@ -164,6 +164,7 @@ class NF4Weight:
 
 def nf4_nbytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
     """Bytes ``quantize_nf4`` produces for ``numel`` weights, without building them (for size reports)."""
+    _check_double_quant_flag(double_quant)
     n_blocks = -(-numel // blocksize)
     codes = (numel + 1) // 2
     if not double_quant:
@@ -184,6 +185,11 @@ def _check_weight(w: torch.Tensor, name: str = "w") -> None:
 def _check_blocksize(blocksize: int, name: str = "blocksize") -> None:
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in _VALID_BLOCKSIZES:
         raise ValueError(f"{name} must be a power of two from 32 to 4096, got {blocksize!r}")
+
+
+def _check_double_quant_flag(double_quant: bool, name: str = "double_quant") -> None:
+    if not isinstance(double_quant, bool):  # "no" is truthy: the intent of a string or an int is unclear
+        raise TypeError(f"{name} must be True or False, got {type(double_quant).__name__} {double_quant!r}")
 
 
 def _blocks_and_absmax(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,6 +282,7 @@ def _check_quantizable(w: torch.Tensor, blocksize: int, double_quant: bool, name
     callers that must check several weights before changing anything (``quantize_model``)."""
     _check_weight(w, name)
     _check_blocksize(blocksize)
+    _check_double_quant_flag(double_quant)
     _, absmax = _blocks_and_absmax(w, blocksize)
     _check_finite(absmax, w, name)
     if double_quant:
@@ -296,13 +303,14 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         an ``NF4Weight`` on ``w``'s device.
 
     Raises:
-        TypeError: ``w`` is not a tensor.
+        TypeError: ``w`` is not a tensor; ``double_quant`` is not a bool.
         ValueError: ``w`` has NaN/inf, is empty or not float16/bfloat16/float32; bad ``blocksize``; with
             ``double_quant``, absmax values whose double quantization would decode to inf (|w| ≈ 1e38 in
             many blocks; fp16 weights near 65504): ``double_quant=False`` stores those exactly.
     """
     _check_weight(w, name)
     _check_blocksize(blocksize)
+    _check_double_quant_flag(double_quant)
     n = w.numel()
 
     # 1. one absmax per block, and every value scaled into [-1, 1] by it

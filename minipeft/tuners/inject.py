@@ -53,6 +53,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -228,6 +229,8 @@ class PeftModel(nn.Module):
                              f"{list(self.peft_config)}. Delete it first or pick another name")
 
     def _check_name(self, adapter_name: str) -> None:
+        if not isinstance(adapter_name, str):
+            raise TypeError(f"adapter_name must be a str, got {type(adapter_name).__name__} {adapter_name!r}")
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} does not exist; existing adapters: {list(self.peft_config)}")
 
@@ -783,7 +786,11 @@ class PeftModel(nn.Module):
         separately and adds cross terms; `lora.combine_lora` has the maths."""
         if combination_type not in COMBINATION_TYPES:
             raise ValueError(f"combination_type must be one of {COMBINATION_TYPES}, got {combination_type!r}")
-        adapters, weights = list(adapters), [_finite_weight(i, w) for i, w in enumerate(weights)]
+        adapters = _name_list(adapters, "adapters")
+        if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence | torch.Tensor | np.ndarray):
+            raise TypeError(f"weights must be a sequence of real numbers, one per adapter, got "
+                            f"{type(weights).__name__} {weights!r}")
+        weights = [_finite_weight(i, w) for i, w in enumerate(weights)]
         if not adapters:
             raise ValueError("adapters must name at least one LoRA adapter")
         if len(adapters) != len(weights):
@@ -848,7 +855,7 @@ class PeftModel(nn.Module):
                              "whole; make the average one adapter first (add_weighted_adapter(names, weights, "
                              "name, combination_type='cat') gives Σ wᵢ·ΔWᵢ exactly), activate and merge that")
         active_lora = [n for n in self._active if isinstance(self.peft_config[n], LoraConfig)]
-        names = active_lora if adapter_names is None else list(adapter_names)
+        names = active_lora if adapter_names is None else _name_list(adapter_names, "adapter_names")
         for n in names:
             self._check_name(n)
             if not isinstance(self.peft_config[n], LoraConfig):
@@ -872,11 +879,26 @@ class PeftModel(nn.Module):
             if id(layer.base_layer.weight) in shared:
                 raise ValueError(f"cannot merge into {clean}: its weight is tied to another parameter (the "
                                  "token embedding); use merge_and_unload(), which unties it")
+        self._check_finite_factors(names)
         for _clean, _raw, layer in self._lora_layers():
             mine = [n for n in names if n in layer.adapter_names]
             if mine:
                 layer.merge(mine)
         self._merged += [n for n in names if n not in self._merged]
+
+    def _check_finite_factors(self, names: list[str]) -> None:
+        """A ValueError naming the first LoRA factor of `names` that holds NaN or inf: merged, it would be in
+        the base weights (checked in every layer before any merges)."""
+        for clean, _raw, layer in self._lora_layers():
+            for n in names:
+                if n not in layer.adapter_names:
+                    continue
+                for factor in (layer.lora_A[n].weight, layer.lora_B[n].weight):
+                    bad = int((~torch.isfinite(factor)).sum())
+                    if bad:
+                        which = "lora_A" if factor is layer.lora_A[n].weight else "lora_B"
+                        raise ValueError(f"adapter {n!r} cannot be merged: {clean}.{which} holds NaN or inf "
+                                         f"({bad} of {factor.numel()} entries); the base weights are unchanged")
 
     def unmerge_adapter(self) -> None:
         """Take every merged ΔW out of the base weights again: they are the original ones, bit for bit."""
@@ -902,9 +924,10 @@ class PeftModel(nn.Module):
             raise ValueError(f"merge_and_unload with {self.active_composition!r} active would fold each adapter "
                              "in whole; make the average one adapter first (add_weighted_adapter(names, weights, "
                              "name, combination_type='cat') gives Σ wᵢ·ΔWᵢ exactly), activate and merge that")
-        names = self._active if adapter_names is None else list(adapter_names)
+        names = list(self._active) if adapter_names is None else _name_list(adapter_names, "adapter_names")
         for n in names:
             self._check_name(n)
+        self._check_finite_factors(names)
         self.unmerge_adapter()  # the base weights W₀ again: only `names` go into the returned model
         for _clean, raw, layer in self._lora_layers():
             mine = [n for n in names if n in layer.adapter_names]
@@ -951,6 +974,7 @@ class PeftModel(nn.Module):
             tensors = dict(self.prompt_encoders[adapter_name].fold().state_dict())
         else:
             tensors = self.adapter_state_dict(adapter_name)
+        _check_finite_to_save(tensors, adapter_name)
         io.write_adapter(directory, config, tensors, format, base_model_name_or_path)
 
     def save_pretrained(self, directory: str | Path, **kwargs: Any) -> None:
@@ -961,7 +985,23 @@ class PeftModel(nn.Module):
         Fusions go to `directory/<a,b>/` (save_adapter_fusion). When what is saved is more than "default" alone
         and active (other adapters active, a composition, a fusion, nothing active), adapter_composition.json,
         written last, records the adapters, the fusions and the active composition, and `from_pretrained`
-        restores all of them; otherwise a stale one is removed (io.py)."""
+        restores all of them; otherwise a stale one is removed (io.py).
+
+        Everything is checked before anything is written (every adapter's format, every tensor finite), and an
+        earlier save's adapter_composition.json goes first: a save that fails part way leaves no composition
+        that would pair new adapters with an earlier save's.
+
+        Raises:
+            ValueError: no adapters (after `unload` or `merge_and_unload`), a format an adapter cannot be
+                written in, or a tensor holding NaN or inf (named).
+        """
+        if not self.peft_config:
+            raise ValueError("there are no adapters to save: this PeftModel's adapters were unloaded or merged "
+                             "into the base (save the returned base model with save_pretrained instead)")
+        for name, config in self.peft_config.items():
+            io.check_format(config, kwargs.get("format", "minipeft"))
+            _check_finite_to_save(self.adapter_state_dict(name), name)
+        io.remove_composition(directory)
         for name in self.peft_config:
             self.save_adapter(Path(directory) / io.subdirectory(name), name, **kwargs)
         fusions = self.adapter_fusions
@@ -1122,6 +1162,23 @@ def _read_adapter_for(model: nn.Module, directory: str | Path) -> tuple[PeftConf
         except ValueError as e:
             raise ValueError(f"{source}: this LoRA adapter's modules are not all in the model: {e}") from e
     return config, tensors, source
+
+
+def _name_list(names: Any, what: str) -> list[str]:
+    """`names` (a list or tuple of adapter names) as a list; a TypeError for one bare name or a non-sequence."""
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        hint = f"; for one adapter write [{names!r}]" if isinstance(names, str) else ""
+        raise TypeError(f"{what} must be a list of adapter names, got {type(names).__name__} {names!r}{hint}")
+    return list(names)
+
+
+def _check_finite_to_save(tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
+    """A ValueError naming the first tensor that holds NaN or inf: written, it would be a file no load accepts."""
+    for key, value in tensors.items():
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:
+            raise ValueError(f"adapter {adapter_name!r} cannot be saved: tensor {key!r} holds NaN or inf ({bad} of "
+                             f"{value.numel()} entries); nothing was written")
 
 
 def _finite_weight(i: int, w: Any) -> float:

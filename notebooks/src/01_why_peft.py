@@ -348,10 +348,19 @@ print(f"GPT-3 LoRA r=4 on W_q, W_v: {lora_gpt3:,d} parameters = {100 * lora_gpt3
 frozen_bf16 = N["GPT-3 175B"] * 2 / GB
 print(f"training state: frozen bf16 weights {frozen_bf16:.0f} GB + LoRA {lora_gpt3 * 16 / GB:.2f} GB "
       f"vs full fine-tuning {N['GPT-3 175B'] * 16 / GB:.0f} GB")
+PAPER_FULL_GB = 1200  # the LoRA paper's training memory for GPT-3 fully fine-tuned (Hu et al. 2021, section 4.2)
+paper_bytes = PAPER_FULL_GB * GB / N["GPT-3 175B"]
+course.claim(paper_bytes < BYTES_MIXED_ADAMW - 4,
+             f"the LoRA paper's {PAPER_FULL_GB / 1000:.1f} TB is {paper_bytes:.1f} bytes per parameter of GPT-3, "
+             f"fewer than the {BYTES_MIXED_ADAMW} this cell counts (mixed-precision AdamW with an fp32 master copy) "
+             f"and than the {BYTES_MIXED_ADAMW - 4} without the master copy")
 
 # %% [markdown]
 # The LoRA paper reports the same orders of magnitude measured on GPT-3: training memory 1.2 TB → 350 GB and
-# a checkpoint of 350 GB → 35 MB (Hu et al. 2021, section 4.2).
+# a checkpoint of 350 GB → 35 MB (Hu et al. 2021, section 4.2). Its 350 GB is the frozen 16-bit weights above.
+# Its 1.2 TB counts fewer bytes per parameter than this cell does (the last line), and the paper does not itemize
+# it: the two full fine-tuning figures differ in what is assumed stored per parameter, not in how memory grows
+# with the model.
 #
 # ## 8. The benefits, and where this course measures each (the PEFT exercises, 1.3)
 #
@@ -433,12 +442,12 @@ else:
           f"{len(SEEDS)} seeds; the interval holds 0, so these runs do not separate them.")
 
 # %% [markdown]
-# The accuracies above come from only 40 steps and are not compared here (chapter 3 compares methods with
-# tuned budgets). What the cell shows: the update that fine-tuning makes is concentrated in a few directions,
-# which a rank-r LoRA can represent with a few percent of the parameters. On forgetting, the printout gives the
-# verdict of these runs; full fine-tuning's damage varies a lot from seed to seed, which is why it is stated with
-# its interval (chapter 9 returns to it). A LoRA-tuned model also keeps the untouched base one call away
-# (`disable_adapter()`), which full fine-tuning cannot.
+# The accuracies above come from only 40 steps and are not compared here (chapter 9 compares the methods, each
+# at a learning rate tuned for its budget, over three seeds). What the cell shows: the update that fine-tuning
+# makes is concentrated in a few directions, which a rank-r LoRA can represent with a few percent of the
+# parameters. On forgetting, the printout gives the verdict of these runs; full fine-tuning's damage varies a lot
+# from seed to seed, which is why it is stated with its interval (chapter 9 returns to it). A LoRA-tuned model
+# also keeps the untouched base one call away (`disable_adapter()`), which full fine-tuning cannot.
 #
 # ## Summary
 #

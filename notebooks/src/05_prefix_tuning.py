@@ -187,7 +187,9 @@ em_init = evaluate(pm, task, tok, "test")
 
 
 def fit_prefix(config, lr, seed, model=None):
-    """Train a prefix for STEPS steps; seed sets the prefix's initial value and the batches."""
+    """Train a prefix for STEPS steps; seed sets the batches. Without `model`, a new prefix is built after seeding,
+    so seed also sets its initial value; a `model` passed in keeps the initial value it was built with (seed 0
+    trains `pm` and `pm_proj` from above, whose prefixes were drawn when those cells ran)."""
     torch.manual_seed(seed)
     model = model if model is not None else get_peft_model(copy.deepcopy(base), config)
     res = train(model, get_batch, TrainConfig(steps=STEPS, lr=lr, batch_size=BATCH, warmup_steps=WARMUP, seed=seed),

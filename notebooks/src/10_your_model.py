@@ -54,8 +54,10 @@ BASE_DIR = None  # or "gpt2-local": a directory saved once with the two lines ab
 
 # Nothing is downloaded: transformers and peft read HF_HUB_OFFLINE once, when they are imported, so it is set first.
 os.environ["HF_HUB_OFFLINE"] = "1"
-# bitsandbytes, which peft imports, logs a warning on some CPUs about an optional kernel it cannot fetch (unused here)
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+# bitsandbytes, which peft imports, asks the `kernels` package for an optional CPU kernel from the Hub (unused here);
+# offline, `kernels` logs that it skips the Hub's publisher check, and bitsandbytes that the kernel is not there
+for name in ("bitsandbytes", "kernels"):
+    logging.getLogger(name).setLevel(logging.ERROR)
 # peft on this transformers version warns about a renamed transformers method it calls; nothing to act on here
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 import peft  # noqa: E402

@@ -91,8 +91,9 @@ print({name: f"{len(t.train)} train / {len(t.test)} test, {t.metric}" for name, 
 # | `facts_lora` | LoRA r = 8, every Linear | facts | a few dozen steps |
 # | `facts_prompt` | prompt tuning, 8 virtual tokens | facts | none: started from the embeddings of an instruction |
 #
-# The step counts are small so that the chapter runs in a minute and a half; the adapters learn part of their
-# task, which is all the mechanics below need. Section 6 reads a careful measurement with full training.
+# The step counts are small so that the chapter runs quickly on a CPU (its last cell prints how long it took);
+# the adapters learn part of their task, which is all the mechanics below need. Section 6 reads a careful
+# measurement with full training.
 
 # %%
 PFEIFFER = AdapterConfig.load("pfeiffer", reduction_factor=4)  # rf 4, as in chapter 4: sentiment needs the width
