@@ -389,8 +389,8 @@ def main() -> None:
 
     prefixes = [s.strip() for s in args.rows.split(",") if s.strip()]
     # a prefix ends at a word: "hf lora" is the row "hf lora", not "hf lora8"; "mp lora" is every "mp lora/…"
-    rows = [r for r in ALL_ROWS if not prefixes or any(r.name == x or (r.name.startswith(x) and r.name[len(x)] in " /")
-                                                       for x in prefixes)]
+    rows = [r for r in ALL_ROWS if not prefixes or any(
+        r.name == x or (r.name.startswith(x) and (x[-1] in " /" or r.name[len(x)] in " /")) for x in prefixes)]
     if not rows:
         p.error(f"--rows {args.rows!r} matches no row; rows: {[r.name for r in ALL_ROWS]}")
     skipped: dict[str, str] = {}

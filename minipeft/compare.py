@@ -251,7 +251,7 @@ def compare(args: argparse.Namespace) -> list[dict]:
     check_output_dir(out, label="--out")
     device = resolve_device(args.device)
     methods = parse_methods(args.methods)
-    backend = kernels.get_backend()  # "auto" unless MINIPEFT_KERNEL says otherwise; a typo stops here, not in a worker
+    backend = kernels.get_backend()  # "auto" unless set otherwise; a MINIPEFT_KERNEL typo stops here, not in a worker
     base = load_base(args.preset, args.seed, device="cpu")  # pretrains (and caches) if needed
     with tempfile.TemporaryDirectory() as tmp:
         save_model(base, tmp)
@@ -261,7 +261,7 @@ def compare(args: argparse.Namespace) -> list[dict]:
     # seed by seed, every method within a seed: a run cut short still has whole seeds
     for i, train_seed in enumerate(train_seeds):
         for key in [*BASELINES, *methods] if i == 0 else methods:  # the baselines train nothing: once
-            runs.setdefault(key, []).append(_run_worker(key, train_seed, args, device, out))
+            runs.setdefault(key, []).append(_run_worker(key, train_seed, args, device, out, backend))
     rows = []
     for key, done in runs.items():
         row = dict(done[0])
@@ -281,13 +281,16 @@ def compare(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def _run_worker(key: str, train_seed: int, args: argparse.Namespace, device: torch.device, out: Path) -> dict:
-    """One method (or baseline) trained and measured in a fresh process; its row."""
+def _run_worker(key: str, train_seed: int, args: argparse.Namespace, device: torch.device, out: Path,
+                backend: str) -> dict:
+    """One method (or baseline) trained and measured in a fresh process, on kernel backend `backend` (this
+    process's, which meta records: a set_backend here reaches the worker only through MINIPEFT_KERNEL); its row."""
     row_file = out / "rows" / f"{key}.seed{train_seed}.json"
     cmd = [sys.executable, "-m", "minipeft.compare", "--worker", key, "--task", args.task, "--steps",
            str(args.steps), "--seed", str(args.seed), "--train-seed", str(train_seed), "--device", str(device.type),
            "--preset", args.preset, "--out", str(out)] + (["--quick"] if args.quick else [])
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr (the progress bars) passes through
+    env = {**os.environ, kernels.ENV_VAR: backend}
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)  # stderr (progress bars) passes through
     if proc.returncode != 0 or not row_file.is_file():
         raise RuntimeError(f"method {key!r} (training seed {train_seed}) failed (exit code {proc.returncode}); see "
                            "the output above")

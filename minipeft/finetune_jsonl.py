@@ -123,9 +123,10 @@ def _check_run_dir(out: Path, resume: bool, base: Path, inputs: dict[str, str | 
     if out.resolve() == base.resolve():  # as minipeft.merge refuses it
         raise ValueError(f"out {str(out)!r} is the base directory; write the fine-tuned result elsewhere")
     for label, path in inputs.items():
-        if path is not None and Path(path).name in OUTPUT_FILES and Path(path).resolve().parent == out.resolve():
-            raise ValueError(f"{label} {str(path)!r} is in out {str(out)!r}, where the run writes its own "
-                             f"{Path(path).name}; move the file or choose another output directory")
+        written = {(out / name).resolve(): name for name in OUTPUT_FILES}  # resolved: a link into out counts too
+        if path is not None and Path(path).resolve() in written:
+            raise ValueError(f"{label} {str(path)!r} is out's {written[Path(path).resolve()]} (in {str(out)!r}), "
+                             "which the run writes; move the file or choose another output directory")
     committed = latest_checkpoint(out)
     if resume and committed is None:
         raise ValueError(f"resume: there is no checkpoint in {str(out)!r} (no checkpoints/latest.json); a run writes "
@@ -189,7 +190,8 @@ def finetune_jsonl(
         ValueError: a bad argument (before anything is trained), among them an `out` that is the base's
             directory or holds an input file under the name of one the run writes; and
             minipeft.train.TrainingDivergedError (a ValueError) when the loss stops being finite: the adapter
-            (or model) and run.json are then not written, and those of an earlier run in `out` stay.
+            (or model) and run.json are then not written, and those of an earlier run in `out` stay; its
+            metrics.jsonl does not (a run starts its log afresh), so `out` then holds the diverged run's log.
     """
     out, base = Path(out), Path(base)
     options = MethodOptions() if options is None else options

@@ -74,7 +74,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.compile is not None and not isinstance(self.compile, bool):
             raise TypeError(f"TrainConfig.compile must be True, False or None, got {self.compile!r}")
-        if not isinstance(self.compile_backend, str):  # torch.compile would fail on it only at the first step
+        if not isinstance(self.compile_backend, str):  # a name: the config is written to checkpoints as JSON
             raise TypeError(f"TrainConfig.compile_backend must be a str naming a torch.compile backend (e.g. "
                             f"'inductor', 'aot_eager'), got {type(self.compile_backend).__name__} "
                             f"{self.compile_backend!r}")
@@ -255,16 +255,23 @@ def _padded_length(model: torch.nn.Module, T: int, multiple: int) -> int:
     return max(T, min(-(-T // multiple) * multiple, room))
 
 
-def _check_finite_parameters(model: torch.nn.Module, params: list[torch.nn.Parameter], step: int) -> None:
-    """TrainingDivergedError unless every trained parameter is finite. One device sync: it runs before a save,
-    which waits on the device anyway, not every step. A finite loss can still have overflowed gradients, and
-    the optimizer step after them leaves NaN weights that no loss has shown yet."""
+def _check_finite_parameters(model: torch.nn.Module, params: list[torch.nn.Parameter], step: int,
+                             world: int = 1) -> None:
+    """TrainingDivergedError unless every trained parameter is finite, on every rank at once (a collective when
+    world > 1: under FSDP2 each rank sees only its shard, and a rank that raised alone would leave the others
+    waiting). One device sync: it runs before a save, which waits on the device anyway, not every step. A finite
+    loss can still have overflowed gradients, and the optimizer step after them leaves NaN weights that no loss
+    has shown yet."""
     names = {id(p): n for n, p in model.named_parameters()}
     shards = [p.to_local() if hasattr(p, "to_local") else p for p in params]  # FSDP2: this rank's shard
     finite = torch.stack([torch.isfinite(t.detach()).all() for t in shards])
-    if bool(finite.all()):
+    all_finite = finite.all().to(torch.float32)
+    if world > 1:
+        dist.all_reduce(all_finite, op=dist.ReduceOp.MIN)
+    if bool(all_finite):
         return
     bad = [names.get(id(p), "?") for p, ok in zip(params, finite.tolist(), strict=True) if not ok]
+    bad = bad or ["of another rank's shard"]
     shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
     raise TrainingDivergedError(f"train: after step {step} the trained weights {shown} are not finite (NaN or inf: "
                                 "a gradient overflowed); they were not saved. Lower lr or keep grad_clip on", step)
@@ -403,12 +410,18 @@ def train(
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step_loss = step_loss.item()
+        if world > 1:  # every rank must stop together: a rank that raised alone would leave the others waiting
+            any_bad = (~torch.isfinite(step_loss)).to(torch.float32)   # in the next step's all-reduce
+            dist.all_reduce(any_bad, op=dist.ReduceOp.MAX)
+            step_loss, any_bad = torch.stack([step_loss.float(), any_bad]).tolist()  # the step's one sync
+        else:
+            step_loss, any_bad = step_loss.item(), 0.0
         # Checked on the value that the step's one sync just read, so it costs no extra wait; the optimizer
         # step was already queued before that sync, so the weights have taken the non-finite gradients.
-        if not math.isfinite(step_loss):
+        if not math.isfinite(step_loss) or any_bad:
+            where = f"is {step_loss} (not finite)" if not math.isfinite(step_loss) else "is not finite on another rank"
             raise TrainingDivergedError(
-                f"train: the loss at step {step + 1} of {config.steps} is {step_loss} (not finite): the run "
+                f"train: the loss at step {step + 1} of {config.steps} {where}: the run "
                 f"diverged. The optimizer had already stepped on its gradients, so the model's trained weights "
                 f"are not finite; they were not saved. Lower lr (it was {lr:.3g} at this step), keep grad_clip "
                 "on, or check the data and the loss_fn", step + 1)
@@ -433,8 +446,8 @@ def train(
             log.write(line)
         if save_every and (step + 1) % save_every == 0:
             random_state = _random_state(generator, world)  # a collective under DDP: every rank takes part
+            _check_finite_parameters(model, params, step + 1, world)  # a checkpoint of NaN weights would resume NaN
             if writes:
-                _check_finite_parameters(model, params, step + 1)  # a checkpoint of NaN weights would resume NaN
                 batches = getattr(get_batch, "state_dict", None)
                 result.seconds = paused - start
                 save_train_state(run_dir, step + 1, model, optimizer, random_state, asdict(config),
@@ -445,9 +458,8 @@ def train(
     if device.type == "cuda":
         torch.cuda.synchronize()
     result.seconds = time.perf_counter() - start
-    # on every rank: a caller saves the returned model (minipeft.finetune), and under DDP a NaN gradient of
-    # any rank reaches every rank's weights through the all-reduce
-    _check_finite_parameters(model, params, config.steps)
+    # on every rank, agreed between them: a caller saves the returned model (minipeft.finetune)
+    _check_finite_parameters(model, params, config.steps, world)
     model.eval()
     if writes:
         plot_losses(Path(run_dir) / PLOT_NAME, result.losses, result.evals, desc)

@@ -178,6 +178,8 @@ CASES = [
     ("add_weighted_adapter one weight", lambda t: lora().add_weighted_adapter(["default"], 1.0, "x"), TypeError,
      "weights"),
     ("delete_adapter a list", lambda t: lora().delete_adapter(["default"]), TypeError, "adapter_name"),
+    ("save_pretrained to a file", lambda t: (t / "f").write_text("x") and lora().save_pretrained(t / "f"), ValueError,
+     "directory"),
     ("train while merged", lambda t: merged()(IDX, targets=IDX), ValueError, "unmerge_adapter"),
     ("trainer while merged", lambda t: train(merged(), lambda g: (IDX, IDX, None), TrainConfig(steps=1)),
      ValueError, "unmerge_adapter"),
@@ -287,3 +289,13 @@ def test_a_refused_save_pretrained_leaves_the_earlier_save_whole(tmp_path):
     with pytest.raises(ValueError, match="HF peft has no format"):
         second.save_pretrained(tmp_path, format="peft")
     assert {p.relative_to(tmp_path): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == files
+
+
+def test_names_may_be_any_iterable_but_a_bare_str():
+    """dict keys, tuples and generators name adapters as a list does; merging them merges the same adapters."""
+    pm = lora(init_lora_weights=False)
+    pm.merge_adapter(pm.peft_config.keys())
+    assert pm.merged_adapters == ["default"]
+    pm.unmerge_adapter()
+    pm.merge_adapter(n for n in ("default",))
+    assert pm.merged_adapters == ["default"]

@@ -492,3 +492,16 @@ def test_average_of_lora_adapters_is_their_weighted_sum_and_refuses_to_merge():
     assert_close(pm(IDX)[0], expected)
     with pytest.raises(ValueError, match="add_weighted_adapter"):
         pm.merge_adapter()
+
+
+def test_a_nan_fusion_is_not_saved(tmp_path):
+    """A fusion holding NaN would be a file that load_adapter_fusion refuses: neither save writes it."""
+    pm = adapters()
+    pm.add_adapter_fusion(["a", "b"])
+    with torch.no_grad():
+        pm.base_model.transformer.h[0].mlp.adapter_fusion["a,b"].fusion_query.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="fusion a,b cannot be saved: tensor .* holds NaN"):
+        pm.save_adapter_fusion(tmp_path / "fusion", ["a", "b"])
+    with pytest.raises(ValueError, match="fusion a,b cannot be saved"):
+        pm.save_pretrained(tmp_path / "all")
+    assert not (tmp_path / "fusion").exists() and not (tmp_path / "all").exists()

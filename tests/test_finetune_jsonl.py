@@ -246,9 +246,12 @@ def test_out_may_not_be_the_base_nor_hold_an_input_under_an_output_name(files, t
     mine.parent.mkdir()
     shutil.copyfile(files["text"], mine)
     assert run(mine, mine.parent, "lora") == 2
-    assert re.search(r"data .*metrics\.jsonl.* is in out .*where the run writes its own metrics\.jsonl",
-                     capsys.readouterr().err)
+    assert re.search(r"data .*metrics\.jsonl.* is out's metrics\.jsonl .*which the run writes", capsys.readouterr().err)
     assert mine.read_bytes() == files["text"].read_bytes() and sorted(mine.parent.iterdir()) == [mine]
+    link = tmp_path / "train.jsonl"  # a link elsewhere that points at out's metrics.jsonl is the same file
+    link.symlink_to(mine)
+    assert run(link, mine.parent, "lora") == 2 and "is out's metrics.jsonl" in capsys.readouterr().err
+    assert mine.read_bytes() == files["text"].read_bytes()
     kept = tmp_path / "beside" / "train.jsonl"  # another name in OUT is not in the run's way
     kept.parent.mkdir()
     shutil.copyfile(files["text"], kept)

@@ -49,7 +49,7 @@ import math
 import numbers
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ import torch
 import torch.nn as nn
 
 from minipeft import quant
+from minipeft.checkpoint import check_output_dir
 from minipeft.targets import (
     find_target_modules,
     is_linear_like,
@@ -556,6 +557,7 @@ class PeftModel(nn.Module):
         fuse = _as_fuse(adapter_names)
         self._check_fusion(fuse)
         tensors = {k: p.detach() for k, p in self._fusion_parameters(fuse.name).items()}
+        _check_finite_to_save(tensors, f"fusion {fuse.name}")
         io.write_fusion(directory, self._fusion_config(fuse.name), tensors)
 
     def load_adapter_fusion(self, directory: str | Path, set_active: bool = False) -> Fuse:
@@ -974,7 +976,7 @@ class PeftModel(nn.Module):
             tensors = dict(self.prompt_encoders[adapter_name].fold().state_dict())
         else:
             tensors = self.adapter_state_dict(adapter_name)
-        _check_finite_to_save(tensors, adapter_name)
+        _check_finite_to_save(tensors, f"adapter {adapter_name!r}")
         io.write_adapter(directory, config, tensors, format, base_model_name_or_path)
 
     def save_pretrained(self, directory: str | Path, **kwargs: Any) -> None:
@@ -998,9 +1000,13 @@ class PeftModel(nn.Module):
         if not self.peft_config:
             raise ValueError("there are no adapters to save: this PeftModel's adapters were unloaded or merged "
                              "into the base (save the returned base model with save_pretrained instead)")
+        check_output_dir(directory, label="directory")
         for name, config in self.peft_config.items():
             io.check_format(config, kwargs.get("format", "minipeft"))
-            _check_finite_to_save(self.adapter_state_dict(name), name)
+            _check_finite_to_save(self.adapter_state_dict(name), f"adapter {name!r}")
+        for fusion in self.adapter_fusions:
+            _check_finite_to_save({k: p.detach() for k, p in self._fusion_parameters(fusion).items()},
+                                  f"fusion {fusion}")
         io.remove_composition(directory)
         for name in self.peft_config:
             self.save_adapter(Path(directory) / io.subdirectory(name), name, **kwargs)
@@ -1165,19 +1171,20 @@ def _read_adapter_for(model: nn.Module, directory: str | Path) -> tuple[PeftConf
 
 
 def _name_list(names: Any, what: str) -> list[str]:
-    """`names` (a list or tuple of adapter names) as a list; a TypeError for one bare name or a non-sequence."""
-    if isinstance(names, str) or not isinstance(names, Sequence):
+    """`names` (a list, tuple, dict keys or any other iterable of adapter names) as a list; a TypeError for one
+    bare name, which would otherwise be read letter by letter, or for a non-iterable."""
+    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
         hint = f"; for one adapter write [{names!r}]" if isinstance(names, str) else ""
         raise TypeError(f"{what} must be a list of adapter names, got {type(names).__name__} {names!r}{hint}")
     return list(names)
 
 
-def _check_finite_to_save(tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
+def _check_finite_to_save(tensors: dict[str, torch.Tensor], owner: str) -> None:
     """A ValueError naming the first tensor that holds NaN or inf: written, it would be a file no load accepts."""
     for key, value in tensors.items():
         bad = int((~torch.isfinite(value)).sum())
         if bad:
-            raise ValueError(f"adapter {adapter_name!r} cannot be saved: tensor {key!r} holds NaN or inf ({bad} of "
+            raise ValueError(f"{owner} cannot be saved: tensor {key!r} holds NaN or inf ({bad} of "
                              f"{value.numel()} entries); nothing was written")
 
 
