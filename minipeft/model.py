@@ -37,6 +37,8 @@ from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 
 from minipeft.checkpoint import save_json, save_safetensors
+from minipeft.checks import is_finite as _is_finite
+from minipeft.checks import shown as _show
 
 logger = logging.getLogger(__name__)
 
@@ -80,22 +82,6 @@ class GPTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _show(value: object) -> str:
-    """repr(value), or what it is where repr refuses (an int past Python's 4300 digits)."""
-    try:
-        return repr(value)
-    except ValueError:
-        return f"an int of {value.bit_length()} bits" if isinstance(value, int) else f"a {type(value).__name__}"
-
-
-def _is_finite(value: int | float) -> bool:
-    """math.isfinite, where an int too large for a float (10**400) counts as not finite instead of raising."""
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
 
 
 class KVCache:

@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from minipeft.checkpoint import check_output_dir, save_model
+from minipeft.checks import is_finite, shown
 from minipeft.run_log import METRICS_NAME, PLOT_NAME, MetricsLog, plot_losses
 from minipeft.train_state import load_train_state, save_train_state
 
@@ -94,12 +95,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"TrainConfig.{name} must be a real number, got {type(value).__name__} {value!r}")
-            try:
-                finite = math.isfinite(value)
-            except OverflowError:  # an int beyond the float range, like 10**400
-                finite = False
-            if not finite:
-                raise ValueError(f"TrainConfig.{name} must be finite, got {value!r}")
+            if not is_finite(value):
+                raise ValueError(f"TrainConfig.{name} must be finite, got {shown(value)}")
         if not 0 <= self.seed < 2**63:  # torch.manual_seed(seed + rank) takes at most 64 bits
             raise ValueError(f"TrainConfig.seed must be an int in [0, 2**63), got {self.seed!r}")
         if self.pad_multiple < 1:  # one way to say "no padding": a multiple of 1
@@ -272,8 +269,8 @@ def _check_finite_parameters(model: torch.nn.Module, params: list[torch.nn.Param
         return
     bad = [names.get(id(p), "?") for p, ok in zip(params, finite.tolist(), strict=True) if not ok]
     bad = bad or ["of another rank's shard"]
-    shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-    raise TrainingDivergedError(f"train: after step {step} the trained weights {shown} are not finite (NaN or inf: "
+    listed = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    raise TrainingDivergedError(f"train: after step {step} the trained weights {listed} are not finite (NaN or inf: "
                                 "a gradient overflowed); they were not saved. Lower lr or keep grad_clip on", step)
 
 

@@ -16,12 +16,11 @@ Backward (the weight is frozen): dx = dy · Ŵ, with Ŵ dequantized from the cod
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
 from minipeft import kernels
+from minipeft.checks import is_finite, shown
 
 from .int8 import Int8Weight, quantize_int8
 from .nf4 import _FLOAT_DTYPES, _check_out_dtype
@@ -126,15 +125,7 @@ class Int8Linear(QuantizedLinear):
 
 def _check_threshold(threshold: object) -> None:
     """A finite number ≥ 0, or a ValueError naming ``threshold`` (the rule ``kernels.int8_linear`` applies too)."""
-    try:  # math.isfinite raises OverflowError for an int beyond the float range (10**400): not finite either
-        ok = not isinstance(threshold, bool) and isinstance(threshold, int | float) and math.isfinite(threshold) \
-            and threshold >= 0  # fmt: skip
-    except OverflowError:
-        ok = False
-    if not ok:
-        try:
-            shown = repr(threshold)
-        except ValueError:  # an int past Python's 4300 digits
-            shown = f"an int of {threshold.bit_length()} bits"
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not is_finite(threshold) \
+            or threshold < 0:  # fmt: skip
         raise ValueError(f"threshold must be a finite number ≥ 0 (6.0 in LLM.int8(); 0 turns the outlier "
-                         f"decomposition off), got {shown}")  # fmt: skip
+                         f"decomposition off), got {shown(threshold)}")  # fmt: skip

@@ -20,12 +20,12 @@ so that `to_dict()` is plain JSON and `PeftConfig.from_dict(c.to_dict()) == c`.
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+from minipeft.checks import is_finite, shown
 from minipeft.tuners.bottleneck import ACTIVATIONS
 from minipeft.tuners.fusion import FUSION_TYPES
 
@@ -73,18 +73,8 @@ def _field(config: PeftConfig, name: str) -> tuple[str, Any]:
     return f"{type(config).__name__}.{name}", getattr(config, name)
 
 
-def _show(value: Any) -> str:
-    """repr(value), or what it is where repr refuses (an int past Python's 4300 digits, a Fraction of one)."""
-    try:
-        return repr(value)
-    except ValueError:
-        if isinstance(value, int):
-            return f"an int of {value.bit_length()} bits"
-        return f"a {type(value).__name__} too long to print"
-
-
 def _got(value: Any) -> str:
-    return f"got {_show(value)} ({type(value).__name__})"
+    return f"got {shown(value)} ({type(value).__name__})"
 
 
 def _check_positive_int(config: PeftConfig, name: str) -> int:
@@ -92,7 +82,7 @@ def _check_positive_int(config: PeftConfig, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # True is an int to Python, not here
         raise TypeError(f"{where} must be a positive int, {_got(value)}")
     if value <= 0:
-        raise ValueError(f"{where} must be a positive int, got {_show(value)}")
+        raise ValueError(f"{where} must be a positive int, got {shown(value)}")
     return int(value)
 
 
@@ -106,12 +96,8 @@ def _check_real(config: PeftConfig, name: str, *, nonzero: bool = False) -> int 
     expected = "a finite, non-zero real number (int or float)" if nonzero else "a finite real number (int or float)"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{where} must be {expected}, {_got(value)}")
-    try:
-        finite = math.isfinite(value)
-    except OverflowError:                           # an int beyond the float range, like 10**400
-        finite = False
-    if not finite or (nonzero and value == 0):
-        raise ValueError(f"{where} must be {expected}, got {_show(value)}")
+    if not is_finite(value) or (nonzero and value == 0):
+        raise ValueError(f"{where} must be {expected}, got {shown(value)}")
     return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import numbers
 import warnings
 import weakref
@@ -59,6 +58,7 @@ import torch.nn as nn
 
 from minipeft import quant
 from minipeft.checkpoint import check_output_dir
+from minipeft.checks import is_finite, shown
 from minipeft.targets import (
     find_target_modules,
     is_linear_like,
@@ -1194,13 +1194,9 @@ def _finite_weight(i: int, w: Any) -> float:
         w = w.item()
     if isinstance(w, bool) or not isinstance(w, numbers.Real):
         raise TypeError(f"weights[{i}] must be a real number, got {type(w).__name__} {w!r}")
-    try:
-        value = float(w)
-    except OverflowError:  # an int beyond a float's range
-        value = math.inf
-    if not math.isfinite(value):
-        raise ValueError(f"weights[{i}] must be finite, got {w!r}")
-    return value
+    if not is_finite(w):
+        raise ValueError(f"weights[{i}] must be finite, got {shown(w)}")
+    return float(w)
 
 
 def _creation_config(config: PeftConfig) -> PeftConfig:
