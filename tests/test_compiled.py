@@ -174,6 +174,17 @@ def test_real_kernels_compile_for_hopper_and_the_two_readings_of_serialization_a
     assert decode["MMA"] == "-" and decode["in flight"] == "-" and decode["serialized"] == "no"
 
 
+def test_the_lora_passes_compile_for_hopper():
+    """The shrink, dS/dB and dA passes, at c_attn's shape with the tiles and splits the library launches on an
+    H200: each compiles for sm_90a to a loop with a tensor-core MMA (warpgroup or mma.sync: the compiler's choice)."""
+    run = _run("--kernels", "lora_shrink,lora_dsdb,lora_da")
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = _rows(run.stdout)
+    assert set(rows) == {"lora_shrink", "lora_dsdb", "lora_da"}
+    for row in rows.values():
+        assert row["MMA"] in ("HGMMA", "HMMA") and int(row["loop"]) > 0 and 0 < int(row["regs"]) <= 255
+
+
 def test_an_unknown_kernel_is_named():
     run = _run("--kernels", "lora_forward,nope")
     assert run.returncode == 2 and "unknown ['nope']" in run.stderr
