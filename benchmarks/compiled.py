@@ -298,13 +298,6 @@ def _lora_gemm(forward: bool) -> Launch:
 H200_SMS = 132  # the splits below are the ones the library makes on an H200 (``lora_triton._splits``)
 
 
-def _h200_splits(rows: int, row_block: int, other_blocks: int, per_sm: int) -> int:
-    """Rows per program of a split-M pass, as ``lora_triton._splits`` chooses them on a 132-SM GPU."""
-    row_blocks = triton.cdiv(rows, row_block)
-    n_split = min(row_blocks, max(1, triton.cdiv(per_sm * H200_SMS, max(other_blocks, 1))))
-    return triton.cdiv(row_blocks, n_split) * row_block
-
-
 def _lora_pass(name: str) -> Launch:
     """One of LoRA's thin passes at c_attn's shape (7936 rows, 768 → 2304, r = 16, bf16), with the tile the
     library launches on an H200: the shrink S = x·Aᵀ (64 rows a program, 128 columns, 4 stages: what
@@ -317,18 +310,18 @@ def _lora_pass(name: str) -> Launch:
         return Launch(name, f"{M} x {K}, r {r}, bf16 (S = x·Aᵀ)", lora_triton._shrink_kernel, args, constexprs, 4, 4)
     if name == "lora_dsdb":
         bm, bn = lora_triton.DSDB_BM, lora_triton.DSDB_BN
-        per_split = _h200_splits(M, bm, triton.cdiv(N, bn), lora_triton.DSDB_PER_SM)
+        n_split, per_split = lora_triton._splits(M, bm, triton.cdiv(N, bn), H200_SMS, lora_triton.DSDB_PER_SM)
         args = dict(dy_ptr="*bf16", b_ptr="*bf16", s_ptr="*bf16", g_ptr="*fp32", db_acc_ptr="*fp32",
                     dbias_acc_ptr="*fp32", count_ptr="*i32", db_ptr="*bf16", dbias_ptr="*bf16", M=M, N=N, R=r,
-                    ROWS_PER_SPLIT=per_split, N_SPLIT=triton.cdiv(M, per_split), stride_dym=N, stride_dyn=1,
+                    ROWS_PER_SPLIT=per_split, N_SPLIT=n_split, stride_dym=N, stride_dyn=1,
                     stride_bn=r, stride_br=1, stride_sm=r, stride_sr=1, stride_dbn=r, stride_dbr=1, scaling=2.0)
         constexprs = dict(HAS_BIAS_GRAD=False, R_PAD=r, PRECISION="ieee", BM=bm, BN=bn)  # LoRA: the bias is frozen
         return Launch(name, f"{M} x {N}, r {r}, bf16 (G and dB from dY)", lora_triton._dsdb_kernel, args,
                       constexprs, lora_triton.DSDB_WARPS, lora_triton.DSDB_STAGES)
     bm, bk = lora_triton.DA_BM, lora_triton.DA_BK
-    per_split = _h200_splits(M, bm, triton.cdiv(K, bk), lora_triton.DA_PER_SM)
+    n_split, per_split = lora_triton._splits(M, bm, triton.cdiv(K, bk), H200_SMS, lora_triton.DA_PER_SM)
     args = dict(g_ptr="*fp32", x_ptr="*bf16", mask_ptr="*bf16", da_acc_ptr="*fp32", count_ptr="*i32", da_ptr="*bf16",
-                M=M, K=K, R=r, ROWS_PER_SPLIT=per_split, N_SPLIT=triton.cdiv(M, per_split), stride_xm=K, stride_xk=1,
+                M=M, K=K, R=r, ROWS_PER_SPLIT=per_split, N_SPLIT=n_split, stride_xm=K, stride_xk=1,
                 stride_mm=K, stride_mk=1, stride_dar=K, stride_dak=1, scaling=2.0)
     constexprs = dict(HAS_MASK=False, R_PAD=r, PRECISION="ieee", BM=bm, BK=bk)
     return Launch(name, f"{M} x {K}, r {r}, bf16 (dA from G and x)", lora_triton._da_kernel, args, constexprs,

@@ -119,10 +119,13 @@ def _num_sms(device: torch.device) -> int:
     return _device_info(device.index if device.index is not None else torch.cuda.current_device())[0]
 
 
-def _splits(rows: int, row_block: int, other_blocks: int, device: torch.device, per_sm: int = 4) -> tuple[int, int]:
-    """Split the rows so that the grid has about ``per_sm`` programs per SM: (number of splits, rows per split)."""
+def _splits(rows: int, row_block: int, other_blocks: int, device: torch.device | int,
+            per_sm: int = 4) -> tuple[int, int]:
+    """Split the rows so that the grid has about ``per_sm`` programs per SM: (number of splits, rows per split).
+    ``device``: the GPU, or its number of SMs."""
+    sms = device if isinstance(device, int) else _num_sms(device)
     row_blocks = triton.cdiv(rows, row_block)
-    want = max(1, triton.cdiv(per_sm * _num_sms(device), max(other_blocks, 1)))
+    want = max(1, triton.cdiv(per_sm * sms, max(other_blocks, 1)))
     n_split = min(row_blocks, want)
     per_split = triton.cdiv(row_blocks, n_split) * row_block
     return triton.cdiv(rows, per_split), per_split
