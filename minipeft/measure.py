@@ -25,6 +25,8 @@ use before the thing measured was built (what `reset_peak_memory` returns).
 from __future__ import annotations
 
 import copy
+import ctypes
+import gc
 import resource
 import statistics
 import time
@@ -125,9 +127,21 @@ def _status_mb(field: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _release_freed_memory() -> None:
+    """Collect garbage and hand the heap's free pages back to the OS (glibc's ``malloc_trim``), so that the
+    resident set read next is what the process holds now. Without it, memory freed before a baseline but still
+    resident can be returned later, mid-measurement, and the peak minus the baseline comes out negative."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):  # not glibc: the baseline is only as tight as the allocator keeps it
+        pass
+
+
 def _reset_peak_rss() -> None:
     """Start a new peak: writing 5 to clear_refs resets VmHWM to the current RSS (Linux ≥ 4.0). Without it,
     the peak would be whatever loading the base cost, and training would not show."""
+    _release_freed_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
