@@ -21,9 +21,10 @@ A backend name is a promise:
     reference's ops, cuBLAS routes, a merged-weight cache or the Triton kernels; its docstring has the table;
     while torch.compile traces, the choice uses shapes only: a training call of at least 1024 rows takes the
     Triton op, or from 4096 rows, in fp16/bf16 without dropout and at most 3072 features wide, the merged weight
-    rebuilt per call, with cuBLAS GEMMs and the Triton passes for the LoRA gradients).
-    Everywhere else (CPU tensors, interpreter or not; float64; no Triton; a call with a tensor that spans, or
-    an output or workspace that holds, 2**31 elements or more, past the kernels' 32-bit offsets) the reference.
+    rebuilt per call, with cuBLAS GEMMs and the Triton passes for the LoRA gradients). ``lora_route`` says
+    which route a call with given arguments takes. Everywhere else (CPU tensors, interpreter or not; float64;
+    no Triton; a call with a tensor that spans, or an output or workspace that holds, 2**31 elements or more,
+    past the kernels' 32-bit offsets) the reference.
 
 Which backend runs, first match wins:
   1. the call's ``backend=``;
@@ -74,10 +75,10 @@ except Exception as e:  # ImportError, or a Triton that fails at import on this 
     nf4_dequantize_triton = None  # type: ignore[assignment]
     _TRITON_IMPORT_ERROR = f"triton cannot be imported ({type(e).__name__}: {e})"
 
-__all__ = ["lora_linear", "set_backend", "use_backend", "get_backend", "available_backends", "BACKENDS",
+__all__ = ["lora_linear", "lora_route", "set_backend", "use_backend", "get_backend", "available_backends", "BACKENDS",
            "nf4_dequantize_reference", "nf4_dequantize_triton", "nf4_dequantize", "nf4_linear", "nf4_lora_linear",
-           "multi_lora_linear", "multi_lora_linear_packed", "multi_lora_route", "pack_adapters", "group_rows",
-           "gather_adapters", "PackedAdapters", "int8_linear", "int8_dequantize"]
+           "nf4_lora_route", "multi_lora_linear", "multi_lora_linear_packed", "multi_lora_route", "pack_adapters",
+           "group_rows", "gather_adapters", "PackedAdapters", "int8_linear", "int8_dequantize"]
 
 BACKENDS = ("auto", "reference", "triton")
 ENV_VAR = "MINIPEFT_KERNEL"
@@ -313,6 +314,26 @@ def lora_linear(
     # "reference", and "auto" off CUDA: the interpreter is for tests that ask for "triton" by name (one LoRA
     # call the size of the default model's c_attn takes ~15 s there).
     return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
+
+
+def lora_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+               lora_B: torch.Tensor, scaling: float, dropout_mask: torch.Tensor | None = None,
+               backend: str | None = None) -> str:
+    """What ``lora_linear`` with these arguments would run if called now: "reference" (the PyTorch ops),
+    "triton" (kernels/lora_triton.py), or for "auto" on CUDA the route kernels/lora_routes.py picks: "merged",
+    "cublas", "unfused", "fused_tma", "merged_train" or "triton" (its table says when each runs). Whether a
+    gradient is wanted counts, as in the call (the grad mode, and which tensors require grad), and so does the
+    merged-weight cache. Checks the arguments as the call does, and raises where an explicit "triton" could not
+    run; runs nothing."""
+    name = get_backend() if backend is None else _check_name(backend, "lora_route(backend=...)")
+    if not _looks_valid(x, weight, bias, lora_A, lora_B, scaling, dropout_mask):
+        _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
+    if name == "triton" or (name == "auto" and x.is_cuda):
+        route = _lora_route(name, x.device, x.dtype, _lora_too_large(x, weight, bias, lora_A, lora_B, dropout_mask))
+        if route == "routes":
+            return lora_routes.route(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask)
+        return route
+    return "reference"
 
 
 def _offsets_reason(what: str | None) -> str | None:
@@ -916,6 +937,68 @@ def _nf4_fused_pays(x, bias, lora_A, lora_B, in_features: int, blocksize: int) -
             and _triton_unavailable(x.device, x.dtype) is None and _nf4_triton_unavailable(x.device, x.dtype) is None)
 
 
+def _nf4_lora_checked(x, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, bias, out_features,
+                      in_features, blocksize, dq_blocksize, lora_A, lora_B, scaling, dropout_mask, backend,
+                      where: str) -> str:
+    """The backend name in force, after ``nf4_lora_linear``'s checks of its arguments."""
+    name = get_backend() if backend is None else _check_name(backend, where)
+    _check_nf4_layer(x, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, bias, out_features,
+                     in_features, blocksize, dq_blocksize)  # fmt: skip
+    # lora_linear's checks of the adapter, against a stand-in for Ŵ's shape (a stride-0 view: no memory)
+    _validate(x, x.new_empty(()).expand(out_features, in_features), bias, lora_A, lora_B, scaling, dropout_mask)
+    return name
+
+
+def _nf4_lora_fused(name, x, bias, lora_A, lora_B, dropout_mask, out_features, in_features, blocksize) -> bool:
+    """Whether backend ``name`` runs this QLoRA call on the fused kernels of kernels/nf4_lora_triton.py; an
+    explicit "triton" that cannot run raises a ValueError that says why."""
+    fused = name == "triton" or (name == "auto" and _nf4_fused_pays(x, bias, lora_A, lora_B, in_features, blocksize))
+    if not fused:
+        return False
+    # what the fused kernels cannot reach with 32-bit offsets: Ŵ's flat index, the LoRA kernels' tensors
+    too_big = _nf4_too_large(out_features * in_features) or _lora_too_large(x, None, bias, lora_A, lora_B,
+                                                                            dropout_mask)
+    if name == "triton":
+        why_not = (_triton_unavailable(x.device, x.dtype) or _nf4_triton_unavailable(x.device, x.dtype)
+                   or _offsets_reason(too_big))
+        if why_not:
+            raise ValueError(f"the triton kernel backend cannot run here: {why_not}")
+    return too_big is None
+
+
+def nf4_lora_route(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax_scale: torch.Tensor | None,
+    absmax_offset: torch.Tensor | None,
+    nf4_values: torch.Tensor,
+    dq_values: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    dq_blocksize: int,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_mask: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> str:
+    """What ``nf4_lora_linear`` with these arguments would run if called now: "triton" (the fused kernels of
+    kernels/nf4_lora_triton.py), "dequantize" (the Triton dequantization, a cuBLAS GEMM and the low-rank term
+    as torch ops: what "auto" runs on CUDA for training and for more than ``NF4_FUSED_MAX_ROWS`` rows) or
+    "reference". Whether a gradient is wanted counts, as in the call. Checks the arguments as the call does,
+    and raises where an explicit "triton" could not run; runs nothing."""
+    name = _nf4_lora_checked(x, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, bias,
+                             out_features, in_features, blocksize, dq_blocksize, lora_A, lora_B, scaling,
+                             dropout_mask, backend, "nf4_lora_route(backend=...)")
+    if _nf4_lora_fused(name, x, bias, lora_A, lora_B, dropout_mask, out_features, in_features, blocksize):
+        return "triton"
+    route = _nf4_route(name, "nf4_lora_route(backend=...)", x.device, x.dtype, out_features * in_features)
+    return "dequantize" if route == "triton" else "reference"
+
+
 def nf4_lora_linear(
     x: torch.Tensor,
     codes: torch.Tensor,
@@ -953,23 +1036,13 @@ def nf4_lora_linear(
                    dequantization and a cuBLAS GEMM, plus the low-rank term as torch ops (faster from a few
                    hundred rows on, as in training: benchmarks/RESULTS.md has both on an H200); the reference
                    elsewhere, and for a weight of 2**31 elements or more (past the kernels' 32-bit offsets).
+                   ``nf4_lora_route`` says which a call takes.
     Gradients reach x, lora_A, lora_B and a bias that requires one; backward keeps the 4-bit state, never Ŵ.
     """
-    name = get_backend() if backend is None else _check_name(backend, "nf4_lora_linear(backend=...)")
-    _check_nf4_layer(x, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, bias, out_features,
-                     in_features, blocksize, dq_blocksize)  # fmt: skip
-    # lora_linear's checks of the adapter, against a stand-in for Ŵ's shape (a stride-0 view: no memory)
-    _validate(x, x.new_empty(()).expand(out_features, in_features), bias, lora_A, lora_B, scaling, dropout_mask)
-    fused = name == "triton" or (name == "auto" and _nf4_fused_pays(x, bias, lora_A, lora_B, in_features, blocksize))
-    if fused:  # what the fused kernels cannot reach with 32-bit offsets: Ŵ's flat index, the LoRA kernels' tensors
-        too_big = _nf4_too_large(out_features * in_features) or _lora_too_large(x, None, bias, lora_A, lora_B,
-                                                                                dropout_mask)
-        if name == "triton":
-            why_not = (_triton_unavailable(x.device, x.dtype) or _nf4_triton_unavailable(x.device, x.dtype)
-                       or _offsets_reason(too_big))
-            if why_not:
-                raise ValueError(f"the triton kernel backend cannot run here: {why_not}")
-        fused = too_big is None
+    name = _nf4_lora_checked(x, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, bias,
+                             out_features, in_features, blocksize, dq_blocksize, lora_A, lora_B, scaling,
+                             dropout_mask, backend, "nf4_lora_linear(backend=...)")
+    fused = _nf4_lora_fused(name, x, bias, lora_A, lora_B, dropout_mask, out_features, in_features, blocksize)
     state = _contiguous(codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values)
     if fused:
         return nf4_lora_triton.nf4_lora_linear(x, state, bias, lora_A, lora_B, float(scaling), dropout_mask,

@@ -74,7 +74,7 @@ from .versions import version
 
 __all__ = ["FUSED_MIN_ROWS", "COMPILED_FUSED_MIN_ROWS", "MERGED_TRAIN_MAX_WIDTH", "MERGED_TRAIN_MIN_ROWS",
            "MERGED_CACHE_BYTES", "PATHS",
-           "choose_path", "clear_cache", "merged_train_op", "lora_linear"]
+           "choose_path", "route", "clear_cache", "merged_train_op", "lora_linear"]
 
 # From this many rows on, a training call runs the persistent TMA kernels. Below it a training step is
 # host-bound: H100, bf16 K = N = 4096, r = 16 (benchmarks/RESULTS.md): at M = 4096 forward+backward costs
@@ -170,6 +170,36 @@ def clear_cache() -> None:
     _MERGED.clear()
 
 
+def _state(weight, lora_A, lora_B, scaling: float) -> tuple | None:
+    """What a cached W' was built from: the versions of W, A and B, scaling and the shapes; None for an
+    inference tensor, which has no version."""
+    versions = (version(weight), version(lora_A), version(lora_B))
+    return None if None in versions else (*versions, scaling, lora_A.shape, lora_B.shape)
+
+
+def _seen(entry: _Merged | None, state: tuple, lora_A, lora_B) -> bool:
+    """Whether the cache entry was made from this adapter state (the same A and B tensors, unchanged)."""
+    return entry is not None and entry.state == state and entry.a_ref() is lora_A and entry.b_ref() is lora_B
+
+
+def _fits(weight) -> bool:
+    """Whether one more W' the size of ``weight`` fits the byte budget beside the live entries (those of dead
+    weights are gone from the cache)."""
+    held = sum(e.merged.numel() * e.merged.element_size() for e in _MERGED.values() if e.merged is not None)
+    return held + weight.numel() * weight.element_size() <= MERGED_CACHE_BYTES
+
+
+def _merged_serves(weight, lora_A, lora_B, scaling: float) -> bool:
+    """Whether a call now would be served by the merged weight (``_merged_weight`` without ``force`` returning
+    one): W' cached for this adapter state, or the state seen once before and W' fitting the budget. Reads the
+    cache, changes nothing."""
+    state = _state(weight, lora_A, lora_B, scaling)
+    if MERGED_CACHE_BYTES <= 0 or state is None:
+        return False
+    entry = _MERGED.get(weight)
+    return _seen(entry, state, lora_A, lora_B) and (entry.merged is not None or _fits(weight))
+
+
 def _merged_weight(weight, lora_A, lora_B, scaling: float, force: bool) -> torch.Tensor | None:
     """W + scaling·B·A (N, K) from the cache, or built now; None where the cache declines (see choose_path).
 
@@ -179,15 +209,14 @@ def _merged_weight(weight, lora_A, lora_B, scaling: float, force: bool) -> torch
     (made under torch.inference_mode) has no version (kernels/versions.py): nothing would tell a stale W' from
     a good one, so none is kept; ``force`` builds one for this call alone, else the cache declines.
     """
-    versions = (version(weight), version(lora_A), version(lora_B))
-    if None in versions:
+    state = _state(weight, lora_A, lora_B, scaling)
+    if state is None:
         if not force:
             return None
         with torch.no_grad():
             return _merge(weight, lora_A, lora_B, scaling)
     entry = _MERGED.get(weight)
-    state = (*versions, scaling, lora_A.shape, lora_B.shape)
-    if entry is not None and entry.state == state and entry.a_ref() is lora_A and entry.b_ref() is lora_B:
+    if _seen(entry, state, lora_A, lora_B):
         if entry.merged is not None:
             return entry.merged
         # second sighting of this state: build below
@@ -201,10 +230,8 @@ def _merged_weight(weight, lora_A, lora_B, scaling: float, force: bool) -> torch
         entry.state = state
         if not force:
             return None
-    if not force:  # the live entries (those of dead weights are gone): counted here, on a rebuild only
-        held = sum(e.merged.numel() * e.merged.element_size() for e in _MERGED.values() if e.merged is not None)
-        if held + weight.numel() * weight.element_size() > MERGED_CACHE_BYTES:
-            return None
+    if not force and not _fits(weight):  # counted here, on a rebuild only
+        return None
     with torch.no_grad():
         # fp32 accumulation of B·A and W in one cuBLAS call, one rounding to W's dtype: (N, r)·(r, K) + (N, K)
         entry.merged = torch.addmm(weight, lora_B, lora_A, alpha=scaling).detach()
@@ -356,6 +383,27 @@ merged_train_op.register_autograd(_merged_train_grads, setup_context=_merged_tra
 # --------------------------------------------------------------------------------------------------------
 # The route runner.
 # --------------------------------------------------------------------------------------------------------
+def _wants_grad(x, bias, lora_A, lora_B) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
+                                        or (bias is not None and bias.requires_grad))
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+          lora_B: torch.Tensor, scaling: float, dropout_mask: torch.Tensor | None = None) -> str:
+    """The path ``lora_linear`` (``path=None``) takes for this call if made now, the grad mode and the merged-weight
+    cache as they are: ``choose_path``'s answer, except "cublas" where it says "merged" but the cache would not
+    serve W' (the first call with an adapter state, an inference tensor, the byte budget full), and "unfused"
+    for an empty x. Changes nothing."""
+    if x.numel() == 0:
+        return "unfused"
+    K = x.shape[-1]
+    path = choose_path(x.numel() // K, weight.shape[0], K, x, weight, _wants_grad(x, bias, lora_A, lora_B),
+                       dropout_mask is not None, torch.compiler.is_compiling())
+    if path == "merged" and not _merged_serves(weight, lora_A, lora_B, float(scaling)):
+        return "cublas"
+    return path
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -375,9 +423,7 @@ def lora_linear(
     ops, autograd backward). "cublas", "merged" and "unfused" also run on CPU tensors; "fused" and
     "merged_train" run wherever the Triton backend does (the interpreter included).
     """
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
-        or (bias is not None and bias.requires_grad))
+    needs_grad = _wants_grad(x, bias, lora_A, lora_B)
     if path is None:
         if x.numel() == 0:  # nothing to compute
             return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)

@@ -243,6 +243,47 @@ def test_merged_train_leaves_a_fresh_adapter_exact():
     assert torch.equal(y, torch.nn.functional.linear(inputs["x"], inputs["weight"], inputs["bias"]))
 
 
+def test_route_says_what_a_call_runs(monkeypatch):
+    """``lora_routes.route`` names the path ``lora_linear`` then takes (CPU tensors run the cuBLAS, merged and
+    unfused paths too): the first inference call with an adapter state runs "cublas", the second is served the
+    merged W', a training call "unfused"; asking changes nothing. ``kernels.lora_route`` adds the backends."""
+    lora_routes.clear_cache()
+    inputs, _ = _make_inputs(5, 8, 6, 2, torch.float32, bias=True, device="cpu")
+    taken = []
+    for name in ("_cublas_forward", "_merged_weight"):
+        real = getattr(lora_routes, name)
+        monkeypatch.setattr(lora_routes, name, lambda *a, _real=real, _name=name: taken.append(_name) or _real(*a))
+    with torch.no_grad():
+        for _ in range(2):  # asking is not a sighting: still "cublas"
+            assert lora_routes.route(**inputs, scaling=2.0) == "cublas"
+        assert taken == []
+        lora_routes.lora_linear(**inputs, scaling=2.0)  # the first call: remembers the state, runs cuBLAS
+        assert taken == ["_merged_weight", "_cublas_forward"]
+        assert lora_routes.route(**inputs, scaling=2.0) == "merged"
+        taken.clear()
+        y = lora_routes.lora_linear(**inputs, scaling=2.0)
+        assert taken == ["_merged_weight"]
+        merged = inputs["weight"] + 2.0 * inputs["lora_B"] @ inputs["lora_A"]
+        torch.testing.assert_close(y, torch.nn.functional.linear(inputs["x"], merged, inputs["bias"]))
+        inputs["lora_A"].add_(1.0)  # a new adapter state: cuBLAS again until it is seen twice
+        assert lora_routes.route(**inputs, scaling=2.0) == "cublas"
+        masked = {**inputs, "dropout_mask": torch.ones_like(inputs["x"])}
+        assert lora_routes.route(**masked, scaling=2.0) == "cublas"
+    x = inputs["x"].clone().requires_grad_()
+    assert lora_routes.route(**{**inputs, "x": x}, scaling=2.0) == "unfused"
+    assert lora_routes.route(**{**inputs, "x": x[:0]}, scaling=2.0) == "unfused"
+    lora_routes.clear_cache()
+    # the switch: "auto" on the CPU is the reference; "triton" is the kernels (the interpreter here), or an error
+    assert kernels.lora_route(**inputs, scaling=2.0, backend="auto") == "reference"
+    assert kernels.lora_route(**inputs, scaling=2.0, backend="reference") == "reference"
+    assert kernels.lora_route(**inputs, scaling=2.0, backend="triton") == "triton"
+    halves = {k: v if v is None else v.to(torch.bfloat16) for k, v in inputs.items()}
+    with pytest.raises(ValueError, match="triton kernel backend cannot run here"):
+        kernels.lora_route(**halves, scaling=2.0, backend="triton")
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        kernels.lora_route(**inputs, scaling=2.0, backend="fast")
+
+
 def test_choose_path_per_call():
     """The "auto" backend's table (lora_routes' docstring, from benchmarks/RESULTS.md), asked directly."""
     big = lora_routes.FUSED_MIN_ROWS

@@ -201,6 +201,25 @@ def test_a_strided_state_reads_as_its_values_on_every_entry(double_quant):
         assert torch.equal(dequantize_nf4(sq, backend=backend), dequantize_nf4(q, backend="reference"))
 
 
+def test_route_names_what_runs(monkeypatch):
+    """``kernels.nf4_lora_route`` says what ``nf4_lora_linear`` runs: the fused kernels for "triton" (the
+    interpreter here), the reference for "reference" and, on the CPU, for "auto"."""
+    calls = []
+    fused = nf4_lora_triton.nf4_lora_linear
+    monkeypatch.setattr(nf4_lora_triton, "nf4_lora_linear", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    q, t, _ = _layer(6, 64, 2, 32, True, torch.float32, seed=0, lead=(3,), mask=False)
+    args = (t["x"], *kernel_arguments(q), t["bias"], 6, 64, q.blocksize, q.dq_blocksize, t["lora_A"], t["lora_B"],
+            2.0)
+    backends = ["reference", "triton"] + ([] if CUDA else ["auto"])
+    for backend in backends:
+        calls.clear()
+        route = kernels.nf4_lora_route(*args, backend=backend)
+        kernels.nf4_lora_linear(*args, backend=backend)
+        assert route == ("triton" if calls else "reference") == ("triton" if backend == "triton" else "reference")
+    with pytest.raises(ValueError, match="expected \\(..., 64\\)"):
+        kernels.nf4_lora_route(t["x"][:, :-1], *args[1:], backend="auto")
+
+
 def test_backward_saves_the_codes_not_the_dense_weight():
     """What the fused op keeps for backward: x, the 4-bit state, A, B, S and the mask; nothing the size of Ŵ."""
     q, t, dy = _layer(64, 96, 4, 64, True, torch.float32, seed=0, lead=(3,), mask=False)
@@ -286,8 +305,11 @@ def test_auto_takes_the_fused_kernels_for_a_few_rows_without_gradients(rows, gra
     if grad:
         t["x"].requires_grad_()
     out_f, in_f = q.shape
-    y = kernels.nf4_lora_linear(t["x"], *kernel_arguments(q), t["bias"], out_f, in_f, q.blocksize, q.dq_blocksize,
-                                t["lora_A"], t["lora_B"], 2.0, backend="auto")
+    args = (t["x"], *kernel_arguments(q), t["bias"], out_f, in_f, q.blocksize, q.dq_blocksize, t["lora_A"],
+            t["lora_B"], 2.0)
+    route = kernels.nf4_lora_route(*args, backend="auto")
+    y = kernels.nf4_lora_linear(*args, backend="auto")
     assert bool(calls) == (rows <= kernels.NF4_FUSED_MAX_ROWS and not grad)
+    assert route == ("triton" if calls else "dequantize")
     y_ref, _ = _run(q, t, dy, "reference", dtype=torch.float64, wants=("x",))
     _check(y.detach(), y_ref.detach(), torch.bfloat16)
