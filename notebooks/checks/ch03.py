@@ -77,8 +77,10 @@ def check_lora_forward(fn) -> None:
 
 
 # (n_layer, n_embd, r, target_modules): the names match a module whose full name equals them or ends in "." + name
+# (full names: transformer.h.0.attn.c_attn, …), so short names ("c_fc") and qualified ones ("mlp.c_fc") both count
 COUNT_CASES = [(4, 160, 8, ["c_attn"]), (2, 64, 4, "all-linear"), (3, 32, 16, ["attn.c_proj"]),
-               (2, 48, 2, ["c_attn", "c_fc"]), (2, 32, 4, ["c_proj"])]
+               (2, 48, 2, ["c_attn", "c_fc"]), (2, 32, 4, ["c_proj"]), (2, 32, 4, ["attn.c_attn"]),
+               (3, 48, 2, ["mlp.c_fc", "attn.c_proj"])]
 
 
 def _reference_count(n_layer: int, n_embd: int, r: int, targets) -> int:
@@ -104,6 +106,9 @@ def check_lora_param_count(fn) -> None:
         if targets == ["c_proj"] and got == n_layer * per_layer["attn.c_proj"]:
             hint = ("'c_proj' matches every module whose name ends in '.c_proj': attention's c_proj (C → C) *and* "
                     "the MLP's c_proj (4C → C)")
+        elif got == 0 and any("." in t for t in targets):
+            hint = ("a qualified name matches too: compare each target with the Linear's full name "
+                    "(transformer.h.0.attn.c_attn, …), which must equal it or end in '.' + target")
         elif got * n_layer == want:
             hint = "that is one block's count: every block has its own copy of each targeted Linear"
         elif isinstance(got, (int, float)) and got > want and (got - want) % n_layer == 0:
@@ -113,8 +118,8 @@ def check_lora_param_count(fn) -> None:
                     "mlp.c_proj 4C → C; 'all-linear' is all four (the tied lm_head is not a target)")
         print(f"Exercise 2: {case}: get_peft_model counts {want:,d} trainable parameters, you said {got!r}: {hint}.")
         return
-    print("Exercise 2: correct — the same counts as get_peft_model on five configurations, 'c_proj' matching both "
-          "projections included.")
+    print(f"Exercise 2: correct — the same counts as get_peft_model on {len(COUNT_CASES)} configurations, 'c_proj' "
+          "matching both projections and qualified names such as 'attn.c_attn' included.")
 
 
 def _merged_case(n_layer: int, n_embd: int, r: int, alpha: float, seed: int):

@@ -148,8 +148,9 @@ def check_prefix_attention_mask(fn) -> None:
         elif (got[..., n:] & ~want[..., n:]).any():
             hint = "a padded key is visible: hide the key columns where attention_mask is 0"
         elif not torch.diagonal(got[..., n:], dim1=-2, dim2=-1).all():
-            hint = ("a query that is itself padding sees nothing, so its softmax row is NaN: let every query see "
-                    "itself (the diagonal is always True)")
+            hint = ("a padded query must see itself too: GPT's mask keeps the diagonal True (without a prefix that "
+                    "keeps a left-padded query's softmax row from being all −∞, a NaN; with one it only changes what "
+                    "the padded query computes)")
         else:
             hint = "a query misses an earlier real token it may attend to: keep causal entries whose key is real"
         print(f"Exercise 3: {case}: {hint}.")

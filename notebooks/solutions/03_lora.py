@@ -30,23 +30,29 @@ def lora_forward(x, W, b, A, B, scaling):
 
 
 # Exercise 2 — the trainable-parameter count for a rank and a set of targets.
-PER_RANK = {  # parameters per unit of rank of one targeted Linear, C = n_embd: r·(in + out)
-    "c_attn": lambda C: C + 3 * C,        # C → 3C (q, k, v fused)
+BLOCK_LINEARS = {  # a block's Linears by their name inside the block: parameters per unit of rank, r·(in + out)
+    "attn.c_attn": lambda C: C + 3 * C,   # C → 3C (q, k, v fused)
     "attn.c_proj": lambda C: C + C,       # C → C
-    "c_fc": lambda C: C + 4 * C,          # C → 4C
+    "mlp.c_fc": lambda C: C + 4 * C,      # C → 4C
     "mlp.c_proj": lambda C: 4 * C + C,    # 4C → C
 }
 
 
 def lora_param_count(n_layer, n_embd, r, targets):
-    """Σ over targeted Linears of r·(in + out), in every one of the n_layer blocks.
+    """Σ over targeted Linears of r·(in + out), each block's Linears matched by their full names.
 
-    A name matches every module whose full name equals it or ends in "." + name, so "c_proj" selects both
-    projections; "all-linear" is all four Linears of a block (the lm_head, tied to the embeddings, is left out).
+    Block i's Linears are "transformer.h.{i}.attn.c_attn" and so on. A target matches a Linear whose full name
+    equals it or ends in "." + target, as in get_peft_model: "c_proj" selects both projections, "attn.c_attn"
+    the fused q/k/v projection. "all-linear" is all four Linears of a block (the lm_head, tied to the
+    embeddings, is left out).
     """
-    names = list(PER_RANK) if targets == "all-linear" else targets
-    chosen = {full for full in PER_RANK for t in names if full == t or full.endswith("." + t)}
-    return n_layer * r * sum(PER_RANK[full](n_embd) for full in chosen)
+    total = 0
+    for i in range(n_layer):
+        for inner, per_rank in BLOCK_LINEARS.items():
+            full = f"transformer.h.{i}.{inner}"
+            if targets == "all-linear" or any(full == t or full.endswith("." + t) for t in targets):
+                total += r * per_rank(n_embd)
+    return total
 
 
 # Exercise 3 — merging: W = W₀ + (α/r)·B·A.

@@ -51,7 +51,9 @@ def prefix_attention_mask(attention_mask: torch.Tensor, n: int) -> torch.Tensor:
     """(B, T) of 1/0 → bool (B, 1, T, n+T): True where query t may attend to key s.
 
     Keys 0 … n−1 are the prefix, visible to every query. Among the real tokens: causal (s ≤ t) and only real
-    keys; each query also sees itself, so a padded query's softmax row is never empty (no NaN).
+    keys; each query also sees itself, as in GPT._attention_mask. That diagonal is what keeps a left-padded query's
+    softmax row from being empty (a NaN) when there is no prefix (n = 0); with a prefix every row already has the n
+    prefix keys, and the diagonal only changes what a padded query computes (an output the loss ignores).
     """
     B, T = attention_mask.shape
     valid = attention_mask.bool()  # (B, T)

@@ -170,14 +170,21 @@ course.claim(low > 3 * facts.chance, f"the pretrained base knows the test people
              f"{rate:.0%} of them (interval from {low:.2f}), more than 3× the chance rate {facts.chance:.3f}")
 
 zero_shot = evaluate(base, facts, tok, "test")
-asked = predict(base, facts, tok, facts.test[:1])[0]
+asked = predict(base, facts, tok, facts.test)  # greedy answers to the task's questions, cut at eos
 print(f"…but asked in the task's format it scores {zero_shot:.2f} exact match: {facts.test[0].prompt!r} → "
-      f"{asked!r}")
+      f"{asked[0]!r}")
+ran_on = sum(len(a) > len(ex.answer) for a, ex in zip(asked, facts.test, strict=True))  # longer than the answer
+right_first = sum(a.startswith(ex.answer) for a, ex in zip(asked, facts.test, strict=True))
+course.claim(ran_on == len(facts.test) and zero_shot == 0,
+             f"asked in the task's format, the base writes on: all {len(facts.test)} of its replies are longer than "
+             f"the answer ({right_first} start with the right fact), so its exact match is {zero_shot:.2f}")
 
 # %% [markdown]
-# It knows the facts but not the task: asked a `Question:`, it keeps writing corpus text instead of stopping
-# after the answer, and exact match counts that as wrong. Teaching the form is what fine-tuning is for — and
-# every chapter from 3 to 10 does it with fewer trained parameters than the model has.
+# It knows the facts but not the task: asked a `Question:`, it keeps writing, as the corpus does, instead of
+# stopping after the answer, and exact match counts that as wrong (the claim above). Teaching the form is what
+# fine-tuning is for. Most of the chapters that follow do it while training a small fraction of the weights (LoRA,
+# bottleneck adapters, prefixes, soft prompts, LoRA on a quantized base); full fine-tuning, which trains every
+# weight, is the baseline they are measured against in chapters 3 and 9.
 #
 # ## 5. How many parameters does a GPT have? (the PEFT exercises, 1.1)
 #

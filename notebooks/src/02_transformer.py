@@ -44,8 +44,9 @@ print(f"parameters: {model.num_parameters():,d}")
 # %% [markdown]
 # ## One attention step, with shapes
 #
-# The tokenizer is byte-level (256 byte ids + 4 specials), so a sentence of T characters is T (+1 for the
-# begin token) ids. Take block 0, feed it the embedded sentence, and compute causal self-attention by hand:
+# The tokenizer is byte-level (256 byte ids + 4 specials), so a sentence of T − 1 bytes (one byte per character of
+# ASCII text) is T ids with the begin token. Take block 0, feed it the embedded sentence, and compute causal
+# self-attention by hand:
 #
 # $$\mathrm{Attn}(X) = \mathrm{softmax}\!\left(\frac{QK^\top}{\sqrt{d_h}} + M\right)V\,W_O,\qquad
 # M_{ij} = -\infty \text{ for } j > i .$$
@@ -321,7 +322,7 @@ check_kv_cache_bytes(kv_cache_bytes)
 #    cheaper, and which part still grows with T?
 # 3. Prefix tuning (chapter 5) starts the KV cache with learned keys and values. Using your answer to Exercise 3,
 #    what shape must a prefix of n virtual tokens have in each layer?
-# 4. GPT-2's vocabulary has 50,257 words. On a GPU, `minipeft.model.head_logits` multiplies by the embedding
+# 4. GPT-2's vocabulary has 50,257 tokens. On a GPU, `minipeft.model.head_logits` multiplies by the embedding
 #    padded with zero rows to 50,304 and cuts the extra logits off again (nanoGPT rounds its vocab_size up to
 #    50,304 for the same reason). How can a larger matrix product be faster? Think of where each row of 50,257
 #    bf16 logits starts in memory, and of a GPU that moves tiles in 16-byte units.

@@ -129,9 +129,11 @@ print(f"LoRA stops paying once r·(d + k) ≥ d·k, i.e. r ≥ d·k/(d + k) = {b
 # ### Exercise 2.3 — attaching LoRA with `LoraConfig`
 #
 # `get_peft_model` wraps the matching Linear layers in place and freezes everything else. GPT-2 fuses the
-# query, key and value projections into one `c_attn`, so "query and value" means `c_attn` here (peft's GPT-2
-# default as well). minipeft models are causal LMs only, so there is no `task_type`: classification is read
-# off the next-token logits of verbalizer words ("good"/"bad").
+# query, key and value projections into one `c_attn`, so the nearest target to "query and value" is `c_attn`
+# (peft's GPT-2 default as well), and it adapts the key projection too: one rank-r update B·A of the fused
+# (3C, C) weight, whose A is shared by q, k and v (B's rows split into their three parts), where the paper gives
+# W_q and W_v a rank-r update each. minipeft models are causal LMs only, so there is no `task_type`:
+# classification is read off the next-token logits of verbalizer words ("good"/"bad").
 
 # %%
 pm = get_peft_model(load_base("default"), LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"]))
@@ -199,14 +201,22 @@ course.claim(abs(state_ratio / param_ratio - 1) < 0.01,
 speed = lora["res"].tokens_per_second / full["res"].tokens_per_second
 print(f"Speed on this run: LoRA trained at {speed:.2f}× full fine-tuning's tokens per second "
       f"({'slower' if speed < 1 else 'faster'} by {abs(1 - speed):.0%}; one timing of each, on a shared CPU).")
+r_lora = setups["LoRA r=8, all-linear"][0].r
+block_linears = [(m.in_features, m.out_features) for m in base.transformer.h[0].modules() if isinstance(m, nn.Linear)]
+skipped = sum(d_in * d_out for d_in, d_out in block_linears)  # the frozen W₀'s weight gradient: in·out per Linear
+added = sum(3 * r_lora * (d_in + d_out) for d_in, d_out in block_linears)  # x·Aᵀ and ·Bᵀ, then 4 matmuls backward
+print(f"Multiply-adds per token and block: LoRA skips {skipped:,d} (W₀'s weight gradients) and adds {added:,d} "
+      f"(3·r·(in + out) per Linear): {skipped / added:.1f}× fewer than it skips")
 print("Accuracy: one seed of each, so no ranking from this table; section 2.6 compares settings over three seeds.")
 
 # %% [markdown]
 # Reading it: the gradient and optimizer memory shrink in proportion to the trainable parameters (the claim
 # above), while the weights stay (they are frozen, not removed). Speed is another matter, and the printout above
 # gives this run's ratio: on a model this small the backward pass still runs through every frozen layer to reach
-# the adapters, and LoRA adds two small matmuls per layer, which next to 160-wide layers cost about as much as the
-# weight gradients they save, so the ratio can land on either side of 1. At scale the saving is real: Hu et al.
+# the adapters. In arithmetic LoRA is cheaper: its two small matmuls, forward and backward, cost a fraction of the
+# weight gradients it skips (the multiply-adds line above gives the factor). But at 160 wide the fixed cost of each
+# call (Python, autograd's bookkeeping, the kernel launch) dominates LoRA's thin matmuls, and LoRA makes more calls
+# than it saves, so the measured ratio can land on either side of 1. At scale the saving is real: Hu et al.
 # (2021, section 4.2) report a 25 % training speed-up on GPT-3 175B, since no gradient is computed for the
 # frozen weights (chapter 9 measures the methods side by side here; chapter 8 fuses LoRA's extra matmuls into
 # one kernel).
@@ -425,9 +435,10 @@ check_lora_forward(lora_forward)
 #
 # Write `lora_param_count(n_layer, n_embd, r, targets)`: the trainable parameters of LoRA of rank r on a GPT of
 # n_layer blocks of width C = n_embd. A block has four Linears: `c_attn` (C → 3C), `attn.c_proj` (C → C),
-# `c_fc` (C → 4C) and `mlp.c_proj` (4C → C). `targets` is a list of names — a name selects every Linear whose full
-# name equals it or ends in "." + name, so `"c_proj"` selects both projections — or the string `"all-linear"`
-# (all four). The check compares with `get_peft_model` on five configurations.
+# `c_fc` (C → 4C) and `mlp.c_proj` (4C → C); their full names are `transformer.h.0.attn.c_attn` and so on.
+# `targets` is a list of names — a name selects every Linear whose full name equals it or ends in "." + name, so
+# `"c_proj"` selects both projections and `"attn.c_attn"` the same Linears as `"c_attn"` — or the string
+# `"all-linear"` (all four). The check compares with `get_peft_model` on seven configurations.
 
 # %%
 def lora_param_count(n_layer, n_embd, r, targets):

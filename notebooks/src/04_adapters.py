@@ -305,9 +305,11 @@ for name in list(variants)[1:]:
 # (the original hub's index now redirects to the Hugging Face Hub). Each published adapter is a small directory:
 # `adapter_config.json` — the adapter's architecture (reduction factor, non-linearity, where it sits) plus the base
 # it was trained for (`model_type`, `hidden_size`, the model's name) — and the weights (`pytorch_adapter.bin`, or
-# `adapter.safetensors`), optionally with a prediction head (`head_config.json` and its weights). Because an
-# adapter is a few hundred kilobytes next to a base of hundreds of megabytes, sharing one costs little, and one
-# base downloaded once serves every adapter; adapters from the hub can then be stacked or fused.
+# `adapter.safetensors`), optionally with a prediction head (`head_config.json` and its weights). An adapter is
+# small next to its base: a Pfeiffer adapter of reduction factor 16 on roberta-base (12 layers of width 768, so a
+# bottleneck of 768/16 = 48) has 12·(768·48 + 48 + 48·768 + 768) = 894,528 parameters, 3.6 MB in fp32, against
+# the base's 125 M parameters, 0.5 GB. So sharing one costs little, and one base downloaded once serves every
+# adapter; adapters from the hub can then be stacked or fused.
 #
 # minipeft has the local half of that (no hub, nothing downloaded). `save_pretrained` writes every adapter of a
 # model, HF peft's layout: for each adapter a config (`adapter_config.json`, which also stores the base's

@@ -173,8 +173,8 @@ course.claim(n_plain == closed_plain and n_proj == closed_proj,
 # people never appear in training, so the prefix can only teach the *format*, the fact must come from
 # pretraining). The same short budget for both (the cell prints it); each at its own learning rate, set for
 # this budget: 0.3 for the plain prefix, 0.01 with the MLP, whose output moves with every weight of it (prefixes
-# want high rates, as the prompt- and prefix-tuning notes say of soft prompts: "higher learning rates often work
-# better"). One run is one draw of the prefix's initial value and of the batches, so each is trained with three
+# want high rates; of soft prompts, the prompt- and prefix-tuning notes say "Higher learning rates often work
+# well"). One run is one draw of the prefix's initial value and of the batches, so each is trained with three
 # seeds, and scored on the test split (people never seen in fine-tuning).
 
 # %%
@@ -297,13 +297,15 @@ latency_word = ("no different from the base within the noise (the interval holds
                 else f"{'slower' if mean_ratio > 1 else 'faster'} than the base (the interval excludes 1)")
 print(f"ms/token: base {fmt_interval(ms_tok['base'], '.2f')}, prefix-tuned {fmt_interval(ms_tok['prefix'], '.2f')}")
 print(f"prefix / base = {fmt_interval(prefix_ratio, '.2f')}× over {ROUNDS} rounds: the prefix-tuned model is "
-      f"{latency_word}; it adds {n} keys to the {idx.shape[1]}–{idx.shape[1] + NEW} real ones each step attends "
-      f"to, and no layer")
+      f"{latency_word}; it adds {n} keys to the {idx.shape[1]}–{idx.shape[1] + NEW - 1} real ones a step attends to "
+      f"(the last new token is never fed back in), and no layer")
 
 print(f"\nquestion: {example.prompt!r}  (answer: {example.answer!r})")
-base_out = base.generate(idx, 12, eos_token_id=tok.eos_token_id)[0, idx.shape[1]:]
-print("  base model:         ", repr(tok.decode(base_out.tolist())))
-print("  prefix at init:     ", repr(tok.decode(gen_before[0, idx.shape[1]:].tolist())))
+base_text = tok.decode(base.generate(idx, 12, eos_token_id=tok.eos_token_id)[0, idx.shape[1]:].tolist())
+init_text = tok.decode(gen_before[0, idx.shape[1]:].tolist())
+print("  base model:         ", repr(base_text))
+print("  prefix at init:     ", repr(init_text), "(the base's own continuation)" if init_text == base_text
+      else "(the untrained prefix already changed the base's continuation)")
 shown = task.validation[:4]
 answers = []
 for ex in shown:
@@ -316,9 +318,10 @@ print(f"after {STEPS} steps (seed 0), {sum(a == ex.answer for a, ex in zip(answe
 # %% [markdown]
 # One generation step of the prefix-tuned model runs the same layers as the base's; the only extra work is
 # n more entries in each attention row, and the ratio line above says whether that cost shows above this
-# machine's timing noise. The generations show what training changed: at init the
-# prefix leaves the base's story-like continuation; after training the model is asked to answer with the bare
-# fact and stop, and the count above says how often it does on these four.
+# machine's timing noise. The generations show what training changed. Before it, the untrained prefix may already
+# change the base's greedy continuation (there is no zero-init identity; the remark on the "prefix at init" line
+# says whether it did on this question). After training the model is asked to answer with the bare fact and stop,
+# and the count above says how often it does on these four.
 #
 # ### Exercise 4.4 — prefix tuning against LoRA and adapters: where, and what is trained
 #
@@ -465,8 +468,11 @@ check_prefix_param_count(prefix_param_count)
 # A batch is padded: `attention_mask` (B, T) holds 1 for a real token and 0 for padding. With a prefix of n
 # entries in front, write `prefix_attention_mask(attention_mask, n)`: a boolean (B, 1, T, n+T) tensor, True where
 # query t may attend to key s. Every query sees the whole prefix; among the real tokens attention is causal and
-# skips padded keys; and every query sees itself (else a padded query's softmax row would be all −∞, a NaN). The
-# check compares it with the mask GPT builds when the KV cache starts with a prefix, for left and right padding.
+# skips padded keys; and every query sees itself, as in the mask GPT builds (`GPT._attention_mask`). That diagonal is
+# needed without a prefix (n = 0), where a padded query with no real token before it (left padding) would otherwise
+# see no key, and its softmax row would be all −∞, a NaN. With a prefix every query already sees n keys, and the
+# diagonal only changes what a padded query computes, an output the loss and generation ignore. The check compares
+# your mask with GPT's when the KV cache starts with a prefix, for left and right padding.
 
 # %%
 def prefix_attention_mask(attention_mask, n):
