@@ -124,8 +124,8 @@ def run_method(key: str, args: argparse.Namespace) -> dict:
 def _fmt_bytes(n: int | None) -> str:
     if not n:
         return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
@@ -141,7 +141,7 @@ def _fmt_metric(row: dict) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ["method", "trainable", "% base", "file", "train tok/s", "train MB", "ms/tok", "ms/tok merged",
+    header = ["method", "trainable", "% base", "file", "train tok/s", "train MiB", "ms/tok", "ms/tok merged",
               "metric"]
     lines = [[r["method"], f"{r['trainable']:,}", f"{r['trainable_pct']:.3f}%", _fmt_bytes(r["file_bytes"]),
               _fmt(r["train_tokens_per_s"], ",.0f"), _fmt(r["train_peak_mb"], ".0f"), _fmt(r["ms_per_token"], ".2f"),

@@ -58,7 +58,7 @@ def quick_run(pretrained_base, tmp_path_factory):
 
 def test_table_has_every_row_and_column(quick_run):
     stdout, _, _ = quick_run
-    for header in ("method", "trainable", "% base", "file", "train tok/s", "train MB", "ms/tok", "ms/tok merged",
+    for header in ("method", "trainable", "% base", "file", "train tok/s", "train MiB", "ms/tok", "ms/tok merged",
                    "metric"):
         assert header in stdout
     for key in [*BASELINES, *METHODS]:

@@ -77,7 +77,7 @@ report = weight_bytes_report(base)
 print(f"default base: {report['params']:,d} parameters, {report['quantized_params']:,d} of them in Linear layers "
       f"that QLoRA quantizes")
 for k in ("fp32", "bf16", "int8", "nf4", "nf4_dq"):
-    print(f"  weights stored as {k:7s}: {report[k] / 1e6:6.3f} MB  ({report[k] / report['fp32']:.3f} of fp32)")
+    print(f"  weights stored as {k:7s}: {report[k] / 2**20:6.3f} MiB  ({report[k] / report['fp32']:.3f} of fp32)")
 
 # %% [markdown]
 # ### Exercise 5.3 (a) — NF4 derived from normal quantiles
@@ -258,7 +258,7 @@ print(f"the outlier column in 16 bits cuts the error {int8_errors[0.0] / int8_er
 # Peak memory on the CPU is the process's peak resident set (VmHWM in `/proc/self/status`; `minipeft.measure`'s
 # `reset_peak_memory` resets it through `/proc/self/clear_refs` and returns the memory in use, `peak_memory_mb`
 # reads the peak). A process's resident memory never shrinks back, and this notebook's own process holds a few
-# hundred MB of Python, PyTorch and earlier cells, so each measurement runs in a **fresh process**. They are
+# hundred MiB of Python, PyTorch and earlier cells, so each measurement runs in a **fresh process**. They are
 # started here, one after another in the background, and read later in the chapter, while the training below
 # runs:
 #
@@ -468,10 +468,10 @@ table = {"full fine-tuning": state_bytes(load_base("default"), one_batch_loss),
          "LoRA (int8 base)": state_bytes(models["LoRA, int8 base"], one_batch_loss),
          "QLoRA (NF4 base)": state_bytes(models["QLoRA, NF4 base"], one_batch_loss)}
 columns = ("weights", "gradients", "optimizer_state")
-print(f"{'':24s} {'weights':>10s} {'gradients':>10s} {'AdamW':>10s} {'total':>10s}")
+print(f"{'MiB':24s} {'weights':>10s} {'gradients':>10s} {'AdamW':>10s} {'total':>10s}")
 for name, t in table.items():
-    print(f"{name:24s} " + " ".join(f"{t[c] / 1e6:8.3f}MB" for c in columns)
-          + f" {sum(t[c] for c in columns) / 1e6:8.3f}MB")
+    print(f"{name:24s} " + " ".join(f"{t[c] / 2**20:10.3f}" for c in columns)
+          + f" {sum(t[c] for c in columns) / 2**20:10.3f}")
 
 # %% [markdown]
 # The same question for training as a whole, from the fresh processes started above: `minipeft.memory_report`
@@ -492,8 +492,14 @@ course.claim(m16["weights"] > 1.5 * m8["weights"] and m8["weights"] > 1.2 * m4["
              f"and 4-bit {m4['weights'] / m16['weights']:.2f}× the 16-bit weights, adapter, gradients and AdamW "
              f"state are the same bytes in all three rows")
 peaks = [r["peak_mb"] for r in mem_rows]
+kept_bytes = [r["kept_for_backward"] for r in mem_rows]   # bytes autograd saves, per row
+kept_spread = max(kept_bytes) - min(kept_bytes)
+kept_text = (f"{m16['kept_for_backward'] / 2**20:.1f} MiB for backward in every row"
+             + (" (the same bytes)" if kept_spread == 0 else f" (the rows differ by {kept_spread:,} bytes)")
+             if kept_spread < 0.05 * 2**20 else   # the same to the 0.1 MiB printed
+             "for backward " + ", ".join(f"{r['bits']}-bit {r['kept_for_backward'] / 2**20:.1f} MiB" for r in mem_rows))
 print(f"peak in training: 16-bit {m16['peak_mb']:.1f} MiB, 8-bit {m8['peak_mb']:.1f} MiB, 4-bit {m4['peak_mb']:.1f} "
-      f"MiB, of which autograd keeps {m16['kept_for_backward'] / 2**20:.1f} MiB for backward in every row")
+      f"MiB, of which autograd keeps {kept_text}")
 print(f"the rows' peaks span {max(peaks) - min(peaks):.1f} MiB, their weights "
       f"{(m16['weights'] - m4['weights']) / 2**20:.1f} MiB: at this size the weights are "
       f"{m16['weights'] / 2**20 / m16['peak_mb']:.0%} of the 16-bit peak")

@@ -81,8 +81,9 @@ PEFT = [k for k in TRAINED if k != "full"]  # the methods that keep the base fro
 FULL_BYTES = rows[0]["full_checkpoint_bytes"]
 
 
-def kb(n):
-    return "-" if not n else f"{n / 1024:,.1f} KB"
+def kib(n):
+    """Bytes in KiB (1 KiB = 1024 bytes); '-' for none."""
+    return "-" if not n else f"{n / 1024:,.1f} KiB"
 
 
 def fmt(v, spec, none="-"):
@@ -91,7 +92,7 @@ def fmt(v, spec, none="-"):
 
 header = ["method", "trainable", "% base", "file", "÷ full ckpt", "train tok/s", "peak MiB", "ms/tok",
           "merged", f"{rows[0]['metric_name']} [Wilson, n={N_TEST}]", "per seed"]
-table = [[r["method"], f"{r['trainable']:,}", f"{r['trainable_pct']:.3f}%", kb(r["file_bytes"]),
+table = [[r["method"], f"{r['trainable']:,}", f"{r['trainable_pct']:.3f}%", kib(r["file_bytes"]),
           fmt(r["file_bytes"] / FULL_BYTES if r["file_bytes"] else None, ".3f"),
           fmt(r["train_tokens_per_s"], ",.0f"), fmt(r["train_peak_mb"], ".0f"), fmt(r["ms_per_token"], ".2f"),
           fmt(r["ms_per_token_merged"], ".2f"),
@@ -100,7 +101,7 @@ table = [[r["method"], f"{r['trainable']:,}", f"{r['trainable_pct']:.3f}%", kb(r
 widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
 for line in [header, ["-" * w for w in widths], *table]:
     print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))))
-print(f"full checkpoint: {kb(FULL_BYTES)}; chance: {rows[0]['chance']:.3f}")
+print(f"full checkpoint: {kib(FULL_BYTES)}; chance: {rows[0]['chance']:.3f}")
 
 half_widths = {k: (hi - lo) / 2 for k, (lo, hi) in CI.items()}
 course.claim(all(abs(v * N_TEST - round(v * N_TEST)) < 1e-6 for runs in RUNS.values() for v in runs),
@@ -190,10 +191,10 @@ args = argparse.Namespace(task=meta["task"], seed=meta["seed"], train_seed=meta[
 with capture_output():  # run_method draws a progress bar (a widget in a notebook) that would stay at 0% here
     live = run_method("lora", args)
 print(f"lora after {LIVE_STEPS} steps: {live['trainable']:,} trainable ({live['trainable_pct']:.2f}%), file "
-      f"{kb(live['file_bytes'])}, {live['train_tokens_per_s']:,.0f} train tokens/s, {live['ms_per_token']:.2f} ms "
+      f"{kib(live['file_bytes'])}, {live['train_tokens_per_s']:,.0f} train tokens/s, {live['ms_per_token']:.2f} ms "
       f"per token unmerged and {live['ms_per_token_merged']:.2f} merged, {live['metric_name']} {live['metric']:.2f}")
 print(f"the committed run ({meta['steps']} steps): trainable {R['lora']['trainable']:,}, file "
-      f"{kb(R['lora']['file_bytes'])}, {live['metric_name']} {R['lora']['metric']:.2f}")
+      f"{kib(R['lora']['file_bytes'])}, {live['metric_name']} {R['lora']['metric']:.2f}")
 
 # %% [markdown]
 # Parameters and file size do not depend on the run; throughput and latency depend on the machine and the
@@ -338,7 +339,7 @@ overview = [
      "held" if all(0.03 <= pct(k) <= 0.3 for k in soft) else "not held at this size"),
     ("Parameters trained", "Adapters", "~0.1–5% of LLM parameters", ", ".join(f"{k} {pct(k):.2f}%" for k in adapters),
      "held" if all(0.1 <= pct(k) <= 5 for k in adapters) else "not held"),
-    ("Storage cost", "Full FT", "High (new full checkpoint per task)", f"{kb(FULL_BYTES)} per task", "(reference)"),
+    ("Storage cost", "Full FT", "High (new full checkpoint per task)", f"{kib(FULL_BYTES)} per task", "(reference)"),
     ("Storage cost", "Prefix / soft prompts", "Low",
      ", ".join(f"{k} {R[k]['file_bytes'] / FULL_BYTES:.1%}" for k in soft),
      "held" if all(R[k]["file_bytes"] < 0.1 * FULL_BYTES for k in soft) else "not held"),
@@ -419,10 +420,10 @@ best = max(PEFT, key=lambda k: R[k]["metric"])
 top = [k for k in TRAINED if versus(k, best) is None or k == best]  # not separated from the best
 print("Q1. A middle ground between zero-shot prompting and full fine-tuning?")
 print(f"    {m('zero-shot')}; {m('discrete-prompt')} (0 parameters, 0 bytes); {m('full')} "
-      f"({full['trainable']:,} parameters, {kb(full['file_bytes'])} per task)")
+      f"({full['trainable']:,} parameters, {kib(full['file_bytes'])} per task)")
 for k in PEFT:
     print(f"    {m(k):<28} with {R[k]['trainable']:>6,} parameters ({R[k]['trainable_pct']:.2f}%), "
-          f"{kb(R[k]['file_bytes'])}")
+          f"{kib(R[k]['file_bytes'])}")
 above_prompting = [k for k in PEFT if versus(k, "discrete-prompt") == "above"]
 print(f"    above the hand-written prompt (shown): {len(above_prompting)} of {len(PEFT)} PEFT methods; "
       f"not told apart from the best ({best}): {', '.join(top)}")
@@ -432,7 +433,7 @@ print("\nQ2. Soft prompt vs a hand-written discrete prompt (the soft prompt star
 q2 = {"above": "better (shown)", "below": "worse (shown)",
       None: "no difference shown at this size"}[versus("prompt", "discrete-prompt")]
 print(f"    {m('discrete-prompt')} → after {meta['steps']} steps of prompt tuning {m('prompt')}: {q2}; "
-      f"cost: {p['trainable']:,} parameters, {kb(p['file_bytes'])}, {len(task.train)} labelled examples")
+      f"cost: {p['trainable']:,} parameters, {kib(p['file_bytes'])}, {len(task.train)} labelled examples")
 # Exact match also asks the model to stop after the answer. Chapter 6's lenient score asks only whether the first
 # word of the greedy continuation is the right fact: the hand-written prompt's, on the frozen base, here.
 hand_preds = predict(load_base(meta["preset"]).eval(), task, tok, task.test, prefix=task.discrete_prompt)
@@ -482,7 +483,7 @@ notes = [
     ("superior to prompt engineering", f"{m('prompt')} vs {m('discrete-prompt')}",
      f"{on_exact}, for the answer's form only" if format_only and on_exact == "held" else on_exact),
     ("parameter efficient / minimal storage", f"{p['trainable']:,} parameters ({p['trainable_pct']:.2f}%), "
-     f"{kb(p['file_bytes'])} vs {kb(full['file_bytes'])}",
+     f"{kib(p['file_bytes'])} vs {kib(full['file_bytes'])}",
      "held" if p["file_bytes"] < 0.01 * full["file_bytes"] else "not held"),
 ]
 for claim_text, measured, verdict in notes:
@@ -659,7 +660,7 @@ print(f"LoRA against full fine-tuning on sentiment, best rate each: {lora_best_s
 # %%
 smallest_top = min(top, key=lambda k: R[k]["file_bytes"])
 print(f"best metric: {m(best)}; not told apart from it at n = {N_TEST}: {', '.join(top)}")
-print(f"the smallest file among those: {smallest_top} ({kb(R[smallest_top]['file_bytes'])}, "
+print(f"the smallest file among those: {smallest_top} ({kib(R[smallest_top]['file_bytes'])}, "
       f"{R[smallest_top]['file_bytes'] / FULL_BYTES:.1%} of a full checkpoint)")
 print(f"full fine-tuning against the frozen-base methods (forgetting): {forgetting_verdict()}")
 for k in ("lora", "qlora", "lora8"):

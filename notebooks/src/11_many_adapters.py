@@ -45,7 +45,7 @@ from minipeft.evaluate import evaluate
 from minipeft.kernels import multi_lora_routes, multi_lora_triton
 from minipeft.methods import method_config
 from minipeft.pretrain import load_base
-from minipeft.stats import compare_verdict, fmt_interval, interval, wilson
+from minipeft.stats import compare_verdict, interval, wilson
 from minipeft.tokenizer import ByteTokenizer
 from minipeft.train import TrainConfig, pad_batch, train
 from minipeft.tuners import (
@@ -91,8 +91,8 @@ print({name: f"{len(t.train)} train / {len(t.test)} test, {t.metric}" for name, 
 # | `facts_lora` | LoRA r = 8, every Linear | facts | a few dozen steps |
 # | `facts_prompt` | prompt tuning, 8 virtual tokens | facts | none: started from the embeddings of an instruction |
 #
-# The step counts are small so that the chapter runs quickly on a CPU (its last cell prints how long it took);
-# the adapters learn part of their task, which is all the mechanics below need. Section 6 reads a careful
+# The step counts are small so that the chapter runs quickly on a CPU (the cell before the summary prints how long
+# it took); the adapters learn part of their task, which is all the mechanics below need. Section 6 reads a careful
 # measurement with full training.
 
 # %%
@@ -656,21 +656,34 @@ score_rows = results_table(section, "model")
 task_columns = [c for c in score_rows[0] if c != "model"]  # 'sentiment: accuracy (chance 0.500, n=200)', …
 
 
+def score_row(row_start):
+    """The first model row whose label starts with `row_start`."""
+    return next(r for r in score_rows if r["model"].replace("`", "").startswith(row_start))
+
+
 def per_seed(row_start):
-    """{task: [score per seed]} of the first model row whose label starts with `row_start`."""
-    row = next(r for r in score_rows if r["model"].replace("`", "").startswith(row_start))
+    """{task: [score per seed]} of that row, as the table prints them (3 decimals)."""
+    row = score_row(row_start)
     return {c.split(":")[0]: [float(v) for v in re.search(r"\[(.*?)\]", row[c]).group(1).split(",")]
             for c in task_columns}
 
 
-runs = {"base": per_seed("base"), "sentiment adapter": per_seed("Pfeiffer sentiment"),
-        "facts adapter": per_seed("Pfeiffer facts"), "joint adapter": per_seed("Pfeiffer joint"),
-        "AdapterFusion": per_seed("AdapterFusion")}
+LABELS = {"base": "base", "sentiment adapter": "Pfeiffer sentiment", "facts adapter": "Pfeiffer facts",
+          "joint adapter": "Pfeiffer joint", "AdapterFusion": "AdapterFusion"}
+runs = {model: per_seed(label) for model, label in LABELS.items()}
 n_test = {c.split(":")[0]: int(re.search(r"n=(\d+)", c).group(1)) for c in task_columns}
 n_seeds = len(runs["AdapterFusion"]["sentiment"])
-for model, by_task in runs.items():
-    print(f"{model:18s} " + "   ".join(f"{t}: {fmt_interval(v)}" for t, v in by_task.items()))
-print()
+table_half, rounded_half = [], []
+for model, label in LABELS.items():   # mean ± half-width as the table gives them, from the unrounded scores
+    cells = {c.split(":")[0]: score_row(label)[c].split("[")[0].strip() for c in task_columns}
+    print(f"{model:18s} " + "   ".join(f"{t}: {cell}" for t, cell in cells.items()))
+    table_half += [float(cell.split("±")[1]) for cell in cells.values()]
+    rounded_half += [interval(v)[1] for v in runs[model].values()]
+rounding = max(abs(a - b) for a, b in zip(table_half, rounded_half, strict=True))
+print(f"\nThe comparisons below are recomputed from the per-seed scores as the table rounds them (3 decimals); "
+      f"recomputed that way, the half-widths above move by up to {rounding:.4f}"
+      + (", so an interval printed below can differ from the table's in the last digit:" if rounding >= 5e-4 else
+         ":"))
 for t in n_test:
     own = f"{t} adapter"
     for other in (own, "joint adapter"):
