@@ -118,10 +118,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if room <= 0:
         raise ValueError(f"the prompt is {len(ids)} tokens, which leaves no room to generate in the model's "
                          f"block_size {model.config.block_size}")
+    if args.max_new_tokens > room:  # said, not silently cut
+        print(f"minipeft generate: --max-new-tokens {args.max_new_tokens} cut to {room}: the {len(ids)}-token prompt "
+              f"leaves {room} of the model's block_size {model.config.block_size}", file=sys.stderr)
     idx = torch.tensor([ids], device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
+    temperature = 1.0 if args.temperature is None else args.temperature
     out = model.generate(idx, max_new_tokens=min(args.max_new_tokens, room), do_sample=args.sample,
-                         temperature=args.temperature, top_k=args.top_k, eos_token_id=tok.eos_token_id,
+                         temperature=temperature, top_k=args.top_k, eos_token_id=tok.eos_token_id,
                          generator=gen)
     print(tok.decode(out[0].tolist()))
     return 0
@@ -294,6 +298,13 @@ def _check_finetune(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--steps {args.steps} and --epochs {args.epochs:g}: give one of them")
 
 
+def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    _check_groups(parser, args, ("base",))
+    if not args.sample and (args.temperature is not None or args.top_k is not None):
+        given = [f for f, v in (("--temperature", args.temperature), ("--top-k", args.top_k)) if v is not None]
+        parser.error(f"{' and '.join(given)} shape sampling and need --sample (without it, decoding is greedy)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="minipeft", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -319,9 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None, metavar="OUT", help="an adapter directory (minipeft's or HF peft's)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=60)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=_positive_float, default=1.0)
-    p.add_argument("--top-k", type=_positive_int, default=None)
-    p.set_defaults(func=cmd_generate, check=lambda args, p=p: _check_groups(p, args, ("base",)))
+    p.add_argument("--temperature", type=_positive_float, default=None, help="with --sample (default 1.0)")
+    p.add_argument("--top-k", type=_positive_int, default=None, help="with --sample: keep the k likeliest tokens")
+    p.set_defaults(func=cmd_generate, check=lambda args, p=p: _check_generate(p, args))
 
     _finetune_parser(sub)
 

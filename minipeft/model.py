@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 
@@ -94,6 +94,11 @@ class KVCache:
     """
 
     def __init__(self, n_layer: int, batch_size: int, device: torch.device | str | None = None) -> None:
+        for name, value, least in (("n_layer", n_layer, 1), ("batch_size", batch_size, 0)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"KVCache: {name} must be an int >= {least}, got {type(value).__name__} {_show(value)}")
+            if value < least:
+                raise ValueError(f"KVCache: {name} must be an int >= {least}, got {_show(value)}")
         self.keys: list[torch.Tensor | None] = [None] * n_layer
         self.values: list[torch.Tensor | None] = [None] * n_layer
         self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
@@ -106,6 +111,18 @@ class KVCache:
     @classmethod
     def from_prefix(cls, keys: list[torch.Tensor], values: list[torch.Tensor]) -> KVCache:
         """A cache that starts with per-layer prefixes keys[l], values[l]: (B, nh, n, hs), all visible."""
+        if not isinstance(keys, list | tuple) or not isinstance(values, list | tuple):
+            raise TypeError(f"KVCache.from_prefix: keys and values must be lists of (B, nh, n, hs) tensors, one per "
+                            f"layer, got {type(keys).__name__} and {type(values).__name__}")
+        if not keys or len(keys) != len(values):
+            raise ValueError(f"KVCache.from_prefix: keys and values must hold one tensor per layer (at least one), "
+                             f"got {len(keys)} keys and {len(values)} values")
+        first = keys[0]
+        for what, tensors in (("keys", keys), ("values", values)):
+            for i, t in enumerate(tensors):
+                if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape != getattr(first, "shape", None):
+                    raise ValueError(f"KVCache.from_prefix: {what}[{i}] must be a (B, nh, n, hs) tensor of keys[0]'s "
+                                     f"shape, got {type(t).__name__} {tuple(getattr(t, 'shape', ()))}")
         B, _, n, _ = keys[0].shape
         cache = cls(len(keys), B, device=keys[0].device)
         cache.keys, cache.values = list(keys), list(values)
@@ -278,12 +295,13 @@ class GPT(nn.Module):
             idx = self._check_idx(idx)
             tok_emb = self.transformer.wte(idx)  # (B, T, C)
         else:
-            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.n_embd:
-                raise ValueError(
-                    f"inputs_embeds must be (B, T, {self.config.n_embd}), got {tuple(inputs_embeds.shape)}"
-                )
+            self._check_embeds("inputs_embeds", inputs_embeds, (3,), f"(B, T, {self.config.n_embd})")
             tok_emb = inputs_embeds
         B, T, _ = tok_emb.shape
+        self._check_cache(kv_cache, B)
+        if prompt_mask is not None and prompt_embeds is None:
+            raise ValueError("prompt_mask says which virtual tokens of prompt_embeds a row has; it was given "
+                             "without prompt_embeds")
         if targets is not None:
             self._check_targets(targets, B, T)
         valid = self._check_mask(attention_mask, B, T, tok_emb.device)  # (B, T) bool or None
@@ -340,15 +358,16 @@ class GPT(nn.Module):
         """[P ; tok_emb] (B, n+T, C) and the mask with the virtual tokens marked valid (all n, or those of
         prompt_mask (B, n))."""
         B, T = tok_emb.shape[:2]
-        if prompt_embeds.dim() not in (2, 3) or prompt_embeds.shape[-1] != self.config.n_embd:
-            raise ValueError(f"prompt_embeds must be (n, {self.config.n_embd}) or (B, n, {self.config.n_embd}), "
-                             f"got {tuple(prompt_embeds.shape)}")
+        self._check_embeds("prompt_embeds", prompt_embeds, (2, 3),
+                           f"(n, {self.config.n_embd}) or (B, n, {self.config.n_embd})")
         prompt = (prompt_embeds if prompt_embeds.dim() == 3 else prompt_embeds[None]).expand(B, -1, -1)  # (B, n, C)
         emb = torch.cat([prompt.to(tok_emb.dtype), tok_emb], dim=1)  # (B, n+T, C)
         if prompt_mask is None:
             if valid is None:
                 return emb, None
             prompt_mask = torch.ones(B, prompt.shape[1], dtype=torch.bool, device=valid.device)
+        elif not isinstance(prompt_mask, torch.Tensor):
+            raise TypeError(f"prompt_mask must be a bool tensor (B, n), got {type(prompt_mask).__name__}")
         elif prompt_mask.shape != prompt.shape[:2] or prompt_mask.dtype != torch.bool:
             raise ValueError(f"prompt_mask must be bool of shape {tuple(prompt.shape[:2])} (B, n), got "
                              f"{prompt_mask.dtype} {tuple(prompt_mask.shape)}")
@@ -359,6 +378,31 @@ class GPT(nn.Module):
     # Checks that read tensor values need the host (a GPU→CPU sync); they run only when the code is not being
     # compiled or captured into a CUDA graph (`_may_read_values`), so that torch.compile traces the forward
     # without a graph break and a serving loop can capture it.
+    def _check_embeds(self, name: str, embeds: torch.Tensor, dims: tuple[int, ...], shape: str) -> None:
+        """inputs_embeds or prompt_embeds: a floating tensor of `shape` (`dims` dimensions, n_embd last), finite
+        (one NaN would make every logit of its rows NaN; a diverged prompt-tuning run leaves them there)."""
+        if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor {shape}, got {type(embeds).__name__} "
+                            f"{getattr(embeds, 'dtype', '')}")
+        if embeds.dim() not in dims or embeds.shape[-1] != self.config.n_embd:
+            raise ValueError(f"{name} must be {shape}, got {tuple(embeds.shape)}")
+        if embeds.numel() and _may_read_values(embeds):
+            n_bad = int((~torch.isfinite(embeds.detach())).sum())
+            if n_bad:
+                raise ValueError(f"{name} holds {n_bad} NaN or inf values (of {embeds.numel()}); they would make "
+                                 "the logits NaN")
+
+    def _check_cache(self, kv_cache: KVCache | None, B: int) -> None:
+        """A KVCache made for this model (one entry per layer) and a batch of B rows, or None."""
+        if kv_cache is None:
+            return
+        if not isinstance(kv_cache, KVCache):
+            raise TypeError(f"kv_cache must be a KVCache or None, got {type(kv_cache).__name__}")
+        if len(kv_cache.keys) != self.config.n_layer or kv_cache.seen.shape[0] != B:
+            raise ValueError(f"kv_cache holds {len(kv_cache.keys)} layers for a batch of {kv_cache.seen.shape[0]}, "
+                             f"but the model has n_layer {self.config.n_layer} and the input {B} rows: "
+                             f"KVCache({self.config.n_layer}, {B})")
+
     def _check_idx(self, idx: torch.Tensor) -> torch.Tensor:
         if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.long, torch.int32, torch.int64):
             raise TypeError(f"idx must be an integer tensor of token ids, got {type(idx).__name__} "
@@ -401,7 +445,14 @@ class GPT(nn.Module):
         valid = mask.to(device=device).bool()
         if not _may_read_values(valid):  # `valid.all()` would be a host sync: keep the mask, same result
             return valid
-        return None if bool(valid.all()) else valid
+        if mask.dtype == torch.bool:
+            return None if bool(valid.all()) else valid
+        binary, all_valid = torch.stack([((mask == 0) | (mask == 1)).all(), valid.all()]).tolist()  # one sync
+        if not binary:
+            odd = mask[(mask != 0) & (mask != 1)]
+            raise ValueError(f"attention_mask must hold only 1 (a real token) and 0 (padding), or be bool; got "
+                             f"{odd.numel()} other values, e.g. {odd[:3].tolist()}")
+        return None if all_valid else valid
 
     @staticmethod
     def _attention_mask(
@@ -463,6 +514,10 @@ class GPT(nn.Module):
                                  f"the last real one), but attention_mask rows {rows[:5]} have padding after a real "
                                  "token; pad on the left")
         B, T = idx.shape
+        self._check_cache(kv_cache, B)
+        if prompt_embeds is not None:
+            self._check_embeds("prompt_embeds", prompt_embeds, (2, 3),
+                               f"(n, {self.config.n_embd}) or (B, n, {self.config.n_embd})")
         n_prompt = 0 if prompt_embeds is None else prompt_embeds.shape[-2]
         n_cache = 0 if kv_cache is None else int(kv_cache.seen.max())
         self.check_length(n_cache + n_prompt + T + max_new_tokens,
@@ -508,6 +563,11 @@ class GPT(nn.Module):
         Conv1D projections are stored (in, out), as GPT-2 does. An earlier sharded save in the same directory
         (model.safetensors.index.json and the shards it lists) is removed once the new file is in place: the
         index would otherwise win over the new file when the directory is loaded.
+
+        The two files are one save: each is written atomically, the weights first, and the weights' metadata
+        records the config fields they were written with (`_PAIRED_KEYS`), so a save killed between the two
+        files (new weights beside the old config.json) is refused by `from_pretrained` instead of loading the
+        weights under another config. A tensor holding NaN or inf is refused before anything is written.
         """
         if not self.config.bias:
             raise ValueError("save_pretrained writes GPT-2's format, which has biases; this model has bias=False")
@@ -526,15 +586,21 @@ class GPT(nn.Module):
         for key, value in self.state_dict().items():
             if key == "lm_head.weight" and tied:
                 continue
+            n_bad = int((~torch.isfinite(value)).sum()) if value.is_floating_point() else 0
+            if n_bad:  # written, it would be a checkpoint that from_pretrained refuses
+                raise ValueError(f"save_pretrained: tensor {key!r} holds {n_bad} NaN or inf values (of "
+                                 f"{value.numel()}); nothing was written")
             tensors[key] = value.t() if key.endswith(self._CONV1D) else value
+        config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_positions": c.block_size,
+                  "n_ctx": c.block_size, "vocab_size": c.vocab_size, "n_layer": c.n_layer, "n_head": c.n_head,
+                  "n_embd": c.n_embd, "layer_norm_epsilon": c.layer_norm_epsilon,
+                  "activation_function": "gelu_new", "resid_pdrop": c.dropout, "embd_pdrop": c.dropout,
+                  "attn_pdrop": c.dropout, "tie_word_embeddings": tied}
+        saved_with = json.dumps({k: config[k] for k in _PAIRED_KEYS}, sort_keys=True)
         directory = Path(directory)
-        save_safetensors(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+        save_safetensors(tensors, directory / "model.safetensors", metadata={"format": "pt", _PAIRED_KEY: saved_with})
         _remove_stale_shards(directory)
-        save_json({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_positions": c.block_size,
-                   "n_ctx": c.block_size, "vocab_size": c.vocab_size, "n_layer": c.n_layer, "n_head": c.n_head,
-                   "n_embd": c.n_embd, "layer_norm_epsilon": c.layer_norm_epsilon,
-                   "activation_function": "gelu_new", "resid_pdrop": c.dropout, "embd_pdrop": c.dropout,
-                   "attn_pdrop": c.dropout, "tie_word_embeddings": tied}, directory / "config.json")
+        save_json(config, directory / "config.json")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> GPT:
@@ -550,7 +616,9 @@ class GPT(nn.Module):
         is not a JSON object, lacks one of `_GPT2_REQUIRED_KEYS` or holds a value GPTConfig refuses (a NaN
         layer_norm_epsilon, a string n_embd); a weight file that is not valid safetensors (a truncated copy,
         say); a tensor that is missing, of another shape, not floating point, or holding NaN or inf (loaded
-        silently, one NaN makes every logit NaN).
+        silently, one NaN makes every logit NaN); a tensor the model has no place for (a layer past n_layer, an
+        lm_head.weight other than the embedding under tie_word_embeddings: true), GPT-2's attn.bias /
+        attn.masked_bias mask buffers aside; weights that `save_pretrained` wrote with another config.json.
         """
         directory = Path(directory)
         if not directory.is_dir():
@@ -601,9 +669,12 @@ class GPT(nn.Module):
         for f in _safetensors_files(directory):
             try:
                 tensors = load_file(str(f))
+                with safe_open(str(f), "pt") as opened:
+                    metadata = opened.metadata() or {}
             except SafetensorError as e:
                 raise ValueError(f"from_pretrained: {f} is not a valid safetensors file (truncated or corrupted?): "
                                  f"{e}") from None
+            _check_paired(metadata.get(_PAIRED_KEY), hf, f, config_path)
             for k, v in tensors.items():
                 k = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k
                 sd_hf[k], source[k] = v, f
@@ -612,6 +683,25 @@ class GPT(nn.Module):
         if not tied:  # a head of its own, filled from the checkpoint below
             model.lm_head.weight = nn.Parameter(torch.empty_like(model.transformer.wte.weight))
         sd = model.state_dict()
+        # GPT-2's causal-mask buffers (attn.bias, attn.masked_bias: older transformers saved them) are not weights
+        buffers = {f"transformer.h.{i}.attn.{b}" for i in range(config.n_layer) for b in ("bias", "masked_bias")}
+        expected = set(sd) - ({"lm_head.weight"} if tied else set())  # a tied head is the embedding, not stored
+        unexpected = sorted(set(sd_hf) - expected - buffers)
+        if tied and "lm_head.weight" in sd_hf:  # a stored copy of the tied head must be the embedding itself
+            wte = sd_hf.get("transformer.wte.weight")
+            if wte is not None and sd_hf["lm_head.weight"].shape == wte.shape and \
+                    torch.equal(sd_hf["lm_head.weight"], wte):
+                unexpected.remove("lm_head.weight")
+            else:
+                raise ValueError(f"from_pretrained: {source['lm_head.weight']} holds an lm_head.weight that is not "
+                                 f"transformer.wte.weight, but {config_path} says tie_word_embeddings: true (the head "
+                                 "is the embedding); loading would drop that head. Set tie_word_embeddings to false "
+                                 "to load it as an untied head")
+        if unexpected:
+            raise ValueError(f"from_pretrained: the checkpoint in {str(directory)!r} holds {len(unexpected)} tensors "
+                             f"this GPT has no place for (e.g. {unexpected[:3]}, from {source[unexpected[0]]}); "
+                             f"{config_path} describes n_layer={config.n_layer}, tie_word_embeddings={tied}: "
+                             "does it belong to these weights?")
         for key, target in sd.items():
             if key == "lm_head.weight" and tied:
                 continue  # tied to transformer.wte.weight
@@ -637,7 +727,31 @@ class GPT(nn.Module):
 
 # The keys of a GPT-2 config.json that GPTConfig's sizes come from; transformers' GPT2Config writes them all.
 _GPT2_REQUIRED_KEYS = ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")
+# save_pretrained records these config.json fields (those that say what the weights mean) in model.safetensors'
+# metadata under _PAIRED_KEY, so that from_pretrained can tell a weights file from another save's config.json.
+_PAIRED_KEYS = (*_GPT2_REQUIRED_KEYS, "layer_norm_epsilon", "tie_word_embeddings")
+_PAIRED_KEY = "minipeft_config"
 _INDEX_NAME = "model.safetensors.index.json"  # a sharded checkpoint's list of files (transformers' name)
+
+
+def _check_paired(saved: str | None, hf: dict, weights: Path, config_path: Path) -> None:
+    """ValueError when the weights file records (save_pretrained) other config fields than config.json holds: the
+    two files are not one save's. A file without the record (transformers wrote it) is not checked."""
+    if saved is None:
+        return
+    try:
+        recorded = json.loads(saved)
+    except ValueError:
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"from_pretrained: {weights} has metadata {_PAIRED_KEY!r} that is not a JSON object: "
+                         f"{saved[:80]!r}")
+    diff = {k: (v, hf.get(k)) for k, v in recorded.items() if hf.get(k) != v}
+    if diff:
+        pairs = ", ".join(f"{k}: weights {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"from_pretrained: {weights} was saved with another config than {config_path} ({pairs}): "
+                         "the two files are not one save's (a save was interrupted, or config.json was edited). "
+                         "Save the model again")
 
 
 def _read_json_object(path: Path) -> dict:
@@ -730,6 +844,10 @@ def _check_generate_args(max_new_tokens, do_sample, temperature, top_k, eos_toke
         raise TypeError(f"top_k must be a positive int or None, got {type(top_k).__name__} {top_k!r}")
     if top_k is not None and top_k <= 0:
         raise ValueError(f"top_k must be a positive int or None, got {top_k}")
+    if not do_sample and (temperature != 1.0 or top_k is not None):  # greedy decoding would ignore them
+        raise ValueError(f"temperature and top_k shape sampling; with do_sample=False (greedy: the argmax) they do "
+                         f"nothing, got temperature={temperature!r}, top_k={top_k!r}; pass do_sample=True, or "
+                         "leave them at 1.0 and None")
     if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)):
         raise TypeError(f"eos_token_id must be None or an int token id, got {type(eos_token_id).__name__} "
                         f"{eos_token_id!r}")

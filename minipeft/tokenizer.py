@@ -13,10 +13,39 @@ file (transformers writes one), or GPT-2's `<|endoftext|>`; PAD and BOS default 
 from __future__ import annotations
 
 import json
+import operator
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
+
+
+def _check_flags(**flags: object) -> None:
+    """add_bos, add_eos, skip_special_tokens: True or False ("no" is truthy: the intent of a str is unclear)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+
+
+def _token_id(i: object, vocab_size: int, what: str = "token id") -> int:
+    """One token id as an int (an int, a numpy integer or a 0-d integer tensor; never a float, which int() would
+    truncate, nor a bool), in 0 … vocab_size − 1."""
+    try:
+        if isinstance(i, bool):
+            raise TypeError
+        value = operator.index(i)
+    except TypeError:
+        raise TypeError(f"{what} must be an int, got {type(i).__name__} {i!r}") from None
+    if not 0 <= value < vocab_size:
+        raise ValueError(f"{what} {value} is outside the vocabulary 0…{vocab_size - 1}")
+    return value
+
+
+def _token_ids(ids: object, vocab_size: int) -> list[int]:
+    """decode's ids as a list of ints, each checked by _token_id."""
+    if isinstance(ids, str | bytes) or not hasattr(ids, "__iter__"):
+        raise TypeError(f"decode expects a sequence of token ids, got {type(ids).__name__}")
+    return [_token_id(i, vocab_size, "decode: token id") for i in ids]
 
 
 class ByteTokenizer:
@@ -34,18 +63,19 @@ class ByteTokenizer:
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"encode expects text as str, got {type(text).__name__}")
+        _check_flags(add_bos=add_bos, add_eos=add_eos)
         ids = list(text.encode("utf-8"))
         return ([self.bos_token_id] if add_bos else []) + ids + ([self.eos_token_id] if add_eos else [])
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        """Bytes back to text. Special ids are dropped (or written by name); invalid UTF-8 becomes '�'."""
+        """Bytes back to text. Special ids are dropped (or written by name); invalid UTF-8 becomes '�'. An id that
+        is not an int is a TypeError, one outside the vocabulary a ValueError."""
+        _check_flags(skip_special_tokens=skip_special_tokens)
         out, chunk = [], bytearray()
-        for i in (int(t) for t in ids):
-            if 0 <= i < 256:
+        for i in _token_ids(ids, self.vocab_size):
+            if i < 256:
                 chunk.append(i)
                 continue
-            if not 256 <= i < self.vocab_size:
-                raise ValueError(f"decode: token id {i} is outside the vocabulary 0…{self.vocab_size - 1}")
             out.append(chunk.decode("utf-8", errors="replace"))
             chunk = bytearray()
             if not skip_special_tokens:
@@ -55,6 +85,7 @@ class ByteTokenizer:
 
     def token_to_str(self, i: int) -> str:
         """A printable name for one id (used to show nearest tokens of a soft prompt)."""
+        i = _token_id(i, self.vocab_size)
         if i >= 256:
             return self.SPECIALS[i - 256]
         ch = bytes([i]).decode("latin-1")
@@ -76,14 +107,18 @@ class HFTokenizer:
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"encode expects text as str, got {type(text).__name__}")
+        _check_flags(add_bos=add_bos, add_eos=add_eos)
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return ([self.bos_token_id] if add_bos else []) + ids + ([self.eos_token_id] if add_eos else [])
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        """Token ids back to text; as ByteTokenizer.decode, an id outside the vocabulary is a ValueError (the
+        tokenizers library would drop it silently)."""
+        _check_flags(skip_special_tokens=skip_special_tokens)
+        return self._tok.decode(_token_ids(ids, self.vocab_size), skip_special_tokens=skip_special_tokens)
 
     def token_to_str(self, i: int) -> str:
-        return self._tok.id_to_token(int(i))
+        return self._tok.id_to_token(_token_id(i, self.vocab_size))
 
 
 DEFAULT_EOS = "<|endoftext|>"  # GPT-2's end-of-text token, its only special token
@@ -140,6 +175,9 @@ def load_tokenizer_json(path: str | Path, *, eos_token_id: int | None = None, pa
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except ValueError as e:
             raise ValueError(f"load_tokenizer_json: {config_path} is not JSON: {e}") from e
+        if not isinstance(config, dict):
+            raise ValueError(f"load_tokenizer_json: {config_path} must hold a JSON object, got a "
+                             f"{type(config).__name__}")
     source = str(config_path)
     eos = _special_id(tok, "eos_token_id", eos_token_id, _config_token(config, "eos_token"), source)
     if eos is None:

@@ -10,27 +10,41 @@ config field, tests/test_nf4.py for NF4Weight fields, tests/test_kernels.py for 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, models
 
 from minipeft import cli, kernels
-from minipeft.model import GPT, GPTConfig
-from minipeft.quant import dequantize_nf4, quantize_model, quantize_nf4
+from minipeft.model import GPT, GPTConfig, KVCache
+from minipeft.quant import (
+    NF4Linear,
+    dequantize_nf4,
+    int8_nbytes,
+    merge_and_requantize,
+    nf4_nbytes,
+    quantize_model,
+    quantize_nf4,
+    weight_bytes_report,
+)
+from minipeft.tokenizer import ByteTokenizer, load_tokenizer_json
 from minipeft.train import TrainConfig, train
 from minipeft.tuners import (
     AdapterConfig,
+    Fuse,
     LoraConfig,
     PeftModel,
     PrefixTuningConfig,
     PromptTuningConfig,
+    combine_lora,
     get_peft_model,
 )
-from minipeft.tuners.io import CONFIG_NAME, WEIGHTS_NAME
+from minipeft.tuners.io import COMPOSITION_NAME, CONFIG_NAME, WEIGHTS_NAME, write_adapter
 
 CFG = GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=32)
 IDX = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
@@ -105,6 +119,49 @@ def cli_usage_error(argv):
     raise ValueError("usage error, rc 2")  # so the row reads like every other
 
 
+def fused() -> PeftModel:
+    """Bottleneck adapters "a" and "b" under an active dynamic fusion."""
+    pm = get_peft_model(gpt(), AdapterConfig(), adapter_name="a")
+    pm.add_adapter("b", AdapterConfig())
+    pm.add_adapter_fusion(["a", "b"])
+    pm.set_adapter(Fuse("a", "b"))
+    return pm
+
+
+def with_bias(value: float) -> GPT:
+    model = gpt()
+    model.transformer.h[0].mlp.c_fc.bias.data[0] = value
+    return model
+
+
+def lora_files(edit=None) -> tuple:
+    """write_adapter's (config, tensors) for a LoRA adapter, through `edit(config, tensors)` when given."""
+    pm = lora()
+    config, tensors = pm.peft_config["default"], pm.adapter_state_dict("default")
+    return (config, tensors) if edit is None else edit(config, tensors)
+
+
+def gpt2_dir(t, n_layer: int | None = None, tie: bool | None = None, untie: bool = False) -> str:
+    """A checkpoint as a tool other than minipeft writes it (no minipeft metadata), its config.json then edited."""
+    model = gpt()
+    if untie:
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    model.save_pretrained(t)
+    save_file(load_file(t / "model.safetensors"), t / "model.safetensors", metadata={"format": "pt"})
+    raw = json.loads((t / "config.json").read_text())
+    raw.update({k: v for k, v in (("n_layer", n_layer), ("tie_word_embeddings", tie)) if v is not None})
+    (t / "config.json").write_text(json.dumps(raw))
+    return str(t)
+
+
+def hf_tokenizer(t, tokenizer_config: str | None = None):
+    """A two-word tokenizer.json (and tokenizer_config.json) in `t`, loaded."""
+    Tokenizer(models.WordLevel({"a": 0, "<|endoftext|>": 1}, unk_token="a")).save(str(t / "tokenizer.json"))
+    if tokenizer_config is not None:
+        (t / "tokenizer_config.json").write_text(tokenizer_config)
+    return load_tokenizer_json(t)
+
+
 def packed_pair():
     """Two LoRA adapters (ranks 1 and 2) of a 4 → 3 layer, packed."""
     return kernels.pack_adapters([torch.ones(1, 4), torch.ones(2, 4)], [torch.ones(3, 1), torch.ones(3, 2)], [1.0, 2.0])
@@ -159,6 +216,37 @@ CASES = [
      "temperature"),
     ("right-padded generate", lambda t: gpt().generate(IDX, 2, attention_mask=torch.tensor([[1] * 4 + [0] * 2] * 2)),
      ValueError, "left padding"),
+    ("inputs_embeds NaN", lambda t: gpt()(inputs_embeds=torch.full((1, 3, 32), math.nan)), ValueError, "inputs_embeds"),
+    ("inputs_embeds list", lambda t: gpt()(inputs_embeds=[[[0.0] * 32]]), TypeError, "inputs_embeds"),
+    ("prompt_embeds NaN", lambda t: gpt()(IDX, prompt_embeds=torch.full((2, 32), math.nan)), ValueError,
+     "prompt_embeds"),
+    ("prompt_embeds list", lambda t: gpt()(IDX, prompt_embeds=[[0.0] * 32]), TypeError, "prompt_embeds"),
+    ("prompt_mask list", lambda t: gpt()(IDX, prompt_embeds=torch.zeros(2, 2, 32), prompt_mask=[[True] * 2] * 2),
+     TypeError, "prompt_mask"),
+    ("prompt_mask alone", lambda t: gpt()(IDX, prompt_mask=torch.ones(2, 2, dtype=torch.bool)), ValueError,
+     "prompt_mask"),
+    ("attention_mask of 2s", lambda t: gpt()(IDX, attention_mask=torch.full_like(IDX, 2)), ValueError,
+     "attention_mask"),
+    ("attention_mask of 0.5s", lambda t: gpt()(IDX, attention_mask=torch.full(IDX.shape, 0.5)), ValueError,
+     "attention_mask"),
+    ("kv_cache str", lambda t: gpt()(IDX, kv_cache="x"), TypeError, "kv_cache"),
+    ("kv_cache of another batch", lambda t: gpt()(IDX, kv_cache=KVCache(2, 3)), ValueError, "kv_cache"),
+    ("kv_cache of more layers", lambda t: gpt()(IDX, kv_cache=KVCache(5, 2)), ValueError, "n_layer"),
+    ("KVCache no layers", lambda t: KVCache(0, 1), ValueError, "n_layer"),
+    ("KVCache str layers", lambda t: KVCache("a", 2), TypeError, "n_layer"),
+    ("KVCache batch -1", lambda t: KVCache(2, -1), ValueError, "batch_size"),
+    ("KVCache.from_prefix empty", lambda t: KVCache.from_prefix([], []), ValueError, "one tensor per layer"),
+    ("generate 1-D prompt_embeds", lambda t: gpt().generate(IDX, 2, prompt_embeds=torch.zeros(8)), ValueError,
+     "prompt_embeds"),
+    ("generate kv_cache str", lambda t: gpt().generate(IDX, 2, kv_cache="x"), TypeError, "kv_cache"),
+    ("greedy with top_k", lambda t: gpt().generate(IDX, 2, top_k=3), ValueError, "do_sample"),
+    ("greedy with temperature", lambda t: gpt().generate(IDX, 2, temperature=0.5), ValueError, "do_sample"),
+    # ---- whole-model checkpoints (GPT.save_pretrained / from_pretrained)
+    ("checkpoint of more layers", lambda t: GPT.from_pretrained(gpt2_dir(t, n_layer=1)), ValueError, "no place for"),
+    ("untied head, config tied", lambda t: GPT.from_pretrained(gpt2_dir(t, tie=True, untie=True)), ValueError,
+     "tie_word_embeddings"),
+    ("save a NaN GPT", lambda t: (lambda m: (m.transformer.wte.weight.data.fill_(math.nan), m.save_pretrained(t)))(
+        gpt()), ValueError, "nothing was written"),
     # ---- the adapter state machine (tests/test_adapter_states.py runs random sequences)
     ("second wrapper", lambda t: (lambda pm: get_peft_model(pm.base_model, LoraConfig(r=1)))(lora()), ValueError,
      "already wrapped"),
@@ -183,6 +271,24 @@ CASES = [
     ("train while merged", lambda t: merged()(IDX, targets=IDX), ValueError, "unmerge_adapter"),
     ("trainer while merged", lambda t: train(merged(), lambda g: (IDX, IDX, None), TrainConfig(steps=1)),
      ValueError, "unmerge_adapter"),
+    ("save_pretrained typo keyword", lambda t: lora().save_pretrained(t, fromat="peft"), TypeError, "fromat"),
+    ("save_pretrained base path, minipeft format", lambda t: lora().save_pretrained(t, base_model_name_or_path="gpt2"),
+     ValueError, "base_model_name_or_path"),
+    ("write_adapter NaN", lambda t: write_adapter(t, *lora_files(lambda c, sd: (c, {k: v * math.nan for k, v in
+                                                                                   sd.items()}))), ValueError, "NaN"),
+    ("write_adapter no base", lambda t: write_adapter(t, *lora_files(
+        lambda c, sd: (dataclasses.replace(c, base_model=None), sd))), ValueError, "base_model"),
+    ("write_adapter tensors list", lambda t: write_adapter(t, lora_files()[0], [1, 2]), TypeError, "tensors"),
+    ("write_adapter config dict", lambda t: write_adapter(t, lora_files()[0].to_dict(), lora_files()[1]), TypeError,
+     "config"),
+    ("fusion loss weight NaN", lambda t: fused().fusion_regularization_loss(weight=math.nan), ValueError, "weight"),
+    ("fusion loss weight str", lambda t: fused().fusion_regularization_loss(weight="x"), TypeError, "weight"),
+    ("fusion_attention average str", lambda t: fused().fusion_attention(average="no"), TypeError, "average"),
+    ("combine_lora NaN weight", lambda t: combine_lora([(torch.ones(2, 4), torch.ones(3, 2), 1.0)], [math.nan]),
+     ValueError, "weights[0]"),
+    ("combine_lora str weight", lambda t: combine_lora([(torch.ones(2, 4), torch.ones(3, 2), 1.0)], ["a"]),
+     TypeError, "weights[0]"),
+    ("combine_lora nothing", lambda t: combine_lora([], [], "linear"), ValueError, "factors"),
     ("checkpoint_dir is a file", lambda t: (t / "f").write_text("x") and train(
         lora(), lambda g: (IDX, IDX, None), TrainConfig(steps=1), checkpoint_dir=t / "f"), ValueError,
      "checkpoint_dir"),
@@ -209,11 +315,32 @@ CASES = [
     ("dequantize int64 codes", lambda t: dequantize_nf4(
         (lambda q: (setattr(q, "codes", q.codes.long()), q)[1])(quantize_nf4(torch.randn(64, 64)))), ValueError,
      "codes"),
+    ("quantize_model NaN bias", lambda t: quantize_model(with_bias(math.nan)), ValueError, "c_fc.bias"),
+    ("quantize_model int8 inf bias", lambda t: quantize_model(with_bias(math.inf), bits=8), ValueError, "c_fc.bias"),
+    ("NF4Linear NaN bias", lambda t: NF4Linear.from_linear(with_bias(math.nan).transformer.h[0].mlp.c_fc),
+     ValueError, "linear.bias"),
+    ("merge_and_requantize a GPT", lambda t: merge_and_requantize(gpt(), IDX), TypeError, "PeftModel"),
+    ("nf4_nbytes blocksize 0", lambda t: nf4_nbytes(100, 0), ValueError, "blocksize"),
+    ("nf4_nbytes negative", lambda t: nf4_nbytes(-100), ValueError, "numel"),
+    ("int8_nbytes negative", lambda t: int8_nbytes(-1, 5), ValueError, "out_features"),
+    ("weight_bytes_report blocksize 0", lambda t: weight_bytes_report(gpt(), blocksize=0), ValueError, "blocksize"),
+    ("weight_bytes_report blocksize 7", lambda t: weight_bytes_report(gpt(), blocksize=7), ValueError, "blocksize"),
     ("dequantize int dtype", lambda t: dequantize_nf4(quantize_nf4(torch.randn(64, 64)), dtype=torch.int64),
      (TypeError, ValueError), "dtype"),
+    # ---- tokenizers
+    ("tokenizer_config.json a list", lambda t: hf_tokenizer(t, "[]"), ValueError, "tokenizer_config.json"),
+    ("token_to_str 300", lambda t: ByteTokenizer().token_to_str(300), ValueError, "300"),
+    ("token_to_str -1", lambda t: ByteTokenizer().token_to_str(-1), ValueError, "-1"),
+    ("HF decode -1", lambda t: hf_tokenizer(t).decode([-1]), ValueError, "-1"),
+    ("HF decode out of vocab", lambda t: hf_tokenizer(t).decode([99]), ValueError, "99"),
+    ("byte decode float id", lambda t: ByteTokenizer().decode([104.9]), TypeError, "104.9"),
+    ("encode add_bos str", lambda t: ByteTokenizer().encode("hi", add_bos="no"), TypeError, "add_bos"),
     # ---- the command line: one line, exit code 2, before any work
     ("cli temperature nan", lambda t: cli_usage_error(["generate", "hi", "--temperature", "nan"]), ValueError, "rc 2"),
     ("cli lr 0", lambda t: cli_usage_error(["finetune", "--method", "lora", "--lr", "0"]), ValueError, "rc 2"),
+    ("cli temperature, greedy", lambda t: cli_usage_error(["generate", "hi", "--temperature", "0.5"]), ValueError,
+     "rc 2"),
+    ("cli top-k, greedy", lambda t: cli_usage_error(["generate", "hi", "--top-k", "5"]), ValueError, "rc 2"),
 ]
 
 
@@ -299,3 +426,86 @@ def test_names_may_be_any_iterable_but_a_bare_str():
     pm.unmerge_adapter()
     pm.merge_adapter(n for n in ("default",))
     assert pm.merged_adapters == ["default"]
+
+
+def files_in(directory) -> dict:
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("kwargs", [dict(fromat="peft"), dict(base_model_name_or_path="gpt2"),
+                                    dict(format="peft", base_model_name_or_path=5)])
+def test_a_refused_keyword_leaves_the_earlier_save_and_its_composition(tmp_path, kwargs):
+    """save_pretrained checks its keywords before it removes the earlier save's adapter_composition.json."""
+    first = lora()
+    first.add_adapter("b", LoraConfig(r=1, target_modules=["c_attn"]))
+    first.set_adapter(["default", "b"])
+    first.save_pretrained(tmp_path)
+    before = files_in(tmp_path)
+    assert any(p.name == COMPOSITION_NAME for p in before)
+    with pytest.raises((TypeError, ValueError)):
+        first.save_pretrained(tmp_path, **kwargs)
+    assert files_in(tmp_path) == before
+
+
+def test_a_gpt_save_killed_between_its_two_files_is_refused(tmp_path, monkeypatch):
+    """New weights beside the old config.json (same shapes, another layer_norm_epsilon) would load silently
+    under the wrong config; the weights record the config they were saved with, so the pair is refused."""
+    torch.manual_seed(0)
+    GPT(CFG).save_pretrained(tmp_path)
+    newer = GPT(dataclasses.replace(CFG, layer_norm_epsilon=1e-3))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies after model.safetensors, before config.json
+
+    monkeypatch.setattr("minipeft.model.save_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        newer.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="layer_norm_epsilon.*not one save's"):
+        GPT.from_pretrained(tmp_path)
+    newer.save_pretrained(tmp_path)  # a save that completes repairs the directory
+    assert GPT.from_pretrained(tmp_path).config.layer_norm_epsilon == 1e-3
+
+
+def test_a_nan_gpt_is_not_saved_over_a_good_one(tmp_path):
+    gpt().save_pretrained(tmp_path)
+    before = files_in(tmp_path)
+    model = gpt()
+    model.transformer.h[1].mlp.c_proj.bias.data[3] = math.inf
+    with pytest.raises(ValueError, match=r"h\.1\.mlp\.c_proj\.bias.*nothing was written"):
+        model.save_pretrained(tmp_path)
+    assert files_in(tmp_path) == before
+
+
+def test_from_pretrained_loads_gpt2_mask_buffers_and_a_stored_copy_of_the_tied_head(tmp_path):
+    """What GPT-2 checkpoints legitimately hold beyond the weights: attn.bias / attn.masked_bias (the causal mask
+    older transformers saved) and an lm_head.weight equal to wte under tie_word_embeddings."""
+    model = gpt()
+    tensors = load_file(gpt2_dir(tmp_path) + "/model.safetensors")
+    tensors["lm_head.weight"] = tensors["transformer.wte.weight"].clone()
+    tensors.update({f"h.{i}.attn.bias": torch.ones(1, 1, 32, 32).tril() for i in range(CFG.n_layer)})
+    tensors["h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    assert torch.equal(GPT.from_pretrained(tmp_path).eval()(IDX)[0], model(IDX)[0])
+    tensors["h.2.attn.bias"] = torch.ones(1, 1, 32, 32).tril()  # a mask buffer of a layer the config lacks
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"no place for.*h\.2\.attn\.bias"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_tokenizers_agree_on_ids_they_cannot_decode(tmp_path):
+    """ByteTokenizer and an HF tokenizer.json refuse the same kinds of ids; ints of any kind still decode."""
+    byte, hf = ByteTokenizer(), hf_tokenizer(tmp_path)
+    for tok in (byte, hf):
+        for bad, error in (([tok.vocab_size], ValueError), ([-1], ValueError), ([1.0], TypeError), ([True], TypeError)):
+            with pytest.raises(error, match="token id"):
+                tok.decode(bad)
+    assert byte.decode(torch.tensor([104, 105])) == byte.decode([104, 105]) == "hi"
+    assert hf.decode(torch.tensor([0])) == hf.decode([0]) == "a"
+
+
+def test_cli_generate_says_when_max_new_tokens_is_cut(tmp_path, capsys):
+    torch.manual_seed(0)
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=260, block_size=16)).save_pretrained(tmp_path)
+    assert cli.main(["generate", "--base", str(tmp_path), "--device", "cpu", "hello", "--max-new-tokens", "500"]) == 0
+    assert "--max-new-tokens 500 cut to 10" in capsys.readouterr().err

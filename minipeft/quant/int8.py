@@ -21,7 +21,7 @@ import torch
 from minipeft import kernels
 from minipeft.kernels.int8_reference import rowwise_int8
 
-from .nf4 import _FLOAT_DTYPES, _check_out_dtype, _check_statistics, _check_weight
+from .nf4 import _FLOAT_DTYPES, _check_count, _check_out_dtype, _check_statistics, _check_weight
 
 __all__ = ["Int8Weight", "quantize_int8", "dequantize_int8", "int8_nbytes", "rowwise_int8"]
 
@@ -55,6 +55,8 @@ class Int8Weight:
 
 def int8_nbytes(out_features: int, in_features: int) -> int:
     """Bytes ``quantize_int8`` produces for an ``(out_features, in_features)`` weight, without building it."""
+    _check_count(out_features, "out_features")
+    _check_count(in_features, "in_features")
     return out_features * in_features + 4 * out_features
 
 

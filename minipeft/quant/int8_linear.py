@@ -23,7 +23,7 @@ from minipeft import kernels
 from minipeft.checks import is_finite, shown
 
 from .int8 import Int8Weight, quantize_int8
-from .nf4 import _FLOAT_DTYPES, _check_out_dtype
+from .nf4 import _FLOAT_DTYPES, _check_bias, _check_out_dtype
 from .quantized_linear import QuantizedLinear
 
 __all__ = ["Int8Linear"]
@@ -74,9 +74,11 @@ class Int8Linear(QuantizedLinear):
     def from_linear(cls, linear: nn.Linear, threshold: float = DEFAULT_THRESHOLD) -> Int8Linear:
         """Quantize ``linear.weight`` (on its device) and keep a frozen copy of its bias.
 
-        Raises ValueError where ``quantize_int8`` does (NaN/inf in the weight), naming ``linear.weight``.
+        Raises ValueError where ``quantize_int8`` does (NaN/inf in the weight), naming ``linear.weight``, and for
+        NaN/inf in ``linear.bias``.
         """
         w = linear.weight.detach()
+        _check_bias(linear.bias, "linear.bias")
         q = quantize_int8(w, name="linear.weight")
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, threshold=threshold,
                     weight_dtype=w.dtype, device=w.device)  # fmt: skip

@@ -26,6 +26,7 @@ from .nf4 import (
     _FLOAT_DTYPES,
     DQ_BLOCKSIZE,
     NF4Weight,
+    _check_bias,
     _check_blocksize,
     _check_double_quant_flag,
     _check_out_dtype,
@@ -102,10 +103,12 @@ class NF4Linear(QuantizedLinear):
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> NF4Linear:
         """Quantize ``linear.weight`` (on its device) and keep a frozen copy of its bias.
 
-        Raises ValueError where ``quantize_nf4`` does (NaN/inf in the weight, ...), naming ``linear.weight``;
+        Raises ValueError where ``quantize_nf4`` does (NaN/inf in the weight, ...), naming ``linear.weight``,
+        and for NaN/inf in ``linear.bias``;
         TypeError for a ``double_quant`` that is not a bool.
         """
         w = linear.weight.detach()
+        _check_bias(linear.bias, "linear.bias")
         q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant, name="linear.weight")
         layer = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None, blocksize=blocksize,
@@ -305,6 +308,7 @@ def quantize_model(
                 _check_quantizable(linear.weight, blocksize, double_quant, name=f"{raw}.weight")
             else:
                 _check_int8_quantizable(linear.weight, name=f"{raw}.weight")
+            _check_bias(linear.bias, f"{raw}.bias")
         except ValueError as e:
             raise ValueError(f"{e} (quantize_model changed nothing: the model is as it was)") from None
     for raw, linear in todo:
@@ -340,6 +344,7 @@ def weight_bytes_report(model: nn.Module, blocksize: int = 64) -> dict[str, int]
     Returns: ``{"fp32", "bf16", "int8", "nf4", "nf4_dq"}`` in bytes, plus ``"params"`` (all weights) and
     ``"quantized_params"`` (those quantized).
     """
+    _check_blocksize(blocksize)  # before any layer: a model with none would accept any blocksize
     quantized = {name: (out, inp) for name, out, inp in _weights_to_quantize(model)}
     n_quantized = sum(out * inp for out, inp in quantized.values())
     n_other = sum(p.numel() for p in model.parameters())  # named_parameters() dedups tied weights

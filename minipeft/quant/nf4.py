@@ -164,6 +164,8 @@ class NF4Weight:
 
 def nf4_nbytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
     """Bytes ``quantize_nf4`` produces for ``numel`` weights, without building them (for size reports)."""
+    _check_count(numel, "numel")
+    _check_blocksize(blocksize)
     _check_double_quant_flag(double_quant)
     n_blocks = -(-numel // blocksize)
     codes = (numel + 1) // 2
@@ -180,6 +182,22 @@ def _check_weight(w: torch.Tensor, name: str = "w") -> None:
         raise ValueError(f"{name} must be float32, bfloat16 or float16, got {w.dtype} (convert it first: .float())")
     if w.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(w.shape)}); there is nothing to quantize")
+
+
+def _check_count(value: int, name: str) -> None:
+    """A size (a number of weights, rows or columns): an int >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 0, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value}")
+
+
+def _check_bias(bias: torch.Tensor | None, name: str) -> None:
+    """A Linear's bias, which a quantized layer keeps as it is: finite (one NaN would make its output NaN)."""
+    if bias is not None and not torch.isfinite(bias.detach()).all():
+        n_bad = int((~torch.isfinite(bias.detach())).sum())
+        raise ValueError(f"{name} contains NaN or inf ({n_bad} of {bias.numel()} values); the quantized layer would "
+                         "keep it and compute NaN")
 
 
 def _check_blocksize(blocksize: int, name: str = "blocksize") -> None:

@@ -49,8 +49,12 @@ def merge_and_requantize(
         model does not, so ``dense_max_abs`` is not ~0 there.
 
     Raises:
+        TypeError: peft_model is not a PeftModel (a plain GPT has no adapters to merge).
         ValueError: no LoRA layer of the model has a quantized base (use merge_and_unload).
     """
+    if not (hasattr(peft_model, "base_model") and hasattr(peft_model, "merge_and_unload")):  # a PeftModel's
+        raise TypeError(f"peft_model must be a PeftModel (get_peft_model(quantize_model(base), LoraConfig(...))), "
+                        f"got {type(peft_model).__name__}")
     requantize = {}  # name -> how to quantize its merged nn.Linear again, as its base was
     for name, _raw, layer in named_layers(peft_model.base_model):
         base = layer._modules.get("base_layer")

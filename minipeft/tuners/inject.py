@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import numbers
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -58,7 +57,7 @@ import torch.nn as nn
 
 from minipeft import quant
 from minipeft.checkpoint import check_output_dir
-from minipeft.checks import is_finite, shown
+from minipeft.checks import finite_real
 from minipeft.targets import (
     find_target_modules,
     is_linear_like,
@@ -526,6 +525,8 @@ class PeftModel(nn.Module):
         (each row sums to 1). `average=True` gives the mean over batch and positions instead, (N,) per sublayer
         (padding positions included: pass an unpadded batch, or mask the raw tensors yourself). The default
         fusion is the one in the active composition. The paper's plots are these averages, layer by layer."""
+        if not isinstance(average, bool):  # "no" would be truthy
+            raise TypeError(f"average must be True or False, got {type(average).__name__} {average!r}")
         fuse = self._active_fuse(adapter_names, "fusion_attention")
         out = {}
         for clean, _r, layer in self._bottleneck_layers():
@@ -542,6 +543,7 @@ class PeftModel(nn.Module):
         """The library's regulariser of dynamic AdapterFusion, weight·Σ‖W_V − I‖²_F over the fusion's layers
         (weight 0.01 as there; default fusion: the active one). Add it to the loss while training the fusion; it
         keeps the value matrices near the identity they start from. 0 for a static fusion (no W_V)."""
+        weight = finite_real(weight, "weight")
         fuse = self._active_fuse(adapter_names, "fusion_regularization_loss")
         params = self._fusion_parameters(fuse.name)
         values = [p for k, p in params.items() if k.endswith("fusion_value.weight")]
@@ -969,47 +971,55 @@ class PeftModel(nn.Module):
         transformers GPT-2; an input method is written folded: a re-parametrised prompt or prefix evaluated
         once). See minipeft/tuners/io.py for both formats.
         """
+        config, tensors = self._adapter_to_save(adapter_name, format, base_model_name_or_path)
+        io.write_adapter(directory, config, tensors, format, base_model_name_or_path)
+
+    def _adapter_to_save(self, adapter_name: str, format: str,
+                         base_model_name_or_path: str | None) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+        """(config, tensors) that save_adapter writes for `adapter_name`, every argument and tensor checked."""
         self._check_name(adapter_name)
         config = self.peft_config[adapter_name]
-        io.check_format(config, format)
+        io.check_format(config, format, base_model_name_or_path)
         if format == "peft" and adapter_name in self.prompt_encoders:
             tensors = dict(self.prompt_encoders[adapter_name].fold().state_dict())
         else:
             tensors = self.adapter_state_dict(adapter_name)
         _check_finite_to_save(tensors, f"adapter {adapter_name!r}")
-        io.write_adapter(directory, config, tensors, format, base_model_name_or_path)
+        return config, tensors
 
-    def save_pretrained(self, directory: str | Path, **kwargs: Any) -> None:
+    def save_pretrained(self, directory: str | Path, format: str = "minipeft",
+                        base_model_name_or_path: str | None = None) -> None:
         """Save every adapter, as HF peft lays them out: "default" in `directory` itself, each other adapter
         in `directory/<name>/` (the same two files `save_adapter` writes). The frozen base is not saved.
-        Keyword arguments (`format=`, …) go to `save_adapter`.
+        `format` and `base_model_name_or_path` are `save_adapter`'s, for every adapter.
 
         Fusions go to `directory/<a,b>/` (save_adapter_fusion). When what is saved is more than "default" alone
         and active (other adapters active, a composition, a fusion, nothing active), adapter_composition.json,
         written last, records the adapters, the fusions and the active composition, and `from_pretrained`
         restores all of them; otherwise a stale one is removed (io.py).
 
-        Everything is checked before anything is written (every adapter's format, every tensor finite), and an
-        earlier save's adapter_composition.json goes first: a save that fails part way leaves no composition
+        Everything is checked before anything is written or removed (every argument, every adapter's format,
+        every tensor finite: a refused save leaves the directory as it was). Then an earlier save's
+        adapter_composition.json goes first: a save that fails part way (a full disk) leaves no composition
         that would pair new adapters with an earlier save's.
 
         Raises:
             ValueError: no adapters (after `unload` or `merge_and_unload`), a format an adapter cannot be
-                written in, or a tensor holding NaN or inf (named).
+                written in, base_model_name_or_path with the minipeft format, or a tensor holding NaN or inf
+                (named).
+            TypeError: a keyword save_pretrained does not have (a typo), a base_model_name_or_path not a str.
         """
         if not self.peft_config:
             raise ValueError("there are no adapters to save: this PeftModel's adapters were unloaded or merged "
                              "into the base (save the returned base model with save_pretrained instead)")
         check_output_dir(directory, label="directory")
-        for name, config in self.peft_config.items():
-            io.check_format(config, kwargs.get("format", "minipeft"))
-            _check_finite_to_save(self.adapter_state_dict(name), f"adapter {name!r}")
+        to_write = {name: self._adapter_to_save(name, format, base_model_name_or_path) for name in self.peft_config}
         for fusion in self.adapter_fusions:
             _check_finite_to_save({k: p.detach() for k, p in self._fusion_parameters(fusion).items()},
                                   f"fusion {fusion}")
         io.remove_composition(directory)
-        for name in self.peft_config:
-            self.save_adapter(Path(directory) / io.subdirectory(name), name, **kwargs)
+        for name, (config, tensors) in to_write.items():
+            io.write_adapter(Path(directory) / io.subdirectory(name), config, tensors, format, base_model_name_or_path)
         fusions = self.adapter_fusions
         for fusion in fusions:
             self.save_adapter_fusion(Path(directory) / io.subdirectory(fusion), fusion)
@@ -1190,13 +1200,7 @@ def _check_finite_to_save(tensors: dict[str, torch.Tensor], owner: str) -> None:
 
 def _finite_weight(i: int, w: Any) -> float:
     """weights[i] of add_weighted_adapter as a float: a real number (a Python or numpy scalar, a 0-d tensor), finite."""
-    if isinstance(w, torch.Tensor) and w.ndim == 0 and w.is_floating_point():
-        w = w.item()
-    if isinstance(w, bool) or not isinstance(w, numbers.Real):
-        raise TypeError(f"weights[{i}] must be a real number, got {type(w).__name__} {w!r}")
-    if not is_finite(w):
-        raise ValueError(f"weights[{i}] must be finite, got {shown(w)}")
-    return float(w)
+    return finite_real(w, f"weights[{i}]")
 
 
 def _creation_config(config: PeftConfig) -> PeftConfig:

@@ -158,16 +158,25 @@ _PEFT_LORA_INITS_ON_AN_UNCHANGED_BASE = (True, False, "gaussian", "eva", "orthog
 
 
 # ---------------------------------------------------------------------------------------------- saving
-def check_format(config: PeftConfig, format: str) -> None:
+def check_format(config: PeftConfig, format: str, base_model_name_or_path: str | None = None) -> None:
     """ValueError unless an adapter of `config`'s method can be written in `format` ("minipeft": every method;
-    "peft": the methods HF peft has, so not the bottleneck adapters). Callers that train before they save
-    ask first."""
+    "peft": the methods HF peft has, so not the bottleneck adapters), with `base_model_name_or_path` (a str,
+    for "peft" only). Callers that train before they save ask first."""
+    if not isinstance(config, PeftConfig):
+        raise TypeError(f"config must be a PeftConfig (LoraConfig, …), got {type(config).__name__}; a dict from "
+                        "adapter_config.json becomes one with PeftConfig.from_dict")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if format == "peft" and not isinstance(config, (LoraConfig, PrefixTuningConfig, PromptTuningConfig,
                                                      PTuningConfig)):
         raise ValueError(f"this is a {config.method!r} adapter, which HF peft has no format for (peft-format "
                          f"export covers lora, prompt, ptuning and prefix); save it with format='minipeft'")
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise TypeError(f"base_model_name_or_path must be a str (a local directory or a Hub id) or None, got "
+                        f"{type(base_model_name_or_path).__name__} {base_model_name_or_path!r}")
+    if format == "minipeft" and base_model_name_or_path is not None:
+        raise ValueError("base_model_name_or_path is written in peft-format files only (format='peft'); the "
+                         "minipeft format records the base by its fingerprint")
 
 
 def write_adapter(
@@ -192,13 +201,13 @@ def write_adapter(
             a Hub id); minipeft does not know where its base came from, so it is None unless given.
 
     Raises:
-        ValueError: an unknown format, a method that HF peft does not have (bottleneck), or
-            base_model_name_or_path with the minipeft format.
+        TypeError: a config that is not a PeftConfig, tensors that are not a dict of tensors.
+        ValueError: an unknown format, a method that HF peft does not have (bottleneck),
+            base_model_name_or_path with the minipeft format, a config without its base_model fingerprint
+            (no load would accept the files), or a tensor holding NaN or inf. Nothing is written then.
     """
-    check_format(config, format)
-    if format == "minipeft" and base_model_name_or_path is not None:
-        raise ValueError("base_model_name_or_path is written in peft-format files only (format='peft'); the "
-                         "minipeft format records the base by its fingerprint")
+    check_format(config, format, base_model_name_or_path)
+    _check_to_write(config.base_model, tensors, "write_adapter")
     if format == "peft":
         file_config, tensors = _to_peft(config, tensors)
         file_config["base_model_name_or_path"] = base_model_name_or_path
@@ -206,6 +215,21 @@ def write_adapter(
     else:
         file_config, metadata = config.to_dict(), {"format": "pt"}
     _write_as_one_save(Path(directory), tensors, metadata, file_config, (WEIGHTS_NAME, CONFIG_NAME, MANIFEST_NAME))
+
+
+def _check_to_write(base_model: dict[str, Any] | None, tensors: Any, what: str) -> None:
+    """What write_adapter and write_fusion refuse before they write: a config without the base fingerprint that
+    loading checks, tensors that are not a dict of tensors or that hold NaN or inf (no load accepts them)."""
+    if base_model is None:
+        raise ValueError(f"{what}: config.base_model is None; files are saved with the fingerprint of their base "
+                         "(GPTConfig.to_dict()), which loading checks (PeftModel.save_adapter sets it)")
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise TypeError(f"{what}: tensors must be a dict of name → torch.Tensor, got {type(tensors).__name__}")
+    for key, value in tensors.items():
+        bad = int((~torch.isfinite(value)).sum()) if value.is_floating_point() else 0
+        if bad:
+            raise ValueError(f"{what}: tensor {key!r} holds NaN or inf ({bad} of {value.numel()} entries); nothing "
+                             "was written")
 
 
 def _write_as_one_save(directory: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
@@ -255,8 +279,9 @@ def _to_peft(config: PeftConfig, tensors: dict[str, torch.Tensor]) -> tuple[dict
 def write_fusion(directory: str | Path, config: AdapterFusionConfig, tensors: dict[str, torch.Tensor]) -> None:
     """Write one AdapterFusion layer set: adapter_fusion.safetensors, adapter_fusion_config.json, then the
     manifest adapter_fusion_manifest.json (the module docstring). `config.base_model` must be set."""
-    if config.base_model is None:
-        raise ValueError("an adapter fusion is saved with its base fingerprint; config.base_model is None")
+    if not isinstance(config, AdapterFusionConfig):
+        raise TypeError(f"config must be an AdapterFusionConfig, got {type(config).__name__}")
+    _check_to_write(config.base_model, tensors, "write_fusion")
     _write_as_one_save(Path(directory), tensors, {"format": "pt"}, config.to_dict(),
                        (FUSION_WEIGHTS_NAME, FUSION_CONFIG_NAME, FUSION_MANIFEST_NAME))
 

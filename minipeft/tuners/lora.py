@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minipeft import kernels
+from minipeft.checks import finite_real
 from minipeft.targets import is_linear_like
 from minipeft.tuners import mixed_batch
 from minipeft.tuners.composition import Average
@@ -452,6 +453,15 @@ def combine_lora(
 
     An adapter that does not touch the layer is passed as zeros of its rank: it adds nothing either way.
     """
+    if combination_type not in COMBINATION_TYPES:
+        raise ValueError(f"combination_type must be one of {COMBINATION_TYPES}, got {combination_type!r}")
+    for name, value in (("factors", factors), ("weights", weights)):
+        if not isinstance(value, list | tuple):
+            raise TypeError(f"{name} must be a list, one entry per adapter, got {type(value).__name__}")
+    if not factors or len(weights) != len(factors):
+        raise ValueError(f"factors and weights must hold one entry per adapter (at least one), got {len(factors)} "
+                         f"factors and {len(weights)} weights")
+    weights = [finite_real(w, f"weights[{i}]") for i, w in enumerate(weights)]
     if combination_type == "cat":
         A = torch.cat([a for a, _, _ in factors], dim=0)  # (Σr, in)
         B = torch.cat([(w * s) * b for (_, b, s), w in zip(factors, weights, strict=True)], dim=1)  # (out, Σr)
@@ -462,5 +472,4 @@ def combine_lora(
             c = abs(w * s) ** 0.5
             A += (c if w * s >= 0 else -c) * a
             B += c * b
-        return A, B
-    raise ValueError(f"combination_type must be one of {COMBINATION_TYPES}, got {combination_type!r}")
+    return A, B
