@@ -21,10 +21,10 @@ A backend name is a promise:
     reference's ops, cuBLAS routes, a merged-weight cache or the Triton kernels; its docstring has the table;
     while torch.compile traces, the choice uses shapes only: a training call of at least 1024 rows takes the
     Triton op, or from 4096 rows, in fp16/bf16 without dropout and at most 3072 features wide, the merged weight
-    rebuilt per call, with cuBLAS GEMMs and the Triton passes for the LoRA gradients). ``lora_route`` says
-    which route a call with given arguments takes. Everywhere else (CPU tensors, interpreter or not; float64;
-    no Triton; a call with a tensor that spans, or an output or workspace that holds, 2**31 elements or more,
-    past the kernels' 32-bit offsets) the reference.
+    built per call by one Triton pass over W, with cuBLAS GEMMs and the Triton passes for the LoRA gradients).
+    ``lora_route`` says which route a call with given arguments takes. Everywhere else (CPU tensors, interpreter
+    or not; float64; no Triton; a call with a tensor that spans, or an output or workspace that holds, 2**31
+    elements or more, past the kernels' 32-bit offsets) the reference.
 
 Which backend runs, first match wins:
   1. the call's ``backend=``;

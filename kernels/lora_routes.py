@@ -9,7 +9,8 @@ cache (LoRA: https://arxiv.org/abs/2106.09685).
     y = x·Wᵀ + bias + scaling·((x ⊙ mask)·Aᵀ)·Bᵀ
 
 What "auto" runs for CUDA tensors (``choose_path``; "floor" = a frozen layer's forward + dX GEMM; bf16, r = 16;
-benchmarks/RESULTS.md: H200 2026-12-02 and 2026-12-04 at GPT-2 widths, H100 2026-11-24 at K = N = 4096):
+benchmarks/RESULTS.md: H200 2026-12-02 and 2026-12-04 at GPT-2 widths, H100 2026-11-24 at K = N = 4096, the GPT-2
+step's merged_train row H100 2026-12-06):
 
 | the call                                                   | route       | measured                                 |
 |------------------------------------------------------------|-------------|------------------------------------------|
@@ -28,7 +29,7 @@ benchmarks/RESULTS.md: H200 2026-12-02 and 2026-12-04 at GPT-2 widths, H100 2026
 | torch.compile tracing, gradient wanted,                    | "merged_    | GPU time (graphs replay the launches):   |
 | M ≥ MERGED_TRAIN_MIN_ROWS, fp16/bf16, no mask, in and out  | train"      | fwd+bwd 1.36-1.46× floor at M = 7936     |
 | features ≤ MERGED_TRAIN_MAX_WIDTH                          |             | (Triton op 1.44-1.55×), 768 → 768 even;  |
-|                                                            |             | a GPT-2-small step 0.95× the floor (H200)|
+|                                                            |             | a GPT-2-small step 0.97× the floor (H100)|
 | torch.compile tracing, gradient wanted,                    | "triton"    | fwd+bwd 1.44-2.17× floor at GPT-2 widths |
 | M ≥ COMPILED_FUSED_MIN_ROWS, otherwise (a mask, fp32,      | (the op)    | against reference 2.0-2.7×, cublas       |
 | wider layers, fewer rows)                                  |             | 1.75-1.96× (M 4096-16384); 1.09-1.11× at |
@@ -50,8 +51,8 @@ The routes, as plain-Python sketches:
                  backward in one autograd.Function, 5 GEMMs:
                  dS = scaling·dY·B;  dX = dY·W + mask ⊙ (dS·A);  dA = dSᵀ·(x ⊙ mask);  dB = scaling·dYᵀ·S
     "merged":    W' = W + scaling·B·A (cached);  Y = x·W'ᵀ + bias                          # 1 GEMM
-    "merged_train": S = x·Aᵀ (Triton);  W' = W + scaling·B·A (rebuilt per call);  Y = x·W'ᵀ + bias
-                 backward: G, dB, dbias in one pass over dY and dA (Triton);  dX = dY·W' (W' rebuilt)
+    "merged_train": S = x·Aᵀ (Triton);  W' = W + scaling·B·A (built per call);  Y = x·W'ᵀ + bias
+                 backward: G, dB, dbias in one pass over dY and dA (Triton);  dX = dY·W' (the forward's W')
     "fused", "fused_tma": the Triton kernels of kernels/lora_triton.py (pointer / TMA GEMM).
 
 "merged" and "merged_train" round W + scaling·B·A to the dtype once (fp32 inside cuBLAS), so their outputs differ
@@ -67,7 +68,7 @@ import os
 import torch
 import torch.utils.weak
 
-from . import lora_triton, reference
+from . import lora_merge_triton, lora_triton, reference
 from .limits import OFFSET_LIMIT, span
 from .triton_interpreter import INTERPRETING
 from .versions import version
@@ -92,14 +93,15 @@ FUSED_MIN_ROWS = 8192
 # the floor at 768 → 2304; RESULTS.md keeps the reference's 3.73×); 1024 sits between the measured rows.
 COMPILED_FUSED_MIN_ROWS = 1024
 
-# Under torch.compile a 16-bit training call without a dropout mask trains on the merged weight rebuilt per call
+# Under torch.compile a 16-bit training call without a dropout mask trains on the merged weight built per call
 # ("merged_train": both base GEMMs on cuBLAS) for layers up to this width, the Triton op above it. Measured on
 # the H200 (2026-12-04, M = 7936, bf16, r = 16; forward + backward GPU time × the frozen floor, merged_train vs
 # the Triton op, two rounds): 768 → 2304 1.45-1.46 vs 1.55; 768 → 3072 1.36-1.37 vs 1.44-1.47; 3072 → 768 1.42
 # vs 1.46-1.47; 768 → 768 1.93-1.97 vs 1.92-1.95 (even); 4096 → 4096 1.13-1.15 vs 1.09-1.11: there Triton's
-# GEMM runs at cuBLAS speed and the merge reads and writes W (32 MB) twice per step.
+# GEMM runs at cuBLAS speed and the merge reads and writes W (32 MB) twice per step. (Measured with W' built twice
+# a step by cuBLAS's addmm; since 2026-12-06 it is built once, by a Triton pass twice as fast: not measured again.)
 MERGED_TRAIN_MAX_WIDTH = 3072
-# ... and from this many rows on: rebuilding W' costs the same at every M, the GEMM time it saves shrinks with M.
+# ... and from this many rows on: building W' costs the same at every M, the GEMM time it saves shrinks with M.
 # Measured on the H200 (2026-12-04 21:45, same setup, two rounds; the four widths of a GPT-2 block, 768 → 2304,
 # 768 → 768, 768 → 3072, 3072 → 768), merged_train vs the Triton op:
 #   M = 1024: 2.70-2.77 vs 2.33-2.34, 3.54-3.55 vs 2.86-2.90, 2.46-2.58 vs 2.09-2.18, 2.97-2.99 vs 2.48-2.50
@@ -291,11 +293,11 @@ class _CublasLoRAFunction(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------------------
-# "merged_train": training on W' = W + scaling·B·A, rebuilt on every call (never cached: A and B change every
+# "merged_train": training on W' = W + scaling·B·A, built on every call (never cached: A and B change every
 # step), so both base GEMMs are cuBLAS's own; the LoRA gradients come from the Triton thin passes.
 #
-#     forward:   S = x·Aᵀ (Triton shrink);  W' = W + scaling·B·A (one cuBLAS addmm);  Y = x·W'ᵀ + bias
-#     backward:  G, dB, dbias from one pass over dY (Triton);  dX = dY·W' (W' rebuilt, cuBLAS);
+#     forward:   S = x·Aᵀ (Triton shrink);  W' = W + scaling·B·A (one Triton pass);  Y = x·W'ᵀ + bias (cuBLAS)
+#     backward:  G, dB, dbias from one pass over dY (Triton);  dX = dY·W' (the forward's W', cuBLAS);
 #                dA = scaling·Gᵀ·x (Triton)
 #
 # Exact algebra, dY·W' = dY·W + scaling·(dY·B)·A; the only difference from the fused kernels is where W' is
@@ -303,37 +305,46 @@ class _CublasLoRAFunction(torch.autograd.Function):
 # weight, an error of the size of the GEMM's own rounding of Y). No dropout mask: with one, x ⊙ mask feeds the
 # low-rank branch only and the weights cannot be merged. Why it exists: at GPT-2's widths Triton's GEMM runs
 # 1.1-1.3× cuBLAS's and a fused step loses that twice per layer (RESULTS.md, "A LoRA training step, kernel by
-# kernel"); rebuilding W' costs a read and a write of W (3.5 MB at 768 × 2304), twice per step.
+# kernel"); building W' costs a read and a write of W (3.5 MB at 768 × 2304). The backward multiplies by the
+# forward's W', saved for it, rather than building it again: one weight-sized tensor per layer more between the
+# forward and the backward (0.16 GiB at GPT-2 small), one read and write of W per layer less. An H100 step
+# (2026-12-06, with dS/dB's `tl.assume`, two processes of each variant, 3 rounds each) went 0.937× → 0.946× the
+# frozen floor by the median of per-round ratios, peak 3.03 → 3.19 GiB (RESULTS.md).
 # --------------------------------------------------------------------------------------------------------
 def _merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """W + scaling·B·A (N, K): fp32 accumulation inside one cuBLAS call, one rounding to W's dtype."""
-    return torch.addmm(weight, lora_B, lora_A, alpha=scaling)
+    """W + scaling·B·A (N, K): fp32 products and sums, one rounding to W's dtype, one pass over W
+    (kernels/lora_merge_triton.py; its reference is ``torch.addmm(W, B, A, alpha=scaling)``)."""
+    return lora_merge_triton.merge(weight, lora_A, lora_B, scaling)
 
 
 @torch.library.custom_op("minipeft::lora_linear_merged_train", mutates_args=())
 def merged_train_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
     scaling: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Y (..., N), S (M, r)): S is kept for the backward's dB = scaling·dYᵀ·S. The inputs share one dtype
-    (``kernels.lora_linear`` checks it), and an enclosing autocast does not recast them in here."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Y (..., N), S (M, r), W' (N, K)): S is kept for the backward's dB = scaling·dYᵀ·S, W' for its dX = dY·W'.
+    The inputs share one dtype (``kernels.lora_linear`` checks it), and an enclosing autocast does not recast
+    them in here."""
     with torch.autocast(x.device.type, enabled=False), torch.cuda.device_of(x):  # launch on x's GPU
         s = lora_triton.shrink(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), None, lora_A)     # (M, r)
-        return torch.nn.functional.linear(x, _merge(weight, lora_A, lora_B, scaling), bias), s
+        merged = _merge(weight, lora_A, lora_B, scaling)
+        return torch.nn.functional.linear(x, merged, bias), s, merged
 
 
 @merged_train_op.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling):
-    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((math.prod(x.shape[:-1]), lora_A.shape[0]))
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((math.prod(x.shape[:-1]), lora_A.shape[0])),
+            weight.new_empty(weight.shape))
 
 
 @torch.library.custom_op("minipeft::lora_linear_merged_train_backward", mutates_args=())
 def merged_train_backward_op(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    dy: torch.Tensor, x: torch.Tensor, merged: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     s: torch.Tensor, scaling: float, need_x: bool, need_A: bool, need_B: bool, need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dA, dB, dbias); each one not asked for comes back empty (an op cannot return None)."""
-    N, K = weight.shape
+    """(dx, dA, dB, dbias) from the forward's W' (``merged``, N × K) and S; each one not asked for comes back
+    empty (an op cannot return None)."""
+    N, K = merged.shape
     M = math.prod(x.shape[:-1])
     x2d, dy2d = x.reshape(M, K), dy.reshape(M, N)                                     # (M, K), (M, N)
     if span(dy2d) >= OFFSET_LIMIT:  # a slice of a larger gradient: the switch checked M·N (kernels/limits.py)
@@ -342,7 +353,7 @@ def merged_train_backward_op(
     d_x, d_a, d_b, d_bias = empty(), empty(), empty(), empty()
     with torch.autocast(dy.device.type, enabled=False), torch.cuda.device_of(dy):  # launch on dY's GPU
         if need_x:
-            d_x = torch.mm(dy2d, _merge(weight, lora_A, lora_B, scaling)).view(x.shape)
+            d_x = torch.mm(dy2d, merged).view(x.shape)
         if need_A or need_B:
             ws = lora_triton.workspace(M, N, K if need_A else 0, lora_A.shape[0], dy.device)  # one zero fill
             g, d_b, d_bias = lora_triton.dsdb(dy2d, lora_B, s, scaling, need_bias, ws)  # G, dB, dbias
@@ -354,25 +365,25 @@ def merged_train_backward_op(
 
 
 @merged_train_backward_op.register_fake
-def _(dy, x, weight, lora_A, lora_B, s, scaling, need_x, need_A, need_B, need_bias):
+def _(dy, x, merged, lora_A, lora_B, s, scaling, need_x, need_A, need_B, need_bias):
     empty = lambda: dy.new_empty(0)  # noqa: E731
     return (dy.new_empty(x.shape) if need_x else empty(), lora_A.new_empty(lora_A.shape) if need_A else empty(),
             lora_B.new_empty(lora_B.shape) if need_B else empty(),
-            dy.new_empty((weight.shape[0],)) if need_bias else empty())
+            dy.new_empty((merged.shape[0],)) if need_bias else empty())
 
 
 def _merged_train_setup(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1])        # x, W, A, B and S; never W'
+    ctx.save_for_backward(x, output[2], lora_A, lora_B, output[1])        # x, W', A, B and S; not W
     ctx.scaling = scaling
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(output[1], output[2])
 
 
-def _merged_train_grads(ctx, dy, _ds):
-    x, weight, lora_A, lora_B, s = ctx.saved_tensors
+def _merged_train_grads(ctx, dy, _ds, _dw):
+    x, merged, lora_A, lora_B, s = ctx.saved_tensors
     need_x, _, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
     d_x, d_a, d_b, d_bias = torch.ops.minipeft.lora_linear_merged_train_backward(
-        dy, x, weight, lora_A, lora_B, s, ctx.scaling, need_x, need_A, need_B, need_bias)
+        dy, x, merged, lora_A, lora_B, s, ctx.scaling, need_x, need_A, need_B, need_bias)
     keep = lambda t, wanted: t if wanted else None  # noqa: E731
     return keep(d_x, need_x), None, keep(d_bias, need_bias), keep(d_a, need_A), keep(d_b, need_B), None
 
@@ -419,7 +430,7 @@ def lora_linear(
     ``path``: None picks per call (``choose_path``); "fused" (Triton, pointer GEMM), "fused_tma" (Triton, TMA
     GEMM; Hopper), "cublas" (3 cuBLAS GEMMs forward, 5 backward), "merged" (one GEMM on a cached
     W + scaling·B·A; only without a mask and when no gradient is wanted), "merged_train" (training on W'
-    rebuilt per call, the LoRA gradients by the Triton passes; no mask) or "unfused" (the reference's torch
+    built per call, the LoRA gradients by the Triton passes; no mask) or "unfused" (the reference's torch
     ops, autograd backward). "cublas", "merged" and "unfused" also run on CPU tensors; "fused" and
     "merged_train" run wherever the Triton backend does (the interpreter included).
     """

@@ -26,7 +26,7 @@ from tolerances import assert_close, assert_rel_error
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from minipeft import kernels
-from minipeft.kernels import lora_routes, lora_triton, reference
+from minipeft.kernels import lora_merge_triton, lora_routes, lora_triton, reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -192,7 +192,7 @@ def test_path_every_case(M, N, K, r, dtype, path):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M,N,K,r", [(1, 33, 47, 1), (67, 96, 80, 64), (50, 17, 96, 16)])
 def test_merged_train_route(M, N, K, r, dtype):
-    """Training on W' = W + s·B·A rebuilt per call: the reference's output and gradients to one rounding of W'
+    """Training on W' = W + s·B·A built per call: the reference's output and gradients to one rounding of W'
     more (the inference route's tolerance), with and without bias, 3-D and strided x; a mask is refused."""
     for bias, layout in ((False, "3d"), (True, "3d"), (True, "noncontig")):
         inputs, dy = _make_inputs(M, N, K, r, dtype, layout=layout, bias=bias, seed=M + r)
@@ -233,6 +233,33 @@ def test_merged_train_route_compiles_to_one_op():
     want = torch.autograd.grad(f(*leaves.values()), list(leaves.values()), dy)
     for g, w in zip(got, want, strict=True):
         assert_close(g, w)
+
+
+@given(N=st.integers(1, MAX_DIM), K=st.integers(1, MAX_DIM), r=st.sampled_from(RANKS), dtype=st.sampled_from(DTYPES),
+       scaling=st.sampled_from([0.5, 2.0, -1.25]), transposed=st.booleans())
+@example(N=33, K=129, r=33, dtype=torch.float16, scaling=2.0, transposed=True)  # past every tile, rank padded to 64
+def test_merge_kernel_matches_the_formula_and_addmm(N, K, r, dtype, scaling, transposed):
+    """merged_train's W' = W + scaling·B·A (kernels/lora_merge_triton.py) against the formula in float64, rounded once
+    to the dtype, and against its reference ``torch.addmm``; W of any strides, W' contiguous."""
+    g = torch.Generator().manual_seed(N * 1000 + K)
+    w = (torch.randn(K, N, generator=g).t() if transposed else torch.randn(N, K, generator=g)).to(DEVICE, dtype)
+    a = (torch.randn(r, K, generator=g) / r ** 0.5).to(DEVICE, dtype)
+    b = torch.randn(N, r, generator=g).to(DEVICE, dtype)
+    got = lora_merge_triton.merge(w, a, b, scaling)
+    assert got.dtype == dtype and got.shape == (N, K) and got.is_contiguous()
+    want = (w.double() + scaling * (b.double() @ a.double())).to(dtype)
+    assert_close(got, want)
+    assert_close(got, torch.addmm(w.float(), b.float(), a.float(), alpha=scaling).to(dtype))
+
+
+def test_merge_kernel_leaves_w_exact_for_a_fresh_adapter_and_checks_its_inputs():
+    w = torch.randn(70, 45).to(DEVICE, torch.float16)
+    a = torch.randn(4, 45).to(DEVICE, torch.float16)
+    assert torch.equal(lora_merge_triton.merge(w, a, torch.zeros(70, 4, dtype=torch.float16, device=DEVICE), 3.0), w)
+    with pytest.raises(ValueError, match=r"merge: W \(70, 45\).*do not fit"):
+        lora_merge_triton.merge(w, a, torch.zeros(45, 4, dtype=torch.float16, device=DEVICE), 3.0)
+    with pytest.raises(ValueError, match="of one dtype"):
+        lora_merge_triton.merge(w, a.float(), torch.zeros(70, 4, dtype=torch.float16, device=DEVICE), 3.0)
 
 
 def test_merged_train_leaves_a_fresh_adapter_exact():
@@ -677,8 +704,9 @@ def test_merged_train_op_passes_opcheck(layout, bias):
                                    (False, False, False, True)], ids=["all", "A-only", "x-and-B", "bias-only"])
 def test_merged_train_backward_op_passes_opcheck(needs):
     inputs, dy = _make_inputs(7, 9, 11, 3, torch.float32, layout="3d", bias=True, seed=2)
-    _, s = MERGED_OP(*(inputs[k] for k in ("x", "weight", "bias", "lora_A", "lora_B")), 2.0)
-    args = (dy, inputs["x"], inputs["weight"], inputs["lora_A"], inputs["lora_B"], s, 2.0, *needs)
+    _, s, merged = MERGED_OP(*(inputs[k] for k in ("x", "weight", "bias", "lora_A", "lora_B")), 2.0)
+    assert_close(merged, inputs["weight"] + 2.0 * inputs["lora_B"] @ inputs["lora_A"])      # W', kept for dX
+    args = (dy, inputs["x"], merged, inputs["lora_A"], inputs["lora_B"], s, 2.0, *needs)
     torch.library.opcheck(MERGED_BACKWARD_OP, args)
     outs = MERGED_BACKWARD_OP(*args)
     assert [t.numel() > 0 for t in outs] == list(needs)          # a gradient not asked for comes back empty
