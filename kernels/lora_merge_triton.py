@@ -10,7 +10,8 @@ rows of B and columns of A, and writes the tile of W' once.
     for each tile (n, k):                                            # (BN, BK)
         W'[n:n+BN, k:k+BK] = (W[n:n+BN, k:k+BK] + scaling · B[n:n+BN, :] @ A[:, k:k+BK]).to(W.dtype)
 
-Shapes: W (N, K), A (r, K), B (N, r); r is padded with zeros to a power of two ≥ 16 for the tensor cores.
+Shapes: W (N, K), A (r, K), B (N, r); r is padded with zeros to a power of two ≥ 16 for the tensor cores, and
+a rank above 64 is taken in chunks of 64 (so that any rank's tiles fit in shared memory).
 Precision as the reference's: fp32 products and sums (exact products of fp16/bf16 operands; fp32 operands take
 "ieee" dots, as torch's default for fp32 matmuls), one rounding to W's dtype; only the order of the r terms'
 sum may differ from cuBLAS's. With B = 0 (a fresh adapter) W' is W bit for bit.
@@ -39,19 +40,22 @@ def _merge_kernel(
     N, K, R,
     stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br, stride_on, stride_ok,
     scaling,
-    R_PAD: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    R_PAD: tl.constexpr, RC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
-    offs_r = tl.arange(0, R_PAD)
-    in_n, in_k, in_r = offs_n < N, offs_k < K, offs_r < R
-    b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                mask=in_n[:, None] & in_r[None, :], other=0.0)                           # (BN, R_PAD)
-    a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                mask=in_r[:, None] & in_k[None, :], other=0.0)                           # (R_PAD, BK)
+    in_n, in_k = offs_n < N, offs_k < K
+    low = tl.zeros((BN, BK), dtype=tl.float32)
+    for r0 in tl.static_range(0, R_PAD, RC):                  # the rank in chunks of RC: one for r ≤ 64
+        offs_r = r0 + tl.arange(0, RC)
+        in_r = offs_r < R
+        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                    mask=in_n[:, None] & in_r[None, :], other=0.0)                       # (BN, RC)
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=in_r[:, None] & in_k[None, :], other=0.0)                       # (RC, BK)
+        low = tl.dot(b, a, low, input_precision="ieee")                                  # (BN, BK) fp32
     w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                 mask=in_n[:, None] & in_k[None, :], other=0.0)                           # (BN, BK)
-    low = tl.dot(b, a, input_precision="ieee")                                           # (BN, BK) fp32
     merged = w.to(tl.float32) + scaling * low
     tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :] * stride_ok,
              merged.to(out_ptr.dtype.element_ty), mask=in_n[:, None] & in_k[None, :])
@@ -76,6 +80,6 @@ def merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scal
             weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
             lora_B.stride(0), lora_B.stride(1), out.stride(0), out.stride(1),
             scaling,
-            R_PAD=_pad_rank(r), BN=BN, BK=BK, num_warps=4,
+            R_PAD=_pad_rank(r), RC=min(_pad_rank(r), 64), BN=BN, BK=BK, num_warps=4,
         )
     return out

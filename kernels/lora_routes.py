@@ -28,12 +28,15 @@ step's merged_train row H100 2026-12-06):
 | (fp32, before Hopper, other strides)                       |             |                                          |
 | torch.compile tracing, gradient wanted,                    | "merged_    | GPU time (graphs replay the launches):   |
 | M ≥ MERGED_TRAIN_MIN_ROWS, fp16/bf16, no mask, in and out  | train"      | fwd+bwd 1.36-1.46× floor at M = 7936     |
-| features ≤ MERGED_TRAIN_MAX_WIDTH                          |             | (Triton op 1.44-1.55×), 768 → 768 even;  |
+| features ≤ MERGED_TRAIN_MAX_WIDTH                          |             | (Triton op 1.44-1.55×), 768 → 768 even,  |
+|                                                            |             | W' by addmm twice a step (H200); with    |
+|                                                            |             | today's W' (one Triton pass, kept for dX)|
 |                                                            |             | a GPT-2-small step 0.97× the floor (H100)|
 | torch.compile tracing, gradient wanted,                    | "triton"    | fwd+bwd 1.44-2.17× floor at GPT-2 widths |
 | M ≥ COMPILED_FUSED_MIN_ROWS, otherwise (a mask, fp32,      | (the op)    | against reference 2.0-2.7×, cublas       |
 | wider layers, fewer rows)                                  |             | 1.75-1.96× (M 4096-16384); 1.09-1.11× at |
-|                                                            |             | 4096² (merged_train 1.13-1.15×); a step  |
+|                                                            |             | 4096² (merged_train, W' by addmm twice a |
+|                                                            |             | step, 1.13-1.15×); a step                |
 |                                                            |             | 1.11× the reference's (H200)             |
 | torch.compile tracing, otherwise                           | "unfused"   | Inductor fuses the reference's ops       |
 
@@ -55,7 +58,8 @@ The routes, as plain-Python sketches:
                  backward: G, dB, dbias in one pass over dY and dA (Triton);  dX = dY·W' (the forward's W')
     "fused", "fused_tma": the Triton kernels of kernels/lora_triton.py (pointer / TMA GEMM).
 
-"merged" and "merged_train" round W + scaling·B·A to the dtype once (fp32 inside cuBLAS), so their outputs differ
+"merged" and "merged_train" round W + scaling·B·A to the dtype once (fp32 inside cuBLAS for "merged", inside the
+Triton pass of kernels/lora_merge_triton.py for "merged_train"), so their outputs differ
 from the unmerged routes by about one rounding of the weight; "merged_train"'s gradients of A and B are the
 unmerged routes' (its G and S are exact products of dY and x).
 """
@@ -309,7 +313,8 @@ class _CublasLoRAFunction(torch.autograd.Function):
 # forward's W', saved for it, rather than building it again: one weight-sized tensor per layer more between the
 # forward and the backward (0.16 GiB at GPT-2 small), one read and write of W per layer less. An H100 step
 # (2026-12-06, with dS/dB's `tl.assume`, two processes of each variant, 3 rounds each) went 0.937× → 0.946× the
-# frozen floor by the median of per-round ratios, peak 3.03 → 3.19 GiB (RESULTS.md).
+# frozen floor by the median of per-round ratios, peak 3.03 → 3.19 GiB, within the rounds' spread (a later run
+# with it gave 0.937×); what moved the step was building W' in one Triton pass (RESULTS.md, H100 2026-12-06).
 # --------------------------------------------------------------------------------------------------------
 def _merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """W + scaling·B·A (N, K): fp32 products and sums, one rounding to W's dtype, one pass over W

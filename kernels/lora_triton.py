@@ -114,8 +114,8 @@ def _device_info(index: int) -> tuple[int, int, int]:
 
 
 @functools.cache
-def _device_name(index: int | None) -> str:
-    return torch.cuda.get_device_name(index if index is not None else torch.cuda.current_device())
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -586,19 +586,21 @@ class Workspace(NamedTuple):
 # 8.2 for the 8-warp, 4-per-SM tiling before it (8 warps stay for ranks above 64: a (128, R_PAD) fp32 sum).
 DSDB_BM, DSDB_BN, DSDB_WARPS, DSDB_STAGES, DSDB_PER_SM = (16, 32, 4, 1, 4) if INTERPRETING else (64, 128, 4, 3, 2)
 DA_BM, DA_BK, DA_WARPS, DA_PER_SM = (16, 32, 4, 4) if INTERPRETING else (64, 128, 4, 4)
-# An H100 (80GB HBM3) prefers other tiles (a sweep of 48 dS/dB and 42 dA tilings, 2026-12-06, same shapes, GPU
-# time with the workspace's zero fill): dS/dB on 128-row blocks of 16-bit dY, 22.2 / 28.3 / 12.6 µs at N = 2304 /
-# 3072 / 768 against 26.1 / 34.4 / 12.6 with 64 rows; dA at 2 programs per SM, 6.9 / 21.1 µs at K = 768 / 3072
-# against 7.4 / 22.5 at 4. The column blocks (DSDB_BN, DA_BK) stay: the workspace counts them.
-H100_DSDB_BM, H100_DA_PER_SM = 128, 2
+# The H100 80GB HBM3 (SXM) prefers other tiles (a sweep of 48 dS/dB and 42 dA tilings, 2026-12-06, same shapes,
+# GPU time with the workspace's zero fill): dS/dB on 128-row blocks of 16-bit dY, 22.2 / 28.3 µs at N = 2304 / 3072
+# against 26.1 / 34.4 with 64 rows (12.6 either way at 768); dA at 2 programs per SM, 6.9 / 21.1 µs at K = 768 /
+# 3072 against 7.4 / 22.5 at 4. The column blocks (DSDB_BN, DA_BK) stay: the workspace counts them.
+H100_NAME, H100_DSDB_BM, H100_DA_PER_SM = "NVIDIA H100 80GB HBM3", 128, 2
 
 
 def _thin_tiles(device: torch.device, element_size: int, r_pad: int) -> tuple[int, int]:
-    """(rows per dS/dB block, dA's programs per SM) for this GPU, dY's element size and the padded rank. 128 rows
-    are for 16-bit dY and R_PAD ≤ 32 only: of fp32 dY they would ask ~220 KB of shared memory at 3 stages, and a
-    (128, R_PAD) fp32 G of a larger rank would not fit 4 warps' registers beside dB's sum (neither was swept)."""
-    if device.type == "cuda" and not INTERPRETING and "H100" in _device_name(device.index):
-        return (H100_DSDB_BM if element_size <= 2 and r_pad <= 32 else DSDB_BM), H100_DA_PER_SM
+    """(rows per dS/dB block, dA's programs per SM) for this GPU, dY's element size and the padded rank. The
+    H100's 128 rows only where they were measured: 16-bit dY and R_PAD = 16 (fp32 dY at 3 stages would ask ~250 KB
+    of shared memory, and a (128, R_PAD) fp32 G of a larger rank would crowd 4 warps' registers beside dB's sum)."""
+    if device.type == "cuda" and not INTERPRETING:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if _device_name(index) == H100_NAME:
+            return (H100_DSDB_BM if element_size <= 2 and r_pad <= 16 else DSDB_BM), H100_DA_PER_SM
     return DSDB_BM, DA_PER_SM
 
 
