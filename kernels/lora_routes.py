@@ -220,7 +220,7 @@ def _merged_weight(weight, lora_A, lora_B, scaling: float, force: bool) -> torch
         if not force:
             return None
         with torch.no_grad():
-            return _merge(weight, lora_A, lora_B, scaling)
+            return _addmm_merge(weight, lora_A, lora_B, scaling)
     entry = _MERGED.get(weight)
     if _seen(entry, state, lora_A, lora_B):
         if entry.merged is not None:
@@ -239,9 +239,14 @@ def _merged_weight(weight, lora_A, lora_B, scaling: float, force: bool) -> torch
     if not force and not _fits(weight):  # counted here, on a rebuild only
         return None
     with torch.no_grad():
-        # fp32 accumulation of B·A and W in one cuBLAS call, one rounding to W's dtype: (N, r)·(r, K) + (N, K)
-        entry.merged = torch.addmm(weight, lora_B, lora_A, alpha=scaling).detach()
+        entry.merged = _addmm_merge(weight, lora_A, lora_B, scaling).detach()
     return entry.merged
+
+
+def _addmm_merge(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
+    """The "merged" route's W' (built once per adapter state, on any device): fp32 accumulation of B·A and W in
+    one BLAS call, one rounding to W's dtype: (N, r)·(r, K) + (N, K)."""
+    return torch.addmm(weight, lora_B, lora_A, alpha=scaling)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -316,12 +321,6 @@ class _CublasLoRAFunction(torch.autograd.Function):
 # frozen floor by the median of per-round ratios, peak 3.03 → 3.19 GiB, within the rounds' spread (a later run
 # with it gave 0.937×); what moved the step was building W' in one Triton pass (RESULTS.md, H100 2026-12-06).
 # --------------------------------------------------------------------------------------------------------
-def _merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """W + scaling·B·A (N, K): fp32 products and sums, one rounding to W's dtype, one pass over W
-    (kernels/lora_merge_triton.py; its reference is ``torch.addmm(W, B, A, alpha=scaling)``)."""
-    return lora_merge_triton.merge(weight, lora_A, lora_B, scaling)
-
-
 @torch.library.custom_op("minipeft::lora_linear_merged_train", mutates_args=())
 def merged_train_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
@@ -332,7 +331,7 @@ def merged_train_op(
     them in here."""
     with torch.autocast(x.device.type, enabled=False), torch.cuda.device_of(x):  # launch on x's GPU
         s = lora_triton.shrink(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), None, lora_A)     # (M, r)
-        merged = _merge(weight, lora_A, lora_B, scaling)
+        merged = lora_merge_triton.merge(weight, lora_A, lora_B, scaling)   # W' (N, K): one Triton pass over W
         return torch.nn.functional.linear(x, merged, bias), s, merged
 
 

@@ -380,6 +380,27 @@ def test_inference_routes_follow_the_adapter(dtype, layout):
     lora_routes.clear_cache()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_merged_inference_route_builds_w_prime_without_triton(dtype, monkeypatch):
+    """The "merged" inference route runs on CPU tensors too, so its W' comes from one BLAS addmm, cached or (an
+    inference tensor, which has no version to check a cache against) built for the call: never from the Triton
+    merge of the training route, which a CPU without the interpreter could not launch (and bf16 on the interpreter
+    would get wrong)."""
+    def no_triton(*args):
+        raise AssertionError("the merged inference route launched the Triton merge kernel")
+    monkeypatch.setattr(lora_merge_triton, "merge", no_triton)
+    lora_routes.clear_cache()
+    inputs, _ = _make_inputs(9, 20, 24, 4, dtype, layout="3d", bias=True, seed=6, device="cpu")
+    scale = 1.0 if dtype == torch.float32 else 2.0
+    with torch.no_grad():
+        for _ in range(2):                       # the second call with one state builds and caches W'
+            _check(lora_routes.lora_linear(**inputs, scaling=2.0, path="merged"), _forward_ref(inputs), dtype, scale)
+    with torch.inference_mode():                 # no version: W' built for this call alone
+        fresh = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+        _check(lora_routes.lora_linear(**fresh, scaling=2.0, path="merged"), _forward_ref(inputs), dtype, scale)
+    lora_routes.clear_cache()
+
+
 SHAPES_GPU = [(1, 64, 128, 8), (300, 520, 264, 16), (1030, 768, 1024, 64), (4096, 1024, 512, 16)]
 
 
