@@ -9,6 +9,8 @@ Rows, for x (M, K) bf16, an NF4 weight (N, K) with double quantization (blocksiz
     auto              what "auto" runs (nothing here needs a gradient: the fused kernels up to
                       kernels.NF4_FUSED_MAX_ROWS rows, dequant + GEMM above)
     bnb matmul_4bit   bitsandbytes' 4-bit matmul (no LoRA term), when bitsandbytes is installed
+    read the codes    a Triton kernel that only reads the 4-bit codes (K·N/2 bytes) and folds them into one word
+                      per program: the least any NF4 forward must move, so the floor under the fused row
 Two timers, side by side (the ones of benchmarks/lora_kernel.py):
     GPU   ``triton.testing.do_bench_cudagraph``: the call replayed from a CUDA graph, the host out of the picture
     host  eager wall time per call, host included: 20 calls back to back, one synchronize, divided by 20 (the
@@ -28,12 +30,28 @@ import statistics
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 from lora_kernel import host_us  # benchmarks/ is not a package: run as a script, its own folder is on sys.path
 from triton.testing import do_bench_cudagraph
 
 from minipeft import kernels
 from minipeft.quant import dequantize_nf4, quantize_nf4
 from minipeft.quant.nf4 import kernel_arguments
+
+
+@triton.jit
+def _read_kernel(words_ptr, out_ptr, n_words, BLOCK: tl.constexpr):
+    """out[program] = the XOR of BLOCK words of the codes: every byte read once, next to nothing computed."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + tl.program_id(0), tl.xor_sum(tl.load(words_ptr + offs, mask=offs < n_words, other=0), 0))
+
+
+def read_codes(codes: torch.Tensor):
+    """A call that reads the packed codes once (as 32-bit words, 2,048 a program of 4 warps)."""
+    words = codes.view(torch.int32)  # K·N/2 bytes: a multiple of 4 for the even K and N measured here
+    grid = (triton.cdiv(words.numel(), 2048),)
+    out = torch.empty(grid[0], device=codes.device, dtype=torch.int32)
+    return lambda: _read_kernel[grid](words, out, words.numel(), BLOCK=2048, num_warps=4)
 
 
 def rows_for(M: int, K: int, N: int, r: int = 16) -> dict:
@@ -68,6 +86,7 @@ def rows_for(M: int, K: int, N: int, r: int = 16) -> dict:
         fns["bnb matmul_4bit"] = lambda: bnb.matmul_4bit(x, packed.t(), quant_state=bnb_state)
     except Exception as e:  # not installed here
         print(f"bitsandbytes row skipped: {type(e).__name__}: {e}")
+    fns["read the codes"] = read_codes(state[0])
     ref = F.linear(x.float(), dequantize_nf4(q, torch.float32)) + 2.0 * (x.float() @ a.float().t()) @ b.float().t()
     err = ((fns["fused"]().float() - ref).norm() / ref.norm()).item()
     return fns, err
