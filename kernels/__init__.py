@@ -66,12 +66,13 @@ from .reference import PackedAdapters
 from .triton_interpreter import INTERPRETING as _INTERPRETING  # TRITON_INTERPRET, read once for the package
 
 try:  # Triton is optional: the reference backend needs torch alone.
-    from . import int8_triton, lora_routes, lora_triton, multi_lora_triton, nf4_lora_triton
+    from . import int8_triton, lora_routes, lora_triton, multi_lora_triton, nf4_lora_triton, nf4_merge_triton
     from .nf4_triton import nf4_dequantize_triton
 
     _TRITON_IMPORT_ERROR: str | None = None
 except Exception as e:  # ImportError, or a Triton that fails at import on this platform
     lora_triton = lora_routes = nf4_lora_triton = multi_lora_triton = int8_triton = None  # type: ignore[assignment]
+    nf4_merge_triton = None  # type: ignore[assignment]
     nf4_dequantize_triton = None  # type: ignore[assignment]
     _TRITON_IMPORT_ERROR = f"triton cannot be imported ({type(e).__name__}: {e})"
 
@@ -937,6 +938,19 @@ def _nf4_fused_pays(x, bias, lora_A, lora_B, in_features: int, blocksize: int) -
             and _triton_unavailable(x.device, x.dtype) is None and _nf4_triton_unavailable(x.device, x.dtype) is None)
 
 
+def _nf4_merged_pays(x, bias, lora_A, lora_B, dropout_mask, out_features: int, in_features: int,
+                     blocksize: int) -> bool:
+    """Whether "auto" runs this QLoRA call on its merged weight: W' = Ŵ + scaling·B·A made from the codes by
+    kernels/nf4_merge_triton.py, then one cuBLAS GEMM. For a call on CUDA without gradients or a dropout mask, of
+    more rows than the fused kernels take, with whole blocks per row and x, A, B (and a bias) of one dtype:
+    the low-rank term's passes over (rows, out) tensors are then gone (benchmarks/RESULTS.md)."""
+    return (x.device.type == "cuda" and dropout_mask is None and x.numel() > NF4_FUSED_MAX_ROWS * in_features
+            and not _needs_grad(x, bias, lora_A, lora_B) and in_features % blocksize == 0
+            and x.dtype == lora_A.dtype == lora_B.dtype and (bias is None or bias.dtype == x.dtype)
+            and _triton_unavailable(x.device, x.dtype) is None and _nf4_triton_unavailable(x.device, x.dtype) is None
+            and _nf4_too_large(out_features * in_features) is None)
+
+
 def _nf4_lora_checked(x, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, bias, out_features,
                       in_features, blocksize, dq_blocksize, lora_A, lora_B, scaling, dropout_mask, backend,
                       where: str) -> str:
@@ -986,8 +1000,9 @@ def nf4_lora_route(
     backend: str | None = None,
 ) -> str:
     """What ``nf4_lora_linear`` with these arguments would run if called now: "triton" (the fused kernels of
-    kernels/nf4_lora_triton.py), "dequantize" (the Triton dequantization, a cuBLAS GEMM and the low-rank term
-    as torch ops: what "auto" runs on CUDA for training and for more than ``NF4_FUSED_MAX_ROWS`` rows) or
+    kernels/nf4_lora_triton.py), "merged" (the merged weight made from the codes, then one cuBLAS GEMM: what
+    "auto" runs on CUDA for more than ``NF4_FUSED_MAX_ROWS`` rows without gradients), "dequantize" (the Triton
+    dequantization, a cuBLAS GEMM and the low-rank term as torch ops: what "auto" runs on CUDA for training) or
     "reference". Whether a gradient is wanted counts, as in the call. Checks the arguments as the call does,
     and raises where an explicit "triton" could not run; runs nothing."""
     name = _nf4_lora_checked(x, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, bias,
@@ -995,6 +1010,9 @@ def nf4_lora_route(
                              dropout_mask, backend, "nf4_lora_route(backend=...)")
     if _nf4_lora_fused(name, x, bias, lora_A, lora_B, dropout_mask, out_features, in_features, blocksize):
         return "triton"
+    if name == "auto" and _nf4_merged_pays(x, bias, lora_A, lora_B, dropout_mask, out_features, in_features,
+                                           blocksize):
+        return "merged"
     route = _nf4_route(name, "nf4_lora_route(backend=...)", x.device, x.dtype, out_features * in_features)
     return "dequantize" if route == "triton" else "reference"
 
@@ -1032,10 +1050,12 @@ def nf4_lora_linear(
                    unless the forward's programs make it). A ValueError says why where it cannot run.
       "auto":      on CUDA, the fused kernels for a call without gradients on at most ``NF4_FUSED_MAX_ROWS``
                    rows (a decode step: the forward kernel reads the 4-bit codes once, where dequantizing
-                   first writes and reads a 16-bit copy of Ŵ); otherwise ``nf4_linear`` with the Triton
-                   dequantization and a cuBLAS GEMM, plus the low-rank term as torch ops (faster from a few
-                   hundred rows on, as in training: benchmarks/RESULTS.md has both on an H200); the reference
-                   elsewhere, and for a weight of 2**31 elements or more (past the kernels' 32-bit offsets).
+                   first writes and reads a 16-bit copy of Ŵ); for more rows without gradients or dropout,
+                   the merged weight Ŵ + scaling·B·A made from the codes in one Triton pass
+                   (kernels/nf4_merge_triton.py, never cached) and one cuBLAS GEMM; otherwise (training)
+                   ``nf4_linear`` with the Triton dequantization and a cuBLAS GEMM, plus the low-rank term as
+                   torch ops (benchmarks/RESULTS.md has the routes timed); the reference elsewhere, and for a
+                   weight of 2**31 elements or more (past the kernels' 32-bit offsets).
                    ``nf4_lora_route`` says which a call takes.
     Gradients reach x, lora_A, lora_B and a bias that requires one; backward keeps the 4-bit state, never Ŵ.
     """
@@ -1047,6 +1067,11 @@ def nf4_lora_linear(
     if fused:
         return nf4_lora_triton.nf4_lora_linear(x, state, bias, lora_A, lora_B, float(scaling), dropout_mask,
                                                out_features, in_features, blocksize, dq_blocksize)
+    if name == "auto" and _nf4_merged_pays(x, bias, lora_A, lora_B, dropout_mask, out_features, in_features,
+                                           blocksize):
+        merged = nf4_merge_triton.nf4_merge_op(*state, out_features, in_features, blocksize, dq_blocksize,
+                                               lora_A, lora_B, float(scaling))
+        return torch.nn.functional.linear(x, merged, bias)
     y = nf4_linear(x, *state, bias, out_features, in_features, blocksize, dq_blocksize, backend=name)
     x_lora = x if dropout_mask is None else x * dropout_mask
     return y + scaling * torch.nn.functional.linear(torch.nn.functional.linear(x_lora, lora_A), lora_B)

@@ -89,3 +89,29 @@ def _dequantize_elementwise(codes, absmax, absmax_scale, absmax_offset, nf4_valu
     byte = codes[i // 2].long()  # elements 2j and 2j+1 share byte j
     nibble = (byte >> (4 * (1 - i % 2))) & 0x0F  # even element: the high nibble
     return (nf4_values[nibble] * a).to(dtype)  # fp32 product, rounded once to dtype
+
+
+# The Triton kernel's wrapper (nf4_merge_triton.nf4_merge_triton) repeats this signature on purpose.
+def nf4_merge_reference(
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax_scale: torch.Tensor | None,
+    absmax_offset: torch.Tensor | None,
+    nf4_values: torch.Tensor,
+    dq_values: torch.Tensor | None,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    dq_blocksize: int,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """A QLoRA layer's merged weight W' = Ŵ + scaling·B·A, (out_features, in_features) in A's dtype.
+
+    Ŵ dequantized in fp32, the rank-r product in fp32, one rounding at the end (LoRA:
+    https://arxiv.org/abs/2106.09685). A (r, in_features), B (out_features, r)."""
+    w = nf4_dequantize_reference(codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values,
+                                 out_features * in_features, blocksize, dq_blocksize, torch.float32)
+    low = lora_B.float() @ lora_A.float()                                          # (out, in)
+    return (w.view(out_features, in_features) + scaling * low).to(lora_A.dtype)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from tolerances import assert_close
 
 from minipeft import GPT, GPTConfig, LoraConfig, get_peft_model, kernels
-from minipeft.kernels import nf4_decode_triton, nf4_lora_triton
+from minipeft.kernels import nf4_decode_triton, nf4_lora_triton, nf4_merge_triton
 from minipeft.quant import dequantize_nf4, quantize_model
 from minipeft.quant.nf4 import kernel_arguments, quantize_nf4
 
@@ -296,11 +296,14 @@ def test_forward_kernel_on_gpu(dtype, rows, split, blocksize, double_quant):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("rows,grad", [(1, False), (16, False), (17, False), (1, True)])
-def test_auto_takes_the_fused_kernels_for_a_few_rows_without_gradients(rows, grad, monkeypatch):
-    calls = []
-    fused = nf4_lora_triton.nf4_lora_linear
+@pytest.mark.parametrize("rows,grad", [(1, False), (16, False), (17, False), (300, False), (1, True), (300, True)])
+def test_auto_routes_a_qlora_forward_by_rows_and_gradients(rows, grad, monkeypatch):
+    """"auto": the fused kernels for a few rows without gradients, the merged weight for more, and the
+    dequantization with the low-rank term as torch ops for training; nf4_lora_route names what runs."""
+    calls, merges = [], []
+    fused, merge = nf4_lora_triton.nf4_lora_linear, nf4_merge_triton.nf4_merge_op
     monkeypatch.setattr(nf4_lora_triton, "nf4_lora_linear", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    monkeypatch.setattr(nf4_merge_triton, "nf4_merge_op", lambda *a, **k: merges.append(1) or merge(*a, **k))
     q, t, dy = _layer(2304, 768, 16, 64, True, torch.bfloat16, seed=rows, lead=(rows,), mask=False)
     if grad:
         t["x"].requires_grad_()
@@ -309,7 +312,9 @@ def test_auto_takes_the_fused_kernels_for_a_few_rows_without_gradients(rows, gra
             t["lora_B"], 2.0)
     route = kernels.nf4_lora_route(*args, backend="auto")
     y = kernels.nf4_lora_linear(*args, backend="auto")
-    assert bool(calls) == (rows <= kernels.NF4_FUSED_MAX_ROWS and not grad)
-    assert route == ("triton" if calls else "dequantize")
+    few = rows <= kernels.NF4_FUSED_MAX_ROWS
+    assert bool(calls) == (few and not grad)
+    assert bool(merges) == (not few and not grad)
+    assert route == ("triton" if calls else "merged" if merges else "dequantize")
     y_ref, _ = _run(q, t, dy, "reference", dtype=torch.float64, wants=("x",))
     _check(y.detach(), y_ref.detach(), torch.bfloat16)
