@@ -7,10 +7,12 @@ Rows, for x (M, K) bf16, an NF4 weight (N, K) with double quantization (blocksiz
     fused             "triton": kernels/nf4_lora_triton.py, the 4-bit codes dequantized inside the GEMM (for at
                       most 4 rows, kernels/nf4_decode_triton.py: matrix-vector products on CUDA cores)
     auto              what "auto" runs (nothing here needs a gradient: the fused kernels up to
-                      kernels.NF4_FUSED_MAX_ROWS rows, dequant + GEMM above)
+                      kernels.NF4_FUSED_MAX_ROWS rows, from kernels.NF4_MERGED_MIN_ROWS on the merged weight
+                      Ŵ + s·B·A made from the codes and one GEMM, dequant + GEMM between)
     bnb matmul_4bit   bitsandbytes' 4-bit matmul (no LoRA term), when bitsandbytes is installed
     read the codes    a Triton kernel that only reads the 4-bit codes (K·N/2 bytes) and folds them into one word
-                      per program: the least any NF4 forward must move, so the floor under the fused row
+                      per program: for a few rows, what an NF4 forward cannot avoid reading (the absmax and x
+                      left out), so the floor under the fused row there
 Two timers, side by side (the ones of benchmarks/lora_kernel.py):
     GPU   ``triton.testing.do_bench_cudagraph``: the call replayed from a CUDA graph, the host out of the picture
     host  eager wall time per call, host included: 20 calls back to back, one synchronize, divided by 20 (the
@@ -48,7 +50,9 @@ def _read_kernel(words_ptr, out_ptr, n_words, BLOCK: tl.constexpr):
 
 def read_codes(codes: torch.Tensor):
     """A call that reads the packed codes once (as 32-bit words, 2,048 a program of 4 warps)."""
-    words = codes.view(torch.int32)  # K·N/2 bytes: a multiple of 4 for the even K and N measured here
+    if codes.numel() % 4:
+        raise ValueError(f"read_codes: {codes.numel()} bytes of codes; needs K·N a multiple of 8 (whole 32-bit words)")
+    words = codes.view(torch.int32)
     grid = (triton.cdiv(words.numel(), 2048),)
     out = torch.empty(grid[0], device=codes.device, dtype=torch.int32)
     return lambda: _read_kernel[grid](words, out, words.numel(), BLOCK=2048, num_warps=4)
@@ -88,8 +92,8 @@ def rows_for(M: int, K: int, N: int, r: int = 16) -> dict:
         print(f"bitsandbytes row skipped: {type(e).__name__}: {e}")
     fns["read the codes"] = read_codes(state[0])
     ref = F.linear(x.float(), dequantize_nf4(q, torch.float32)) + 2.0 * (x.float() @ a.float().t()) @ b.float().t()
-    err = ((fns["fused"]().float() - ref).norm() / ref.norm()).item()
-    return fns, err
+    errors = {n: ((fns[n]().float() - ref).norm() / ref.norm()).item() for n in ("fused", "auto")}
+    return fns, errors
 
 
 def main() -> None:
@@ -125,14 +129,14 @@ def main() -> None:
     print(f"\n{header}\nforward; each row × the bf16 linear of the same round and timer, median over {args.rounds} "
           "rounds (± spread of the ratio between rounds); GPU = CUDA-graph replay, host = eager with the host included")
     print("| M | bf16 linear µs GPU / host | " + " | ".join(f"{n} GPU / host" for n in names[1:])
-          + " | fused rel. error |")
+          + " | fused / auto rel. error |")
     print("|---|---|" + "---|" * len(names))
     for M, t in times.items():
         gpu, host = t["gpu"], t["host"]
         cells = [f"{ratio_cell(gpu[n], gpu['bf16 linear'])} / {ratio_cell(host[n], host['bf16 linear'])}"
                  for n in names[1:]]
         print(f"| {M} | {statistics.median(gpu['bf16 linear']):.1f} / {statistics.median(host['bf16 linear']):.1f} | "
-              + " | ".join(cells) + f" | {errors[M]:.1e} |")
+              + " | ".join(cells) + f" | {errors[M]['fused']:.1e} / {errors[M]['auto']:.1e} |")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .limits import NF4_BLOCKSIZES, OFFSET_LIMIT
 from .lora_triton import _pad_rank
 from .nf4_lora_triton import _nf4_rows
 from .triton_interpreter import INTERPRETING, interpreter_lock
@@ -34,8 +35,9 @@ from .triton_interpreter import INTERPRETING, interpreter_lock
 __all__ = ["nf4_merge_triton", "nf4_merge_op"]
 
 # 32 rows × 128 columns a program, 4 warps: the LoRA merge kernel's tile (kernels/lora_merge_triton.py), within 4% of
-# the best of 9 tilings on an H100 at 4096², 2304 × 768 and 768 × 3072 (benchmarks/RESULTS.md)
-BN, BK = (16, 32) if INTERPRETING else (32, 128)
+# the best of 9 tilings on an H100 at 4096², 2304 × 768 and 768 × 3072 (benchmarks/RESULTS.md). The interpreter's
+# 64 columns still span two blocks of 32 and leave a partial last tile for the tests' small shapes.
+BN, BK = (16, 64) if INTERPRETING else (32, 128)
 NUM_WARPS = 4
 
 
@@ -74,21 +76,24 @@ def nf4_merge_triton(
     dq_blocksize: int, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
 ) -> torch.Tensor:
     """Ŵ + scaling·B·A as a new contiguous (out_features, in_features) tensor of A's dtype. The NF4 state as the
-    kernels take it (flat, contiguous: ``minipeft.quant.nf4.kernel_arguments``); in_features a multiple of the
-    blocksize; A (r, in_features) and B (out_features, r) of one dtype."""
+    kernels take it (flat, contiguous: ``minipeft.quant.nf4.kernel_arguments``); a blocksize of
+    ``limits.NF4_BLOCKSIZES`` dividing in_features; fewer than 2**31 weights (32-bit offsets); A (r, in_features)
+    and B (out_features, r) of one dtype."""
     N, K = out_features, in_features
     r = lora_A.shape[0]
-    if K % blocksize or lora_A.shape != (r, K) or lora_B.shape != (N, r) or lora_A.dtype != lora_B.dtype:
+    if (blocksize not in NF4_BLOCKSIZES or K % blocksize or N * K >= OFFSET_LIMIT or lora_A.shape != (r, K)
+            or lora_B.shape != (N, r) or lora_A.dtype != lora_B.dtype):
         raise ValueError(f"nf4_merge_triton: an ({N}, {K}) NF4 weight of blocksize {blocksize}, A "
                          f"{tuple(lora_A.shape)} {lora_A.dtype} and B {tuple(lora_B.shape)} {lora_B.dtype}: needs "
-                         "in_features a multiple of the blocksize and A (r, in), B (out, r) of one dtype")
+                         f"a blocksize of {NF4_BLOCKSIZES} dividing in_features, fewer than 2**31 weights, and "
+                         "A (r, in), B (out, r) of one dtype")
     out = torch.empty((N, K), device=codes.device, dtype=lora_A.dtype)
     if out.numel() == 0:
         return out
     double_quant = absmax_scale is not None
     scale_arg, offset_arg, dq_arg = (absmax_scale, absmax_offset, dq_values) if double_quant else (absmax,) * 3
     r_pad = _pad_rank(max(r, 1))
-    with interpreter_lock():
+    with interpreter_lock(), torch.cuda.device_of(codes):  # on the codes' GPU (Triton launches on the current one)
         _nf4_merge_kernel[(triton.cdiv(N, BN), triton.cdiv(K, BK))](
             codes, absmax, scale_arg, offset_arg, nf4_values, dq_arg, lora_A, lora_B, out,
             N, K, r,

@@ -109,8 +109,9 @@ def nf4_merge_reference(
 ) -> torch.Tensor:
     """A QLoRA layer's merged weight W' = Ŵ + scaling·B·A, (out_features, in_features) in A's dtype.
 
-    Ŵ dequantized in fp32, the rank-r product in fp32, one rounding at the end (LoRA:
-    https://arxiv.org/abs/2106.09685). A (r, in_features), B (out_features, r)."""
+    Ŵ dequantized in fp32, the rank-r product in fp32, one rounding at the end (QLoRA:
+    https://arxiv.org/abs/2305.14314; LoRA's merge: https://arxiv.org/abs/2106.09685). A (r, in_features),
+    B (out_features, r)."""
     w = nf4_dequantize_reference(codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values,
                                  out_features * in_features, blocksize, dq_blocksize, torch.float32)
     low = lora_B.float() @ lora_A.float()                                          # (out, in)

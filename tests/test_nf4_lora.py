@@ -296,25 +296,27 @@ def test_forward_kernel_on_gpu(dtype, rows, split, blocksize, double_quant):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("rows,grad", [(1, False), (16, False), (17, False), (300, False), (1, True), (300, True)])
-def test_auto_routes_a_qlora_forward_by_rows_and_gradients(rows, grad, monkeypatch):
-    """"auto": the fused kernels for a few rows without gradients, the merged weight for more, and the
-    dequantization with the low-rank term as torch ops for training; nf4_lora_route names what runs."""
+@pytest.mark.parametrize("rows,grad,mask", [(1, False, False), (16, False, False), (17, False, False),
+                                            (255, False, False), (256, False, False), (300, False, True),
+                                            (1, True, False), (300, True, False)])
+def test_auto_routes_a_qlora_forward_by_rows_and_gradients(rows, grad, mask, monkeypatch):
+    """"auto": the fused kernels for a few rows without gradients, the merged weight from NF4_MERGED_MIN_ROWS rows
+    on without gradients or dropout, and otherwise the dequantization with the low-rank term as torch ops;
+    nf4_lora_route names what runs."""
     calls, merges = [], []
     fused, merge = nf4_lora_triton.nf4_lora_linear, nf4_merge_triton.nf4_merge_op
     monkeypatch.setattr(nf4_lora_triton, "nf4_lora_linear", lambda *a, **k: calls.append(1) or fused(*a, **k))
     monkeypatch.setattr(nf4_merge_triton, "nf4_merge_op", lambda *a, **k: merges.append(1) or merge(*a, **k))
-    q, t, dy = _layer(2304, 768, 16, 64, True, torch.bfloat16, seed=rows, lead=(rows,), mask=False)
+    q, t, dy = _layer(2304, 768, 16, 64, True, torch.bfloat16, seed=rows, lead=(rows,), mask=mask)
     if grad:
         t["x"].requires_grad_()
     out_f, in_f = q.shape
     args = (t["x"], *kernel_arguments(q), t["bias"], out_f, in_f, q.blocksize, q.dq_blocksize, t["lora_A"],
-            t["lora_B"], 2.0)
+            t["lora_B"], 2.0, t["dropout_mask"])
     route = kernels.nf4_lora_route(*args, backend="auto")
     y = kernels.nf4_lora_linear(*args, backend="auto")
-    few = rows <= kernels.NF4_FUSED_MAX_ROWS
-    assert bool(calls) == (few and not grad)
-    assert bool(merges) == (not few and not grad)
+    assert bool(calls) == (rows <= kernels.NF4_FUSED_MAX_ROWS and not grad and not mask)
+    assert bool(merges) == (rows >= kernels.NF4_MERGED_MIN_ROWS and not grad and not mask)
     assert route == ("triton" if calls else "merged" if merges else "dequantize")
     y_ref, _ = _run(q, t, dy, "reference", dtype=torch.float64, wants=("x",))
     _check(y.detach(), y_ref.detach(), torch.bfloat16)
