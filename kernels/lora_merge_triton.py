@@ -26,12 +26,29 @@ import triton.language as tl
 from .lora_triton import _pad_rank
 from .triton_interpreter import INTERPRETING, interpreter_lock
 
-__all__ = ["merge"]
+__all__ = ["merge", "low_rank_tile"]
 
 # 32 rows × 128 columns of W per program, 4 warps: a tile is 8 KB of bf16 read and written. Measured against addmm
 # and three other tilings in benchmarks/RESULTS.md (section "On an H100, 2026-12-06 07:35-08:05": 2.2-3.5 µs against
 # addmm's 4.4-7.8 at GPT-2 small's four widths).
 BN, BK = (16, 32) if INTERPRETING else (32, 128)
+
+
+@triton.jit
+def low_rank_tile(a_ptr, b_ptr, offs_n, offs_k, in_n, in_k, R, stride_ar, stride_ak, stride_bn, stride_br,
+                  R_PAD: tl.constexpr, RC: tl.constexpr):
+    """B[offs_n, :] @ A[:, offs_k] in fp32, (len(offs_n), len(offs_k)): the rank in chunks of RC (one for r ≤ 64),
+    padded with zeros to R_PAD. Also the NF4 merge's (kernels/nf4_merge_triton.py)."""
+    low = tl.zeros((offs_n.shape[0], offs_k.shape[0]), dtype=tl.float32)
+    for r0 in tl.static_range(0, R_PAD, RC):
+        offs_r = r0 + tl.arange(0, RC)
+        in_r = offs_r < R
+        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                    mask=in_n[:, None] & in_r[None, :], other=0.0)                       # (BN, RC)
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=in_r[:, None] & in_k[None, :], other=0.0)                       # (RC, BK)
+        low = tl.dot(b, a, low, input_precision="ieee")                                  # (BN, BK) fp32
+    return low
 
 
 @triton.jit
@@ -45,15 +62,8 @@ def _merge_kernel(
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
     in_n, in_k = offs_n < N, offs_k < K
-    low = tl.zeros((BN, BK), dtype=tl.float32)
-    for r0 in tl.static_range(0, R_PAD, RC):                  # the rank in chunks of RC: one for r ≤ 64
-        offs_r = r0 + tl.arange(0, RC)
-        in_r = offs_r < R
-        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                    mask=in_n[:, None] & in_r[None, :], other=0.0)                       # (BN, RC)
-        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                    mask=in_r[:, None] & in_k[None, :], other=0.0)                       # (RC, BK)
-        low = tl.dot(b, a, low, input_precision="ieee")                                  # (BN, BK) fp32
+    low = low_rank_tile(a_ptr, b_ptr, offs_n, offs_k, in_n, in_k, R, stride_ar, stride_ak, stride_bn, stride_br,
+                        R_PAD, RC)                                                       # (BN, BK) fp32
     w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                 mask=in_n[:, None] & in_k[None, :], other=0.0)                           # (BN, BK)
     merged = w.to(tl.float32) + scaling * low

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .limits import NF4_BLOCKSIZES, OFFSET_LIMIT
+from .lora_merge_triton import low_rank_tile
 from .lora_triton import _pad_rank
 from .nf4_lora_triton import _nf4_rows
 from .triton_interpreter import INTERPRETING, interpreter_lock
@@ -54,15 +55,8 @@ def _nf4_merge_kernel(
     k0 = tl.program_id(1) * BK
     offs_k = k0 + tl.arange(0, BK)
     in_n, in_k = offs_n < N, offs_k < K
-    low = tl.zeros((BN, BK), dtype=tl.float32)
-    for r0 in tl.static_range(0, R_PAD, RC):                  # the rank in chunks of RC: one for r ≤ 64
-        offs_r = r0 + tl.arange(0, RC)
-        in_r = offs_r < R
-        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                    mask=in_n[:, None] & in_r[None, :], other=0.0)                       # (BN, RC)
-        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                    mask=in_r[:, None] & in_k[None, :], other=0.0)                       # (RC, BK)
-        low = tl.dot(b, a, low, input_precision="ieee")                                  # (BN, BK) fp32
+    low = low_rank_tile(a_ptr, b_ptr, offs_n, offs_k, in_n, in_k, R, stride_ar, stride_ak, stride_bn, stride_br,
+                        R_PAD, RC)                                                       # (BN, BK) fp32 B·A
     w = _nf4_rows(codes_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr,
                   offs_n, k0, N, K, BK, BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT)           # (BN, BK) fp32 Ŵ
     merged = w + scaling * low
