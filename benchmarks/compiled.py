@@ -57,8 +57,9 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
-from minipeft.kernels import lora_triton, nf4_decode_triton, nf4_lora_triton  # noqa: E402
+from minipeft.kernels import lora_triton, nf4_decode_triton, nf4_lora_triton, nf4_rows_gluon  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)  # sm_90a (H100, H200), 32 threads a warp
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -151,7 +152,8 @@ def compile_for_hopper(launch: Launch):
     on sm_90a builds, and what ptxas said while it made that cubin (``ptxas -v`` with Triton's own flags)."""
     fn = _jit_function(launch.kernel)
     signature, constexprs, attrs = specialize(launch)
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    source_type = GluonASTSource if getattr(fn, "is_gluon", lambda: False)() else ASTSource  # a Gluon kernel's own
+    source = source_type(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     knobs = triton.knobs
     log = io.StringIO()
     # compiled afresh (a cached cubin would skip ptxas), its log printed by Triton and captured here; the scopes
@@ -389,6 +391,20 @@ def _nf4_decode() -> Launch:
                   args, constexprs, 1, 1, weights_per_iteration=bn * bw * 8)
 
 
+def _nf4_rows() -> Launch:
+    """The Gluon kernel for a few rows (kernels/nf4_rows_gluon.py) at 16 rows of x, K = N = 4096, its split."""
+    M, K, N, r = 16, 4096, 4096, 16
+    g = nf4_rows_gluon
+    args = dict(x_ptr="*bf16", words_ptr="*i32", absmax_ptr="*u8", absmax_scale_ptr="*fp32",
+                absmax_offset_ptr="*fp32", nf4_ptr="*fp32", dq_ptr="*fp32", a_ptr="*bf16", part_ptr="*fp32",
+                s_part_ptr="*fp32", M=M, N=N, K=K, R=r, K_SPLIT=g.rows_split(N, K, 132), stride_xm=K, stride_ar=K)
+    constexprs = dict(BM=16, WARPS_=g.WARPS, BLOCKSIZE=64, DQ_BLOCKSIZE=256, DOUBLE_QUANT=True, HAS_LORA=True,
+                      W_LAYOUT=g._word_layout(g.WARPS), X_LAYOUT=g._x_layout(g.WARPS, 16),
+                      A_LAYOUT=g._x_layout(g.WARPS, 16))
+    return Launch("nf4_rows_16", f"{M} x {K} -> {N}, NF4 + LoRA r {r}, bf16", g._nf4_rows_kernel, args, constexprs,
+                  g.WARPS, 1, weights_per_iteration=16 * g.WARPS * g.CHUNK)
+
+
 LAUNCHES = {
     "lora_forward": lambda: _lora_gemm(True),
     "lora_dx": lambda: _lora_gemm(False),
@@ -398,6 +414,7 @@ LAUNCHES = {
     "nf4_forward_4096": lambda: _nf4_forward(4096),
     "nf4_forward_16": lambda: _nf4_forward(16),
     "nf4_decode_1": _nf4_decode,
+    "nf4_rows_16": _nf4_rows,
 }
 
 

@@ -1048,7 +1048,9 @@ def nf4_lora_linear(
                    codes and dequantize in registers, with the low-rank term in the same launch or, when the
                    forward splits K across programs, in the launch that adds the partial sums; for a forward of
                    at most ``nf4_decode_triton.MAX_ROWS`` rows without dropout, kernels/nf4_decode_triton.py
-                   (matrix-vector products on CUDA cores, the low-rank term in the same launch); the LoRA
+                   (matrix-vector products on CUDA cores, the low-rank term in the same launch), and up to
+                   ``nf4_rows_gluon.MAX_ROWS`` rows of 16-bit x on a GPU, kernels/nf4_rows_gluon.py (mma.sync
+                   with the weight operand made in registers; a Gluon kernel, Triton's lower level); the LoRA
                    kernels for G, dA and dB (and S,
                    unless the forward's programs make it). A ValueError says why where it cannot run.
       "auto":      on CUDA, the fused kernels for a call without gradients on at most ``NF4_FUSED_MAX_ROWS``

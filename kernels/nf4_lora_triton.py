@@ -40,11 +40,15 @@ Two ways to make a tile of Ŵ, chosen per launch:
 The forward has a kernel of its own, ``_nf4_forward_kernel``, wherever whole rows of Ŵ start on a 32-bit word
 (in_features a multiple of the blocksize, the codes 4-byte aligned): the GEMM above with Ŵ's rows on the MMA's M
 side, the codes read as words and looked up by one gather per chunk, K split across programs for a batch of a few
-rows (with S made by the same launch): on an H200, 1.78× the time of a bf16 linear layer at 16 rows and 2.44× at 4096
-(K = N = 4096, with a rank-16 adapter). The section above the kernel says what each change removed, and
-benchmarks/RESULTS.md what still keeps it behind a bf16 GEMM. A forward of at most ``nf4_decode_triton.MAX_ROWS``
-rows without dropout (a decode step) skips the tensor cores: kernels/nf4_decode_triton.py, matrix-vector products on
-CUDA cores, 2.6× faster for one row on an H200 than this GEMM was with its earlier lookup.
+rows (with S made by the same launch): on an H200, 1.78× the time of a bf16 linear layer at 16 rows (before
+kernels/nf4_rows_gluon.py took those rows) and 2.44× at 4096 (K = N = 4096, with a rank-16 adapter). The section
+above the kernel says what each change removed, and benchmarks/RESULTS.md what still keeps it behind a bf16 GEMM.
+A forward of at most ``nf4_decode_triton.MAX_ROWS`` rows without dropout (a decode step) skips the tensor cores:
+kernels/nf4_decode_triton.py, matrix-vector products on CUDA cores, 2.6× faster for one row on an H200 than this
+GEMM was with its earlier lookup. From 3 to 16 rows of bf16 or fp16 x on an NVIDIA GPU (no dropout, an adapter of
+rank ≤ 16, a blocksize of 64 or more) the forward runs kernels/nf4_rows_gluon.py instead: the weight built straight
+into the registers of Ampere's mma.sync, no shared memory (a Gluon kernel, GPU only), its partial sums added by
+``_finish_splits_kernel`` below.
 
 Registered as ``minipeft::nf4_lora_linear_triton`` (forward) and ``minipeft::nf4_lora_linear_triton_backward``,
 with an autograd.Function twin for eager mode, as kernels/lora_triton.py does and for the same reasons.
@@ -80,6 +84,7 @@ from .lora_triton import (
 )
 from .nf4_decode_triton import MAX_ROWS as DECODE_MAX_ROWS
 from .nf4_decode_triton import nf4_decode
+from .nf4_rows_gluon import launch_rows, rows_fit, rows_split
 from .nf4_triton import absmax_at
 from .triton_interpreter import interpreter_lock
 
@@ -517,7 +522,9 @@ def nf4_forward(
     split and no mask, S is made by the forward's own programs; otherwise by the shrink kernel first.
     At most ``nf4_decode_triton.MAX_ROWS`` rows without a mask and without ``split_k`` go to the decode kernel
     (kernels/nf4_decode_triton.py: matrix-vector products on CUDA cores, 2.6× faster for one row on an H200
-    than this GEMM was with its earlier lookup).
+    than this GEMM was with its earlier lookup); up to ``nf4_rows_gluon.MAX_ROWS`` where ``nf4_rows_gluon.rows_fit``
+    (16-bit x on an NVIDIA GPU, an adapter of rank ≤ 16), to kernels/nf4_rows_gluon.py, whose partial sums the
+    finishing kernel adds.
     """
     M, K = x2d.shape
     N = out_features
@@ -531,10 +538,14 @@ def nf4_forward(
     y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
     if y.numel() == 0:
         return y, None if lora_A is None else shrink(x2d, mask2d, lora_A)
-    split = split_k or _split_k(M, N, K, x2d.device)
-    k_split = triton.cdiv(triton.cdiv(K, split), FORWARD_BK_MAX) * FORWARD_BK_MAX
+    rows = split_k is None and rows_fit(x2d, blocksize, mask2d, lora_A)  # a few rows: mma.sync (Gluon)
+    if rows:
+        k_split = rows_split(N, K, lora_triton._num_sms(x2d.device))
+    else:
+        split = split_k or _split_k(M, N, K, x2d.device)
+        k_split = triton.cdiv(triton.cdiv(K, split), FORWARD_BK_MAX) * FORWARD_BK_MAX
     split = triton.cdiv(K, k_split)                               # no split left without columns
-    shrink_here = lora_A is not None and split > 1 and mask2d is None
+    shrink_here = lora_A is not None and (split > 1 or rows) and mask2d is None
     if lora_A is None:
         s = None
     elif shrink_here:
@@ -542,7 +553,7 @@ def nf4_forward(
     else:
         s = shrink(x2d, mask2d, lora_A)                                              # (M, r)
     r_pad = _pad_rank(max(rank, 1))
-    part = y if split == 1 else torch.empty((split, M, N), device=x2d.device, dtype=torch.float32)
+    part = y if split == 1 and not rows else torch.empty((split, M, N), device=x2d.device, dtype=torch.float32)
     s_part = torch.empty((split, M, r_pad), device=x2d.device, dtype=torch.float32) if shrink_here else y
     double_quant = absmax_scale is not None
     s_arg, a_arg, b_arg, bias_arg = lora_triton._operands(y, s, lora_A, lora_B, bias)
@@ -555,16 +566,19 @@ def nf4_forward(
         return (m_blocks * triton.cdiv(N, META["BN"]) + (m_blocks if shrink_here else 0), split)
 
     with interpreter_lock():
-        _nf4_forward_kernel[grid](
-            x2d, codes.view(torch.int32), absmax, scale_arg, offset_arg, nf4_values, dq_arg,
-            s_arg, a_arg, b_arg, bias_arg, part, s_part,
-            M, N, K, rank, _m_bucket(M), k_split,
-            x2d.stride(0), x2d.stride(1), s_arg.stride(0), s_arg.stride(-1), a_arg.stride(0), a_arg.stride(-1),
-            b_arg.stride(0), b_arg.stride(-1), part.stride(0) if split > 1 else 0, part.stride(-2), part.stride(-1),
-            scaling,
-            BLOCKSIZE=blocksize, DQ_BLOCKSIZE=dq_blocksize, DOUBLE_QUANT=double_quant, **flags,
-        )
-        if split > 1:
+        if rows:
+            launch_rows(x2d, state, N, K, blocksize, dq_blocksize, lora_A, part, s_part, k_split)
+        else:
+            _nf4_forward_kernel[grid](
+                x2d, codes.view(torch.int32), absmax, scale_arg, offset_arg, nf4_values, dq_arg,
+                s_arg, a_arg, b_arg, bias_arg, part, s_part,
+                M, N, K, rank, _m_bucket(M), k_split,
+                x2d.stride(0), x2d.stride(1), s_arg.stride(0), s_arg.stride(-1), a_arg.stride(0), a_arg.stride(-1),
+                b_arg.stride(0), b_arg.stride(-1), part.stride(0) if split > 1 else 0, part.stride(-2),
+                part.stride(-1), scaling,
+                BLOCKSIZE=blocksize, DQ_BLOCKSIZE=dq_blocksize, DOUBLE_QUANT=double_quant, **flags,
+            )
+        if split > 1 or rows:
             bm, bn = 16, 32
             _finish_splits_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
                 part, s_part, s_arg, b_arg, bias_arg, y, M, N, rank,

@@ -1,0 +1,213 @@
+"""The NF4 forward for a few rows on mma.sync (kernels/nf4_rows_gluon.py, a Gluon kernel).
+
+Triton's interpreter does not run Gluon, so on the CPU two things are checked: the codebook lookup, by running
+the kernel's own PTX (``LOOKUP_ASM``) through a small emulator of the instructions it uses (PRMT above all), and
+the choice of splits. On the GPU the whole forward (``nf4_lora_triton.nf4_forward``, which launches it for 3 to
+16 rows) against y = x·Ŵᵀ + scaling·(x·Aᵀ)·Bᵀ + bias in float64, the routing, and a CUDA-graph replay.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tolerances import assert_close
+
+from minipeft import kernels
+from minipeft.kernels import nf4_decode_triton, nf4_lora_triton, nf4_rows_gluon
+from minipeft.quant import dequantize_nf4
+from minipeft.quant.nf4 import NF4_CODEBOOK, kernel_arguments, quantize_nf4
+
+CUDA = torch.cuda.is_available()
+
+
+# --------------------------------------------------------------------------------------------------------
+# The lookup, emulated
+# --------------------------------------------------------------------------------------------------------
+def _prmt(a: int, b: int, c: int) -> int:
+    """PTX ``prmt.b32 d, a, b, c`` (default mode): byte i of d is byte c[4i:4i+3] of the 8 bytes {b, a} (a is
+    bytes 0-3), or with bit 4i+3 of c set, that byte's sign bit repeated."""
+    pool = (b << 32) | a
+    out = 0
+    for i in range(4):
+        sel = (c >> (4 * i)) & 0xF
+        byte = (pool >> (8 * (sel & 7))) & 0xFF
+        if sel & 8:
+            byte = 0xFF if byte & 0x80 else 0x00
+        out |= byte << (8 * i)
+    return out
+
+
+def _run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
+    """Runs the few PTX instructions ``LOOKUP_ASM`` is made of on 32-bit integers; returns the registers."""
+    regs = dict(inputs)
+
+    def val(x: str) -> int:
+        return int(x, 0) if x[0].isdigit() else regs[x]
+
+    for line in asm.replace("{", " ").replace("}", " ").split(";"):
+        line = line.strip()
+        if not line or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        if op == "mov.b32":  # mov.b32 {lo, hi}, p: the two halves of p
+            lo, hi, src = (r.strip() for r in rest.split(","))
+            regs[lo], regs[hi] = val(src) & 0xFFFF, val(src) >> 16
+            continue
+        args = [r.strip() for r in rest.split(",")]
+        d, srcs = args[0], [val(x) for x in args[1:]]
+        regs[d] = {"and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b, "shr.u32": lambda a, b: a >> b,
+                   "prmt.b32": _prmt}[op](*srcs) & 0xFFFFFFFF
+    return regs
+
+
+@settings(max_examples=40)
+@given(word=st.integers(0, 2**32 - 1), dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_the_lookup_returns_each_weights_codebook_value(word, dtype):
+    """Weight 2j of a word is byte j's high nibble, 2j+1 its low one (the order the codes are stored in); output
+    f of the PTX is the codebook value of weight f in ``dtype``, bit for bit."""
+    tables = nf4_rows_gluon.table_words(NF4_CODEBOOK, dtype)
+    regs = _run_ptx(nf4_rows_gluon.LOOKUP_ASM, {**{f"${8 + i}": t for i, t in enumerate(tables)}, "$16": word})
+    codes = [(word >> (8 * (f // 2) + (4 if f % 2 == 0 else 0))) & 0xF for f in range(8)]
+    expected = NF4_CODEBOOK.to(dtype).view(torch.int16)[codes].tolist()
+    assert [regs[f"${f}"] for f in range(8)] == [e & 0xFFFF for e in expected]
+
+
+def test_the_ptx_uses_only_what_the_emulator_knows():
+    """So that the test above runs all of ``LOOKUP_ASM``: every opcode in it is one ``_run_ptx`` emulates."""
+    ops = set(re.findall(r"(?:^|[;{\n])\s*([a-z]+\.[a-z0-9.]+)\s", nf4_rows_gluon.LOOKUP_ASM))
+    assert ops == {"and.b32", "shr.u32", "or.b32", "prmt.b32", "mov.b32"}
+
+
+@pytest.mark.parametrize("N,K,sms,expected", [(4096, 4096, 132, 512), (768, 3072, 132, 256), (2304, 768, 132, 256),
+                                              (64, 256, 132, 256), (4096, 4096, 1, 4096)])
+def test_the_splits(N, K, sms, expected):
+    """About two programs an SM, at least 256 columns a split (a multiple of 128, the GEMM's step too)."""
+    assert nf4_rows_gluon.rows_split(N, K, sms) == expected
+
+
+def test_not_on_the_cpu():
+    x = torch.randn(8, 256, dtype=torch.bfloat16)
+    assert not nf4_rows_gluon.rows_fit(x, 64, None, torch.randn(16, 256, dtype=torch.bfloat16))
+
+
+# --------------------------------------------------------------------------------------------------------
+# On the GPU
+# --------------------------------------------------------------------------------------------------------
+def _tensors(rows, out_f, in_f, r, dtype, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(rows, in_f, device="cuda", generator=g).to(dtype)
+    a = (torch.randn(r, in_f, device="cuda", generator=g) / in_f ** 0.5).to(dtype)
+    b = (torch.randn(out_f, r, device="cuda", generator=g) / r ** 0.5).to(dtype)
+    bias = torch.randn(out_f, device="cuda", generator=g).to(dtype)
+    return x, a, b, bias
+
+
+def _expected(q, x, a, b, bias, scaling=2.0):
+    """(y, S) in float64; S rounded to x's dtype before its second product, as the finishing kernel does."""
+    y = x.double() @ dequantize_nf4(q, torch.float64).t()
+    s = None
+    if a is not None:
+        s = x.double() @ a.double().t()
+        y = y + scaling * s.to(x.dtype).double() @ b.double().t()
+    return (y if bias is None else y + bias.double()), s
+
+
+def _check(actual, expected, dtype):
+    """Relative to the expected tensor's largest |element|; a sum over K of up to 8192 terms (scale 2)."""
+    norm = expected.abs().max().clamp_min(1.0)
+    assert_close(actual.double() / norm, expected / norm, dtype=dtype, scale=2.0)
+
+
+def _counting(monkeypatch) -> list:
+    calls = []
+    real = nf4_lora_triton.launch_rows
+    monkeypatch.setattr(nf4_lora_triton, "launch_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rows", [3, 9, 16])
+@pytest.mark.parametrize("out_f,in_f,blocksize,double_quant", [(4096, 4096, 64, True), (2304, 768, 64, False),
+                                                                (768, 3072, 128, True), (1000, 8192, 4096, True),
+                                                                (50, 256, 256, False), (300, 1088, 64, True)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_rows_on_gpu(dtype, rows, out_f, in_f, blocksize, double_quant, bias, monkeypatch):
+    """GPT-2's widths and a 4096-wide layer; 4096-column blocks that span a split; 50 rows of Ŵ (part of one
+    program's 128) and 1088 columns (17 chunks: a last split shorter than the others). The same bits on every
+    call: the splits' partial sums are added in a fixed order."""
+    calls = _counting(monkeypatch)
+    q = quantize_nf4(torch.randn(out_f, in_f, device="cuda", generator=torch.Generator("cuda").manual_seed(in_f)),
+                     blocksize, double_quant)
+    x, a, b, bias_t = _tensors(rows, out_f, in_f, 16, dtype, seed=rows)
+    bias_t = bias_t if bias else None
+    args = (x, kernel_arguments(q), out_f, in_f, blocksize, q.dq_blocksize, a, b, 2.0, None, bias_t)
+    y, s = nf4_lora_triton.nf4_forward(*args)
+    assert calls, "the forward did not take the Gluon kernel"
+    y_expected, s_expected = _expected(q, x, a, b, bias_t)
+    _check(y, y_expected, dtype)
+    _check(s, s_expected, dtype)
+    for _ in range(2):
+        assert torch.equal(nf4_lora_triton.nf4_forward(*args)[0], y)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("rows,dtype,blocksize,mask,split,rank,takes", [
+    (nf4_decode_triton.MAX_ROWS, torch.bfloat16, 64, False, None, 4, False),     # the decode kernel
+    (nf4_decode_triton.MAX_ROWS + 1, torch.bfloat16, 64, False, None, 4, True),
+    (nf4_rows_gluon.MAX_ROWS, torch.float16, 64, False, None, 16, True),
+    (nf4_rows_gluon.MAX_ROWS + 1, torch.bfloat16, 64, False, None, 4, False),    # the tensor-core GEMM from here
+    (8, torch.float32, 64, False, None, 4, False),                                # mma.sync takes 16-bit operands
+    (8, torch.bfloat16, 32, False, None, 4, False),                               # a chunk spans two blocks
+    (8, torch.bfloat16, 64, True, None, 4, False),                                # a dropout mask
+    (8, torch.bfloat16, 64, False, 2, 4, False),                                  # a split asked for
+    (8, torch.bfloat16, 64, False, None, 17, False),                              # S takes one MMA tile of A
+    (8, torch.bfloat16, 64, False, None, 0, False),                               # no adapter: not run on a GPU yet
+])
+def test_which_rows_take_it(rows, dtype, blocksize, mask, split, rank, takes, monkeypatch):
+    calls = _counting(monkeypatch)
+    q = quantize_nf4(torch.randn(256, 512, device="cuda", generator=torch.Generator("cuda").manual_seed(0)),
+                     blocksize, True)
+    x, a, b, bias = _tensors(rows, 256, 512, max(rank, 1), dtype, seed=1)
+    a, b = (a, b) if rank else (None, None)
+    drop = (torch.rand(rows, 512, device="cuda") > 0.5).to(dtype) if mask else None
+    y, _ = nf4_lora_triton.nf4_forward(x, kernel_arguments(q), 256, 512, blocksize, q.dq_blocksize, a, b, 2.0, drop,
+                                       bias, split_k=split)
+    assert bool(calls) == takes
+    if drop is None:
+        _check(y, _expected(q, x, a, b, bias)[0], dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_a_few_rows_replay_from_a_cuda_graph(monkeypatch):
+    """A step of 8 rows on an NF4 base under "auto", captured once and replayed on new rows."""
+    calls = _counting(monkeypatch)
+    q = quantize_nf4(torch.randn(4096, 4096, device="cuda", generator=torch.Generator("cuda").manual_seed(0)), 64,
+                     True)
+    x, a, b, bias = _tensors(8, 4096, 4096, 16, torch.bfloat16, seed=1)
+    args = kernel_arguments(q)
+
+    def step():
+        return kernels.nf4_lora_linear(x, *args, bias, 4096, 4096, 64, q.dq_blocksize, a, b, 2.0, backend="auto")
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        out = step()
+    assert calls
+    for seed in (2, 3):
+        x.copy_(_tensors(8, 4096, 4096, 16, torch.bfloat16, seed=seed)[0])
+        graph.replay()
+        torch.cuda.synchronize()
+        _check(out, _expected(q, x, a, b, bias)[0], torch.bfloat16)
