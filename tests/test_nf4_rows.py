@@ -14,11 +14,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tolerances import assert_close
+from test_nf4_decode import _check, _expected, _tensors, captured_auto_step  # the decode tests' helpers
 
-from minipeft import kernels
 from minipeft.kernels import nf4_decode_triton, nf4_lora_triton, nf4_rows_gluon
-from minipeft.quant import dequantize_nf4
 from minipeft.quant.nf4 import NF4_CODEBOOK, kernel_arguments, quantize_nf4
 
 CUDA = torch.cuda.is_available()
@@ -97,31 +95,6 @@ def test_not_on_the_cpu():
 # --------------------------------------------------------------------------------------------------------
 # On the GPU
 # --------------------------------------------------------------------------------------------------------
-def _tensors(rows, out_f, in_f, r, dtype, seed):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(rows, in_f, device="cuda", generator=g).to(dtype)
-    a = (torch.randn(r, in_f, device="cuda", generator=g) / in_f ** 0.5).to(dtype)
-    b = (torch.randn(out_f, r, device="cuda", generator=g) / r ** 0.5).to(dtype)
-    bias = torch.randn(out_f, device="cuda", generator=g).to(dtype)
-    return x, a, b, bias
-
-
-def _expected(q, x, a, b, bias, scaling=2.0):
-    """(y, S) in float64; S rounded to x's dtype before its second product, as the finishing kernel does."""
-    y = x.double() @ dequantize_nf4(q, torch.float64).t()
-    s = None
-    if a is not None:
-        s = x.double() @ a.double().t()
-        y = y + scaling * s.to(x.dtype).double() @ b.double().t()
-    return (y if bias is None else y + bias.double()), s
-
-
-def _check(actual, expected, dtype):
-    """Relative to the expected tensor's largest |element|; a sum over K of up to 8192 terms (scale 2)."""
-    norm = expected.abs().max().clamp_min(1.0)
-    assert_close(actual.double() / norm, expected / norm, dtype=dtype, scale=2.0)
-
-
 def _counting(monkeypatch) -> list:
     calls = []
     real = nf4_lora_triton.launch_rows
@@ -144,7 +117,7 @@ def test_rows_on_gpu(dtype, rows, out_f, in_f, blocksize, double_quant, bias, mo
     calls = _counting(monkeypatch)
     q = quantize_nf4(torch.randn(out_f, in_f, device="cuda", generator=torch.Generator("cuda").manual_seed(in_f)),
                      blocksize, double_quant)
-    x, a, b, bias_t = _tensors(rows, out_f, in_f, 16, dtype, seed=rows)
+    x, a, b, bias_t = _tensors(rows, out_f, in_f, 16, dtype, seed=rows, device="cuda")
     bias_t = bias_t if bias else None
     args = (x, kernel_arguments(q), out_f, in_f, blocksize, q.dq_blocksize, a, b, 2.0, None, bias_t)
     y, s = nf4_lora_triton.nf4_forward(*args)
@@ -174,7 +147,7 @@ def test_which_rows_take_it(rows, dtype, blocksize, mask, split, rank, takes, mo
     calls = _counting(monkeypatch)
     q = quantize_nf4(torch.randn(256, 512, device="cuda", generator=torch.Generator("cuda").manual_seed(0)),
                      blocksize, True)
-    x, a, b, bias = _tensors(rows, 256, 512, max(rank, 1), dtype, seed=1)
+    x, a, b, bias = _tensors(rows, 256, 512, max(rank, 1), dtype, seed=1, device="cuda")
     a, b = (a, b) if rank else (None, None)
     drop = (torch.rand(rows, 512, device="cuda") > 0.5).to(dtype) if mask else None
     y, _ = nf4_lora_triton.nf4_forward(x, kernel_arguments(q), 256, 512, blocksize, q.dq_blocksize, a, b, 2.0, drop,
@@ -189,25 +162,10 @@ def test_which_rows_take_it(rows, dtype, blocksize, mask, split, rank, takes, mo
 def test_a_few_rows_replay_from_a_cuda_graph(monkeypatch):
     """A step of 8 rows on an NF4 base under "auto", captured once and replayed on new rows."""
     calls = _counting(monkeypatch)
-    q = quantize_nf4(torch.randn(4096, 4096, device="cuda", generator=torch.Generator("cuda").manual_seed(0)), 64,
-                     True)
-    x, a, b, bias = _tensors(8, 4096, 4096, 16, torch.bfloat16, seed=1)
-    args = kernel_arguments(q)
-
-    def step():
-        return kernels.nf4_lora_linear(x, *args, bias, 4096, 4096, 64, q.dq_blocksize, a, b, 2.0, backend="auto")
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        out = step()
+    graph, out, _, (q, x, a, b, bias) = captured_auto_step(8)
     assert calls
     for seed in (2, 3):
-        x.copy_(_tensors(8, 4096, 4096, 16, torch.bfloat16, seed=seed)[0])
+        x.copy_(_tensors(8, 4096, 4096, 16, torch.bfloat16, seed=seed, device="cuda")[0])
         graph.replay()
         torch.cuda.synchronize()
         _check(out, _expected(q, x, a, b, bias)[0], torch.bfloat16)
