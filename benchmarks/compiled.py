@@ -20,6 +20,8 @@ says, per kernel:
                 issues the TMA copies while the others compute, as cuBLAS's Hopper kernels do
     loop        SASS instructions in the loop that does the work (the innermost with a warpgroup MMA in it,
                 else the longest) — one iteration, as one thread executes it
+    loop smem   the loop's shared-memory instructions and barriers (LDS, STS, LDSM, STSM, BAR): 0 for a loop that
+                keeps its operands in registers
     per weight  for the NF4 kernels: the loop's instructions per weight that one thread dequantizes
     top         the loop's most frequent opcodes
 
@@ -256,6 +258,10 @@ class Report:
         threads = 32 * self.launch.num_warps
         return len(self.loop) / (self.launch.weights_per_iteration / threads)
 
+    @property
+    def loop_smem(self) -> int:
+        return sum(ins.opcode.split(".")[0] in ("LDS", "STS", "LDSM", "STSM", "BAR") for ins in self.loop)
+
     def top(self, n: int = 6) -> str:
         counts = collections.Counter(ins.opcode.split(".")[0] for ins in self.loop)
         return ", ".join(f"{op} {c}" for op, c in counts.most_common(n))
@@ -392,16 +398,21 @@ def _nf4_decode() -> Launch:
 
 
 def _nf4_rows() -> Launch:
-    """The Gluon kernel for a few rows (kernels/nf4_rows_gluon.py) at 16 rows of x, K = N = 4096, its split."""
-    M, K, N, r = 16, 4096, 4096, 16
+    """The Gluon kernel for a few rows (kernels/nf4_rows_gluon.py) at 16 rows of x, K = N = 4096, its split.
+    Without an adapter: with one, S is made by programs of its own, and the weight's loop is the same."""
+    M, K, N = 16, 4096, 4096
     g = nf4_rows_gluon
+    k_split = g.rows_split(N, K, 132)
     args = dict(x_ptr="*bf16", words_ptr="*i32", absmax_ptr="*u8", absmax_scale_ptr="*fp32",
                 absmax_offset_ptr="*fp32", nf4_ptr="*fp32", dq_ptr="*fp32", a_ptr="*bf16", part_ptr="*fp32",
-                s_part_ptr="*fp32", M=M, N=N, K=K, R=r, K_SPLIT=g.rows_split(N, K, 132), stride_xm=K, stride_ar=K)
-    constexprs = dict(BM=16, WARPS_=g.WARPS, BLOCKSIZE=64, DQ_BLOCKSIZE=256, DOUBLE_QUANT=True, HAS_LORA=True,
+                s_part_ptr="*fp32", b_ptr="*bf16", bias_ptr="*bf16", y_ptr="*bf16", s_ptr="*bf16", count_ptr="*i32",
+                M=M, N=N, K=K, R=0, K_SPLIT=k_split, stride_xm=K, stride_ar=K, stride_bn=16, stride_br=1,
+                stride_sm=16, stride_sr=1, scaling=2.0)
+    constexprs = dict(BM=16, WARPS_=g.WARPS, BLOCKSIZE=64, DQ_BLOCKSIZE=256, DOUBLE_QUANT=True, HAS_LORA=False,
+                      HAS_BIAS=True, SPLITS=K // k_split, UNROLL=g.unroll_for(M),
                       W_LAYOUT=g._word_layout(g.WARPS), X_LAYOUT=g._x_layout(g.WARPS, 16),
                       A_LAYOUT=g._x_layout(g.WARPS, 16))
-    return Launch("nf4_rows_16", f"{M} x {K} -> {N}, NF4 + LoRA r {r}, bf16", g._nf4_rows_kernel, args, constexprs,
+    return Launch("nf4_rows_16", f"{M} x {K} -> {N}, NF4, bf16", g._nf4_rows_kernel, args, constexprs,
                   g.WARPS, 1, weights_per_iteration=16 * g.WARPS * g.CHUNK)
 
 
@@ -419,14 +430,15 @@ LAUNCHES = {
 
 
 def table(reports: list[Report]) -> str:
-    rows = ["| kernel | shape | tile | regs | smem KiB | MMA | in flight | serialized | warp-spec. | loop | per weight "
-            "| top |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| kernel | shape | tile | regs | smem KiB | MMA | in flight | serialized | warp-spec. | loop | loop smem "
+            "| per weight | top |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         per_weight = "" if r.per_weight is None else f"{r.per_weight:.1f}"
         in_flight = str(r.in_flight) if r.in_flight is not None else "no wait" if r.mma == "HGMMA" else "-"
         rows.append(f"| {r.launch.name} | {r.launch.shape} | {r.launch.tile} | {r.regs} | {r.smem / 1024:.0f} | "
                     f"{r.mma} | {in_flight} | {'yes' if r.serialized else 'no'} | "
-                    f"{'yes' if r.warp_specialized else 'no'} | {len(r.loop)} | {per_weight} | {r.top()} |")
+                    f"{'yes' if r.warp_specialized else 'no'} | {len(r.loop)} | {r.loop_smem} | {per_weight} | "
+                    f"{r.top()} |")
     return "\n".join(rows)
 
 

@@ -56,7 +56,7 @@ from .lora_triton import _operands, _pad_rank, shrink
 from .nf4_triton import absmax_at
 from .triton_interpreter import interpreter_lock
 
-__all__ = ["MAX_ROWS", "nf4_decode"]
+__all__ = ["MAX_ROWS", "counters", "nf4_decode"]
 # The most rows of x a call may have to run here (a decode step without dropout: ``nf4_forward`` checks); more rows
 # go to the tensor-core forward. H200, K = N = 4096, × the bf16 linear: 0.95 / 1.48 / 2.36 / 2.49 for 1-4
 # rows here, 2.51 / 2.44 / 2.39 / 2.43 for the GEMM (RESULTS.md): a program serves one row, so the lookups repeat
@@ -231,8 +231,9 @@ _COUNTERS: dict[tuple, torch.Tensor] = {}
 _RETIRED: list[torch.Tensor] = []  # outgrown counter buffers: a captured CUDA graph may still point at one
 
 
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """At least n int32 zeros for this device and stream; each launch leaves them zero again. One buffer per
+def counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least n int32 zeros for this device and stream; each launch leaves them zero again (this kernel's and
+    kernels/nf4_rows_gluon.py's split counters: launches on one stream run one after another). One buffer per
     stream: two launches running at once on different streams must not count into one counter. A buffer that
     grows keeps its old storage alive (a CUDA graph holds addresses, not references)."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
@@ -282,7 +283,7 @@ def nf4_decode(
     tiles = triton.cdiv(N, bn)
     part = torch.empty((split, M, N), device=x2d.device, dtype=torch.float32)
     s_part = torch.empty((split, M, r_pad), device=x2d.device, dtype=torch.float32) if rank else part
-    count = _counters(x2d.device, M * (tiles + 2))
+    count = counters(x2d.device, M * (tiles + 2))
     s_arg, a_arg, b_arg, bias_arg = _operands(y, s, lora_A, lora_B, bias)
     double_quant = absmax_scale is not None
     scale_arg, offset_arg, dq_arg = (absmax_scale, absmax_offset, dq_values) if double_quant else (absmax,) * 3

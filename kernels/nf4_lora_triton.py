@@ -45,10 +45,10 @@ kernels/nf4_rows_gluon.py took those rows) and 2.44× at 4096 (K = N = 4096, wit
 above the kernel says what each change removed, and benchmarks/RESULTS.md what still keeps it behind a bf16 GEMM.
 A forward of at most ``nf4_decode_triton.MAX_ROWS`` rows without dropout (a decode step) skips the tensor cores:
 kernels/nf4_decode_triton.py, matrix-vector products on CUDA cores, 2.6× faster for one row on an H200 than this
-GEMM was with its earlier lookup. From 3 to 16 rows of bf16 or fp16 x on an NVIDIA GPU (no dropout, an adapter of
-rank ≤ 16, a blocksize of 64 or more) the forward runs kernels/nf4_rows_gluon.py instead: the weight built straight
-into the registers of Ampere's mma.sync, no shared memory (a Gluon kernel, GPU only), its partial sums added by
-``_finish_splits_kernel`` below.
+GEMM was with its earlier lookup. From 3 to 16 rows of bf16 or fp16 x on an NVIDIA GPU (no dropout, no adapter or
+one of rank ≤ 16, a blocksize of 64 or more) the forward runs kernels/nf4_rows_gluon.py instead, in one launch:
+the weight built straight into the registers of Ampere's mma.sync, no shared memory in its loop (a Gluon kernel,
+GPU only).
 
 Registered as ``minipeft::nf4_lora_linear_triton`` (forward) and ``minipeft::nf4_lora_linear_triton_backward``,
 with an autograd.Function twin for eager mode, as kernels/lora_triton.py does and for the same reasons.
@@ -520,11 +520,11 @@ def nf4_forward(
     x2d (M, in), lora_A (r, in) and lora_B (out, r) together or neither (then S is None), mask2d (M, in) or
     None, bias (out,) or None. ``split_k``: programs per tile along K (default: ``_split_k``'s choice). With K
     split and no mask, S is made by the forward's own programs; otherwise by the shrink kernel first.
-    At most ``nf4_decode_triton.MAX_ROWS`` rows without a mask and without ``split_k`` go to the decode kernel
-    (kernels/nf4_decode_triton.py: matrix-vector products on CUDA cores, 2.6× faster for one row on an H200
-    than this GEMM was with its earlier lookup); up to ``nf4_rows_gluon.MAX_ROWS`` where ``nf4_rows_gluon.rows_fit``
-    (16-bit x on an NVIDIA GPU, an adapter of rank ≤ 16), to kernels/nf4_rows_gluon.py, whose partial sums the
-    finishing kernel adds.
+    Without ``split_k``, ``nf4_rows_gluon.MIN_ROWS`` to ``MAX_ROWS`` rows where ``nf4_rows_gluon.rows_fit`` (16-bit
+    x on an NVIDIA GPU, no adapter or one of rank ≤ 16) go to kernels/nf4_rows_gluon.py; the rest of at most
+    ``nf4_decode_triton.MAX_ROWS`` rows without a mask to the decode kernel (kernels/nf4_decode_triton.py:
+    matrix-vector products on CUDA cores, 2.6× faster for one row on an H200 than this GEMM was with its earlier
+    lookup).
     """
     M, K = x2d.shape
     N = out_features
@@ -532,20 +532,22 @@ def nf4_forward(
     if K != in_features or not forward_fits(in_features, blocksize, codes):
         raise ValueError(f"nf4_forward: x {tuple(x2d.shape)}, in_features={in_features}, blocksize {blocksize}: "
                          f"needs x (M, in_features), in_features a multiple of the blocksize, 4-byte aligned codes")
+    rank = 0 if lora_A is None else lora_A.shape[0]
+    if N and K and split_k is None and rows_fit(x2d, blocksize, mask2d, lora_A):  # a few rows: mma.sync (Gluon)
+        y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
+        s = None if lora_A is None else torch.empty((M, rank), device=x2d.device, dtype=x2d.dtype)
+        launch_rows(x2d, state, N, K, blocksize, dq_blocksize, lora_A, lora_B, scaling, bias, y, s,
+                    rows_split(N, K, lora_triton._num_sms(x2d.device)))
+        return y, s
     if M <= DECODE_MAX_ROWS and mask2d is None and split_k is None:  # a decode step: no tensor cores
         return nf4_decode(x2d, state, N, in_features, blocksize, dq_blocksize, lora_A, lora_B, scaling, bias)
-    rank = 0 if lora_A is None else lora_A.shape[0]
     y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
     if y.numel() == 0:
         return y, None if lora_A is None else shrink(x2d, mask2d, lora_A)
-    rows = split_k is None and rows_fit(x2d, blocksize, mask2d, lora_A)  # a few rows: mma.sync (Gluon)
-    if rows:
-        k_split = rows_split(N, K, lora_triton._num_sms(x2d.device))
-    else:
-        split = split_k or _split_k(M, N, K, x2d.device)
-        k_split = triton.cdiv(triton.cdiv(K, split), FORWARD_BK_MAX) * FORWARD_BK_MAX
+    split = split_k or _split_k(M, N, K, x2d.device)
+    k_split = triton.cdiv(triton.cdiv(K, split), FORWARD_BK_MAX) * FORWARD_BK_MAX
     split = triton.cdiv(K, k_split)                               # no split left without columns
-    shrink_here = lora_A is not None and (split > 1 or rows) and mask2d is None
+    shrink_here = lora_A is not None and split > 1 and mask2d is None
     if lora_A is None:
         s = None
     elif shrink_here:
@@ -553,7 +555,7 @@ def nf4_forward(
     else:
         s = shrink(x2d, mask2d, lora_A)                                              # (M, r)
     r_pad = _pad_rank(max(rank, 1))
-    part = y if split == 1 and not rows else torch.empty((split, M, N), device=x2d.device, dtype=torch.float32)
+    part = y if split == 1 else torch.empty((split, M, N), device=x2d.device, dtype=torch.float32)
     s_part = torch.empty((split, M, r_pad), device=x2d.device, dtype=torch.float32) if shrink_here else y
     double_quant = absmax_scale is not None
     s_arg, a_arg, b_arg, bias_arg = lora_triton._operands(y, s, lora_A, lora_B, bias)
@@ -566,19 +568,16 @@ def nf4_forward(
         return (m_blocks * triton.cdiv(N, META["BN"]) + (m_blocks if shrink_here else 0), split)
 
     with interpreter_lock():
-        if rows:
-            launch_rows(x2d, state, N, K, blocksize, dq_blocksize, lora_A, part, s_part, k_split)
-        else:
-            _nf4_forward_kernel[grid](
-                x2d, codes.view(torch.int32), absmax, scale_arg, offset_arg, nf4_values, dq_arg,
-                s_arg, a_arg, b_arg, bias_arg, part, s_part,
-                M, N, K, rank, _m_bucket(M), k_split,
-                x2d.stride(0), x2d.stride(1), s_arg.stride(0), s_arg.stride(-1), a_arg.stride(0), a_arg.stride(-1),
-                b_arg.stride(0), b_arg.stride(-1), part.stride(0) if split > 1 else 0, part.stride(-2),
-                part.stride(-1), scaling,
-                BLOCKSIZE=blocksize, DQ_BLOCKSIZE=dq_blocksize, DOUBLE_QUANT=double_quant, **flags,
-            )
-        if split > 1 or rows:
+        _nf4_forward_kernel[grid](
+            x2d, codes.view(torch.int32), absmax, scale_arg, offset_arg, nf4_values, dq_arg,
+            s_arg, a_arg, b_arg, bias_arg, part, s_part,
+            M, N, K, rank, _m_bucket(M), k_split,
+            x2d.stride(0), x2d.stride(1), s_arg.stride(0), s_arg.stride(-1), a_arg.stride(0), a_arg.stride(-1),
+            b_arg.stride(0), b_arg.stride(-1), part.stride(0) if split > 1 else 0, part.stride(-2),
+            part.stride(-1), scaling,
+            BLOCKSIZE=blocksize, DQ_BLOCKSIZE=dq_blocksize, DOUBLE_QUANT=double_quant, **flags,
+        )
+        if split > 1:
             bm, bn = 16, 32
             _finish_splits_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
                 part, s_part, s_arg, b_arg, bias_arg, y, M, N, rank,

@@ -34,18 +34,27 @@ names the layout of every tensor (which lane and register holds which element), 
 interpreter does not run Gluon, so this kernel is tested on a GPU only (tests/test_nf4_rows.py); the CPU tests
 check its lookup by running ``LOOKUP_ASM`` through a small PRMT emulator, and the routing around it.
 
-    for each tile of 16·WARPS rows of Ŵ and each split of K:        # a warp: 16 rows, one m16n8 MMA tile
-        for each 64-column chunk of the split:
-            words = codes of the chunk (2 per row a lane), x = x[:, chunk] (32 bytes a lane)
-            a = lookup(words) (registers, the MMA's layout), b = x (the same permutation of k)
-            acc += absmax[rows, chunk] · mma(a, b)
-            the first tile's programs, with an adapter: sᵀ += mma(A[:, chunk], x)     # A's 16 rows, same b
+    with an adapter, program 0 of each split of K:                  # short: done before the tiles need it
+        s_part[split] = Σ_chunks mma(A[:, chunk], x[:, chunk])ᵀ     # A's 16 rows, k permuted as Ŵ's
+        count[tiles] += 1
+    the other programs, one per tile of 16·WARPS rows of Ŵ and split of K:   # a warp: 16 rows, one m16n8 tile
+        for each step of UNROLL 64-column chunks of the split:
+            load every chunk's words (2 per row a lane), x[:, chunk] (32 bytes a lane) and absmax first
+            for each chunk: a = lookup(words) (registers, the MMA's layout), b = x (the same permutation of k)
+                            acc += absmax[rows, chunk] · mma(a, b)
         part[split] = acc                                            # fp32 partial sums of y
-        s_part[split] = sᵀ                                           # and of the adapter's S = x·Aᵀ
+        if count[tile] += 1 makes SPLITS (the last split of this tile to finish):
+            wait until count[tiles] == SPLITS                        # S's programs (lower indices) started first
+            y[:, tile] = Σ_split part[split] + (B[tile] · scaling·Sᵀ by one more MMA)ᵀ + bias
+            (the first tile stores S; the counters go back to zero for the next launch)
 
-``nf4_lora_triton.nf4_forward`` launches it for 3 to 16 rows of bf16 or fp16 x without a dropout mask, an
-adapter of rank 1 to 16, on an NVIDIA GPU and a blocksize of 64 or more (``rows_fit``), and adds the partial
-sums, scaling·S·Bᵀ and the bias with its ``_finish_splits_kernel`` (a fixed order: the same bits on every run).
+The splits are added in a fixed order (split 0, 1, ...) whichever program finishes last, so a call gives the same
+bits every time; the counters are kernels/nf4_decode_triton.py's (``counters``), which states the two things
+such a design assumes. Loading UNROLL = 4 chunks before their math (2 above 8 rows: ``unroll_for``) keeps 4 × 16
+bytes of codes a lane in flight: with one chunk a step the loads waited on memory's latency (on an H100, 10.1
+against 9.1 µs at 3-4 rows without an adapter). ``nf4_lora_triton.nf4_forward`` launches it for 3 to 16 rows of
+bf16 or fp16 x without a dropout mask, without an adapter or with one of rank 1 to 16, on an NVIDIA GPU and a
+blocksize of 64 or more (``rows_fit``).
 """
 
 from __future__ import annotations
@@ -56,13 +65,15 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from .nf4_decode_triton import counters
 from .triton_interpreter import INTERPRETING
 
-__all__ = ["MAX_ROWS", "LOOKUP_ASM", "table_words", "rows_fit", "launch_rows", "rows_split"]
+__all__ = ["MIN_ROWS", "MAX_ROWS", "LOOKUP_ASM", "table_words", "rows_fit", "launch_rows", "rows_split", "unroll_for"]
 
+MIN_ROWS = 3     # one and two rows: kernels/nf4_decode_triton.py (see rows_fit)
 MAX_ROWS = 16    # x's rows: two n8 tiles of the MMA
 WARPS = 8        # warps a program: 128 rows of Ŵ
-CHUNK = 64       # columns of K a step: one quantization block or part of one (blocksize ≥ 64)
+CHUNK = 64       # columns of K an MMA chunk: one quantization block or part of one (blocksize ≥ 64)
 
 
 def _prmt_group(src: str, outs: list[str]) -> str:
@@ -84,6 +95,7 @@ LOOKUP_ASM = ("{ .reg .b32 s, t, u, ha, hb, la, lb, hh, ll, p;\n" + _prmt_group(
               + "shr.u32 u, $16, 16;\n" + _prmt_group("u", ["$4", "$5", "$6", "$7"]) + "}")
 _LOOKUP_ASM = gl.constexpr(LOOKUP_ASM)  # a kernel reads only constexpr globals
 _CHUNK = gl.constexpr(CHUNK)
+_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # (its name from Triton 3.7 on)
 
 
 def table_words(nf4_values: torch.Tensor, dtype: torch.dtype) -> list[int]:
@@ -157,52 +169,156 @@ def _load_chunk(k0, w_ptrs, in_w, x_ptr, x_off, x_ok, absmax_ptr, absmax_scale_p
 
 
 @gluon.jit
+def _x_operand(x, BM: gl.constexpr, MMA: gl.constexpr):
+    """x's chunk (BM, 4, 16) as the MMA's second operand (64, BM): x's column 16·q + 8·jh + 4·f2 + 2·f1 + f0 at
+    MMA column 32·jh + 16·f2 + 8·f1 + 2·q + f0, the permutation the weight's lookup gives."""
+    b = gl.reshape(gl.permute(gl.reshape(x, [BM, 4, 2, 2, 2, 2]), [0, 2, 3, 4, 1, 5]), [BM, _CHUNK])
+    return gl.convert_layout(gl.permute(b, [1, 0]), gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2),
+                             assert_trivial=True)
+
+
+@gluon.jit
 def _mma_chunk(word, x, absmax, acc, tabs, ROWS: gl.constexpr, BM: gl.constexpr, DTYPE: gl.constexpr,
                MMA: gl.constexpr):
-    """(acc + absmax · (Ŵ's chunk without its absmax) · x's chunkᵀ, x's chunk as the MMA's operand): both
-    operands in the MMA's registers."""
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-    b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    """acc + absmax · (Ŵ's chunk without its absmax) · x's chunkᵀ: both operands in the MMA's registers."""
     v = _lookup(word, tabs, DTYPE)                                                 # (ROWS, 8, 2, 2, 2)
     # word 2q + jh, weight 4·f2 + 2·f1 + f0  ->  MMA column 32·jh + 16·f2 + 8·f1 + 2·q + f0
     a = gl.reshape(gl.permute(gl.reshape(v, [ROWS, 4, 2, 2, 2, 2]), [0, 2, 3, 4, 1, 5]), [ROWS, _CHUNK])
-    a = gl.convert_layout(a, a_layout, assert_trivial=True)
-    # x's column 16·q + 8·jh + 4·f2 + 2·f1 + f0  ->  the same MMA column
-    b = gl.reshape(gl.permute(gl.reshape(x, [BM, 4, 2, 2, 2, 2]), [0, 2, 3, 4, 1, 5]), [BM, _CHUNK])
-    b = gl.convert_layout(gl.permute(b, [1, 0]), b_layout, assert_trivial=True)
-    product = mma_v2(a, b, gl.zeros([ROWS, BM], gl.float32, layout=MMA))           # (ROWS, BM)
-    return acc + product * absmax[:, None], b
+    a = gl.convert_layout(a, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2), assert_trivial=True)
+    product = mma_v2(a, _x_operand(x, BM, MMA), gl.zeros([ROWS, BM], gl.float32, layout=MMA))  # (ROWS, BM)
+    return acc + product * absmax[:, None]
+
+
+@gluon.jit
+def _s_chunk(k0, s_t, x_ptr, x_off, x_ok, a_ptr, a_off, a_ok, BM: gl.constexpr, MMA: gl.constexpr):
+    """s_t + A's chunk (16, 64) · x's chunkᵀ, A's rows permuted along k as Ŵ's are."""
+    x = gl.load(x_ptr + x_off + k0, mask=x_ok, other=0.0)                               # (BM, 4, 16)
+    a = gl.load(a_ptr + a_off + k0, mask=a_ok, other=0.0)                               # (16, 4, 16)
+    a = gl.reshape(gl.permute(gl.reshape(a, [16, 4, 2, 2, 2, 2]), [0, 2, 3, 4, 1, 5]), [16, _CHUNK])
+    a = gl.convert_layout(a, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2), assert_trivial=True)
+    return mma_v2(a, _x_operand(x, BM, MMA), s_t)                                       # (16, BM)
+
+
+@gluon.jit
+def _finish_tile(part_ptr, s_part_ptr, b_ptr, bias_ptr, y_ptr, s_ptr, n, in_n, M, N, R, stride_bn, stride_br,
+                 stride_sm, stride_sr, scaling, first_tile, SPLITS: gl.constexpr, BM: gl.constexpr,
+                 HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, MMA: gl.constexpr, WARPS_: gl.constexpr):
+    """y[:, tile] = Σ_j part[j, :, tile] + scaling·S·B[tile]ᵀ + bias, S = Σ_j s_part[j] (stored by the first
+    tile), by the last of a tile's splits to finish. The splits are added in the order j = 0, 1, ...: the same
+    bits whichever program finishes last. Loads skip L1 (".cg"): other SMs wrote these values in this launch."""
+    ym = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
+    ok = in_n[:, None] & (ym < M)[None, :]
+    offs = (ym * N)[None, :] + n[:, None]                                              # (ROWS, BM): yᵀ
+    acc = gl.load(part_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
+    for j in gl.static_range(1, SPLITS):
+        acc += gl.load(part_ptr + j * M * N + offs, mask=ok, other=0.0, cache_modifier=".cg")
+    if HAS_LORA:  # + (B's rows)·(scaling·S)ᵀ, one more MMA: B[tile] (ROWS, 16) and scaling·Sᵀ (16, BM)
+        SL: gl.constexpr = gl.BlockedLayout([1, 1], [16, 2], [1, WARPS_], [0, 1])
+        r = gl.arange(0, 16, layout=gl.SliceLayout(1, SL))
+        sm = gl.arange(0, BM, layout=gl.SliceLayout(0, SL))
+        s_offs = (sm * 16)[None, :] + r[:, None]                                       # (16, BM): Sᵀ
+        s_ok = (r < 16)[:, None] & (sm < M)[None, :]
+        s_t = gl.load(s_part_ptr + s_offs, mask=s_ok, other=0.0, cache_modifier=".cg")
+        for j in gl.static_range(1, SPLITS):
+            s_t += gl.load(s_part_ptr + j * M * 16 + s_offs, mask=s_ok, other=0.0, cache_modifier=".cg")
+        s_t = s_t.to(y_ptr.dtype.element_ty)                  # S in x's dtype, as the shrink kernel makes it
+        if first_tile:
+            gl.store(s_ptr + (sm * stride_sm)[None, :] + (r * stride_sr)[:, None], s_t,
+                     mask=(r < R)[:, None] & (sm < M)[None, :])
+        low = (s_t.to(gl.float32) * scaling).to(y_ptr.dtype.element_ty)
+        low = gl.convert_layout(low, gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2))
+        BL: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [WARPS_, 1], [1, 0])
+        nb = gl.convert_layout(n, gl.SliceLayout(1, BL))
+        rb = gl.arange(0, 16, layout=gl.SliceLayout(0, BL))
+        up = gl.load(b_ptr + (nb * stride_bn)[:, None] + (rb * stride_br)[None, :],
+                     mask=(nb < N)[:, None] & (rb < R)[None, :], other=0.0)             # (ROWS, 16) = B[tile]
+        up = gl.convert_layout(up, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
+        acc = mma_v2(up, low, acc)
+    if HAS_BIAS:
+        acc += gl.load(bias_ptr + n, mask=in_n, other=0.0).to(gl.float32)[:, None]
+    gl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @gluon.jit
 def _nf4_rows_kernel(
-    # pointers (codes as int32 words; part: (SPLIT_K, M, N) fp32 partial sums of y; s_part: (SPLIT_K, M, 16))
+    # pointers (codes as int32 words; part: (SPLITS, M, N) fp32 partial sums of y; s_part: (SPLITS, M, 16);
+    # count: tiles + 2 int32 counters, zero between launches)
     x_ptr, words_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr, a_ptr, part_ptr, s_part_ptr,
+    b_ptr, bias_ptr, y_ptr, s_ptr, count_ptr,
     # sizes (K_SPLIT: columns of K a split, a multiple of CHUNK)
-    M, N, K, R, K_SPLIT, stride_xm, stride_ar,
+    M, N, K, R, K_SPLIT, stride_xm, stride_ar, stride_bn, stride_br, stride_sm, stride_sr, scaling,
     # meta-parameters
     BM: gl.constexpr, WARPS_: gl.constexpr, BLOCKSIZE: gl.constexpr, DQ_BLOCKSIZE: gl.constexpr,
-    DOUBLE_QUANT: gl.constexpr, HAS_LORA: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
+    DOUBLE_QUANT: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, SPLITS: gl.constexpr,
+    UNROLL: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
     A_LAYOUT: gl.constexpr,
 ):
-    ROWS: gl.constexpr = 16 * WARPS_
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS_, 1], instr_shape=[16, 8])
-    DTYPE: gl.constexpr = x_ptr.dtype.element_ty
-    pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     k_lo = pid_k * K_SPLIT
     k_hi = gl.minimum(K, k_lo + K_SPLIT)
-    # the words' addresses: rows n of Ŵ, words w of a chunk (K % 64 == 0: every row starts on a word)
-    n_w = pid_n * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, W_LAYOUT))
-    w = gl.arange(0, 8, layout=gl.SliceLayout(0, W_LAYOUT))
-    in_w = (n_w < N)[:, None] & (w < 8)[None, :]
-    w_ptrs = words_ptr + (n_w * (K // 8))[:, None] + w[None, :]
-    # x's addresses: row m, quarter q, column 16q + i of the chunk (A's rows the same way, for S)
+    STEP: gl.constexpr = _CHUNK * UNROLL
+    k_main = k_lo + (k_hi - k_lo) // STEP * STEP      # UNROLL chunks a step up to here, then one at a time
+    # x's addresses: row m, quarter q, column 16q + i of the chunk
     m = gl.arange(0, BM, layout=gl.SliceLayout(1, gl.SliceLayout(2, X_LAYOUT)))
     q = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, X_LAYOUT)))
     i = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, X_LAYOUT)))
     x_off = (m * stride_xm)[:, None, None] + (q * 16)[None, :, None] + i[None, None, :]
     x_ok = (m < M)[:, None, None] & (q < 4)[None, :, None] & (i < 16)[None, None, :]
+    if HAS_LORA:  # program 0 of each split makes S
+        tiles = gl.num_programs(0) - 1
+        pid_n = gl.program_id(0) - 1
+        if pid_n < 0:
+            _s_program(x_ptr, a_ptr, s_part_ptr, count_ptr, x_off, x_ok, k_lo, k_hi, k_main, pid_k, tiles, M, R,
+                       stride_ar, BM, UNROLL, MMA, A_LAYOUT)
+    else:
+        tiles = gl.num_programs(0)
+        pid_n = gl.program_id(0)
+    if pid_n >= 0:
+        _tile_program(x_ptr, words_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr, part_ptr,
+                      s_part_ptr, b_ptr, bias_ptr, y_ptr, s_ptr, count_ptr, x_off, x_ok, k_lo, k_hi, k_main, pid_n,
+                      pid_k, tiles, M, N, K, R, stride_bn, stride_br, stride_sm, stride_sr, scaling, BM, WARPS_,
+                      BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT, HAS_LORA, HAS_BIAS, SPLITS, UNROLL, W_LAYOUT, MMA)
+
+
+@gluon.jit
+def _s_program(x_ptr, a_ptr, s_part_ptr, count_ptr, x_off, x_ok, k_lo, k_hi, k_main, pid_k, tiles, M, R, stride_ar,
+               BM: gl.constexpr, UNROLL: gl.constexpr, MMA: gl.constexpr, A_LAYOUT: gl.constexpr):
+    """The adapter's Sᵀ = A·xᵀ over one split into s_part[split], A's 16 rows as the MMA's first operand; then
+    count[tiles] += 1. A short program (no lookup), started before its split's tiles: done long before they are."""
+    r = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, A_LAYOUT)))
+    ra = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, A_LAYOUT)))
+    ia = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, A_LAYOUT)))
+    a_off = (r * stride_ar)[:, None, None] + (ra * 16)[None, :, None] + ia[None, None, :]
+    a_ok = (r < R)[:, None, None] & (ra < 4)[None, :, None] & (ia < 16)[None, None, :]
+    s_t = gl.zeros([16, BM], gl.float32, layout=MMA)
+    for k0 in range(k_lo, k_main, _CHUNK * UNROLL):
+        for j in gl.static_range(UNROLL):
+            s_t = _s_chunk(k0 + j * _CHUNK, s_t, x_ptr, x_off, x_ok, a_ptr, a_off, a_ok, BM, MMA)
+    for k0 in range(k_main, k_hi, _CHUNK):
+        s_t = _s_chunk(k0, s_t, x_ptr, x_off, x_ok, a_ptr, a_off, a_ok, BM, MMA)
+    ym = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
+    sr = gl.arange(0, 16, layout=gl.SliceLayout(1, MMA))
+    gl.store(s_part_ptr + ((pid_k * M + ym) * 16)[None, :] + sr[:, None], s_t, mask=(ym < M)[None, :])
+    _cta_barrier()                                        # every warp's stores before the release below
+    gl.atomic_add(count_ptr + tiles, 1)                   # count[tiles]: splits of S done
+
+
+@gluon.jit
+def _tile_program(x_ptr, words_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr, part_ptr,
+                  s_part_ptr, b_ptr, bias_ptr, y_ptr, s_ptr, count_ptr, x_off, x_ok, k_lo, k_hi, k_main, pid_n,
+                  pid_k, tiles, M, N, K, R, stride_bn, stride_br, stride_sm, stride_sr, scaling, BM: gl.constexpr,
+                  WARPS_: gl.constexpr, BLOCKSIZE: gl.constexpr, DQ_BLOCKSIZE: gl.constexpr,
+                  DOUBLE_QUANT: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, SPLITS: gl.constexpr,
+                  UNROLL: gl.constexpr, W_LAYOUT: gl.constexpr, MMA: gl.constexpr):
+    """x·Ŵ[tile]ᵀ over one split into part[split]; the last of the tile's splits to finish writes y[:, tile]."""
+    ROWS: gl.constexpr = 16 * WARPS_
+    DTYPE: gl.constexpr = x_ptr.dtype.element_ty
+    # the words' addresses: rows n of Ŵ, words w of a chunk (K % 64 == 0: every row starts on a word)
+    n_w = pid_n * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, W_LAYOUT))
+    w = gl.arange(0, 8, layout=gl.SliceLayout(0, W_LAYOUT))
+    in_w = (n_w < N)[:, None] & (w < 8)[None, :]
+    w_ptrs = words_ptr + (n_w * (K // 8))[:, None] + w[None, :]
     # the rows of the accumulator, for the absmax and the store
     n = pid_n * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, MMA))
     in_n = n < N
@@ -213,47 +329,60 @@ def _nf4_rows_kernel(
             _table_word(nf4_ptr, 0, zero, 0, DTYPE), _table_word(nf4_ptr, 4, zero, 0, DTYPE),
             _table_word(nf4_ptr, 8, zero, 0, DTYPE), _table_word(nf4_ptr, 12, zero, 0, DTYPE))
     acc = gl.zeros([ROWS, BM], gl.float32, layout=MMA)
-    # the adapter's Sᵀ = A·xᵀ over this split, by the first tile's programs: A's 16 rows as the MMA's first
-    # operand, x's chunk (already in registers) as its second. (Built only with an adapter: Triton 3.6 fails to
-    # lower the unused tensors of this part when there is none.)
-    if HAS_LORA:
-        r = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, A_LAYOUT)))
-        ra = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, A_LAYOUT)))
-        ia = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, A_LAYOUT)))
-        a_off = (r * stride_ar)[:, None, None] + (ra * 16)[None, :, None] + ia[None, None, :]
-        a_ok = (r < R)[:, None, None] & (ra < 4)[None, :, None] & (ia < 16)[None, None, :]
-        s_t = gl.zeros([16, BM], gl.float32, layout=MMA)
-    for k0 in range(k_lo, k_hi, _CHUNK):
+    # UNROLL chunks a step, all their loads issued before their math: UNROLL × 16 bytes of codes a lane in
+    # flight, where one chunk's 16 leave the loads waiting on memory's latency
+    for k0 in range(k_lo, k_main, _CHUNK * UNROLL):
+        w0, x0, m0 = _load_chunk(k0, w_ptrs, in_w, x_ptr, x_off, x_ok, absmax_ptr, absmax_scale_ptr,
+                                 absmax_offset_ptr, dq_ptr, row_block, in_n, BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT)
+        if UNROLL >= 2:
+            w1, x1, m1 = _load_chunk(k0 + _CHUNK, w_ptrs, in_w, x_ptr, x_off, x_ok, absmax_ptr, absmax_scale_ptr,
+                                     absmax_offset_ptr, dq_ptr, row_block, in_n, BLOCKSIZE, DQ_BLOCKSIZE,
+                                     DOUBLE_QUANT)
+        if UNROLL >= 4:
+            w2, x2, m2 = _load_chunk(k0 + 2 * _CHUNK, w_ptrs, in_w, x_ptr, x_off, x_ok, absmax_ptr,
+                                     absmax_scale_ptr, absmax_offset_ptr, dq_ptr, row_block, in_n, BLOCKSIZE,
+                                     DQ_BLOCKSIZE, DOUBLE_QUANT)
+            w3, x3, m3 = _load_chunk(k0 + 3 * _CHUNK, w_ptrs, in_w, x_ptr, x_off, x_ok, absmax_ptr,
+                                     absmax_scale_ptr, absmax_offset_ptr, dq_ptr, row_block, in_n, BLOCKSIZE,
+                                     DQ_BLOCKSIZE, DOUBLE_QUANT)
+        acc = _mma_chunk(w0, x0, m0, acc, tabs, ROWS, BM, DTYPE, MMA)
+        if UNROLL >= 2:
+            acc = _mma_chunk(w1, x1, m1, acc, tabs, ROWS, BM, DTYPE, MMA)
+        if UNROLL >= 4:
+            acc = _mma_chunk(w2, x2, m2, acc, tabs, ROWS, BM, DTYPE, MMA)
+            acc = _mma_chunk(w3, x3, m3, acc, tabs, ROWS, BM, DTYPE, MMA)
+    for k0 in range(k_main, k_hi, _CHUNK):
         word, x, absmax = _load_chunk(k0, w_ptrs, in_w, x_ptr, x_off, x_ok, absmax_ptr, absmax_scale_ptr,
                                       absmax_offset_ptr, dq_ptr, row_block, in_n, BLOCKSIZE, DQ_BLOCKSIZE,
                                       DOUBLE_QUANT)
-        acc, b = _mma_chunk(word, x, absmax, acc, tabs, ROWS, BM, DTYPE, MMA)
-        if HAS_LORA:
-            if pid_n == 0:
-                a = gl.load(a_ptr + a_off + k0, mask=a_ok, other=0.0)                    # (16, 4, 16): A's chunk
-                a = gl.reshape(gl.permute(gl.reshape(a, [16, 4, 2, 2, 2, 2]), [0, 2, 3, 4, 1, 5]), [16, _CHUNK])
-                a = gl.convert_layout(a, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2),
-                                      assert_trivial=True)
-                s_t = mma_v2(a, b, s_t)                                                 # (16, BM)
+        acc = _mma_chunk(word, x, absmax, acc, tabs, ROWS, BM, DTYPE, MMA)
     ym = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
     gl.store(part_ptr + pid_k * M * N + (ym * N)[None, :] + n[:, None], acc, mask=in_n[:, None] & (ym < M)[None, :])
-    if HAS_LORA:
-        if pid_n == 0:
-            sr = gl.arange(0, 16, layout=gl.SliceLayout(1, MMA))
-            gl.store(s_part_ptr + ((pid_k * M + ym) * 16)[None, :] + sr[:, None], s_t, mask=(ym < M)[None, :])
+    _cta_barrier()                                            # every warp's stores before the release below
+    if gl.atomic_add(count_ptr + pid_n, 1) == SPLITS - 1:     # acq_rel: this program sees the other splits' sums
+        if HAS_LORA:  # wait for S: its programs started before this one (lower indices), and are short
+            while gl.atomic_add(count_ptr + tiles, 0) < SPLITS:
+                pass
+        _finish_tile(part_ptr, s_part_ptr, b_ptr, bias_ptr, y_ptr, s_ptr, n, in_n, M, N, R, stride_bn, stride_br,
+                     stride_sm, stride_sr, scaling, pid_n == 0, SPLITS, BM, HAS_LORA, HAS_BIAS, MMA, WARPS_)
+        gl.store(count_ptr + pid_n, 0)                        # ready for the next launch
+        if HAS_LORA:  # the last tile to finish resets S's counters
+            if gl.atomic_add(count_ptr + tiles + 1, 1) == tiles - 1:
+                gl.store(count_ptr + tiles, 0)
+                gl.store(count_ptr + tiles + 1, 0)
 
 
 _LAYOUTS: dict[tuple[int, int], tuple] = {}
 
 
 def rows_fit(x2d: torch.Tensor, blocksize: int, mask2d: torch.Tensor | None, lora_A: torch.Tensor | None) -> bool:
-    """Whether ``launch_rows`` takes this forward: 3 to MAX_ROWS contiguous rows of bf16 or fp16 x, no dropout
-    mask, an adapter of rank 1 to 16 in x's dtype, a blocksize that is a multiple of CHUNK, on an NVIDIA GPU of
-    compute capability 8.0 or more (mma.sync's bf16 form), and not under Triton's interpreter (no Gluon there).
-    What was run on a GPU and nothing more: a forward without an adapter compiles (benchmarks/compiled.py's check
-    on the CPU) but has not run on one yet, so it stays on the tensor-core GEMM."""
-    return (not INTERPRETING and x2d.is_cuda and torch.version.hip is None and 2 < x2d.shape[0] <= MAX_ROWS
-            and mask2d is None and lora_A is not None and 1 <= lora_A.shape[0] <= 16 and lora_A.dtype == x2d.dtype
+    """Whether ``launch_rows`` takes this forward: MIN_ROWS to MAX_ROWS contiguous rows of bf16 or fp16 x, no
+    dropout mask, no adapter or one of rank 1 to 16 in x's dtype, a blocksize that is a multiple of CHUNK, on an
+    NVIDIA GPU of compute capability 8.0 or more (mma.sync's bf16 form), and not under Triton's interpreter (no
+    Gluon there). One and two rows go to kernels/nf4_decode_triton.py: faster at one row; at two this kernel
+    was 21-28% faster in a timing run but has not been through the GPU tests there (benchmarks/RESULTS.md)."""
+    return (not INTERPRETING and x2d.is_cuda and torch.version.hip is None and MIN_ROWS <= x2d.shape[0] <= MAX_ROWS
+            and mask2d is None and (lora_A is None or (1 <= lora_A.shape[0] <= 16 and lora_A.dtype == x2d.dtype))
             and x2d.dtype in (torch.bfloat16, torch.float16) and x2d.is_contiguous() and blocksize % CHUNK == 0
             and torch.cuda.get_device_capability(x2d.device)[0] >= 8)
 
@@ -268,24 +397,42 @@ def rows_split(N: int, K: int, num_sms: int) -> int:
 
 
 def launch_rows(x2d: torch.Tensor, state: tuple, N: int, K: int, blocksize: int, dq_blocksize: int,
-                lora_A: torch.Tensor | None, part: torch.Tensor, s_part: torch.Tensor, k_split: int) -> None:
-    """Fill part (splits, M, N) with the fp32 partial sums of x·Ŵᵀ over each k_split columns, and with an
-    adapter s_part (splits, M, 16) with those of x·Aᵀ; where ``rows_fit``, K a multiple of the blocksize."""
+                lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, scaling: float, bias: torch.Tensor | None,
+                y: torch.Tensor, s: torch.Tensor | None, k_split: int, unroll: int | None = None) -> None:
+    """y = x·Ŵᵀ + scaling·S·Bᵀ + bias into y (M, N) and, with an adapter, S = x·Aᵀ into s (M, r), both in x's
+    dtype, K split every k_split columns, in one launch; where ``rows_fit``, K a multiple of the blocksize.
+    ``unroll``: chunks a loop step, 1, 2 or 4 (default ``unroll_for``)."""
     codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values = state
     M = x2d.shape[0]
     bm = 8 if M <= 8 else 16
-    if lora_A is not None and s_part.shape[-1] != 16:
-        raise ValueError(f"launch_rows: s_part {tuple(s_part.shape)} must be (splits, M, 16): S is one MMA tile")
+    splits = triton.cdiv(K, k_split)
+    tiles = triton.cdiv(N, 16 * WARPS)
     if (WARPS, bm) not in _LAYOUTS:
         _LAYOUTS[(WARPS, bm)] = (_word_layout(WARPS), _x_layout(WARPS, bm), _x_layout(WARPS, 16))
     w_layout, x_layout, a_layout = _LAYOUTS[(WARPS, bm)]
+    part = torch.empty((splits, M, N), device=x2d.device, dtype=torch.float32)
+    s_part = torch.empty((splits, M, 16), device=x2d.device, dtype=torch.float32) if lora_A is not None else part
+    count = counters(x2d.device, tiles + 2)
     double_quant = absmax_scale is not None
     scale_arg, offset_arg, dq_arg = (absmax_scale, absmax_offset, dq_values) if double_quant else (absmax,) * 3
     a_arg = x2d if lora_A is None else lora_A.contiguous()  # A's rows read as runs of 16 columns, like x's
+    b_arg = x2d if lora_B is None else lora_B
+    s_arg = y if s is None else s
     with torch.cuda.device_of(x2d):
-        _nf4_rows_kernel[(triton.cdiv(N, 16 * WARPS), triton.cdiv(K, k_split))](
+        _nf4_rows_kernel[(tiles + (lora_A is not None), splits)](  # with an adapter, S's program first
             x2d, codes.view(torch.int32), absmax, scale_arg, offset_arg, nf4_values, dq_arg, a_arg, part, s_part,
+            b_arg, y if bias is None else bias, y, s_arg, count,
             M, N, K, 0 if lora_A is None else lora_A.shape[0], k_split, x2d.stride(0), a_arg.stride(0),
+            b_arg.stride(0), b_arg.stride(-1), s_arg.stride(0), s_arg.stride(-1), scaling,
             BM=bm, WARPS_=WARPS, BLOCKSIZE=blocksize, DQ_BLOCKSIZE=dq_blocksize, DOUBLE_QUANT=double_quant,
-            HAS_LORA=lora_A is not None, W_LAYOUT=w_layout, X_LAYOUT=x_layout, A_LAYOUT=a_layout, num_warps=WARPS,
+            HAS_LORA=lora_A is not None, HAS_BIAS=bias is not None, SPLITS=splits,
+            UNROLL=unroll or unroll_for(M), W_LAYOUT=w_layout, X_LAYOUT=x_layout, A_LAYOUT=a_layout,
+            num_warps=WARPS,
         )
+
+
+def unroll_for(M: int) -> int:
+    """Chunks a loop step: 4 up to 8 rows of x, 2 above (at 16 rows 4 chunks' x and accumulators take twice the
+    registers). On an H100 at K = N = 4096 (benchmarks/RESULTS.md), of 1, 2 and 4 chunks a step, 4 was the fastest
+    or within 1% at 1-16 rows; at 16 rows 2 was within 4% of it, and is what went through the GPU tests there."""
+    return 4 if M <= 8 else 2

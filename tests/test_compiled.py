@@ -191,10 +191,10 @@ def test_an_unknown_kernel_is_named():
 
 
 def test_the_gluon_kernel_keeps_its_weight_operand_in_registers():
-    """kernels/nf4_rows_gluon.py at 16 rows: mma.sync (HMMA) with no shared memory at all — the layout
+    """kernels/nf4_rows_gluon.py at 16 rows: mma.sync (HMMA) with no shared memory in its loop — the layout
     conversions it asserts trivial moved no data — and the lookup's PRMTs in the loop."""
     run = _run("--kernels", "nf4_rows_16")
     assert run.returncode == 0, run.stderr[-2000:]
     row = _rows(run.stdout)["nf4_rows_16"]
-    assert row["MMA"] == "HMMA" and row["smem KiB"] == "0" and row["serialized"] == "no"
+    assert row["MMA"] == "HMMA" and row["loop smem"] == "0" and row["serialized"] == "no"
     assert 0 < int(row["regs"]) <= 255 and "PRMT" in row["top"] and float(row["per weight"]) > 0

@@ -14,9 +14,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_nf4_decode import _check, _expected, _tensors, captured_auto_step  # the decode tests' helpers
+from test_nf4_decode import _check, _counters_are_zero, _expected, _tensors, captured_auto_step  # shared helpers
 
-from minipeft.kernels import nf4_decode_triton, nf4_lora_triton, nf4_rows_gluon
+from minipeft.kernels import nf4_lora_triton, nf4_rows_gluon
 from minipeft.quant.nf4 import NF4_CODEBOOK, kernel_arguments, quantize_nf4
 
 CUDA = torch.cuda.is_available()
@@ -110,7 +110,8 @@ def _counting(monkeypatch) -> list:
                                                                 (768, 3072, 128, True), (1000, 8192, 4096, True),
                                                                 (50, 256, 256, False), (300, 1088, 64, True)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_rows_on_gpu(dtype, rows, out_f, in_f, blocksize, double_quant, bias, monkeypatch):
+@pytest.mark.parametrize("rank", [16, 0], ids=["r16", "no_adapter"])
+def test_rows_on_gpu(dtype, rows, out_f, in_f, blocksize, double_quant, bias, rank, monkeypatch):
     """GPT-2's widths and a 4096-wide layer; 4096-column blocks that span a split; 50 rows of Ŵ (part of one
     program's 128) and 1088 columns (17 chunks: a last split shorter than the others). The same bits on every
     call: the splits' partial sums are added in a fixed order."""
@@ -119,21 +120,24 @@ def test_rows_on_gpu(dtype, rows, out_f, in_f, blocksize, double_quant, bias, mo
                      blocksize, double_quant)
     x, a, b, bias_t = _tensors(rows, out_f, in_f, 16, dtype, seed=rows, device="cuda")
     bias_t = bias_t if bias else None
+    a, b = (a, b) if rank else (None, None)
     args = (x, kernel_arguments(q), out_f, in_f, blocksize, q.dq_blocksize, a, b, 2.0, None, bias_t)
     y, s = nf4_lora_triton.nf4_forward(*args)
     assert calls, "the forward did not take the Gluon kernel"
     y_expected, s_expected = _expected(q, x, a, b, bias_t)
     _check(y, y_expected, dtype)
-    _check(s, s_expected, dtype)
+    if rank:
+        _check(s, s_expected, dtype)
     for _ in range(2):
         assert torch.equal(nf4_lora_triton.nf4_forward(*args)[0], y)
+    assert _counters_are_zero()  # the split counters, left at zero for the next call
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("rows,dtype,blocksize,mask,split,rank,takes", [
-    (nf4_decode_triton.MAX_ROWS, torch.bfloat16, 64, False, None, 4, False),     # the decode kernel
-    (nf4_decode_triton.MAX_ROWS + 1, torch.bfloat16, 64, False, None, 4, True),
+    (nf4_rows_gluon.MIN_ROWS - 1, torch.bfloat16, 64, False, None, 4, False),    # the decode kernel
+    (nf4_rows_gluon.MIN_ROWS, torch.bfloat16, 64, False, None, 4, True),
     (nf4_rows_gluon.MAX_ROWS, torch.float16, 64, False, None, 16, True),
     (nf4_rows_gluon.MAX_ROWS + 1, torch.bfloat16, 64, False, None, 4, False),    # the tensor-core GEMM from here
     (8, torch.float32, 64, False, None, 4, False),                                # mma.sync takes 16-bit operands
@@ -141,7 +145,7 @@ def test_rows_on_gpu(dtype, rows, out_f, in_f, blocksize, double_quant, bias, mo
     (8, torch.bfloat16, 64, True, None, 4, False),                                # a dropout mask
     (8, torch.bfloat16, 64, False, 2, 4, False),                                  # a split asked for
     (8, torch.bfloat16, 64, False, None, 17, False),                              # S takes one MMA tile of A
-    (8, torch.bfloat16, 64, False, None, 0, False),                               # no adapter: not run on a GPU yet
+    (8, torch.bfloat16, 64, False, None, 0, True),                                # no adapter
 ])
 def test_which_rows_take_it(rows, dtype, blocksize, mask, split, rank, takes, monkeypatch):
     calls = _counting(monkeypatch)
