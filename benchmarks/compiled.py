@@ -81,6 +81,7 @@ class Launch:
     num_stages: int
     weights_per_iteration: int = 0  # per program; 0 where "per weight" means nothing (a bf16 GEMM)
     tile_note: str = ""             # where the tile comes from: the kernel's untuned default, or an autotune candidate
+    most_mma: bool = False          # work_loop's choice for a loop written out over several chunks
 
     @property
     def tile(self) -> str:
@@ -199,11 +200,13 @@ def instructions(sass: str) -> list[Instruction]:
     return found
 
 
-def work_loop(code: list[Instruction]) -> list[Instruction]:
+def work_loop(code: list[Instruction], most_mma: bool = False) -> list[Instruction]:
     """The loop that does the work: the innermost loop with a warpgroup MMA in it, else the innermost with an
     MMA, else the longest loop. A loop runs from a backward branch's target to the branch; branches after the
     last EXIT that always runs are left out (ptxas puts out-of-line code there, such as the retry of a barrier
-    wait, which jumps back into the loop it came from)."""
+    wait, which jumps back into the loop it came from). ``most_mma``: of the loops with an MMA, the one with the
+    most MMA instructions, the longer on a tie — for a kernel whose loop is written out over several chunks
+    (its remainder loop, one chunk, is shorter) beside short loops of another program's work."""
     index = {ins.address: i for i, ins in enumerate(code)}
     last_exit = max((i for i, ins in enumerate(code) if ins.opcode == "EXIT" and not ins.predicate),
                     default=len(code))
@@ -214,6 +217,8 @@ def work_loop(code: list[Instruction]) -> list[Instruction]:
             loops.append(code[index[int(target.group(1), 16)]:i + 1])
     for mma in ("HGMMA", "HMMA"):  # a kernel's small side loops (S = x·Aᵀ, say) may use the older MMA
         with_mma = [body for body in loops if any(ins.opcode.startswith(mma) for ins in body)]
+        if with_mma and most_mma:
+            return max(with_mma, key=lambda body: (sum(ins.opcode.startswith(mma) for ins in body), len(body)))
         if with_mma:
             return min(with_mma, key=len)
     return max(loops, key=len, default=[])
@@ -270,7 +275,7 @@ class Report:
 def report(launch: Launch) -> Report:
     compiled, log = compile_for_hopper(launch)
     regs = re.search(r"REG:(\d+)", _cuobjdump(compiled.asm["cubin"], "-res-usage"))
-    loop = work_loop(instructions(_cuobjdump(compiled.asm["cubin"], "-sass")))
+    loop = work_loop(instructions(_cuobjdump(compiled.asm["cubin"], "-sass")), launch.most_mma)
     bases = {ins.opcode.split(".")[0] for ins in loop}
     return Report(launch, int(regs.group(1)) if regs else -1, compiled.metadata.shared,
                   "HGMMA" if "HGMMA" in bases else "HMMA" if "HMMA" in bases else "-",
@@ -398,22 +403,22 @@ def _nf4_decode() -> Launch:
 
 
 def _nf4_rows() -> Launch:
-    """The Gluon kernel for a few rows (kernels/nf4_rows_gluon.py) at 16 rows of x, K = N = 4096, its split.
-    Without an adapter: with one, S is made by programs of its own, and the weight's loop is the same."""
-    M, K, N = 16, 4096, 4096
+    """The Gluon kernel for a few rows (kernels/nf4_rows_gluon.py) at 16 rows of x, K = N = 4096, its split, a
+    rank-16 adapter (whose S is made by programs of their own: the work loop is the weight's)."""
+    M, K, N, r = 16, 4096, 4096, 16
     g = nf4_rows_gluon
     k_split = g.rows_split(N, K, 132)
     args = dict(x_ptr="*bf16", words_ptr="*i32", absmax_ptr="*u8", absmax_scale_ptr="*fp32",
                 absmax_offset_ptr="*fp32", nf4_ptr="*fp32", dq_ptr="*fp32", a_ptr="*bf16", part_ptr="*fp32",
                 s_part_ptr="*fp32", b_ptr="*bf16", bias_ptr="*bf16", y_ptr="*bf16", s_ptr="*bf16", count_ptr="*i32",
-                M=M, N=N, K=K, R=0, K_SPLIT=k_split, stride_xm=K, stride_ar=K, stride_bn=16, stride_br=1,
-                stride_sm=16, stride_sr=1, scaling=2.0)
-    constexprs = dict(BM=16, WARPS_=g.WARPS, BLOCKSIZE=64, DQ_BLOCKSIZE=256, DOUBLE_QUANT=True, HAS_LORA=False,
+                M=M, N=N, K=K, R=r, K_SPLIT=k_split, stride_xm=K, stride_ar=K, stride_bn=r, stride_br=1,
+                stride_sm=r, stride_sr=1, scaling=2.0)
+    constexprs = dict(BM=16, WARPS_=g.WARPS, BLOCKSIZE=64, DQ_BLOCKSIZE=256, DOUBLE_QUANT=True, HAS_LORA=True,
                       HAS_BIAS=True, SPLITS=K // k_split, UNROLL=g.unroll_for(M),
                       W_LAYOUT=g._word_layout(g.WARPS), X_LAYOUT=g._x_layout(g.WARPS, 16),
                       A_LAYOUT=g._x_layout(g.WARPS, 16))
-    return Launch("nf4_rows_16", f"{M} x {K} -> {N}, NF4, bf16", g._nf4_rows_kernel, args, constexprs,
-                  g.WARPS, 1, weights_per_iteration=16 * g.WARPS * g.CHUNK)
+    return Launch("nf4_rows_16", f"{M} x {K} -> {N}, NF4 + LoRA r {r}, bf16", g._nf4_rows_kernel, args, constexprs,
+                  g.WARPS, 1, weights_per_iteration=g.unroll_for(M) * 16 * g.WARPS * g.CHUNK, most_mma=True)
 
 
 LAUNCHES = {

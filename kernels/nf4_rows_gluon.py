@@ -13,8 +13,8 @@ tensor cores — one rounding per weight, as dequantize-then-GEMM's Ŵ = round(v
 The tensor-core GEMM of kernels/nf4_lora_triton.py makes each tile of Ŵ in registers and then stores it to
 shared memory, because the MMA it uses (Hopper's wgmma) takes its weight operand from there, or from registers
 laid out as the MMA wants them. Here the weight goes from the loaded codes straight into the registers of
-``mma.sync.m16n8k16`` (the MMA of Ampere, which Hopper runs too), with no shared memory and no barrier, by two
-choices:
+``mma.sync.m16n8k16`` (the MMA of Ampere, which Hopper runs too), with no shared memory and no barrier in the loop,
+by two choices:
 
 1. **Which k each lane holds.** In an m16n8k16 MMA, lane t holds A[t/4][2(t%4) + {0, 1}], A[t/4 + 8][...], and
    the same 8 columns on: two pairs of columns per row, per 16 columns. The sum over k does not care which
@@ -49,8 +49,9 @@ check its lookup by running ``LOOKUP_ASM`` through a small PRMT emulator, and th
             (the first tile stores S; the counters go back to zero for the next launch)
 
 The splits are added in a fixed order (split 0, 1, ...) whichever program finishes last, so a call gives the same
-bits every time; the counters are kernels/nf4_decode_triton.py's (``counters``), which states the two things
-such a design assumes. Loading UNROLL = 4 chunks before their math (2 above 8 rows: ``unroll_for``) keeps 4 × 16
+bits every time; the counters are kernels/nf4_decode_triton.py's (``counters``), whose module docstring states the
+two things such a design assumes (programs start in the order of their index; no two launches count in one
+buffer at once). Loading UNROLL = 4 chunks before their math (2 above 8 rows: ``unroll_for``) keeps 4 × 16
 bytes of codes a lane in flight: with one chunk a step the loads waited on memory's latency (on an H100, 10.1
 against 9.1 µs at 3-4 rows without an adapter). ``nf4_lora_triton.nf4_forward`` launches it for 3 to 16 rows of
 bf16 or fp16 x without a dropout mask, without an adapter or with one of rank 1 to 16, on an NVIDIA GPU and a
@@ -388,8 +389,9 @@ def rows_fit(x2d: torch.Tensor, blocksize: int, mask2d: torch.Tensor | None, lor
 
 
 def rows_split(N: int, K: int, num_sms: int) -> int:
-    """Columns of K a split: about two programs an SM, at least 256 columns each, a multiple of 128 (both
-    forward kernels' steps). At K = N = 4096 on an H100 (132 SMs): 512; splits of 256-1024 columns timed within
+    """Columns of K a split: about two programs an SM, at least 256 columns each, a multiple of 128 (the
+    tensor-core GEMM's step; a split that is not a multiple of this kernel's UNROLL chunks ends in single
+    chunks). At K = N = 4096 on an H100 (132 SMs): 512; splits of 256-1024 columns timed within
     11% of each other (the kernel's first version, benchmarks/RESULTS.md)."""
     tiles = triton.cdiv(N, 16 * WARPS)
     split = max(1, min(2 * num_sms // tiles, K // 256))
@@ -404,6 +406,11 @@ def launch_rows(x2d: torch.Tensor, state: tuple, N: int, K: int, blocksize: int,
     ``unroll``: chunks a loop step, 1, 2 or 4 (default ``unroll_for``)."""
     codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values = state
     M = x2d.shape[0]
+    unroll = unroll or unroll_for(M)
+    if unroll not in (1, 2, 4):  # the loop's body is written out for these
+        raise ValueError(f"launch_rows: unroll={unroll}: expected 1, 2 or 4 chunks a step")
+    if (lora_A is None) != (lora_B is None) or (lora_A is None) != (s is None) or not y.is_contiguous():
+        raise ValueError("launch_rows: lora_A, lora_B and s together or none of them, and a contiguous y (M, N)")
     bm = 8 if M <= 8 else 16
     splits = triton.cdiv(K, k_split)
     tiles = triton.cdiv(N, 16 * WARPS)
@@ -426,7 +433,7 @@ def launch_rows(x2d: torch.Tensor, state: tuple, N: int, K: int, blocksize: int,
             b_arg.stride(0), b_arg.stride(-1), s_arg.stride(0), s_arg.stride(-1), scaling,
             BM=bm, WARPS_=WARPS, BLOCKSIZE=blocksize, DQ_BLOCKSIZE=dq_blocksize, DOUBLE_QUANT=double_quant,
             HAS_LORA=lora_A is not None, HAS_BIAS=bias is not None, SPLITS=splits,
-            UNROLL=unroll or unroll_for(M), W_LAYOUT=w_layout, X_LAYOUT=x_layout, A_LAYOUT=a_layout,
+            UNROLL=unroll, W_LAYOUT=w_layout, X_LAYOUT=x_layout, A_LAYOUT=a_layout,
             num_warps=WARPS,
         )
 

@@ -60,6 +60,18 @@ def test_the_work_loop_is_the_innermost_with_a_warpgroup_mma(compiled):
     assert compiled.mma_in_flight(loop) == 1
 
 
+def test_with_most_mma_the_work_loop_is_the_one_written_out_over_chunks(compiled):
+    """A short side loop (two MMAs), the main loop over two chunks (two MMAs and its lookups) and its remainder
+    loop (one chunk, one MMA): by default the shortest loop with an MMA, with ``most_mma`` the main loop."""
+    hmma = "HMMA.16816.F32.BF16 R4, R8, R12, R4"
+    code = [hmma, hmma, "BRA 0x0",                                                       # 0x00: side loop
+            "PRMT R1, R2, 0x3210, R3", hmma, "PRMT R1, R2, 0x3210, R3", hmma, "BRA 0x30",  # 0x30: main loop
+            "PRMT R1, R2, 0x3210, R3", hmma, "BRA 0x80", "EXIT"]                         # 0x80: remainder
+    code = compiled.instructions(_sass(code))
+    assert [ins.address for ins in compiled.work_loop(code)] == [0x00, 0x10, 0x20]
+    assert [ins.address for ins in compiled.work_loop(code, most_mma=True)] == [0x30, 0x40, 0x50, 0x60, 0x70]
+
+
 def test_without_an_mma_the_work_loop_is_the_longest_and_nothing_is_in_flight(compiled):
     code = ["FFMA R1, R2, R3, R1", "BRA 0x0", "SHFL.IDX R4, R5, R6, R7", "FFMA R1, R4, R3, R1",
             "LOP3.LUT R5, R5, 0xf, RZ, 0xc0, !PT", "BRA 0x20", "EXIT"]

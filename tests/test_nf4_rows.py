@@ -154,11 +154,14 @@ def test_which_rows_take_it(rows, dtype, blocksize, mask, split, rank, takes, mo
     x, a, b, bias = _tensors(rows, 256, 512, max(rank, 1), dtype, seed=1, device="cuda")
     a, b = (a, b) if rank else (None, None)
     drop = (torch.rand(rows, 512, device="cuda") > 0.5).to(dtype) if mask else None
-    y, _ = nf4_lora_triton.nf4_forward(x, kernel_arguments(q), 256, 512, blocksize, q.dq_blocksize, a, b, 2.0, drop,
+    y, s = nf4_lora_triton.nf4_forward(x, kernel_arguments(q), 256, 512, blocksize, q.dq_blocksize, a, b, 2.0, drop,
                                        bias, split_k=split)
     assert bool(calls) == takes
     if drop is None:
-        _check(y, _expected(q, x, a, b, bias)[0], dtype)
+        y_expected, s_expected = _expected(q, x, a, b, bias)
+        _check(y, y_expected, dtype)
+        if rank:  # S of a rank below the MMA's 16 rows of A
+            _check(s, s_expected, dtype)
 
 
 @pytest.mark.gpu
