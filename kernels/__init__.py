@@ -1046,12 +1046,13 @@ def nf4_lora_linear(
       "reference": ``nf4_linear`` on the reference dequantization, plus the reference's low-rank term.
       "triton":    kernels/nf4_lora_triton.py on every call: Triton GEMMs for y and for dX that read the 4-bit
                    codes and dequantize in registers, with the low-rank term in the same launch or, when the
-                   forward splits K across programs, in the launch that adds the partial sums; from 3 to
+                   forward splits K across programs, in the launch that adds the partial sums; from 2 to
                    ``nf4_rows_gluon.MAX_ROWS`` rows of 16-bit x without dropout on a GPU (no adapter or one of
                    rank ≤ 16, a blocksize that is a multiple of 64), kernels/nf4_rows_gluon.py (mma.sync with
                    the weight operand made in registers, the low-rank term in the same launch; a Gluon kernel,
-                   Triton's lower level), and for one or two rows without dropout, kernels/nf4_decode_triton.py
-                   (matrix-vector products on CUDA cores, the low-rank term in the same launch); the LoRA
+                   Triton's lower level), and for one row without dropout (two where that kernel cannot),
+                   kernels/nf4_decode_triton.py (matrix-vector products on CUDA cores, the low-rank term in the
+                   same launch); the LoRA
                    kernels for G, dA and dB (and S, unless the forward's programs make it). A ValueError
                    says why where it cannot run.
       "auto":      on CUDA, the fused kernels for a call without gradients on at most ``NF4_FUSED_MAX_ROWS``

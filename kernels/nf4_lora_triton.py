@@ -43,12 +43,12 @@ side, the codes read as words and looked up by one gather per chunk, K split acr
 rows (with S made by the same launch): on an H200, 1.78× the time of a bf16 linear layer at 16 rows (before
 kernels/nf4_rows_gluon.py took those rows) and 2.44× at 4096 (K = N = 4096, with a rank-16 adapter). The section
 above the kernel says what each change removed, and benchmarks/RESULTS.md what still keeps it behind a bf16 GEMM.
-A forward of at most ``nf4_decode_triton.MAX_ROWS`` rows without dropout (a decode step) skips the tensor cores:
-kernels/nf4_decode_triton.py, matrix-vector products on CUDA cores, 2.6× faster for one row on an H200 than this
-GEMM was with its earlier lookup. From 3 to 16 rows of bf16 or fp16 x on an NVIDIA GPU (no dropout, no adapter or
-one of rank ≤ 16, a blocksize of 64 or more) the forward runs kernels/nf4_rows_gluon.py instead, in one launch:
-the weight built straight into the registers of Ampere's mma.sync, no shared memory in its loop (a Gluon kernel,
-GPU only).
+A forward of one row without dropout (a decode step) skips the tensor cores: kernels/nf4_decode_triton.py,
+matrix-vector products on CUDA cores, 2.6× faster for one row on an H200 than this GEMM was with its earlier
+lookup (it takes ``nf4_decode_triton.MAX_ROWS`` rows, two also where the kernel below cannot). From 2 to 16
+rows of bf16 or fp16 x on an NVIDIA GPU (no dropout, no adapter or one of rank ≤ 16, a blocksize of 64 or more)
+the forward runs kernels/nf4_rows_gluon.py instead, in one launch: the weight built straight into the registers
+of Ampere's mma.sync, no shared memory in its loop (a Gluon kernel, GPU only).
 
 Registered as ``minipeft::nf4_lora_linear_triton`` (forward) and ``minipeft::nf4_lora_linear_triton_backward``,
 with an autograd.Function twin for eager mode, as kernels/lora_triton.py does and for the same reasons.

@@ -51,9 +51,9 @@ check its lookup by running ``LOOKUP_ASM`` through a small PRMT emulator, and th
 The splits are added in a fixed order (split 0, 1, ...) whichever program finishes last, so a call gives the same
 bits every time; the counters are kernels/nf4_decode_triton.py's (``counters``), whose module docstring states the
 two things such a design assumes (programs start in the order of their index; no two launches count in one
-buffer at once). Loading UNROLL = 4 chunks before their math (2 above 8 rows: ``unroll_for``) keeps 4 × 16
-bytes of codes a lane in flight: with one chunk a step the loads waited on memory's latency (on an H100, 10.1
-against 9.1 µs at 3-4 rows without an adapter). ``nf4_lora_triton.nf4_forward`` launches it for 3 to 16 rows of
+buffer at once). Loading UNROLL = 4 chunks before their math (``unroll_for``) keeps 4 × 16 bytes of codes a
+lane in flight: with one chunk a step the loads waited on memory's latency (on an H100, 10.1 against 9.1 µs at
+3-4 rows without an adapter). ``nf4_lora_triton.nf4_forward`` launches it for 2 to 16 rows of
 bf16 or fp16 x without a dropout mask, without an adapter or with one of rank 1 to 16, on an NVIDIA GPU and a
 blocksize of 64 or more (``rows_fit``).
 """
@@ -71,7 +71,7 @@ from .triton_interpreter import INTERPRETING
 
 __all__ = ["MIN_ROWS", "MAX_ROWS", "LOOKUP_ASM", "table_words", "rows_fit", "launch_rows", "rows_split", "unroll_for"]
 
-MIN_ROWS = 3     # one and two rows: kernels/nf4_decode_triton.py (see rows_fit)
+MIN_ROWS = 2     # one row: kernels/nf4_decode_triton.py (see rows_fit)
 MAX_ROWS = 16    # x's rows: two n8 tiles of the MMA
 WARPS = 8        # warps a program: 128 rows of Ŵ
 CHUNK = 64       # columns of K an MMA chunk: one quantization block or part of one (blocksize ≥ 64)
@@ -380,8 +380,8 @@ def rows_fit(x2d: torch.Tensor, blocksize: int, mask2d: torch.Tensor | None, lor
     """Whether ``launch_rows`` takes this forward: MIN_ROWS to MAX_ROWS contiguous rows of bf16 or fp16 x, no
     dropout mask, no adapter or one of rank 1 to 16 in x's dtype, a blocksize that is a multiple of CHUNK, on an
     NVIDIA GPU of compute capability 8.0 or more (mma.sync's bf16 form), and not under Triton's interpreter (no
-    Gluon there). One and two rows go to kernels/nf4_decode_triton.py: faster at one row; at two this kernel
-    was 21-28% faster in a timing run but has not been through the GPU tests there (benchmarks/RESULTS.md)."""
+    Gluon there). One row goes to kernels/nf4_decode_triton.py, 13-22% faster there; at two rows this kernel took
+    23-28% less time than the decode kernel (H100, benchmarks/RESULTS.md)."""
     return (not INTERPRETING and x2d.is_cuda and torch.version.hip is None and MIN_ROWS <= x2d.shape[0] <= MAX_ROWS
             and mask2d is None and (lora_A is None or (1 <= lora_A.shape[0] <= 16 and lora_A.dtype == x2d.dtype))
             and x2d.dtype in (torch.bfloat16, torch.float16) and x2d.is_contiguous() and blocksize % CHUNK == 0
@@ -439,7 +439,6 @@ def launch_rows(x2d: torch.Tensor, state: tuple, N: int, K: int, blocksize: int,
 
 
 def unroll_for(M: int) -> int:
-    """Chunks a loop step: 4 up to 8 rows of x, 2 above (at 16 rows 4 chunks' x and accumulators take twice the
-    registers). On an H100 at K = N = 4096 (benchmarks/RESULTS.md), of 1, 2 and 4 chunks a step, 4 was the fastest
-    or within 1% at 1-16 rows; at 16 rows 2 was within 4% of it, and is what went through the GPU tests there."""
-    return 4 if M <= 8 else 2
+    """Chunks a loop step: 4 at every row count. On an H100 at K = N = 4096 (benchmarks/RESULTS.md), of 1, 2 and 4
+    chunks a step, 4 was the fastest or within 2% of it at 1-16 rows, with and without an adapter."""
+    return 4
