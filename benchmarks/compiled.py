@@ -61,7 +61,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
-from minipeft.kernels import lora_triton, nf4_decode_triton, nf4_lora_triton, nf4_rows_gluon  # noqa: E402
+from minipeft.kernels import lora_triton, nf4_decode_triton, nf4_lora_triton, nf4_merge_gluon, nf4_rows_gluon  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)  # sm_90a (H100, H200), 32 threads a warp
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -206,7 +206,8 @@ def work_loop(code: list[Instruction], most_mma: bool = False) -> list[Instructi
     last EXIT that always runs are left out (ptxas puts out-of-line code there, such as the retry of a barrier
     wait, which jumps back into the loop it came from). ``most_mma``: of the loops with an MMA, the one with the
     most MMA instructions, the longer on a tie — for a kernel whose loop is written out over several chunks
-    (its remainder loop, one chunk, is shorter) beside short loops of another program's work."""
+    (its remainder loop, one chunk, is shorter) beside short loops of another program's work. A kernel without a
+    loop (one tile a program) is all work: its code up to the last EXIT."""
     index = {ins.address: i for i, ins in enumerate(code)}
     last_exit = max((i for i, ins in enumerate(code) if ins.opcode == "EXIT" and not ins.predicate),
                     default=len(code))
@@ -221,7 +222,7 @@ def work_loop(code: list[Instruction], most_mma: bool = False) -> list[Instructi
             return max(with_mma, key=lambda body: (sum(ins.opcode.startswith(mma) for ins in body), len(body)))
         if with_mma:
             return min(with_mma, key=len)
-    return max(loops, key=len, default=[])
+    return max(loops, key=len, default=code[:last_exit + 1])  # no loop (a tile a program): all of the code
 
 
 def mma_in_flight(loop: list[Instruction]) -> int | None:
@@ -421,6 +422,21 @@ def _nf4_rows() -> Launch:
                   g.WARPS, 1, weights_per_iteration=g.unroll_for(M) * 16 * g.WARPS * g.CHUNK, most_mma=True)
 
 
+def _nf4_merge() -> Launch:
+    """The merged weight W' = Ŵ + scaling·B·A from the codes in the MMA's layout (kernels/nf4_merge_gluon.py) at
+    4096 × 4096, rank 16: the loop over a program's tiles along a row."""
+    N = K = 4096
+    g = nf4_merge_gluon
+    args = dict(words_ptr="*i32", absmax_ptr="*u8", absmax_scale_ptr="*fp32", absmax_offset_ptr="*fp32",
+                nf4_ptr="*fp32", dq_ptr="*fp32", a_ptr="*bf16", b_ptr="*bf16", out_ptr="*bf16", N=N, K=K, R=16,
+                stride_ar=K, stride_ak=1, stride_bn=16, stride_br=1, scaling=2.0)
+    constexprs = dict(BLOCKSIZE=64, BLOCK_BITS=6, DQ_BLOCKSIZE=256, DQ_BITS=8, DOUBLE_QUANT=True, R_PAD=16, BK=g.BK,
+                      TILES=g.tiles_for(N, K, g.BK, g.WARPS, 132), WARPS_=g.WARPS,
+                      W_LAYOUT=g._word_layout(g.WARPS, g.BK // 8), OUT_LAYOUT=g._out_layout(g.WARPS, g.BK))
+    return Launch("nf4_merge_4096", f"{N} x {K}, NF4 + LoRA r 16 -> bf16", g._nf4_merge_mma_kernel, args,
+                  constexprs, g.WARPS, 1, weights_per_iteration=16 * g.WARPS * g.BK)
+
+
 LAUNCHES = {
     "lora_forward": lambda: _lora_gemm(True),
     "lora_dx": lambda: _lora_gemm(False),
@@ -431,6 +447,7 @@ LAUNCHES = {
     "nf4_forward_16": lambda: _nf4_forward(16),
     "nf4_decode_1": _nf4_decode,
     "nf4_rows_16": _nf4_rows,
+    "nf4_merge_4096": _nf4_merge,
 }
 
 

@@ -924,13 +924,13 @@ def nf4_linear(
     return nf4_autograd.nf4_linear_op(x, *state, bias, out_features, in_features, blocksize, dq_blocksize, route)
 
 
-# "auto" runs the fused NF4 + LoRA kernels for calls of at most this many rows that need no gradient (H200,
-# K = N = 4096: the fused forward beat dequantize-then-cuBLAS at 1 and 16 rows and lost at 256; RESULTS.md).
-NF4_FUSED_MAX_ROWS = 16
-# ... and the merged weight (kernels/nf4_merge_triton.py) from this many rows on (H100, K = N = 4096, × the bf16
-# linear: even with dequantize-then-GEMM at 256 rows, 2.85 against 2.79; 1.19 against 1.48 at 4096; fewer rows not
-# measured, where the merge's 13 µs more than the dequantization would show; RESULTS.md).
-NF4_MERGED_MIN_ROWS = 256
+# "auto" runs the fused NF4 + LoRA kernels for calls of at most this many rows that need no gradient (H100,
+# K = N = 4096, × the bf16 linear, autotuned: 2.71 against dequantize-then-cuBLAS's 4.48 at 64 rows, 2.04 against
+# 3.03 at 128; at 256 the merged weight's 2.05 against 2.53; RESULTS.md) ...
+NF4_FUSED_MAX_ROWS = 128
+# ... and above, the merged weight (kernels/nf4_merge_gluon.py, kernels/nf4_merge_triton.py): 2.05 at 256 rows
+# against dequantize-then-cuBLAS's 2.48, 1.15 against 1.50 at 4096 (129-255 rows not measured).
+NF4_MERGED_MIN_ROWS = NF4_FUSED_MAX_ROWS + 1
 
 
 def _nf4_fused_pays(x, bias, lora_A, lora_B, in_features: int, blocksize: int) -> bool:
@@ -945,9 +945,10 @@ def _nf4_fused_pays(x, bias, lora_A, lora_B, in_features: int, blocksize: int) -
 def _nf4_merged_pays(x, bias, lora_A, lora_B, dropout_mask, out_features: int, in_features: int,
                      blocksize: int) -> bool:
     """Whether "auto" runs this QLoRA call on its merged weight: W' = Ŵ + scaling·B·A made from the codes by
-    kernels/nf4_merge_triton.py, then one cuBLAS GEMM. For a call on CUDA without gradients or a dropout mask, of
-    at least ``NF4_MERGED_MIN_ROWS`` rows, with whole blocks per row: the low-rank term's passes over (rows, out)
-    tensors are then gone. (x, A, B and a bias share a dtype: ``_validate`` checked it.)"""
+    kernels/nf4_merge_triton.py (kernels/nf4_merge_gluon.py for a 16-bit adapter), then one cuBLAS GEMM. For a
+    call on CUDA without gradients or a dropout mask, of at least ``NF4_MERGED_MIN_ROWS`` rows, with whole blocks
+    per row: the low-rank term's passes over (rows, out) tensors are then gone. (x, A, B and a bias share a
+    dtype: ``_validate`` checked it.)"""
     return (x.device.type == "cuda" and dropout_mask is None and x.numel() >= NF4_MERGED_MIN_ROWS * in_features
             and not _needs_grad(x, bias, lora_A, lora_B) and in_features % blocksize == 0
             and _triton_unavailable(x.device, x.dtype) is None and _nf4_triton_unavailable(x.device, x.dtype) is None
@@ -1006,8 +1007,9 @@ def nf4_lora_route(
     kernels/nf4_lora_triton.py), "merged" (the merged weight made from the codes, then one cuBLAS GEMM: what
     "auto" runs on CUDA from ``NF4_MERGED_MIN_ROWS`` rows on without gradients), "dequantize" (the Triton
     dequantization, a cuBLAS GEMM and the low-rank term as torch ops: what "auto" runs on CUDA for training and
-    between the two row counts) or "reference". Whether a gradient is wanted counts, as in the call. Checks the
-    arguments as the call does, and raises where an explicit "triton" could not run; runs nothing."""
+    for a batch of more than ``NF4_FUSED_MAX_ROWS`` rows with dropout) or "reference". Whether a gradient is
+    wanted counts, as in the call. Checks the arguments as the call does, and raises where an explicit "triton"
+    could not run; runs nothing."""
     name = _nf4_lora_checked(x, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, bias,
                              out_features, in_features, blocksize, dq_blocksize, lora_A, lora_B, scaling,
                              dropout_mask, backend, "nf4_lora_route(backend=...)")
@@ -1056,10 +1058,11 @@ def nf4_lora_linear(
                    kernels for G, dA and dB (and S, unless the forward's programs make it). A ValueError
                    says why where it cannot run.
       "auto":      on CUDA, the fused kernels for a call without gradients on at most ``NF4_FUSED_MAX_ROWS``
-                   rows (a decode step: the forward kernel reads the 4-bit codes once, where dequantizing
-                   first writes and reads a 16-bit copy of Ŵ); from ``NF4_MERGED_MIN_ROWS`` rows on without
-                   gradients or dropout, the merged weight Ŵ + scaling·B·A made from the codes in one Triton
-                   pass (kernels/nf4_merge_triton.py, never cached) and one cuBLAS GEMM; otherwise
+                   rows (a decode step or a short batch: the forward kernel reads the 4-bit codes once, where
+                   dequantizing first writes and reads a 16-bit copy of Ŵ); above, without gradients or
+                   dropout, the merged weight Ŵ + scaling·B·A made from the codes in one pass
+                   (kernels/nf4_merge_triton.py; kernels/nf4_merge_gluon.py for a 16-bit adapter; never
+                   cached) and one cuBLAS GEMM; otherwise
                    ``nf4_linear`` with the Triton dequantization and a cuBLAS GEMM, plus the low-rank term as
                    torch ops (benchmarks/RESULTS.md has the routes timed); the reference elsewhere, and for a
                    weight of 2**31 elements or more (past the kernels' 32-bit offsets).

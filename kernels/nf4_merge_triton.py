@@ -31,6 +31,7 @@ from .limits import NF4_BLOCKSIZES, OFFSET_LIMIT
 from .lora_merge_triton import low_rank_tile
 from .lora_triton import _pad_rank
 from .nf4_lora_triton import _nf4_rows
+from .nf4_merge_gluon import launch_merge, merge_fits
 from .triton_interpreter import INTERPRETING, interpreter_lock
 
 __all__ = ["nf4_merge_triton", "nf4_merge_op"]
@@ -72,7 +73,9 @@ def nf4_merge_triton(
     """Ŵ + scaling·B·A as a new contiguous (out_features, in_features) tensor of A's dtype. The NF4 state as the
     kernels take it (flat, contiguous: ``minipeft.quant.nf4.kernel_arguments``); a blocksize of
     ``limits.NF4_BLOCKSIZES`` dividing in_features; fewer than 2**31 weights (32-bit offsets); A (r, in_features)
-    and B (out_features, r) of one dtype."""
+    and B (out_features, r) of one dtype. Where ``nf4_merge_gluon.merge_fits`` (bf16 or fp16 A and B of rank 1 to
+    64, on an NVIDIA GPU) kernels/nf4_merge_gluon.py makes it, the same sum in the MMA's layout; elsewhere (fp32
+    adapters, Triton's interpreter) this file's kernel."""
     N, K = out_features, in_features
     r = lora_A.shape[0]
     if (blocksize not in NF4_BLOCKSIZES or K % blocksize or N * K >= OFFSET_LIMIT or lora_A.shape != (r, K)
@@ -83,6 +86,10 @@ def nf4_merge_triton(
                          "A (r, in), B (out, r) of one dtype")
     out = torch.empty((N, K), device=codes.device, dtype=lora_A.dtype)
     if out.numel() == 0:
+        return out
+    if merge_fits(codes, lora_A):  # 16-bit A and B on a GPU: the MMA's layout throughout (kernels/nf4_merge_gluon.py)
+        launch_merge((codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values), N, K, blocksize,
+                     dq_blocksize, lora_A, lora_B, scaling, out)
         return out
     double_quant = absmax_scale is not None
     scale_arg, offset_arg, dq_arg = (absmax_scale, absmax_offset, dq_values) if double_quant else (absmax,) * 3

@@ -78,7 +78,19 @@ def test_without_an_mma_the_work_loop_is_the_longest_and_nothing_is_in_flight(co
     loop = compiled.work_loop(compiled.instructions(_sass(code)))
     assert [ins.opcode for ins in loop] == ["SHFL.IDX", "FFMA", "LOP3.LUT", "BRA"]
     assert compiled.mma_in_flight(loop) is None
-    assert compiled.work_loop(compiled.instructions(_sass(["MOV R1, R2", "EXIT"]))) == []
+    no_loop = compiled.instructions(_sass(["MOV R1, R2", "HMMA.16816.F32 R4, R8, R12, R4", "EXIT", "BRA 0x30"]))
+    assert [ins.opcode for ins in compiled.work_loop(no_loop)] == ["MOV", "HMMA.16816.F32", "EXIT"]  # all of it
+
+
+def test_the_gluon_merge_keeps_its_tile_out_of_shared_memory():
+    """kernels/nf4_merge_gluon.py: Ŵ made in the MMA's layout, so of shared memory only A's and B's tiles on
+    their way into the MMA's registers (a 64 × 64 fp32 tile of W' would take 16 KiB), and the codebook looked up
+    by shuffles in the loop over a program's tiles."""
+    run = _run("--kernels", "nf4_merge_4096")
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = _rows(run.stdout)["nf4_merge_4096"]
+    assert row["MMA"] == "HMMA" and int(row["smem KiB"]) <= 4 and 0 < int(row["regs"]) <= 255
+    assert float(row["per weight"]) > 0 and "SHFL" in row["top"]
 
 
 def test_in_flight_is_the_strictest_wait_and_a_predicated_exit_does_not_end_the_code(compiled):

@@ -296,8 +296,8 @@ def test_forward_kernel_on_gpu(dtype, rows, split, blocksize, double_quant):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("rows,grad,mask", [(1, False, False), (16, False, False), (17, False, False),
-                                            (255, False, False), (256, False, False), (300, False, True),
+@pytest.mark.parametrize("rows,grad,mask", [(1, False, False), (128, False, False), (129, False, False),
+                                            (256, False, False), (130, False, True), (300, False, True),
                                             (1, True, False), (300, True, False)])
 def test_auto_routes_a_qlora_forward_by_rows_and_gradients(rows, grad, mask, monkeypatch):
     """"auto": the fused kernels for a few rows without gradients, the merged weight from NF4_MERGED_MIN_ROWS rows

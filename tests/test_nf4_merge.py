@@ -1,8 +1,10 @@
-"""The merged QLoRA weight W' = Ŵ + scaling·B·A made from the 4-bit codes (kernels/nf4_merge_triton.py).
+"""The merged QLoRA weight W' = Ŵ + scaling·B·A made from the 4-bit codes (kernels/nf4_merge_triton.py, and
+kernels/nf4_merge_gluon.py, which it launches for 16-bit adapters on a GPU).
 
 Checked against its reference (kernels/nf4_reference.nf4_merge_reference, same signature) and against the
 formula in float64, rounded once to the dtype; on the CPU in Triton's interpreter (fp32, fp16), on the GPU in
-bf16 too and at GPT-2's widths. "auto" sends a QLoRA forward of many rows without gradients through it
+bf16 too and at GPT-2's widths; the Gluon kernel on the GPU against the reference and the Triton kernel, on
+hypothesis shapes, ranks, blocksizes and tiles. "auto" sends a QLoRA forward of many rows without gradients through it
 (tests/test_nf4_lora.py checks that route).
 """
 
@@ -14,7 +16,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tolerances import assert_close
 
-from minipeft.kernels import nf4_merge_triton
+from minipeft.kernels import nf4_merge_gluon, nf4_merge_triton
+from minipeft.kernels.limits import NF4_BLOCKSIZES
 from minipeft.kernels.nf4_reference import nf4_merge_reference
 from minipeft.quant import dequantize_nf4
 from minipeft.quant.nf4 import kernel_arguments, quantize_nf4
@@ -92,3 +95,70 @@ def test_merge_on_gpu(dtype, shape, blocksize, double_quant):
     assert_close(got, want)
     if dtype != torch.float32:
         assert (got == want).double().mean() >= 0.99
+
+
+def test_a_program_takes_two_tiles_of_a_large_weight():
+    """``tiles_for``: 2 tiles a program from 16 tiles an SM on (a 4096² weight on 132 SMs), 1 below (GPT-2)."""
+    assert nf4_merge_gluon.tiles_for(4096, 4096, 64, 4, 132) == 2
+    assert nf4_merge_gluon.tiles_for(2304, 768, 64, 4, 132) == 1
+    assert nf4_merge_gluon.tiles_for(768, 3072, 64, 4, 132) == 1
+
+
+def test_the_mma_layout_kernel_takes_16_bit_adapters_on_a_gpu_only():
+    """``merge_fits``: bf16/fp16 A of rank 1-64 on an NVIDIA GPU; never under the interpreter, which has no Gluon."""
+    q, a, _ = _layer(40, 256, 4, 64, True, torch.float16, seed=3)
+    codes = kernel_arguments(q)[0]
+    assert nf4_merge_gluon.merge_fits(codes, a) == (CUDA and not nf4_merge_gluon.INTERPRETING)
+    assert not nf4_merge_gluon.merge_fits(codes, a.float())
+    assert not nf4_merge_gluon.merge_fits(codes, a.new_zeros(nf4_merge_gluon.MAX_RANK + 1, 256))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@settings(deadline=None, max_examples=30)
+@given(out_f=st.integers(1, 300), blocks=st.integers(1, 3), blocksize=st.sampled_from(NF4_BLOCKSIZES),
+       r=st.integers(1, nf4_merge_gluon.MAX_RANK), double_quant=st.booleans(),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16]), scaling=st.sampled_from([0.5, 2.0, -1.25]),
+       tile=st.sampled_from([(64, 4, 4), (64, 4, 1), (128, 4, 2), (256, 2, 1), (128, 1, 3), (64, 8, 8)]))
+@example(out_f=4096, blocks=64, blocksize=64, r=16, double_quant=True, dtype=torch.bfloat16, scaling=2.0,
+         tile=(64, 4, 4))                                                                   # 4096², as timed
+@example(out_f=70, blocks=5, blocksize=32, r=1, double_quant=False, dtype=torch.float16, scaling=0.5,
+         tile=(64, 4, 4))                                                                   # 160 columns: a part tile
+def test_the_mma_layout_kernel_on_gpu(out_f, blocks, blocksize, r, double_quant, dtype, scaling, tile):
+    """kernels/nf4_merge_gluon.py against the reference (to bf16/fp16's tolerance, and ≥ 99% of elements bit for
+    bit: both sum in fp32 and round once) and against the Triton kernel; rows and columns past the tiles' edges,
+    blocks of 32-4096 columns, ranks 1-64 (padded to the MMA's 16, 32 or 64), tiles of 64-256 columns by 16-128
+    rows, 1-8 of them a program."""
+    q, a, b = _layer(out_f, blocks * blocksize, r, blocksize, double_quant, dtype, seed=out_f * 13 + r, device="cuda")
+    state = kernel_arguments(q)
+    got = torch.full(q.shape, float("nan"), device="cuda", dtype=dtype)                   # every element written
+    nf4_merge_gluon.launch_merge(state, *q.shape, blocksize, q.dq_blocksize, a, b, scaling, got, *tile)
+    want = _merge(nf4_merge_reference, q, a, b, scaling)
+    assert_close(got, want)
+    assert (got == want).double().mean() >= 0.99
+    launched = []
+    real = nf4_merge_gluon.launch_merge
+    with pytest.MonkeyPatch.context() as mp:  # undone after each example (a fixture's would last all of them)
+        mp.setattr(nf4_merge_triton, "launch_merge", lambda *args: launched.append(1) or real(*args))
+        routed = _merge(nf4_merge_triton.nf4_merge_triton, q, a, b, scaling)             # its default tile
+        assert launched == [1] and (routed == want).double().mean() >= 0.99
+        mp.setattr(nf4_merge_triton, "merge_fits", lambda *args: False)                   # the Triton kernel
+        triton_kernel = _merge(nf4_merge_triton.nf4_merge_triton, q, a, b, scaling)
+    assert launched == [1] and (got == triton_kernel).double().mean() >= 0.99
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dq_blocksize", [100, 128])
+def test_the_mma_layout_kernel_with_any_double_quant_group(dq_blocksize):
+    """Second-level groups of any size (a shift where it is a power of two, a division otherwise): the state's
+    absmax_scale replaced by one of that grouping, the same for the kernel and the reference."""
+    q, a, b = _layer(96, 1024, 8, 32, True, torch.bfloat16, seed=9, device="cuda")
+    codes, absmax, _, offset, nf4_values, dq_values = kernel_arguments(q)
+    scale = torch.rand(-(-absmax.numel() // dq_blocksize), device="cuda") + 0.5
+    state = (codes, absmax, scale, offset, nf4_values, dq_values)
+    got = torch.empty(q.shape, device="cuda", dtype=torch.bfloat16)
+    nf4_merge_gluon.launch_merge(state, *q.shape, 32, dq_blocksize, a, b, 2.0, got)
+    want = nf4_merge_reference(*state, *q.shape, 32, dq_blocksize, a, b, 2.0)
+    assert_close(got, want)
+    assert (got == want).double().mean() >= 0.99
