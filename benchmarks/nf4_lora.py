@@ -9,7 +9,7 @@ Rows, for x (M, K) bf16, an NF4 weight (N, K) with double quantization (blocksiz
                       kernels/nf4_rows_gluon.py, mma.sync with the weight operand made in registers)
     auto              what "auto" runs (nothing here needs a gradient: the fused kernels up to
                       kernels.NF4_FUSED_MAX_ROWS rows, from kernels.NF4_MERGED_MIN_ROWS on the merged weight
-                      Ŵ + s·B·A made from the codes and one GEMM, dequant + GEMM between)
+                      Ŵ + s·B·A made from the codes and one GEMM)
     bnb matmul_4bit   bitsandbytes' 4-bit matmul (no LoRA term), when bitsandbytes is installed
     read the codes    a Triton kernel that only reads the 4-bit codes (K·N/2 bytes) and folds them into one word
                       per program: for a few rows, what an NF4 forward cannot avoid reading (the absmax and x

@@ -1006,8 +1006,9 @@ def nf4_lora_route(
     """What ``nf4_lora_linear`` with these arguments would run if called now: "triton" (the fused kernels of
     kernels/nf4_lora_triton.py), "merged" (the merged weight made from the codes, then one cuBLAS GEMM: what
     "auto" runs on CUDA from ``NF4_MERGED_MIN_ROWS`` rows on without gradients), "dequantize" (the Triton
-    dequantization, a cuBLAS GEMM and the low-rank term as torch ops: what "auto" runs on CUDA for training and
-    for a batch of more than ``NF4_FUSED_MAX_ROWS`` rows with dropout) or "reference". Whether a gradient is
+    dequantization, a cuBLAS GEMM and the low-rank term as torch ops: what "auto" runs on CUDA for training, for
+    a batch of more than ``NF4_FUSED_MAX_ROWS`` rows with dropout, and where the fused kernels cannot run: rows
+    that do not start on a block, a weight past their 32-bit offsets) or "reference". Whether a gradient is
     wanted counts, as in the call. Checks the arguments as the call does, and raises where an explicit "triton"
     could not run; runs nothing."""
     name = _nf4_lora_checked(x, codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values, bias,

@@ -7,8 +7,9 @@ The same function as kernels/nf4_merge_triton.py (QLoRA, https://arxiv.org/abs/2
 (Ŵ and the low-rank product in fp32, one rounding to A's dtype). That kernel makes each tile twice over: Ŵ in
 the layout its loads give, B·A in the layout the tensor cores leave it in, so adding them sends a 32 × 128 fp32
 tile through shared memory, and the sum goes through it again on its way to the store. At 4096 × 4096 on an H100
-the merge took 27.4 µs where the dequantization alone, the same bytes read and written, took 14.5
-(benchmarks/RESULTS.md). Here Ŵ is made in the MMA's layout from the start, and nothing moves between threads.
+the merge took 27.5 µs where the dequantization alone, the same bytes read and written, took 14.5
+(benchmarks/RESULTS.md). Here Ŵ is made in the MMA's layout from the start, and no tile of it or of W' moves
+between threads (A's small tile still goes through shared memory into the MMA's operand registers).
 
 The accumulator of ``mma.sync.m16n8k16`` puts rows t/4 and t/4 + 8 of a warp's 16, columns 2(t % 4) and
 2(t % 4) + 1 of every 8-column tile, in lane t. Which column of W' an MMA column stands for is free — A's columns
@@ -24,7 +25,7 @@ for A's and B's tiles on their way into the MMA's operand registers).
     for each tile of 16·WARPS rows × BK columns:
         low = mma(B[rows, :], A[:, π(columns)])                       # fp32, the MMA's layout
         word = codes[rows, word of π(columns)]                        # the same layout: 8 weights a word
-        Ŵ = nf4_values[nibbles of word] · absmax[rows, block]         # fp32, looked up through L1
+        Ŵ = nf4_values[nibbles of word] · absmax[rows, block]         # fp32, the codebook by shuffle
         W'[rows, columns] = (Ŵ + scaling · low).to(A.dtype)           # 16 bytes a store
 
 Gluon (``triton.experimental.gluon``) is Triton's lower-level language, compiled by the same compiler; Triton's
@@ -81,9 +82,10 @@ def _pi(t, ROWS: gl.constexpr, BK: gl.constexpr):
 @gluon.jit
 def _absmax(absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr, block, ok, DQ_BLOCKSIZE: gl.constexpr,
             DQ_BITS: gl.constexpr, DOUBLE_QUANT: gl.constexpr):
-    """The fp32 absmax of quantization blocks ``block`` (any shape), 0 where not ``ok``; with double
-    quantization dq_values[8-bit code] · absmax_scale[block // DQ_BLOCKSIZE] + absmax_offset (the division a
-    shift where DQ_BLOCKSIZE = 2**DQ_BITS; DQ_BITS = -1 otherwise)."""
+    """The fp32 absmax of quantization blocks ``block`` (any shape); with double quantization dq_values[8-bit
+    code] · absmax_scale[block // DQ_BLOCKSIZE] + absmax_offset (the division a shift where DQ_BLOCKSIZE =
+    2**DQ_BITS; DQ_BITS = -1 otherwise). Where not ``ok``, 0 (absmax_offset with double quantization): values
+    of weights that are never stored."""
     if DOUBLE_QUANT:
         code = gl.load(absmax_ptr + block, mask=ok, other=0).to(gl.int32)
         if DQ_BITS >= 0:
@@ -193,11 +195,13 @@ def _nf4_merge_mma_kernel(
         word, absmax = word_next, absmax_next
 
 
-def merge_fits(codes: torch.Tensor, lora_A: torch.Tensor) -> bool:
+def merge_fits(codes: torch.Tensor, lora_A: torch.Tensor, out_features: int) -> bool:
     """Whether ``launch_merge`` takes this merge: codes on an NVIDIA GPU of compute capability 8.0 or more
     (mma.sync's bf16 form), 4-byte aligned (read as words); A (and B, of the same dtype) in bf16 or fp16; a rank
-    of 1 to ``MAX_RANK``; not under Triton's interpreter (no Gluon there)."""
+    of 1 to ``MAX_RANK``; fewer than 65,536 tiles of rows (the grid's second axis); not under Triton's
+    interpreter (no Gluon there)."""
     return (not INTERPRETING and codes.is_cuda and torch.version.hip is None and codes.data_ptr() % 4 == 0
+            and triton.cdiv(out_features, 16 * WARPS) < 65536
             and lora_A.dtype in (torch.bfloat16, torch.float16) and 1 <= lora_A.shape[0] <= MAX_RANK
             and torch.cuda.get_device_capability(codes.device)[0] >= 8)
 

@@ -87,7 +87,7 @@ def nf4_merge_triton(
     out = torch.empty((N, K), device=codes.device, dtype=lora_A.dtype)
     if out.numel() == 0:
         return out
-    if merge_fits(codes, lora_A):  # 16-bit A and B on a GPU: the MMA's layout throughout (kernels/nf4_merge_gluon.py)
+    if merge_fits(codes, lora_A, N):  # 16-bit A and B on a GPU: the MMA's layout throughout (nf4_merge_gluon.py)
         launch_merge((codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values), N, K, blocksize,
                      dq_blocksize, lora_A, lora_B, scaling, out)
         return out

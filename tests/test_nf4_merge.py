@@ -108,9 +108,10 @@ def test_the_mma_layout_kernel_takes_16_bit_adapters_on_a_gpu_only():
     """``merge_fits``: bf16/fp16 A of rank 1-64 on an NVIDIA GPU; never under the interpreter, which has no Gluon."""
     q, a, _ = _layer(40, 256, 4, 64, True, torch.float16, seed=3)
     codes = kernel_arguments(q)[0]
-    assert nf4_merge_gluon.merge_fits(codes, a) == (CUDA and not nf4_merge_gluon.INTERPRETING)
-    assert not nf4_merge_gluon.merge_fits(codes, a.float())
-    assert not nf4_merge_gluon.merge_fits(codes, a.new_zeros(nf4_merge_gluon.MAX_RANK + 1, 256))
+    assert nf4_merge_gluon.merge_fits(codes, a, 40) == (CUDA and not nf4_merge_gluon.INTERPRETING)
+    assert not nf4_merge_gluon.merge_fits(codes, a.float(), 40)
+    assert not nf4_merge_gluon.merge_fits(codes, a.new_zeros(nf4_merge_gluon.MAX_RANK + 1, 256), 40)
+    assert not nf4_merge_gluon.merge_fits(codes, a, 65536 * 16 * nf4_merge_gluon.WARPS)  # past the grid's rows
 
 
 @pytest.mark.gpu
@@ -119,7 +120,8 @@ def test_the_mma_layout_kernel_takes_16_bit_adapters_on_a_gpu_only():
 @given(out_f=st.integers(1, 300), blocks=st.integers(1, 3), blocksize=st.sampled_from(NF4_BLOCKSIZES),
        r=st.integers(1, nf4_merge_gluon.MAX_RANK), double_quant=st.booleans(),
        dtype=st.sampled_from([torch.bfloat16, torch.float16]), scaling=st.sampled_from([0.5, 2.0, -1.25]),
-       tile=st.sampled_from([(64, 4, 4), (64, 4, 1), (128, 4, 2), (256, 2, 1), (128, 1, 3), (64, 8, 8)]))
+       tile=st.sampled_from([(64, 4, 2), (64, 4, 1), (64, 4, 4), (128, 4, 2), (256, 2, 1), (128, 1, 3),
+                                  (64, 8, 8)]))
 @example(out_f=4096, blocks=64, blocksize=64, r=16, double_quant=True, dtype=torch.bfloat16, scaling=2.0,
          tile=(64, 4, 4))                                                                   # 4096², as timed
 @example(out_f=70, blocks=5, blocksize=32, r=1, double_quant=False, dtype=torch.float16, scaling=0.5,
