@@ -1053,7 +1053,10 @@ def nf4_lora_linear(
                    ``nf4_rows_gluon.MAX_ROWS`` rows of 16-bit x without dropout on a GPU (no adapter or one of
                    rank ≤ 16, a blocksize that is a multiple of 64), kernels/nf4_rows_gluon.py (mma.sync with
                    the weight operand made in registers, the low-rank term in the same launch; a Gluon kernel,
-                   Triton's lower level), and for one row without dropout (two where that kernel cannot),
+                   Triton's lower level); from ``nf4_ws_gluon.MIN_ROWS`` rows of 16-bit x on a Hopper GPU (no
+                   adapter or one of rank ≤ 32, a blocksize of 64 or more), kernels/nf4_ws_gluon.py (warps that
+                   make Ŵ beside warps on wgmma, the low-rank term and bias in the same launch; Gluon); and for
+                   one row without dropout (two where that kernel cannot),
                    kernels/nf4_decode_triton.py (matrix-vector products on CUDA cores, the low-rank term in the
                    same launch); the LoRA
                    kernels for G, dA and dB (and S, unless the forward's programs make it). A ValueError

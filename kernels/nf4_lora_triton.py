@@ -48,7 +48,9 @@ matrix-vector products on CUDA cores, 2.6× faster for one row on an H200 than t
 lookup (it takes ``nf4_decode_triton.MAX_ROWS`` rows, two also where the kernel below cannot). From 2 to 16
 rows of bf16 or fp16 x on an NVIDIA GPU (no dropout, no adapter or one of rank ≤ 16, a blocksize of 64 or more)
 the forward runs kernels/nf4_rows_gluon.py instead, in one launch: the weight built straight into the registers
-of Ampere's mma.sync, no shared memory in its loop (a Gluon kernel, GPU only).
+of Ampere's mma.sync, no shared memory in its loop (a Gluon kernel, GPU only). From ``nf4_ws_gluon.MIN_ROWS`` rows
+on a Hopper GPU (bf16 or fp16 x, no adapter or one of rank ≤ 32, a blocksize of 64 or more) it runs
+kernels/nf4_ws_gluon.py: warps that only make Ŵ's tiles, fed by TMA, beside warpgroups that only run wgmma.
 
 Registered as ``minipeft::nf4_lora_linear_triton`` (forward) and ``minipeft::nf4_lora_linear_triton_backward``,
 with an autograd.Function twin for eager mode, as kernels/lora_triton.py does and for the same reasons.
@@ -86,6 +88,7 @@ from .nf4_decode_triton import MAX_ROWS as DECODE_MAX_ROWS
 from .nf4_decode_triton import nf4_decode
 from .nf4_rows_gluon import launch_rows, rows_fit, rows_split
 from .nf4_triton import absmax_at
+from .nf4_ws_gluon import launch_ws, ws_fits
 from .triton_interpreter import interpreter_lock
 
 __all__ = ["nf4_gemm", "nf4_forward", "forward_fits", "nf4_lora_linear"]
@@ -524,7 +527,8 @@ def nf4_forward(
     x on an NVIDIA GPU, no adapter or one of rank ≤ 16) go to kernels/nf4_rows_gluon.py; the rest of at most
     ``nf4_decode_triton.MAX_ROWS`` rows without a mask to the decode kernel (kernels/nf4_decode_triton.py:
     matrix-vector products on CUDA cores, 2.6× faster for one row on an H200 than this GEMM was with its earlier
-    lookup).
+    lookup). From ``nf4_ws_gluon.MIN_ROWS`` rows where ``nf4_ws_gluon.ws_fits`` (16-bit x on a Hopper GPU, no adapter
+    or one of rank ≤ 32, a blocksize of 64 or more), kernels/nf4_ws_gluon.py, with S by the shrink kernel first.
     """
     M, K = x2d.shape
     N = out_features
@@ -541,6 +545,10 @@ def nf4_forward(
         return y, s
     if M <= DECODE_MAX_ROWS and mask2d is None and split_k is None:  # a decode step: no tensor cores
         return nf4_decode(x2d, state, N, in_features, blocksize, dq_blocksize, lora_A, lora_B, scaling, bias)
+    if N and K and split_k is None and ws_fits(x2d, blocksize, codes, lora_A):  # many rows on Hopper (Gluon)
+        s = None if lora_A is None else shrink(x2d, mask2d, lora_A)                 # (M, r)
+        y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
+        return launch_ws(x2d, state, N, K, blocksize, dq_blocksize, s, lora_B, scaling, bias, y), s
     y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
     if y.numel() == 0:
         return y, None if lora_A is None else shrink(x2d, mask2d, lora_A)

@@ -37,6 +37,7 @@ CI_SKIP_REASONS = {
     "needs CUDA",
     "needs CUDA: two devices",
     "needs a Hopper (or newer) GPU",
+    "needs a Hopper GPU (sm_90)",
     "auto on CUDA tensors runs the routes: test_auto_on_cuda_takes_the_measured_route",
     "the launch lock guards the CPU interpreter; a GPU takes none",
 }

@@ -1,0 +1,172 @@
+"""The NF4 forward for many rows on Hopper (kernels/nf4_ws_gluon.py, a warp-specialized Gluon kernel).
+
+On the CPU: the pre-expanded absmax (plain Triton, under the interpreter) against the double quantization's
+formula, and that the kernel is not chosen there. On a Hopper GPU: the whole forward (``nf4_lora_triton.
+nf4_forward``, which launches it for ``MIN_ROWS`` rows or more) against y = x·Ŵᵀ + scaling·(x·Aᵀ)·Bᵀ + bias in
+float64, which calls take it, and a CUDA-graph replay.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from test_nf4_decode import _check, _expected, _tensors  # shared helpers
+from tolerances import assert_close
+
+from minipeft import kernels
+from minipeft.kernels import nf4_lora_triton, nf4_ws_gluon
+from minipeft.quant.nf4 import kernel_arguments, quantize_nf4
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+def _block_absmax(q) -> torch.Tensor:
+    """Every block's fp32 absmax, by the double quantization's formula (or as stored)."""
+    if not q.double_quant:
+        return q.absmax
+    _, _, scale, offset, _, dq_values = kernel_arguments(q)
+    blocks = torch.arange(q.absmax_codes.numel(), device=q.codes.device)
+    return dq_values[q.absmax_codes.long()] * scale[blocks // q.dq_blocksize] + offset
+
+
+# --------------------------------------------------------------------------------------------------------
+# On the CPU
+# --------------------------------------------------------------------------------------------------------
+@settings(max_examples=12)
+@given(out_f=st.integers(1, 300), blocks_per_row=st.integers(1, 3), blocksize=st.sampled_from([64, 128, 256, 1024]),
+       double_quant=st.booleans())
+@example(out_f=5, blocks_per_row=1, blocksize=1024, double_quant=True)  # 16 steps a block; rows padded to 8 floats
+def test_the_expanded_absmax(out_f, blocks_per_row, blocksize, double_quant):
+    """Entry [j, n] is the absmax of the block holding Ŵ[n, 64j .. 64j + 63]; rows padded to 16 bytes for TMA."""
+    in_f = blocks_per_row * blocksize
+    q = quantize_nf4(torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(out_f)), blocksize,
+                     double_quant)
+    got = nf4_ws_gluon.expand_absmax(kernel_arguments(q), out_f, in_f, blocksize, q.dq_blocksize)
+    assert got.shape == (in_f // 64, out_f) and got.stride(0) % 4 == 0
+    per_row = _block_absmax(q).view(out_f, blocks_per_row)                              # (out, blocks)
+    expected = per_row.repeat_interleave(blocksize // 64, dim=1).t()                     # (in/64, out)
+    assert_close(got, expected, dtype=torch.float32)
+
+
+def test_not_on_the_cpu():
+    x = torch.randn(512, 256, dtype=torch.bfloat16)
+    q = quantize_nf4(torch.randn(64, 256), 64, True)
+    assert not nf4_ws_gluon.ws_fits(x, 64, q.codes, None)
+
+
+# --------------------------------------------------------------------------------------------------------
+# On a Hopper GPU
+# --------------------------------------------------------------------------------------------------------
+def _counting(monkeypatch) -> list:
+    calls = []
+    real = nf4_lora_triton.launch_ws
+    monkeypatch.setattr(nf4_lora_triton, "launch_ws", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _layer(out_f, in_f, blocksize, double_quant):
+    w = torch.randn(out_f, in_f, device="cuda", generator=torch.Generator("cuda").manual_seed(in_f))
+    return quantize_nf4(w, blocksize, double_quant)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rows", [129, 1000])
+@pytest.mark.parametrize("out_f,in_f,blocksize,double_quant", [(4096, 4096, 64, True), (2304, 768, 64, False),
+                                                                (768, 3072, 128, True), (1000, 8192, 4096, True),
+                                                                (50, 256, 256, False), (301, 1088, 64, True)])
+@pytest.mark.parametrize("rank,bias", [(16, True), (5, False), (32, True), (0, True)],
+                         ids=["r16-bias", "r5", "r32-bias", "no_adapter-bias"])
+def test_many_rows_on_hopper(dtype, rows, out_f, in_f, blocksize, double_quant, rank, bias, monkeypatch):
+    """GPT-2's widths and a 4096-wide layer; a block of 4096 columns (64 steps share one absmax); 50 and 301 rows
+    of Ŵ (part of a program's 128), 129 and 1000 rows of x (part of its 256); ranks padded to 16 and 32. The same
+    bits on every call. (MIN_ROWS lowered to 129 for it: the kernel at one partial tile of rows.)"""
+    monkeypatch.setattr(nf4_ws_gluon, "MIN_ROWS", 129)
+    calls = _counting(monkeypatch)
+    q = _layer(out_f, in_f, blocksize, double_quant)
+    x, a, b, bias_t = _tensors(rows, out_f, in_f, max(rank, 1), dtype, seed=rows, device="cuda")
+    bias_t = bias_t if bias else None
+    a, b = (a, b) if rank else (None, None)
+    args = (x, kernel_arguments(q), out_f, in_f, blocksize, q.dq_blocksize, a, b, 2.0, None, bias_t)
+    y, s = nf4_lora_triton.nf4_forward(*args)
+    assert calls, "the forward did not take the warp-specialized kernel"
+    y_expected, s_expected = _expected(q, x, a, b, bias_t)
+    _check(y, y_expected, dtype)
+    if rank:
+        _check(s, s_expected, dtype)
+    assert torch.equal(nf4_lora_triton.nf4_forward(*args)[0], y)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
+def test_a_scaling_that_is_not_a_power_of_two_and_a_dropout_mask(monkeypatch):
+    """scaling·S is rounded to x's dtype for the MMA: one rounding more than the reference's, within bf16's."""
+    monkeypatch.setattr(nf4_ws_gluon, "MIN_ROWS", 129)
+    calls = _counting(monkeypatch)
+    q = _layer(768, 768, 64, True)
+    x, a, b, bias = _tensors(400, 768, 768, 8, torch.bfloat16, seed=3, device="cuda")
+    mask = (torch.rand(400, 768, device="cuda", generator=torch.Generator("cuda").manual_seed(4)) > 0.1)
+    mask = mask.to(torch.bfloat16) / 0.9
+    y, s = nf4_lora_triton.nf4_forward(x, kernel_arguments(q), 768, 768, 64, q.dq_blocksize, a, b, 0.3, mask, bias)
+    assert calls
+    y_expected, s_expected = _expected(q, x, a, b, bias, scaling=0.3)
+    s_masked = (x * mask).double() @ a.double().t()
+    y_expected = y_expected - 0.3 * s_expected.to(x.dtype).double() @ b.double().t()
+    y_expected = y_expected + 0.3 * s_masked.to(x.dtype).double() @ b.double().t()
+    _check(y, y_expected, torch.bfloat16)
+    _check(s, s_masked, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
+@pytest.mark.parametrize("rows,dtype,blocksize,split,rank,takes", [
+    (nf4_ws_gluon.MIN_ROWS - 1, torch.bfloat16, 64, None, 16, False),   # the fused Triton GEMM below
+    (nf4_ws_gluon.MIN_ROWS, torch.bfloat16, 64, None, 16, True),
+    (4096, torch.float16, 128, None, 32, True),
+    (2000, torch.float32, 64, None, 16, False),                           # wgmma here takes 16-bit operands
+    (2000, torch.bfloat16, 32, None, 16, False),                          # a step of 64 columns spans two blocks
+    (2000, torch.bfloat16, 64, 1, 16, False),                             # a split asked for: the Triton GEMM
+    (2000, torch.bfloat16, 64, None, nf4_ws_gluon.MAX_RANK + 1, False),   # the low-rank MMA's depth
+    (2000, torch.bfloat16, 64, None, 0, True),                            # no adapter
+])
+def test_which_calls_take_it(rows, dtype, blocksize, split, rank, takes, monkeypatch):
+    calls = _counting(monkeypatch)
+    q = _layer(256, 512, blocksize, True)
+    x, a, b, bias = _tensors(rows, 256, 512, max(rank, 1), dtype, seed=1, device="cuda")
+    a, b = (a, b) if rank else (None, None)
+    y, s = nf4_lora_triton.nf4_forward(x, kernel_arguments(q), 256, 512, blocksize, q.dq_blocksize, a, b, 2.0, None,
+                                       bias, split_k=split)
+    assert bool(calls) == takes
+    _check(y, _expected(q, x, a, b, bias)[0], dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
+def test_the_triton_backend_replays_it_from_a_cuda_graph(monkeypatch):
+    """A QLoRA forward of MIN_ROWS rows on "triton", captured once and replayed on new rows."""
+    calls = _counting(monkeypatch)
+    q = _layer(1024, 1024, 64, True)
+    rows = nf4_ws_gluon.MIN_ROWS
+    x, a, b, bias = _tensors(rows, 1024, 1024, 16, torch.bfloat16, seed=1, device="cuda")
+    args = kernel_arguments(q)
+
+    def step():
+        return kernels.nf4_lora_linear(x, *args, bias, 1024, 1024, 64, q.dq_blocksize, a, b, 2.0, backend="triton")
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    assert calls
+    for seed in (2, 3):
+        x.copy_(_tensors(rows, 1024, 1024, 16, torch.bfloat16, seed=seed, device="cuda")[0])
+        graph.replay()
+        torch.cuda.synchronize()
+        _check(out, _expected(q, x, a, b, bias)[0], torch.bfloat16)
