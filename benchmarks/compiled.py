@@ -59,9 +59,17 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
-from minipeft.kernels import lora_triton, nf4_decode_triton, nf4_lora_triton, nf4_merge_gluon, nf4_rows_gluon  # noqa: E402
+from minipeft.kernels import (  # noqa: E402
+    lora_triton,
+    nf4_decode_triton,
+    nf4_lora_triton,
+    nf4_merge_gluon,
+    nf4_rows_gluon,
+    nf4_ws_gluon,
+)
 
 HOPPER = GPUTarget("cuda", 90, 32)  # sm_90a (H100, H200), 32 threads a warp
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -69,8 +77,9 @@ _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin
 
 @dataclasses.dataclass
 class Launch:
-    """One kernel as a launch compiles it: example arguments by name (a pointer as its Triton type, "*bf16";
-    an int or float as its value), the meta-parameters, and how many weights one loop iteration dequantizes."""
+    """One kernel as a launch compiles it: example arguments by name (a pointer as its Triton type, "*bf16"; a
+    TMA descriptor as its Gluon type, ``tensordesc``; an int or float as its value), the meta-parameters, and how
+    many weights one loop iteration dequantizes."""
 
     name: str
     shape: str
@@ -120,6 +129,8 @@ def specialize(launch: Launch) -> tuple[dict, dict, dict]:
         value = launch.args.get(name)
         if name in constexprs:
             signature[name] = "constexpr"
+        elif isinstance(value, str) and value.startswith("tensordesc"):  # a TMA descriptor (its box and layout)
+            signature[name] = value
         elif isinstance(value, str):  # a pointer, as its Triton type
             signature[name] = value
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -437,6 +448,27 @@ def _nf4_merge() -> Launch:
                   constexprs, g.WARPS, 1, weights_per_iteration=16 * g.WARPS * g.BK)
 
 
+def _descriptor(dtype: str, block: list[int]) -> str:
+    """A Gluon TMA descriptor's type, as ``TensorDescriptor.from_tensor`` with the default layout makes it."""
+    gl_dtype = {"bf16": gl.bfloat16, "i32": gl.int32, "fp32": gl.float32}[dtype]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
+    return f"tensordesc<{dtype}[{block[0]}, {block[1]}],{layout}>"
+
+
+def _nf4_ws() -> Launch:
+    """The warp-specialized NF4 forward for many rows (kernels/nf4_ws_gluon.py) at 4096 × 4096, rank 16, bias:
+    the work loop is the MMA warpgroups' (the dequantizer's loop has no MMA), so no per-weight count."""
+    M = N = K = 4096
+    g = nf4_ws_gluon
+    args = dict(x_desc=_descriptor("bf16", [g.BM, 64]), words_desc=_descriptor("i32", [g.BN, 8]),
+                absmax_desc=_descriptor("fp32", [1, g.BN]), nf4_ptr="*fp32", s_ptr="*bf16", b_ptr="*bf16",
+                bias_ptr="*bf16", y_ptr="*bf16", scaling=2.0, M=M, N=N, K=K, R=16)
+    constexprs = dict(BM=g.BM, BN=g.BN, STAGES=g.STAGES, R_PAD=16, HAS_LORA=True, HAS_BIAS=True,
+                      MMA_REGS=g.MMA_REGS, LOAD_REGS=g.LOAD_REGS)
+    return Launch("nf4_ws_4096", f"{M} x {K} -> {N}, NF4 + LoRA r 16, bf16", g._nf4_ws_kernel, args, constexprs,
+                  g.DEQUANT_WARPS, 1)
+
+
 LAUNCHES = {
     "lora_forward": lambda: _lora_gemm(True),
     "lora_dx": lambda: _lora_gemm(False),
@@ -448,6 +480,7 @@ LAUNCHES = {
     "nf4_decode_1": _nf4_decode,
     "nf4_rows_16": _nf4_rows,
     "nf4_merge_4096": _nf4_merge,
+    "nf4_ws_4096": _nf4_ws,
 }
 
 

@@ -70,6 +70,7 @@ DEQUANT_WARPS = 4    # the default partition; a warpgroup, so that setmaxnreg ca
 MMA_REGS = 184       # registers a thread of an MMA warpgroup (a 128 × 128 fp32 accumulator is 128 of them)
 LOAD_REGS = 40
 _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # (its name from Triton 3.7 on)
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # (renamed after Triton 3.6)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -117,9 +118,9 @@ def _load_partition(x_desc, words_desc, absmax_desc, x_smem, words_smem, absmax_
         s = i % STAGES
         mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)   # a fresh barrier passes parity 1 at once
         mbarrier.expect(loaded.index(s), nbytes)
-        tma.async_copy_global_to_shared(x_desc, [off_m, i * 64], loaded.index(s), x_smem.index(s))
-        tma.async_copy_global_to_shared(words_desc, [off_n, i * 8], loaded.index(s), words_smem.index(s))
-        tma.async_copy_global_to_shared(absmax_desc, [i, off_n], loaded.index(s), absmax_smem.index(s))
+        _tma_load(x_desc, [off_m, i * 64], loaded.index(s), x_smem.index(s))
+        _tma_load(words_desc, [off_n, i * 8], loaded.index(s), words_smem.index(s))
+        _tma_load(absmax_desc, [i, off_n], loaded.index(s), absmax_smem.index(s))
 
 
 @gluon.jit

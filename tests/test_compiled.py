@@ -93,6 +93,17 @@ def test_the_gluon_merge_keeps_its_tile_out_of_shared_memory():
     assert float(row["per weight"]) > 0 and "SHFL" in row["top"]
 
 
+def test_the_warp_specialized_nf4_forward_compiles_with_this_triton():
+    """kernels/nf4_ws_gluon.py (no GPU runs it here): Gluon's API moves between Triton versions (its TMA copy was
+    renamed after 3.6), so the kernel is compiled for sm_90a by the Triton installed here. Warp-specialized, the
+    MMA warpgroups' loop on HGMMA with one group left in flight, not serialized, its rings within an SM's 227 KiB."""
+    run = _run("--kernels", "nf4_ws_4096")
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = _rows(run.stdout)["nf4_ws_4096"]
+    assert row["warp-spec."] == "yes" and row["MMA"] == "HGMMA" and row["serialized"] == "no"
+    assert int(row["in flight"]) == 1 and 0 < int(row["smem KiB"]) <= 227
+
+
 def test_in_flight_is_the_strictest_wait_and_a_predicated_exit_does_not_end_the_code(compiled):
     """Two waits in the loop, 1 then 0: the loop leaves nothing running at the second. The predicated EXIT
     before the back-edge is not where the out-of-line code starts."""
