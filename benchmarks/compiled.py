@@ -409,7 +409,7 @@ def _nf4_decode() -> Launch:
                 stride_ar=K, stride_ak=1, stride_bn=r, stride_br=1, stride_ym=N, stride_yn=1, stride_sm=r,
                 stride_sr=1, scaling=2.0)
     constexprs = dict(BLOCKSIZE=64, DQ_BLOCKSIZE=256, DOUBLE_QUANT=True, SPLIT_K=split, HAS_LORA=True,
-                      HAS_BIAS=False, R_PAD=r, BN=bn, BW=bw, EVEN_K=True)
+                      HAS_BIAS=False, R_PAD=r, BN=bn, BW=bw, EVEN_K=True, S_FIRST=True, FENCES=True)
     return Launch("nf4_decode_1", f"{M} x {K} -> {N}, NF4 + LoRA r {r}, bf16", nf4_decode_triton._nf4_decode_kernel,
                   args, constexprs, 1, 1, weights_per_iteration=bn * bw * 8)
 
@@ -428,7 +428,7 @@ def _nf4_rows() -> Launch:
     constexprs = dict(BM=16, WARPS_=g.WARPS, BLOCKSIZE=64, DQ_BLOCKSIZE=256, DOUBLE_QUANT=True, HAS_LORA=True,
                       HAS_BIAS=True, SPLITS=K // k_split, UNROLL=g.unroll_for(M),
                       W_LAYOUT=g._word_layout(g.WARPS), X_LAYOUT=g._x_layout(g.WARPS, 16),
-                      A_LAYOUT=g._x_layout(g.WARPS, 16))
+                      A_LAYOUT=g._x_layout(g.WARPS, 16), S_FIRST=True, T_PAD=256)
     return Launch("nf4_rows_16", f"{M} x {K} -> {N}, NF4 + LoRA r {r}, bf16", g._nf4_rows_kernel, args, constexprs,
                   g.WARPS, 1, weights_per_iteration=g.unroll_for(M) * 16 * g.WARPS * g.CHUNK, most_mma=True)
 

@@ -10,7 +10,8 @@ through shared memory into the MMA's layout. Here each weight is made in registe
 x, so the kernel can read 0.52 bytes per weight where the bf16 linear reads 2.
 
     # programs 0 .. M·SPLIT_K-1 make S; then one program per (row m of x, tile of BN rows of Ŵ, slice j of K)
-    program (m, slice j) of S:    s_part[j, m] = x[m, slice j] · A[:, slice j]ᵀ;   done_S[m] += 1
+    program (m, slice j) of S:    s_part[j, m] = x[m, slice j] · A[:, slice j]ᵀ
+                                  count[m, n] += 1 for every tile n;  finish the tiles it arrived at last
     program (m, tile n, slice j):
         acc = zeros(BN, BW)
         for each chunk of BW words (8·BW columns) in slice j:          the next chunk's words load meanwhile
@@ -19,10 +20,10 @@ x, so the kernel can read 0.52 bytes per weight where the bf16 linear reads 2.
                 t += book[word >> (8b + 4) & 15] · x[m, 8w + 2b] + book[word >> 8b & 15] · x[m, 8w + 2b + 1]
             acc += t · absmax[n-rows, block of each word]
         part[j, m, n-rows] = Σ_w acc
-        if count[m, n] += 1 (atomically) makes SPLIT_K:                 the last slice of this tile to finish
-            wait until done_S[m] == SPLIT_K                          (S's programs started first)
-            y[m, n-rows] = Σ_j part[j, m, n-rows] + scaling · (Σ_j s_part[j, m]) · B[n-rows]ᵀ + bias[n-rows]
-            count[m, n] = 0                                           (and the last tile of row m resets done_S)
+        count[m, n] += 1 (atomically);  finish tile n if it arrived last
+    finish (m, n), by the last of its SPLIT_K slices and (with an adapter) SPLIT_K parts of S to arrive:
+        y[m, n-rows] = Σ_j part[j, m, n-rows] + scaling · (Σ_j s_part[j, m]) · B[n-rows]ᵀ + bias[n-rows]
+        count[m, n] = 0
 
 The lookup is what costs: on an H200, one forward at K = N = 4096 took 17.3 µs with the codebook read from
 memory (one load per weight), 12.1 µs with ``tl.gather`` from a (rows, 16) codebook (Triton emits several
@@ -31,11 +32,12 @@ shuffles and selects per weight), 7.9 µs with a 1-D ``tl.gather`` (one warp shu
 floor). RESULTS.md has the sweep. K is split across programs so that a layer fills every SM; the slices' partial
 sums are added in a fixed order (one ``tl.sum``, whichever program finishes last), so every run gives the same
 bits. The counters reset themselves, so one buffer per device and stream serves every call, with no memset
-launch. Two things this design assumes, and says so: the GPU starts programs in the order of their index (CUDA
-does not promise it; CUB's decoupled look-back makes the same assumption), so the programs that make S are
-running before any program waits for them; and no two launches count in one buffer at once: eager calls on one
-stream run one after another, but two CUDA graphs captured on one stream must not be replayed at the same time
-on two streams.
+launch. No program waits for another: S's parts count into every tile's counter, as the tile's slices do, so
+whichever comes last — almost always a slice, since S's programs are short and start first — finishes the tile
+(S's programs had a counter of their own, which the finishers waited on and the last tile reset: two more trips
+to L2 at the end of every launch). One thing this design assumes, and says so: no two launches count in one
+buffer at once. Eager calls on one stream run one after another, but two CUDA graphs captured on one stream must
+not be replayed at the same time on two streams.
 
 A row's result depends on the batch it came in: the split of K depends on the number of rows, and from
 ``MAX_ROWS + 1`` rows on the tensor-core GEMM, which rounds Ŵ to x's dtype, takes over. The same call gives
@@ -94,10 +96,22 @@ def _words(words_ptr, row_word, kw, k_start, in_n, k_hi, EVEN_K: tl.constexpr):
     return tl.load(words_ptr + row_word[:, None] + kw[None, :], mask=ok, other=0)
 
 
+TILES_AT_ONCE = tl.constexpr(256)  # tile counters an S program adds to in one vector of atomics
+
+
+@triton.jit
+def _fence_acq_rel(FENCES: tl.constexpr):
+    """``fence.acq_rel.gpu``: with relaxed atomics after it, a release; after them, an acquire. Off under the
+    interpreter (which runs programs one after another and has no inline PTX)."""
+    if FENCES:
+        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
+                                  pack=1)
+
+
 @triton.jit
 def _nf4_decode_kernel(
     # pointers (codes as int32 words; part (SPLIT_K, M, N) and s_part (SPLIT_K, M, R_PAD): fp32 workspaces;
-    # count: M·(tiles + 2) int32 counters, zero between launches)
+    # count: M·tiles int32 counters, zero between launches)
     x_ptr, words_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr,
     a_ptr, b_ptr, bias_ptr, y_ptr, s_ptr, part_ptr, s_part_ptr, count_ptr,
     # sizes (KW = K / 8: words per row of Ŵ; K_SPLIT: columns of K per slice, a multiple of 8·BW)
@@ -108,18 +122,21 @@ def _nf4_decode_kernel(
     # meta-parameters
     BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, S_FIRST: tl.constexpr, FENCES: tl.constexpr,
 ):
     """Programs 0 .. M·SPLIT_K - 1 (with an adapter): S's part for one row of x and one slice of K. The rest:
-    one row of x, BN rows of Ŵ, one slice of K; the last of a tile's slices to finish writes y there."""
+    one row of x, BN rows of Ŵ, one slice of K. Whichever of a tile's arrivals comes last writes y there.
+    S_FIRST=False puts S's programs after the tiles' (a test's way to make them the last arrivals)."""
     n_tiles = tl.cdiv(N, BN)
-    s_base = M * n_tiles  # count[m·n_tiles + n]: slices of tile n done; count[s_base + m]: slices of S[m] done
+    n_s = M * SPLIT_K if HAS_LORA else 0
+    arrivals = SPLIT_K + (SPLIT_K if HAS_LORA else 0)   # count[m·n_tiles + n] when tile n of row m is complete
     pid = tl.program_id(0)
+    s_pid = pid if S_FIRST else pid - M * n_tiles * SPLIT_K
     offs_w = tl.arange(0, BW)
     offs_r = tl.arange(0, R_PAD)
-    if HAS_LORA and pid < M * SPLIT_K:                # S[m] over slice j: (R_PAD,)
-        m = pid // SPLIT_K
-        k_lo = (pid % SPLIT_K) * K_SPLIT
+    if HAS_LORA and s_pid >= 0 and s_pid < n_s:       # S[m] over slice j: (R_PAD,)
+        m = s_pid // SPLIT_K
+        k_lo = (s_pid % SPLIT_K) * K_SPLIT
         k_hi = tl.minimum(K, k_lo + K_SPLIT)
         S_COLS: tl.constexpr = 2048 // R_PAD          # (R_PAD, S_COLS) fp32: 64 registers a thread
         offs_c = tl.arange(0, S_COLS)
@@ -130,11 +147,28 @@ def _nf4_decode_kernel(
             a = tl.load(a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak,
                         mask=(offs_r < R)[:, None] & in_k[None, :], other=0.0)           # (R_PAD, S_COLS)
             s_acc += a.to(tl.float32) * _x_row(x_ptr + m * stride_xm, cols, in_k, stride_xk)
-        tl.store(s_part_ptr + ((pid % SPLIT_K) * M + m) * R_PAD + offs_r, tl.sum(s_acc, 1))
+        tl.store(s_part_ptr + ((s_pid % SPLIT_K) * M + m) * R_PAD + offs_r, tl.sum(s_acc, 1))
         tl.debug_barrier()                            # every thread's stores before the release below
-        tl.atomic_add(count_ptr + s_base + m, 1)     # one more slice of S[m] done
+        # one more arrival at every tile of row m: one fence, then relaxed atomics side by side (an acq_rel
+        # atomic each would wait for the one before: eight round trips to L2 a lane)
+        _fence_acq_rel(FENCES)                        # release: S's part before the counts
+        offs_t = tl.arange(0, TILES_AT_ONCE)
+        for t0 in range(0, n_tiles, TILES_AT_ONCE):
+            tiles = t0 + offs_t
+            arrived = tl.atomic_add(count_ptr + m * n_tiles + tiles, 1, mask=tiles < n_tiles, sem="relaxed")
+            last = (tiles < n_tiles) & (arrived == arrivals - 1)
+            n_last = tl.sum(last.to(tl.int32))
+            if n_last > 0:                            # rare: this part of S came after some tiles' slices
+                _fence_acq_rel(FENCES)                # acquire: the slices' partial sums
+                for _ in range(n_last):               # those tiles, the lowest first
+                    t = tl.min(tl.where(last, tiles, n_tiles))
+                    last = last & (tiles != t)
+                    offs_n = t * BN + tl.arange(0, BN)
+                    _finish(part_ptr, s_part_ptr, b_ptr, bias_ptr, y_ptr, s_ptr, count_ptr, m, t, n_tiles, offs_n,
+                            offs_n < N, offs_r, M, N, R, stride_bn, stride_br, stride_ym, stride_yn, stride_sm,
+                            stride_sr, scaling, SPLIT_K, HAS_LORA, HAS_BIAS, R_PAD)
     else:
-        tile = pid - M * SPLIT_K if HAS_LORA else pid
+        tile = pid - n_s if S_FIRST else pid
         m = tile % M                                  # a tile's rows of x run side by side: Ŵ's codes once from HBM
         pid_n = (tile // M) % n_tiles
         pid_k = tile // (M * n_tiles)
@@ -173,18 +207,15 @@ def _nf4_decode_kernel(
                                 DQ_BLOCKSIZE, DOUBLE_QUANT)                               # (BN, NB)
                 acc += t * tl.reshape(tl.broadcast_to(am[:, :, None], (BN, NB, WPB)), (BN, BW))  # word's block
         tile_sum = tl.sum(acc, 1)                                                        # (BN,)
-        if SPLIT_K == 1 and not HAS_LORA:  # nothing to wait for
+        if arrivals == 1:  # nothing to wait for
             if HAS_BIAS:
                 tile_sum += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)
             tl.store(y_ptr + m * stride_ym + offs_n * stride_yn, tile_sum.to(y_ptr.dtype.element_ty), mask=in_n)
         else:
             tl.store(part_ptr + (pid_k * M + m) * N + offs_n, tile_sum, mask=in_n)
             tl.debug_barrier()                        # every thread's stores before the release below
-            # acq_rel: the last slice to arrive sees the others' partial sums
-            if tl.atomic_add(count_ptr + m * n_tiles + pid_n, 1) == SPLIT_K - 1:
-                if HAS_LORA:  # wait for S[m]: its programs started before every tile's (lower indices)
-                    while tl.atomic_add(count_ptr + s_base + m, 0) < SPLIT_K:
-                        pass
+            # acq_rel: the last arrival sees the others' partial sums (and S's)
+            if tl.atomic_add(count_ptr + m * n_tiles + pid_n, 1) == arrivals - 1:
                 _finish(part_ptr, s_part_ptr, b_ptr, bias_ptr, y_ptr, s_ptr, count_ptr, m, pid_n, n_tiles,
                         offs_n, in_n, offs_r, M, N, R, stride_bn, stride_br, stride_ym, stride_yn, stride_sm,
                         stride_sr, scaling, SPLIT_K, HAS_LORA, HAS_BIAS, R_PAD)
@@ -218,10 +249,6 @@ def _finish(part_ptr, s_part_ptr, b_ptr, bias_ptr, y_ptr, s_ptr, count_ptr, m, p
         acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + offs_n * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=in_n)
     tl.store(count_ptr + m * n_tiles + pid_n, 0)      # ready for the next launch
-    if HAS_LORA:  # the last tile of row m resets its S counters
-        if tl.atomic_add(count_ptr + M * n_tiles + M + m, 1) == n_tiles - 1:
-            tl.store(count_ptr + M * n_tiles + m, 0)
-            tl.store(count_ptr + M * n_tiles + M + m, 0)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -263,7 +290,8 @@ def nf4_decode(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(y, S) as ``nf4_lora_triton.nf4_forward`` gives them, for at most ``MAX_ROWS`` rows and no dropout mask:
     y = x·Ŵᵀ + scaling·S·Bᵀ + bias (M, out), S = x·Aᵀ (M, r) in x's dtype (None without an adapter). The caller
-    checks that the codes can be read as words (``nf4_lora_triton.forward_fits``)."""
+    checks that the codes can be read as words (``nf4_lora_triton.forward_fits``). ``config``: the tiling, as
+    ``_config`` gives it, and optionally ``S_FIRST=False`` (S's programs after the tiles': a test's)."""
     M, K = x2d.shape
     N = out_features
     if M > MAX_ROWS or K != in_features or in_features % blocksize or in_features % 8:
@@ -283,11 +311,12 @@ def nf4_decode(
     tiles = triton.cdiv(N, bn)
     part = torch.empty((split, M, N), device=x2d.device, dtype=torch.float32)
     s_part = torch.empty((split, M, r_pad), device=x2d.device, dtype=torch.float32) if rank else part
-    count = counters(x2d.device, M * (tiles + 2))
+    count = counters(x2d.device, M * tiles)
     s_arg, a_arg, b_arg, bias_arg = _operands(y, s, lora_A, lora_B, bias)
     double_quant = absmax_scale is not None
     scale_arg, offset_arg, dq_arg = (absmax_scale, absmax_offset, dq_values) if double_quant else (absmax,) * 3
-    grid = (M * ((split if rank else 0) + tiles * split),)  # S's programs first: the finishers wait for them
+    s_first = cfg.pop("S_FIRST", True)
+    grid = (M * ((split if rank else 0) + tiles * split),)  # S's programs first: short, done early
     with interpreter_lock():
         _nf4_decode_kernel[grid](
             x2d, codes.view(torch.int32), absmax, scale_arg, offset_arg, nf4_values, dq_arg,
@@ -298,6 +327,6 @@ def nf4_decode(
             scaling,
             BLOCKSIZE=blocksize, DQ_BLOCKSIZE=dq_blocksize, DOUBLE_QUANT=double_quant, SPLIT_K=split,
             HAS_LORA=rank > 0, HAS_BIAS=bias is not None, R_PAD=r_pad,
-            BN=bn, BW=bw, EVEN_K=K % (8 * bw) == 0, **cfg,
+            BN=bn, BW=bw, EVEN_K=K % (8 * bw) == 0, S_FIRST=s_first, FENCES=not lora_triton.INTERPRETING, **cfg,
         )
     return y, s

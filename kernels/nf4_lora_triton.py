@@ -48,9 +48,10 @@ matrix-vector products on CUDA cores, 2.6× faster for one row on an H200 than t
 lookup (it takes ``nf4_decode_triton.MAX_ROWS`` rows, two also where the kernel below cannot). From 2 to 16
 rows of bf16 or fp16 x on an NVIDIA GPU (no dropout, no adapter or one of rank ≤ 16, a blocksize of 64 or more)
 the forward runs kernels/nf4_rows_gluon.py instead, in one launch: the weight built straight into the registers
-of Ampere's mma.sync, no shared memory in its loop (a Gluon kernel, GPU only). From ``nf4_ws_gluon.MIN_ROWS`` rows
-on a Hopper GPU (bf16 or fp16 x, no adapter or one of rank ≤ 32, a blocksize of 64 or more) it runs
-kernels/nf4_ws_gluon.py: warps that only make Ŵ's tiles, fed by TMA, beside warpgroups that only run wgmma.
+of Ampere's mma.sync, its codebook lookup one shared-memory load a byte (a Gluon kernel, GPU only). From
+``nf4_ws_gluon.MIN_ROWS`` rows on a Hopper GPU (bf16 or fp16 x, no adapter or one of rank ≤ 32, a blocksize of
+64 or more) it runs kernels/nf4_ws_gluon.py: warps that only make Ŵ's tiles, fed by TMA, beside warpgroups that
+only run wgmma.
 
 Registered as ``minipeft::nf4_lora_linear_triton`` (forward) and ``minipeft::nf4_lora_linear_triton_backward``,
 with an autograd.Function twin for eager mode, as kernels/lora_triton.py does and for the same reasons.

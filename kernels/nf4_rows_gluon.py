@@ -23,37 +23,41 @@ by two choices:
    16q .. 16q+15 of its two rows — two consecutive 32-bit words of codes per row, and one 32-byte run of x.
    ``gl.reshape`` and ``gl.permute`` say this on the tensors; ``gl.convert_layout(..., assert_trivial=True)``
    checks that no data moves (the compiler would refuse to build the kernel otherwise).
-2. **The codebook lookup as byte permutes.** A 16-bit codebook value is two bytes. PRMT picks 4 bytes out of 8 by
-   4 nibble-sized selectors, so one PRMT looks up 4 codes in half of a byte table (entries 0-7 or 8-15), a
-   second PRMT the other half, and a third picks per byte by the codes' top bits: 3 PRMTs for 4 high bytes, 3 for
-   the 4 low ones, 2 to put each value's two bytes together: 16 PRMTs and 9 shifts and masks for the 8 weights
-   of a word, in inline PTX (``LOOKUP_ASM``). The eight table words are built from ``nf4_values`` in x's dtype.
+2. **The codebook lookup as a table of pairs in shared memory.** A byte of codes is two neighbouring weights,
+   and the MMA's registers hold exactly such pairs (two 16-bit values of neighbouring k). So each program first
+   writes a table of the 256 byte values' pairs in x's dtype — entry e = 16·hi + lo holds nf4_values[hi] (low
+   half) and nf4_values[lo] (high half) — 32 times over, one copy per lane at word e·32 + lane, so that the 32
+   lanes of a warp, whatever bytes they look up, read 32 different banks (no bank conflict). A byte then costs
+   three instructions: PRMT moves it into a register of its own, IMAD makes the address e·128 + 4·lane + base,
+   LDS loads the MMA's register (``LOOKUP_ASM``, 12 for the 8 weights of a word, where byte permutes of a
+   16-entry table took 25). The table is 32 KB a program, declared in the inline PTX that fills it
+   (``TABLE_ASM``), which returns its address.
 
 Gluon (``triton.experimental.gluon``) is Triton's lower-level language, compiled by the same compiler: a kernel
 names the layout of every tensor (which lane and register holds which element), which choice 1 needs. Triton's
 interpreter does not run Gluon, so this kernel is tested on a GPU only (tests/test_nf4_rows.py); the CPU tests
-check its lookup by running ``LOOKUP_ASM`` through a small PRMT emulator, and the routing around it.
+check its lookup by running ``TABLE_ASM`` and ``LOOKUP_ASM`` through a small emulator of their instructions, and
+the routing around it.
 
-    with an adapter, program 0 of each split of K:                  # short: done before the tiles need it
+    with an adapter, program 0 of each split of K:                  # short: almost always done first
         s_part[split] = Σ_chunks mma(A[:, chunk], x[:, chunk])ᵀ     # A's 16 rows, k permuted as Ŵ's
-        count[tiles] += 1
+        count[tile] += 1 for every tile                              # (and finish a tile it arrived at last)
     the other programs, one per tile of 16·WARPS rows of Ŵ and split of K:   # a warp: 16 rows, one m16n8 tile
         for each step of UNROLL 64-column chunks of the split:
             load every chunk's words (2 per row a lane), x[:, chunk] (32 bytes a lane) and absmax first
             for each chunk: a = lookup(words) (registers, the MMA's layout), b = x (the same permutation of k)
                             acc += absmax[rows, chunk] · mma(a, b)
         part[split] = acc                                            # fp32 partial sums of y
-        if count[tile] += 1 makes SPLITS (the last split of this tile to finish):
-            wait until count[tiles] == SPLITS                        # S's programs (lower indices) started first
+        if count[tile] += 1 makes SPLITS (with an adapter 2·SPLITS: S's splits arrive too), the last arrival:
             y[:, tile] = Σ_split part[split] + (B[tile] · scaling·Sᵀ by one more MMA)ᵀ + bias
-            (the first tile stores S; the counters go back to zero for the next launch)
+            (the first tile stores S; the tile's counter goes back to zero for the next launch)
 
 The splits are added in a fixed order (split 0, 1, ...) whichever program finishes last, so a call gives the same
-bits every time; the counters are kernels/nf4_decode_triton.py's (``counters``), whose module docstring states the
-two things such a design assumes (programs start in the order of their index; no two launches count in one
-buffer at once). Loading UNROLL = 4 chunks before their math (``unroll_for``) keeps 4 × 16 bytes of codes a
-lane in flight: with one chunk a step the loads waited on memory's latency (on an H100, 10.1 against 9.1 µs at
-3-4 rows without an adapter). ``nf4_lora_triton.nf4_forward`` launches it for 2 to 16 rows of
+bits every time. No program waits for another: the last arrival at a tile finishes it. The counters are
+kernels/nf4_decode_triton.py's (``counters``), whose module docstring states what such a design assumes (no two
+launches count in one buffer at once). Loading UNROLL = 4 chunks before their math (``unroll_for``) keeps
+4 × 16 bytes of codes a lane in flight: with one chunk a step the loads waited on memory's latency (on an H100,
+10.1 against 9.1 µs at 3-4 rows without an adapter). ``nf4_lora_triton.nf4_forward`` launches it for 2 to 16 rows of
 bf16 or fp16 x without a dropout mask, without an adapter or with one of rank 1 to 16, on an NVIDIA GPU and a
 blocksize of 64 or more (``rows_fit``).
 """
@@ -69,7 +73,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from .nf4_decode_triton import counters
 from .triton_interpreter import INTERPRETING
 
-__all__ = ["MIN_ROWS", "MAX_ROWS", "LOOKUP_ASM", "table_words", "rows_fit", "launch_rows", "rows_split", "unroll_for"]
+__all__ = ["MIN_ROWS", "MAX_ROWS", "TABLE_ASM", "LOOKUP_ASM", "rows_fit", "launch_rows", "rows_split", "unroll_for"]
 
 MIN_ROWS = 2     # one row: kernels/nf4_decode_triton.py (see rows_fit)
 MAX_ROWS = 16    # x's rows: two n8 tiles of the MMA
@@ -77,35 +81,39 @@ WARPS = 8        # warps a program: 128 rows of Ŵ
 CHUNK = 64       # columns of K an MMA chunk: one quantization block or part of one (blocksize ≥ 64)
 
 
-def _prmt_group(src: str, outs: list[str]) -> str:
-    """PTX for 4 codes (the 4 low nibbles of ``src``: weights 1, 0, 3, 2 of a word) into 4 16-bit outputs.
+def _table_asm() -> str:
+    """PTX run once by each of a program's 256 threads: declares the table (256 entries × 32 lanes × 4 bytes),
+    writes thread t's part of it — entries t/8 + 32i for i < 8, lanes 4(t%8) .. 4(t%8)+3 of each, one 16-byte
+    store an entry — waits for the whole program (``bar.sync``) and returns the table's address.
 
-    s: each nibble's low 3 bits (PRMT's selectors; bit 3 would ask for a sign fill); t: 0x3210 plus 4 where a
-    code is 8 or more, which picks per byte between the lookups in entries 0-7 and 8-15."""
-    w0, w1, w2, w3 = outs
-    return (f"and.b32 s, {src}, 0x7777; shr.u32 t, {src}, 1; and.b32 t, t, 0x4444; or.b32 t, t, 0x3210;\n"
-            "prmt.b32 ha, $8, $9, s; prmt.b32 hb, $10, $11, s; prmt.b32 hh, ha, hb, t;\n"    # high bytes
-            "prmt.b32 la, $12, $13, s; prmt.b32 lb, $14, $15, s; prmt.b32 ll, la, lb, t;\n"  # low bytes
-            f"prmt.b32 p, ll, hh, 0x4051; mov.b32 {{{w0}, {w1}}}, p;\n"   # weight 0 = nibble 1 = byte 1 of ll, hh
-            f"prmt.b32 p, ll, hh, 0x6273; mov.b32 {{{w2}, {w3}}}, p;\n")
+    $0: the address; $1: t; $2: nf4_values[(t/8) % 16] (the entry's lo, the same for all 8 of t's entries);
+    $3-$10: P_j = nf4_values[2j] | nf4_values[2j+1] << 16. Entry t/8 + 32i has hi = t/128 + 2i, so its low half is
+    half t/128 of P_i: one PRMT picks it and lo's 16 bits (selector 0x5410, or 0x5432 for the upper half)."""
+    lines = ["{ .shared .align 16 .b8 nf4_pairs[32768]; .reg .b32 base, a, s, sel, p;",
+             "mov.u32 base, nf4_pairs; shr.u32 a, $1, 3; shl.b32 a, a, 7; and.b32 s, $1, 7; shl.b32 s, s, 4;",
+             "add.u32 a, a, s; add.u32 a, a, base; shr.u32 sel, $1, 7; mul.lo.u32 sel, sel, 0x22;",
+             "add.u32 sel, sel, 0x5410;"]
+    for i in range(8):
+        lines.append(f"prmt.b32 p, ${3 + i}, $2, sel; st.shared.v4.b32 [a+{4096 * i}], {{p, p, p, p}};")
+    return "\n".join(lines + ["bar.sync 0; mov.u32 $0, base; }"])
 
 
-# $0-$7: weights 0..7 of the word (16-bit); $8-$15: the tables (high bytes of entries 0-3, 4-7, 8-11, 12-15,
-# then the low bytes); $16: the word (weight 2j is byte j's high nibble, 2j+1 its low one, as the codes store them)
-LOOKUP_ASM = ("{ .reg .b32 s, t, u, ha, hb, la, lb, hh, ll, p;\n" + _prmt_group("$16", ["$0", "$1", "$2", "$3"])
-              + "shr.u32 u, $16, 16;\n" + _prmt_group("u", ["$4", "$5", "$6", "$7"]) + "}")
-_LOOKUP_ASM = gl.constexpr(LOOKUP_ASM)  # a kernel reads only constexpr globals
+def _lookup_asm() -> str:
+    """PTX for the 8 weights of a word ($8) from the table, $9 = its address + 4·lane: byte j (weights 2j, 2j+1:
+    its high nibble, then its low one, as the codes store them) becomes outputs $2j and $2j+1 (16-bit halves)."""
+    lines = ["{ .reg .b32 b, a, p;"]
+    for j in range(4):
+        lines.append(f"prmt.b32 b, $8, 0, {hex(0x4440 + j)}; mad.lo.u32 a, b, 128, $9; ld.shared.b32 p, [a]; "
+                     f"mov.b32 {{${2 * j}, ${2 * j + 1}}}, p;")
+    return "\n".join(lines + ["}"])
+
+
+TABLE_ASM = _table_asm()
+LOOKUP_ASM = _lookup_asm()
+_TABLE_ASM = gl.constexpr(TABLE_ASM)  # a kernel reads only constexpr globals
+_LOOKUP_ASM = gl.constexpr(LOOKUP_ASM)
 _CHUNK = gl.constexpr(CHUNK)
 _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # (its name from Triton 3.7 on)
-
-
-def table_words(nf4_values: torch.Tensor, dtype: torch.dtype) -> list[int]:
-    """The eight 32-bit words ``_table_word`` builds in the kernel (``LOOKUP_ASM``'s $8-$15), on the host: the
-    high bytes of the codebook's entries 0-3, 4-7, 8-11, 12-15 in ``dtype``, then the low bytes, lowest entry in
-    the lowest byte. For the tests' PRMT emulator."""
-    bits = [int(b) & 0xFFFF for b in nf4_values.to(dtype).view(torch.int16).tolist()]
-    return [sum(((bits[first + i] >> shift) & 0xFF) << (8 * i) for i in range(4))
-            for shift in (8, 0) for first in (0, 4, 8, 12)]
 
 
 def _word_layout(warps: int) -> gl.DistributedLinearLayout:
@@ -126,46 +134,65 @@ def _x_layout(warps: int, bm: int) -> gl.DistributedLinearLayout:
 
 
 @gluon.jit
-def _table_word(nf4_ptr, first: gl.constexpr, zero, SHIFT: gl.constexpr, DTYPE: gl.constexpr):
-    """Bytes (bits >> SHIFT) & 0xFF of codebook entries first .. first+3 in DTYPE, packed lowest entry first.
-    ``zero`` is a tensor of zeros the compiler cannot prove zero: its per-row addresses keep the words in ordinary
-    registers (from uniform ones, ptxas would copy a word before every PRMT)."""
-    word = zero
-    for i in gl.static_range(4):
-        bits = gl.load(nf4_ptr + first + i + zero).to(DTYPE).to(gl.int16, bitcast=True).to(gl.int32)
-        word = word | (((bits >> SHIFT) & 0xFF) << (8 * i))
-    return word
+def _codebook_bits(nf4_ptr, i, DTYPE: gl.constexpr):
+    """nf4_values[i] rounded to DTYPE, its 16 bits in the low half of an int32."""
+    return gl.load(nf4_ptr + i).to(DTYPE).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
 
 
 @gluon.jit
-def _lookup(word, tabs, DTYPE: gl.constexpr):
+def _codebook_pair(nf4_ptr, j: gl.constexpr, t, DTYPE: gl.constexpr):
+    """P_j = nf4_values[2j] | nf4_values[2j+1] << 16 in DTYPE, laid out as t."""
+    return _codebook_bits(nf4_ptr, 2 * j + t * 0, DTYPE) | (_codebook_bits(nf4_ptr, 2 * j + 1 + t * 0, DTYPE) << 16)
+
+
+@gluon.jit
+def _pair_table(nf4_ptr, like, DTYPE: gl.constexpr, WARPS_: gl.constexpr):
+    """Writes this program's table of pairs (``TABLE_ASM``, every thread once); returns its address + 4·lane in
+    every element of a tensor shaped and laid out as ``like`` (the words: LOOKUP_ASM's $9)."""
+    gl.static_assert(WARPS_ == 8, "TABLE_ASM fills the table with 256 threads")
+    t = gl.arange(0, 32 * WARPS_, layout=gl.BlockedLayout([1], [32], [WARPS_], [0]))   # one element a thread
+    address = gl.inline_asm_elementwise(
+        _TABLE_ASM, "=r,r,r,r,r,r,r,r,r,r,r",
+        [t, _codebook_bits(nf4_ptr, (t >> 3) & 15, DTYPE), _codebook_pair(nf4_ptr, 0, t, DTYPE),
+         _codebook_pair(nf4_ptr, 1, t, DTYPE), _codebook_pair(nf4_ptr, 2, t, DTYPE),
+         _codebook_pair(nf4_ptr, 3, t, DTYPE), _codebook_pair(nf4_ptr, 4, t, DTYPE),
+         _codebook_pair(nf4_ptr, 5, t, DTYPE), _codebook_pair(nf4_ptr, 6, t, DTYPE),
+         _codebook_pair(nf4_ptr, 7, t, DTYPE)], dtype=gl.int32, is_pure=False, pack=1)
+    base = gl.max(address, axis=0)   # the same in every thread: a scalar, which any layout can take
+    return gl.inline_asm_elementwise("{ .reg .b32 l; mov.u32 l, %laneid; shl.b32 l, l, 2; add.u32 $0, $1, l; }",
+                                     "=r,r", [like + base], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _lookup(word, table, DTYPE: gl.constexpr):
     """The 8 weights of every word, (rows, 8 words, 2, 2, 2) in DTYPE: weight f = 4·f2 + 2·f1 + f0 at [..., f2, f1,
-    f0] (joined from the most significant bit of f down; the joins stay in registers)."""
-    args = [tabs[0], tabs[1], tabs[2], tabs[3], tabs[4], tabs[5], tabs[6], tabs[7], word]
+    f0] (joined from the most significant bit of f down; the joins stay in registers). ``table``: the pair
+    table's address + 4·lane, laid out as ``word``."""
     if DTYPE == gl.bfloat16:  # (the dtypes written out: inline_asm_elementwise does not unwrap a constexpr)
         v0, v1, v2, v3, v4, v5, v6, v7 = gl.inline_asm_elementwise(
-            _LOOKUP_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r", args, dtype=(gl.bfloat16,) * 8, is_pure=True,
+            _LOOKUP_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [word, table], dtype=(gl.bfloat16,) * 8, is_pure=True,
             pack=1)
     else:
         v0, v1, v2, v3, v4, v5, v6, v7 = gl.inline_asm_elementwise(
-            _LOOKUP_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r", args, dtype=(gl.float16,) * 8, is_pure=True,
+            _LOOKUP_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [word, table], dtype=(gl.float16,) * 8, is_pure=True,
             pack=1)
     return gl.join(gl.join(gl.join(v0, v4), gl.join(v2, v6)), gl.join(gl.join(v1, v5), gl.join(v3, v7)))
 
 
 @gluon.jit
-def _load_chunk(k0, w_ptrs, in_w, x_ptr, x_off, x_ok, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr,
-                row_block, in_n, BLOCKSIZE: gl.constexpr, DQ_BLOCKSIZE: gl.constexpr, DOUBLE_QUANT: gl.constexpr):
-    """The chunk at column k0: its words (rows, 8), x (bm, 4, 16) and each row's absmax (rows,) in fp32."""
-    word = gl.load(w_ptrs + k0 // 8, mask=in_w, other=0)
-    x = gl.load(x_ptr + x_off + k0, mask=x_ok, other=0.0)
-    block = row_block + k0 // BLOCKSIZE
+def _load_chunk(k0, j: gl.constexpr, words, xs, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr, row_block,
+                BLOCKSIZE: gl.constexpr, DQ_BLOCKSIZE: gl.constexpr, DOUBLE_QUANT: gl.constexpr):
+    """Chunk j of the step at column k0: its words (rows, 8), x (bm, 4, 16) and each row's absmax (rows,) in fp32.
+    ``words`` and ``xs`` point at the step's first chunk (so chunk j's addresses are theirs plus a constant); the
+    rows are clamped to the last (their results are not stored), so no load needs a mask."""
+    word = gl.load(words + 8 * j)
+    x = gl.load(xs + _CHUNK * j)
+    block = row_block + (k0 + _CHUNK * j) // BLOCKSIZE
     if DOUBLE_QUANT:  # dq_values[absmax code] · absmax_scale[block // DQ_BLOCKSIZE] + absmax_offset
-        code = gl.load(absmax_ptr + block, mask=in_n, other=0).to(gl.int32)
-        scale = gl.load(absmax_scale_ptr + block // DQ_BLOCKSIZE, mask=in_n, other=0.0)
-        absmax = gl.load(dq_ptr + code) * scale + gl.load(absmax_offset_ptr)
+        code = gl.load(absmax_ptr + block).to(gl.int32)
+        absmax = gl.load(dq_ptr + code) * gl.load(absmax_scale_ptr + block // DQ_BLOCKSIZE) + gl.load(absmax_offset_ptr)
     else:
-        absmax = gl.load(absmax_ptr + block, mask=in_n, other=0.0)
+        absmax = gl.load(absmax_ptr + block)
     return word, x, absmax
 
 
@@ -179,10 +206,10 @@ def _x_operand(x, BM: gl.constexpr, MMA: gl.constexpr):
 
 
 @gluon.jit
-def _mma_chunk(word, x, absmax, acc, tabs, ROWS: gl.constexpr, BM: gl.constexpr, DTYPE: gl.constexpr,
+def _mma_chunk(word, x, absmax, acc, table, ROWS: gl.constexpr, BM: gl.constexpr, DTYPE: gl.constexpr,
                MMA: gl.constexpr):
     """acc + absmax · (Ŵ's chunk without its absmax) · x's chunkᵀ: both operands in the MMA's registers."""
-    v = _lookup(word, tabs, DTYPE)                                                 # (ROWS, 8, 2, 2, 2)
+    v = _lookup(word, table, DTYPE)                                                 # (ROWS, 8, 2, 2, 2)
     # word 2q + jh, weight 4·f2 + 2·f1 + f0  ->  MMA column 32·jh + 16·f2 + 8·f1 + 2·q + f0
     a = gl.reshape(gl.permute(gl.reshape(v, [ROWS, 4, 2, 2, 2, 2]), [0, 2, 3, 4, 1, 5]), [ROWS, _CHUNK])
     a = gl.convert_layout(a, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2), assert_trivial=True)
@@ -243,7 +270,7 @@ def _finish_tile(part_ptr, s_part_ptr, b_ptr, bias_ptr, y_ptr, s_ptr, n, in_n, M
 @gluon.jit
 def _nf4_rows_kernel(
     # pointers (codes as int32 words; part: (SPLITS, M, N) fp32 partial sums of y; s_part: (SPLITS, M, 16);
-    # count: tiles + 2 int32 counters, zero between launches)
+    # count: an int32 counter a tile, zero between launches)
     x_ptr, words_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr, a_ptr, part_ptr, s_part_ptr,
     b_ptr, bias_ptr, y_ptr, s_ptr, count_ptr,
     # sizes (K_SPLIT: columns of K a split, a multiple of CHUNK)
@@ -252,7 +279,7 @@ def _nf4_rows_kernel(
     BM: gl.constexpr, WARPS_: gl.constexpr, BLOCKSIZE: gl.constexpr, DQ_BLOCKSIZE: gl.constexpr,
     DOUBLE_QUANT: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, SPLITS: gl.constexpr,
     UNROLL: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
-    A_LAYOUT: gl.constexpr,
+    A_LAYOUT: gl.constexpr, S_FIRST: gl.constexpr, T_PAD: gl.constexpr,
 ):
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS_, 1], instr_shape=[16, 8])
     pid_k = gl.program_id(1)
@@ -260,33 +287,64 @@ def _nf4_rows_kernel(
     k_hi = gl.minimum(K, k_lo + K_SPLIT)
     STEP: gl.constexpr = _CHUNK * UNROLL
     k_main = k_lo + (k_hi - k_lo) // STEP * STEP      # UNROLL chunks a step up to here, then one at a time
-    # x's addresses: row m, quarter q, column 16q + i of the chunk
+    # x's addresses: row m (rows past M read row M - 1, whose products are not stored), quarter q, column 16q + i
     m = gl.arange(0, BM, layout=gl.SliceLayout(1, gl.SliceLayout(2, X_LAYOUT)))
     q = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, X_LAYOUT)))
     i = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, X_LAYOUT)))
-    x_off = (m * stride_xm)[:, None, None] + (q * 16)[None, :, None] + i[None, None, :]
+    x_off = (gl.minimum(m, M - 1) * stride_xm)[:, None, None] + (q * 16)[None, :, None] + i[None, None, :]
     x_ok = (m < M)[:, None, None] & (q < 4)[None, :, None] & (i < 16)[None, None, :]
-    if HAS_LORA:  # program 0 of each split makes S
-        tiles = gl.num_programs(0) - 1
-        pid_n = gl.program_id(0) - 1
-        if pid_n < 0:
-            _s_program(x_ptr, a_ptr, s_part_ptr, count_ptr, x_off, x_ok, k_lo, k_hi, k_main, pid_k, tiles, M, R,
-                       stride_ar, BM, UNROLL, MMA, A_LAYOUT)
+    # which program: with an adapter, program 0 of each split makes S (the last one with S_FIRST off: a test's
+    # order); the others make a tile's split
+    tiles = gl.num_programs(0) - 1 if HAS_LORA else gl.num_programs(0)
+    pid_n = gl.program_id(0) - 1 if HAS_LORA and S_FIRST else gl.program_id(0)
+    if HAS_LORA:
+        # the tiles this program arrived at last, and must finish: for S's programs any (``last``; almost never
+        # one), for a tile's its own or none
+        makes_s = pid_n == (-1 if S_FIRST else tiles)
+        t = gl.arange(0, T_PAD, layout=gl.BlockedLayout([T_PAD // (32 * WARPS_)], [32], [WARPS_], [0]))
+        last = t < 0
+        if makes_s:
+            last = _s_program(x_ptr, a_ptr, s_part_ptr, count_ptr, x_off, x_ok, k_lo, k_hi, k_main, pid_k, tiles, t,
+                              M, R, stride_ar, BM, SPLITS, UNROLL, MMA, A_LAYOUT)
+            n_last = gl.sum(last.to(gl.int32), axis=0)
+        else:
+            n_last = _tile_program(x_ptr, words_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr,
+                                   part_ptr, count_ptr, x_off, k_lo, k_hi, k_main, pid_n, pid_k, M, N, K, BM, WARPS_,
+                                   BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT, HAS_LORA, SPLITS, UNROLL, W_LAYOUT, MMA)
+        for _ in range(n_last):                               # one place finishes a tile: a smaller kernel
+            if makes_s:
+                tile = gl.min(gl.where(last, t, tiles), axis=0)   # the lowest first
+                last = last & (t != tile)
+            else:
+                tile = pid_n
+            _finish(part_ptr, s_part_ptr, b_ptr, bias_ptr, y_ptr, s_ptr, count_ptr, tile, M, N, R, stride_bn,
+                    stride_br, stride_sm, stride_sr, scaling, SPLITS, BM, HAS_LORA, HAS_BIAS, MMA, WARPS_)
     else:
-        tiles = gl.num_programs(0)
-        pid_n = gl.program_id(0)
-    if pid_n >= 0:
-        _tile_program(x_ptr, words_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr, part_ptr,
-                      s_part_ptr, b_ptr, bias_ptr, y_ptr, s_ptr, count_ptr, x_off, x_ok, k_lo, k_hi, k_main, pid_n,
-                      pid_k, tiles, M, N, K, R, stride_bn, stride_br, stride_sm, stride_sr, scaling, BM, WARPS_,
-                      BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT, HAS_LORA, HAS_BIAS, SPLITS, UNROLL, W_LAYOUT, MMA)
+        if _tile_program(x_ptr, words_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr, part_ptr,
+                         count_ptr, x_off, k_lo, k_hi, k_main, pid_n, pid_k, M, N, K, BM, WARPS_, BLOCKSIZE,
+                         DQ_BLOCKSIZE, DOUBLE_QUANT, HAS_LORA, SPLITS, UNROLL, W_LAYOUT, MMA) > 0:
+            _finish(part_ptr, s_part_ptr, b_ptr, bias_ptr, y_ptr, s_ptr, count_ptr, pid_n, M, N, R, stride_bn,
+                    stride_br, stride_sm, stride_sr, scaling, SPLITS, BM, HAS_LORA, HAS_BIAS, MMA, WARPS_)
 
 
 @gluon.jit
-def _s_program(x_ptr, a_ptr, s_part_ptr, count_ptr, x_off, x_ok, k_lo, k_hi, k_main, pid_k, tiles, M, R, stride_ar,
-               BM: gl.constexpr, UNROLL: gl.constexpr, MMA: gl.constexpr, A_LAYOUT: gl.constexpr):
-    """The adapter's Sᵀ = A·xᵀ over one split into s_part[split], A's 16 rows as the MMA's first operand; then
-    count[tiles] += 1. A short program (no lookup), started before its split's tiles: done long before they are."""
+def _finish(part_ptr, s_part_ptr, b_ptr, bias_ptr, y_ptr, s_ptr, count_ptr, tile, M, N, R, stride_bn, stride_br,
+            stride_sm, stride_sr, scaling, SPLITS: gl.constexpr, BM: gl.constexpr, HAS_LORA: gl.constexpr,
+            HAS_BIAS: gl.constexpr, MMA: gl.constexpr, WARPS_: gl.constexpr):
+    """Tile ``tile`` of y (``_finish_tile``), and its counter back to zero for the next launch."""
+    n = tile * 16 * WARPS_ + gl.arange(0, 16 * WARPS_, layout=gl.SliceLayout(1, MMA))
+    _finish_tile(part_ptr, s_part_ptr, b_ptr, bias_ptr, y_ptr, s_ptr, n, n < N, M, N, R, stride_bn, stride_br,
+                 stride_sm, stride_sr, scaling, tile == 0, SPLITS, BM, HAS_LORA, HAS_BIAS, MMA, WARPS_)
+    gl.store(count_ptr + tile, 0)
+
+
+@gluon.jit
+def _s_program(x_ptr, a_ptr, s_part_ptr, count_ptr, x_off, x_ok, k_lo, k_hi, k_main, pid_k, tiles, t, M, R, stride_ar,
+               BM: gl.constexpr, SPLITS: gl.constexpr, UNROLL: gl.constexpr, MMA: gl.constexpr,
+               A_LAYOUT: gl.constexpr):
+    """The adapter's Sᵀ = A·xᵀ over one split into s_part[split], A's 16 rows as the MMA's first operand; then one
+    more arrival at every tile's counter (t: 0 .. T_PAD - 1). Returns where it was a tile's last arrival: a short
+    program (no lookup), started before its split's tiles, so almost never."""
     r = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, A_LAYOUT)))
     ra = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, A_LAYOUT)))
     ia = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, A_LAYOUT)))
@@ -302,75 +360,62 @@ def _s_program(x_ptr, a_ptr, s_part_ptr, count_ptr, x_off, x_ok, k_lo, k_hi, k_m
     sr = gl.arange(0, 16, layout=gl.SliceLayout(1, MMA))
     gl.store(s_part_ptr + ((pid_k * M + ym) * 16)[None, :] + sr[:, None], s_t, mask=(ym < M)[None, :])
     _cta_barrier()                                        # every warp's stores before the release below
-    gl.atomic_add(count_ptr + tiles, 1)                   # count[tiles]: splits of S done
+    arrived = gl.atomic_add(count_ptr + t, t * 0 + 1, mask=t < tiles)    # acq_rel, each thread's side by side
+    return (arrived == 2 * SPLITS - 1) & (t < tiles)
 
 
 @gluon.jit
 def _tile_program(x_ptr, words_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr, part_ptr,
-                  s_part_ptr, b_ptr, bias_ptr, y_ptr, s_ptr, count_ptr, x_off, x_ok, k_lo, k_hi, k_main, pid_n,
-                  pid_k, tiles, M, N, K, R, stride_bn, stride_br, stride_sm, stride_sr, scaling, BM: gl.constexpr,
-                  WARPS_: gl.constexpr, BLOCKSIZE: gl.constexpr, DQ_BLOCKSIZE: gl.constexpr,
-                  DOUBLE_QUANT: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, SPLITS: gl.constexpr,
-                  UNROLL: gl.constexpr, W_LAYOUT: gl.constexpr, MMA: gl.constexpr):
-    """x·Ŵ[tile]ᵀ over one split into part[split]; the last of the tile's splits to finish writes y[:, tile]."""
+                  count_ptr, x_off, k_lo, k_hi, k_main, pid_n, pid_k, M, N, K, BM: gl.constexpr, WARPS_: gl.constexpr,
+                  BLOCKSIZE: gl.constexpr, DQ_BLOCKSIZE: gl.constexpr, DOUBLE_QUANT: gl.constexpr,
+                  HAS_LORA: gl.constexpr, SPLITS: gl.constexpr, UNROLL: gl.constexpr, W_LAYOUT: gl.constexpr,
+                  MMA: gl.constexpr):
+    """x·Ŵ[tile]ᵀ over one split into part[split], then one more arrival at the tile's counter. Returns 1 if it
+    was the last (its splits', and with an adapter S's), which finishes the tile; 0 otherwise."""
     ROWS: gl.constexpr = 16 * WARPS_
     DTYPE: gl.constexpr = x_ptr.dtype.element_ty
-    # the words' addresses: rows n of Ŵ, words w of a chunk (K % 64 == 0: every row starts on a word)
+    # the words' addresses: rows n of Ŵ (past N: row N - 1, not stored), words w of a chunk (K % 64 == 0: every
+    # row starts on a word)
     n_w = pid_n * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, W_LAYOUT))
     w = gl.arange(0, 8, layout=gl.SliceLayout(0, W_LAYOUT))
-    in_w = (n_w < N)[:, None] & (w < 8)[None, :]
-    w_ptrs = words_ptr + (n_w * (K // 8))[:, None] + w[None, :]
+    w_ptrs = words_ptr + (gl.minimum(n_w, N - 1) * (K // 8))[:, None] + w[None, :]
     # the rows of the accumulator, for the absmax and the store
     n = pid_n * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, MMA))
     in_n = n < N
-    row_block = n * (K // BLOCKSIZE)
-    zero = ((n_w >= (1 << 30)).to(gl.int32))[:, None] + (w * 0)[None, :]           # (ROWS, 8) zeros
-    tabs = (_table_word(nf4_ptr, 0, zero, 8, DTYPE), _table_word(nf4_ptr, 4, zero, 8, DTYPE),
-            _table_word(nf4_ptr, 8, zero, 8, DTYPE), _table_word(nf4_ptr, 12, zero, 8, DTYPE),
-            _table_word(nf4_ptr, 0, zero, 0, DTYPE), _table_word(nf4_ptr, 4, zero, 0, DTYPE),
-            _table_word(nf4_ptr, 8, zero, 0, DTYPE), _table_word(nf4_ptr, 12, zero, 0, DTYPE))
+    row_block = gl.minimum(n, N - 1) * (K // BLOCKSIZE)
+    table = _pair_table(nf4_ptr, gl.zeros([ROWS, 8], gl.int32, layout=W_LAYOUT), DTYPE, WARPS_)  # as the words
     acc = gl.zeros([ROWS, BM], gl.float32, layout=MMA)
     # UNROLL chunks a step, all their loads issued before their math: UNROLL × 16 bytes of codes a lane in
     # flight, where one chunk's 16 leave the loads waiting on memory's latency
     for k0 in range(k_lo, k_main, _CHUNK * UNROLL):
-        w0, x0, m0 = _load_chunk(k0, w_ptrs, in_w, x_ptr, x_off, x_ok, absmax_ptr, absmax_scale_ptr,
-                                 absmax_offset_ptr, dq_ptr, row_block, in_n, BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT)
+        words = w_ptrs + (k0 >> 3)
+        xs = x_ptr + x_off + k0
+        w0, x0, m0 = _load_chunk(k0, 0, words, xs, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr,
+                                 row_block, BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT)
         if UNROLL >= 2:
-            w1, x1, m1 = _load_chunk(k0 + _CHUNK, w_ptrs, in_w, x_ptr, x_off, x_ok, absmax_ptr, absmax_scale_ptr,
-                                     absmax_offset_ptr, dq_ptr, row_block, in_n, BLOCKSIZE, DQ_BLOCKSIZE,
-                                     DOUBLE_QUANT)
+            w1, x1, m1 = _load_chunk(k0, 1, words, xs, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr,
+                                     row_block, BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT)
         if UNROLL >= 4:
-            w2, x2, m2 = _load_chunk(k0 + 2 * _CHUNK, w_ptrs, in_w, x_ptr, x_off, x_ok, absmax_ptr,
-                                     absmax_scale_ptr, absmax_offset_ptr, dq_ptr, row_block, in_n, BLOCKSIZE,
-                                     DQ_BLOCKSIZE, DOUBLE_QUANT)
-            w3, x3, m3 = _load_chunk(k0 + 3 * _CHUNK, w_ptrs, in_w, x_ptr, x_off, x_ok, absmax_ptr,
-                                     absmax_scale_ptr, absmax_offset_ptr, dq_ptr, row_block, in_n, BLOCKSIZE,
-                                     DQ_BLOCKSIZE, DOUBLE_QUANT)
-        acc = _mma_chunk(w0, x0, m0, acc, tabs, ROWS, BM, DTYPE, MMA)
+            w2, x2, m2 = _load_chunk(k0, 2, words, xs, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr,
+                                     row_block, BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT)
+            w3, x3, m3 = _load_chunk(k0, 3, words, xs, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr,
+                                     row_block, BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT)
+        acc = _mma_chunk(w0, x0, m0, acc, table, ROWS, BM, DTYPE, MMA)
         if UNROLL >= 2:
-            acc = _mma_chunk(w1, x1, m1, acc, tabs, ROWS, BM, DTYPE, MMA)
+            acc = _mma_chunk(w1, x1, m1, acc, table, ROWS, BM, DTYPE, MMA)
         if UNROLL >= 4:
-            acc = _mma_chunk(w2, x2, m2, acc, tabs, ROWS, BM, DTYPE, MMA)
-            acc = _mma_chunk(w3, x3, m3, acc, tabs, ROWS, BM, DTYPE, MMA)
+            acc = _mma_chunk(w2, x2, m2, acc, table, ROWS, BM, DTYPE, MMA)
+            acc = _mma_chunk(w3, x3, m3, acc, table, ROWS, BM, DTYPE, MMA)
     for k0 in range(k_main, k_hi, _CHUNK):
-        word, x, absmax = _load_chunk(k0, w_ptrs, in_w, x_ptr, x_off, x_ok, absmax_ptr, absmax_scale_ptr,
-                                      absmax_offset_ptr, dq_ptr, row_block, in_n, BLOCKSIZE, DQ_BLOCKSIZE,
-                                      DOUBLE_QUANT)
-        acc = _mma_chunk(word, x, absmax, acc, tabs, ROWS, BM, DTYPE, MMA)
+        word, x, absmax = _load_chunk(k0, 0, w_ptrs + (k0 >> 3), x_ptr + x_off + k0, absmax_ptr, absmax_scale_ptr,
+                                      absmax_offset_ptr, dq_ptr, row_block, BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT)
+        acc = _mma_chunk(word, x, absmax, acc, table, ROWS, BM, DTYPE, MMA)
     ym = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
     gl.store(part_ptr + pid_k * M * N + (ym * N)[None, :] + n[:, None], acc, mask=in_n[:, None] & (ym < M)[None, :])
     _cta_barrier()                                            # every warp's stores before the release below
-    if gl.atomic_add(count_ptr + pid_n, 1) == SPLITS - 1:     # acq_rel: this program sees the other splits' sums
-        if HAS_LORA:  # wait for S: its programs started before this one (lower indices), and are short
-            while gl.atomic_add(count_ptr + tiles, 0) < SPLITS:
-                pass
-        _finish_tile(part_ptr, s_part_ptr, b_ptr, bias_ptr, y_ptr, s_ptr, n, in_n, M, N, R, stride_bn, stride_br,
-                     stride_sm, stride_sr, scaling, pid_n == 0, SPLITS, BM, HAS_LORA, HAS_BIAS, MMA, WARPS_)
-        gl.store(count_ptr + pid_n, 0)                        # ready for the next launch
-        if HAS_LORA:  # the last tile to finish resets S's counters
-            if gl.atomic_add(count_ptr + tiles + 1, 1) == tiles - 1:
-                gl.store(count_ptr + tiles, 0)
-                gl.store(count_ptr + tiles + 1, 0)
+    # acq_rel: the last of the tile's arrivals sees the others' sums
+    arrived = gl.atomic_add(count_ptr + pid_n, 1)
+    return (arrived == (2 * SPLITS if HAS_LORA else SPLITS) - 1).to(gl.int32)
 
 
 _LAYOUTS: dict[tuple[int, int], tuple] = {}
@@ -380,8 +425,9 @@ def rows_fit(x2d: torch.Tensor, blocksize: int, mask2d: torch.Tensor | None, lor
     """Whether ``launch_rows`` takes this forward: MIN_ROWS to MAX_ROWS contiguous rows of bf16 or fp16 x, no
     dropout mask, no adapter or one of rank 1 to 16 in x's dtype, a blocksize that is a multiple of CHUNK, on an
     NVIDIA GPU of compute capability 8.0 or more (mma.sync's bf16 form), and not under Triton's interpreter (no
-    Gluon there). One row goes to kernels/nf4_decode_triton.py, 13-22% faster there; at two rows this kernel took
-    23-28% less time than the decode kernel (H100, benchmarks/RESULTS.md)."""
+    Gluon there). One row goes to kernels/nf4_decode_triton.py, 15% less time there with a rank-16 adapter (within
+    3% without one); at two rows this kernel took 14% less time than the decode kernel with an adapter, 33% less
+    without (H100, 2026-12-07, benchmarks/RESULTS.md)."""
     return (not INTERPRETING and x2d.is_cuda and torch.version.hip is None and MIN_ROWS <= x2d.shape[0] <= MAX_ROWS
             and mask2d is None and (lora_A is None or (1 <= lora_A.shape[0] <= 16 and lora_A.dtype == x2d.dtype))
             and x2d.dtype in (torch.bfloat16, torch.float16) and x2d.is_contiguous() and blocksize % CHUNK == 0
@@ -400,10 +446,12 @@ def rows_split(N: int, K: int, num_sms: int) -> int:
 
 def launch_rows(x2d: torch.Tensor, state: tuple, N: int, K: int, blocksize: int, dq_blocksize: int,
                 lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, scaling: float, bias: torch.Tensor | None,
-                y: torch.Tensor, s: torch.Tensor | None, k_split: int, unroll: int | None = None) -> None:
+                y: torch.Tensor, s: torch.Tensor | None, k_split: int, unroll: int | None = None,
+                s_first: bool = True) -> None:
     """y = x·Ŵᵀ + scaling·S·Bᵀ + bias into y (M, N) and, with an adapter, S = x·Aᵀ into s (M, r), both in x's
     dtype, K split every k_split columns, in one launch; where ``rows_fit``, K a multiple of the blocksize.
-    ``unroll``: chunks a loop step, 1, 2 or 4 (default ``unroll_for``)."""
+    ``unroll``: chunks a loop step, 1, 2 or 4 (default ``unroll_for``). ``s_first=False`` puts the programs
+    that make S after the tiles' (a test's: then they come last at some tiles and finish them)."""
     codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values = state
     M = x2d.shape[0]
     unroll = unroll or unroll_for(M)
@@ -419,7 +467,7 @@ def launch_rows(x2d: torch.Tensor, state: tuple, N: int, K: int, blocksize: int,
     w_layout, x_layout, a_layout = _LAYOUTS[(WARPS, bm)]
     part = torch.empty((splits, M, N), device=x2d.device, dtype=torch.float32)
     s_part = torch.empty((splits, M, 16), device=x2d.device, dtype=torch.float32) if lora_A is not None else part
-    count = counters(x2d.device, tiles + 2)
+    count = counters(x2d.device, tiles)
     double_quant = absmax_scale is not None
     scale_arg, offset_arg, dq_arg = (absmax_scale, absmax_offset, dq_values) if double_quant else (absmax,) * 3
     a_arg = x2d if lora_A is None else lora_A.contiguous()  # A's rows read as runs of 16 columns, like x's
@@ -433,7 +481,8 @@ def launch_rows(x2d: torch.Tensor, state: tuple, N: int, K: int, blocksize: int,
             b_arg.stride(0), b_arg.stride(-1), s_arg.stride(0), s_arg.stride(-1), scaling,
             BM=bm, WARPS_=WARPS, BLOCKSIZE=blocksize, DQ_BLOCKSIZE=dq_blocksize, DOUBLE_QUANT=double_quant,
             HAS_LORA=lora_A is not None, HAS_BIAS=bias is not None, SPLITS=splits,
-            UNROLL=unroll, W_LAYOUT=w_layout, X_LAYOUT=x_layout, A_LAYOUT=a_layout,
+            UNROLL=unroll, W_LAYOUT=w_layout, X_LAYOUT=x_layout, A_LAYOUT=a_layout, S_FIRST=s_first,
+            T_PAD=max(32 * WARPS, triton.next_power_of_2(tiles)),
             num_warps=WARPS,
         )
 

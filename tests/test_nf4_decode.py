@@ -56,21 +56,25 @@ def _counters_are_zero() -> bool:
 @given(rows=st.integers(1, nf4_decode_triton.MAX_ROWS), out_f=st.integers(1, 40), blocks_per_row=st.integers(1, 4),
        blocksize=st.sampled_from([32, 64, 128, 256]), double_quant=st.booleans(), r=st.sampled_from([0, 1, 4, 16, 64]),
        bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]),
-       words=st.sampled_from([8, 16]), split=st.integers(1, 4))
+       words=st.sampled_from([8, 16]), split=st.integers(1, 4), s_first=st.booleans())
 @example(rows=2, out_f=33, blocks_per_row=2, blocksize=64, double_quant=True, r=64, bias=True, dtype=torch.float32,
-         words=8, split=3)
+         words=8, split=3, s_first=True)
+@example(rows=2, out_f=33, blocks_per_row=2, blocksize=64, double_quant=True, r=4, bias=True, dtype=torch.float32,
+         words=8, split=2, s_first=False)
 def test_decode_against_the_dequantized_weight(rows, out_f, blocks_per_row, blocksize, double_quant, r, bias, dtype,
-                                               words, split):
+                                               words, split, s_first):
     """Every tiling the interpreter can afford: 16 rows of Ŵ per program, 8 or 16 words per chunk (so a
     chunk may hold several quantization blocks or part of one), K split 1-4 ways (the last slice may end
-    inside a chunk), with and without an adapter (r = 0; r = 64 narrows the steps that make S) and a bias."""
+    inside a chunk), with and without an adapter (r = 0; r = 64 narrows the steps that make S) and a bias.
+    The interpreter runs programs in the order of their index, so with S's programs last (``S_FIRST`` off)
+    every tile is finished by a part of S: the path a GPU takes when a part of S arrives after a tile's slices."""
     in_f = blocksize * blocks_per_row
     q = quantize_nf4(torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(in_f + out_f)).to(DEVICE),
                      blocksize, double_quant)
     x, a, b, bias_t = _tensors(rows, out_f, in_f, max(r, 1), dtype, seed=rows * in_f + r)
     a, b = (a, b) if r else (None, None)
     bias_t = bias_t if bias else None
-    config = dict(BN=16, BW=words, SPLIT_K=split, num_warps=1, num_stages=1)
+    config = dict(BN=16, BW=words, SPLIT_K=split, S_FIRST=s_first, num_warps=1, num_stages=1)
     y, s = nf4_decode_triton.nf4_decode(x, kernel_arguments(q), out_f, in_f, blocksize, q.dq_blocksize, a, b, 2.0,
                                         bias_t, config=config)
     y_expected, s_expected = _expected(q, x, a, b, bias_t)
@@ -121,19 +125,21 @@ def test_more_rows_than_the_kernel_takes_is_an_error():
 @pytest.mark.parametrize("out_f,in_f,blocksize,double_quant", [(4096, 4096, 64, True), (2304, 768, 32, False),
                                                                 (1000, 8192, 4096, True), (50, 256, 128, False),
                                                                 (300, 1088, 64, True)])
-@pytest.mark.parametrize("lora,bias", [(True, True), (False, False)])
-def test_decode_on_gpu(dtype, rows, out_f, in_f, blocksize, double_quant, lora, bias):
+@pytest.mark.parametrize("lora,bias,s_first", [(True, True, True), (False, False, True), (True, False, False)])
+def test_decode_on_gpu(dtype, rows, out_f, in_f, blocksize, double_quant, lora, bias, s_first):
     """The default tiling at GPT-2 widths, at a 4096-wide layer (K split across programs), with 4096-column
     blocks that span many chunks, a small odd layer, and 1088 columns: not a whole number of 256-column
     chunks, so the last slice ends inside one (the masked path). The same bits on every call: the slices'
-    partial sums are added in a fixed order although programs finish in any order on a GPU."""
+    partial sums are added in a fixed order although programs finish in any order on a GPU. With S's programs
+    after the tiles' (``S_FIRST`` off), parts of S come last and finish tiles."""
     q = quantize_nf4(torch.randn(out_f, in_f, device="cuda", generator=torch.Generator("cuda").manual_seed(in_f)),
                      blocksize, double_quant)
     x, a, b, bias_t = _tensors(rows, out_f, in_f, 16, dtype, seed=rows, device="cuda")
     a, b = (a, b) if lora else (None, None)
     bias_t = bias_t if bias else None
+    config = None if s_first else {**nf4_decode_triton._config(rows, out_f, in_f, x.device), "S_FIRST": False}
     y, s = nf4_decode_triton.nf4_decode(x, kernel_arguments(q), out_f, in_f, blocksize, q.dq_blocksize, a, b, 2.0,
-                                        bias_t)
+                                        bias_t, config=config)
     y_expected, s_expected = _expected(q, x, a, b, bias_t)
     _check(y, y_expected, dtype)
     if lora:
@@ -142,7 +148,7 @@ def test_decode_on_gpu(dtype, rows, out_f, in_f, blocksize, double_quant, lora, 
     assert _counters_are_zero()
     for _ in range(3):
         again, _ = nf4_decode_triton.nf4_decode(x, kernel_arguments(q), out_f, in_f, blocksize, q.dq_blocksize, a,
-                                                b, 2.0, bias_t)
+                                                b, 2.0, bias_t, config=config)
         assert torch.equal(again, y)
 
 

@@ -1,9 +1,10 @@
 """The NF4 forward for a few rows on mma.sync (kernels/nf4_rows_gluon.py, a Gluon kernel).
 
 Triton's interpreter does not run Gluon, so on the CPU two things are checked: the codebook lookup, by running
-the kernel's own PTX (``LOOKUP_ASM``) through a small emulator of the instructions it uses (PRMT above all), and
-the choice of splits. On the GPU the whole forward (``nf4_lora_triton.nf4_forward``, which launches it for 3 to
-16 rows) against y = x·Ŵᵀ + scaling·(x·Aᵀ)·Bᵀ + bias in float64, the routing, and a CUDA-graph replay.
+the kernel's own PTX (``TABLE_ASM`` for each of a program's 256 threads, then ``LOOKUP_ASM``) through a small
+emulator of the instructions it uses, shared memory included, and the choice of splits. On the GPU the whole
+forward (``nf4_lora_triton.nf4_forward``, which launches it for 2 to 16 rows) against y = x·Ŵᵀ +
+scaling·(x·Aᵀ)·Bᵀ + bias in float64, the routing, and a CUDA-graph replay.
 """
 
 from __future__ import annotations
@@ -39,45 +40,86 @@ def _prmt(a: int, b: int, c: int) -> int:
     return out
 
 
-def _run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
-    """Runs the few PTX instructions ``LOOKUP_ASM`` is made of on 32-bit integers; returns the registers."""
+_OPS = {"and.b32": lambda a, b: a & b, "shr.u32": lambda a, b: a >> b, "shl.b32": lambda a, b: a << b,
+        "add.u32": lambda a, b: a + b, "mul.lo.u32": lambda a, b: a * b, "mad.lo.u32": lambda a, b, c: a * b + c,
+        "mov.u32": lambda a: a, "prmt.b32": _prmt}
+_TABLE_AT = 0x2400  # where the emulator puts the table the PTX declares (any address will do)
+
+
+def _run_ptx(asm: str, inputs: dict[str, int], shared: dict[int, int]) -> dict[str, int]:
+    """Runs the few PTX instructions ``TABLE_ASM`` and ``LOOKUP_ASM`` are made of on 32-bit integers, one thread;
+    ``shared`` maps byte addresses to 32-bit words (shared memory, kept between calls). Returns the registers."""
     regs = dict(inputs)
 
     def val(x: str) -> int:
-        return int(x, 0) if x[0].isdigit() else regs[x]
+        return int(x, 0) if x[0].isdigit() else _TABLE_AT if x == "nf4_pairs" else regs[x]
+
+    def address(x: str) -> int:  # [reg] or [reg+offset]
+        reg, _, offset = x.strip("[]").partition("+")
+        return val(reg) + int(offset or "0", 0)
 
     for line in asm.replace("{", " ").replace("}", " ").split(";"):
         line = line.strip()
-        if not line or line.startswith(".reg"):
+        if not line or line.startswith((".reg", ".shared", "bar.sync")):  # one thread: the barrier has no work
             continue
         op, rest = line.split(None, 1)
-        if op == "mov.b32":  # mov.b32 {lo, hi}, p: the two halves of p
-            lo, hi, src = (r.strip() for r in rest.split(","))
-            regs[lo], regs[hi] = val(src) & 0xFFFF, val(src) >> 16
-            continue
         args = [r.strip() for r in rest.split(",")]
-        d, srcs = args[0], [val(x) for x in args[1:]]
-        regs[d] = {"and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b, "shr.u32": lambda a, b: a >> b,
-                   "prmt.b32": _prmt}[op](*srcs) & 0xFFFFFFFF
+        if op == "mov.b32":  # mov.b32 {lo, hi}, p: the two halves of p
+            regs[args[0]], regs[args[1]] = val(args[2]) & 0xFFFF, val(args[2]) >> 16
+        elif op == "st.shared.v4.b32":
+            for i in range(4):
+                shared[address(args[0]) + 4 * i] = val(args[1 + i])
+        elif op == "ld.shared.b32":
+            regs[args[0]] = shared[address(args[1])]
+        else:
+            regs[args[0]] = _OPS[op](*(val(x) for x in args[1:])) & 0xFFFFFFFF
     return regs
 
 
+def _filled_table(dtype: torch.dtype) -> dict[int, int]:
+    """Shared memory after ``TABLE_ASM`` has run on the 256 threads of a program, with the operands the kernel
+    gives it (``_pair_table``)."""
+    bits = [v & 0xFFFF for v in NF4_CODEBOOK.to(dtype).view(torch.int16).tolist()]
+    pairs = {f"${3 + j}": bits[2 * j] | bits[2 * j + 1] << 16 for j in range(8)}
+    shared: dict[int, int] = {}
+    for t in range(256):
+        regs = _run_ptx(nf4_rows_gluon.TABLE_ASM, {"$1": t, "$2": bits[(t >> 3) & 15], **pairs}, shared)
+        assert regs["$0"] == _TABLE_AT  # it returns the table's address
+    return shared
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_table_holds_each_bytes_two_codebook_values_once_a_lane(dtype):
+    """Entry e = 16·hi + lo, lane l, at word e·32 + l: nf4_values[hi] in its low half, nf4_values[lo] in its high
+    half (in ``dtype``), every one of the 8192 words written."""
+    shared = _filled_table(dtype)
+    bits = [v & 0xFFFF for v in NF4_CODEBOOK.to(dtype).view(torch.int16).tolist()]
+    assert sorted(shared) == [_TABLE_AT + 4 * i for i in range(256 * 32)]
+    for e in range(256):
+        for lane in range(32):
+            assert shared[_TABLE_AT + 4 * (32 * e + lane)] == bits[e >> 4] | bits[e & 15] << 16
+
+
 @settings(max_examples=40)
-@given(word=st.integers(0, 2**32 - 1), dtype=st.sampled_from([torch.bfloat16, torch.float16]))
-def test_the_lookup_returns_each_weights_codebook_value(word, dtype):
+@given(word=st.integers(0, 2**32 - 1), lane=st.integers(0, 31), dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_the_lookup_returns_each_weights_codebook_value(word, lane, dtype):
     """Weight 2j of a word is byte j's high nibble, 2j+1 its low one (the order the codes are stored in); output
-    f of the PTX is the codebook value of weight f in ``dtype``, bit for bit."""
-    tables = nf4_rows_gluon.table_words(NF4_CODEBOOK, dtype)
-    regs = _run_ptx(nf4_rows_gluon.LOOKUP_ASM, {**{f"${8 + i}": t for i, t in enumerate(tables)}, "$16": word})
+    f of the PTX is the codebook value of weight f in ``dtype``, bit for bit, read from the lane's own copy."""
+    shared = _filled_table(dtype)
+    own = {a: v for a, v in shared.items() if (a - _TABLE_AT) // 4 % 32 == lane}   # only this lane's copy
+    regs = _run_ptx(nf4_rows_gluon.LOOKUP_ASM, {"$8": word, "$9": _TABLE_AT + 4 * lane}, own)
     codes = [(word >> (8 * (f // 2) + (4 if f % 2 == 0 else 0))) & 0xF for f in range(8)]
     expected = NF4_CODEBOOK.to(dtype).view(torch.int16)[codes].tolist()
     assert [regs[f"${f}"] for f in range(8)] == [e & 0xFFFF for e in expected]
 
 
 def test_the_ptx_uses_only_what_the_emulator_knows():
-    """So that the test above runs all of ``LOOKUP_ASM``: every opcode in it is one ``_run_ptx`` emulates."""
-    ops = set(re.findall(r"(?:^|[;{\n])\s*([a-z]+\.[a-z0-9.]+)\s", nf4_rows_gluon.LOOKUP_ASM))
-    assert ops == {"and.b32", "shr.u32", "or.b32", "prmt.b32", "mov.b32"}
+    """So that the tests above run all of ``TABLE_ASM`` and ``LOOKUP_ASM``: every opcode in them is one
+    ``_run_ptx`` emulates (``bar.sync``, a barrier, has nothing to emulate in one thread)."""
+    asm = nf4_rows_gluon.TABLE_ASM + nf4_rows_gluon.LOOKUP_ASM
+    ops = set(re.findall(r"(?:^|[;{\n])\s*([a-z]+\.[a-z0-9.]+)\s", asm))
+    assert ops <= set(_OPS) | {"mov.b32", "st.shared.v4.b32", "ld.shared.b32", "bar.sync"}
+    assert {"st.shared.v4.b32", "ld.shared.b32", "prmt.b32"} <= ops
 
 
 @pytest.mark.parametrize("N,K,sms,expected", [(4096, 4096, 132, 512), (768, 3072, 132, 256), (2304, 768, 132, 256),
@@ -162,6 +204,33 @@ def test_which_rows_take_it(rows, dtype, blocksize, mask, split, rank, takes, mo
         _check(y, y_expected, dtype)
         if rank:  # S of a rank below the MMA's 16 rows of A
             _check(s, s_expected, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("rows", [2, 16])
+@pytest.mark.parametrize("out_f,in_f", [(4096, 4096), (300, 1088)])
+def test_s_arriving_last_finishes_the_tiles(rows, out_f, in_f):
+    """With the programs that make S after the tiles' (``s_first=False``), a split of S is the last arrival at
+    some tiles and finishes them itself: the same y and S as the usual order, bit for bit, and the counters back
+    at zero."""
+    q = quantize_nf4(torch.randn(out_f, in_f, device="cuda", generator=torch.Generator("cuda").manual_seed(in_f)),
+                     64, True)
+    x, a, b, bias = _tensors(rows, out_f, in_f, 16, torch.bfloat16, seed=rows, device="cuda")
+    k_split = nf4_rows_gluon.rows_split(out_f, in_f, torch.cuda.get_device_properties(0).multi_processor_count)
+    outs = []
+    for s_first in (True, False):
+        y = torch.empty(rows, out_f, device="cuda", dtype=x.dtype)
+        s = torch.empty(rows, 16, device="cuda", dtype=x.dtype)
+        nf4_rows_gluon.launch_rows(x, kernel_arguments(q), out_f, in_f, 64, q.dq_blocksize, a, b, 2.0, bias, y, s,
+                                   k_split, s_first=s_first)
+        outs.append((y, s))
+    y_expected, s_expected = _expected(q, x, a, b, bias)
+    _check(outs[1][0], y_expected, torch.bfloat16)
+    _check(outs[1][1], s_expected, torch.bfloat16)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    torch.cuda.synchronize()
+    assert _counters_are_zero()
 
 
 @pytest.mark.gpu
