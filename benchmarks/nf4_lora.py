@@ -4,9 +4,8 @@ Rows, for x (M, K) bf16, an NF4 weight (N, K) with double quantization (blocksiz
     bf16 linear       F.linear(x, W) on the dense bf16 weight (what the fused kernel is measured against)
     bf16 + LoRA       the reference LoRA layer on the dense bf16 weight
     dequant + GEMM    the Triton dequantization to bf16, F.linear, the low-rank term as torch ops
-    fused             "triton": kernels/nf4_lora_triton.py, the 4-bit codes dequantized inside the GEMM (for one
-                      row kernels/nf4_decode_triton.py, matrix-vector products on CUDA cores; for 2-16 rows
-                      kernels/nf4_rows_gluon.py, mma.sync with the weight operand made in registers; from
+    fused             "triton": kernels/nf4_lora_triton.py, the 4-bit codes dequantized inside the GEMM (for 1-16
+                      rows kernels/nf4_rows_gluon.py, mma.sync with the weight operand made in registers; from
                       nf4_ws_gluon.MIN_ROWS rows on a Hopper GPU kernels/nf4_ws_gluon.py, warps that make Ŵ
                       beside warps on wgmma)
     auto              what "auto" runs (nothing here needs a gradient: the fused kernels up to

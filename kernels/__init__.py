@@ -1049,14 +1049,14 @@ def nf4_lora_linear(
       "reference": ``nf4_linear`` on the reference dequantization, plus the reference's low-rank term.
       "triton":    kernels/nf4_lora_triton.py on every call: Triton GEMMs for y and for dX that read the 4-bit
                    codes and dequantize in registers, with the low-rank term in the same launch or, when the
-                   forward splits K across programs, in the launch that adds the partial sums; from 2 to
+                   forward splits K across programs, in the launch that adds the partial sums; from 1 to
                    ``nf4_rows_gluon.MAX_ROWS`` rows of 16-bit x without dropout on a GPU (no adapter or one of
                    rank ≤ 16, a blocksize that is a multiple of 64), kernels/nf4_rows_gluon.py (mma.sync with
                    the weight operand made in registers, the low-rank term in the same launch; a Gluon kernel,
                    Triton's lower level); from ``nf4_ws_gluon.MIN_ROWS`` rows of 16-bit x on a Hopper GPU (no
                    adapter or one of rank ≤ 32, a blocksize of 64 or more), kernels/nf4_ws_gluon.py (warps that
                    make Ŵ beside warps on wgmma, the low-rank term and bias in the same launch; Gluon); and for
-                   one row without dropout (two where that kernel cannot),
+                   one or two rows without dropout where neither of those can run (fp32, a blocksize of 32),
                    kernels/nf4_decode_triton.py (matrix-vector products on CUDA cores, the low-rank term in the
                    same launch); the LoRA
                    kernels for G, dA and dB (and S, unless the forward's programs make it). A ValueError

@@ -43,12 +43,12 @@ side, the codes read as words and looked up by one gather per chunk, K split acr
 rows (with S made by the same launch): on an H200, 1.78× the time of a bf16 linear layer at 16 rows (before
 kernels/nf4_rows_gluon.py took those rows) and 2.44× at 4096 (K = N = 4096, with a rank-16 adapter). The section
 above the kernel says what each change removed, and benchmarks/RESULTS.md what still keeps it behind a bf16 GEMM.
-A forward of one row without dropout (a decode step) skips the tensor cores: kernels/nf4_decode_triton.py,
-matrix-vector products on CUDA cores, 2.6× faster for one row on an H200 than this GEMM was with its earlier
-lookup (it takes ``nf4_decode_triton.MAX_ROWS`` rows, two also where the kernel below cannot). From 2 to 16
-rows of bf16 or fp16 x on an NVIDIA GPU (no dropout, no adapter or one of rank ≤ 16, a blocksize of 64 or more)
-the forward runs kernels/nf4_rows_gluon.py instead, in one launch: the weight built straight into the registers
-of Ampere's mma.sync, its codebook lookup one shared-memory load a byte (a Gluon kernel, GPU only). From
+From 1 to 16 rows of bf16 or fp16 x on an NVIDIA GPU (no dropout, no adapter or one of rank ≤ 16, a blocksize of
+64 or more) the forward runs kernels/nf4_rows_gluon.py instead, in one launch: the weight built straight into the
+registers of Ampere's mma.sync, its codebook lookup one shared-memory load a byte (a Gluon kernel, GPU only).
+A forward of one or two rows without dropout that it cannot take (fp32 x, a blocksize of 32, a rank above 16, the
+CPU's interpreter) skips the tensor cores too: kernels/nf4_decode_triton.py, matrix-vector products on CUDA cores,
+2.6× faster for one row on an H200 than this GEMM was with its earlier lookup. From
 ``nf4_ws_gluon.MIN_ROWS`` rows on a Hopper GPU (bf16 or fp16 x, no adapter or one of rank ≤ 32, a blocksize of
 64 or more) it runs kernels/nf4_ws_gluon.py: warps that only make Ŵ's tiles, fed by TMA, beside warpgroups that
 only run wgmma.
@@ -528,8 +528,9 @@ def nf4_forward(
     x on an NVIDIA GPU, no adapter or one of rank ≤ 16) go to kernels/nf4_rows_gluon.py; the rest of at most
     ``nf4_decode_triton.MAX_ROWS`` rows without a mask to the decode kernel (kernels/nf4_decode_triton.py:
     matrix-vector products on CUDA cores, 2.6× faster for one row on an H200 than this GEMM was with its earlier
-    lookup). From ``nf4_ws_gluon.MIN_ROWS`` rows where ``nf4_ws_gluon.ws_fits`` (16-bit x on a Hopper GPU, no adapter
-    or one of rank ≤ 32, a blocksize of 64 or more), kernels/nf4_ws_gluon.py, with S by the shrink kernel first.
+    lookup; fp32 x, a blocksize of 32, a rank above 16, the interpreter). From ``nf4_ws_gluon.MIN_ROWS`` rows
+    where ``nf4_ws_gluon.ws_fits`` (16-bit x on a Hopper GPU, no adapter or one of rank ≤ 32, a blocksize of 64 or
+    more), kernels/nf4_ws_gluon.py, with S by the shrink kernel first.
     """
     M, K = x2d.shape
     N = out_features

@@ -31,19 +31,23 @@ by two choices:
    three instructions: PRMT moves it into a register of its own, IMAD makes the address e·128 + 4·lane + base,
    LDS loads the MMA's register (``LOOKUP_ASM``, 12 for the 8 weights of a word, where byte permutes of a
    16-entry table took 25). The table is 32 KB a program, declared in the inline PTX that fills it
-   (``TABLE_ASM``), which returns its address.
+   (``TABLE_ASM``), which returns its address. With double quantization the absmax's own codebook (256 fp32
+   values) follows it, so a chunk's absmax, dq_values[code] · scale + offset, waits for one load from memory (its
+   8-bit code) and one from shared memory (``DQ_ASM``), not for two from memory one after the other.
 
 Gluon (``triton.experimental.gluon``) is Triton's lower-level language, compiled by the same compiler: a kernel
 names the layout of every tensor (which lane and register holds which element), which choice 1 needs. Triton's
 interpreter does not run Gluon, so this kernel is tested on a GPU only (tests/test_nf4_rows.py); the CPU tests
-check its lookup by running ``TABLE_ASM`` and ``LOOKUP_ASM`` through a small emulator of their instructions, and
-the routing around it.
+check its lookups by running ``TABLE_ASM``, ``LOOKUP_ASM`` and ``DQ_ASM`` through a small emulator of their
+instructions, and the routing around it.
 
     with an adapter, program 0 of each split of K:                  # short: almost always done first
         s_part[split] = Σ_chunks mma(A[:, chunk], x[:, chunk])ᵀ     # A's 16 rows, k permuted as Ŵ's
         count[tile] += 1 for every tile                              # (and finish a tile it arrived at last)
     the other programs, one per tile of 16·WARPS rows of Ŵ and split of K:   # a warp: 16 rows, one m16n8 tile
-        for each step of UNROLL 64-column chunks of the split:
+        load the tile's rows of B and of the bias                    # used only by the finishing, if at all
+        (up to 8 rows: load the first step's chunks)                 # their latency hides the tables' making
+        make the tables; then for each step of UNROLL 64-column chunks of the split:
             load every chunk's words (2 per row a lane), x[:, chunk] (32 bytes a lane) and absmax first
             for each chunk: a = lookup(words) (registers, the MMA's layout), b = x (the same permutation of k)
                             acc += absmax[rows, chunk] · mma(a, b)
@@ -57,9 +61,12 @@ bits every time. No program waits for another: the last arrival at a tile finish
 kernels/nf4_decode_triton.py's (``counters``), whose module docstring states what such a design assumes (no two
 launches count in one buffer at once). Loading UNROLL = 4 chunks before their math (``unroll_for``) keeps
 4 × 16 bytes of codes a lane in flight: with one chunk a step the loads waited on memory's latency (on an H100,
-10.1 against 9.1 µs at 3-4 rows without an adapter). ``nf4_lora_triton.nf4_forward`` launches it for 2 to 16 rows of
-bf16 or fp16 x without a dropout mask, without an adapter or with one of rank 1 to 16, on an NVIDIA GPU and a
-blocksize of 64 or more (``rows_fit``).
+10.1 against 9.1 µs at 3-4 rows without an adapter). What a program needs only at its end, the rows of B and of the
+bias, is loaded at its start, so that the last arrival at a tile finishes it after one more trip to memory (the
+splits' sums and S), not two: on an H100 this took 17-20% off at 1-8 rows with a rank-16 adapter
+(benchmarks/RESULTS.md). ``nf4_lora_triton.nf4_forward`` launches it for 1 to 16 rows of bf16 or fp16 x without a
+dropout mask, without an adapter or with one of rank 1 to 16, on an NVIDIA GPU and a blocksize of 64 or more
+(``rows_fit``).
 """
 
 from __future__ import annotations
@@ -73,28 +80,32 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from .nf4_decode_triton import counters
 from .triton_interpreter import INTERPRETING
 
-__all__ = ["MIN_ROWS", "MAX_ROWS", "TABLE_ASM", "LOOKUP_ASM", "rows_fit", "launch_rows", "rows_split", "unroll_for"]
+__all__ = ["MIN_ROWS", "MAX_ROWS", "DQ_AT", "TABLE_ASM", "LOOKUP_ASM", "DQ_ASM", "rows_fit", "launch_rows",
+           "rows_split", "unroll_for"]
 
-MIN_ROWS = 2     # one row: kernels/nf4_decode_triton.py (see rows_fit)
+MIN_ROWS = 1     # a decode step too (see rows_fit)
 MAX_ROWS = 16    # x's rows: two n8 tiles of the MMA
 WARPS = 8        # warps a program: 128 rows of Ŵ
 CHUNK = 64       # columns of K an MMA chunk: one quantization block or part of one (blocksize ≥ 64)
 
 
 def _table_asm() -> str:
-    """PTX run once by each of a program's 256 threads: declares the table (256 entries × 32 lanes × 4 bytes),
-    writes thread t's part of it — entries t/8 + 32i for i < 8, lanes 4(t%8) .. 4(t%8)+3 of each, one 16-byte
-    store an entry — waits for the whole program (``bar.sync``) and returns the table's address.
+    """PTX run once by each of a program's 256 threads: declares the tables (the pairs: 256 entries × 32 lanes × 4
+    bytes; then the 256 fp32 values of the absmax's codebook, ``DQ_AT`` bytes on), writes thread t's part of them
+    — entries t/8 + 32i of the pairs for i < 8, lanes 4(t%8) .. 4(t%8)+3 of each, one 16-byte store an entry, and
+    value t of the absmax's codebook — waits for the whole program (``bar.sync``) and returns the tables' address.
 
     $0: the address; $1: t; $2: nf4_values[(t/8) % 16] (the entry's lo, the same for all 8 of t's entries);
-    $3-$10: P_j = nf4_values[2j] | nf4_values[2j+1] << 16. Entry t/8 + 32i has hi = t/128 + 2i, so its low half is
-    half t/128 of P_i: one PRMT picks it and lo's 16 bits (selector 0x5410, or 0x5432 for the upper half)."""
-    lines = ["{ .shared .align 16 .b8 nf4_pairs[32768]; .reg .b32 base, a, s, sel, p;",
+    $3-$10: P_j = nf4_values[2j] | nf4_values[2j+1] << 16; $11: dq_values[t]'s 32 bits (0 without double
+    quantization). Entry t/8 + 32i has hi = t/128 + 2i, so its low half is half t/128 of P_i: one PRMT picks it and
+    lo's 16 bits (selector 0x5410, or 0x5432 for the upper half)."""
+    lines = [f"{{ .shared .align 16 .b8 nf4_pairs[{DQ_AT + 1024}]; .reg .b32 base, a, s, sel, p;",
              "mov.u32 base, nf4_pairs; shr.u32 a, $1, 3; shl.b32 a, a, 7; and.b32 s, $1, 7; shl.b32 s, s, 4;",
              "add.u32 a, a, s; add.u32 a, a, base; shr.u32 sel, $1, 7; mul.lo.u32 sel, sel, 0x22;",
              "add.u32 sel, sel, 0x5410;"]
     for i in range(8):
         lines.append(f"prmt.b32 p, ${3 + i}, $2, sel; st.shared.v4.b32 [a+{4096 * i}], {{p, p, p, p}};")
+    lines.append(f"shl.b32 a, $1, 2; add.u32 a, a, base; st.shared.b32 [a+{DQ_AT}], $11;")
     return "\n".join(lines + ["bar.sync 0; mov.u32 $0, base; }"])
 
 
@@ -108,10 +119,13 @@ def _lookup_asm() -> str:
     return "\n".join(lines + ["}"])
 
 
+DQ_AT = 32768   # where the absmax's codebook starts, in bytes from the table of pairs
 TABLE_ASM = _table_asm()
 LOOKUP_ASM = _lookup_asm()
+DQ_ASM = f"ld.shared.b32 $0, [$1+{DQ_AT}];"   # $1 = the tables' address + 4·code: dq_values[code]'s bits
 _TABLE_ASM = gl.constexpr(TABLE_ASM)  # a kernel reads only constexpr globals
 _LOOKUP_ASM = gl.constexpr(LOOKUP_ASM)
+_DQ_ASM = gl.constexpr(DQ_ASM)
 _CHUNK = gl.constexpr(CHUNK)
 _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # (its name from Triton 3.7 on)
 
@@ -146,21 +160,27 @@ def _codebook_pair(nf4_ptr, j: gl.constexpr, t, DTYPE: gl.constexpr):
 
 
 @gluon.jit
-def _pair_table(nf4_ptr, like, DTYPE: gl.constexpr, WARPS_: gl.constexpr):
-    """Writes this program's table of pairs (``TABLE_ASM``, every thread once); returns its address + 4·lane in
-    every element of a tensor shaped and laid out as ``like`` (the words: LOOKUP_ASM's $9)."""
+def _pair_table(nf4_ptr, dq_ptr, like, DTYPE: gl.constexpr, WARPS_: gl.constexpr, DOUBLE_QUANT: gl.constexpr):
+    """Writes this program's tables (``TABLE_ASM``, every thread once); returns the pairs' address + 4·lane in
+    every element of a tensor shaped and laid out as ``like`` (the words: LOOKUP_ASM's $9), and the tables'
+    address (a scalar: DQ_ASM's base)."""
     gl.static_assert(WARPS_ == 8, "TABLE_ASM fills the table with 256 threads")
     t = gl.arange(0, 32 * WARPS_, layout=gl.BlockedLayout([1], [32], [WARPS_], [0]))   # one element a thread
+    if DOUBLE_QUANT:
+        dq_bits = gl.load(dq_ptr + t).to(gl.int32, bitcast=True)
+    else:
+        dq_bits = t * 0
     address = gl.inline_asm_elementwise(
-        _TABLE_ASM, "=r,r,r,r,r,r,r,r,r,r,r",
+        _TABLE_ASM, "=r,r,r,r,r,r,r,r,r,r,r,r",
         [t, _codebook_bits(nf4_ptr, (t >> 3) & 15, DTYPE), _codebook_pair(nf4_ptr, 0, t, DTYPE),
          _codebook_pair(nf4_ptr, 1, t, DTYPE), _codebook_pair(nf4_ptr, 2, t, DTYPE),
          _codebook_pair(nf4_ptr, 3, t, DTYPE), _codebook_pair(nf4_ptr, 4, t, DTYPE),
          _codebook_pair(nf4_ptr, 5, t, DTYPE), _codebook_pair(nf4_ptr, 6, t, DTYPE),
-         _codebook_pair(nf4_ptr, 7, t, DTYPE)], dtype=gl.int32, is_pure=False, pack=1)
+         _codebook_pair(nf4_ptr, 7, t, DTYPE), dq_bits], dtype=gl.int32, is_pure=False, pack=1)
     base = gl.max(address, axis=0)   # the same in every thread: a scalar, which any layout can take
-    return gl.inline_asm_elementwise("{ .reg .b32 l; mov.u32 l, %laneid; shl.b32 l, l, 2; add.u32 $0, $1, l; }",
-                                     "=r,r", [like + base], dtype=gl.int32, is_pure=True, pack=1)
+    table = gl.inline_asm_elementwise("{ .reg .b32 l; mov.u32 l, %laneid; shl.b32 l, l, 2; add.u32 $0, $1, l; }",
+                                      "=r,r", [like + base], dtype=gl.int32, is_pure=True, pack=1)
+    return table, base
 
 
 @gluon.jit
@@ -180,20 +200,47 @@ def _lookup(word, table, DTYPE: gl.constexpr):
 
 
 @gluon.jit
-def _load_chunk(k0, j: gl.constexpr, words, xs, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr, row_block,
-                BLOCKSIZE: gl.constexpr, DQ_BLOCKSIZE: gl.constexpr, DOUBLE_QUANT: gl.constexpr):
-    """Chunk j of the step at column k0: its words (rows, 8), x (bm, 4, 16) and each row's absmax (rows,) in fp32.
-    ``words`` and ``xs`` point at the step's first chunk (so chunk j's addresses are theirs plus a constant); the
-    rows are clamped to the last (their results are not stored), so no load needs a mask."""
+def _load_chunk(k0, j: gl.constexpr, words, xs, absmax_ptr, absmax_scale_ptr, row_block, BLOCKSIZE: gl.constexpr,
+                DQ_BLOCKSIZE: gl.constexpr, DOUBLE_QUANT: gl.constexpr):
+    """Chunk j of the step at column k0: its words (rows, 8), x (bm, 4, 16) and each row's absmax (rows,) as
+    loaded — with double quantization its 8-bit code and its scale, made a value by ``_absmax`` from the table in
+    shared memory, so no load waits for another. ``words`` and ``xs`` point at the step's first chunk (so chunk j's
+    addresses are theirs plus a constant); the rows are clamped to the last (their results are not stored), so no
+    load needs a mask."""
     word = gl.load(words + 8 * j)
     x = gl.load(xs + _CHUNK * j)
     block = row_block + (k0 + _CHUNK * j) // BLOCKSIZE
-    if DOUBLE_QUANT:  # dq_values[absmax code] · absmax_scale[block // DQ_BLOCKSIZE] + absmax_offset
+    if DOUBLE_QUANT:
         code = gl.load(absmax_ptr + block).to(gl.int32)
-        absmax = gl.load(dq_ptr + code) * gl.load(absmax_scale_ptr + block // DQ_BLOCKSIZE) + gl.load(absmax_offset_ptr)
+        scale = gl.load(absmax_scale_ptr + block // DQ_BLOCKSIZE)
     else:
-        absmax = gl.load(absmax_ptr + block)
-    return word, x, absmax
+        code = gl.load(absmax_ptr + block)
+        scale = code
+    return word, x, code, scale
+
+
+@gluon.jit
+def _load_step(k0, w_ptrs, xs, absmax_ptr, absmax_scale_ptr, row_block, BLOCKSIZE: gl.constexpr,
+               DQ_BLOCKSIZE: gl.constexpr, DOUBLE_QUANT: gl.constexpr, UNROLL: gl.constexpr):
+    """The UNROLL chunks of the step at column k0 (``_load_chunk``), flat: (word, x, code, scale) × UNROLL."""
+    step = ()
+    for j in gl.static_range(UNROLL):
+        step = step + _load_chunk(k0, j, w_ptrs + (k0 >> 3), xs + k0, absmax_ptr, absmax_scale_ptr, row_block,
+                                  BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT)
+    return step
+
+
+@gluon.jit
+def _absmax(code, scale, offset, base, DOUBLE_QUANT: gl.constexpr):
+    """A chunk's absmax for each row in fp32: with double quantization dq_values[code] · scale + absmax_offset,
+    dq_values read from the program's table in shared memory (``DQ_ASM``); without, the loaded fp32 value."""
+    if DOUBLE_QUANT:
+        bits = gl.inline_asm_elementwise(_DQ_ASM, "=r,r", [base + 4 * code], dtype=gl.int32,
+                                         is_pure=True, pack=1)
+        absmax = bits.to(gl.float32, bitcast=True) * scale + offset
+    else:
+        absmax = code
+    return absmax
 
 
 @gluon.jit
@@ -228,12 +275,13 @@ def _s_chunk(k0, s_t, x_ptr, x_off, x_ok, a_ptr, a_off, a_ok, BM: gl.constexpr, 
 
 
 @gluon.jit
-def _finish_tile(part_ptr, s_part_ptr, b_ptr, bias_ptr, y_ptr, s_ptr, n, in_n, M, N, R, stride_bn, stride_br,
-                 stride_sm, stride_sr, scaling, first_tile, SPLITS: gl.constexpr, BM: gl.constexpr,
-                 HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, MMA: gl.constexpr, WARPS_: gl.constexpr):
+def _finish_tile(part_ptr, s_part_ptr, y_ptr, s_ptr, n, in_n, M, R, N, stride_sm, stride_sr, scaling, first_tile,
+                 up, bias_v, SPLITS: gl.constexpr, BM: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr,
+                 MMA: gl.constexpr, WARPS_: gl.constexpr):
     """y[:, tile] = Σ_j part[j, :, tile] + scaling·S·B[tile]ᵀ + bias, S = Σ_j s_part[j] (stored by the first
-    tile), by the last of a tile's splits to finish. The splits are added in the order j = 0, 1, ...: the same
-    bits whichever program finishes last. Loads skip L1 (".cg"): other SMs wrote these values in this launch."""
+    tile), by the last of a tile's splits to finish; ``up`` and ``bias_v``: the tile's B and bias
+    (``_tile_extras``). The splits are added in the order j = 0, 1, ...: the same bits whichever program finishes
+    last. Loads skip L1 (".cg"): other SMs wrote these values in this launch."""
     ym = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
     ok = in_n[:, None] & (ym < M)[None, :]
     offs = (ym * N)[None, :] + n[:, None]                                              # (ROWS, BM): yᵀ
@@ -255,16 +303,32 @@ def _finish_tile(part_ptr, s_part_ptr, b_ptr, bias_ptr, y_ptr, s_ptr, n, in_n, M
                      mask=(r < R)[:, None] & (sm < M)[None, :])
         low = (s_t.to(gl.float32) * scaling).to(y_ptr.dtype.element_ty)
         low = gl.convert_layout(low, gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2))
-        BL: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [WARPS_, 1], [1, 0])
-        nb = gl.convert_layout(n, gl.SliceLayout(1, BL))
+        acc = mma_v2(gl.convert_layout(up, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)), low, acc)
+    if HAS_BIAS:
+        acc += bias_v[:, None]
+    gl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@gluon.jit
+def _tile_extras(b_ptr, bias_ptr, tile, N, R, stride_bn, stride_br, DTYPE: gl.constexpr, HAS_LORA: gl.constexpr,
+                 HAS_BIAS: gl.constexpr, MMA: gl.constexpr, WARPS_: gl.constexpr):
+    """Tile ``tile``'s rows of B (ROWS, 16) and of the bias in fp32 (zeros where there is none): loaded by a
+    tile's program before its loop, so that finishing the tile waits for neither."""
+    ROWS: gl.constexpr = 16 * WARPS_
+    BL: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [WARPS_, 1], [1, 0])
+    if HAS_LORA:
+        nb = tile * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, BL))
         rb = gl.arange(0, 16, layout=gl.SliceLayout(0, BL))
         up = gl.load(b_ptr + (nb * stride_bn)[:, None] + (rb * stride_br)[None, :],
                      mask=(nb < N)[:, None] & (rb < R)[None, :], other=0.0)             # (ROWS, 16) = B[tile]
-        up = gl.convert_layout(up, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
-        acc = mma_v2(up, low, acc)
+    else:
+        up = gl.zeros([ROWS, 16], DTYPE, layout=BL)
+    n = tile * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, MMA))
     if HAS_BIAS:
-        acc += gl.load(bias_ptr + n, mask=in_n, other=0.0).to(gl.float32)[:, None]
-    gl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+        bias_v = gl.load(bias_ptr + n, mask=n < N, other=0.0).to(gl.float32)
+    else:
+        bias_v = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, MMA))
+    return up, bias_v
 
 
 @gluon.jit
@@ -279,9 +343,10 @@ def _nf4_rows_kernel(
     BM: gl.constexpr, WARPS_: gl.constexpr, BLOCKSIZE: gl.constexpr, DQ_BLOCKSIZE: gl.constexpr,
     DOUBLE_QUANT: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, SPLITS: gl.constexpr,
     UNROLL: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
-    A_LAYOUT: gl.constexpr, S_FIRST: gl.constexpr, T_PAD: gl.constexpr,
+    A_LAYOUT: gl.constexpr, S_FIRST: gl.constexpr, T_PAD: gl.constexpr, PEEL: gl.constexpr,
 ):
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS_, 1], instr_shape=[16, 8])
+    DTYPE: gl.constexpr = x_ptr.dtype.element_ty
     pid_k = gl.program_id(1)
     k_lo = pid_k * K_SPLIT
     k_hi = gl.minimum(K, k_lo + K_SPLIT)
@@ -303,6 +368,8 @@ def _nf4_rows_kernel(
         makes_s = pid_n == (-1 if S_FIRST else tiles)
         t = gl.arange(0, T_PAD, layout=gl.BlockedLayout([T_PAD // (32 * WARPS_)], [32], [WARPS_], [0]))
         last = t < 0
+        up, bias_v = _tile_extras(b_ptr, bias_ptr, gl.maximum(pid_n, 0), N, R, stride_bn, stride_br, DTYPE, HAS_LORA,
+                                  HAS_BIAS, MMA, WARPS_)
         if makes_s:
             last = _s_program(x_ptr, a_ptr, s_part_ptr, count_ptr, x_off, x_ok, k_lo, k_hi, k_main, pid_k, tiles, t,
                               M, R, stride_ar, BM, SPLITS, UNROLL, MMA, A_LAYOUT)
@@ -310,31 +377,35 @@ def _nf4_rows_kernel(
         else:
             n_last = _tile_program(x_ptr, words_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr,
                                    part_ptr, count_ptr, x_off, k_lo, k_hi, k_main, pid_n, pid_k, M, N, K, BM, WARPS_,
-                                   BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT, HAS_LORA, SPLITS, UNROLL, W_LAYOUT, MMA)
+                                   BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT, HAS_LORA, SPLITS, UNROLL, W_LAYOUT, MMA, PEEL)
         for _ in range(n_last):                               # one place finishes a tile: a smaller kernel
             if makes_s:
                 tile = gl.min(gl.where(last, t, tiles), axis=0)   # the lowest first
                 last = last & (t != tile)
+                up, bias_v = _tile_extras(b_ptr, bias_ptr, tile, N, R, stride_bn, stride_br, DTYPE, HAS_LORA,
+                                          HAS_BIAS, MMA, WARPS_)
             else:
                 tile = pid_n
-            _finish(part_ptr, s_part_ptr, b_ptr, bias_ptr, y_ptr, s_ptr, count_ptr, tile, M, N, R, stride_bn,
-                    stride_br, stride_sm, stride_sr, scaling, SPLITS, BM, HAS_LORA, HAS_BIAS, MMA, WARPS_)
+            _finish(part_ptr, s_part_ptr, y_ptr, s_ptr, count_ptr, tile, M, N, R, stride_sm, stride_sr, scaling, up,
+                    bias_v, SPLITS, BM, HAS_LORA, HAS_BIAS, MMA, WARPS_)
     else:
+        up, bias_v = _tile_extras(b_ptr, bias_ptr, pid_n, N, R, stride_bn, stride_br, DTYPE, HAS_LORA, HAS_BIAS, MMA,
+                                  WARPS_)
         if _tile_program(x_ptr, words_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr, part_ptr,
                          count_ptr, x_off, k_lo, k_hi, k_main, pid_n, pid_k, M, N, K, BM, WARPS_, BLOCKSIZE,
-                         DQ_BLOCKSIZE, DOUBLE_QUANT, HAS_LORA, SPLITS, UNROLL, W_LAYOUT, MMA) > 0:
-            _finish(part_ptr, s_part_ptr, b_ptr, bias_ptr, y_ptr, s_ptr, count_ptr, pid_n, M, N, R, stride_bn,
-                    stride_br, stride_sm, stride_sr, scaling, SPLITS, BM, HAS_LORA, HAS_BIAS, MMA, WARPS_)
+                         DQ_BLOCKSIZE, DOUBLE_QUANT, HAS_LORA, SPLITS, UNROLL, W_LAYOUT, MMA, PEEL) > 0:
+            _finish(part_ptr, s_part_ptr, y_ptr, s_ptr, count_ptr, pid_n, M, N, R, stride_sm, stride_sr, scaling, up,
+                    bias_v, SPLITS, BM, HAS_LORA, HAS_BIAS, MMA, WARPS_)
 
 
 @gluon.jit
-def _finish(part_ptr, s_part_ptr, b_ptr, bias_ptr, y_ptr, s_ptr, count_ptr, tile, M, N, R, stride_bn, stride_br,
-            stride_sm, stride_sr, scaling, SPLITS: gl.constexpr, BM: gl.constexpr, HAS_LORA: gl.constexpr,
-            HAS_BIAS: gl.constexpr, MMA: gl.constexpr, WARPS_: gl.constexpr):
+def _finish(part_ptr, s_part_ptr, y_ptr, s_ptr, count_ptr, tile, M, N, R, stride_sm, stride_sr, scaling, up, bias_v,
+            SPLITS: gl.constexpr, BM: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr,
+            MMA: gl.constexpr, WARPS_: gl.constexpr):
     """Tile ``tile`` of y (``_finish_tile``), and its counter back to zero for the next launch."""
     n = tile * 16 * WARPS_ + gl.arange(0, 16 * WARPS_, layout=gl.SliceLayout(1, MMA))
-    _finish_tile(part_ptr, s_part_ptr, b_ptr, bias_ptr, y_ptr, s_ptr, n, n < N, M, N, R, stride_bn, stride_br,
-                 stride_sm, stride_sr, scaling, tile == 0, SPLITS, BM, HAS_LORA, HAS_BIAS, MMA, WARPS_)
+    _finish_tile(part_ptr, s_part_ptr, y_ptr, s_ptr, n, n < N, M, R, N, stride_sm, stride_sr, scaling, tile == 0,
+                 up, bias_v, SPLITS, BM, HAS_LORA, HAS_BIAS, MMA, WARPS_)
     gl.store(count_ptr + tile, 0)
 
 
@@ -369,47 +440,56 @@ def _tile_program(x_ptr, words_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_
                   count_ptr, x_off, k_lo, k_hi, k_main, pid_n, pid_k, M, N, K, BM: gl.constexpr, WARPS_: gl.constexpr,
                   BLOCKSIZE: gl.constexpr, DQ_BLOCKSIZE: gl.constexpr, DOUBLE_QUANT: gl.constexpr,
                   HAS_LORA: gl.constexpr, SPLITS: gl.constexpr, UNROLL: gl.constexpr, W_LAYOUT: gl.constexpr,
-                  MMA: gl.constexpr):
+                  MMA: gl.constexpr, PEEL: gl.constexpr):
     """x·Ŵ[tile]ᵀ over one split into part[split], then one more arrival at the tile's counter. Returns 1 if it
     was the last (its splits', and with an adapter S's), which finishes the tile; 0 otherwise."""
     ROWS: gl.constexpr = 16 * WARPS_
     DTYPE: gl.constexpr = x_ptr.dtype.element_ty
+    STEP: gl.constexpr = _CHUNK * UNROLL
     # the words' addresses: rows n of Ŵ (past N: row N - 1, not stored), words w of a chunk (K % 64 == 0: every
     # row starts on a word)
     n_w = pid_n * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, W_LAYOUT))
     w = gl.arange(0, 8, layout=gl.SliceLayout(0, W_LAYOUT))
     w_ptrs = words_ptr + (gl.minimum(n_w, N - 1) * (K // 8))[:, None] + w[None, :]
+    xs = x_ptr + x_off
     # the rows of the accumulator, for the absmax and the store
     n = pid_n * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, MMA))
     in_n = n < N
     row_block = gl.minimum(n, N - 1) * (K // BLOCKSIZE)
-    table = _pair_table(nf4_ptr, gl.zeros([ROWS, 8], gl.int32, layout=W_LAYOUT), DTYPE, WARPS_)  # as the words
+    if DOUBLE_QUANT:
+        offset = gl.load(absmax_offset_ptr)
+    else:
+        offset = 0.0
+    k_first = k_lo
+    if PEEL:
+        # the first step's loads before the tables are made, so that their latency hides the making (at column
+        # k_lo; where the split has no whole step, at K - STEP, inside the row and not used: the launch peels only
+        # where STEP ≤ K, so no load needs a mask)
+        first = _load_step(gl.minimum(k_lo, K - STEP), w_ptrs, xs, absmax_ptr, absmax_scale_ptr, row_block, BLOCKSIZE,
+                           DQ_BLOCKSIZE, DOUBLE_QUANT, UNROLL)
+    table, base = _pair_table(nf4_ptr, dq_ptr, gl.zeros([ROWS, 8], gl.int32, layout=W_LAYOUT), DTYPE, WARPS_,
+                              DOUBLE_QUANT)                                     # table: laid out as the words
     acc = gl.zeros([ROWS, BM], gl.float32, layout=MMA)
+    if PEEL:
+        if k_main > k_lo:
+            for j in gl.static_range(UNROLL):
+                acc = _mma_chunk(first[4 * j], first[4 * j + 1],
+                                 _absmax(first[4 * j + 2], first[4 * j + 3], offset, base, DOUBLE_QUANT), acc, table,
+                                 ROWS, BM, DTYPE, MMA)
+            k_first = k_lo + STEP
     # UNROLL chunks a step, all their loads issued before their math: UNROLL × 16 bytes of codes a lane in
     # flight, where one chunk's 16 leave the loads waiting on memory's latency
-    for k0 in range(k_lo, k_main, _CHUNK * UNROLL):
-        words = w_ptrs + (k0 >> 3)
-        xs = x_ptr + x_off + k0
-        w0, x0, m0 = _load_chunk(k0, 0, words, xs, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr,
-                                 row_block, BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT)
-        if UNROLL >= 2:
-            w1, x1, m1 = _load_chunk(k0, 1, words, xs, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr,
-                                     row_block, BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT)
-        if UNROLL >= 4:
-            w2, x2, m2 = _load_chunk(k0, 2, words, xs, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr,
-                                     row_block, BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT)
-            w3, x3, m3 = _load_chunk(k0, 3, words, xs, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, dq_ptr,
-                                     row_block, BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT)
-        acc = _mma_chunk(w0, x0, m0, acc, table, ROWS, BM, DTYPE, MMA)
-        if UNROLL >= 2:
-            acc = _mma_chunk(w1, x1, m1, acc, table, ROWS, BM, DTYPE, MMA)
-        if UNROLL >= 4:
-            acc = _mma_chunk(w2, x2, m2, acc, table, ROWS, BM, DTYPE, MMA)
-            acc = _mma_chunk(w3, x3, m3, acc, table, ROWS, BM, DTYPE, MMA)
+    for k0 in range(k_first, k_main, STEP):
+        step = _load_step(k0, w_ptrs, xs, absmax_ptr, absmax_scale_ptr, row_block, BLOCKSIZE, DQ_BLOCKSIZE,
+                          DOUBLE_QUANT, UNROLL)
+        for j in gl.static_range(UNROLL):
+            acc = _mma_chunk(step[4 * j], step[4 * j + 1],
+                             _absmax(step[4 * j + 2], step[4 * j + 3], offset, base, DOUBLE_QUANT), acc, table, ROWS,
+                             BM, DTYPE, MMA)
     for k0 in range(k_main, k_hi, _CHUNK):
-        word, x, absmax = _load_chunk(k0, 0, w_ptrs + (k0 >> 3), x_ptr + x_off + k0, absmax_ptr, absmax_scale_ptr,
-                                      absmax_offset_ptr, dq_ptr, row_block, BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT)
-        acc = _mma_chunk(word, x, absmax, acc, table, ROWS, BM, DTYPE, MMA)
+        word, x, code, scale = _load_chunk(k0, 0, w_ptrs + (k0 >> 3), xs + k0, absmax_ptr, absmax_scale_ptr,
+                                           row_block, BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT)
+        acc = _mma_chunk(word, x, _absmax(code, scale, offset, base, DOUBLE_QUANT), acc, table, ROWS, BM, DTYPE, MMA)
     ym = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
     gl.store(part_ptr + pid_k * M * N + (ym * N)[None, :] + n[:, None], acc, mask=in_n[:, None] & (ym < M)[None, :])
     _cta_barrier()                                            # every warp's stores before the release below
@@ -425,9 +505,9 @@ def rows_fit(x2d: torch.Tensor, blocksize: int, mask2d: torch.Tensor | None, lor
     """Whether ``launch_rows`` takes this forward: MIN_ROWS to MAX_ROWS contiguous rows of bf16 or fp16 x, no
     dropout mask, no adapter or one of rank 1 to 16 in x's dtype, a blocksize that is a multiple of CHUNK, on an
     NVIDIA GPU of compute capability 8.0 or more (mma.sync's bf16 form), and not under Triton's interpreter (no
-    Gluon there). One row goes to kernels/nf4_decode_triton.py, 15% less time there with a rank-16 adapter (within
-    3% without one); at two rows this kernel took 14% less time than the decode kernel with an adapter, 33% less
-    without (H100, 2026-12-07, benchmarks/RESULTS.md)."""
+    Gluon there). At one row this kernel took 4% less time than kernels/nf4_decode_triton.py with a rank-16
+    adapter and 5% less without one (H100, 2026-12-07, benchmarks/RESULTS.md); the decode kernel keeps the
+    one- and two-row calls this one cannot take."""
     return (not INTERPRETING and x2d.is_cuda and torch.version.hip is None and MIN_ROWS <= x2d.shape[0] <= MAX_ROWS
             and mask2d is None and (lora_A is None or (1 <= lora_A.shape[0] <= 16 and lora_A.dtype == x2d.dtype))
             and x2d.dtype in (torch.bfloat16, torch.float16) and x2d.is_contiguous() and blocksize % CHUNK == 0
@@ -482,7 +562,7 @@ def launch_rows(x2d: torch.Tensor, state: tuple, N: int, K: int, blocksize: int,
             BM=bm, WARPS_=WARPS, BLOCKSIZE=blocksize, DQ_BLOCKSIZE=dq_blocksize, DOUBLE_QUANT=double_quant,
             HAS_LORA=lora_A is not None, HAS_BIAS=bias is not None, SPLITS=splits,
             UNROLL=unroll, W_LAYOUT=w_layout, X_LAYOUT=x_layout, A_LAYOUT=a_layout, S_FIRST=s_first,
-            T_PAD=max(32 * WARPS, triton.next_power_of_2(tiles)),
+            T_PAD=max(32 * WARPS, triton.next_power_of_2(tiles)), PEEL=bm == 8 and K >= CHUNK * unroll,
             num_warps=WARPS,
         )
 

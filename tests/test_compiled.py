@@ -228,14 +228,15 @@ def test_an_unknown_kernel_is_named():
 
 
 def test_the_gluon_kernel_keeps_its_weight_operand_in_registers():
-    """kernels/nf4_rows_gluon.py at 16 rows: mma.sync (HMMA) whose loop touches shared memory only to look up
-    the table of pairs, one LDS a byte of codes — the layout conversions it asserts trivial moved no data, and
-    nothing is stored or waited for in the loop."""
+    """kernels/nf4_rows_gluon.py at 16 rows with double quantization: mma.sync (HMMA) whose loop touches shared
+    memory only to look up its tables, one LDS a byte of codes and one a row and chunk for the absmax's codebook —
+    the layout conversions it asserts trivial moved no data, and nothing is stored or waited for in the loop."""
     run = _run("--kernels", "nf4_rows_16")
     assert run.returncode == 0, run.stderr[-2000:]
     row = _rows(run.stdout)["nf4_rows_16"]
     g = nf4_rows_gluon
     bytes_a_thread = g.unroll_for(16) * 16 * g.WARPS * g.CHUNK // (32 * g.WARPS) // 2   # a loop step's codes
+    lds = bytes_a_thread + g.unroll_for(16) * 2          # + each chunk's absmax for a thread's two rows
     assert row["MMA"] == "HMMA" and row["serialized"] == "no"
-    assert int(row["loop smem"]) == bytes_a_thread and f"LDS {bytes_a_thread}" in row["top"]
+    assert int(row["loop smem"]) == lds and f"LDS {lds}" in row["top"]
     assert 0 < int(row["regs"]) <= 255 and float(row["per weight"]) > 0

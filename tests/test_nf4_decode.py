@@ -152,13 +152,13 @@ def test_decode_on_gpu(dtype, rows, out_f, in_f, blocksize, double_quant, lora, 
         assert torch.equal(again, y)
 
 
-def captured_auto_step(rows: int):
-    """(graph, its output, the step, (q, x, a, b, bias)): a forward of ``rows`` rows of bf16 x through a 4096 × 4096
+def captured_auto_step(rows: int, dtype: torch.dtype = torch.bfloat16):
+    """(graph, its output, the step, (q, x, a, b, bias)): a forward of ``rows`` rows of x through a 4096 × 4096
     NF4 layer with a rank-16 adapter under "auto", run twice on a side stream and then captured in a CUDA graph.
     Also tests/test_nf4_rows.py's."""
     q = quantize_nf4(torch.randn(4096, 4096, device="cuda", generator=torch.Generator("cuda").manual_seed(0)), 64,
                      True)
-    x, a, b, bias = _tensors(rows, 4096, 4096, 16, torch.bfloat16, seed=1, device="cuda")
+    x, a, b, bias = _tensors(rows, 4096, 4096, 16, dtype, seed=1, device="cuda")
     args = kernel_arguments(q)
 
     def step():
@@ -179,13 +179,14 @@ def captured_auto_step(rows: int):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_decode_step_replays_from_a_cuda_graph(monkeypatch):
-    """A decode step on an NF4 base under "auto", captured once and replayed on new tokens. The counters of
-    the capture stream exist before the capture (made by eager calls on that stream), so no zeroing is
-    recorded: every replay finds them at zero only because the previous launch left them so."""
+    """A decode step on an NF4 base under "auto", captured once and replayed on new tokens (fp32 x: 16-bit x
+    takes kernels/nf4_rows_gluon.py, whose replay tests/test_nf4_rows.py checks). The counters of the capture
+    stream exist before the capture (made by eager calls on that stream), so no zeroing is recorded: every replay
+    finds them at zero only because the previous launch left them so."""
     calls = []
     real = nf4_lora_triton.nf4_decode
     monkeypatch.setattr(nf4_lora_triton, "nf4_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
-    graph, out, step, (q, x, a, b, bias) = captured_auto_step(1)
+    graph, out, step, (q, x, a, b, bias) = captured_auto_step(1, torch.float32)
     assert calls
     for seed in range(3):
         x.copy_(torch.randn(1, 4096, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)))
@@ -193,5 +194,5 @@ def test_decode_step_replays_from_a_cuda_graph(monkeypatch):
         y = out.clone()
         torch.cuda.synchronize()
         assert torch.equal(y, step())
-        _check(y, _expected(q, x, a, b, bias)[0], torch.bfloat16)
+        _check(y, _expected(q, x, a, b, bias)[0], torch.float32)
     assert _counters_are_zero()

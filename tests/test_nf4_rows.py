@@ -1,9 +1,9 @@
 """The NF4 forward for a few rows on mma.sync (kernels/nf4_rows_gluon.py, a Gluon kernel).
 
-Triton's interpreter does not run Gluon, so on the CPU two things are checked: the codebook lookup, by running
-the kernel's own PTX (``TABLE_ASM`` for each of a program's 256 threads, then ``LOOKUP_ASM``) through a small
-emulator of the instructions it uses, shared memory included, and the choice of splits. On the GPU the whole
-forward (``nf4_lora_triton.nf4_forward``, which launches it for 2 to 16 rows) against y = x·Ŵᵀ +
+Triton's interpreter does not run Gluon, so on the CPU two things are checked: the codebook lookups, by running
+the kernel's own PTX (``TABLE_ASM`` for each of a program's 256 threads, then ``LOOKUP_ASM`` and ``DQ_ASM``)
+through a small emulator of the instructions it uses, shared memory included, and the choice of splits. On the GPU
+the whole forward (``nf4_lora_triton.nf4_forward``, which launches it for 2 to 16 rows) against y = x·Ŵᵀ +
 scaling·(x·Aᵀ)·Bᵀ + bias in float64, the routing, and a CUDA-graph replay.
 """
 
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from test_nf4_decode import _check, _counters_are_zero, _expected, _tensors, captured_auto_step  # shared helpers
 
 from minipeft.kernels import nf4_lora_triton, nf4_rows_gluon
-from minipeft.quant.nf4 import NF4_CODEBOOK, kernel_arguments, quantize_nf4
+from minipeft.quant.nf4 import NF4_CODEBOOK, SIGNED_DYNAMIC_MAP, kernel_arguments, quantize_nf4
 
 CUDA = torch.cuda.is_available()
 
@@ -66,6 +66,8 @@ def _run_ptx(asm: str, inputs: dict[str, int], shared: dict[int, int]) -> dict[s
         args = [r.strip() for r in rest.split(",")]
         if op == "mov.b32":  # mov.b32 {lo, hi}, p: the two halves of p
             regs[args[0]], regs[args[1]] = val(args[2]) & 0xFFFF, val(args[2]) >> 16
+        elif op == "st.shared.b32":
+            shared[address(args[0])] = val(args[1])
         elif op == "st.shared.v4.b32":
             for i in range(4):
                 shared[address(args[0]) + 4 * i] = val(args[1 + i])
@@ -76,28 +78,43 @@ def _run_ptx(asm: str, inputs: dict[str, int], shared: dict[int, int]) -> dict[s
     return regs
 
 
+_DQ_BITS = SIGNED_DYNAMIC_MAP.view(torch.int32).tolist()   # the absmax's codebook (dq_values), fp32 bits
+
+
 def _filled_table(dtype: torch.dtype) -> dict[int, int]:
     """Shared memory after ``TABLE_ASM`` has run on the 256 threads of a program, with the operands the kernel
-    gives it (``_pair_table``)."""
+    gives it (``_pair_table``; with double quantization)."""
     bits = [v & 0xFFFF for v in NF4_CODEBOOK.to(dtype).view(torch.int16).tolist()]
     pairs = {f"${3 + j}": bits[2 * j] | bits[2 * j + 1] << 16 for j in range(8)}
     shared: dict[int, int] = {}
     for t in range(256):
-        regs = _run_ptx(nf4_rows_gluon.TABLE_ASM, {"$1": t, "$2": bits[(t >> 3) & 15], **pairs}, shared)
-        assert regs["$0"] == _TABLE_AT  # it returns the table's address
+        regs = _run_ptx(nf4_rows_gluon.TABLE_ASM,
+                        {"$1": t, "$2": bits[(t >> 3) & 15], **pairs, "$11": _DQ_BITS[t] & 0xFFFFFFFF}, shared)
+        assert regs["$0"] == _TABLE_AT  # it returns the tables' address
     return shared
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_the_table_holds_each_bytes_two_codebook_values_once_a_lane(dtype):
     """Entry e = 16·hi + lo, lane l, at word e·32 + l: nf4_values[hi] in its low half, nf4_values[lo] in its high
-    half (in ``dtype``), every one of the 8192 words written."""
+    half (in ``dtype``), every one of the 8192 words written; then, ``DQ_AT`` bytes on, the absmax's 256 fp32
+    values, and nothing else."""
     shared = _filled_table(dtype)
     bits = [v & 0xFFFF for v in NF4_CODEBOOK.to(dtype).view(torch.int16).tolist()]
-    assert sorted(shared) == [_TABLE_AT + 4 * i for i in range(256 * 32)]
+    dq_at = _TABLE_AT + nf4_rows_gluon.DQ_AT
+    assert nf4_rows_gluon.DQ_AT == 4 * 256 * 32     # right after the pairs
+    assert sorted(shared) == [_TABLE_AT + 4 * i for i in range(256 * 32)] + [dq_at + 4 * i for i in range(256)]
     for e in range(256):
         for lane in range(32):
             assert shared[_TABLE_AT + 4 * (32 * e + lane)] == bits[e >> 4] | bits[e & 15] << 16
+    assert [shared[dq_at + 4 * i] for i in range(256)] == [b & 0xFFFFFFFF for b in _DQ_BITS]
+
+
+@pytest.mark.parametrize("code", [0, 1, 127, 128, 254, 255])
+def test_the_absmax_lookup_returns_its_codebook_value(code):
+    """``DQ_ASM`` at the tables' address + 4·code reads dq_values[code]'s 32 bits."""
+    regs = _run_ptx(nf4_rows_gluon.DQ_ASM, {"$1": _TABLE_AT + 4 * code}, _filled_table(torch.bfloat16))
+    assert regs["$0"] == _DQ_BITS[code] & 0xFFFFFFFF
 
 
 @settings(max_examples=40)
@@ -116,10 +133,10 @@ def test_the_lookup_returns_each_weights_codebook_value(word, lane, dtype):
 def test_the_ptx_uses_only_what_the_emulator_knows():
     """So that the tests above run all of ``TABLE_ASM`` and ``LOOKUP_ASM``: every opcode in them is one
     ``_run_ptx`` emulates (``bar.sync``, a barrier, has nothing to emulate in one thread)."""
-    asm = nf4_rows_gluon.TABLE_ASM + nf4_rows_gluon.LOOKUP_ASM
+    asm = nf4_rows_gluon.TABLE_ASM + nf4_rows_gluon.LOOKUP_ASM + nf4_rows_gluon.DQ_ASM
     ops = set(re.findall(r"(?:^|[;{\n])\s*([a-z]+\.[a-z0-9.]+)\s", asm))
-    assert ops <= set(_OPS) | {"mov.b32", "st.shared.v4.b32", "ld.shared.b32", "bar.sync"}
-    assert {"st.shared.v4.b32", "ld.shared.b32", "prmt.b32"} <= ops
+    assert ops <= set(_OPS) | {"mov.b32", "st.shared.b32", "st.shared.v4.b32", "ld.shared.b32", "bar.sync"}
+    assert {"st.shared.b32", "st.shared.v4.b32", "ld.shared.b32", "prmt.b32"} <= ops
 
 
 @pytest.mark.parametrize("N,K,sms,expected", [(4096, 4096, 132, 512), (768, 3072, 132, 256), (2304, 768, 132, 256),
@@ -147,7 +164,7 @@ def _counting(monkeypatch) -> list:
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("rows", [2, 9, 16])
+@pytest.mark.parametrize("rows", [1, 2, 9, 16])
 @pytest.mark.parametrize("out_f,in_f,blocksize,double_quant", [(4096, 4096, 64, True), (2304, 768, 64, False),
                                                                 (768, 3072, 128, True), (1000, 8192, 4096, True),
                                                                 (50, 256, 256, False), (300, 1088, 64, True)])
@@ -178,8 +195,8 @@ def test_rows_on_gpu(dtype, rows, out_f, in_f, blocksize, double_quant, bias, ra
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("rows,dtype,blocksize,mask,split,rank,takes", [
-    (nf4_rows_gluon.MIN_ROWS - 1, torch.bfloat16, 64, False, None, 4, False),    # the decode kernel
-    (nf4_rows_gluon.MIN_ROWS, torch.bfloat16, 64, False, None, 4, True),
+    (nf4_rows_gluon.MIN_ROWS, torch.bfloat16, 64, False, None, 4, True),          # a decode step
+    (1, torch.float32, 64, False, None, 4, False),                                # the decode kernel
     (nf4_rows_gluon.MAX_ROWS, torch.float16, 64, False, None, 16, True),
     (nf4_rows_gluon.MAX_ROWS + 1, torch.bfloat16, 64, False, None, 4, False),    # the tensor-core GEMM from here
     (8, torch.float32, 64, False, None, 4, False),                                # mma.sync takes 16-bit operands
@@ -208,7 +225,7 @@ def test_which_rows_take_it(rows, dtype, blocksize, mask, split, rank, takes, mo
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("rows", [2, 16])
+@pytest.mark.parametrize("rows", [1, 2, 16])
 @pytest.mark.parametrize("out_f,in_f", [(4096, 4096), (300, 1088)])
 def test_s_arriving_last_finishes_the_tiles(rows, out_f, in_f):
     """With the programs that make S after the tiles' (``s_first=False``), a split of S is the last arrival at
@@ -235,13 +252,15 @@ def test_s_arriving_last_finishes_the_tiles(rows, out_f, in_f):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_a_few_rows_replay_from_a_cuda_graph(monkeypatch):
-    """A step of 8 rows on an NF4 base under "auto", captured once and replayed on new rows."""
+@pytest.mark.parametrize("rows", [1, 8])
+def test_a_few_rows_replay_from_a_cuda_graph(rows, monkeypatch):
+    """A decode step (one row) and a step of 8 rows on an NF4 base under "auto", captured once and replayed on new
+    rows."""
     calls = _counting(monkeypatch)
-    graph, out, _, (q, x, a, b, bias) = captured_auto_step(8)
+    graph, out, _, (q, x, a, b, bias) = captured_auto_step(rows)
     assert calls
     for seed in (2, 3):
-        x.copy_(_tensors(8, 4096, 4096, 16, torch.bfloat16, seed=seed, device="cuda")[0])
+        x.copy_(_tensors(rows, 4096, 4096, 16, torch.bfloat16, seed=seed, device="cuda")[0])
         graph.replay()
         torch.cuda.synchronize()
         _check(out, _expected(q, x, a, b, bias)[0], torch.bfloat16)
