@@ -428,7 +428,8 @@ def _nf4_rows() -> Launch:
     constexprs = dict(BM=16, WARPS_=g.WARPS, BLOCKSIZE=64, DQ_BLOCKSIZE=256, DOUBLE_QUANT=True, HAS_LORA=True,
                       HAS_BIAS=True, SPLITS=K // k_split, UNROLL=g.unroll_for(M),
                       W_LAYOUT=g._word_layout(g.WARPS), X_LAYOUT=g._x_layout(g.WARPS, 16),
-                      A_LAYOUT=g._x_layout(g.WARPS, 16), S_FIRST=True, T_PAD=256, PEEL=False)
+                      A_LAYOUT=g._x_layout(g.WARPS, 16), S_FIRST=True, T_PAD=256, PEEL=False,
+                      S_PAD=K // k_split)
     return Launch("nf4_rows_16", f"{M} x {K} -> {N}, NF4 + LoRA r {r}, bf16", g._nf4_rows_kernel, args, constexprs,
                   g.WARPS, 1, weights_per_iteration=g.unroll_for(M) * 16 * g.WARPS * g.CHUNK, most_mma=True)
 

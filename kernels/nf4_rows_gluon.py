@@ -42,7 +42,7 @@ check its lookups by running ``TABLE_ASM``, ``LOOKUP_ASM`` and ``DQ_ASM`` throug
 instructions, and the routing around it.
 
     with an adapter, program 0 of each split of K:                  # short: almost always done first
-        s_part[split] = Σ_chunks mma(A[:, chunk], x[:, chunk])ᵀ     # A's 16 rows, k permuted as Ŵ's
+        s_part[..., split] = Σ_chunks mma(A[:, chunk], x[:, chunk])ᵀ    # A's 16 rows, k permuted as Ŵ's
         count[tile] += 1 for every tile                              # (and finish a tile it arrived at last)
     the other programs, one per tile of 16·WARPS rows of Ŵ and split of K:   # a warp: 16 rows, one m16n8 tile
         load the tile's rows of B and of the bias                    # used only by the finishing, if at all
@@ -51,7 +51,7 @@ instructions, and the routing around it.
             load every chunk's words (2 per row a lane), x[:, chunk] (32 bytes a lane) and absmax first
             for each chunk: a = lookup(words) (registers, the MMA's layout), b = x (the same permutation of k)
                             acc += absmax[rows, chunk] · mma(a, b)
-        part[split] = acc                                            # fp32 partial sums of y
+        part[tile, split] = acc                                      # fp32 partial sums of yᵀ
         if count[tile] += 1 makes SPLITS (with an adapter 2·SPLITS: S's splits arrive too), the last arrival:
             y[:, tile] = Σ_split part[split] + (B[tile] · scaling·Sᵀ by one more MMA)ᵀ + bias
             (the first tile stores S; the tile's counter goes back to zero for the next launch)
@@ -64,7 +64,11 @@ launches count in one buffer at once). Loading UNROLL = 4 chunks before their ma
 10.1 against 9.1 µs at 3-4 rows without an adapter). What a program needs only at its end, the rows of B and of the
 bias, is loaded at its start, so that the last arrival at a tile finishes it after one more trip to memory (the
 splits' sums and S), not two: on an H100 this took 17-20% off at 1-8 rows with a rank-16 adapter
-(benchmarks/RESULTS.md). ``nf4_lora_triton.nf4_forward`` launches it for 1 to 16 rows of bf16 or fp16 x without a
+(benchmarks/RESULTS.md). And that trip's loads go out together: a thread's parts of S lie side by side (s_part is
+(M, 16, SPLITS): one or two vector loads, where SPLITS loads into one register, one after another, were what ptxas
+made of them), and a tile's partial sums lie split after split, each (16·WARPS, BM) whole, at constant offsets from
+one address (8-byte loads at 16 rows): 13% less time at 16 rows with an adapter, 7% without, 1-5% at 2-8 rows, 3%
+more at one. ``nf4_lora_triton.nf4_forward`` launches it for 1 to 16 rows of bf16 or fp16 x without a
 dropout mask, without an adapter or with one of rank 1 to 16, on an NVIDIA GPU and a blocksize of 64 or more
 (``rows_fit``).
 """
@@ -275,28 +279,30 @@ def _s_chunk(k0, s_t, x_ptr, x_off, x_ok, a_ptr, a_off, a_ok, BM: gl.constexpr, 
 
 
 @gluon.jit
-def _finish_tile(part_ptr, s_part_ptr, y_ptr, s_ptr, n, in_n, M, R, N, stride_sm, stride_sr, scaling, first_tile,
-                 up, bias_v, SPLITS: gl.constexpr, BM: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr,
-                 MMA: gl.constexpr, WARPS_: gl.constexpr):
-    """y[:, tile] = Σ_j part[j, :, tile] + scaling·S·B[tile]ᵀ + bias, S = Σ_j s_part[j] (stored by the first
-    tile), by the last of a tile's splits to finish; ``up`` and ``bias_v``: the tile's B and bias
-    (``_tile_extras``). The splits are added in the order j = 0, 1, ...: the same bits whichever program finishes
-    last. Loads skip L1 (".cg"): other SMs wrote these values in this launch."""
+def _finish_tile(part_ptr, s_part_ptr, y_ptr, s_ptr, tile, n, in_n, M, R, N, stride_sm, stride_sr, scaling,
+                 first_tile, up, bias_v, SPLITS: gl.constexpr, BM: gl.constexpr, HAS_LORA: gl.constexpr,
+                 HAS_BIAS: gl.constexpr, MMA: gl.constexpr, WARPS_: gl.constexpr, S_PAD: gl.constexpr):
+    """y[:, tile] = Σ_j part[tile, j]ᵀ + scaling·S·B[tile]ᵀ + bias, S = Σ_j s_part[..., j] (stored by the
+    first tile), by the last of a tile's splits to finish; ``up`` and ``bias_v``: the tile's B and bias
+    (``_tile_extras``). The splits are added in a fixed order whichever program finishes last: the same bits
+    every time. Loads skip L1 (".cg"): other SMs wrote these values in this launch."""
     ym = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
-    ok = in_n[:, None] & (ym < M)[None, :]
-    offs = (ym * N)[None, :] + n[:, None]                                              # (ROWS, BM): yᵀ
-    acc = gl.load(part_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
+    if HAS_LORA:  # S's parts first, a thread's splits side by side: one or two vector loads, not SPLITS in a row
+        SL: gl.constexpr = gl.BlockedLayout([1, 1, S_PAD], [16, 2, 1], [1, WARPS_, 1], [2, 0, 1])
+        r = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, SL)))
+        sm = gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(2, SL)))
+        sj = gl.arange(0, S_PAD, layout=gl.SliceLayout(0, gl.SliceLayout(1, SL)))
+        s_offs = ((sm * 16)[None, :, None] + r[:, None, None]) * SPLITS + sj[None, None, :]   # (16, BM, S_PAD)
+        s_ok = (r < 16)[:, None, None] & (sm < M)[None, :, None] & (sj < SPLITS)[None, None, :]
+        s_t = gl.sum(gl.load(s_part_ptr + s_offs, mask=s_ok, other=0.0, cache_modifier=".cg"), axis=2)  # Sᵀ
+    ROWS: gl.constexpr = 16 * WARPS_
+    # the tile's splits lie one after another, each (ROWS, BM) whole: no masks, and one address for all of them
+    part_at = (part_ptr + tile * SPLITS * ROWS * BM + (gl.arange(0, ROWS, layout=gl.SliceLayout(1, MMA)) * BM)[:, None]
+               + ym[None, :])
+    acc = gl.load(part_at, cache_modifier=".cg")
     for j in gl.static_range(1, SPLITS):
-        acc += gl.load(part_ptr + j * M * N + offs, mask=ok, other=0.0, cache_modifier=".cg")
+        acc += gl.load(part_at + j * ROWS * BM, cache_modifier=".cg")
     if HAS_LORA:  # + (B's rows)·(scaling·S)ᵀ, one more MMA: B[tile] (ROWS, 16) and scaling·Sᵀ (16, BM)
-        SL: gl.constexpr = gl.BlockedLayout([1, 1], [16, 2], [1, WARPS_], [0, 1])
-        r = gl.arange(0, 16, layout=gl.SliceLayout(1, SL))
-        sm = gl.arange(0, BM, layout=gl.SliceLayout(0, SL))
-        s_offs = (sm * 16)[None, :] + r[:, None]                                       # (16, BM): Sᵀ
-        s_ok = (r < 16)[:, None] & (sm < M)[None, :]
-        s_t = gl.load(s_part_ptr + s_offs, mask=s_ok, other=0.0, cache_modifier=".cg")
-        for j in gl.static_range(1, SPLITS):
-            s_t += gl.load(s_part_ptr + j * M * 16 + s_offs, mask=s_ok, other=0.0, cache_modifier=".cg")
         s_t = s_t.to(y_ptr.dtype.element_ty)                  # S in x's dtype, as the shrink kernel makes it
         if first_tile:
             gl.store(s_ptr + (sm * stride_sm)[None, :] + (r * stride_sr)[:, None], s_t,
@@ -306,7 +312,8 @@ def _finish_tile(part_ptr, s_part_ptr, y_ptr, s_ptr, n, in_n, M, R, N, stride_sm
         acc = mma_v2(gl.convert_layout(up, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)), low, acc)
     if HAS_BIAS:
         acc += bias_v[:, None]
-    gl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    gl.store(y_ptr + (ym * N)[None, :] + n[:, None], acc.to(y_ptr.dtype.element_ty),
+             mask=in_n[:, None] & (ym < M)[None, :])
 
 
 @gluon.jit
@@ -333,7 +340,8 @@ def _tile_extras(b_ptr, bias_ptr, tile, N, R, stride_bn, stride_br, DTYPE: gl.co
 
 @gluon.jit
 def _nf4_rows_kernel(
-    # pointers (codes as int32 words; part: (SPLITS, M, N) fp32 partial sums of y; s_part: (SPLITS, M, 16);
+    # pointers (codes as int32 words; part: (tiles, SPLITS, 16·WARPS_, BM) fp32 partial sums of yᵀ; s_part:
+    # (M, 16, SPLITS);
     # count: an int32 counter a tile, zero between launches)
     x_ptr, words_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr, a_ptr, part_ptr, s_part_ptr,
     b_ptr, bias_ptr, y_ptr, s_ptr, count_ptr,
@@ -343,7 +351,7 @@ def _nf4_rows_kernel(
     BM: gl.constexpr, WARPS_: gl.constexpr, BLOCKSIZE: gl.constexpr, DQ_BLOCKSIZE: gl.constexpr,
     DOUBLE_QUANT: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, SPLITS: gl.constexpr,
     UNROLL: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
-    A_LAYOUT: gl.constexpr, S_FIRST: gl.constexpr, T_PAD: gl.constexpr, PEEL: gl.constexpr,
+    A_LAYOUT: gl.constexpr, S_FIRST: gl.constexpr, T_PAD: gl.constexpr, PEEL: gl.constexpr, S_PAD: gl.constexpr,
 ):
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS_, 1], instr_shape=[16, 8])
     DTYPE: gl.constexpr = x_ptr.dtype.element_ty
@@ -387,7 +395,7 @@ def _nf4_rows_kernel(
             else:
                 tile = pid_n
             _finish(part_ptr, s_part_ptr, y_ptr, s_ptr, count_ptr, tile, M, N, R, stride_sm, stride_sr, scaling, up,
-                    bias_v, SPLITS, BM, HAS_LORA, HAS_BIAS, MMA, WARPS_)
+                    bias_v, SPLITS, BM, HAS_LORA, HAS_BIAS, MMA, WARPS_, S_PAD)
     else:
         up, bias_v = _tile_extras(b_ptr, bias_ptr, pid_n, N, R, stride_bn, stride_br, DTYPE, HAS_LORA, HAS_BIAS, MMA,
                                   WARPS_)
@@ -395,17 +403,17 @@ def _nf4_rows_kernel(
                          count_ptr, x_off, k_lo, k_hi, k_main, pid_n, pid_k, M, N, K, BM, WARPS_, BLOCKSIZE,
                          DQ_BLOCKSIZE, DOUBLE_QUANT, HAS_LORA, SPLITS, UNROLL, W_LAYOUT, MMA, PEEL) > 0:
             _finish(part_ptr, s_part_ptr, y_ptr, s_ptr, count_ptr, pid_n, M, N, R, stride_sm, stride_sr, scaling, up,
-                    bias_v, SPLITS, BM, HAS_LORA, HAS_BIAS, MMA, WARPS_)
+                    bias_v, SPLITS, BM, HAS_LORA, HAS_BIAS, MMA, WARPS_, S_PAD)
 
 
 @gluon.jit
 def _finish(part_ptr, s_part_ptr, y_ptr, s_ptr, count_ptr, tile, M, N, R, stride_sm, stride_sr, scaling, up, bias_v,
             SPLITS: gl.constexpr, BM: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr,
-            MMA: gl.constexpr, WARPS_: gl.constexpr):
+            MMA: gl.constexpr, WARPS_: gl.constexpr, S_PAD: gl.constexpr):
     """Tile ``tile`` of y (``_finish_tile``), and its counter back to zero for the next launch."""
     n = tile * 16 * WARPS_ + gl.arange(0, 16 * WARPS_, layout=gl.SliceLayout(1, MMA))
-    _finish_tile(part_ptr, s_part_ptr, y_ptr, s_ptr, n, n < N, M, R, N, stride_sm, stride_sr, scaling, tile == 0,
-                 up, bias_v, SPLITS, BM, HAS_LORA, HAS_BIAS, MMA, WARPS_)
+    _finish_tile(part_ptr, s_part_ptr, y_ptr, s_ptr, tile, n, n < N, M, R, N, stride_sm, stride_sr, scaling, tile == 0,
+                 up, bias_v, SPLITS, BM, HAS_LORA, HAS_BIAS, MMA, WARPS_, S_PAD)
     gl.store(count_ptr + tile, 0)
 
 
@@ -413,7 +421,7 @@ def _finish(part_ptr, s_part_ptr, y_ptr, s_ptr, count_ptr, tile, M, N, R, stride
 def _s_program(x_ptr, a_ptr, s_part_ptr, count_ptr, x_off, x_ok, k_lo, k_hi, k_main, pid_k, tiles, t, M, R, stride_ar,
                BM: gl.constexpr, SPLITS: gl.constexpr, UNROLL: gl.constexpr, MMA: gl.constexpr,
                A_LAYOUT: gl.constexpr):
-    """The adapter's Sᵀ = A·xᵀ over one split into s_part[split], A's 16 rows as the MMA's first operand; then one
+    """The adapter's Sᵀ = A·xᵀ over one split into s_part[..., split], A's 16 rows as the MMA's first operand; then one
     more arrival at every tile's counter (t: 0 .. T_PAD - 1). Returns where it was a tile's last arrival: a short
     program (no lookup), started before its split's tiles, so almost never."""
     r = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, A_LAYOUT)))
@@ -429,7 +437,7 @@ def _s_program(x_ptr, a_ptr, s_part_ptr, count_ptr, x_off, x_ok, k_lo, k_hi, k_m
         s_t = _s_chunk(k0, s_t, x_ptr, x_off, x_ok, a_ptr, a_off, a_ok, BM, MMA)
     ym = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
     sr = gl.arange(0, 16, layout=gl.SliceLayout(1, MMA))
-    gl.store(s_part_ptr + ((pid_k * M + ym) * 16)[None, :] + sr[:, None], s_t, mask=(ym < M)[None, :])
+    gl.store(s_part_ptr + ((ym * 16)[None, :] + sr[:, None]) * SPLITS + pid_k, s_t, mask=(ym < M)[None, :])
     _cta_barrier()                                        # every warp's stores before the release below
     arrived = gl.atomic_add(count_ptr + t, t * 0 + 1, mask=t < tiles)    # acq_rel, each thread's side by side
     return (arrived == 2 * SPLITS - 1) & (t < tiles)
@@ -452,9 +460,8 @@ def _tile_program(x_ptr, words_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_
     w = gl.arange(0, 8, layout=gl.SliceLayout(0, W_LAYOUT))
     w_ptrs = words_ptr + (gl.minimum(n_w, N - 1) * (K // 8))[:, None] + w[None, :]
     xs = x_ptr + x_off
-    # the rows of the accumulator, for the absmax and the store
+    # the rows of the accumulator, for the absmax
     n = pid_n * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, MMA))
-    in_n = n < N
     row_block = gl.minimum(n, N - 1) * (K // BLOCKSIZE)
     if DOUBLE_QUANT:
         offset = gl.load(absmax_offset_ptr)
@@ -491,7 +498,8 @@ def _tile_program(x_ptr, words_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_
                                            row_block, BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT)
         acc = _mma_chunk(word, x, _absmax(code, scale, offset, base, DOUBLE_QUANT), acc, table, ROWS, BM, DTYPE, MMA)
     ym = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
-    gl.store(part_ptr + pid_k * M * N + (ym * N)[None, :] + n[:, None], acc, mask=in_n[:, None] & (ym < M)[None, :])
+    nl = gl.arange(0, ROWS, layout=gl.SliceLayout(1, MMA))           # part[tile, split]: (ROWS, BM), all of it
+    gl.store(part_ptr + (pid_n * SPLITS + pid_k) * ROWS * BM + (nl * BM)[:, None] + ym[None, :], acc)
     _cta_barrier()                                            # every warp's stores before the release below
     # acq_rel: the last of the tile's arrivals sees the others' sums
     arrived = gl.atomic_add(count_ptr + pid_n, 1)
@@ -505,9 +513,9 @@ def rows_fit(x2d: torch.Tensor, blocksize: int, mask2d: torch.Tensor | None, lor
     """Whether ``launch_rows`` takes this forward: MIN_ROWS to MAX_ROWS contiguous rows of bf16 or fp16 x, no
     dropout mask, no adapter or one of rank 1 to 16 in x's dtype, a blocksize that is a multiple of CHUNK, on an
     NVIDIA GPU of compute capability 8.0 or more (mma.sync's bf16 form), and not under Triton's interpreter (no
-    Gluon there). At one row this kernel took 4% less time than kernels/nf4_decode_triton.py with a rank-16
-    adapter and 5% less without one (H100, 2026-12-07, benchmarks/RESULTS.md); the decode kernel keeps the
-    one- and two-row calls this one cannot take."""
+    Gluon there). At one row this kernel and kernels/nf4_decode_triton.py took the same time with a rank-16
+    adapter (0.809 and 0.812 × the bf16 linear) and this one 4% less without one (H100, 2026-12-07,
+    benchmarks/RESULTS.md); the decode kernel keeps the one- and two-row calls this one cannot take."""
     return (not INTERPRETING and x2d.is_cuda and torch.version.hip is None and MIN_ROWS <= x2d.shape[0] <= MAX_ROWS
             and mask2d is None and (lora_A is None or (1 <= lora_A.shape[0] <= 16 and lora_A.dtype == x2d.dtype))
             and x2d.dtype in (torch.bfloat16, torch.float16) and x2d.is_contiguous() and blocksize % CHUNK == 0
@@ -545,8 +553,8 @@ def launch_rows(x2d: torch.Tensor, state: tuple, N: int, K: int, blocksize: int,
     if (WARPS, bm) not in _LAYOUTS:
         _LAYOUTS[(WARPS, bm)] = (_word_layout(WARPS), _x_layout(WARPS, bm), _x_layout(WARPS, 16))
     w_layout, x_layout, a_layout = _LAYOUTS[(WARPS, bm)]
-    part = torch.empty((splits, M, N), device=x2d.device, dtype=torch.float32)
-    s_part = torch.empty((splits, M, 16), device=x2d.device, dtype=torch.float32) if lora_A is not None else part
+    part = torch.empty((tiles, splits, 16 * WARPS, bm), device=x2d.device, dtype=torch.float32)
+    s_part = torch.empty((M, 16, splits), device=x2d.device, dtype=torch.float32) if lora_A is not None else part
     count = counters(x2d.device, tiles)
     double_quant = absmax_scale is not None
     scale_arg, offset_arg, dq_arg = (absmax_scale, absmax_offset, dq_values) if double_quant else (absmax,) * 3
@@ -563,6 +571,7 @@ def launch_rows(x2d: torch.Tensor, state: tuple, N: int, K: int, blocksize: int,
             HAS_LORA=lora_A is not None, HAS_BIAS=bias is not None, SPLITS=splits,
             UNROLL=unroll, W_LAYOUT=w_layout, X_LAYOUT=x_layout, A_LAYOUT=a_layout, S_FIRST=s_first,
             T_PAD=max(32 * WARPS, triton.next_power_of_2(tiles)), PEEL=bm == 8 and K >= CHUNK * unroll,
+            S_PAD=triton.next_power_of_2(splits),
             num_warps=WARPS,
         )
 
