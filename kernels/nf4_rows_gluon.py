@@ -53,7 +53,7 @@ instructions, and the routing around it.
                             acc += absmax[rows, chunk] · mma(a, b)
         part[tile, split] = acc                                      # fp32 partial sums of yᵀ
         if count[tile] += 1 makes SPLITS (with an adapter 2·SPLITS: S's splits arrive too), the last arrival:
-            y[:, tile] = Σ_split part[split] + (B[tile] · scaling·Sᵀ by one more MMA)ᵀ + bias
+            y[:, tile] = Σ_split part[tile, split]ᵀ + (B[tile] · scaling·Sᵀ by one more MMA)ᵀ + bias
             (the first tile stores S; the tile's counter goes back to zero for the next launch)
 
 The splits are added in a fixed order (split 0, 1, ...) whichever program finishes last, so a call gives the same
