@@ -8,12 +8,15 @@ the GPU executes. Each kernel below is compiled as a launch at the stated shape 
 says, per kernel:
 
     regs        registers per thread (ptxas): with the shared memory, how many programs fit on one SM
-    smem KiB    shared memory per program: the pipeline's stages of tiles, plus the layout conversions
+    smem KiB    shared memory per program: the pipeline's stages of tiles, the layout conversions, and what a
+                kernel declares in its own PTX (a lookup table)
     MMA         the matrix instruction in the work loop: HGMMA is Hopper's asynchronous warpgroup MMA (wgmma),
                 HMMA the older synchronous mma.sync, "-" none (CUDA cores only)
     in flight   how many HGMMA groups the loop leaves running at its strictest wait: the smallest N of its SASS
                 waits ``WARPGROUP.DEPBAR.LE gsb0, N`` (0: every iteration waits until all its MMAs are done;
                 "no wait": the loop has HGMMA but waits for them elsewhere)
+    A overwritten  for a loop whose HGMMA reads its first operand from registers: how many instructions write
+                those registers while the MMA may still read them (``a_overwrites``; must be 0), "-" otherwise
     serialized  whether ptxas says "wgmma.mma_async instructions are serialized" (C7515, C7511, ...: it then waits
                 for each MMA before the next instruction; the reason it gives is printed under the table)
     warp-spec.  whether the loop was warp-specialized (``ttg.warp_specialize`` in the TTGIR): a producer warp
@@ -68,7 +71,7 @@ from minipeft.kernels import (  # noqa: E402
     nf4_lora_triton,
     nf4_merge_gluon,
     nf4_rows_gluon,
-    nf4_ws_gluon,
+    nf4_rs_gluon,
 )
 
 HOPPER = GPUTarget("cuda", 90, 32)  # sm_90a (H100, H200), 32 threads a warp
@@ -244,6 +247,46 @@ def mma_in_flight(loop: list[Instruction]) -> int | None:
     return min(waits) if waits else None
 
 
+def _destinations(ins: Instruction) -> set[int]:
+    """The registers an instruction writes, as far as its first operand says (R8 for one register, with .64 or
+    .128 two or four from there); none for stores, predicates and uniform registers."""
+    m = re.match(r"\s*R(\d+)\b", ins.operands)
+    if not m or ins.opcode.startswith(("ST", "HGMMA", "RED", "ATOM")):
+        return set()
+    width = 4 if ".128" in ins.opcode else 2 if ".64" in ins.opcode else 1
+    return set(range(int(m.group(1)), int(m.group(1)) + width))
+
+
+def a_overwrites(loop: list[Instruction]) -> int | None:
+    """For a loop whose HGMMA takes its first operand from registers (``HGMMA... R24, R152, gdesc[...]``): how many
+    instructions write one of those registers while that MMA may still be reading them — after its issue and
+    before the ``WARPGROUP.DEPBAR.LE gsb0, N`` that retires its group. (PTX leaves the registers to the program
+    until ``wgmma.wait_group``; ptxas does not keep them, so a loop that rewrites the same registers each step
+    feeds a running MMA new values.) None where no HGMMA reads registers. The loop is walked twice, so that the
+    groups left in flight at its back-edge are known the second time, where the count is taken."""
+    reads = [re.match(r"\s*R\d+,\s*R(\d+),", ins.operands) for ins in loop if ins.opcode.startswith("HGMMA")]
+    if not any(reads):
+        return None
+    in_flight: list[set[int]] = []
+    open_group: set[int] = set()
+    count = 0
+    for lap in (0, 1):
+        for ins in loop:
+            if ins.opcode.startswith("HGMMA"):
+                m = re.match(r"\s*R\d+,\s*R(\d+),", ins.operands)
+                if m:
+                    open_group |= set(range(int(m.group(1)), int(m.group(1)) + 4))
+                if "gsb0" in ins.operands:
+                    in_flight.append(open_group)
+                    open_group = set()
+            elif ins.opcode.startswith("WARPGROUP.DEPBAR"):
+                keep = int(re.search(r"gsb0,\s*0x([0-9a-f]+)", ins.operands).group(1), 16)
+                in_flight = in_flight[len(in_flight) - keep:] if keep else []
+            elif lap and _destinations(ins) & set().union(open_group, *in_flight):
+                count += 1
+    return count
+
+
 def ptxas_notes(log: str) -> list[str]:
     """ptxas's remarks on performance in its log: "Potential Performance Loss" (C7515 and its kin: wgmma
     serialized, and why) and spills of registers to local memory."""
@@ -261,6 +304,7 @@ class Report:
     warp_specialized: bool
     loop: list[Instruction]
     notes: list[str]
+    a_overwritten: int | None = None
 
     @property
     def serialized(self) -> bool:
@@ -286,12 +330,16 @@ class Report:
 
 def report(launch: Launch) -> Report:
     compiled, log = compile_for_hopper(launch)
-    regs = re.search(r"REG:(\d+)", _cuobjdump(compiled.asm["cubin"], "-res-usage"))
+    usage = _cuobjdump(compiled.asm["cubin"], "-res-usage")
+    regs = re.search(r"REG:(\d+)", usage)
+    static = re.search(r"SHARED:(\d+)", usage)   # declared in the kernel's own PTX (a table), beside Triton's
     loop = work_loop(instructions(_cuobjdump(compiled.asm["cubin"], "-sass")), launch.most_mma)
     bases = {ins.opcode.split(".")[0] for ins in loop}
-    return Report(launch, int(regs.group(1)) if regs else -1, compiled.metadata.shared,
+    return Report(launch, int(regs.group(1)) if regs else -1,
+                  compiled.metadata.shared + (int(static.group(1)) if static else 0),
                   "HGMMA" if "HGMMA" in bases else "HMMA" if "HMMA" in bases else "-",
-                  mma_in_flight(loop), "ttg.warp_specialize" in compiled.asm["ttgir"], loop, ptxas_notes(log))
+                  mma_in_flight(loop), "ttg.warp_specialize" in compiled.asm["ttgir"], loop, ptxas_notes(log),
+                  a_overwrites(loop))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -456,18 +504,19 @@ def _descriptor(dtype: str, block: list[int]) -> str:
     return f"tensordesc<{dtype}[{block[0]}, {block[1]}],{layout}>"
 
 
-def _nf4_ws() -> Launch:
-    """The warp-specialized NF4 forward for many rows (kernels/nf4_ws_gluon.py) at 4096 × 4096, rank 16, bias:
-    the work loop is the MMA warpgroups' (the dequantizer's loop has no MMA), so no per-weight count."""
+def _nf4_rs() -> Launch:
+    """The register-operand NF4 forward for many rows (kernels/nf4_rs_gluon.py) at 4096 × 4096, rank 16, bias; its
+    loop makes Ŵ's tile of two steps (two sets of the MMA's registers) for 128 × 256 × 128 multiply-adds."""
     M = N = K = 4096
-    g = nf4_ws_gluon
+    g = nf4_rs_gluon
     args = dict(x_desc=_descriptor("bf16", [g.BM, 64]), words_desc=_descriptor("i32", [g.BN, 8]),
-                absmax_desc=_descriptor("fp32", [1, g.BN]), nf4_ptr="*fp32", s_ptr="*bf16", b_ptr="*bf16",
-                bias_ptr="*bf16", y_ptr="*bf16", scaling=2.0, M=M, N=N, K=K, R=16)
+                absmax_desc=_descriptor("fp32", [1, g.BN]), y_desc=_descriptor("bf16", [g.BM, g.BN]),
+                nf4_ptr="*fp32", s_ptr="*bf16", b_ptr="*bf16", bias_ptr="*bf16", y_ptr="*bf16", scaling=2.0, M=M,
+                N=N, K=K, R=16)
     constexprs = dict(BM=g.BM, BN=g.BN, STAGES=g.STAGES, R_PAD=16, HAS_LORA=True, HAS_BIAS=True,
-                      MMA_REGS=g.MMA_REGS, LOAD_REGS=g.LOAD_REGS)
-    return Launch("nf4_ws_4096", f"{M} x {K} -> {N}, NF4 + LoRA r 16, bf16", g._nf4_ws_kernel, args, constexprs,
-                  g.DEQUANT_WARPS, 1)
+                      TMA_STORE=True, CL=g._code_layout(g.BN), AL=g._absmax_layout(g.BN))
+    return Launch("nf4_rs_4096", f"{M} x {K} -> {N}, NF4 + LoRA r 16, bf16", g._nf4_rs_kernel, args, constexprs,
+                  g.WARPS, 1, weights_per_iteration=2 * g.BN * 64)
 
 
 LAUNCHES = {
@@ -481,18 +530,19 @@ LAUNCHES = {
     "nf4_decode_1": _nf4_decode,
     "nf4_rows_16": _nf4_rows,
     "nf4_merge_4096": _nf4_merge,
-    "nf4_ws_4096": _nf4_ws,
+    "nf4_rs_4096": _nf4_rs,
 }
 
 
 def table(reports: list[Report]) -> str:
-    rows = ["| kernel | shape | tile | regs | smem KiB | MMA | in flight | serialized | warp-spec. | loop | loop smem "
-            "| per weight | top |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| kernel | shape | tile | regs | smem KiB | MMA | in flight | A overwritten | serialized | warp-spec. "
+            "| loop | loop smem | per weight | top |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         per_weight = "" if r.per_weight is None else f"{r.per_weight:.1f}"
         in_flight = str(r.in_flight) if r.in_flight is not None else "no wait" if r.mma == "HGMMA" else "-"
         rows.append(f"| {r.launch.name} | {r.launch.shape} | {r.launch.tile} | {r.regs} | {r.smem / 1024:.0f} | "
-                    f"{r.mma} | {in_flight} | {'yes' if r.serialized else 'no'} | "
+                    f"{r.mma} | {in_flight} | {'-' if r.a_overwritten is None else r.a_overwritten} | "
+                    f"{'yes' if r.serialized else 'no'} | "
                     f"{'yes' if r.warp_specialized else 'no'} | {len(r.loop)} | {r.loop_smem} | {per_weight} | "
                     f"{r.top()} |")
     return "\n".join(rows)

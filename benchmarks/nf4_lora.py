@@ -6,8 +6,8 @@ Rows, for x (M, K) bf16, an NF4 weight (N, K) with double quantization (blocksiz
     dequant + GEMM    the Triton dequantization to bf16, F.linear, the low-rank term as torch ops
     fused             "triton": kernels/nf4_lora_triton.py, the 4-bit codes dequantized inside the GEMM (for 1-16
                       rows kernels/nf4_rows_gluon.py, mma.sync with the weight operand made in registers; from
-                      nf4_ws_gluon.MIN_ROWS rows on a Hopper GPU kernels/nf4_ws_gluon.py, warps that make Ŵ
-                      beside warps on wgmma)
+                      nf4_rs_gluon.MIN_ROWS rows on a Hopper GPU kernels/nf4_rs_gluon.py, wgmma with Ŵ made
+                      in its operand's registers)
     auto              what "auto" runs (nothing here needs a gradient: the fused kernels up to
                       kernels.NF4_FUSED_MAX_ROWS rows, from kernels.NF4_MERGED_MIN_ROWS on the merged weight
                       Ŵ + s·B·A made from the codes and one GEMM)

@@ -1053,9 +1053,10 @@ def nf4_lora_linear(
                    ``nf4_rows_gluon.MAX_ROWS`` rows of 16-bit x without dropout on a GPU (no adapter or one of
                    rank ≤ 16, a blocksize that is a multiple of 64), kernels/nf4_rows_gluon.py (mma.sync with
                    the weight operand made in registers, the low-rank term in the same launch; a Gluon kernel,
-                   Triton's lower level); from ``nf4_ws_gluon.MIN_ROWS`` rows of 16-bit x on a Hopper GPU (no
-                   adapter or one of rank ≤ 32, a blocksize of 64 or more), kernels/nf4_ws_gluon.py (warps that
-                   make Ŵ beside warps on wgmma, the low-rank term and bias in the same launch; Gluon); and for
+                   Triton's lower level); from ``nf4_rs_gluon.MIN_ROWS`` rows of 16-bit x on a Hopper GPU (no
+                   adapter or one of rank ≤ 32, a blocksize of 64 or more), kernels/nf4_rs_gluon.py (wgmma with
+                   Ŵ made from the codes in its operand's registers, the low-rank term and bias in the same
+                   launch; Gluon); and for
                    one or two rows without dropout where neither of those can run (fp32, a blocksize of 32),
                    kernels/nf4_decode_triton.py (matrix-vector products on CUDA cores, the low-rank term in the
                    same launch); the LoRA

@@ -49,9 +49,9 @@ registers of Ampere's mma.sync, its codebook lookup one shared-memory load a byt
 A forward of one or two rows without dropout that it cannot take (fp32 x, a blocksize of 32, a rank above 16, the
 CPU's interpreter) skips the tensor cores too: kernels/nf4_decode_triton.py, matrix-vector products on CUDA cores,
 2.6× faster for one row on an H200 than this GEMM was with its earlier lookup. From
-``nf4_ws_gluon.MIN_ROWS`` rows on a Hopper GPU (bf16 or fp16 x, no adapter or one of rank ≤ 32, a blocksize of
-64 or more) it runs kernels/nf4_ws_gluon.py: warps that only make Ŵ's tiles, fed by TMA, beside warpgroups that
-only run wgmma.
+``nf4_rs_gluon.MIN_ROWS`` rows on a Hopper GPU (bf16 or fp16 x, no adapter or one of rank ≤ 32, a blocksize of
+64 or more) it runs kernels/nf4_rs_gluon.py: Hopper's wgmma with Ŵ as its first operand, made from the codes in
+the registers the MMA reads, and x copied by TMA as its second.
 
 Registered as ``minipeft::nf4_lora_linear_triton`` (forward) and ``minipeft::nf4_lora_linear_triton_backward``,
 with an autograd.Function twin for eager mode, as kernels/lora_triton.py does and for the same reasons.
@@ -88,8 +88,8 @@ from .lora_triton import (
 from .nf4_decode_triton import MAX_ROWS as DECODE_MAX_ROWS
 from .nf4_decode_triton import nf4_decode
 from .nf4_rows_gluon import launch_rows, rows_fit, rows_split
+from .nf4_rs_gluon import launch_rs, rs_fits
 from .nf4_triton import absmax_at
-from .nf4_ws_gluon import launch_ws, ws_fits
 from .triton_interpreter import interpreter_lock
 
 __all__ = ["nf4_gemm", "nf4_forward", "forward_fits", "nf4_lora_linear"]
@@ -528,9 +528,9 @@ def nf4_forward(
     x on an NVIDIA GPU, no adapter or one of rank ≤ 16) go to kernels/nf4_rows_gluon.py; the rest of at most
     ``nf4_decode_triton.MAX_ROWS`` rows without a mask to the decode kernel (kernels/nf4_decode_triton.py:
     matrix-vector products on CUDA cores, 2.6× faster for one row on an H200 than this GEMM was with its earlier
-    lookup; fp32 x, a blocksize of 32, a rank above 16, the interpreter). From ``nf4_ws_gluon.MIN_ROWS`` rows
-    where ``nf4_ws_gluon.ws_fits`` (16-bit x on a Hopper GPU, no adapter or one of rank ≤ 32, a blocksize of 64 or
-    more), kernels/nf4_ws_gluon.py, with S by the shrink kernel first.
+    lookup; fp32 x, a blocksize of 32, a rank above 16, the interpreter). From ``nf4_rs_gluon.MIN_ROWS`` rows
+    where ``nf4_rs_gluon.rs_fits`` (16-bit x on a Hopper GPU, no adapter or one of rank ≤ 32, a blocksize of 64 or
+    more), kernels/nf4_rs_gluon.py, with S by the shrink kernel first.
     """
     M, K = x2d.shape
     N = out_features
@@ -547,10 +547,10 @@ def nf4_forward(
         return y, s
     if M <= DECODE_MAX_ROWS and mask2d is None and split_k is None:  # a decode step: no tensor cores
         return nf4_decode(x2d, state, N, in_features, blocksize, dq_blocksize, lora_A, lora_B, scaling, bias)
-    if N and K and split_k is None and ws_fits(x2d, blocksize, codes, lora_A):  # many rows on Hopper (Gluon)
+    if N and K and split_k is None and rs_fits(x2d, blocksize, codes, lora_A):  # many rows on Hopper (Gluon)
         s = None if lora_A is None else shrink(x2d, mask2d, lora_A)                 # (M, r)
         y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
-        return launch_ws(x2d, state, N, K, blocksize, dq_blocksize, s, lora_B, scaling, bias, y), s
+        return launch_rs(x2d, state, N, K, blocksize, dq_blocksize, s, lora_B, scaling, bias, y), s
     y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
     if y.numel() == 0:
         return y, None if lora_A is None else shrink(x2d, mask2d, lora_A)

@@ -95,15 +95,32 @@ def test_the_gluon_merge_keeps_its_tile_out_of_shared_memory():
     assert float(row["per weight"]) > 0 and "SHFL" in row["top"]
 
 
-def test_the_warp_specialized_nf4_forward_compiles_with_this_triton():
-    """kernels/nf4_ws_gluon.py (no GPU runs it here): Gluon's API moves between Triton versions (its TMA copy was
-    renamed after 3.6), so the kernel is compiled for sm_90a by the Triton installed here. Warp-specialized, the
-    MMA warpgroups' loop on HGMMA with one group left in flight, not serialized, its rings within an SM's 227 KiB."""
-    run = _run("--kernels", "nf4_ws_4096")
+def test_the_register_operand_nf4_forward_compiles_with_this_triton():
+    """kernels/nf4_rs_gluon.py (no GPU runs it here): Gluon's API moves between Triton versions (its TMA copy was
+    renamed after 3.6), so the kernel is compiled for sm_90a by the Triton installed here. Its loop on HGMMA with
+    Ŵ from registers, one group left in flight and not serialized, and no instruction writing the registers of an
+    MMA that may still read them; its stages and table within an SM's 227 KiB."""
+    run = _run("--kernels", "nf4_rs_4096")
     assert run.returncode == 0, run.stderr[-2000:]
-    row = _rows(run.stdout)["nf4_ws_4096"]
-    assert row["warp-spec."] == "yes" and row["MMA"] == "HGMMA" and row["serialized"] == "no"
-    assert int(row["in flight"]) == 1 and 0 < int(row["smem KiB"]) <= 227
+    row = _rows(run.stdout)["nf4_rs_4096"]
+    assert row["MMA"] == "HGMMA" and row["serialized"] == "no" and int(row["in flight"]) == 1
+    assert row["A overwritten"] == "0" and 0 < int(row["smem KiB"]) <= 227
+
+
+def test_a_register_operand_rewritten_under_a_running_mma_is_counted(compiled):
+    """One set of registers for every step: the next step's F2FP writes R152 while the group that reads it is in
+    flight (the wait leaves 1). With two sets, alternating, nothing is written under a running MMA."""
+    one = ["LDS.64 R8, [R9]", "F2FP.BF16.F32.PACK_AB R152, R8, R9", "HGMMA.64x256x16.F32.BF16 R24, R152, gdesc[UR8], "
+           "R24, gsb0", "WARPGROUP.DEPBAR.LE gsb0, 0x1", "BRA 0x0"]
+    loop = compiled.work_loop(compiled.instructions(_sass(one)))
+    assert compiled.a_overwrites(loop) == 1
+    two = ["F2FP.BF16.F32.PACK_AB R152, R8, R9", "HGMMA.64x256x16.F32.BF16 R24, R152, gdesc[UR8], R24, gsb0",
+           "WARPGROUP.DEPBAR.LE gsb0, 0x1", "LDS.128 R168, [R9]",
+           "HGMMA.64x256x16.F32.BF16 R24, R168, gdesc[UR8], R24, gsb0", "WARPGROUP.DEPBAR.LE gsb0, 0x1", "BRA 0x0"]
+    loop = compiled.work_loop(compiled.instructions(_sass(two)))
+    assert compiled.a_overwrites(loop) == 0
+    assert compiled.a_overwrites(compiled.work_loop(compiled.instructions(_sass(
+        ["HGMMA.64x64x16.F32 R24, gdesc[UR4], R24", "WARPGROUP.DEPBAR.LE gsb0, 0x1", "BRA 0x0"])))) is None
 
 
 def test_in_flight_is_the_strictest_wait_and_a_predicated_exit_does_not_end_the_code(compiled):

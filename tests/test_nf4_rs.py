@@ -1,4 +1,4 @@
-"""The NF4 forward for many rows on Hopper (kernels/nf4_ws_gluon.py, a warp-specialized Gluon kernel).
+"""The NF4 forward for many rows on Hopper (kernels/nf4_rs_gluon.py: Ŵ made in the MMA's registers, Gluon).
 
 On the CPU: the pre-expanded absmax (plain Triton, under the interpreter) against the double quantization's
 formula, and that the kernel is not chosen there. On a Hopper GPU: the whole forward (``nf4_lora_triton.
@@ -16,7 +16,7 @@ from test_nf4_decode import _check, _expected, _tensors  # shared helpers
 from tolerances import assert_close
 
 from minipeft import kernels
-from minipeft.kernels import nf4_lora_triton, nf4_ws_gluon
+from minipeft.kernels import nf4_lora_triton, nf4_rs_gluon
 from minipeft.quant.nf4 import kernel_arguments, quantize_nf4
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -43,7 +43,7 @@ def test_the_expanded_absmax(out_f, blocks_per_row, blocksize, double_quant):
     in_f = blocks_per_row * blocksize
     q = quantize_nf4(torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(out_f)), blocksize,
                      double_quant)
-    got = nf4_ws_gluon.expand_absmax(kernel_arguments(q), out_f, in_f, blocksize, q.dq_blocksize)
+    got = nf4_rs_gluon.expand_absmax(kernel_arguments(q), out_f, in_f, blocksize, q.dq_blocksize)
     assert got.shape == (in_f // 64, out_f) and got.stride(0) % 4 == 0
     per_row = _block_absmax(q).view(out_f, blocks_per_row)                              # (out, blocks)
     expected = per_row.repeat_interleave(blocksize // 64, dim=1).t()                     # (in/64, out)
@@ -53,7 +53,7 @@ def test_the_expanded_absmax(out_f, blocks_per_row, blocksize, double_quant):
 def test_not_on_the_cpu():
     x = torch.randn(512, 256, dtype=torch.bfloat16)
     q = quantize_nf4(torch.randn(64, 256), 64, True)
-    assert not nf4_ws_gluon.ws_fits(x, 64, q.codes, None)
+    assert not nf4_rs_gluon.rs_fits(x, 64, q.codes, None)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -61,8 +61,8 @@ def test_not_on_the_cpu():
 # --------------------------------------------------------------------------------------------------------
 def _counting(monkeypatch) -> list:
     calls = []
-    real = nf4_lora_triton.launch_ws
-    monkeypatch.setattr(nf4_lora_triton, "launch_ws", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = nf4_lora_triton.launch_rs
+    monkeypatch.setattr(nf4_lora_triton, "launch_rs", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
@@ -82,9 +82,10 @@ def _layer(out_f, in_f, blocksize, double_quant):
                          ids=["r16-bias", "r5", "r32-bias", "no_adapter-bias"])
 def test_many_rows_on_hopper(dtype, rows, out_f, in_f, blocksize, double_quant, rank, bias, monkeypatch):
     """GPT-2's widths and a 4096-wide layer; a block of 4096 columns (64 steps share one absmax); 50 and 301 rows
-    of Ŵ (part of a program's 128), 129 and 1000 rows of x (part of its 256); ranks padded to 16 and 32. The same
-    bits on every call. (MIN_ROWS lowered to 129 for it: the kernel at one partial tile of rows.)"""
-    monkeypatch.setattr(nf4_ws_gluon, "MIN_ROWS", 129)
+    of Ŵ (part of a program's 128; y's rows not 16-byte aligned, so no TMA store); 17 steps of 64 columns (an odd
+    count: the loop is written out over two); 129 and 1000 rows of x (part of its 256); ranks padded to 16 and 32.
+    The same bits on every call. (MIN_ROWS lowered to 129 for it: the kernel at one partial tile of rows.)"""
+    monkeypatch.setattr(nf4_rs_gluon, "MIN_ROWS", 129)
     calls = _counting(monkeypatch)
     q = _layer(out_f, in_f, blocksize, double_quant)
     x, a, b, bias_t = _tensors(rows, out_f, in_f, max(rank, 1), dtype, seed=rows, device="cuda")
@@ -92,7 +93,7 @@ def test_many_rows_on_hopper(dtype, rows, out_f, in_f, blocksize, double_quant, 
     a, b = (a, b) if rank else (None, None)
     args = (x, kernel_arguments(q), out_f, in_f, blocksize, q.dq_blocksize, a, b, 2.0, None, bias_t)
     y, s = nf4_lora_triton.nf4_forward(*args)
-    assert calls, "the forward did not take the warp-specialized kernel"
+    assert calls, "the forward did not take the register-operand kernel"
     y_expected, s_expected = _expected(q, x, a, b, bias_t)
     _check(y, y_expected, dtype)
     if rank:
@@ -102,9 +103,25 @@ def test_many_rows_on_hopper(dtype, rows, out_f, in_f, blocksize, double_quant, 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
+@pytest.mark.parametrize("rows,out_f,in_f", [(2000, 4096, 4096), (4096, 2304, 768), (3000, 1500, 1088)])
+def test_programs_that_walk_several_tiles(rows, out_f, in_f, monkeypatch):
+    """More tiles than SMs (256, 288 and 144): each program takes every num_programs-th tile, its ring filled with
+    the next tile's first steps while it finishes one; x's last tile partial; 1500 rows of Ŵ (no TMA store) and
+    17 steps."""
+    calls = _counting(monkeypatch)
+    q = _layer(out_f, in_f, 64, True)
+    x, a, b, bias = _tensors(rows, out_f, in_f, 16, torch.bfloat16, seed=rows, device="cuda")
+    y, s = nf4_lora_triton.nf4_forward(x, kernel_arguments(q), out_f, in_f, 64, q.dq_blocksize, a, b, 2.0, None,
+                                       bias)
+    assert calls
+    _check(y, _expected(q, x, a, b, bias)[0], torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
 def test_a_scaling_that_is_not_a_power_of_two_and_a_dropout_mask(monkeypatch):
     """scaling·S is rounded to x's dtype for the MMA: one rounding more than the reference's, within bf16's."""
-    monkeypatch.setattr(nf4_ws_gluon, "MIN_ROWS", 129)
+    monkeypatch.setattr(nf4_rs_gluon, "MIN_ROWS", 129)
     calls = _counting(monkeypatch)
     q = _layer(768, 768, 64, True)
     x, a, b, bias = _tensors(400, 768, 768, 8, torch.bfloat16, seed=3, device="cuda")
@@ -123,13 +140,13 @@ def test_a_scaling_that_is_not_a_power_of_two_and_a_dropout_mask(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
 @pytest.mark.parametrize("rows,dtype,blocksize,split,rank,takes", [
-    (nf4_ws_gluon.MIN_ROWS - 1, torch.bfloat16, 64, None, 16, False),   # the fused Triton GEMM below
-    (nf4_ws_gluon.MIN_ROWS, torch.bfloat16, 64, None, 16, True),
+    (nf4_rs_gluon.MIN_ROWS - 1, torch.bfloat16, 64, None, 16, False),   # the fused Triton GEMM below
+    (nf4_rs_gluon.MIN_ROWS, torch.bfloat16, 64, None, 16, True),
     (4096, torch.float16, 128, None, 32, True),
     (2000, torch.float32, 64, None, 16, False),                           # wgmma here takes 16-bit operands
     (2000, torch.bfloat16, 32, None, 16, False),                          # a step of 64 columns spans two blocks
     (2000, torch.bfloat16, 64, 1, 16, False),                             # a split asked for: the Triton GEMM
-    (2000, torch.bfloat16, 64, None, nf4_ws_gluon.MAX_RANK + 1, False),   # the low-rank MMA's depth
+    (2000, torch.bfloat16, 64, None, nf4_rs_gluon.MAX_RANK + 1, False),   # the low-rank MMA's depth
     (2000, torch.bfloat16, 64, None, 0, True),                            # no adapter
 ])
 def test_which_calls_take_it(rows, dtype, blocksize, split, rank, takes, monkeypatch):
@@ -145,11 +162,23 @@ def test_which_calls_take_it(rows, dtype, blocksize, split, rank, takes, monkeyp
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
+def test_fewer_columns_than_the_ring_holds_go_to_the_triton_gemm(monkeypatch):
+    """K = 64 is one step of 64 columns, fewer than the STAGES - 1 the kernel copies ahead at its start."""
+    calls = _counting(monkeypatch)
+    q = _layer(256, 64, 64, True)
+    x, a, b, bias = _tensors(2000, 256, 64, 16, torch.bfloat16, seed=5, device="cuda")
+    y, _ = nf4_lora_triton.nf4_forward(x, kernel_arguments(q), 256, 64, 64, q.dq_blocksize, a, b, 2.0, None, bias)
+    assert not calls and 64 < 64 * (nf4_rs_gluon.STAGES - 1)
+    _check(y, _expected(q, x, a, b, bias)[0], torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
 def test_the_triton_backend_replays_it_from_a_cuda_graph(monkeypatch):
     """A QLoRA forward of MIN_ROWS rows on "triton", captured once and replayed on new rows."""
     calls = _counting(monkeypatch)
     q = _layer(1024, 1024, 64, True)
-    rows = nf4_ws_gluon.MIN_ROWS
+    rows = nf4_rs_gluon.MIN_ROWS
     x, a, b, bias = _tensors(rows, 1024, 1024, 16, torch.bfloat16, seed=1, device="cuda")
     args = kernel_arguments(q)
 
