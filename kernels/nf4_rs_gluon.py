@@ -29,17 +29,18 @@ which is one byte of codes (two 4-bit codes, the first in the high nibble). Over
 byte t % 4 of each of its rows' 8 words. A byte is looked up in a table of the 256 byte values' pairs of fp32
 codebook values in shared memory (16 copies, one per lane of a half-warp: an 8-byte load is served a half-warp at a
 time, so 16 lanes read 16 different pairs of banks whatever their bytes), multiplied by the row's absmax and
-rounded to x's dtype once, as dequantize-then-GEMM's Ŵ is: six instructions for two weights (``LOOKUP_ASM``: PRMT,
-IMAD, LDS, two FMULs, one F2FP). The absmax comes pre-expanded (``expand_absmax``: one fp32 value per row of Ŵ and
-64 columns, transposed so that a step's values are one contiguous row for TMA), so the double quantization's two
-dependent lookups are done once per call, not once per tile of x's rows.
+rounded to x's dtype once, as dequantize-then-GEMM's Ŵ is: six instructions for two weights (``LOOKUP_BF16_ASM``:
+PRMT, IMAD, LDS, two FMULs, one F2FP; ``TABLE_ASM`` fills the table, and tests/test_nf4_rs.py runs both through a
+small emulator of their instructions on the CPU). The absmax comes pre-expanded (``expand_absmax``: one fp32 value
+per row of Ŵ and 64 columns, transposed so that a step's values are one contiguous row for TMA), so the double
+quantization's two dependent lookups are done once per call, not once per tile of x's rows.
 
 **Two sets of registers for the operand.** An MMA reads its register operand while it runs, and PTX leaves those
 registers to the program until ``wgmma.wait_group`` has retired it. A loop that makes every step's operand in one
 set of registers — which is what ptxas allocates for a loop body written once — overwrites the operand of the MMA
-still running: on an H100 every 256-row tile came out wrong (NaN) while 128-row tiles, whose MMAs finish sooner,
-passed. The loop here is written out over two steps, so the steps alternate between two sets (32 registers a
-thread), and the wait after step k's MMA retires step k - 1's, whose set step k + 1 then writes.
+still running: on an H100, 7 of 8 checks with 256-row tiles came out wrong (NaN) and 1 of 8 with 128-row tiles,
+whose MMAs finish sooner. The loop here is written out over two steps, so the steps alternate between two sets
+(32 registers a thread), and the wait after step k's MMA retires step k - 1's, whose set step k + 1 then writes.
 ``benchmarks/compiled.py`` counts such writes in the compiled loop (its "A overwritten" column; tests/
 test_compiled.py requires 0).
 
@@ -70,7 +71,8 @@ from .lora_triton import _num_sms
 from .nf4_triton import absmax_at
 from .triton_interpreter import INTERPRETING, interpreter_lock
 
-__all__ = ["MIN_ROWS", "MAX_RANK", "BM", "BN", "STAGES", "expand_absmax", "rs_fits", "launch_rs"]
+__all__ = ["MIN_ROWS", "MAX_RANK", "BM", "BN", "STAGES", "TABLE_ASM", "LOOKUP_BF16_ASM", "LOOKUP_F16_ASM",
+           "expand_absmax", "rs_fits", "launch_rs"]
 
 MIN_ROWS = 512       # fewer rows: the fused Triton GEMM (kernels/nf4_lora_triton.py); see rs_fits
 MAX_RANK = 32        # the low-rank MMA's depth, padded to 16 or 32
@@ -135,9 +137,12 @@ def _lookup_asm(cvt: str) -> str:
             f" mul.rn.f32 lo, lo, $4; mul.rn.f32 hi, hi, $4; {cvt} p, hi, lo; mov.b32 {{$0, $1}}, p; }}")
 
 
-_TABLE_ASM = gl.constexpr(_table_asm())
-_LOOKUP_BF16 = gl.constexpr(_lookup_asm("cvt.rn.bf16x2.f32"))
-_LOOKUP_F16 = gl.constexpr(_lookup_asm("cvt.rn.f16x2.f32"))
+TABLE_ASM = _table_asm()
+LOOKUP_BF16_ASM = _lookup_asm("cvt.rn.bf16x2.f32")
+LOOKUP_F16_ASM = _lookup_asm("cvt.rn.f16x2.f32")
+_TABLE_ASM = gl.constexpr(TABLE_ASM)  # a kernel reads only constexpr globals
+_LOOKUP_BF16 = gl.constexpr(LOOKUP_BF16_ASM)
+_LOOKUP_F16 = gl.constexpr(LOOKUP_F16_ASM)
 
 
 def _code_layout(bn: int) -> gl.DistributedLinearLayout:

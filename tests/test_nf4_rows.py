@@ -40,19 +40,34 @@ def _prmt(a: int, b: int, c: int) -> int:
     return out
 
 
+def _f32(bits: int) -> torch.Tensor:
+    return torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
+def _bits16(x: torch.Tensor, dtype: torch.dtype) -> int:
+    """x (fp32) rounded to dtype, to nearest even (as ``cvt.rn``), its 16 bits."""
+    return x.to(dtype).view(torch.int16).item() & 0xFFFF
+
+
 _OPS = {"and.b32": lambda a, b: a & b, "shr.u32": lambda a, b: a >> b, "shl.b32": lambda a, b: a << b,
         "add.u32": lambda a, b: a + b, "mul.lo.u32": lambda a, b: a * b, "mad.lo.u32": lambda a, b, c: a * b + c,
-        "mov.u32": lambda a: a, "prmt.b32": _prmt}
-_TABLE_AT = 0x2400  # where the emulator puts the table the PTX declares (any address will do)
+        "mov.u32": lambda a: a, "prmt.b32": _prmt,
+        # fp32 registers hold their bits here; the product is rounded to fp32 once, as mul.rn.f32 rounds it
+        "mul.rn.f32": lambda a, b: (_f32(a) * _f32(b)).view(torch.int32).item(),
+        # cvt.rn.{bf16,f16}x2.f32 d, a, b: a rounded into d's high half, b into its low half
+        "cvt.rn.bf16x2.f32": lambda a, b: _bits16(_f32(a), torch.bfloat16) << 16 | _bits16(_f32(b), torch.bfloat16),
+        "cvt.rn.f16x2.f32": lambda a, b: _bits16(_f32(a), torch.float16) << 16 | _bits16(_f32(b), torch.float16)}
+_TABLE_AT = 0x2400  # where the emulator puts a table the PTX declares (any address will do)
 
 
 def _run_ptx(asm: str, inputs: dict[str, int], shared: dict[int, int]) -> dict[str, int]:
-    """Runs the few PTX instructions ``TABLE_ASM`` and ``LOOKUP_ASM`` are made of on 32-bit integers, one thread;
-    ``shared`` maps byte addresses to 32-bit words (shared memory, kept between calls). Returns the registers."""
+    """Runs the few PTX instructions the lookups' inline PTX is made of (``TABLE_ASM``, ``LOOKUP_ASM`` and
+    ``DQ_ASM`` here, kernels/nf4_rs_gluon.py's in tests/test_nf4_rs.py) on 32-bit integers, one thread; ``shared``
+    maps byte addresses to 32-bit words (shared memory, kept between calls). Returns the registers."""
     regs = dict(inputs)
 
     def val(x: str) -> int:
-        return int(x, 0) if x[0].isdigit() else _TABLE_AT if x == "nf4_pairs" else regs[x]
+        return int(x, 0) if x[0].isdigit() else _TABLE_AT if x.endswith("_pairs") else regs[x]
 
     def address(x: str) -> int:  # [reg] or [reg+offset]
         reg, _, offset = x.strip("[]").partition("+")
@@ -73,6 +88,8 @@ def _run_ptx(asm: str, inputs: dict[str, int], shared: dict[int, int]) -> dict[s
                 shared[address(args[0]) + 4 * i] = val(args[1 + i])
         elif op == "ld.shared.b32":
             regs[args[0]] = shared[address(args[1])]
+        elif op == "ld.shared.v2.f32":  # ld.shared.v2.f32 {lo, hi}, [a]: two neighbouring words
+            regs[args[0]], regs[args[1]] = shared[address(args[2])], shared[address(args[2]) + 4]
         else:
             regs[args[0]] = _OPS[op](*(val(x) for x in args[1:])) & 0xFFFFFFFF
     return regs

@@ -1,23 +1,28 @@
 """The NF4 forward for many rows on Hopper (kernels/nf4_rs_gluon.py: Ŵ made in the MMA's registers, Gluon).
 
 On the CPU: the pre-expanded absmax (plain Triton, under the interpreter) against the double quantization's
-formula, and that the kernel is not chosen there. On a Hopper GPU: the whole forward (``nf4_lora_triton.
+formula; the lookup's inline PTX (its table, and the register it makes from a byte of codes) run through
+tests/test_nf4_rows.py's emulator of its instructions against the dequantization's formula; and that the kernel is
+not chosen there. On a Hopper GPU: the whole forward (``nf4_lora_triton.
 nf4_forward``, which launches it for ``MIN_ROWS`` rows or more) against y = x·Ŵᵀ + scaling·(x·Aᵀ)·Bᵀ + bias in
 float64, which calls take it, and a CUDA-graph replay.
 """
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_nf4_decode import _check, _expected, _tensors  # shared helpers
+from test_nf4_rows import _OPS, _TABLE_AT, _run_ptx  # the emulator of the lookups' PTX
 from tolerances import assert_close
 
 from minipeft import kernels
 from minipeft.kernels import nf4_lora_triton, nf4_rs_gluon
-from minipeft.quant.nf4 import kernel_arguments, quantize_nf4
+from minipeft.quant.nf4 import NF4_CODEBOOK, kernel_arguments, quantize_nf4
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
@@ -48,6 +53,55 @@ def test_the_expanded_absmax(out_f, blocks_per_row, blocksize, double_quant):
     per_row = _block_absmax(q).view(out_f, blocks_per_row)                              # (out, blocks)
     expected = per_row.repeat_interleave(blocksize // 64, dim=1).t()                     # (in/64, out)
     assert_close(got, expected, dtype=torch.float32)
+
+
+def _filled_table() -> dict[int, int]:
+    """Shared memory after ``TABLE_ASM`` has run on the 256 threads of a program, with the operands the kernel gives
+    it (``_make_table``): thread t the fp32 bits of nf4_values[t >> 4] and nf4_values[t & 15]."""
+    bits = NF4_CODEBOOK.view(torch.int32).tolist()
+    shared: dict[int, int] = {}
+    for t in range(256):
+        regs = _run_ptx(nf4_rs_gluon.TABLE_ASM, {"$1": t, "$2": bits[t >> 4] & 0xFFFFFFFF,
+                                                 "$3": bits[t & 15] & 0xFFFFFFFF}, shared)
+        assert regs["$0"] == _TABLE_AT  # it returns the table's address
+    return shared
+
+
+def test_the_table_holds_each_bytes_two_fp32_values_16_times():
+    """Entry e = 16·hi + lo, copy c (a lane of a half-warp), at byte 128·e + 8·c: nf4_values[hi] then
+    nf4_values[lo] in fp32, every one of the 8192 words written and nothing else."""
+    shared = _filled_table()
+    bits = [b & 0xFFFFFFFF for b in NF4_CODEBOOK.view(torch.int32).tolist()]
+    assert sorted(shared) == [_TABLE_AT + 4 * i for i in range(256 * 16 * 2)]
+    for e in range(256):
+        for c in range(16):
+            at = _TABLE_AT + 128 * e + 8 * c
+            assert (shared[at], shared[at + 4]) == (bits[e >> 4], bits[e & 15])
+
+
+@settings(max_examples=40)
+@given(word=st.integers(0, 2**32 - 1), q=st.integers(0, 3), lane=st.integers(0, 31),
+       absmax=st.floats(2.0**-20, 2.0**13, width=32), dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_the_lookup_makes_one_register_of_the_mma_operand(word, q, lane, absmax, dtype):
+    """Byte q of the word is the two weights of columns 2p, 2p + 1 (its high nibble, then its low one); the PTX
+    gives round(nf4_values[code] · absmax) in ``dtype`` for each, the fp32 product rounded once — dequantize-then-
+    GEMM's Ŵ bit for bit — the lower column in the low half, reading only its lane's copy of the table."""
+    own = {a: v for a, v in _filled_table().items() if (a - _TABLE_AT) % 128 // 8 == lane % 16}
+    asm = nf4_rs_gluon.LOOKUP_BF16_ASM if dtype == torch.bfloat16 else nf4_rs_gluon.LOOKUP_F16_ASM
+    absmax_bits = torch.tensor([absmax], dtype=torch.float32).view(torch.int32).item() & 0xFFFFFFFF
+    regs = _run_ptx(asm, {"$2": word, "$3": 0x4440 + q, "$4": absmax_bits, "$5": _TABLE_AT + 8 * (lane % 16)}, own)
+    byte = (word >> (8 * q)) & 0xFF
+    w = (NF4_CODEBOOK[[byte >> 4, byte & 15]] * torch.tensor(absmax, dtype=torch.float32)).to(dtype)
+    assert [regs["$0"], regs["$1"]] == [v & 0xFFFF for v in w.view(torch.int16).tolist()]
+
+
+def test_the_ptx_uses_only_what_the_emulator_knows():
+    """So that the tests above run all of ``TABLE_ASM`` and the lookups: every opcode in them is one the emulator
+    runs (``bar.sync``, a barrier, has nothing to emulate in one thread)."""
+    asm = nf4_rs_gluon.TABLE_ASM + nf4_rs_gluon.LOOKUP_BF16_ASM + nf4_rs_gluon.LOOKUP_F16_ASM
+    ops = set(re.findall(r"(?:^|[;{\n])\s*([a-z]+\.[a-z0-9.]+)\s", asm))
+    assert ops <= set(_OPS) | {"mov.b32", "st.shared.v4.b32", "ld.shared.v2.f32", "bar.sync"}
+    assert {"prmt.b32", "ld.shared.v2.f32", "mul.rn.f32", "cvt.rn.bf16x2.f32", "cvt.rn.f16x2.f32"} <= ops
 
 
 def test_not_on_the_cpu():
