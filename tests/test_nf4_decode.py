@@ -48,6 +48,36 @@ def _check(actual, expected, dtype):
     assert_close(actual.double() / norm, expected / norm, dtype=dtype, scale=2.0)
 
 
+def _forward_checked(args: tuple, q, dtype, calls: list, kernel: str) -> torch.Tensor:
+    """``nf4_lora_triton.nf4_forward(*args)`` (args as it takes them, x first), checked: the kernel it was to take
+    ran (``calls``), y and S against float64, the same bits on two more calls. Returns y. Also
+    tests/test_nf4_rows.py's and test_nf4_rs.py's."""
+    x, _, _, _, _, _, a, b, _, _, bias = args
+    y, s = nf4_lora_triton.nf4_forward(*args)
+    assert calls, f"the forward did not take {kernel}"
+    y_expected, s_expected = _expected(q, x, a, b, bias)
+    _check(y, y_expected, dtype)
+    if a is not None:
+        _check(s, s_expected, dtype)
+    for _ in range(2):
+        assert torch.equal(nf4_lora_triton.nf4_forward(*args)[0], y)
+    return y
+
+
+def captured(step, warmups: int = 1):
+    """(graph, its output): ``step`` run ``warmups`` times on a side stream, then captured in a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        out = step()
+    return graph, out
+
+
 def _counters_are_zero() -> bool:
     return all(not c.any() for c in nf4_decode_triton._COUNTERS.values())
 
@@ -164,15 +194,7 @@ def captured_auto_step(rows: int, dtype: torch.dtype = torch.bfloat16):
     def step():
         return kernels.nf4_lora_linear(x, *args, bias, 4096, 4096, 64, q.dq_blocksize, a, b, 2.0, backend="auto")
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        out = step()
+    graph, out = captured(step, warmups=2)
     return graph, out, step, (q, x, a, b, bias)
 
 

@@ -15,7 +15,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_nf4_decode import _check, _counters_are_zero, _expected, _tensors, captured_auto_step  # shared helpers
+from test_nf4_decode import (  # shared helpers
+    _check,
+    _counters_are_zero,
+    _expected,
+    _forward_checked,
+    _tensors,
+    captured_auto_step,
+)
 
 from minipeft.kernels import nf4_lora_triton, nf4_rows_gluon
 from minipeft.quant.nf4 import NF4_CODEBOOK, SIGNED_DYNAMIC_MAP, kernel_arguments, quantize_nf4
@@ -195,17 +202,9 @@ def test_rows_on_gpu(dtype, rows, out_f, in_f, blocksize, double_quant, bias, ra
     q = quantize_nf4(torch.randn(out_f, in_f, device="cuda", generator=torch.Generator("cuda").manual_seed(in_f)),
                      blocksize, double_quant)
     x, a, b, bias_t = _tensors(rows, out_f, in_f, 16, dtype, seed=rows, device="cuda")
-    bias_t = bias_t if bias else None
     a, b = (a, b) if rank else (None, None)
-    args = (x, kernel_arguments(q), out_f, in_f, blocksize, q.dq_blocksize, a, b, 2.0, None, bias_t)
-    y, s = nf4_lora_triton.nf4_forward(*args)
-    assert calls, "the forward did not take the Gluon kernel"
-    y_expected, s_expected = _expected(q, x, a, b, bias_t)
-    _check(y, y_expected, dtype)
-    if rank:
-        _check(s, s_expected, dtype)
-    for _ in range(2):
-        assert torch.equal(nf4_lora_triton.nf4_forward(*args)[0], y)
+    args = (x, kernel_arguments(q), out_f, in_f, blocksize, q.dq_blocksize, a, b, 2.0, None, bias_t if bias else None)
+    _forward_checked(args, q, dtype, calls, "the Gluon kernel")
     assert _counters_are_zero()  # the split counters, left at zero for the next call
 
 

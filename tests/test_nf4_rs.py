@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from test_nf4_decode import _check, _expected, _tensors  # shared helpers
+from test_nf4_decode import _check, _expected, _forward_checked, _tensors, captured  # shared helpers
 from test_nf4_rows import _OPS, _TABLE_AT, _run_ptx  # the emulator of the lookups' PTX
 from tolerances import assert_close
 
@@ -143,16 +143,9 @@ def test_many_rows_on_hopper(dtype, rows, out_f, in_f, blocksize, double_quant, 
     calls = _counting(monkeypatch)
     q = _layer(out_f, in_f, blocksize, double_quant)
     x, a, b, bias_t = _tensors(rows, out_f, in_f, max(rank, 1), dtype, seed=rows, device="cuda")
-    bias_t = bias_t if bias else None
     a, b = (a, b) if rank else (None, None)
-    args = (x, kernel_arguments(q), out_f, in_f, blocksize, q.dq_blocksize, a, b, 2.0, None, bias_t)
-    y, s = nf4_lora_triton.nf4_forward(*args)
-    assert calls, "the forward did not take the register-operand kernel"
-    y_expected, s_expected = _expected(q, x, a, b, bias_t)
-    _check(y, y_expected, dtype)
-    if rank:
-        _check(s, s_expected, dtype)
-    assert torch.equal(nf4_lora_triton.nf4_forward(*args)[0], y)
+    args = (x, kernel_arguments(q), out_f, in_f, blocksize, q.dq_blocksize, a, b, 2.0, None, bias_t if bias else None)
+    _forward_checked(args, q, dtype, calls, "the register-operand kernel")
 
 
 @pytest.mark.gpu
@@ -239,14 +232,7 @@ def test_the_triton_backend_replays_it_from_a_cuda_graph(monkeypatch):
     def step():
         return kernels.nf4_lora_linear(x, *args, bias, 1024, 1024, 64, q.dq_blocksize, a, b, 2.0, backend="triton")
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = captured(step)
     assert calls
     for seed in (2, 3):
         x.copy_(_tensors(rows, 1024, 1024, 16, torch.bfloat16, seed=seed, device="cuda")[0])
