@@ -68,7 +68,11 @@ splits' sums and S), not two: on an H100 this took 17-20% off at 1-8 rows with a
 (M, 16, SPLITS): one or two vector loads, where SPLITS loads into one register, one after another, were what ptxas
 made of them), and a tile's partial sums lie split after split, each (16·WARPS, BM) whole, at constant offsets from
 one address (8-byte loads at 16 rows): 13% less time at 16 rows with an adapter, 7% without, 1-5% at 2-8 rows, 3%
-more at one. ``nf4_lora_triton.nf4_forward`` launches it for 1 to 16 rows of bf16 or fp16 x without a
+more at one. On Hopper the kernel is launched as the previous kernel's programmatic dependent (``launch_pdl``):
+its programs may be placed on the SMs while that kernel's last programs still run, and wait for all of it
+(``griddepcontrol.wait``) before their first access to memory, so a launch's start overlaps the previous one's
+end (0.18-0.29 µs a call less on an H100, 1-7%, at 1-16 rows and three layer shapes; benchmarks/RESULTS.md).
+``nf4_lora_triton.nf4_forward`` launches it for 1 to 16 rows of bf16 or fp16 x without a
 dropout mask, without an adapter or with one of rank 1 to 16, on an NVIDIA GPU and a blocksize of 64 or more
 (``rows_fit``).
 """
@@ -81,6 +85,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from .lora_triton import _device_info
 from .nf4_decode_triton import counters
 from .triton_interpreter import INTERPRETING
 
@@ -352,7 +357,10 @@ def _nf4_rows_kernel(
     DOUBLE_QUANT: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, SPLITS: gl.constexpr,
     UNROLL: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
     A_LAYOUT: gl.constexpr, S_FIRST: gl.constexpr, T_PAD: gl.constexpr, PEEL: gl.constexpr, S_PAD: gl.constexpr,
+    PDL: gl.constexpr,
 ):
+    if PDL:  # launched as the previous kernel's programmatic dependent: wait for all of it before any load
+        _gdc("griddepcontrol.wait;")
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS_, 1], instr_shape=[16, 8])
     DTYPE: gl.constexpr = x_ptr.dtype.element_ty
     pid_k = gl.program_id(1)
@@ -404,6 +412,13 @@ def _nf4_rows_kernel(
                          DQ_BLOCKSIZE, DOUBLE_QUANT, HAS_LORA, SPLITS, UNROLL, W_LAYOUT, MMA, PEEL) > 0:
             _finish(part_ptr, s_part_ptr, y_ptr, s_ptr, count_ptr, pid_n, M, N, R, stride_sm, stride_sr, scaling, up,
                     bias_v, SPLITS, BM, HAS_LORA, HAS_BIAS, MMA, WARPS_, S_PAD)
+
+
+@gluon.jit
+def _gdc(ASM: gl.constexpr):
+    """Hopper's PTX for a programmatic launch (``griddepcontrol.wait``): a no-op in a launch that is not one."""
+    gl.inline_asm_elementwise(ASM + " // $0 $1", "=r,r", [gl.program_id(0)], dtype=gl.int32, is_pure=False,
+                              pack=1)
 
 
 @gluon.jit
@@ -519,7 +534,7 @@ def rows_fit(x2d: torch.Tensor, blocksize: int, mask2d: torch.Tensor | None, lor
     return (not INTERPRETING and x2d.is_cuda and torch.version.hip is None and MIN_ROWS <= x2d.shape[0] <= MAX_ROWS
             and mask2d is None and (lora_A is None or (1 <= lora_A.shape[0] <= 16 and lora_A.dtype == x2d.dtype))
             and x2d.dtype in (torch.bfloat16, torch.float16) and x2d.is_contiguous() and blocksize % CHUNK == 0
-            and torch.cuda.get_device_capability(x2d.device)[0] >= 8)
+            and _device_info(x2d.get_device())[1] >= 8)
 
 
 def rows_split(N: int, K: int, num_sms: int) -> int:
@@ -535,13 +550,19 @@ def rows_split(N: int, K: int, num_sms: int) -> int:
 def launch_rows(x2d: torch.Tensor, state: tuple, N: int, K: int, blocksize: int, dq_blocksize: int,
                 lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, scaling: float, bias: torch.Tensor | None,
                 y: torch.Tensor, s: torch.Tensor | None, k_split: int, unroll: int | None = None,
-                s_first: bool = True) -> None:
+                s_first: bool = True, pdl: bool | None = None) -> None:
     """y = x·Ŵᵀ + scaling·S·Bᵀ + bias into y (M, N) and, with an adapter, S = x·Aᵀ into s (M, r), both in x's
     dtype, K split every k_split columns, in one launch; where ``rows_fit``, K a multiple of the blocksize.
     ``unroll``: chunks a loop step, 1, 2 or 4 (default ``unroll_for``). ``s_first=False`` puts the programs
-    that make S after the tiles' (a test's: then they come last at some tiles and finish them)."""
+    that make S after the tiles' (a test's: then they come last at some tiles and finish them). ``pdl``: launch
+    as the previous kernel's programmatic dependent (default: on Hopper and later, the only GPUs that have it)."""
     codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values = state
     M = x2d.shape[0]
+    hopper = _device_info(x2d.get_device())[1] >= 9
+    if pdl is None:
+        pdl = hopper
+    elif pdl and not hopper:
+        raise ValueError("launch_rows: pdl=True needs a GPU of compute capability 9.0 or more (griddepcontrol)")
     unroll = unroll or unroll_for(M)
     if unroll not in (1, 2, 4):  # the loop's body is written out for these
         raise ValueError(f"launch_rows: unroll={unroll}: expected 1, 2 or 4 chunks a step")
@@ -571,8 +592,8 @@ def launch_rows(x2d: torch.Tensor, state: tuple, N: int, K: int, blocksize: int,
             HAS_LORA=lora_A is not None, HAS_BIAS=bias is not None, SPLITS=splits,
             UNROLL=unroll, W_LAYOUT=w_layout, X_LAYOUT=x_layout, A_LAYOUT=a_layout, S_FIRST=s_first,
             T_PAD=max(32 * WARPS, triton.next_power_of_2(tiles)), PEEL=bm == 8 and K >= CHUNK * unroll,
-            S_PAD=triton.next_power_of_2(splits),
-            num_warps=WARPS,
+            S_PAD=triton.next_power_of_2(splits), PDL=pdl,
+            num_warps=WARPS, launch_pdl=pdl,
         )
 
 

@@ -257,3 +257,23 @@ def test_the_gluon_kernel_keeps_its_weight_operand_in_registers():
     assert row["MMA"] == "HMMA" and row["serialized"] == "no"
     assert int(row["loop smem"]) == lds and f"LDS {lds}" in row["top"]
     assert 0 < int(row["regs"]) <= 255 and float(row["per weight"]) > 0
+
+
+def test_the_few_rows_kernel_touches_memory_only_after_the_kernel_before_it_is_done():
+    """On Hopper the few-rows kernel is launched as the previous kernel's programmatic dependent, so its programs
+    may start while that kernel still runs; its PTX for sm_90a must wait (``griddepcontrol.wait``) before its
+    first load, store or atomic of global memory (the previous kernel may be writing x, or this kernel's own
+    counters and partial sums in the launch before)."""
+    code = (
+        "import importlib.util, re, sys\n"
+        f"spec = importlib.util.spec_from_file_location('compiled_script', {str(SCRIPT)!r})\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['compiled_script'] = m; spec.loader.exec_module(m)\n"
+        "ptx = m.compile_for_hopper(m._nf4_rows())[0].asm['ptx']\n"
+        "first = re.search(r'\\b(ld|st|atom|red|cp\\.async)\\.global', ptx)\n"
+        "print(ptx.find('griddepcontrol.wait'), first.start() if first else -1)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    wait, first_access = (int(v) for v in run.stdout.split()[-2:])
+    assert 0 <= wait < first_access

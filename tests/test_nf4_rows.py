@@ -280,3 +280,41 @@ def test_a_few_rows_replay_from_a_cuda_graph(rows, monkeypatch):
         graph.replay()
         torch.cuda.synchronize()
         _check(out, _expected(q, x, a, b, bias)[0], torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (CUDA and torch.cuda.get_device_capability()[0] >= 9),
+                    reason="needs a Hopper (or newer) GPU")
+@pytest.mark.parametrize("rows", [1, 16])
+def test_a_programmatic_launch_waits_for_the_kernel_before_it(rows):
+    """On Hopper each launch is the previous kernel's programmatic dependent and may start before that kernel
+    ends. Six layers chained back to back, each one's y the next one's x (so a launch that read x before the
+    launch before it had finished would read stale values), in a CUDA graph with ``pdl`` on: the same bits as
+    the chain run eagerly with it off, which matches float64 one layer at a time."""
+    n = 4096
+    q = quantize_nf4(torch.randn(n, n, device="cuda", generator=torch.Generator("cuda").manual_seed(7)) / n ** 0.5,
+                     64, True)
+    state, sms = kernel_arguments(q), torch.cuda.get_device_properties(0).multi_processor_count
+    x, a, b, _ = _tensors(rows, n, n, 16, torch.bfloat16, seed=rows, device="cuda")
+
+    def chain(x0, pdl):
+        ys, x = [], x0
+        for _ in range(6):
+            y = torch.empty(rows, n, device="cuda", dtype=x.dtype)
+            s = torch.empty(rows, 16, device="cuda", dtype=x.dtype)
+            nf4_rows_gluon.launch_rows(x, state, n, n, 64, q.dq_blocksize, a, b, 0.5, None, y, s,
+                                       nf4_rows_gluon.rows_split(n, n, sms), pdl=pdl)
+            ys.append(y)
+            x = y
+        return ys
+
+    eager = chain(x, False)
+    x0 = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = chain(x0, True)
+    graph.replay()
+    torch.cuda.synchronize()
+    for i, (e, r) in enumerate(zip(eager, replayed, strict=True)):
+        assert torch.equal(e, r), f"layer {i}: the programmatic launch read its x before the layer before it wrote it"
+        _check(e, _expected(q, x if i == 0 else eager[i - 1], a, b, None, 0.5)[0], torch.bfloat16)
