@@ -294,6 +294,47 @@ def ptxas_notes(log: str) -> list[str]:
             if "Performance" in line or re.search(r"\b[1-9]\d* bytes spill", line)]
 
 
+_PTX_REGISTER = re.compile(r"%[a-z]+\d+")
+
+
+def global_accesses_before(ptx: str, marker: str) -> list[tuple[str, set[str]]]:
+    """Each access to global memory (load, store, atomic, reduction, asynchronous copy) in the PTX before the first
+    line holding ``marker``: (its opcode, the kernel parameters its address is computed from). The code before a
+    Hopper kernel's ``griddepcontrol.wait`` runs straight through, so every register there is traced back through
+    the instructions that write it to the ``ld.param`` loads it starts from."""
+    sources: dict[str, set[str]] = collections.defaultdict(set)   # a register -> the registers and params it reads
+    accesses = []
+    for line in ptx.splitlines():
+        if marker in line:
+            break
+        code = re.sub(r"^@!?%p\d+\s+", "", line.split("//")[0].strip()).rstrip(";")
+        opcode, _, operands = code.partition(" ")
+        parts = [part.strip() for part in re.split(r",(?![^{]*})", operands)] if operands else []
+        if re.match(r"(ld|st|atom|red|cp\.async)\.(global|bulk)", opcode):
+            address = next(part for part in parts if part.startswith("["))
+            accesses.append((opcode, set(_PTX_REGISTER.findall(address))))
+        if not parts or opcode.startswith(("st.", "red.", "bar.", "cp.async")):
+            continue
+        written = _PTX_REGISTER.findall(parts[0])
+        read = {r for part in parts[1:] for r in _PTX_REGISTER.findall(part)}
+        param = re.search(r"\[(\w+_param_\d+)\]", operands) if opcode.startswith("ld.param") else None
+        for register in written:
+            sources[register] |= read | ({param.group(1)} if param else set())
+
+    def params(registers: set[str]) -> set[str]:
+        seen, todo, found = set(), list(registers), set()
+        while todo:
+            item = todo.pop()
+            if item in seen:
+                continue
+            seen.add(item)
+            for source in sources.get(item, ()):
+                (found.add if "_param_" in source else todo.append)(source)
+        return found
+
+    return [(opcode, params(registers)) for opcode, registers in accesses]
+
+
 @dataclasses.dataclass
 class Report:
     launch: Launch
@@ -464,7 +505,8 @@ def _nf4_decode() -> Launch:
 
 def _nf4_rows() -> Launch:
     """The Gluon kernel for a few rows (kernels/nf4_rows_gluon.py) at 16 rows of x, K = N = 4096, its split, a
-    rank-16 adapter (whose S is made by programs of their own: the work loop is the weight's)."""
+    rank-16 adapter (whose S is made by programs of their own: the work loop is the weight's), as Hopper launches
+    it with minipeft's codebooks: a programmatic dependent that lets the next launch in early, its tables first."""
     M, K, N, r = 16, 4096, 4096, 16
     g = nf4_rows_gluon
     k_split = g.rows_split(N, K, 132)
@@ -477,7 +519,7 @@ def _nf4_rows() -> Launch:
                       HAS_BIAS=True, SPLITS=K // k_split, UNROLL=g.unroll_for(M),
                       W_LAYOUT=g._word_layout(g.WARPS), X_LAYOUT=g._x_layout(g.WARPS, 16),
                       A_LAYOUT=g._x_layout(g.WARPS, 16), S_FIRST=True, T_PAD=256, PEEL=False,
-                      S_PAD=K // k_split, PDL=True)
+                      S_PAD=K // k_split, PDL=True, TRIGGER=True, TABLES_FIRST=True)
     return Launch("nf4_rows_16", f"{M} x {K} -> {N}, NF4 + LoRA r {r}, bf16", g._nf4_rows_kernel, args, constexprs,
                   g.WARPS, 1, weights_per_iteration=g.unroll_for(M) * 16 * g.WARPS * g.CHUNK, most_mma=True)
 

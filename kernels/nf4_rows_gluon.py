@@ -70,8 +70,14 @@ made of them), and a tile's partial sums lie split after split, each (16·WARPS,
 one address (8-byte loads at 16 rows): 13% less time at 16 rows with an adapter, 7% without, 1-5% at 2-8 rows, 3%
 more at one. On Hopper the kernel is launched as the previous kernel's programmatic dependent (``launch_pdl``):
 its programs may be placed on the SMs while that kernel's last programs still run, and wait for all of it
-(``griddepcontrol.wait``) before their first access to memory, so a launch's start overlaps the previous one's
-end (0.18-0.29 µs a call less on an H100, 1-7%, at 1-16 rows and three layer shapes; benchmarks/RESULTS.md).
+(``griddepcontrol.wait``) before any access to memory the previous kernel might write. Each program, once past its
+loop, lets the next launch in (``griddepcontrol.launch_dependents``), so that launch's programs take the SMs this
+one's programs leave while its last arrivals still finish their tiles (a launch let in at its programs' start lets
+in the next, and so on: launches holding the SMs while they wait, up to 25% slower). At 9-16 rows, which have no
+first step's loads to hide the tables behind, the tables are made before the wait, from codebooks that no kernel
+writes (kernels/constants.py; at one row, behind the wait, they were slower: not explained). On an H100, against
+the programmatic launch alone: 4-6% less at one row, 9-10% at 16 at 4096², 6-17% at 2304 × 768 (GPT-2's c_attn),
+0-5% at 11008 × 4096 (benchmarks/RESULTS.md).
 ``nf4_lora_triton.nf4_forward`` launches it for 1 to 16 rows of bf16 or fp16 x without a
 dropout mask, without an adapter or with one of rank 1 to 16, on an NVIDIA GPU and a blocksize of 64 or more
 (``rows_fit``).
@@ -85,6 +91,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from .constants import is_constant
 from .lora_triton import _device_info
 from .nf4_decode_triton import counters
 from .triton_interpreter import INTERPRETING
@@ -357,12 +364,18 @@ def _nf4_rows_kernel(
     DOUBLE_QUANT: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, SPLITS: gl.constexpr,
     UNROLL: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
     A_LAYOUT: gl.constexpr, S_FIRST: gl.constexpr, T_PAD: gl.constexpr, PEEL: gl.constexpr, S_PAD: gl.constexpr,
-    PDL: gl.constexpr,
+    PDL: gl.constexpr, TRIGGER: gl.constexpr, TABLES_FIRST: gl.constexpr,
 ):
-    if PDL:  # launched as the previous kernel's programmatic dependent: wait for all of it before any load
+    DTYPE: gl.constexpr = x_ptr.dtype.element_ty
+    if TABLES_FIRST:  # codebooks no kernel writes (kernels/constants.py): the tables while the previous kernel ends
+        table0, base0 = _pair_table(nf4_ptr, dq_ptr, gl.zeros([16 * WARPS_, 8], gl.int32, layout=W_LAYOUT), DTYPE,
+                                    WARPS_, DOUBLE_QUANT)
+    else:
+        table0 = 0
+        base0 = 0
+    if PDL:  # a programmatic dependent: wait for all of the previous kernel (it may write x)
         _gdc("griddepcontrol.wait;")
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS_, 1], instr_shape=[16, 8])
-    DTYPE: gl.constexpr = x_ptr.dtype.element_ty
     pid_k = gl.program_id(1)
     k_lo = pid_k * K_SPLIT
     k_hi = gl.minimum(K, k_lo + K_SPLIT)
@@ -393,7 +406,8 @@ def _nf4_rows_kernel(
         else:
             n_last = _tile_program(x_ptr, words_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr,
                                    part_ptr, count_ptr, x_off, k_lo, k_hi, k_main, pid_n, pid_k, M, N, K, BM, WARPS_,
-                                   BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT, HAS_LORA, SPLITS, UNROLL, W_LAYOUT, MMA, PEEL)
+                                   BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT, HAS_LORA, SPLITS, UNROLL, W_LAYOUT, MMA, PEEL,
+                                   table0, base0, TABLES_FIRST, TRIGGER)
         for _ in range(n_last):                               # one place finishes a tile: a smaller kernel
             if makes_s:
                 tile = gl.min(gl.where(last, t, tiles), axis=0)   # the lowest first
@@ -409,7 +423,8 @@ def _nf4_rows_kernel(
                                   WARPS_)
         if _tile_program(x_ptr, words_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, dq_ptr, part_ptr,
                          count_ptr, x_off, k_lo, k_hi, k_main, pid_n, pid_k, M, N, K, BM, WARPS_, BLOCKSIZE,
-                         DQ_BLOCKSIZE, DOUBLE_QUANT, HAS_LORA, SPLITS, UNROLL, W_LAYOUT, MMA, PEEL) > 0:
+                         DQ_BLOCKSIZE, DOUBLE_QUANT, HAS_LORA, SPLITS, UNROLL, W_LAYOUT, MMA, PEEL, table0, base0,
+                         TABLES_FIRST, TRIGGER) > 0:
             _finish(part_ptr, s_part_ptr, y_ptr, s_ptr, count_ptr, pid_n, M, N, R, stride_sm, stride_sr, scaling, up,
                     bias_v, SPLITS, BM, HAS_LORA, HAS_BIAS, MMA, WARPS_, S_PAD)
 
@@ -463,7 +478,8 @@ def _tile_program(x_ptr, words_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_
                   count_ptr, x_off, k_lo, k_hi, k_main, pid_n, pid_k, M, N, K, BM: gl.constexpr, WARPS_: gl.constexpr,
                   BLOCKSIZE: gl.constexpr, DQ_BLOCKSIZE: gl.constexpr, DOUBLE_QUANT: gl.constexpr,
                   HAS_LORA: gl.constexpr, SPLITS: gl.constexpr, UNROLL: gl.constexpr, W_LAYOUT: gl.constexpr,
-                  MMA: gl.constexpr, PEEL: gl.constexpr):
+                  MMA: gl.constexpr, PEEL: gl.constexpr, table0, base0, TABLES_FIRST: gl.constexpr,
+                  TRIGGER: gl.constexpr):
     """x·Ŵ[tile]ᵀ over one split into part[split], then one more arrival at the tile's counter. Returns 1 if it
     was the last (its splits', and with an adapter S's), which finishes the tile; 0 otherwise."""
     ROWS: gl.constexpr = 16 * WARPS_
@@ -489,8 +505,12 @@ def _tile_program(x_ptr, words_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_
         # where STEP ≤ K, so no load needs a mask)
         first = _load_step(gl.minimum(k_lo, K - STEP), w_ptrs, xs, absmax_ptr, absmax_scale_ptr, row_block, BLOCKSIZE,
                            DQ_BLOCKSIZE, DOUBLE_QUANT, UNROLL)
-    table, base = _pair_table(nf4_ptr, dq_ptr, gl.zeros([ROWS, 8], gl.int32, layout=W_LAYOUT), DTYPE, WARPS_,
-                              DOUBLE_QUANT)                                     # table: laid out as the words
+    if TABLES_FIRST:  # made before the wait (the kernel's start)
+        table = table0
+        base = base0
+    else:
+        table, base = _pair_table(nf4_ptr, dq_ptr, gl.zeros([ROWS, 8], gl.int32, layout=W_LAYOUT), DTYPE, WARPS_,
+                                  DOUBLE_QUANT)                                 # table: laid out as the words
     acc = gl.zeros([ROWS, BM], gl.float32, layout=MMA)
     if PEEL:
         if k_main > k_lo:
@@ -512,6 +532,8 @@ def _tile_program(x_ptr, words_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_
         word, x, code, scale = _load_chunk(k0, 0, w_ptrs + (k0 >> 3), xs + k0, absmax_ptr, absmax_scale_ptr,
                                            row_block, BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT)
         acc = _mma_chunk(word, x, _absmax(code, scale, offset, base, DOUBLE_QUANT), acc, table, ROWS, BM, DTYPE, MMA)
+    if TRIGGER:  # past the loop: the next launch's programs may take the SMs this launch's programs leave
+        _gdc("griddepcontrol.launch_dependents;")   # (its launch starts once every program here has said so)
     ym = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
     nl = gl.arange(0, ROWS, layout=gl.SliceLayout(1, MMA))           # part[tile, split]: (ROWS, BM), all of it
     gl.store(part_ptr + (pid_n * SPLITS + pid_k) * ROWS * BM + (nl * BM)[:, None] + ym[None, :], acc)
@@ -555,7 +577,10 @@ def launch_rows(x2d: torch.Tensor, state: tuple, N: int, K: int, blocksize: int,
     dtype, K split every k_split columns, in one launch; where ``rows_fit``, K a multiple of the blocksize.
     ``unroll``: chunks a loop step, 1, 2 or 4 (default ``unroll_for``). ``s_first=False`` puts the programs
     that make S after the tiles' (a test's: then they come last at some tiles and finish them). ``pdl``: launch
-    as the previous kernel's programmatic dependent (default: on Hopper and later, the only GPUs that have it)."""
+    as the previous kernel's programmatic dependent (default: on Hopper and later, the only GPUs that have it),
+    letting the next launch in once every program is past its loop, and, at 9-16 rows (no first step's loads to
+    hide the tables behind), making the tables before the wait where the codebooks are constants
+    (kernels/constants.py)."""
     codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values = state
     M = x2d.shape[0]
     hopper = _device_info(x2d.get_device())[1] >= 9
@@ -574,6 +599,8 @@ def launch_rows(x2d: torch.Tensor, state: tuple, N: int, K: int, blocksize: int,
     if (WARPS, bm) not in _LAYOUTS:
         _LAYOUTS[(WARPS, bm)] = (_word_layout(WARPS), _x_layout(WARPS, bm), _x_layout(WARPS, 16))
     w_layout, x_layout, a_layout = _LAYOUTS[(WARPS, bm)]
+    peel = bm == 8 and K >= CHUNK * unroll   # the first step's loads issued before the tables (see the kernel)
+    tables_first = pdl and not peel and is_constant(nf4_values) and (dq_values is None or is_constant(dq_values))
     part = torch.empty((tiles, splits, 16 * WARPS, bm), device=x2d.device, dtype=torch.float32)
     s_part = torch.empty((M, 16, splits), device=x2d.device, dtype=torch.float32) if lora_A is not None else part
     count = counters(x2d.device, tiles)
@@ -591,8 +618,8 @@ def launch_rows(x2d: torch.Tensor, state: tuple, N: int, K: int, blocksize: int,
             BM=bm, WARPS_=WARPS, BLOCKSIZE=blocksize, DQ_BLOCKSIZE=dq_blocksize, DOUBLE_QUANT=double_quant,
             HAS_LORA=lora_A is not None, HAS_BIAS=bias is not None, SPLITS=splits,
             UNROLL=unroll, W_LAYOUT=w_layout, X_LAYOUT=x_layout, A_LAYOUT=a_layout, S_FIRST=s_first,
-            T_PAD=max(32 * WARPS, triton.next_power_of_2(tiles)), PEEL=bm == 8 and K >= CHUNK * unroll,
-            S_PAD=triton.next_power_of_2(splits), PDL=pdl,
+            T_PAD=max(32 * WARPS, triton.next_power_of_2(tiles)), PEEL=peel, S_PAD=triton.next_power_of_2(splits),
+            PDL=pdl, TRIGGER=pdl, TABLES_FIRST=tables_first,
             num_warps=WARPS, launch_pdl=pdl,
         )
 

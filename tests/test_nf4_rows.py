@@ -24,7 +24,7 @@ from test_nf4_decode import (  # shared helpers
     captured_auto_step,
 )
 
-from minipeft.kernels import nf4_lora_triton, nf4_rows_gluon
+from minipeft.kernels import constants, nf4_lora_triton, nf4_rows_gluon
 from minipeft.quant.nf4 import NF4_CODEBOOK, SIGNED_DYNAMIC_MAP, kernel_arguments, quantize_nf4
 
 CUDA = torch.cuda.is_available()
@@ -168,6 +168,35 @@ def test_the_ptx_uses_only_what_the_emulator_knows():
 def test_the_splits(N, K, sms, expected):
     """About two programs an SM, at least 256 columns a split (a multiple of 128, the GEMM's step too)."""
     assert nf4_rows_gluon.rows_split(N, K, sms) == expected
+
+
+@pytest.mark.parametrize("capability,rows,codebooks,first", [
+    (9, 16, "minipeft's", True), (9, 9, "minipeft's", True), (9, 16, "copies", False), (9, 16, "nf4's only", False),
+    (9, 1, "minipeft's", False), (9, 8, "minipeft's", False), (8, 16, "minipeft's", False)])
+def test_the_tables_come_first_only_from_codebooks_no_kernel_writes(capability, rows, codebooks, first, monkeypatch):
+    """A programmatic launch (Hopper) lets the next launch in and, at 9-16 rows, makes its tables before waiting
+    for the kernel before it — only from the codebooks minipeft marks as constants (kernels/constants.py): a
+    caller's copy might have been written by that very kernel. At 1-8 rows the tables stay after the wait, behind
+    the first step's loads. The launch's meta-parameters, recorded on the CPU in place of the kernel."""
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launches.append(meta)
+
+    monkeypatch.setattr(nf4_rows_gluon, "_nf4_rows_kernel", Recorder())
+    monkeypatch.setattr(nf4_rows_gluon, "_device_info", lambda device: (132, capability))
+    q = quantize_nf4(torch.randn(256, 256), 64, True)
+    state = list(kernel_arguments(q))
+    if codebooks == "copies":
+        state[4], state[5] = state[4].clone(), state[5].clone()
+    elif codebooks == "nf4's only":
+        state[5] = state[5].clone()
+    x, y = torch.randn(rows, 256, dtype=torch.bfloat16), torch.empty(rows, 256, dtype=torch.bfloat16)
+    nf4_rows_gluon.launch_rows(x, tuple(state), 256, 256, 64, q.dq_blocksize, None, None, 1.0, None, y, None, 256)
+    (meta,) = launches
+    hopper = capability >= 9
+    assert (meta["PDL"], meta["TRIGGER"], meta["TABLES_FIRST"], meta["PEEL"]) == (hopper, hopper, first, rows <= 8)
 
 
 def test_not_on_the_cpu():
@@ -318,3 +347,17 @@ def test_a_programmatic_launch_waits_for_the_kernel_before_it(rows):
     for i, (e, r) in enumerate(zip(eager, replayed, strict=True)):
         assert torch.equal(e, r), f"layer {i}: the programmatic launch read its x before the layer before it wrote it"
         _check(e, _expected(q, x if i == 0 else eager[i - 1], a, b, None, 0.5)[0], torch.bfloat16)
+
+
+def test_constants_are_the_marked_objects_only():
+    """kernels/constants.py: minipeft's per-device codebooks are marked; a copy or a view of one is not (a kernel
+    may have written it); anything but a tensor is refused."""
+    q = quantize_nf4(torch.randn(64, 64), 64, True)
+    nf4_values, dq_values = kernel_arguments(q)[4:]
+    assert constants.is_constant(nf4_values) and constants.is_constant(dq_values)
+    assert not constants.is_constant(nf4_values.clone()) and not constants.is_constant(nf4_values[:])
+    assert not constants.is_constant(None)
+    t = torch.zeros(3)
+    assert constants.constant(t) is t and constants.is_constant(t)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        constants.constant([0.0])

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from minipeft import kernels
+from minipeft.kernels.constants import constant
 from minipeft.kernels.limits import NF4_BLOCKSIZES
 
 __all__ = [
@@ -367,11 +368,12 @@ def _codebooks(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
     Cached so that a CUDA call copies nothing from the host (a copy would also stop CUDA-graph capture).
     ``quantize_nf4`` and ``NF4Weight.to`` fill the cache, so a compiled ``dequantize_nf4`` finds the tables
-    there and treats them as graph inputs.
+    there and treats them as graph inputs. No kernel writes them: marked so (kernels/constants.py), a kernel
+    may read them before the kernel launched before it has finished.
     """
     tables = _TABLES.get(device)
     if tables is None:
-        tables = _TABLES[device] = (NF4_CODEBOOK.to(device), SIGNED_DYNAMIC_MAP.to(device))
+        tables = _TABLES[device] = (constant(NF4_CODEBOOK.to(device)), constant(SIGNED_DYNAMIC_MAP.to(device)))
     return tables
 
 
