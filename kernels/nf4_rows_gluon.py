@@ -73,11 +73,11 @@ its programs may be placed on the SMs while that kernel's last programs still ru
 (``griddepcontrol.wait``) before any access to memory the previous kernel might write. Each program, once past its
 loop, lets the next launch in (``griddepcontrol.launch_dependents``), so that launch's programs take the SMs this
 one's programs leave while its last arrivals still finish their tiles (a launch let in at its programs' start lets
-in the next, and so on: launches holding the SMs while they wait, up to 25% slower). At 9-16 rows, which have no
-first step's loads to hide the tables behind, the tables are made before the wait, from codebooks that no kernel
-writes (kernels/constants.py; at one row, behind the wait, they were slower: not explained). On an H100, against
-the programmatic launch alone: 4-6% less at one row, 9-10% at 16 at 4096², 6-17% at 2304 × 768 (GPT-2's c_attn),
-0-5% at 11008 × 4096 (benchmarks/RESULTS.md).
+in the next, and so on: launches holding the SMs while they wait, up to 27% slower). Where no first step's loads
+hide the tables (``PEEL`` off: 9-16 rows, or K under 256 columns), the tables are made before the wait, from
+codebooks that no kernel writes (kernels/constants.py; at one row, before the wait, they were slower: not
+explained). On an H100, against the programmatic launch alone: 4-6% less at one row and 9-10% at 16 at 4096²,
+6-17% at 2304 × 768 (GPT-2's c_attn), 0-5% at 11008 × 4096 (benchmarks/RESULTS.md).
 ``nf4_lora_triton.nf4_forward`` launches it for 1 to 16 rows of bf16 or fp16 x without a
 dropout mask, without an adapter or with one of rank 1 to 16, on an NVIDIA GPU and a blocksize of 64 or more
 (``rows_fit``).
@@ -578,8 +578,8 @@ def launch_rows(x2d: torch.Tensor, state: tuple, N: int, K: int, blocksize: int,
     ``unroll``: chunks a loop step, 1, 2 or 4 (default ``unroll_for``). ``s_first=False`` puts the programs
     that make S after the tiles' (a test's: then they come last at some tiles and finish them). ``pdl``: launch
     as the previous kernel's programmatic dependent (default: on Hopper and later, the only GPUs that have it),
-    letting the next launch in once every program is past its loop, and, at 9-16 rows (no first step's loads to
-    hide the tables behind), making the tables before the wait where the codebooks are constants
+    letting the next launch in once every program is past its loop, and, where no first step's loads hide the
+    tables (9-16 rows, or K under 256 columns), making the tables before the wait if the codebooks are constants
     (kernels/constants.py)."""
     codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values = state
     M = x2d.shape[0]
