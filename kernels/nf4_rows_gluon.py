@@ -75,9 +75,10 @@ loop, lets the next launch in (``griddepcontrol.launch_dependents``), so that la
 one's programs leave while its last arrivals still finish their tiles (a launch let in at its programs' start lets
 in the next, and so on: launches holding the SMs while they wait, up to 27% slower). Where no first step's loads
 hide the tables (``PEEL`` off: 9-16 rows, or K under 256 columns), the tables are made before the wait, from
-codebooks that no kernel writes (kernels/constants.py; at one row, before the wait, they were slower: not
-explained). On an H100, against the programmatic launch alone: 4-6% less at one row and 9-10% at 16 at 4096²,
-6-17% at 2304 × 768 (GPT-2's c_attn), 0-5% at 11008 × 4096 (benchmarks/RESULTS.md).
+codebooks that no kernel writes (kernels/constants.py; at one row they were slower before the wait: with them
+there, ptxas spreads a step's loads among the MMAs instead of issuing them together). On an H100, against the
+programmatic launch alone: 4-6% less at one row and 9-10% at 16 at 4096², 6-17% at 2304 × 768 (GPT-2's c_attn),
+0-5% at 11008 × 4096 (benchmarks/RESULTS.md).
 ``nf4_lora_triton.nf4_forward`` launches it for 1 to 16 rows of bf16 or fp16 x without a
 dropout mask, without an adapter or with one of rank 1 to 16, on an NVIDIA GPU and a blocksize of 64 or more
 (``rows_fit``).
