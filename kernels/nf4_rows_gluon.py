@@ -46,8 +46,9 @@ instructions, and the routing around it.
         count[tile] += 1 for every tile                              # (and finish a tile it arrived at last)
     the other programs, one per tile of 16·WARPS rows of Ŵ and split of K:   # a warp: 16 rows, one m16n8 tile
         load the tile's rows of B and of the bias                    # used only by the finishing, if at all
+        (on Hopper, from minipeft's codebooks: make the tables, then wait for the kernel before)
         (up to 8 rows: load the first step's chunks)                 # their latency hides the tables' making
-        make the tables; then for each step of UNROLL 64-column chunks of the split:
+        make the tables (unless made); then for each step of UNROLL 64-column chunks of the split:
             load every chunk's words (2 per row a lane), x[:, chunk] (32 bytes a lane) and absmax first
             for each chunk: a = lookup(words) (registers, the MMA's layout), b = x (the same permutation of k)
                             acc += absmax[rows, chunk] · mma(a, b)
@@ -73,12 +74,14 @@ its programs may be placed on the SMs while that kernel's last programs still ru
 (``griddepcontrol.wait``) before any access to memory the previous kernel might write. Each program, once past its
 loop, lets the next launch in (``griddepcontrol.launch_dependents``), so that launch's programs take the SMs this
 one's programs leave while its last arrivals still finish their tiles (a launch let in at its programs' start lets
-in the next, and so on: launches holding the SMs while they wait, up to 27% slower). Where no first step's loads
-hide the tables (``PEEL`` off: 9-16 rows, or K under 256 columns), the tables are made before the wait, from
-codebooks that no kernel writes (kernels/constants.py; at one row they were slower before the wait: with them
-there, ptxas spreads a step's loads among the MMAs instead of issuing them together). On an H100, against the
-programmatic launch alone: 4-6% less at one row and 9-10% at 16 at 4096², 6-17% at 2304 × 768 (GPT-2's c_attn),
-0-5% at 11008 × 4096 (benchmarks/RESULTS.md).
+in the next, and so on: launches holding the SMs while they wait, up to 27% slower). And the tables are made
+before the wait, from codebooks that no kernel writes (kernels/constants.py). Where the first step is peeled (1-8
+rows), a CTA barrier follows its loads and each later step's: the tables' making no longer sits between a step's
+loads and its math, and without the barrier ptxas spread the loads among the MMAs, one load's latency after
+another (at one row 26% slower than with the tables after the wait). On an H100, against a plain launch: 11-15%
+less at 4096², 19-26% at 2304 × 768 (GPT-2's c_attn), 0-6% at 11008 × 4096; at 1-8 rows the tables before the
+wait with the barriers took 4-7% off the tables after it at 4096², 4-16% at 2304 × 768, and at 11008 × 4096
+1% off to 3% more (benchmarks/RESULTS.md).
 ``nf4_lora_triton.nf4_forward`` launches it for 1 to 16 rows of bf16 or fp16 x without a
 dropout mask, without an adapter or with one of rank 1 to 16, on an NVIDIA GPU and a blocksize of 64 or more
 (``rows_fit``).
@@ -509,6 +512,8 @@ def _tile_program(x_ptr, words_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_
     if TABLES_FIRST:  # made before the wait (the kernel's start)
         table = table0
         base = base0
+        if PEEL:  # all of the first step's loads issued before any of its math (see the loop)
+            _cta_barrier()
     else:
         table, base = _pair_table(nf4_ptr, dq_ptr, gl.zeros([ROWS, 8], gl.int32, layout=W_LAYOUT), DTYPE, WARPS_,
                                   DOUBLE_QUANT)                                 # table: laid out as the words
@@ -525,6 +530,9 @@ def _tile_program(x_ptr, words_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_
     for k0 in range(k_first, k_main, STEP):
         step = _load_step(k0, w_ptrs, xs, absmax_ptr, absmax_scale_ptr, row_block, BLOCKSIZE, DQ_BLOCKSIZE,
                           DOUBLE_QUANT, UNROLL)
+        if TABLES_FIRST:
+            if PEEL:  # a step's loads issued together: without the tables' making between the loads and the math,
+                _cta_barrier()  # ptxas spreads the loads among the MMAs, each load's latency after another's
         for j in gl.static_range(UNROLL):
             acc = _mma_chunk(step[4 * j], step[4 * j + 1],
                              _absmax(step[4 * j + 2], step[4 * j + 3], offset, base, DOUBLE_QUANT), acc, table, ROWS,
@@ -579,9 +587,8 @@ def launch_rows(x2d: torch.Tensor, state: tuple, N: int, K: int, blocksize: int,
     ``unroll``: chunks a loop step, 1, 2 or 4 (default ``unroll_for``). ``s_first=False`` puts the programs
     that make S after the tiles' (a test's: then they come last at some tiles and finish them). ``pdl``: launch
     as the previous kernel's programmatic dependent (default: on Hopper and later, the only GPUs that have it),
-    letting the next launch in once every program is past its loop, and, where no first step's loads hide the
-    tables (9-16 rows, or K under 256 columns), making the tables before the wait if the codebooks are constants
-    (kernels/constants.py)."""
+    letting the next launch in once every program is past its loop, and making the tables before the wait if the
+    codebooks are constants (kernels/constants.py)."""
     codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values = state
     M = x2d.shape[0]
     hopper = _device_info(x2d.get_device())[1] >= 9
@@ -601,7 +608,7 @@ def launch_rows(x2d: torch.Tensor, state: tuple, N: int, K: int, blocksize: int,
         _LAYOUTS[(WARPS, bm)] = (_word_layout(WARPS), _x_layout(WARPS, bm), _x_layout(WARPS, 16))
     w_layout, x_layout, a_layout = _LAYOUTS[(WARPS, bm)]
     peel = bm == 8 and K >= CHUNK * unroll   # the first step's loads issued before the tables (see the kernel)
-    tables_first = pdl and not peel and is_constant(nf4_values) and (dq_values is None or is_constant(dq_values))
+    tables_first = pdl and is_constant(nf4_values) and (dq_values is None or is_constant(dq_values))
     part = torch.empty((tiles, splits, 16 * WARPS, bm), device=x2d.device, dtype=torch.float32)
     s_part = torch.empty((M, 16, splits), device=x2d.device, dtype=torch.float32) if lora_A is not None else part
     count = counters(x2d.device, tiles)

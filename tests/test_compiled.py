@@ -264,26 +264,35 @@ def test_the_few_rows_kernel_reads_only_the_codebooks_before_the_kernel_before_i
     may start while that kernel still runs; before its ``griddepcontrol.wait`` (sm_90a PTX) it may only load from
     the codebooks, and only where the launch says they are constants (``TABLES_FIRST``: kernels/constants.py).
     Everything else — x, which the previous kernel may be writing, the codes, this kernel's own counters and
-    partial sums of the launch before — waits. And it lets the next launch in (``launch_dependents``) only after
-    its own wait: a launch let in at its programs' start lets in the next, and so on, a chain of launches holding
-    the SMs while they wait (slower, benchmarks/RESULTS.md). Fails if an access moves before the wait, if the
-    tables do not, or if the next launch is let in before it."""
+    partial sums of the launch before — waits. It lets the next launch in (``launch_dependents``) only after its
+    own wait: a launch let in at its programs' start lets in the next, and so on, a chain of launches holding the
+    SMs while they wait (slower, benchmarks/RESULTS.md). And at 1-8 rows, with the first step peeled, a barrier
+    follows all of that step's loads before its first MMA (without it ptxas spreads the loads among the MMAs).
+    Fails if an access moves before the wait, if the tables do not, if the next launch is let in before it, or
+    if the peeled step's barrier goes."""
     code = (
         "import dataclasses, importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('compiled_script', {str(SCRIPT)!r})\n"
         "m = importlib.util.module_from_spec(spec); sys.modules['compiled_script'] = m; spec.loader.exec_module(m)\n"
+        "from minipeft.kernels import nf4_rows_gluon as g\n"
         "launch = m._nf4_rows()\n"
         "names = list(m._jit_function(launch.kernel).arg_names)\n"
-        "for first in (True, False):\n"
-        "    cx = dict(launch.constexprs, TABLES_FIRST=first)\n"
-        "    ptx = m.compile_for_hopper(dataclasses.replace(launch, constexprs=cx))[0].asm['ptx']\n"
+        "peeled = dict(BM=8, PEEL=True, X_LAYOUT=g._x_layout(g.WARPS, 8))\n"
+        "for name, cx in (('16', {}), ('16-after', dict(TABLES_FIRST=False)), ('8-peeled', peeled)):\n"
+        "    ptx = m.compile_for_hopper(dataclasses.replace(launch, constexprs={**launch.constexprs, **cx}))[0]\n"
+        "    ptx = ptx.asm['ptx']\n"
         "    wait, trigger = ptx.find('griddepcontrol.wait'), ptx.find('griddepcontrol.launch_dependents')\n"
         "    found = m.global_accesses_before(ptx, 'griddepcontrol.wait')\n"
         "    read = sorted({(op.split('.')[0], names[int(p.rsplit('_', 1)[1])]) for op, ps in found for p in ps})\n"
-        "    print(first, read, sum(not ps for _, ps in found), 0 <= wait < trigger)\n"
+        "    step = ptx[wait:ptx.find('mma.sync', wait)]  # from the wait to the first MMA\n"
+        "    words = step.count('ld.global.v2.b32')  # 2 a chunk: the codes' words\n"
+        "    barrier = words >= 8 and step.rfind('ld.global') < step.rfind('bar.sync')\n"
+        "    print('variant', name, read, sum(not ps for _, ps in found), 0 <= wait < trigger, barrier)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
-    lines = [line for line in run.stdout.splitlines() if line.startswith(("True", "False"))]
-    assert lines == ["True [('ld', 'dq_ptr'), ('ld', 'nf4_ptr')] 0 True", "False [] 0 True"], run.stdout[-2000:]
+    lines = [line for line in run.stdout.splitlines() if line.startswith("variant")]
+    codebooks = "[('ld', 'dq_ptr'), ('ld', 'nf4_ptr')]"
+    assert lines == [f"variant 16 {codebooks} 0 True False", "variant 16-after [] 0 True False",
+                     f"variant 8-peeled {codebooks} 0 True True"], run.stdout[-2000:]

@@ -172,12 +172,12 @@ def test_the_splits(N, K, sms, expected):
 
 @pytest.mark.parametrize("capability,rows,codebooks,first", [
     (9, 16, "minipeft's", True), (9, 9, "minipeft's", True), (9, 16, "copies", False), (9, 16, "nf4's only", False),
-    (9, 1, "minipeft's", False), (9, 8, "minipeft's", False), (8, 16, "minipeft's", False)])
+    (9, 1, "minipeft's", True), (9, 8, "minipeft's", True), (9, 1, "copies", False), (8, 16, "minipeft's", False)])
 def test_the_tables_come_first_only_from_codebooks_no_kernel_writes(capability, rows, codebooks, first, monkeypatch):
-    """A programmatic launch (Hopper) lets the next launch in and, at 9-16 rows, makes its tables before waiting
-    for the kernel before it — only from the codebooks minipeft marks as constants (kernels/constants.py): a
-    caller's copy might have been written by that very kernel. At 1-8 rows the tables stay after the wait, behind
-    the first step's loads. The launch's meta-parameters, recorded on the CPU in place of the kernel."""
+    """A programmatic launch (Hopper) lets the next launch in and makes its tables before waiting for the kernel
+    before it — only from the codebooks minipeft marks as constants (kernels/constants.py): a caller's copy might
+    have been written by that very kernel. At 1-8 rows the first step is peeled too. The launch's meta-parameters,
+    recorded on the CPU in place of the kernel."""
     launches = []
 
     class Recorder:
