@@ -516,9 +516,7 @@ def _nf4_rows() -> Launch:
                 M=M, N=N, K=K, R=r, K_SPLIT=k_split, stride_xm=K, stride_ar=K, stride_bn=r, stride_br=1,
                 stride_sm=r, stride_sr=1, scaling=2.0)
     constexprs = dict(BM=16, WARPS_=g.WARPS, BLOCKSIZE=64, DQ_BLOCKSIZE=256, DOUBLE_QUANT=True, HAS_LORA=True,
-                      HAS_BIAS=True, SPLITS=K // k_split, UNROLL=g.unroll_for(M),
-                      W_LAYOUT=g._word_layout(g.WARPS), X_LAYOUT=g._x_layout(g.WARPS, 16),
-                      A_LAYOUT=g._x_layout(g.WARPS, 16), S_FIRST=True, T_PAD=256, PEEL=False,
+                      HAS_BIAS=True, SPLITS=K // k_split, UNROLL=g.unroll_for(M), S_FIRST=True, T_PAD=256, PEEL=False,
                       S_PAD=K // k_split, PDL=True, TRIGGER=True, TABLES_FIRST=True)
     return Launch("nf4_rows_16", f"{M} x {K} -> {N}, NF4 + LoRA r {r}, bf16", g._nf4_rows_kernel, args, constexprs,
                   g.WARPS, 1, weights_per_iteration=g.unroll_for(M) * 16 * g.WARPS * g.CHUNK, most_mma=True)

@@ -263,7 +263,7 @@ def counters(device: torch.device, n: int) -> torch.Tensor:
     kernels/nf4_rows_gluon.py's split counters: launches on one stream run one after another). One buffer per
     stream: two launches running at once on different streams must not count into one counter. A buffer that
     grows keeps its old storage alive (a CUDA graph holds addresses, not references)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0  # the stream's id
     key = (device, stream)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:

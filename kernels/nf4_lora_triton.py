@@ -735,9 +735,15 @@ class _EagerNF4LoraTriton(torch.autograd.Function):
 def nf4_lora_linear(x, state, bias, lora_A, lora_B, scaling: float, dropout_mask, out_features: int,
                     in_features: int, blocksize: int, dq_blocksize: int) -> torch.Tensor:
     """y = x·Ŵᵀ + bias + scaling·((x ⊙ mask)·Aᵀ)·Bᵀ on the kernels above (inputs checked by the caller,
-    ``kernels.nf4_lora_linear``): the registered op while torch.compile traces, its Function in eager mode."""
-    args = (x, *state, bias, lora_A, lora_B, float(scaling), dropout_mask, out_features, in_features, blocksize,
-            dq_blocksize)
+    ``kernels.nf4_lora_linear``): the registered op while torch.compile traces, its Function in eager mode, and
+    the forward alone where nothing needs a gradient (a decode step: no autograd node to make)."""
     if torch.compiler.is_compiling():
-        return torch.ops.minipeft.nf4_lora_linear_triton(*args)[0]
-    return _EagerNF4LoraTriton.apply(*args)
+        return torch.ops.minipeft.nf4_lora_linear_triton(x, *state, bias, lora_A, lora_B, float(scaling),
+                                                         dropout_mask, out_features, in_features, blocksize,
+                                                         dq_blocksize)[0]
+    if not torch.is_grad_enabled() or not (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
+                                           or (bias is not None and bias.requires_grad)):
+        sizes = (out_features, in_features, blocksize, dq_blocksize)
+        return _forward(x, state, bias, lora_A, lora_B, float(scaling), dropout_mask, sizes)[0]
+    return _EagerNF4LoraTriton.apply(x, *state, bias, lora_A, lora_B, float(scaling), dropout_mask, out_features,
+                                     in_features, blocksize, dq_blocksize)

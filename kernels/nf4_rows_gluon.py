@@ -84,10 +84,15 @@ wait with the barriers took 4-7% off the tables after it at 4096², 4-16% at 230
 1% off to 3% more (benchmarks/RESULTS.md).
 ``nf4_lora_triton.nf4_forward`` launches it for 1 to 16 rows of bf16 or fp16 x without a
 dropout mask, without an adapter or with one of rank 1 to 16, on an NVIDIA GPU and a blocksize of 64 or more
-(``rows_fit``).
+(``rows_fit``). Such a call is a decode step, whose host time (eager) is many times its GPU time: the launch goes
+through kernels/launcher.py, which keeps the compiled kernel per specialization and launches it again without
+Triton's JIT path (on an H100 machine's host, 92 µs a call of ``launch_rows`` against 152 through the JIT), and
+the layouts are made inside the kernel, not passed (the JIT hashed them on every call).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -96,6 +101,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .constants import is_constant
+from .launcher import launch
 from .lora_triton import _device_info
 from .nf4_decode_triton import counters
 from .triton_interpreter import INTERPRETING
@@ -150,6 +156,7 @@ _CHUNK = gl.constexpr(CHUNK)
 _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # (its name from Triton 3.7 on)
 
 
+@gluon.constexpr_function
 def _word_layout(warps: int) -> gl.DistributedLinearLayout:
     """The codes of a chunk, (16·warps rows, 8 words): lane t holds words 2(t%4), 2(t%4)+1 (two registers, one
     64-bit load) of rows t/4 and t/4 + 8 of its warp's 16 — the rows and columns its MMA fragment needs."""
@@ -158,6 +165,7 @@ def _word_layout(warps: int) -> gl.DistributedLinearLayout:
         warp_bases=[[16 << i, 0] for i in range(warps.bit_length() - 1)], block_bases=[], shape=[16 * warps, 8])
 
 
+@gluon.constexpr_function
 def _x_layout(warps: int, bm: int) -> gl.DistributedLinearLayout:
     """x's chunk as (bm rows, 4 quarters, 16 columns): lane t holds columns 16(t%4) .. +15 of row t/4 (and of row
     t/4 + 8 for bm = 16), the B fragment under the permutation of k; every warp holds the same x."""
@@ -366,11 +374,13 @@ def _nf4_rows_kernel(
     # meta-parameters
     BM: gl.constexpr, WARPS_: gl.constexpr, BLOCKSIZE: gl.constexpr, DQ_BLOCKSIZE: gl.constexpr,
     DOUBLE_QUANT: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, SPLITS: gl.constexpr,
-    UNROLL: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
-    A_LAYOUT: gl.constexpr, S_FIRST: gl.constexpr, T_PAD: gl.constexpr, PEEL: gl.constexpr, S_PAD: gl.constexpr,
+    UNROLL: gl.constexpr, S_FIRST: gl.constexpr, T_PAD: gl.constexpr, PEEL: gl.constexpr, S_PAD: gl.constexpr,
     PDL: gl.constexpr, TRIGGER: gl.constexpr, TABLES_FIRST: gl.constexpr,
 ):
     DTYPE: gl.constexpr = x_ptr.dtype.element_ty
+    W_LAYOUT: gl.constexpr = _word_layout(WARPS_)     # made here from ints, not passed: a layout argument is hashed
+    X_LAYOUT: gl.constexpr = _x_layout(WARPS_, BM)    # by the JIT on every launch
+    A_LAYOUT: gl.constexpr = _x_layout(WARPS_, 16)
     if TABLES_FIRST:  # codebooks no kernel writes (kernels/constants.py): the tables while the previous kernel ends
         table0, base0 = _pair_table(nf4_ptr, dq_ptr, gl.zeros([16 * WARPS_, 8], gl.int32, layout=W_LAYOUT), DTYPE,
                                     WARPS_, DOUBLE_QUANT)
@@ -552,9 +562,6 @@ def _tile_program(x_ptr, words_ptr, absmax_ptr, absmax_scale_ptr, absmax_offset_
     return (arrived == (2 * SPLITS if HAS_LORA else SPLITS) - 1).to(gl.int32)
 
 
-_LAYOUTS: dict[tuple[int, int], tuple] = {}
-
-
 def rows_fit(x2d: torch.Tensor, blocksize: int, mask2d: torch.Tensor | None, lora_A: torch.Tensor | None) -> bool:
     """Whether ``launch_rows`` takes this forward: MIN_ROWS to MAX_ROWS contiguous rows of bf16 or fp16 x, no
     dropout mask, no adapter or one of rank 1 to 16 in x's dtype, a blocksize that is a multiple of CHUNK, on an
@@ -568,6 +575,7 @@ def rows_fit(x2d: torch.Tensor, blocksize: int, mask2d: torch.Tensor | None, lor
             and _device_info(x2d.get_device())[1] >= 8)
 
 
+@functools.cache
 def rows_split(N: int, K: int, num_sms: int) -> int:
     """Columns of K a split: about two programs an SM, at least 256 columns each, a multiple of 128 (the
     tensor-core GEMM's step; a split that is not a multiple of this kernel's UNROLL chunks ends in single
@@ -591,7 +599,8 @@ def launch_rows(x2d: torch.Tensor, state: tuple, N: int, K: int, blocksize: int,
     codebooks are constants (kernels/constants.py)."""
     codes, absmax, absmax_scale, absmax_offset, nf4_values, dq_values = state
     M = x2d.shape[0]
-    hopper = _device_info(x2d.get_device())[1] >= 9
+    device = x2d.get_device()
+    hopper = _device_info(device)[1] >= 9
     if pdl is None:
         pdl = hopper
     elif pdl and not hopper:
@@ -602,11 +611,8 @@ def launch_rows(x2d: torch.Tensor, state: tuple, N: int, K: int, blocksize: int,
     if (lora_A is None) != (lora_B is None) or (lora_A is None) != (s is None) or not y.is_contiguous():
         raise ValueError("launch_rows: lora_A, lora_B and s together or none of them, and a contiguous y (M, N)")
     bm = 8 if M <= 8 else 16
-    splits = triton.cdiv(K, k_split)
-    tiles = triton.cdiv(N, 16 * WARPS)
-    if (WARPS, bm) not in _LAYOUTS:
-        _LAYOUTS[(WARPS, bm)] = (_word_layout(WARPS), _x_layout(WARPS, bm), _x_layout(WARPS, 16))
-    w_layout, x_layout, a_layout = _LAYOUTS[(WARPS, bm)]
+    splits = -(-K // k_split)     # ceil(K / k_split): plain ints (triton.cdiv is a constexpr function, ~2 µs a call)
+    tiles = -(-N // (16 * WARPS))
     peel = bm == 8 and K >= CHUNK * unroll   # the first step's loads issued before the tables (see the kernel)
     tables_first = pdl and is_constant(nf4_values) and (dq_values is None or is_constant(dq_values))
     part = torch.empty((tiles, splits, 16 * WARPS, bm), device=x2d.device, dtype=torch.float32)
@@ -617,19 +623,17 @@ def launch_rows(x2d: torch.Tensor, state: tuple, N: int, K: int, blocksize: int,
     a_arg = x2d if lora_A is None else lora_A.contiguous()  # A's rows read as runs of 16 columns, like x's
     b_arg = x2d if lora_B is None else lora_B
     s_arg = y if s is None else s
-    with torch.cuda.device_of(x2d):
-        _nf4_rows_kernel[(tiles + (lora_A is not None), splits)](  # with an adapter, S's program first
-            x2d, codes.view(torch.int32), absmax, scale_arg, offset_arg, nf4_values, dq_arg, a_arg, part, s_part,
+    args = (x2d, codes.view(torch.int32), absmax, scale_arg, offset_arg, nf4_values, dq_arg, a_arg, part, s_part,
             b_arg, y if bias is None else bias, y, s_arg, count,
             M, N, K, 0 if lora_A is None else lora_A.shape[0], k_split, x2d.stride(0), a_arg.stride(0),
-            b_arg.stride(0), b_arg.stride(-1), s_arg.stride(0), s_arg.stride(-1), scaling,
-            BM=bm, WARPS_=WARPS, BLOCKSIZE=blocksize, DQ_BLOCKSIZE=dq_blocksize, DOUBLE_QUANT=double_quant,
-            HAS_LORA=lora_A is not None, HAS_BIAS=bias is not None, SPLITS=splits,
-            UNROLL=unroll, W_LAYOUT=w_layout, X_LAYOUT=x_layout, A_LAYOUT=a_layout, S_FIRST=s_first,
-            T_PAD=max(32 * WARPS, triton.next_power_of_2(tiles)), PEEL=peel, S_PAD=triton.next_power_of_2(splits),
-            PDL=pdl, TRIGGER=pdl, TABLES_FIRST=tables_first,
-            num_warps=WARPS, launch_pdl=pdl,
-        )
+            b_arg.stride(0), b_arg.stride(-1), s_arg.stride(0), s_arg.stride(-1), scaling)
+    meta = dict(BM=bm, WARPS_=WARPS, BLOCKSIZE=blocksize, DQ_BLOCKSIZE=dq_blocksize, DOUBLE_QUANT=double_quant,
+                HAS_LORA=lora_A is not None, HAS_BIAS=bias is not None, SPLITS=splits, UNROLL=unroll,
+                S_FIRST=s_first, T_PAD=max(32 * WARPS, 1 << (tiles - 1).bit_length()), PEEL=peel,
+                S_PAD=1 << (splits - 1).bit_length(), PDL=pdl, TRIGGER=pdl, TABLES_FIRST=tables_first)
+    with torch.cuda.device(device):  # with an adapter, S's program first
+        launch(_nf4_rows_kernel, (tiles + (lora_A is not None), splits), args, meta,
+               dict(num_warps=WARPS, launch_pdl=pdl), device)
 
 
 def unroll_for(M: int) -> int:

@@ -24,7 +24,7 @@ from test_nf4_decode import (  # shared helpers
     captured_auto_step,
 )
 
-from minipeft.kernels import constants, nf4_lora_triton, nf4_rows_gluon
+from minipeft.kernels import constants, launcher, nf4_lora_triton, nf4_rows_gluon
 from minipeft.quant.nf4 import NF4_CODEBOOK, SIGNED_DYNAMIC_MAP, kernel_arguments, quantize_nf4
 
 CUDA = torch.cuda.is_available()
@@ -266,6 +266,31 @@ def test_which_rows_take_it(rows, dtype, blocksize, mask, split, rank, takes, mo
         _check(y, y_expected, dtype)
         if rank:  # S of a rank below the MMA's 16 rows of A
             _check(s, s_expected, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_the_kept_kernel_runs_only_for_its_own_specialization():
+    """The launch keeps what the JIT compiled and launches it again directly (kernels/launcher.py): x 16-byte
+    aligned, then 2 bytes past such an address (a kernel compiled for aligned loads would read wrong), then one
+    row (an M of 1 is compiled in as a constant) and back: each call matches float64, and a kept kernel gives the
+    JIT's bits."""
+    launcher.clear()
+    q = quantize_nf4(torch.randn(300, 1088, device="cuda", generator=torch.Generator("cuda").manual_seed(3)), 64, True)
+    ys = {}
+    for rows, offset in ((2, 0), (2, 0), (2, 1), (2, 1), (1, 0), (1, 1), (2, 0)):
+        x, a, b, bias = _tensors(rows, 300, 1088, 16, torch.bfloat16, seed=rows, device="cuda")
+        buf = torch.zeros(rows * 1088 + 8, device="cuda", dtype=torch.bfloat16)
+        x_at = buf[offset:offset + rows * 1088].view(rows, 1088).copy_(x)
+        assert (x_at.data_ptr() % 16 == 0) == (offset == 0)
+        y, s = nf4_lora_triton.nf4_forward(x_at, kernel_arguments(q), 300, 1088, 64, q.dq_blocksize, a, b, 2.0,
+                                           None, bias)
+        y_expected, s_expected = _expected(q, x, a, b, bias)
+        _check(y, y_expected, torch.bfloat16)
+        _check(s, s_expected, torch.bfloat16)
+        same = ys.setdefault((rows, offset), y)
+        assert torch.equal(same, y)
+    assert len(launcher._COMPILED) == 4   # aligned and not, at 1 row and 2
 
 
 @pytest.mark.gpu
