@@ -629,11 +629,11 @@ def launch_rows(x2d: torch.Tensor, state: tuple, N: int, K: int, blocksize: int,
             b_arg.stride(0), b_arg.stride(-1), s_arg.stride(0), s_arg.stride(-1), scaling)
     meta = dict(BM=bm, WARPS_=WARPS, BLOCKSIZE=blocksize, DQ_BLOCKSIZE=dq_blocksize, DOUBLE_QUANT=double_quant,
                 HAS_LORA=lora_A is not None, HAS_BIAS=bias is not None, SPLITS=splits, UNROLL=unroll,
-                S_FIRST=s_first, T_PAD=max(32 * WARPS, 1 << (tiles - 1).bit_length()), PEEL=peel,
+                S_FIRST=s_first, T_PAD=max(32 * WARPS, 1 << (tiles - 1).bit_length()), PEEL=peel,  # powers of 2
                 S_PAD=1 << (splits - 1).bit_length(), PDL=pdl, TRIGGER=pdl, TABLES_FIRST=tables_first)
-    with torch.cuda.device(device):  # with an adapter, S's program first
-        launch(_nf4_rows_kernel, (tiles + (lora_A is not None), splits), args, meta,
-               dict(num_warps=WARPS, launch_pdl=pdl), device)
+    grid = (tiles + (lora_A is not None), splits)  # with an adapter, S's program first (one a split)
+    with torch.cuda.device(device):                # the kept compiled kernel after the first call (kernels/launcher.py)
+        launch(_nf4_rows_kernel, grid, args, meta, dict(num_warps=WARPS, launch_pdl=pdl), device)
 
 
 def unroll_for(M: int) -> int:
