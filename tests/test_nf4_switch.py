@@ -303,6 +303,68 @@ def test_bad_arguments_are_named(change, error, words):
         kernels.nf4_linear(**change(good))
 
 
+def _mutations(good: dict):
+    """(name, arguments) for many calls that differ from ``good`` in one argument: other types, dtypes, shapes,
+    devices (``meta``), values."""
+    for name, v in good.items():
+        if isinstance(v, torch.Tensor):
+            bad = [None, 1.0, v.double(), v.to(torch.uint8), v.to(torch.float32), v.flatten()[:-1], v.unsqueeze(0),
+                   v.to("meta"), v.reshape(-1)[:1].reshape(())]
+        elif isinstance(v, bool) or v is None:
+            bad = [torch.ones(4), 1]
+        elif isinstance(v, int):
+            bad = [0, -v, v + 1, v * 2, v // 2, float(v), True, None]
+        else:  # scaling
+            bad = [math.nan, math.inf, -math.inf, "2", True, 10**400, torch.tensor(2.0), None, 2]
+        for b in bad:
+            yield name, {**good, name: b}
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("mask", [False, True])
+def test_the_quick_checks_pass_only_calls_the_full_checks_pass(double_quant, mask):
+    """``nf4_linear`` and ``nf4_lora_linear`` check a call in a few attribute reads (``_nf4_looks_valid``,
+    ``_bias_looks_valid``, ``_adapter_looks_valid``) and make the checks one by one, whose errors name the problem,
+    only where those fail: the quick checks pass a good call, and of 110-140 calls that each change one argument
+    none that the checks one by one refuse."""
+    layer = nf4_layer(4, 64, device="cpu", double_quant=double_quant)
+    names = ["codes", "absmax", "absmax_scale", "absmax_offset", "nf4_values", "dq_values", "bias", "out_features",
+             "in_features", "blocksize", "dq_blocksize"]
+    good = {"x": torch.randn(2, 3, 64), **dict(zip(names, _call_args(layer), strict=True)),
+            "lora_A": torch.randn(5, 64), "lora_B": torch.randn(4, 5), "scaling": 0.5,
+            "dropout_mask": torch.ones(2, 3, 64) if mask else None}
+
+    def quick(a, adapter=True):  # nf4_linear's quick checks; with adapter=True, nf4_lora_linear's
+        return (isinstance(a["x"], torch.Tensor) and kernels._bias_looks_valid(a["x"], a["bias"], a["out_features"])
+                and kernels._nf4_looks_valid(*[a[n] for n in ["x"] + names if n != "bias"])
+                and (not adapter or isinstance(a["lora_A"], torch.Tensor) and isinstance(a["lora_B"], torch.Tensor)
+                     and kernels._adapter_looks_valid(a["x"], a["out_features"], a["in_features"], a["bias"],
+                                                      a["lora_A"], a["lora_B"], a["scaling"], a["dropout_mask"])))
+
+    def refused(a, adapter=True):  # the checks one by one, as the calls make them where the quick ones fail
+        try:
+            kernels._check_nf4_layer_fully(*[a[n] for n in ["x"] + names])
+            if adapter:
+                weight = a["x"].new_empty(()).expand(a["out_features"], a["in_features"])
+                kernels._validate(a["x"], weight, a["bias"], a["lora_A"], a["lora_B"], a["scaling"],
+                                  a["dropout_mask"])
+        except (TypeError, ValueError):
+            return True
+        return False
+
+    assert quick(good) and not refused(good)
+    kernels._nf4_lora_checked(*good.values(), "reference", "test")   # and the call's checks pass it
+    tried = refused_count = 0
+    for name, a in _mutations(good):
+        tried += 1
+        for adapter in (False, True):
+            if refused(a, adapter):
+                refused_count += adapter
+                assert not quick(a, adapter), (f"the quick checks pass a call the full checks refuse: "
+                                               f"{name}={a[name]!r} (adapter={adapter})")
+    assert tried > 100 and refused_count > 80
+
+
 # ----------------------------------------------------------------------------------------------------------
 # torch.compile: a QLoRA model's training forward is one graph
 # ----------------------------------------------------------------------------------------------------------
